@@ -1,0 +1,167 @@
+"""The systems a benchmark compares, and the upstreams they forward to.
+
+A system is one column of a comparison: direct calls, the minimal forwarder, Sluice in some
+configuration. Adding one (say Sluice with two workers) is adding a ``SystemSpec`` to ``SYSTEMS``;
+runners (``passthrough.py``, later ``scenarios.py``) only iterate over them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import BENCH_DIR, PROJECT_ROOT, CpuLayout, ManagedProcess, free_port
+
+PY = sys.executable
+
+#: Sluice re-signs towards the upstream with credentials from the standard AWS chain.
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "AKIDBENCH",
+    "AWS_SECRET_ACCESS_KEY": "benchsecret",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never wait for IMDS on a machine without one
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Systems under test: adding one is adding an entry to SYSTEMS
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProxyContext:
+    """What a proxy command needs to know about this measurement."""
+
+    port: int
+    upstream_url: str
+    redis_url: str | None
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """One column of the comparison: how to start it (None = clients call the upstream)."""
+
+    name: str
+    description: str
+    command: Callable[[ProxyContext], list[str]] | None
+    needs_redis: bool = False
+    env: Mapping[str, str] = field(default_factory=dict)
+    health_path: str = "/healthz"
+
+
+def _sluice(config: Path, *, redis: bool) -> Callable[[ProxyContext], list[str]]:
+    def argv(ctx: ProxyContext) -> list[str]:
+        cmd = [
+            PY,
+            "-m",
+            "proxy",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(ctx.port),
+            "--upstream",
+            ctx.upstream_url,
+            "--config",
+            str(config),
+        ]
+        if redis:
+            assert ctx.redis_url is not None
+            cmd += ["--redis-url", ctx.redis_url]
+        return cmd
+
+    return argv
+
+
+def _forwarder(ctx: ProxyContext) -> list[str]:
+    return [
+        PY,
+        str(BENCH_DIR / "forwarder.py"),
+        "--port",
+        str(ctx.port),
+        "--upstream",
+        ctx.upstream_url,
+    ]
+
+
+POLICIES = BENCH_DIR / "policies"
+SYSTEMS: dict[str, SystemSpec] = {
+    s.name: s
+    for s in (
+        SystemSpec("direct", "client -> upstream, no proxy", None),
+        SystemSpec(
+            "forwarder", "minimal aiohttp+uvloop forwarder (bench/forwarder.py)", _forwarder
+        ),
+        SystemSpec(
+            "sluice",
+            "Sluice pass-through, embedded store (bench/policies/passthrough.yaml)",
+            _sluice(POLICIES / "passthrough.yaml", redis=False),
+            env=AWS_ENV,
+        ),
+        SystemSpec(
+            "sluice+redis",
+            "Sluice, never-binding quotas enforced in Redis (bench/policies/quotas.yaml)",
+            _sluice(POLICIES / "quotas.yaml", redis=True),
+            needs_redis=True,
+            env=AWS_ENV,
+        ),
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Upstreams
+# --------------------------------------------------------------------------------------------
+
+
+def simulator_available() -> bool:
+    """Whether ``python -m proxy simulate`` can start in this tree (it may be half-built)."""
+    probe = [PY, "-c", "import proxy.cli, proxy.simulator; proxy.simulator.build_simulator_app"]
+    return subprocess.run(probe, cwd=PROJECT_ROOT, capture_output=True, check=False).returncode == 0
+
+
+def start_upstream(
+    kind: str, delay_ms: float, role: str, layout: CpuLayout, workdir: Path
+) -> tuple[ManagedProcess, str]:
+    """Start the stub or the simulator on a free port; returns the process and its base URL.
+
+    The simulator has no fixed-delay knob (its delays scale with prompt and reply size), so a
+    delayed upstream is always the stub; the runner records which upstream each test used.
+    """
+    port = free_port()
+    if kind == "simulator" and delay_ms == 0:
+        config = workdir / "simulator.yaml"
+        config.write_text("latency_scale: 0\n")
+        argv = [
+            PY,
+            "-m",
+            "proxy",
+            "simulate",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--config",
+            str(config),
+        ]
+    else:
+        argv = [
+            PY,
+            str(BENCH_DIR / "stub_upstream.py"),
+            "--port",
+            str(port),
+            "--delay-ms",
+            str(delay_ms),
+        ]
+    proc = ManagedProcess(f"upstream-{kind}", [*layout.prefix(role), *argv], log_dir=workdir)
+    base = f"http://127.0.0.1:{port}"
+    # Any HTTP answer means the simulator is serving; it need not have a /healthz of its own.
+    proc.wait_http(base + "/healthz", ok=lambda status: status < 500)
+    return proc, base
+
+
+def upstream_kind_for(test: str, requested: str) -> str:
+    return requested if test == "saturation" else "stub"

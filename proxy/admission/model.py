@@ -1,0 +1,425 @@
+"""The admission decision as data and pure arithmetic, apart from any I/O.
+
+Everything here is mirrored line for line by ``scripts/admit.lua`` and
+``scripts/settle.lua``: the embedded store runs these functions directly, the Redis
+store runs the Lua, and the same behavioural suite checks both agree.
+
+Buckets are stored as a *theoretical arrival time* (TAT, GCRA-style): one float in
+milliseconds. The level at ``now`` is ``burst - max(0, tat - now) * rate``; the
+bucket is full when ``tat <= now``, and a level below zero is debt. One number per
+bucket means a denial writes nothing and an idle bucket's key may simply expire.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Final, NamedTuple
+
+#: Limit names, indexed by the integer code the scripts return (0 = none).
+LIMIT_NAMES: Final[tuple[str | None, ...]] = (
+    None,
+    "pool.requests_per_minute",  # 1
+    "pool.tokens_per_minute",  # 2
+    "pool.concurrency",  # 3
+    "class.requests_per_minute",  # 4
+    "class.tokens_per_minute",  # 5
+    "class.concurrency",  # 6
+    "workload.requests_per_minute",  # 7
+    "workload.tokens_per_minute",  # 8
+    "workload.concurrency",  # 9
+    "pool.queue",  # 10: the limits have room, but requests ahead of this one wait for it
+)
+POOL_RPM, POOL_TPM, POOL_CONC, CLASS_RPM, CLASS_TPM, CLASS_CONC = 1, 2, 3, 4, 5, 6
+WL_RPM, WL_TPM, WL_CONC = 7, 8, 9
+QUEUE = 10
+
+#: Float slack so that ``level - cost`` landing exactly on a floor is not refused.
+EPS: Final = 1e-6
+#: Bounds of the concurrency retry hint: a slot may free up any moment (a settle).
+CONC_RETRY_MIN_MS: Final = 50
+CONC_RETRY_MAX_MS: Final = 1000
+#: Retry hints are capped so a bucket with a tiny rate cannot produce absurd numbers.
+RETRY_CAP_MS: Final = 86_400_000
+#: Key prefix; the pool name in braces is the Redis Cluster hash tag.
+KEY_PREFIX: Final = "sluice"
+#: Retry hint of a ``pool.queue`` refusal: the waiter ahead is usually served within one release.
+QUEUE_RETRY_MS: Final = 200
+#: A waiter's fleet-wide score is ``rank * RANK_SPAN + arrival``, where arrival is the pool's
+#: waiter sequence number (drawn by the store, so FIFO across instances is exact): ordered
+#: by rank, then arrival, exactly representable in a double for ranks <= MAX_RANK.
+RANK_SPAN: Final = 1 << 42
+MAX_RANK: Final = 1023
+#: A waiter entry outlives its deadline by this much before any admit may reap it (covers
+#: the round trip of its own withdrawal); a killed instance's waiters vanish after that.
+WAITER_GRACE_MS: Final = 1000
+#: Waiters reaped per script call at most (bounds the script's run time).
+REAP_MAX: Final = 64
+#: Wait verdicts: refuse now; wait registered in the fleet queue; wait without blocking others.
+WAIT_NO, WAIT_FLEET, WAIT_LOCAL = 0, 1, 2
+#: Refusals whose retry hint is exact (a bucket refills on schedule); the others
+#: (concurrency, queue) may clear with any release, so their hint is only a guess.
+EXACT_CODES: Final = frozenset((POOL_RPM, POOL_TPM, CLASS_RPM, CLASS_TPM, WL_RPM, WL_TPM))
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """A token bucket: continuous refill at ``rate_per_s`` up to ``burst``."""
+
+    rate_per_s: float
+    burst: float
+
+    def __post_init__(self) -> None:
+        if not (self.rate_per_s > 0 and math.isfinite(self.rate_per_s)):
+            raise ValueError(f"bucket rate_per_s must be a positive number, got {self.rate_per_s}")
+        if not (self.burst > 0 and math.isfinite(self.burst)):
+            raise ValueError(f"bucket burst must be a positive number, got {self.burst}")
+
+
+class Params(NamedTuple):
+    """A plan's numbers in the order the Lua scripts read them (absent bucket: burst 0)."""
+
+    share: float
+    p_rrate: float  # per millisecond
+    p_rburst: float
+    p_trate: float
+    p_tburst: float
+    p_conc: int  # -1 = no configured limit
+    w_rrate: float
+    w_rburst: float
+    w_trate: float
+    w_tburst: float
+    w_conc: int
+    ttl_ms: int
+
+
+class PlanKeys(NamedTuple):
+    """Redis key names of one plan; all share the pool's hash tag (one cluster slot)."""
+
+    pool: str  # hash: r, t (bucket TATs), lim (dynamic concurrency limit)
+    pool_leases: str  # zset: lease id -> expiry ms
+    stats: str  # hash: ring of per-second outcome counters
+    workload: str  # hash: r, t
+    workload_leases: str  # zset
+    waiters: str  # zset: waiter id -> rank * RANK_SPAN + arrival seq (the fleet's queue)
+    waiters_exp: str  # zset: waiter id -> expiry ms (reaps a dead instance's waiters)
+    channel: str  # pub/sub channel: "capacity may have come back" while waiters exist
+
+
+def plan_keys(pool: str, workload: str) -> PlanKeys:
+    """Key names for ``workload`` on ``pool`` (see the module docstring of ``store``)."""
+    base = f"{KEY_PREFIX}:{{{pool}}}"
+    return PlanKeys(
+        f"{base}:pool",
+        f"{base}:leases",
+        f"{base}:stats",
+        f"{base}:w:{workload}",
+        f"{base}:w:{workload}:leases",
+        f"{base}:waiters",
+        f"{base}:waiters:exp",
+        f"{base}:released",
+    )
+
+
+def _bucket_params(b: Bucket | None) -> tuple[float, float]:
+    return (0.0, 0.0) if b is None else (b.rate_per_s / 1000.0, float(b.burst))
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitPlan:
+    """Every limit that applies to one (workload, pool) at one priority, fixed at policy load.
+
+    Key names, the scripts' static argument and the header quotas are computed once
+    here so the request path only adds the token count and a lease id.
+    """
+
+    pool: str
+    workload: str
+    priority: str
+    share: float
+    pool_requests: Bucket | None
+    pool_tokens: Bucket | None
+    pool_concurrency: int | None
+    workload_requests: Bucket | None
+    workload_tokens: Bucket | None
+    workload_concurrency: int | None
+    lease_ttl_ms: int = 30000
+    params: Params = field(init=False, repr=False, compare=False)
+    keys: PlanKeys = field(init=False, repr=False, compare=False)
+    #: ``params`` packed as the scripts read them (``struct.unpack('<12d')`` in Lua).
+    arg: bytes = field(init=False, repr=False, compare=False)
+    #: Priority rank for waiting: 0 is served first; equal ranks are served in arrival order.
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.share <= 1.0:
+            raise ValueError(f"priority share must be in (0, 1], got {self.share}")
+        if "{" in self.pool or "}" in self.pool:
+            raise ValueError(f"pool name must not contain braces (hash tag): {self.pool!r}")
+        if not 0 <= self.rank <= MAX_RANK:
+            raise ValueError(f"rank must be in [0, {MAX_RANK}], got {self.rank}")
+        if self.lease_ttl_ms < 100:
+            raise ValueError(f"lease_ttl_ms must be >= 100, got {self.lease_ttl_ms}")
+        for name in ("pool_concurrency", "workload_concurrency"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        p = Params(
+            float(self.share),
+            *_bucket_params(self.pool_requests),
+            *_bucket_params(self.pool_tokens),
+            -1 if self.pool_concurrency is None else int(self.pool_concurrency),
+            *_bucket_params(self.workload_requests),
+            *_bucket_params(self.workload_tokens),
+            -1 if self.workload_concurrency is None else int(self.workload_concurrency),
+            int(self.lease_ttl_ms),
+        )
+        object.__setattr__(self, "params", p)
+        object.__setattr__(self, "keys", plan_keys(self.pool, self.workload))
+        # Packed doubles: Lua reads the very same numbers, and unpacking is one C call
+        # where parsing text would cost more than the rest of the decision.
+        object.__setattr__(self, "arg", struct.pack("<12d", *p))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to one admission; the header fields describe the tightest limit."""
+
+    admitted: bool
+    lease: str | None
+    refused_by: str | None
+    retry_after_ms: int
+    binding: str | None
+    limit: float
+    remaining: float
+    reset_ms: int
+    remaining_requests: int | None
+    remaining_tokens: int | None
+
+
+# --- bucket arithmetic (mirrored in admit.lua / settle.lua) ------------------------------
+
+
+def level(tat: float, now: float, rate: float, burst: float) -> float:
+    """Bucket level at ``now`` (ms); negative is debt. ``rate`` is per millisecond."""
+    return burst - max(0.0, tat - now) * rate
+
+
+def needed_level(cost: float, burst: float, share: float) -> float:
+    """Level a bucket must have for ``cost`` to pass while keeping ``(1-share)*burst`` back.
+
+    A cost above the class's allowance only passes on a full bucket, so big requests
+    still progress (leaving debt) instead of starving.
+    """
+    allowance = share * burst
+    return burst if cost > allowance + EPS else cost + (burst - allowance)
+
+
+def bucket_verdict(lvl: float, cost: float, burst: float, share: float) -> int:
+    """0 = passes, 1 = refused only by the class floor, 2 = refused by the bucket itself."""
+    if lvl >= needed_level(cost, burst, share) - EPS:
+        return 0
+    return 2 if lvl < needed_level(cost, burst, 1.0) - EPS else 1
+
+
+def take(tat: float, now: float, cost: float, rate: float) -> float:
+    """TAT after admitting ``cost``."""
+    return max(tat, now) + cost / rate
+
+
+def refund(tat: float, now: float, amount: float, rate: float) -> float:
+    """TAT after giving back ``amount`` (negative = extra debt); never above a full bucket."""
+    return max(max(tat, now) - amount / rate, now)
+
+
+def bucket_wait_ms(lvl: float, need: float, rate: float) -> float:
+    """Milliseconds until a bucket at ``lvl`` refills to ``need``."""
+    return (need - lvl) / rate
+
+
+def class_limit(limit: int, share: float) -> int:
+    """The in-flight ceiling of a class with ``share`` of a pool limit."""
+    return math.ceil(share * limit - 1e-9)
+
+
+def conc_verdict(in_flight: int, limit: int, share: float) -> int:
+    """0 = one more fits, 1 = refused by the class ceiling, 2 = refused by the pool limit."""
+    if in_flight + 1 > limit:
+        return 2
+    return 1 if in_flight + 1 > class_limit(limit, share) else 0
+
+
+def effective_limit(configured: int, dynamic: int | None) -> int:
+    """Pool concurrency in force: the lower of configured and dynamic; -1 = unlimited."""
+    if dynamic is None:
+        return configured
+    return dynamic if configured < 0 else min(configured, dynamic)
+
+
+def conc_wait_ms(earliest_expiry: float | None, now: float) -> float:
+    """Retry hint for a full concurrency limit: until the earliest lease expires, clamped."""
+    wait = CONC_RETRY_MAX_MS if earliest_expiry is None else earliest_expiry - now
+    return min(max(wait, CONC_RETRY_MIN_MS), CONC_RETRY_MAX_MS)
+
+
+def retry_ms(wait: float) -> int:
+    """A wait in ms as the integer hint callers get: at least 1, capped."""
+    return int(min(max(math.ceil(wait), 1), RETRY_CAP_MS))
+
+
+class PoolView(NamedTuple):
+    """What a decision reads of one pool and one workload (TATs, in-flight counts)."""
+
+    p_rtat: float
+    p_ttat: float
+    p_in: int
+    p_limit: int  # effective pool concurrency, -1 = none
+    w_rtat: float
+    w_ttat: float
+    w_in: int
+
+
+def evaluate(
+    p: Params,
+    tokens: float,
+    now: float,
+    v: PoolView,
+    p_earliest: float | None,
+    w_earliest: float | None,
+) -> tuple[int, float]:
+    """Check every limit of a plan at once: ``(0, 0)`` or ``(refusing code, wait ms)``.
+
+    When several limits refuse, the one with the longest wait is named, so the retry
+    hint is when *all* of them will have room. Nothing is changed here.
+    """
+    worst, wait = 0, -1.0
+    share = p.share
+    for code, tat, rate, burst, cost in (
+        (POOL_RPM, v.p_rtat, p.p_rrate, p.p_rburst, 1.0),
+        (POOL_TPM, v.p_ttat, p.p_trate, p.p_tburst, tokens),
+    ):
+        if burst > 0:
+            lvl = level(tat, now, rate, burst)
+            verdict = bucket_verdict(lvl, cost, burst, share)
+            if verdict:
+                w = bucket_wait_ms(lvl, needed_level(cost, burst, share), rate)
+                if w > wait:
+                    worst, wait = (code if verdict == 2 else code + 3), w
+    if v.p_limit >= 0:
+        verdict = conc_verdict(v.p_in, v.p_limit, share)
+        if verdict:
+            w = conc_wait_ms(p_earliest, now)
+            if w > wait:
+                worst, wait = (POOL_CONC if verdict == 2 else CLASS_CONC), w
+    for code, tat, rate, burst, cost in (
+        (WL_RPM, v.w_rtat, p.w_rrate, p.w_rburst, 1.0),
+        (WL_TPM, v.w_ttat, p.w_trate, p.w_tburst, tokens),
+    ):
+        if burst > 0:
+            lvl = level(tat, now, rate, burst)
+            if bucket_verdict(lvl, cost, burst, 1.0):
+                w = bucket_wait_ms(lvl, needed_level(cost, burst, 1.0), rate)
+                if w > wait:
+                    worst, wait = code, w
+    if p.w_conc >= 0 and v.w_in + 1 > p.w_conc:
+        w = conc_wait_ms(w_earliest, now)
+        if w > wait:
+            worst, wait = WL_CONC, w
+    return worst, max(wait, 0.0)
+
+
+def snapshot(p: Params, now: float, v: PoolView) -> Snapshot:
+    """Levels and counts of ``v`` at ``now`` for :func:`make_decision`."""
+    return Snapshot(
+        level(v.p_rtat, now, p.p_rrate, p.p_rburst) if p.p_rburst > 0 else 0.0,
+        level(v.p_ttat, now, p.p_trate, p.p_tburst) if p.p_tburst > 0 else 0.0,
+        v.p_in,
+        v.p_limit,
+        level(v.w_rtat, now, p.w_rrate, p.w_rburst) if p.w_rburst > 0 else 0.0,
+        level(v.w_ttat, now, p.w_trate, p.w_tburst) if p.w_tburst > 0 else 0.0,
+        v.w_in,
+    )
+
+
+class Snapshot(NamedTuple):
+    """State after a decision (after the admission when admitted), for headers.
+
+    Levels are in requests / tokens; ``p_limit`` is the effective pool concurrency
+    (-1 = none); in-flight counts include the admitted request.
+    """
+
+    p_rlevel: float
+    p_tlevel: float
+    p_in: int
+    p_limit: int
+    w_rlevel: float
+    w_tlevel: float
+    w_in: int
+
+
+def _candidates(plan: AdmitPlan, s: Snapshot) -> list[tuple[int, float, float, float, float]]:
+    """(code, quota, remaining, remaining fraction, ms to full) of each limit in force."""
+    p, share, out = plan.params, plan.share, []
+    for code, lvl, rate, burst in (
+        (POOL_RPM, s.p_rlevel, p.p_rrate, p.p_rburst),
+        (POOL_TPM, s.p_tlevel, p.p_trate, p.p_tburst),
+    ):
+        if burst > 0:
+            reset = (burst - lvl) / rate
+            if share < 1.0:
+                rem = lvl - (1.0 - share) * burst
+                out.append((code + 3, rate * 60000 * share, rem, rem / (share * burst), reset))
+            else:
+                out.append((code, rate * 60000, lvl, lvl / burst, reset))
+    if s.p_limit >= 0:
+        lim, code = s.p_limit, POOL_CONC
+        if share < 1.0:
+            lim, code = class_limit(lim, share), CLASS_CONC
+        rem = lim - s.p_in
+        out.append((code, lim, rem, rem / lim if lim else 0.0, 0.0))
+    for code, lvl, rate, burst in (
+        (WL_RPM, s.w_rlevel, p.w_rrate, p.w_rburst),
+        (WL_TPM, s.w_tlevel, p.w_trate, p.w_tburst),
+    ):
+        if burst > 0:
+            out.append((code, rate * 60000, lvl, lvl / burst, (burst - lvl) / rate))
+    if p.w_conc >= 0:
+        rem = p.w_conc - s.w_in
+        out.append((WL_CONC, p.w_conc, rem, rem / p.w_conc if p.w_conc else 0.0, 0.0))
+    return out
+
+
+def make_decision(
+    plan: AdmitPlan, code: int, retry: int, lease: str | None, s: Snapshot
+) -> Decision:
+    """Build the caller's :class:`Decision` from a script/evaluator result."""
+    cands = _candidates(plan, s)
+    rem_req: float | None = None
+    rem_tok: float | None = None
+    best = None
+    for c in cands:
+        kind = c[0] % 3  # 1 = requests, 2 = tokens, 0 = concurrency (codes 1..9)
+        if kind == 1:
+            rem_req = c[2] if rem_req is None else min(rem_req, c[2])
+        elif kind == 2:
+            rem_tok = c[2] if rem_tok is None else min(rem_tok, c[2])
+        if code and code != QUEUE:
+            if c[0] == code and best is None:
+                best = c
+        # Admitted, or refused by the queue (no limit is out of room): the tightest limit.
+        elif best is None or c[3] < best[3]:
+            best = c
+    name = LIMIT_NAMES[best[0]] if best else None
+    return Decision(
+        admitted=code == 0,
+        lease=lease if code == 0 else None,
+        refused_by=LIMIT_NAMES[code],
+        retry_after_ms=retry if code else 0,
+        binding=name,
+        limit=float(best[1]) if best else 0.0,
+        remaining=max(0.0, float(best[2])) if best else 0.0,
+        reset_ms=max(0, math.ceil(best[4])) if best else 0,
+        remaining_requests=None if rem_req is None else max(0, math.floor(rem_req + EPS)),
+        remaining_tokens=None if rem_tok is None else max(0, math.floor(rem_tok + EPS)),
+    )

@@ -1,0 +1,461 @@
+"""The Redis store: one script call decides every limit of a batch of requests of one pool.
+
+Round trips are the cost (see ``/work/shared/baselines.md``), so requests are coalesced:
+
+* admits of one pool queued in the same event-loop tick go out as ONE ``EVALSHA`` of
+  ``admit.lua``; while that call is in flight, new arrivals queue and go out together as
+  soon as it returns (group commit: at most one admit call in flight per pool);
+* settles are never awaited by the request path: they queue and go out the same way;
+* the heartbeat extends all of this instance's leases of a pool in one call per TTL/3;
+* waiting (:meth:`RedisStore.admit_waiting`) costs no extra call: a waiter's attempts
+  ride in the admit batches (the script enlists it in the pool's queue), its withdrawal
+  rides in the settle batches, and releases wake it through pub/sub (:mod:`.wakeups`).
+
+Every call is bounded by ``timeout_s``; a failed admit raises :class:`StoreUnavailable`,
+a failed settle or heartbeat is counted in ``sluice_store_errors`` and logged.
+
+URLs: ``redis://host:port/db`` (also ``rediss://``, ``unix://``) for one server;
+``redis+cluster://host:port`` (or ``rediss+cluster://``) for a Redis Cluster, any node
+as the seed. In a cluster all keys of a pool share the hash tag ``{pool}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, Final
+
+import orjson
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+
+from proxy.admission.leases import Group, LeaseBook
+from proxy.admission.model import (
+    WAIT_NO,
+    AdmitPlan,
+    Decision,
+    Snapshot,
+    make_decision,
+    plan_keys,
+)
+from proxy.admission.protocol import StoreUnavailable
+from proxy.admission.waiting import WaitMetrics, WaitRoom
+from proxy.admission.waitqueue import WaitTicket
+from proxy.admission.wakeups import WakeListener
+from proxy.metrics import Metrics
+from proxy.redis_client import redis_client
+
+log = logging.getLogger("proxy.admission")
+
+#: Requests per script call: bounds one script's run time (Redis is single-threaded).
+MAX_BATCH: Final = 256
+_SCRIPT_NAMES: Final = ("admit", "settle", "extend", "stats")
+_Arg = bytes | str | int | float
+_Admit = tuple[AdmitPlan, int, str, WaitTicket | None, "asyncio.Future[Decision]"]
+#: Integers the admit script returns per request.
+_STRIDE: Final = 11
+_Settle = tuple[AdmitPlan, str, int, bool, float]
+#: What a failed call can raise (cluster setup errors are not RedisError subclasses).
+_FAILURES: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+def _event(level: int, event: str, **fields: object) -> None:
+    """One structured log line (a JSON object with stable field names)."""
+    if log.isEnabledFor(level):
+        log.log(level, orjson.dumps({"event": event, **fields}, default=str).decode())
+
+
+def _why(exc: BaseException) -> str:
+    # redis-py 8's repr() of server errors hides the message; str() alone hides the type.
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _load_script(name: str) -> str:
+    return (resources.files("proxy.admission") / "scripts" / f"{name}.lua").read_text("utf-8")
+
+
+class _Queue:
+    """Pending work of one pool, with a flag per kind: a call is in flight or scheduled."""
+
+    __slots__ = ("admit_busy", "admits", "keys", "settle_busy", "settles", "withdraws")
+
+    def __init__(self, pool: str) -> None:
+        self.keys = plan_keys(pool, "")
+        self.admits: list[_Admit] = []
+        self.settles: list[_Settle] = []
+        self.withdraws: list[str] = []  # waiter ids; they go out with the settles
+        self.admit_busy = False  # a call is in flight or a kick is scheduled
+        self.settle_busy = False
+
+
+class RedisStore:
+    """:class:`~proxy.admission.protocol.Store` shared by every instance using one Redis."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        metrics: Metrics | None = None,
+        instance_id: str | None = None,
+        timeout_s: float = 0.25,
+        wait_metrics: WaitMetrics | None = None,
+        max_waiters: int = 1000,
+        wait_safety_s: float = 2.0,
+    ) -> None:
+        """``max_waiters`` bounds the waiters per pool on this instance; ``wait_safety_s``
+        is the mean interval at which a waiter re-checks without a wake-up message."""
+        self._client = redis_client(url, timeout_s)
+        self._cluster = isinstance(self._client, RedisCluster)
+        self._timeout = timeout_s
+        metrics = metrics or Metrics()
+        self._errors = {
+            op: metrics.store_errors.labels(operation=op)
+            for op in ("admit", "settle", "heartbeat", "control")
+        }
+        self.instance_id = instance_id or f"{socket.gethostname()}-{os.getpid()}-" + (
+            secrets.token_hex(3)
+        )
+        self._lease_prefix = self.instance_id + ":"
+        self._seq = itertools.count(1)
+        self._scripts = {name: _load_script(name) for name in _SCRIPT_NAMES}
+        self._sha: dict[str, str] = {}
+        self._queues: dict[str, _Queue] = {}
+        self._book = LeaseBook()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._closed = False
+        #: Settles lost to store failures (also in ``sluice_store_errors{operation=settle}``).
+        self.settle_failures = 0
+        self._errors["wakeup"] = metrics.store_errors.labels(operation="wakeup")
+        self._room = WaitRoom(
+            self.attempt,
+            self.withdraw,
+            id_prefix=self._lease_prefix + "w",
+            prepare=self._subscribe,
+            max_waiters=max_waiters,
+            safety_s=wait_safety_s,
+            metrics=wait_metrics,
+        )
+        self._wakeups = WakeListener(
+            url,
+            self._room.wake,
+            self._room.wake_all,
+            self._errors["wakeup"].inc,
+            timeout_s=timeout_s,
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the scripts (every master of a cluster) and start the heartbeat."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(max(self._timeout, 2.0)):
+                await self._load_scripts()
+        except _FAILURES as exc:
+            raise StoreUnavailable(f"cannot load admission scripts: {_why(exc)}") from exc
+        if self._heartbeat is None:
+            self._heartbeat = self._loop.create_task(self._book.run_heartbeat(self._extend))
+
+    async def close(self) -> None:
+        """Apply queued settles, stop the heartbeat, close the connections."""
+        if self._closed:
+            return
+        await self.flush()
+        self._closed = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._wakeups.close()
+        await self._client.aclose()
+
+    async def _load_scripts(self) -> None:
+        # In a cluster redis-py sends SCRIPT LOAD to every primary.
+        for name, text in self._scripts.items():
+            self._sha[name] = str(await self._client.script_load(text))
+
+    # --- the one way to call a script --------------------------------------------------
+
+    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[_Arg]) -> Any:
+        """EVALSHA within the timeout; NOSCRIPT (restart, failover, flush) reloads + retries once.
+
+        Raises :class:`StoreUnavailable` on any Redis/network error or timeout.
+        """
+        try:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+            except NoScriptError:
+                _event(logging.INFO, "store_script_reload", script=name)
+                async with asyncio.timeout(self._timeout):
+                    await self._load_scripts()
+                    return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+        except _FAILURES as exc:
+            raise StoreUnavailable(f"redis {name} failed: {_why(exc)}") from exc
+
+    def _spawn(self, coro: Any) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _queue(self, pool: str) -> _Queue:
+        q = self._queues.get(pool)
+        if q is None:
+            q = self._queues[pool] = _Queue(pool)
+        return q
+
+    # --- admit -------------------------------------------------------------------------
+
+    async def admit(self, plan: AdmitPlan, tokens: int) -> Decision:
+        """Queue for this tick's batch of ``plan.pool`` and wait for its decision."""
+        return await self.attempt(plan, tokens, None)
+
+    async def admit_waiting(self, plan: AdmitPlan, tokens: int, max_wait_ms: int) -> Decision:
+        """Admit, waiting up to ``max_wait_ms`` for room; see :meth:`Store.admit_waiting`."""
+        return await self._room.admit_waiting(plan, tokens, max_wait_ms)
+
+    def waiting(self, pool: str) -> int:
+        """Requests of ``pool`` waiting (or attempting) on this instance."""
+        return self._room.waiting(pool)
+
+    async def attempt(self, plan: AdmitPlan, tokens: int, ticket: WaitTicket | None) -> Decision:
+        """One request of this tick's batch; ``ticket`` marks a waiter (updated in place)."""
+        loop = self._loop
+        if loop is None or self._closed:
+            raise StoreUnavailable("store is not started" if loop is None else "store is closed")
+        q = self._queues.get(plan.pool) or self._queue(plan.pool)
+        fut: asyncio.Future[Decision] = loop.create_future()
+        q.admits.append((plan, tokens, self._lease_prefix + str(next(self._seq)), ticket, fut))
+        if not q.admit_busy:
+            q.admit_busy = True
+            loop.call_soon(self._send_admits, q)
+        return await fut
+
+    def _send_admits(self, q: _Queue) -> None:
+        if not q.admits:
+            q.admit_busy = False
+            return
+        batch = q.admits[:MAX_BATCH]
+        del q.admits[:MAX_BATCH]
+        self._spawn(self._admit_batch(q, batch))
+
+    async def _admit_batch(self, q: _Queue, batch: list[_Admit]) -> None:
+        plan0 = batch[0][0]
+        k0 = plan0.keys
+        index: dict[int, int] = {}
+        keys = [k0.pool, k0.pool_leases, k0.waiters, k0.waiters_exp]
+        plan_args: list[_Arg] = []
+        items: list[_Arg] = []
+        for plan, tokens, lease, ticket, _ in batch:
+            i = index.get(id(plan))
+            if i is None:
+                i = index[id(plan)] = len(keys) - 3
+                plan_args += (plan.arg, plan.workload, plan.rank)
+                keys.append(plan.keys.workload_leases)
+            spec = "" if ticket is None else f"{ticket.remaining_ms} {ticket.arrival} {ticket.id}"
+            items += (i, tokens, lease, spec)
+        try:
+            res = await self._eval("admit", keys, [len(keys) - 4, k0.channel, *plan_args, *items])
+        except StoreUnavailable as exc:
+            self._errors["admit"].inc(len(batch))
+            _event(
+                logging.WARNING,
+                "store_error",
+                operation="admit",
+                pool=plan0.pool,
+                requests=len(batch),
+                error=str(exc),
+            )
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+        else:
+            self._deliver(batch, res)
+        finally:
+            # Arrivals during the call go out now, together (group commit).
+            self._send_admits(q)
+
+    def _deliver(self, batch: list[_Admit], res: list[int]) -> None:
+        b = 0
+        for plan, tokens, lease, ticket, fut in batch:
+            code = res[b]
+            snap = Snapshot(
+                res[b + 2] / 1000.0,
+                res[b + 3] / 1000.0,
+                res[b + 4],
+                res[b + 5],
+                res[b + 6] / 1000.0,
+                res[b + 7] / 1000.0,
+                res[b + 8],
+            )
+            decision = make_decision(plan, code, res[b + 1], lease, snap)
+            if ticket is not None:
+                ticket.verdict, arrival = res[b + 9], res[b + 10]
+                ticket.arrival = arrival or ticket.arrival
+                if fut.done() and ticket.verdict != WAIT_NO:
+                    # The waiter was cancelled while we decided: leave nothing behind.
+                    self.withdraw(plan, ticket)
+            b += _STRIDE
+            if code == 0:
+                self._book.add(plan, lease)
+                if fut.done():
+                    # The caller was cancelled while we decided: give the slot straight back.
+                    self.settle(plan, lease, tokens, 0)
+                    continue
+            if not fut.done():
+                fut.set_result(decision)
+
+    # --- settle ------------------------------------------------------------------------
+
+    def settle(
+        self,
+        plan: AdmitPlan,
+        lease: str,
+        reserved_tokens: int,
+        actual_tokens: int,
+        *,
+        throttled: bool = False,
+        latency_ms: float = 0.0,
+    ) -> None:
+        """Queue the settle; it goes out with the others of this pool (see :meth:`flush`)."""
+        self._book.remove(plan.pool, lease)
+        if self._closed or self._loop is None:
+            self._settle_lost(plan.pool, 1, "store is closed" if self._closed else "not started")
+            return
+        q = self._queues.get(plan.pool) or self._queue(plan.pool)
+        q.settles.append((plan, lease, reserved_tokens - actual_tokens, throttled, latency_ms))
+        if not q.settle_busy:
+            q.settle_busy = True
+            self._loop.call_soon(self._send_settles, q)
+
+    def withdraw(self, plan: AdmitPlan, ticket: WaitTicket) -> None:
+        """Queue the removal of a waiter's entries; it goes out with the next settle batch."""
+        ticket.verdict = WAIT_NO
+        if self._closed or self._loop is None:
+            return  # the entries expire on their own (deadline + grace)
+        q = self._queues.get(plan.pool) or self._queue(plan.pool)
+        q.withdraws.append(ticket.id)
+        if not q.settle_busy:
+            q.settle_busy = True
+            self._loop.call_soon(self._send_settles, q)
+
+    async def _subscribe(self, pool: str) -> None:
+        await self._wakeups.subscribe(pool)
+
+    def _send_settles(self, q: _Queue) -> None:
+        if not q.settles and not q.withdraws:
+            q.settle_busy = False
+            return
+        batch = q.settles[:MAX_BATCH]
+        del q.settles[:MAX_BATCH]
+        gone = q.withdraws[:MAX_BATCH]
+        del q.withdraws[:MAX_BATCH]
+        self._spawn(self._settle_batch(q, batch, gone))
+
+    async def _settle_batch(self, q: _Queue, batch: list[_Settle], gone: list[str]) -> None:
+        groups: dict[int, tuple[AdmitPlan, list[int], list[str]]] = {}
+        throttled, latency = 0, 0.0
+        for plan, lease, amount, thr, lat in batch:
+            g = groups.get(id(plan))
+            if g is None:
+                g = groups[id(plan)] = (plan, [0], [])
+            g[1][0] += amount
+            g[2].append(lease)
+            throttled += thr
+            latency += lat
+        k = q.keys
+        keys = [k.pool, k.pool_leases, k.stats, k.waiters, k.waiters_exp]
+        args: list[_Arg] = [len(groups), len(batch), throttled, repr(latency), k.channel]
+        args += (len(gone), *gone)
+        for plan, total, leases in groups.values():
+            keys.append(plan.keys.workload_leases)
+            args += (plan.arg, plan.workload, total[0], len(leases), *leases)
+        try:
+            await self._eval("settle", keys, args)
+        except StoreUnavailable as exc:
+            # Lost withdrawals are not counted: those entries expire at their deadline.
+            if batch:
+                self._settle_lost(batch[0][0].pool, len(batch), str(exc))
+        finally:
+            self._send_settles(q)
+
+    def _settle_lost(self, pool: str, n: int, error: str) -> None:
+        # Leases of lost settles expire on their own within the TTL; refunds are lost.
+        self.settle_failures += n
+        self._errors["settle"].inc(n)
+        _event(logging.ERROR, "store_error", operation="settle", pool=pool, settles=n, error=error)
+
+    async def flush(self) -> None:
+        """Wait until every settle queued so far is applied or counted as failed."""
+        while any(q.settles or q.withdraws or q.settle_busy for q in self._queues.values()):
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            else:
+                await asyncio.sleep(0)  # a send is scheduled with call_soon: let it run
+
+    # --- heartbeat, control, readiness -------------------------------------------------
+
+    async def _extend(self, pool: str, groups: list[Group]) -> None:
+        keys = [plan_keys(pool, "").pool_leases]
+        args: list[_Arg] = [len(groups)]
+        for plan, leases in groups:
+            keys.append(plan.keys.workload_leases)
+            args += (plan.lease_ttl_ms, int(plan.params.w_conc >= 0), len(leases), *leases)
+        try:
+            await self._eval("extend", keys, args)
+        except StoreUnavailable as exc:
+            self._errors["heartbeat"].inc()
+            _event(
+                logging.ERROR,
+                "store_error",
+                operation="heartbeat",
+                pool=pool,
+                leases=sum(len(g[1]) for g in groups),
+                error=str(exc),
+            )
+
+    async def ping(self) -> bool:
+        """True when Redis answers PING within the timeout."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return bool(await self._client.ping())
+        except _FAILURES:
+            return False
+
+    async def set_pool_limit(self, pool: str, limit: int | None) -> None:
+        """Set (or clear with ``None``) the pool's dynamic concurrency limit for the fleet."""
+        key = plan_keys(pool, "").pool
+        try:
+            async with asyncio.timeout(self._timeout):
+                if limit is None:
+                    await self._client.hdel(key, "lim")
+                else:
+                    await self._client.hset(key, "lim", int(limit))
+        except _FAILURES as exc:
+            self._errors["control"].inc()
+            raise StoreUnavailable(f"redis set_pool_limit failed: {_why(exc)}") from exc
+
+    async def pool_stats(self, pool: str, *, window_s: int = 10) -> dict[str, float]:
+        """See :meth:`Store.pool_stats`; ``window_s`` whole seconds up to now (max 15)."""
+        k = plan_keys(pool, "")
+        r = await self._eval("stats", [k.pool, k.pool_leases, k.stats], [min(window_s, 15)])
+        return {
+            "in_flight": float(r[1]),
+            "dynamic_limit": float(r[2]),
+            "requests": float(r[3]),
+            "throttled": float(r[4]),
+            "latency_ms_sum": r[5] / 1000.0,
+            "held_here": float(self._book.count(pool)),
+        }

@@ -1,0 +1,104 @@
+-- settle.lua: settle a batch of finished requests of ONE pool.
+-- Mirrors model.refund: leases are dropped, (reserved - actual) tokens given back to the
+-- pool and workload token buckets (negative = extra debt; never above a full bucket), and
+-- the batch's upstream outcomes added to the current second of the pool's stats ring.
+--
+-- Also withdraws waiters that stopped waiting, and PUBLISHes one wake-up on the pool's
+-- channel when anything was released while someone waits (no waiters: no message).
+--
+-- KEYS: 1 pool hash, 2 pool leases zset, 3 stats hash, 4 waiters zset, 5 waiters expiry
+--       zset, 5+i workload leases zset of group i
+-- ARGV: 1 number of groups g, 2 requests n, 3 throttled, 4 latency sum ms, 5 wake-up
+--       channel, 6 withdrawn waiters m, then m waiter ids,
+--       then per group: packed params (<12d>), workload, refund tokens, lease count c, c ids
+-- Returns the number of leases that were still held (the others had expired).
+
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local now = sec * 1000 + tonumber(t[2]) / 1000
+local RING = 16
+local spack, sunpack = struct.pack, struct.unpack
+
+local function refund(tat, amount, rate)
+  if tat < now then tat = now end
+  tat = tat - amount / rate
+  if tat < now then tat = now end
+  return tat
+end
+
+local pk, plk, sk, wk, wek = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local held = 0
+local groups = {}
+local fields = {}
+local m = tonumber(ARGV[6])
+local withdrawn = 0
+if m > 0 then
+  local ids = { unpack(ARGV, 7, 6 + m) }
+  withdrawn = redis.call('ZREM', wek, unpack(ids))
+  redis.call('ZREM', wk, unpack(ids))
+end
+local j = 7 + m
+for i = 1, tonumber(ARGV[1]) do
+  local p = { sunpack('<dddddddddddd', ARGV[j]) }
+  local amount = tonumber(ARGV[j + 2])
+  local c = tonumber(ARGV[j + 3])
+  if c > 0 then
+    local ids = { unpack(ARGV, j + 4, j + 3 + c) }
+    held = held + redis.call('ZREM', plk, unpack(ids))
+    if p[11] >= 0 then redis.call('ZREM', KEYS[5 + i], unpack(ids)) end
+  end
+  if amount ~= 0 and (p[5] > 0 or p[10] > 0) then
+    groups[#groups + 1] = { p = p, field = 'w:' .. ARGV[j + 1], amount = amount }
+  end
+  j = j + 4 + c
+end
+
+if #groups > 0 then
+  -- one read and one write of the pool hash for every refund of the batch
+  fields[1] = 'p'
+  for i, g in ipairs(groups) do fields[1 + i] = g.field end
+  local hv = redis.call('HMGET', pk, unpack(fields))
+  local prt, ptt = 0, 0
+  if hv[1] then prt, ptt = sunpack('<dd', hv[1]) end
+  local wv, pdirty = {}, false
+  local hset = {}
+  for i, g in ipairs(groups) do
+    local p = g.p
+    if p[5] > 0 then ptt = refund(ptt, g.amount, p[4]); pdirty = true end
+    if p[10] > 0 then
+      local w = wv[g.field]
+      if not w then
+        w = { 0, 0 }
+        if hv[1 + i] then w[1], w[2] = sunpack('<dd', hv[1 + i]) end
+        wv[g.field] = w
+      end
+      w[2] = refund(w[2], g.amount, p[9])
+    end
+  end
+  if pdirty then hset[1] = 'p'; hset[2] = spack('<dd', prt, ptt) end
+  for field, w in pairs(wv) do
+    hset[#hset + 1] = field
+    hset[#hset + 1] = spack('<dd', w[1], w[2])
+  end
+  if #hset > 0 then redis.call('HSET', pk, unpack(hset)) end
+end
+
+-- Outcome ring: slot sec % RING holds one second; a stale slot is overwritten, so the
+-- hash stays small without per-second keys (which a script could not declare in KEYS).
+local reqs = tonumber(ARGV[2])
+if reqs > 0 then
+  local slot = tostring(sec % RING)
+  if tonumber(redis.call('HGET', sk, 's' .. slot)) == sec then
+    redis.call('HINCRBY', sk, 'n' .. slot, ARGV[2])
+    if ARGV[3] ~= '0' then redis.call('HINCRBY', sk, 't' .. slot, ARGV[3]) end
+    redis.call('HINCRBYFLOAT', sk, 'l' .. slot, ARGV[4])
+  else
+    redis.call('HSET', sk, 's' .. slot, t[1], 'n' .. slot, ARGV[2], 't' .. slot, ARGV[3],
+      'l' .. slot, ARGV[4])
+    redis.call('PEXPIRE', sk, RING * 1000 + 1000)
+  end
+end
+if (held > 0 or withdrawn > 0 or #groups > 0) and redis.call('ZCARD', wek) > 0 then
+  redis.call('PUBLISH', ARGV[5], tostring(held))
+end
+return held

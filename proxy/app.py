@@ -1,0 +1,226 @@
+"""Builds the aiohttp Application: routes, start-up and shutdown.
+
+Everything a request needs hangs off the Application under typed keys; nothing is
+module-global, so several Sluice apps (tests, workers) can share one interpreter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.admission import Store, open_store
+from proxy.admission.gate import Gate
+from proxy.admission.waiting import WaitMetrics
+from proxy.config import Policy
+from proxy.credentials import CredentialSource, bearer_token_from_env
+from proxy.errors import error_response
+from proxy.handler import Proxy
+from proxy.log import AccessLog
+from proxy.metrics import Metrics
+from proxy.policy import CompiledPolicy
+from proxy.shedding.cache import open_cache
+from proxy.shedding.controller import Adaptivity
+from proxy.signing import Credentials
+from proxy.upstream import Upstream, bedrock_url
+
+log = logging.getLogger("sluice.app")
+
+#: Credentials used towards the built-in simulator: never send real keys to it.
+SIMULATOR_CREDENTIALS = Credentials("SLUICESIMULATOR", "sluice-simulator-secret")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How this process runs (flags / SLUICE_* environment), as opposed to the policy."""
+
+    upstream: str | None = None  # URL, "simulator", or None for real Bedrock
+    redis_url: str | None = None
+    simulator_config: str | None = None
+    region: str | None = None
+
+
+POLICY = web.AppKey("policy", CompiledPolicy)
+METRICS = web.AppKey("metrics", Metrics)
+STORE = web.AppKey("store", Store)
+UPSTREAM = web.AppKey("upstream", Upstream)
+SIMULATOR = web.AppKey("simulator", web.AppRunner)
+PROXY = web.AppKey("proxy", Proxy)
+
+
+def resolve_region(policy: Policy, settings: Settings) -> str:
+    """Region from the flag, the policy, then the AWS environment."""
+    return (
+        settings.region
+        or policy.server.region
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1"
+    )
+
+
+async def _start_simulator(app: web.Application, settings: Settings) -> str:
+    from proxy.simulator import build_simulator_app, load_simulator_config
+
+    runner = web.AppRunner(build_simulator_app(load_simulator_config(settings.simulator_config)))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    app[SIMULATOR] = runner
+    port = runner.addresses[0][1]
+    return f"http://127.0.0.1:{port}"
+
+
+async def _make_upstream(app: web.Application, settings: Settings, region: str) -> Upstream:
+    server = app[POLICY].policy.server
+    bearer: str | None = None
+    source: CredentialSource | None = None
+    if settings.upstream == "simulator":
+        url = await _start_simulator(app, settings)
+        source = CredentialSource.static(SIMULATOR_CREDENTIALS)
+    else:
+        url = settings.upstream or bedrock_url(region)
+        bearer = bearer_token_from_env()
+        if bearer is None:
+            source = await CredentialSource.create()
+    return Upstream(
+        url,
+        region,
+        credentials=source,
+        bearer_token=bearer,
+        connect_timeout_s=server.upstream_connect_timeout_seconds,
+        read_timeout_s=server.upstream_read_timeout_seconds,
+    )
+
+
+def _adaptivity(
+    policy: CompiledPolicy, store: Store, redis_url: str | None, metrics: Metrics
+) -> Adaptivity | None:
+    """Fleet-wide controllers, only when the policy asks for any (they tick in the background)."""
+    pol = policy.policy
+    wanted = any(p.adaptive or p.breaker for p in pol.models.values()) or any(
+        w.pause for w in pol.workloads.values()
+    )
+    for name, pool in pol.models.items():
+        if pool.concurrency is not None:
+            metrics.pool_limit.labels(name).set(pool.concurrency)
+    if not wanted:
+        return None
+    tuning = pol.server.adaptivity
+    adaptivity = Adaptivity(
+        policy,
+        store,
+        redis_url,
+        registry=metrics.registry,
+        tick_s=tuning.tick_seconds,
+        pause_window_s=tuning.pause_window_seconds,
+    )
+    for name, pool in pol.models.items():
+        configured = pool.concurrency
+
+        def current(name: str = name, configured: int | None = configured) -> float:
+            return float(adaptivity.limit(name) or configured or 0)
+
+        metrics.pool_limit.labels(name).set_function(current)
+    return adaptivity
+
+
+def build_app(
+    policy: Policy, settings: Settings, *, access_log: AccessLog | None = None
+) -> web.Application:
+    """An Application serving the bedrock-runtime API under ``policy``."""
+    app = web.Application(client_max_size=policy.server.max_body_bytes + 1)
+    app[POLICY] = CompiledPolicy(policy)
+    app[METRICS] = Metrics()
+    region = resolve_region(policy, settings)
+    logs = access_log or AccessLog(enabled=policy.server.access_log)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        metrics = app[METRICS]
+        store = app[STORE] = open_store(
+            settings.redis_url,
+            metrics=metrics,
+            timeout_s=policy.server.store_timeout_ms / 1000,
+            wait_metrics=WaitMetrics(metrics.registry),
+        )
+        await store.start()
+        upstream = app[UPSTREAM] = await _make_upstream(app, settings, region)
+        await upstream.start()
+        cache = open_cache(
+            settings.redis_url, metrics=metrics, timeout_s=policy.server.store_timeout_ms / 1000
+        )
+        adaptivity = _adaptivity(app[POLICY], store, settings.redis_url, metrics)
+        if adaptivity is not None:
+            await adaptivity.start()
+        proxy = app[PROXY] = Proxy(
+            app[POLICY], Gate(store, metrics), upstream, metrics, logs, cache, adaptivity
+        )
+        log.info(
+            "sluice ready",
+            extra={
+                "fields": {
+                    "upstream": upstream.base_url,
+                    "region": region,
+                    "store": "redis" if settings.redis_url else "embedded",
+                }
+            },
+        )
+        yield
+        if adaptivity is not None:
+            await adaptivity.close()
+        await proxy.close()
+        await cache.close()
+        await upstream.close()
+        await store.close()
+        if SIMULATOR in app:
+            await app[SIMULATOR].cleanup()
+
+    app.cleanup_ctx.append(lifecycle)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+    return app
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """Every path that is not Sluice's own goes to the Bedrock handler."""
+    return await request.app[PROXY].handle(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is up and serving."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when both the store and the upstream answer."""
+    app = request.app
+    started = time.perf_counter()
+    store_ok = await app[STORE].ping()
+    upstream_ok = await app[UPSTREAM].probe()
+    body = {
+        "store": "ok" if store_ok else "unreachable",
+        "upstream": "ok" if upstream_ok else "unreachable",
+        "checked_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    if store_ok and upstream_ok:
+        return web.json_response({"status": "ready", **body})
+    missing = [name for name in ("store", "upstream") if body[name] != "ok"]
+    response = error_response(
+        "ServiceUnavailableException", f"not ready: {', '.join(missing)} unreachable", status=503
+    )
+    return response
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    """Prometheus exposition of this process's metrics."""
+    data = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})

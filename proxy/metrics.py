@@ -1,0 +1,169 @@
+"""Prometheus metrics: the one place their names are defined.
+
+One :class:`Metrics` per Application (its own registry), so several apps in one
+process — tests, the embedded simulator — never share counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60)
+
+
+class Children:
+    """Label children of one metric, looked up once per label set.
+
+    ``Metric.labels()`` takes a lock and builds a tuple each call (~2 µs); the request
+    path asks for the same few label sets millions of times.
+    """
+
+    __slots__ = ("_cache", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self._cache.get(labels)
+        if child is None:
+            child = self._cache[labels] = self._metric.labels(*labels)
+        return child
+
+
+class Metrics:
+    """All of Sluice's metrics, registered in a private registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "sluice_requests",
+            "Requests answered, by operation, model pool, workload and status.",
+            ["operation", "pool", "workload", "status"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "sluice_rejections",
+            "Requests Sluice refused itself, by reason (error type and field).",
+            ["reason", "workload"],
+            registry=r,
+        )
+        self.admitted = Counter(
+            "sluice_admitted",
+            "Admission grants.",
+            ["workload", "pool", "priority"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "sluice_refused",
+            "Admission refusals, by the limit that refused.",
+            ["workload", "pool", "priority", "limit"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "sluice_store_errors",
+            "Store (Redis) failures, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.fail_open = Counter(
+            "sluice_fail_open",
+            "Requests admitted without a store decision because the store failed.",
+            ["workload", "pool"],
+            registry=r,
+        )
+        self.tokens_reserved = Counter(
+            "sluice_tokens_reserved",
+            "Weighted tokens reserved at admission.",
+            ["workload", "pool"],
+            registry=r,
+        )
+        self.tokens_settled = Counter(
+            "sluice_tokens_settled",
+            "Weighted tokens actually used, settled after the call.",
+            ["workload", "pool"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "sluice_tokens",
+            "Model tokens used, by direction (input/output).",
+            ["workload", "pool", "direction"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "sluice_in_flight",
+            "Requests in flight on this instance, per model pool.",
+            ["pool"],
+            registry=r,
+        )
+        self.pool_limit = Gauge(
+            "sluice_pool_concurrency_limit",
+            "Concurrency limit in force per model pool.",
+            ["pool"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "sluice_upstream_latency_seconds",
+            "Time from sending upstream to the last byte.",
+            ["pool", "operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "sluice_upstream_errors",
+            "Upstream answers that were errors, by error type.",
+            ["pool", "error_type"],
+            registry=r,
+        )
+        self.upstream_retries = Counter(
+            "sluice_upstream_retries",
+            "Upstream calls retried inside the caller's deadline.",
+            ["pool", "error_type"],
+            registry=r,
+        )
+        self.retry_budget_exhausted = Counter(
+            "sluice_upstream_retry_budget_exhausted",
+            "Retryable upstream errors passed to the caller because the retry budget was empty.",
+            ["pool"],
+            registry=r,
+        )
+        self.trimmed = Counter(
+            "sluice_trimmed",
+            "Requests whose conversation was trimmed to the input budget.",
+            ["workload"],
+            registry=r,
+        )
+        self.trimmed_tokens = Counter(
+            "sluice_trimmed_tokens",
+            "Estimated input tokens removed by trimming.",
+            ["workload"],
+            registry=r,
+        )
+        self.degraded = Counter(
+            "sluice_degraded",
+            "Requests answered by a degradation step instead of their pool.",
+            ["workload", "pool", "kind"],
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "sluice_coalesced",
+            "Requests answered by an identical request's upstream call already in flight.",
+            ["workload"],
+            registry=r,
+        )
+        self.stream_disconnects = Counter(
+            "sluice_stream_client_disconnects",
+            "Streams the client left before the end.",
+            ["pool"],
+            registry=r,
+        )
+        # Cached children for the per-request metrics.
+        self.requests_of = Children(self.requests)
+        self.tokens_of = Children(self.tokens)
+        self.latency_of = Children(self.upstream_latency)
+        self.admitted_of = Children(self.admitted)
+        self.reserved_of = Children(self.tokens_reserved)
+        self.settled_of = Children(self.tokens_settled)
+        self.in_flight_of = Children(self.in_flight)

@@ -1,0 +1,29 @@
+"""One ``--redis-url`` for everything Sluice keeps in Redis (limits, cache, fleet state).
+
+``redis://host:port/db`` (also ``rediss://``, ``unix://``) is one server;
+``redis+cluster://host:port`` (any node as seed) is a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+
+def redis_client(url: str, timeout_s: float) -> Redis | RedisCluster:
+    """A client for ``url``; every caller bounds its own calls by ``timeout_s`` as well."""
+    opts: dict[str, Any] = {
+        # Connecting may take longer than one decision may wait (a cluster reads its slot
+        # map first); each call is bounded by the caller's timeout on top of this anyway.
+        "socket_connect_timeout": max(timeout_s, 2.0),
+        # One immediate retry covers a pooled connection that died with a restarted server.
+        "retry": Retry(NoBackoff(), 1),
+    }
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return RedisCluster.from_url(scheme.split("+")[0] + sep + rest, **opts)
+    return Redis.from_url(url, **opts)

@@ -1,0 +1,170 @@
+"""Walking a workload's degradation chain when its model pool says no.
+
+The chain is the policy's ``degrade`` list, tried in order: a pool name is a downgrade
+(the same request to a cheaper model, admitted against that pool's own quotas), then
+``cached`` (an earlier answer to the identical request) and ``template`` (a static
+answer in the caller's response shape). Each step is only taken where the policy
+allows it for that workload; the caller is always told which one served it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy.admission.estimate import RequestEstimate, reservation
+from proxy.admission.gate import Gate, Ticket
+from proxy.errors import BedrockError
+from proxy.identity import Caller
+from proxy.metrics import Metrics
+from proxy.policy import CompiledPolicy, PoolInfo
+from proxy.routes import Route, base_model_id
+from proxy.shedding.cache import ResponseCache, cache_key, cache_operation
+from proxy.shedding.rewrite import downgrade_body_problem, downgrade_path, served_model_headers
+from proxy.shedding.template import TemplateUnsupported, as_stream, render_template
+
+log = logging.getLogger("sluice.degrade")
+
+_STREAM_HEADERS = {"Content-Type": "application/vnd.amazon.eventstream"}
+
+
+@dataclass(slots=True)
+class Downgrade:
+    """Serve the call from another pool: same request, rewritten model id."""
+
+    pool: PoolInfo
+    path: str
+    ticket: Ticket
+    headers: dict[str, str]
+
+
+@dataclass(slots=True)
+class Fallback:
+    """An answer made without calling the upstream (cache or template)."""
+
+    kind: str
+    body: bytes
+    headers: dict[str, str]
+
+
+def target_model_id(requested: str, pool_first_id: str) -> str:
+    """The target pool's model id, keeping the caller's inference-profile prefix (us., eu.)."""
+    if requested.startswith("arn:"):
+        return pool_first_id
+    base = base_model_id(requested)
+    if base != requested and requested.endswith(base):
+        return requested[: len(requested) - len(base)] + pool_first_id
+    return pool_first_id
+
+
+class Degrader:
+    """Tries a workload's degradation steps after its pool refused."""
+
+    def __init__(
+        self,
+        policy: CompiledPolicy,
+        gate: Gate,
+        cache: ResponseCache,
+        metrics: Metrics,
+        breaker_allows: Callable[[str], bool],
+    ) -> None:
+        self.policy = policy
+        self.breaker_allows = breaker_allows
+        self.gate = gate
+        self.cache = cache
+        self.metrics = metrics
+
+    async def degrade(
+        self,
+        route: Route,
+        caller: Caller,
+        pool: PoolInfo,
+        est: RequestEstimate,
+        input_tokens: int,
+        body: bytes,
+        refusal: BedrockError,
+    ) -> Downgrade | Fallback:
+        """The first step of the chain that can serve, or raise ``refusal`` if none can."""
+        workload = self.policy.policy.workloads[caller.workload.name]
+        for step in workload.degrade:
+            found: Downgrade | Fallback | None
+            if step == "cached":
+                found = await self._cached(route, caller, pool, body)
+            elif step == "template":
+                found = self._template(route, caller)
+            else:
+                found = await self._downgrade(step, route, caller, est, input_tokens, body)
+            if found is not None:
+                kind = found.kind if isinstance(found, Fallback) else "downgrade"
+                self.metrics.degraded.labels(caller.workload.name, pool.name, kind).inc()
+                return found
+        raise refusal
+
+    async def _downgrade(
+        self,
+        name: str,
+        route: Route,
+        caller: Caller,
+        est: RequestEstimate,
+        input_tokens: int,
+        body: bytes,
+    ) -> Downgrade | None:
+        target = self.policy.pools[name]
+        allowed = caller.workload.allowed_pools
+        if (allowed is not None and name not in allowed) or not self.breaker_allows(name):
+            return None
+        assert route.model_id is not None
+        model_id = target_model_id(route.model_id, self.policy.policy.models[name].ids[0])
+        problem = downgrade_body_problem(route.operation, body, model_id)
+        if problem is not None:
+            log.info("downgrade skipped", extra={"fields": {"pool": name, "reason": problem}})
+            return None
+        plan = self.policy.plan(caller.workload, target, caller.priority)
+        tokens = reservation(
+            input_tokens, est.max_tokens or target.default_max_tokens, target.output_weight
+        )
+        try:
+            ticket = await self.gate.admit(caller.workload, caller.priority, target, plan, tokens)
+        except BedrockError as exc:
+            if exc.status != 429:
+                raise
+            return None
+        path = downgrade_path(route.path, route.operation, model_id)
+        return Downgrade(target, path, ticket, served_model_headers(model_id, "downgrade"))
+
+    async def _cached(
+        self, route: Route, caller: Caller, pool: PoolInfo, body: bytes
+    ) -> Fallback | None:
+        if self.policy.policy.workloads[caller.workload.name].cache is None:
+            return None
+        if cache_operation(route.operation) is None:
+            return None
+        hit = await self.cache.get(
+            cache_key(caller.workload.name, pool.name, route.operation, body)
+        )
+        if hit is None:
+            return None
+        assert route.model_id is not None
+        headers = dict(hit.headers)
+        headers.update(served_model_headers(route.model_id, "cache"))
+        if not route.streaming:
+            return Fallback("cache", hit.body, headers)
+        try:
+            stream = as_stream(route.operation, hit.body)
+        except TemplateUnsupported:
+            return None
+        headers.update(_STREAM_HEADERS)
+        return Fallback("cache", stream, headers)
+
+    def _template(self, route: Route, caller: Caller) -> Fallback | None:
+        template = self.policy.policy.workloads[caller.workload.name].template
+        if template is None:
+            return None
+        assert route.model_id is not None
+        try:
+            data, headers = render_template(route.operation, template.text, route.model_id)
+        except TemplateUnsupported:
+            return None
+        headers.update(served_model_headers("sluice-template", "template"))
+        return Fallback("template", data, headers)

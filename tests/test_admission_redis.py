@@ -1,0 +1,399 @@
+"""What only a real Redis can show: several OS processes, kill -9, faults, round trips.
+
+Figures (round trips per request, latency, throughput) are printed and attached to the
+test report with ``record_property``; run with ``-s`` to see them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import redis
+
+from proxy.admission import RedisStore, StoreUnavailable
+from proxy.metrics import Metrics
+from tests.support.admission_helpers import new_pool, per_min, plan
+from tests.support.redis_fixtures import RedisClusterProcesses, RedisServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+Factory = Callable[..., RedisServerProcess]
+
+# A separate Sluice-like process: its own event loop and RedisStore on the same Redis.
+WORKER = r"""
+import asyncio, json, sys, time
+from proxy.admission import RedisStore
+from tests.support.admission_helpers import plan, per_min
+
+async def main(mode, url, pool, arg):
+    store = RedisStore(url)
+    await store.start()
+    if mode == "burst":
+        p = plan(pool, pool_requests=per_min(1, 50))
+        while time.time() < arg:
+            await asyncio.sleep(0.001)
+        ds = await asyncio.gather(*(store.admit(p, 0) for _ in range(60)))
+        print(json.dumps(sum(d.admitted for d in ds)), flush=True)
+    elif mode == "hold":
+        p = plan(pool, pool_concurrency=3, lease_ttl_ms=int(arg))
+        ds = [await store.admit(p, 0) for _ in range(3)]
+        print(json.dumps(sum(d.admitted for d in ds)), flush=True)
+        await asyncio.sleep(3600)
+    await store.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])))
+"""
+
+
+def spawn(mode: str, url: str, pool: str, arg: float) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, mode, url, pool, str(arg)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def evalsha_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+# --- several processes -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_four_processes_on_one_hot_key_admit_exactly_the_burst(
+    redis_server: RedisServerProcess,
+) -> None:
+    pool = new_pool()
+    start_at = time.time() + 1.5  # all four fire together, after their imports
+    workers = [spawn("burst", redis_server.url, pool, start_at) for _ in range(4)]
+    counts = [json.loads(w.communicate(timeout=30)[0]) for w in workers]
+    assert all(w.returncode == 0 for w in workers)
+    assert sum(counts) == 50, counts  # 240 tries, burst 50, refill 1/min
+
+
+@pytest.mark.slow
+async def test_slots_of_a_killed_process_come_back_within_the_lease_ttl(
+    redis_server: RedisServerProcess,
+) -> None:
+    pool, ttl_ms = new_pool(), 1200
+    p = plan(pool, pool_concurrency=3, lease_ttl_ms=ttl_ms)
+    holder = spawn("hold", redis_server.url, pool, ttl_ms)
+    store = RedisStore(redis_server.url)
+    await store.start()
+    try:
+        line = await asyncio.to_thread(holder.stdout.readline)  # type: ignore[union-attr]
+        assert json.loads(line) == 3
+        await asyncio.sleep(ttl_ms / 1000 * 1.5)  # the holder's heartbeat keeps them
+        assert (await store.admit(p, 0)).refused_by == "pool.concurrency"
+        holder.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        for _ in range(400):  # polls for up to ~10 s
+            d = await store.admit(p, 0)
+            if d.admitted:
+                break
+            await asyncio.sleep(0.025)
+        back_after = time.monotonic() - killed
+        assert d.lease is not None
+        assert back_after <= ttl_ms / 1000 + 0.3, back_after
+        print(f"\nslot back {back_after * 1000:.0f} ms after SIGKILL (ttl {ttl_ms} ms)")
+    finally:
+        holder.kill()
+        holder.wait()
+        await store.close()
+
+
+# --- round trips ---------------------------------------------------------------------------
+
+
+async def test_at_most_one_script_call_per_request(
+    redis_factory: Factory, record_property: Callable[[str, object], None]
+) -> None:
+    server = redis_factory()
+    client = redis.Redis(port=server.port)
+    store = RedisStore(server.url)
+    await store.start()
+    p = plan(
+        new_pool(),
+        pool_requests=per_min(1e6, 1e5),
+        pool_tokens=per_min(1e9, 1e8),
+        pool_concurrency=10_000,
+        workload_concurrency=10_000,
+    )
+    try:
+        client.config_resetstat()
+        ds = await asyncio.gather(*(store.admit(p, 100) for _ in range(500)))
+        admit_calls = evalsha_calls(client)
+        client.config_resetstat()
+        for d in ds:
+            assert d.lease is not None
+            store.settle(p, d.lease, 100, 40)
+        await store.flush()
+        settle_calls = evalsha_calls(client)
+
+        # steady concurrent load: 64 clients, admit -> tiny work -> settle
+        client.config_resetstat()
+        done = 0
+
+        async def one_client() -> None:
+            nonlocal done
+            for _ in range(20):
+                d = await store.admit(p, 100)
+                assert d.lease is not None
+                await asyncio.sleep(0)
+                store.settle(p, d.lease, 100, 50)
+                done += 1
+
+        await asyncio.gather(*(one_client() for _ in range(64)))
+        await store.flush()
+        mixed_calls = evalsha_calls(client)
+    finally:
+        await store.close()
+        client.close()
+    ratios = {
+        "admit_evalsha_per_request": admit_calls / 500,
+        "settle_evalsha_per_request": settle_calls / 500,
+        "mixed_evalsha_per_request": mixed_calls / done,
+    }
+    print("\n" + json.dumps(ratios))
+    for name, value in ratios.items():
+        record_property(name, value)
+    assert admit_calls <= 500 and settle_calls <= 500
+    assert mixed_calls <= 2 * done
+    assert ratios["admit_evalsha_per_request"] < 0.1  # 500 same-tick admits: a few batches
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+async def test_script_flush_mid_run_is_recovered(redis_factory: Factory) -> None:
+    server = redis_factory()
+    store = RedisStore(server.url)
+    await store.start()
+    p = plan(new_pool(), pool_concurrency=100)
+    try:
+        assert (await store.admit(p, 0)).admitted
+        server.cli("script", "flush")
+        d = await store.admit(p, 0)
+        assert d.admitted and d.lease is not None
+        server.cli("script", "flush")
+        store.settle(p, d.lease, 0, 0)
+        await store.flush()
+        assert store.settle_failures == 0
+        assert (await store.pool_stats(p.pool))["in_flight"] == 1
+    finally:
+        await store.close()
+
+
+async def test_restarted_redis_is_used_again(redis_factory: Factory) -> None:
+    server = redis_factory()
+    store = RedisStore(server.url)
+    await store.start()
+    p = plan(new_pool(), pool_concurrency=100)
+    try:
+        assert (await store.admit(p, 0)).admitted
+        server.restart()  # empty, no scripts, pooled connections dead
+        assert (await store.admit(p, 0)).admitted
+    finally:
+        await store.close()
+
+
+async def test_dead_redis_fails_admit_within_the_timeout(
+    redis_factory: Factory, record_property: Callable[[str, object], None]
+) -> None:
+    server = redis_factory()
+    metrics = Metrics()
+    store = RedisStore(server.url, metrics=metrics, timeout_s=0.25)
+    await store.start()
+    p = plan(new_pool(), pool_concurrency=100)
+    try:
+        assert (await store.admit(p, 0)).admitted
+        # a hung server (SIGSTOP): only the timeout can end the wait
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.admit(p, 0)
+        hung = time.monotonic() - started
+        assert not await store.ping()
+        server.proc.send_signal(signal.SIGCONT)
+        server.kill()  # a dead server: refused connections
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.admit(p, 0)
+        dead = time.monotonic() - started
+    finally:
+        await store.close()
+    print(f"\nStoreUnavailable after {hung * 1000:.0f} ms (hung), {dead * 1000:.0f} ms (dead)")
+    record_property("unavailable_hung_ms", hung * 1000)
+    record_property("unavailable_dead_ms", dead * 1000)
+    assert 0.2 <= hung <= 0.25 + 0.15
+    assert dead <= 0.25 + 0.15
+    errors = metrics.registry.get_sample_value("sluice_store_errors_total", {"operation": "admit"})
+    assert errors == 2
+
+
+async def test_failed_settles_are_counted_and_logged(
+    redis_factory: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = redis_factory()
+    metrics = Metrics()
+    store = RedisStore(server.url, metrics=metrics)
+    await store.start()
+    p = plan(new_pool(), pool_concurrency=100)
+    leases = [(await store.admit(p, 10)).lease for _ in range(5)]
+    server.kill()
+    with caplog.at_level(logging.ERROR, logger="proxy.admission"):
+        for lease in leases:
+            assert lease is not None
+            store.settle(p, lease, 10, 5)
+        await store.close()  # flushes: the failure must surface, not vanish
+    assert store.settle_failures == 5
+    count = metrics.registry.get_sample_value("sluice_store_errors_total", {"operation": "settle"})
+    assert count == 5
+    logged = [json.loads(r.getMessage()) for r in caplog.records]
+    assert sum(e["settles"] for e in logged if e["operation"] == "settle") == 5
+
+
+def test_scripts_take_time_only_from_redis() -> None:
+    scripts = resources.files("proxy.admission") / "scripts"
+    for script in scripts.iterdir():
+        if not script.name.endswith(".lua"):
+            continue
+        text = script.read_text()
+        assert "redis.call('TIME')" in text, script.name
+        for line in text.splitlines():
+            if re.match(r"\s*local (now|sec)\b", line):
+                assert re.search(r"\bt\[[12]\]|\bsec\b", line), (script.name, line)
+                assert "ARGV" not in line, (script.name, line)
+    # and the Python side has no clock of its own to skew
+    import proxy.admission.redis_store as mod
+
+    assert "time" not in vars(mod)
+
+
+# --- cluster -------------------------------------------------------------------------------
+
+
+def _node_of(cluster: RedisClusterProcesses, pool: str) -> int:
+    slot = redis.cluster.key_slot(f"sluice:{{{pool}}}:pool".encode())
+    ranges = json.loads(
+        json.dumps(
+            redis.Redis(port=cluster.nodes[0].port).execute_command("CLUSTER SLOTS"), default=str
+        )
+    )
+    for lo, hi, master, *_ in ranges:
+        if int(lo) <= slot <= int(hi):
+            return int(master[1])
+    raise AssertionError(slot)
+
+
+@pytest.mark.cluster
+async def test_pools_spread_over_masters_and_one_decision_stays_on_one(
+    redis_cluster: RedisClusterProcesses,
+) -> None:
+    by_port: dict[int, str] = {}
+    while len(by_port) < 3:
+        pool = new_pool()
+        by_port.setdefault(_node_of(redis_cluster, pool), pool)
+    store = RedisStore(redis_cluster.url)
+    await store.start()
+    try:
+        for pool in by_port.values():
+            p = plan(
+                pool,
+                pool_requests=per_min(60, 5),
+                pool_tokens=per_min(600, 1000),
+                pool_concurrency=5,
+                workload_concurrency=5,
+                workload_tokens=per_min(600, 900),
+            )
+            d = await store.admit(p, 10)
+            assert d.admitted and d.lease is not None
+            store.settle(p, d.lease, 10, 5, latency_ms=3.0)
+        await store.flush()
+    finally:
+        await store.close()
+    for port, pool in by_port.items():
+        keys = redis.Redis(port=port).keys(f"sluice:{{{pool}}}:*")
+        assert keys, pool  # every key of this pool lives on the master that owns its slot
+        others = [q for q in by_port.values() if q != pool]
+        for other in others:
+            assert not redis.Redis(port=port).keys(f"sluice:{{{other}}}:*")
+
+
+# --- figures -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_admission_latency_and_throughput(
+    redis_factory: Factory, record_property: Callable[[str, object], None]
+) -> None:
+    server = redis_factory()
+    store = RedisStore(server.url)
+    await store.start()
+    p = plan(
+        new_pool(),
+        share=0.85,
+        pool_requests=per_min(1e9, 1e8),
+        pool_tokens=per_min(1e12, 1e11),
+        pool_concurrency=100_000,
+        workload_requests=per_min(1e9, 1e8),
+        workload_tokens=per_min(1e12, 1e11),
+        workload_concurrency=100_000,
+    )
+    figures: dict[str, float] = {}
+    try:
+        lat: list[float] = []
+        for _ in range(1000):
+            t = time.perf_counter()
+            d = await store.admit(p, 100)
+            lat.append(time.perf_counter() - t)
+            assert d.lease is not None
+            store.settle(p, d.lease, 100, 50)
+            await store.flush()
+        lat.sort()
+        figures["single_p50_us"] = lat[len(lat) // 2] * 1e6
+        figures["single_p99_us"] = lat[int(len(lat) * 0.99)] * 1e6
+        lat = []
+        count = 0
+        stop = time.perf_counter() + 2.0
+
+        async def worker() -> None:
+            nonlocal count
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                d = await store.admit(p, 100)
+                lat.append(time.perf_counter() - t)
+                assert d.lease is not None
+                store.settle(p, d.lease, 100, 50)
+                count += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(64)))
+        figures["batched64_admits_per_s"] = count / (time.perf_counter() - began)
+        await store.flush()
+        lat.sort()
+        figures["batched64_p50_us"] = lat[len(lat) // 2] * 1e6
+        figures["batched64_p99_us"] = lat[int(len(lat) * 0.99)] * 1e6
+    finally:
+        await store.close()
+    print("\n" + json.dumps({k: round(v) for k, v in figures.items()}))
+    for name, value in figures.items():
+        record_property(name, value)
+    assert figures["single_p50_us"] < 5000
+    assert figures["batched64_admits_per_s"] > 1000
