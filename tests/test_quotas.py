@@ -276,13 +276,14 @@ def test_refusal_is_actionable_backpressure(
     assert int(h["retry-after"]) >= reset >= 0
 
 
-def test_boto3_standard_mode_retries_a_sluice_refusal(
-    redis_server: Any, sim: Simulator, make_sluice: Callable[..., Sluice]
+@pytest.mark.parametrize("mode", ["legacy", "standard", "adaptive"])
+def test_boto3_retries_a_sluice_refusal_in_every_retry_mode(
+    mode: str, redis_server: Any, sim: Simulator, make_sluice: Callable[..., Sluice]
 ) -> None:
     pool = unique("retry")
     policy = header_policy(pool, {"requests_per_minute": 1, "burst_requests": 1}, {"w": {}})
     proxy = make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url)
-    client = client_for(proxy.url, "w", retries={"total_max_attempts": 3, "mode": "standard"})
+    client = client_for(proxy.url, "w", retries={"total_max_attempts": 3, "mode": mode})
     client.invoke_model(modelId=HAIKU, body=body())
     with pytest.raises(ClientError) as err:
         client.invoke_model(modelId=HAIKU, body=body())
