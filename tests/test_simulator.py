@@ -592,7 +592,7 @@ _MSG = [{"role": "user", "content": "hi"}]
         ({"anthropic_version": _V, "messages": _MSG}, "#: required key [max_tokens] not found"),
         ({"anthropic_version": _V, "max_tokens": 5}, "#: required key [messages] not found"),
         (
-            {"anthropic_version": "2023-06-01", "max_tokens": 5, "messages": _MSG},
+            {"anthropic_version": "bedrock-2099", "max_tokens": 5, "messages": _MSG},
             "not a valid enum",
         ),
         (

@@ -9,6 +9,7 @@ Every failure raises :class:`proxy.errors.BedrockError` (``ValidationException``
 from __future__ import annotations
 
 import binascii
+import re
 from base64 import b64decode
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,9 @@ from proxy.simulator.text import Directives, count_tokens, parse_directives, rou
 __all__ = ["Call", "converse_call", "parse_anthropic", "parse_count_tokens", "parse_json"]
 
 ANTHROPIC_VERSION = "bedrock-2023-05-31"
+#: The Anthropic SDK (2.x) sends its own dated API version (e.g. ``2026-10-21``) to Bedrock too;
+#: accepting that shape keeps the simulator usable with the current SDK.
+_DATED_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
 _ANTHROPIC_KEYS = frozenset(
     {
         "anthropic_version", "anthropic_beta", "max_tokens", "messages", "system",
@@ -125,7 +129,10 @@ def parse_anthropic(body: bytes, model: ModelConfig, default_output: int) -> Cal
     for key in ("anthropic_version", "max_tokens", "messages"):
         if key not in doc:
             raise _malformed(f"#: required key [{key}] not found")
-    if doc["anthropic_version"] != ANTHROPIC_VERSION:
+    version = doc["anthropic_version"]
+    if version != ANTHROPIC_VERSION and not (
+        isinstance(version, str) and _DATED_VERSION.fullmatch(version)
+    ):
         raise _malformed(
             f"#/anthropic_version: {doc['anthropic_version']} is not a valid enum value"
         )
