@@ -91,17 +91,25 @@ def visible_length(text: str) -> int:
 
 def node_tokens(node: Any) -> float:
     """Estimated tokens of a parsed JSON value: its prompt text plus flat media charges."""
+    # Runs on every admitted request: the common leaves (ASCII strings, numbers) are
+    # handled inline instead of through another call.
     if isinstance(node, str):
-        return text_tokens(node)
+        return len(node) * OTHER_TOKENS_PER_CHAR if node.isascii() else text_tokens(node)
     total = 0.0
     if isinstance(node, dict):
         for key, value in node.items():
             if key in _SKIP_KEYS:
                 continue
-            binary = key in ("data", "bytes") and isinstance(value, str)
-            if binary or (key in _MEDIA_KEYS and not isinstance(value, str | list)):
+            if isinstance(value, str):
+                if key == "data" or key == "bytes":
+                    total += MEDIA_BLOCK_TOKENS
+                elif value.isascii():
+                    total += len(value) * OTHER_TOKENS_PER_CHAR
+                else:
+                    total += text_tokens(value)
+            elif key in _MEDIA_KEYS and not isinstance(value, list):
                 total += MEDIA_BLOCK_TOKENS
-            else:
+            elif isinstance(value, dict | list):
                 total += node_tokens(value)
     elif isinstance(node, list):
         for item in node:

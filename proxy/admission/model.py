@@ -182,7 +182,7 @@ class AdmitPlan:
         object.__setattr__(self, "arg", struct.pack("<12d", *p))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """The answer to one admission; the header fields describe the tightest limit."""
 
@@ -358,68 +358,84 @@ class Snapshot(NamedTuple):
     w_in: int
 
 
-def _candidates(plan: AdmitPlan, s: Snapshot) -> list[tuple[int, float, float, float, float]]:
+_Candidate = tuple[int, float, float, float, float]
+
+
+def _candidates(plan: AdmitPlan, s: Snapshot) -> list[_Candidate]:
     """(code, quota, remaining, remaining fraction, ms to full) of each limit in force."""
-    p, share, out = plan.params, plan.share, []
-    for code, lvl, rate, burst in (
-        (POOL_RPM, s.p_rlevel, p.p_rrate, p.p_rburst),
-        (POOL_TPM, s.p_tlevel, p.p_trate, p.p_tburst),
-    ):
-        if burst > 0:
-            reset = (burst - lvl) / rate
-            if share < 1.0:
-                rem = lvl - (1.0 - share) * burst
-                out.append((code + 3, rate * 60000 * share, rem, rem / (share * burst), reset))
-            else:
-                out.append((code, rate * 60000, lvl, lvl / burst, reset))
+    p, share = plan.params, plan.share
+    out: list[_Candidate] = []
+    if p.p_rburst > 0:
+        _bucket(out, POOL_RPM, s.p_rlevel, p.p_rrate, p.p_rburst, share)
+    if p.p_tburst > 0:
+        _bucket(out, POOL_TPM, s.p_tlevel, p.p_trate, p.p_tburst, share)
     if s.p_limit >= 0:
         lim, code = s.p_limit, POOL_CONC
         if share < 1.0:
             lim, code = class_limit(lim, share), CLASS_CONC
         rem = lim - s.p_in
         out.append((code, lim, rem, rem / lim if lim else 0.0, 0.0))
-    for code, lvl, rate, burst in (
-        (WL_RPM, s.w_rlevel, p.w_rrate, p.w_rburst),
-        (WL_TPM, s.w_tlevel, p.w_trate, p.w_tburst),
-    ):
-        if burst > 0:
-            out.append((code, rate * 60000, lvl, lvl / burst, (burst - lvl) / rate))
+    if p.w_rburst > 0:
+        _bucket(out, WL_RPM, s.w_rlevel, p.w_rrate, p.w_rburst, 1.0)
+    if p.w_tburst > 0:
+        _bucket(out, WL_TPM, s.w_tlevel, p.w_trate, p.w_tburst, 1.0)
     if p.w_conc >= 0:
         rem = p.w_conc - s.w_in
         out.append((WL_CONC, p.w_conc, rem, rem / p.w_conc if p.w_conc else 0.0, 0.0))
     return out
 
 
+def _bucket(
+    out: list[_Candidate],
+    code: int,
+    lvl: float,
+    rate: float,
+    burst: float,
+    share: float,
+) -> None:
+    reset = (burst - lvl) / rate
+    if share < 1.0:
+        # The class sees the bucket minus the headroom reserved for higher classes.
+        rem = lvl - (1.0 - share) * burst
+        out.append((code + 3, rate * 60000 * share, rem, rem / (share * burst), reset))
+    else:
+        out.append((code, rate * 60000, lvl, lvl / burst, reset))
+
+
 def make_decision(
     plan: AdmitPlan, code: int, retry: int, lease: str | None, s: Snapshot
 ) -> Decision:
     """Build the caller's :class:`Decision` from a script/evaluator result."""
-    cands = _candidates(plan, s)
-    rem_req: float | None = None
-    rem_tok: float | None = None
+    rem_req = rem_tok = math.inf
     best = None
-    for c in cands:
+    refused = code != 0 and code != QUEUE
+    for c in _candidates(plan, s):
         kind = c[0] % 3  # 1 = requests, 2 = tokens, 0 = concurrency (codes 1..9)
         if kind == 1:
-            rem_req = c[2] if rem_req is None else min(rem_req, c[2])
-        elif kind == 2:
-            rem_tok = c[2] if rem_tok is None else min(rem_tok, c[2])
-        if code and code != QUEUE:
-            if c[0] == code and best is None:
+            if c[2] < rem_req:
+                rem_req = c[2]
+        elif kind == 2 and c[2] < rem_tok:
+            rem_tok = c[2]
+        if refused:
+            if best is None and c[0] == code:
                 best = c
         # Admitted, or refused by the queue (no limit is out of room): the tightest limit.
         elif best is None or c[3] < best[3]:
             best = c
-    name = LIMIT_NAMES[best[0]] if best else None
+    if best is None:
+        binding, limit, remaining, reset_ms = None, 0.0, 0.0, 0
+    else:
+        binding, limit = LIMIT_NAMES[best[0]], float(best[1])
+        remaining, reset_ms = max(0.0, float(best[2])), max(0, math.ceil(best[4]))
     return Decision(
-        admitted=code == 0,
-        lease=lease if code == 0 else None,
-        refused_by=LIMIT_NAMES[code],
-        retry_after_ms=retry if code else 0,
-        binding=name,
-        limit=float(best[1]) if best else 0.0,
-        remaining=max(0.0, float(best[2])) if best else 0.0,
-        reset_ms=max(0, math.ceil(best[4])) if best else 0,
-        remaining_requests=None if rem_req is None else max(0, math.floor(rem_req + EPS)),
-        remaining_tokens=None if rem_tok is None else max(0, math.floor(rem_tok + EPS)),
+        code == 0,
+        lease if code == 0 else None,
+        LIMIT_NAMES[code],
+        retry if code else 0,
+        binding,
+        limit,
+        remaining,
+        reset_ms,
+        None if rem_req == math.inf else max(0, math.floor(rem_req + EPS)),
+        None if rem_tok == math.inf else max(0, math.floor(rem_tok + EPS)),
     )
