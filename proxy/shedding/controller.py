@@ -416,10 +416,13 @@ class Adaptivity:
         value, until = self._learned.get(pool, (None, 0.0))
         # The evidence is the fleet's peak in-flight while Bedrock throttled: that is the
         # concurrency it refused. The limit in force is not: throttles lag a cut by up to
-        # an interval and would teach a quota far below the real one.
+        # an interval and would teach a quota far below the real one. The peak is sampled
+        # per tick, so it can only under-read the true one; a later throttled interval with
+        # a lower sampled peak (the lagging throttles of a cut) must not lower what was
+        # learned, or the pool stays pinned far below its quota for LEARN_INTERVALS.
         if stats.throttles > 0 and stats.peak_in_flight > 1:
             seen = stats.peak_in_flight - 1
-            value = min(seen, value) if value is not None and now < until else seen
+            value = max(seen, value) if value is not None and now < until else seen
             until = now + LEARN_INTERVALS * cfg.interval_seconds
             self._learned[pool] = (value, until)
         return value if value is not None and now < until else None
