@@ -22,8 +22,10 @@ from proxy.admission import RedisStore
 from proxy.config import Adaptive, PauseRule, parse_policy
 from proxy.policy import CompiledPolicy
 from proxy.shedding.controller import (
+    LEARN_INTERVALS,
     Adaptivity,
     IntervalStats,
+    LearnedQuota,
     bounds,
     next_limit,
     start_limit,
@@ -177,6 +179,29 @@ def test_quota_drop_settles_under_the_new_quota(record_property: Any) -> None:
         f"back to 90% of 80 {back - 45} intervals after the quota returned"
     )
     record_property("quota_drop_intervals", first_ok - 5)
+
+
+def test_learned_quota_keeps_the_highest_throttled_peak_until_it_expires() -> None:
+    """Flash-sale replay: throttles at 13 in flight, then the cut's lagging throttles at 9."""
+    learned, t = LearnedQuota(), 100.0
+    assert learned.update("sonnet", busy(15), 2.0, now=t) is None  # no throttles: nothing known
+    assert learned.update("sonnet", IntervalStats(100, 9, 600.0, 13), 2.0, now=t) == 12
+    # A sampled peak only under-reads: a lower one must not teach a lower quota.
+    assert learned.update("sonnet", IntervalStats(100, 2, 600.0, 9), 2.0, now=t + 2) == 12
+    assert learned.update("sonnet", busy(11), 2.0, now=t + 4) == 12
+    # A higher throttled peak raises it and restarts the memory.
+    assert learned.update("sonnet", IntervalStats(100, 1, 600.0, 14), 2.0, now=t + 6) == 13
+    expiry = t + 6 + LEARN_INTERVALS * 2.0
+    assert learned.update("sonnet", busy(11), 2.0, now=expiry - 0.1) == 13
+    assert learned.update("sonnet", busy(11), 2.0, now=expiry) is None
+    assert learned.update("haiku", busy(28), 2.0, now=t) is None  # per pool
+
+
+def test_next_limit_stops_growing_at_the_learned_quota() -> None:
+    cfg = Adaptive(floor=4, ceiling=15, initial=15, increase=1)
+    assert next_limit(10, busy(10), cfg, 15, learned=11)[0] == 11
+    limit, reason = next_limit(11, busy(11), cfg, 15, learned=11)
+    assert limit == 11 and "throttled above 11" in reason
 
 
 # --- pause ---------------------------------------------------------------------------------

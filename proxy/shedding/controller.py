@@ -105,6 +105,41 @@ def next_limit(
     return new, f"p99 {stats.p99_ms:.0f} ms < {cfg.target_p99_ms:.0f} ms, no throttles, busy"
 
 
+class LearnedQuota:
+    """Per pool, the highest limit recently known not to throttle (kept LEARN_INTERVALS).
+
+    Every instance sees the same fleet window, so every instance learns the same value and
+    whichever one leads the next interval applies it.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, float]] = {}
+
+    def update(
+        self, pool: str, stats: IntervalStats, interval_s: float, now: float | None = None
+    ) -> int | None:
+        """Take one interval's fleet stats; return what is known now (None: nothing)."""
+        now = time.monotonic() if now is None else now
+        value: int | None = None
+        until = 0.0
+        if pool in self._seen:
+            value, until = self._seen[pool]
+            if now >= until:
+                value = None
+        # The evidence is the fleet's peak in-flight while Bedrock throttled: that is the
+        # concurrency it refused. The limit in force is not: throttles lag a cut by up to
+        # an interval and would teach a quota far below the real one. The peak is sampled
+        # per tick, so it can only under-read the true one; a later throttled interval with
+        # a lower sampled peak (the lagging throttles of a cut) must not lower what was
+        # learned, or the pool stays pinned far below its quota for LEARN_INTERVALS.
+        if stats.throttles > 0 and stats.peak_in_flight > 1:
+            seen = stats.peak_in_flight - 1
+            value = seen if value is None else max(seen, value)
+            until = now + LEARN_INTERVALS * interval_s
+            self._seen[pool] = (value, until)
+        return value
+
+
 def underutilised(limit: int, stats: IntervalStats, cfg: Adaptive, configured: int | None) -> bool:
     """Incident 3's alarm: at the ceiling, traffic, no throttles, p99 under half the target."""
     return (
@@ -240,7 +275,7 @@ class Adaptivity:
         self.breakers = BreakerBoard()
         self.metrics = AdaptivityMetrics(registry or CollectorRegistry())
         self._limits: dict[str, int] = {}
-        self._learned: dict[str, tuple[int | None, float]] = {}
+        self._learned = LearnedQuota()
         self._pause = PauseState()
         self._last_ok = time.monotonic()
         self._task: asyncio.Task[None] | None = None
@@ -389,7 +424,7 @@ class Adaptivity:
         stats = IntervalStats(w.total.requests, w.total.throttles, w.total.p99_ms, w.peak_in_flight)
         if t.fleet_limit is not None:
             self._limits[pool] = t.fleet_limit
-        learned = self._learn(pool, stats, cfg)
+        learned = self._learned.update(pool, stats, cfg.interval_seconds)
         if t.leader:
             if t.fleet_limit is None:
                 # First start, or Redis lost the limit: restore what this instance last saw.
@@ -405,27 +440,6 @@ class Adaptivity:
             self.metrics.limit.labels(pool).set(current)
             idle = underutilised(current, stats, cfg, configured)
             self.metrics.underutilised.labels(pool).set(int(idle))
-
-    def _learn(self, pool: str, stats: IntervalStats, cfg: Adaptive) -> int | None:
-        """The highest limit recently seen not to throttle, kept for LEARN_INTERVALS.
-
-        Every instance sees the same fleet window, so every instance learns the same
-        value and whichever one leads the next interval applies it.
-        """
-        now = time.monotonic()
-        value, until = self._learned.get(pool, (None, 0.0))
-        # The evidence is the fleet's peak in-flight while Bedrock throttled: that is the
-        # concurrency it refused. The limit in force is not: throttles lag a cut by up to
-        # an interval and would teach a quota far below the real one. The peak is sampled
-        # per tick, so it can only under-read the true one; a later throttled interval with
-        # a lower sampled peak (the lagging throttles of a cut) must not lower what was
-        # learned, or the pool stays pinned far below its quota for LEARN_INTERVALS.
-        if stats.throttles > 0 and stats.peak_in_flight > 1:
-            seen = stats.peak_in_flight - 1
-            value = max(seen, value) if value is not None and now < until else seen
-            until = now + LEARN_INTERVALS * cfg.interval_seconds
-            self._learned[pool] = (value, until)
-        return value if value is not None and now < until else None
 
     async def _set_limit(self, pool: str, old: int | None, new: int, reason: str) -> None:
         try:
