@@ -9,8 +9,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# boto3 too, so the example `make run` prints runs as is with $(BIN)/python.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e . boto3
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
