@@ -120,12 +120,8 @@ class LearnedQuota:
     ) -> int | None:
         """Take one interval's fleet stats; return what is known now (None: nothing)."""
         now = time.monotonic() if now is None else now
-        value: int | None = None
-        until = 0.0
-        if pool in self._seen:
-            value, until = self._seen[pool]
-            if now >= until:
-                value = None
+        kept = self._seen.get(pool)
+        value = kept[0] if kept is not None and now < kept[1] else None
         # The evidence is the fleet's peak in-flight while Bedrock throttled: that is the
         # concurrency it refused. The limit in force is not: throttles lag a cut by up to
         # an interval and would teach a quota far below the real one. The peak is sampled
@@ -135,8 +131,7 @@ class LearnedQuota:
         if stats.throttles > 0 and stats.peak_in_flight > 1:
             seen = stats.peak_in_flight - 1
             value = seen if value is None else max(seen, value)
-            until = now + LEARN_INTERVALS * interval_s
-            self._seen[pool] = (value, until)
+            self._seen[pool] = (value, now + LEARN_INTERVALS * interval_s)
         return value
 
 

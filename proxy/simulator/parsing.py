@@ -133,9 +133,7 @@ def parse_anthropic(body: bytes, model: ModelConfig, default_output: int) -> Cal
     if version != ANTHROPIC_VERSION and not (
         isinstance(version, str) and _DATED_VERSION.fullmatch(version)
     ):
-        raise _malformed(
-            f"#/anthropic_version: {doc['anthropic_version']} is not a valid enum value"
-        )
+        raise _malformed(f"#/anthropic_version: {version} is not a valid enum value")
     max_tokens = doc["max_tokens"]
     _expect(max_tokens, int, "#/max_tokens", "Integer")
     if max_tokens < 1:
