@@ -14,6 +14,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -49,6 +50,8 @@ from proxy.upstream import Upstream, returnable
 from proxy.usage import StreamUsage, Usage, from_body, from_headers
 
 log = logging.getLogger("sluice.request")
+#: Longest an answer waits for its release to be confirmed (see Proxy.handle).
+_CONFIRM_TIMEOUT_S = 0.5
 
 #: Retry-After for a paused workload: the pause is re-evaluated every tick.
 PAUSE_RETRY_S = 5
@@ -163,8 +166,15 @@ class Proxy:
                 ),
             )
         finally:
-            self._settle(call)
+            released = self._settle(call)
             self._record(call)
+        if released is not None:
+            # Admitted near a concurrency cap: the caller may send its next call (to any
+            # instance) the moment it has this answer, and that call must not find this
+            # one still holding a slot. Bounded: a slow store must not hold the answer.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CONFIRM_TIMEOUT_S):
+                    await released
         return response
 
     def _request_id(self) -> str:
@@ -586,7 +596,7 @@ class Proxy:
             self._annotate(response.headers, call)
         return response
 
-    def _settle(self, call: Call) -> None:
+    def _settle(self, call: Call) -> Awaitable[None] | None:
         status = call.upstream_status
         if self.adaptivity is not None and status is not None and call.pool is not None:
             self.adaptivity.observe(
@@ -598,7 +608,7 @@ class Proxy:
             )
         ticket = call.ticket
         if ticket is None or call.pool is None:
-            return
+            return None
         self.metrics.in_flight_of(call.pool.name).dec()
         usage = call.usage
         if usage.known:
@@ -612,7 +622,7 @@ class Proxy:
             actual = 0  # Bedrock charges nothing for a call it refused or failed
         else:
             actual = ticket.reserved_tokens  # unknown usage: keep the reservation
-        self.gate.settle(
+        return self.gate.settle(
             ticket,
             actual,
             throttled=call.upstream_status == 429,

@@ -157,6 +157,26 @@ async def test_incident_2_batch_never_takes_real_time_slots(
     )
 
 
+async def test_callers_exactly_at_the_concurrency_cap_are_never_refused(
+    redis_server: Any, make_simulator: Any, make_sluice: Any
+) -> None:
+    # Closed-loop callers as many as the cap: each sends its next call the moment it has
+    # an answer, so its finished call's release must land before that answer leaves.
+    sim = make_simulator({"latency_scale": 0.02})
+    t = tag()
+    policy = {
+        "identity": {"header_mode": True},
+        "models": {f"haiku{t}": {"ids": [HAIKU], "concurrency": 4}},
+        "workloads": {"chat": {}},
+    }
+    proxies = fleet(make_sluice, 2, sim, policy, redis_server.url)
+    chat = Results()
+    await drive([p.url for p in proxies], "chat", HAIKU, clients=4, seconds=5, results=chat)
+    assert len(chat.outcomes) > 300
+    assert chat.success_rate() == 1.0, chat.kinds()
+    assert sim.stats()["models"][HAIKU]["peak_concurrency"] <= 4
+
+
 async def test_incident_3_limits_set_too_low_grow_to_the_quota(
     redis_server: Any, make_simulator: Any, make_sluice: Any
 ) -> None:

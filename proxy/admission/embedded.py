@@ -261,8 +261,9 @@ class EmbeddedStore:
         *,
         throttled: bool = False,
         latency_ms: float = 0.0,
+        confirm: bool = False,
     ) -> None:
-        """Apply at once; see :meth:`Store.settle`."""
+        """Apply at once (so there is never anything to confirm); see :meth:`Store.settle`."""
         now = self._now()
         self._book.remove(plan.pool, lease)
         pool = self._pool(plan.pool)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from proxy.admission import AdmitPlan, Decision, Store, StoreUnavailable
@@ -36,6 +37,8 @@ class Ticket:
     lease: str | None
     reserved_tokens: int
     headers: dict[str, str]
+    #: Near a concurrency cap: confirm the release before answering (Decision.tight).
+    confirm: bool = False
 
 
 def _quota_unit(binding: str) -> str:
@@ -143,21 +146,25 @@ class Gate:
             )
         self.metrics.admitted_of(workload.name, pool.name, priority).inc()
         self.metrics.reserved_of(workload.name, pool.name).inc(tokens)
-        return Ticket(plan, decision.lease, tokens, headers)
+        return Ticket(plan, decision.lease, tokens, headers, decision.tight)
 
     def settle(
         self, ticket: Ticket, actual_tokens: int, *, throttled: bool, latency_ms: float
-    ) -> None:
-        """Release the lease and settle real usage (queued, batched by the store)."""
+    ) -> Awaitable[None] | None:
+        """Release the lease and settle real usage (queued, batched by the store).
+
+        Returns what to await before answering when the ticket asks for a confirmed release.
+        """
         plan = ticket.plan
         self.metrics.settled_of(plan.workload, plan.pool).inc(actual_tokens)
         if ticket.lease is None:
-            return
-        self.store.settle(
+            return None
+        return self.store.settle(
             plan,
             ticket.lease,
             ticket.reserved_tokens,
             actual_tokens,
             throttled=throttled,
             latency_ms=latency_ms,
+            confirm=ticket.confirm,
         )

@@ -37,6 +37,11 @@ QUEUE = 10
 
 #: Float slack so that ``level - cost`` landing exactly on a floor is not refused.
 EPS: Final = 1e-6
+#: A grant that leaves at most this many slots (or this share of the limit) of a concurrency
+#: limit is "tight": its release is confirmed before the caller gets the answer, so the
+#: caller's next request cannot find its own finished call still holding a slot.
+TIGHT_ROOM: Final = 2
+TIGHT_SHARE: Final = 0.1
 #: Bounds of the concurrency retry hint: a slot may free up any moment (a settle).
 CONC_RETRY_MIN_MS: Final = 50
 CONC_RETRY_MAX_MS: Final = 1000
@@ -196,6 +201,8 @@ class Decision:
     reset_ms: int
     remaining_requests: int | None
     remaining_tokens: int | None
+    #: Admitted with a concurrency limit nearly full (see :data:`TIGHT_ROOM`).
+    tight: bool = False
 
 
 # --- bucket arithmetic (mirrored in admit.lua / settle.lua) ------------------------------
@@ -409,13 +416,17 @@ def make_decision(
     rem_req = rem_tok = math.inf
     best = None
     refused = code != 0 and code != QUEUE
+    tight = False
     for c in _candidates(plan, s):
         kind = c[0] % 3  # 1 = requests, 2 = tokens, 0 = concurrency (codes 1..9)
         if kind == 1:
             if c[2] < rem_req:
                 rem_req = c[2]
-        elif kind == 2 and c[2] < rem_tok:
-            rem_tok = c[2]
+        elif kind == 2:
+            if c[2] < rem_tok:
+                rem_tok = c[2]
+        elif c[2] <= max(TIGHT_ROOM, TIGHT_SHARE * c[1]):
+            tight = True
         if refused:
             if best is None and c[0] == code:
                 best = c
@@ -438,4 +449,5 @@ def make_decision(
         reset_ms,
         None if rem_req == math.inf else max(0, math.floor(rem_req + EPS)),
         None if rem_tok == math.inf else max(0, math.floor(rem_tok + EPS)),
+        tight and code == 0,
     )

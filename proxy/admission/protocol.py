@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Protocol, runtime_checkable
 
 from proxy.admission.model import AdmitPlan, Decision
@@ -47,8 +48,13 @@ class Store(Protocol):
         *,
         throttled: bool = False,
         latency_ms: float = 0.0,
-    ) -> None:
-        """Release ``lease`` and refund ``reserved - actual`` tokens; queued, never blocks."""
+        confirm: bool = False,
+    ) -> Awaitable[None] | None:
+        """Release ``lease`` and refund ``reserved - actual`` tokens; queued, never blocks.
+
+        With ``confirm``, a store that queues returns an awaitable done once the release
+        has reached the shared state (or failed); None when it is applied already.
+        """
 
     async def flush(self) -> None:
         """Return once every settle queued so far has been applied (or counted as failed)."""

@@ -84,12 +84,14 @@ def _load_script(name: str) -> str:
 class _Queue:
     """Pending work of one pool, with a flag per kind: a call is in flight or scheduled."""
 
-    __slots__ = ("admit_busy", "admits", "keys", "settle_busy", "settles", "withdraws")
+    __slots__ = ("admit_busy", "admits", "confirms", "keys", "settle_busy", "settles", "withdraws")
 
     def __init__(self, pool: str) -> None:
         self.keys = plan_keys(pool, "")
         self.admits: list[_Admit] = []
         self.settles: list[_Settle] = []
+        #: Callers waiting for the settles queued so far to land (see ``confirm``).
+        self.confirms: list[asyncio.Future[None]] = []
         self.withdraws: list[str] = []  # waiter ids; they go out with the settles
         self.admit_busy = False  # a call is in flight or a kick is scheduled
         self.settle_busy = False
@@ -328,17 +330,27 @@ class RedisStore:
         *,
         throttled: bool = False,
         latency_ms: float = 0.0,
-    ) -> None:
-        """Queue the settle; it goes out with the others of this pool (see :meth:`flush`)."""
+        confirm: bool = False,
+    ) -> asyncio.Future[None] | None:
+        """Queue the settle; it goes out with the others of this pool (see :meth:`flush`).
+
+        With ``confirm``, the returned future is done once its batch has been applied (or
+        failed): the caller can hold its answer until the slot is free fleet-wide.
+        """
         self._book.remove(plan.pool, lease)
         if self._closed or self._loop is None:
             self._settle_lost(plan.pool, 1, "store is closed" if self._closed else "not started")
-            return
+            return None
         q = self._queues.get(plan.pool) or self._queue(plan.pool)
         q.settles.append((plan, lease, reserved_tokens - actual_tokens, throttled, latency_ms))
+        done = None
+        if confirm:
+            done = self._loop.create_future()
+            q.confirms.append(done)
         if not q.settle_busy:
             q.settle_busy = True
             self._loop.call_soon(self._send_settles, q)
+        return done
 
     def withdraw(self, plan: AdmitPlan, ticket: WaitTicket) -> None:
         """Queue the removal of a waiter's entries; it goes out with the next settle batch."""
@@ -362,9 +374,20 @@ class RedisStore:
         del q.settles[:MAX_BATCH]
         gone = q.withdraws[:MAX_BATCH]
         del q.withdraws[:MAX_BATCH]
-        self._spawn(self._settle_batch(q, batch, gone))
+        # A confirm waits for every settle queued before it: release them with the batch
+        # only when the batch takes the whole queue.
+        confirms: list[asyncio.Future[None]] = []
+        if not q.settles:
+            confirms, q.confirms = q.confirms, []
+        self._spawn(self._settle_batch(q, batch, gone, confirms))
 
-    async def _settle_batch(self, q: _Queue, batch: list[_Settle], gone: list[str]) -> None:
+    async def _settle_batch(
+        self,
+        q: _Queue,
+        batch: list[_Settle],
+        gone: list[str],
+        confirms: list[asyncio.Future[None]],
+    ) -> None:
         groups: dict[int, tuple[AdmitPlan, list[int], list[str]]] = {}
         throttled, latency = 0, 0.0
         for plan, lease, amount, thr, lat in batch:
@@ -389,6 +412,9 @@ class RedisStore:
             if batch:
                 self._settle_lost(batch[0][0].pool, len(batch), str(exc))
         finally:
+            for done in confirms:
+                if not done.done():
+                    done.set_result(None)
             self._send_settles(q)
 
     def _settle_lost(self, pool: str, n: int, error: str) -> None:
