@@ -15,18 +15,19 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.admission import Store, open_store
+from proxy.admission import Store
 from proxy.admission.gate import Gate
 from proxy.admission.waiting import WaitMetrics
+from proxy.backend import open_store
 from proxy.config import Policy
+from proxy.control.controller import Adaptivity
 from proxy.credentials import CredentialSource, bearer_token_from_env
 from proxy.errors import error_response
 from proxy.handler import Proxy
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
+from proxy.pipeline.cache import open_cache
 from proxy.policy import CompiledPolicy
-from proxy.shedding.cache import open_cache
-from proxy.shedding.controller import Adaptivity
 from proxy.signing import Credentials
 from proxy.upstream import Upstream, bedrock_url
 

@@ -134,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cache_warm(args: argparse.Namespace) -> int:
-    from proxy.shedding.cache import open_cache
-    from proxy.shedding.warm import warm
+    from proxy.pipeline.cache import open_cache
+    from proxy.pipeline.warm import warm
 
     if not args.redis_url:
         print(

@@ -25,15 +25,13 @@ from multidict import CIMultiDict
 
 from proxy.admission.estimate import estimate, parse_body, reservation, settled_tokens
 from proxy.admission.gate import Gate, Ticket, retry_headers
+from proxy.control.controller import Adaptivity
 from proxy.errors import BedrockError, from_exception
 from proxy.eventstream import exception_frame
-from proxy.identity import Caller, identify
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
-from proxy.policy import CompiledPolicy, PoolInfo, WorkloadInfo
-from proxy.routes import Route, match
-from proxy.shedding.budget import enforce_budget, upstream_timeout
-from proxy.shedding.cache import (
+from proxy.pipeline.budget import enforce_budget, upstream_timeout
+from proxy.pipeline.cache import (
     CachedResponse,
     CacheUnavailable,
     ResponseCache,
@@ -41,11 +39,13 @@ from proxy.shedding.cache import (
     cache_operation,
     cacheable,
 )
-from proxy.shedding.coalesce import Coalescer
-from proxy.shedding.controller import Adaptivity
-from proxy.shedding.degrade import Degrader, Fallback
-from proxy.shedding.retry import RetryBudget, next_delay, retryable
-from proxy.shedding.schedule import cap_at, describe_next_change
+from proxy.pipeline.coalesce import Coalescer
+from proxy.pipeline.degrade import Degrader, Fallback
+from proxy.pipeline.identify import Caller, identify
+from proxy.pipeline.retry import RetryBudget, next_delay, retryable
+from proxy.pipeline.schedule import cap_at, describe_next_change
+from proxy.policy import CompiledPolicy, PoolInfo, WorkloadInfo
+from proxy.routes import Route, match
 from proxy.upstream import Upstream, returnable
 from proxy.usage import StreamUsage, Usage, from_body, from_headers
 

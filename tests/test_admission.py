@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from proxy.admission import AdmitPlan, Decision, EmbeddedStore, Store, open_store
+from proxy.admission import AdmitPlan, Decision, Store
+from proxy.backend import EmbeddedStore, open_store
 from tests.support.admission_helpers import Backend, dump_state, new_pool, per_min, plan
 
 StoreFactory = Callable[[], Awaitable[Store]]

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from proxy.admission import RedisStore, StoreUnavailable
+from proxy.admission import StoreUnavailable
+from proxy.backend import RedisStore
 from proxy.metrics import Metrics
 from tests.support.admission_helpers import new_pool, per_min, plan
 from tests.support.redis_fixtures import RedisClusterProcesses, RedisServerProcess
@@ -33,7 +34,7 @@ Factory = Callable[..., RedisServerProcess]
 # A separate Sluice-like process: its own event loop and RedisStore on the same Redis.
 WORKER = r"""
 import asyncio, json, sys, time
-from proxy.admission import RedisStore
+from proxy.backend import RedisStore
 from tests.support.admission_helpers import plan, per_min
 
 async def main(mode, url, pool, arg):
@@ -281,7 +282,7 @@ def test_scripts_take_time_only_from_redis() -> None:
                 assert re.search(r"\bt\[[12]\]|\bsec\b", line), (script.name, line)
                 assert "ARGV" not in line, (script.name, line)
     # and the Python side has no clock of its own to skew
-    import proxy.admission.redis_store as mod
+    import proxy.backend.redis_store as mod
 
     assert "time" not in vars(mod)
 

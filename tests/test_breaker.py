@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.admission import EmbeddedStore
+from proxy.backend import EmbeddedStore
 from proxy.config import Breaker, parse_policy
-from proxy.policy import CompiledPolicy
-from proxy.shedding.breaker import (
+from proxy.control.breaker import (
     CLOSED,
     HALF_OPEN,
     OPEN,
@@ -22,7 +21,8 @@ from proxy.shedding.breaker import (
     BreakerRecord,
     next_state,
 )
-from proxy.shedding.controller import Adaptivity
+from proxy.control.controller import Adaptivity
+from proxy.policy import CompiledPolicy
 from tests.support.admission_helpers import Backend, new_pool
 
 CFG = Breaker(

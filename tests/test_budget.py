@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from proxy.admission.estimate import estimate
 from proxy.config import InputBudget, UpstreamTimeout
 from proxy.errors import BedrockError
-from proxy.shedding.budget import Trimmed, enforce_budget, upstream_timeout
+from proxy.pipeline.budget import Trimmed, enforce_budget, upstream_timeout
 
 SHAPES = ("anthropic", "converse")
 OPERATION = {"anthropic": "InvokeModel", "converse": "Converse"}

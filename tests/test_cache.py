@@ -26,7 +26,7 @@ from redis.crc import key_slot
 
 from proxy.config import parse_policy
 from proxy.metrics import Metrics
-from proxy.shedding.cache import (
+from proxy.pipeline.cache import (
     CachedResponse,
     CacheUnavailable,
     MemoryResponseCache,
@@ -37,7 +37,7 @@ from proxy.shedding.cache import (
     cacheable,
     open_cache,
 )
-from proxy.shedding.warm import warm
+from proxy.pipeline.warm import warm
 from tests.support.redis_fixtures import RedisClusterProcesses, RedisServerProcess
 
 KEY_RE = re.compile(r"^sluice:\{cache:(?P<workload>[A-Za-z0-9_.-]+)\}:[0-9a-f]{64}$")

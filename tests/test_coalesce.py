@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.shedding.cache import CachedResponse
-from proxy.shedding.coalesce import Coalescer
+from proxy.pipeline.cache import CachedResponse
+from proxy.pipeline.coalesce import Coalescer
 
 ANSWER = CachedResponse(200, (("Content-Type", "application/json"),), b'{"ok":true}', 1.0)
 

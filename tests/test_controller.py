@@ -18,10 +18,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from proxy.admission import RedisStore
+from proxy.backend import RedisStore
 from proxy.config import Adaptive, PauseRule, parse_policy
-from proxy.policy import CompiledPolicy
-from proxy.shedding.controller import (
+from proxy.control.controller import (
     LEARN_INTERVALS,
     Adaptivity,
     IntervalStats,
@@ -31,7 +30,8 @@ from proxy.shedding.controller import (
     start_limit,
     underutilised,
 )
-from proxy.shedding.pause import PauseState, paused_workloads
+from proxy.control.pause import PauseState, paused_workloads
+from proxy.policy import CompiledPolicy
 from tests.support.admission_helpers import new_pool
 
 INCIDENT3 = Adaptive(floor=4, ceiling=80, initial=15, target_p99_ms=1200, increase=2)

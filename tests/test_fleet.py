@@ -17,11 +17,10 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from proxy.admission import EmbeddedStore, RedisStore
+from proxy.backend import EmbeddedStore, RedisStore
 from proxy.config import parse_policy
-from proxy.policy import CompiledPolicy
-from proxy.shedding.controller import Adaptivity
-from proxy.shedding.fleet import (
+from proxy.control.controller import Adaptivity
+from proxy.control.fleet import (
     N_BUCKETS,
     FleetStats,
     PoolControl,
@@ -29,6 +28,7 @@ from proxy.shedding.fleet import (
     bucket_index,
     quantile_ms,
 )
+from proxy.policy import CompiledPolicy
 from tests.support.admission_helpers import Backend, new_pool, plan
 from tests.support.redis_fixtures import RedisServerProcess
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.config import Retry
-from proxy.shedding.retry import RetryBudget, backoff_s, next_delay, retryable
+from proxy.pipeline.retry import RetryBudget, backoff_s, next_delay, retryable
 
 ratios = st.floats(min_value=0.0, max_value=1.0)
 caps = st.floats(min_value=1.0, max_value=50.0)

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.config import Schedule
-from proxy.shedding.schedule import cap_at
+from proxy.pipeline.schedule import cap_at
 from tests.support.processes import Simulator, bedrock_client
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"

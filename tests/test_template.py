@@ -18,20 +18,20 @@ from botocore.eventstream import EventStreamBuffer
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.routes import match
-from proxy.shedding.rewrite import (
+from proxy.pipeline.rewrite import (
     downgrade_body_problem,
     downgrade_path,
     encode_model_id,
     served_model_headers,
 )
-from proxy.shedding.template import (
+from proxy.pipeline.template import (
     EVENT_STREAM,
     TEMPLATE_MODEL,
     TemplateUnsupported,
     as_stream,
     render_template,
 )
+from proxy.routes import match
 from proxy.simulator.responses import Reply, converse_body, invoke_body
 from tests.support.processes import bedrock_client
 

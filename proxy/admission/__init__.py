@@ -8,16 +8,12 @@ from __future__ import annotations
 
 from proxy.admission.model import LIMIT_NAMES, AdmitPlan, Bucket, Decision
 from proxy.admission.protocol import Store, StoreUnavailable
-from proxy.admission.store import EmbeddedStore, RedisStore, open_store
 
 __all__ = [
     "LIMIT_NAMES",
     "AdmitPlan",
     "Bucket",
     "Decision",
-    "EmbeddedStore",
-    "RedisStore",
     "Store",
     "StoreUnavailable",
-    "open_store",
 ]

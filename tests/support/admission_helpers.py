@@ -12,8 +12,9 @@ from typing import Any
 import redis
 import redis.cluster
 
-from proxy.admission import AdmitPlan, Bucket, EmbeddedStore
+from proxy.admission import AdmitPlan, Bucket
 from proxy.admission.model import KEY_PREFIX
+from proxy.backend import EmbeddedStore
 
 
 def new_pool() -> str:

@@ -26,7 +26,7 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 
-from proxy.shedding.cache import CachedResponse
+from proxy.pipeline.cache import CachedResponse
 
 __all__ = ["Coalescer"]
 

@@ -48,9 +48,9 @@ from proxy.admission.model import (
 from proxy.admission.protocol import StoreUnavailable
 from proxy.admission.waiting import WaitMetrics, WaitRoom
 from proxy.admission.waitqueue import WaitTicket
-from proxy.admission.wakeups import WakeListener
+from proxy.backend.client import redis_client
+from proxy.backend.wakeups import WakeListener
 from proxy.metrics import Metrics
-from proxy.redis_client import redis_client
 
 log = logging.getLogger("proxy.admission")
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 
 from proxy.config import Name, Policy, PositiveFloat
-from proxy.shedding.cache import (
+from proxy.pipeline.cache import (
     CachedResponse,
     CacheUnavailable,
     ResponseCache,

@@ -6,9 +6,9 @@ AND the pool actually used its limit, hold otherwise; always inside [floor, ceil
 ceiling never above the pool's configured concurrency.
 
 :class:`Adaptivity` ticks in the background: it exchanges observations with the fleet
-(:mod:`proxy.shedding.fleet`), lets the interval's leader move the limit (at most one
+(:mod:`proxy.control.fleet`), lets the interval's leader move the limit (at most one
 change per pool per interval fleet-wide: ``SET NX PX interval``), steps each pool's
-breaker (:mod:`proxy.shedding.breaker`) and the batch pauses (:mod:`proxy.shedding.pause`).
+breaker (:mod:`proxy.control.breaker`) and the batch pauses (:mod:`proxy.control.pause`).
 The request path only calls its sync, in-memory methods.
 """
 
@@ -29,10 +29,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proxy.admission import Store, StoreUnavailable
 from proxy.config import Adaptive
+from proxy.control.breaker import CLOSED, STATE_NAMES, BreakerBoard, next_state
+from proxy.control.fleet import FleetStats, FleetUnavailable, PoolControl, PoolTick, Window
+from proxy.control.pause import PauseState, paused_workloads
 from proxy.policy import CompiledPolicy
-from proxy.shedding.breaker import CLOSED, STATE_NAMES, BreakerBoard, next_state
-from proxy.shedding.fleet import FleetStats, FleetUnavailable, PoolControl, PoolTick, Window
-from proxy.shedding.pause import PauseState, paused_workloads
 
 log = logging.getLogger("sluice.adaptive")
 

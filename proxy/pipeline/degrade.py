@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from proxy.admission.estimate import RequestEstimate, reservation
 from proxy.admission.gate import Gate, Ticket
 from proxy.errors import BedrockError
-from proxy.identity import Caller
 from proxy.metrics import Metrics
+from proxy.pipeline.cache import ResponseCache, cache_key, cache_operation
+from proxy.pipeline.identify import Caller
+from proxy.pipeline.rewrite import downgrade_body_problem, downgrade_path, served_model_headers
+from proxy.pipeline.template import TemplateUnsupported, as_stream, render_template
 from proxy.policy import CompiledPolicy, PoolInfo
 from proxy.routes import Route, base_model_id
-from proxy.shedding.cache import ResponseCache, cache_key, cache_operation
-from proxy.shedding.rewrite import downgrade_body_problem, downgrade_path, served_model_headers
-from proxy.shedding.template import TemplateUnsupported, as_stream, render_template
 
 log = logging.getLogger("sluice.degrade")
 

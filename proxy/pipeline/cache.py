@@ -2,7 +2,7 @@
 
 Only successful (200) non-streamed InvokeModel and Converse answers are stored. A streaming
 request looks up the same entry as its non-streamed twin (the request bodies are the same
-schema) and is answered through :func:`proxy.shedding.template.as_stream`.
+schema) and is answered through :func:`proxy.pipeline.template.as_stream`.
 
 Keys (one hash tag per workload, so ``SCAN``/``UNLINK`` of one workload's entries stays on
 one Redis Cluster shard)::
@@ -36,8 +36,8 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
+from proxy.backend.client import redis_client
 from proxy.metrics import Metrics
-from proxy.redis_client import redis_client
 
 __all__ = [
     "CACHE_VARY_HEADERS",

@@ -15,10 +15,10 @@ lease would have expired; only the pool hash (it holds the dynamic limit) persis
 
 from __future__ import annotations
 
-from proxy.admission.embedded import EmbeddedStore
 from proxy.admission.protocol import Store, StoreUnavailable
-from proxy.admission.redis_store import RedisStore
 from proxy.admission.waiting import WaitMetrics
+from proxy.backend.embedded import EmbeddedStore
+from proxy.backend.redis_store import RedisStore
 from proxy.metrics import Metrics
 
 __all__ = ["EmbeddedStore", "RedisStore", "Store", "StoreUnavailable", "open_store"]

@@ -2,7 +2,7 @@
 
 One record per pool is shared by the fleet (``sluice:{<pool>}:breaker``, a hash written
 only through a compare-and-set on its generation, see :data:`TRANSITION_LUA`), read by
-every instance once per tick (:mod:`proxy.shedding.fleet`). The request path never waits
+every instance once per tick (:mod:`proxy.control.fleet`). The request path never waits
 for Redis: :meth:`BreakerBoard.allow` reads the local copy and, while half-open, spends a
 probe token this instance claimed from the fleet-wide probe counter on its last tick.
 

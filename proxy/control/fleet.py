@@ -14,7 +14,7 @@ Key layout (all keys of a pool share the hash tag ``{<pool>}``, one slot per poo
                                       p = peak fleet in-flight sampled in the bucket,
                                       n|<class>, t|<class>, e|<class>, h<j>|<class> = requests,
                                       throttles, 5xx and latency-bucket-j counts
-    sluice:{<pool>}:breaker     hash  the breaker record (see :mod:`proxy.shedding.breaker`)
+    sluice:{<pool>}:breaker     hash  the breaker record (see :mod:`proxy.control.breaker`)
     sluice:{<pool>}:leader      str   the controller's leader for the current interval
     sluice:{<pool>}:pool, :leases     read only: the store's dynamic limit and leases
 
@@ -38,8 +38,8 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from proxy.admission import Store
 from proxy.admission.model import plan_keys
-from proxy.redis_client import redis_client
-from proxy.shedding.breaker import HALF_OPEN, TRANSITION_LUA, BreakerRecord
+from proxy.backend.client import redis_client
+from proxy.control.breaker import HALF_OPEN, TRANSITION_LUA, BreakerRecord
 
 log = logging.getLogger("sluice.fleet")
 

@@ -1,0 +1,1 @@
+"""Fleet-wide control loops: adaptive concurrency, circuit breakers, batch pauses, fleet stats."""

@@ -1,1 +1,0 @@
-"""What to do with a call that should not go upstream as it is: trim, retry, downgrade, answer."""
