@@ -120,7 +120,12 @@ async def serve_call(
             raise BedrockError("ModelTimeoutException", _TIMEOUT)
         tokens = reply_tokens(call.prompt, call.output_tokens)
         reply = Reply(
-            new_message_id(), runtime.config.name, tokens, call.input_tokens, call.stop_reason
+            new_message_id(),
+            runtime.config.name,
+            tokens,
+            call.input_tokens,
+            call.stop_reason,
+            call.tool,
         )
         if streaming:
             cut = _cut_plan(runtime, call, fault)
@@ -128,7 +133,7 @@ async def serve_call(
         await _sleep(
             runtime.first_token_delay(call.input_tokens) + runtime.output_delay(len(tokens))
         )
-        progress.output_tokens = len(tokens)
+        progress.output_tokens = reply.output_tokens
         latency_ms = round((loop.time() - start) * 1000)
         return _complete(request, reply, operation, echo, latency_ms)
     except asyncio.CancelledError:
