@@ -19,6 +19,8 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 Share = Annotated[float, Field(gt=0, le=1)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+#: Bedrock's service tiers (X-Amzn-Bedrock-Service-Tier / Converse ``serviceTier.type``).
+TierName = Literal["priority", "default", "flex", "reserved"]
 
 #: Where the packaged default policy lives (used when no --config is given).
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
@@ -81,6 +83,10 @@ class ModelPool(Limits):
     downgrade_to: Name | None = None
     adaptive: Adaptive | None = None
     breaker: Breaker | None = None
+    #: Service tiers the pool's models offer (None: all); others fall back to ``default``.
+    service_tiers: list[TierName] | None = None
+    #: Per priority class, the tier on this pool (overrides the class's own ``tier``).
+    class_tiers: dict[Name, TierName] = {}
 
 
 class PriorityClass(_Strict):
@@ -91,6 +97,13 @@ class PriorityClass(_Strict):
     on_store_failure: Literal["open", "closed"] = "closed"
     #: The latency this class is promised; batch pauses key off it (incident 4).
     target_p99_ms: PositiveFloat | None = None
+    #: The Bedrock service tier its calls run on (None: whatever the caller asks, else default).
+    tier: TierName | None = None
+    #: When Bedrock throttles a call on ``tier``, retry it once on this tier (deadline allowing).
+    tier_on_throttle: TierName | None = None
+    #: A caller's own tier: ``keep`` it, ``override`` it with ``tier``, or honour it only
+    #: when it is not above ``tier`` (``lower_only``: nobody buys priority with a header).
+    caller_tier: Literal["keep", "override", "lower_only"] = "lower_only"
 
 
 class ScheduleWindow(_Strict):
@@ -178,6 +191,8 @@ class Workload(_Strict):
     max_wait_ms: Annotated[int, Field(ge=0)] = 0
     schedule: Schedule | None = None
     pause: PauseRule | None = None
+    #: The service tier for this workload's calls (overrides its class's and pool's).
+    tier: TierName | None = None
 
 
 class Identity(_Strict):
@@ -318,6 +333,18 @@ class Policy(_Strict):
                         f"'{owner[model_id]}'"
                     )
                 owner[model_id] = name
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _tiers_resolve(self) -> Policy:
+        problems = [
+            f"models.{name}.class_tiers.{cls}: unknown priority class '{cls}'"
+            for name, pool in self.models.items()
+            for cls in pool.class_tiers
+            if cls not in self.priorities
+        ]
         if problems:
             raise ValueError("; ".join(problems))
         return self

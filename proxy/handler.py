@@ -42,8 +42,16 @@ from proxy.pipeline.cache import (
 from proxy.pipeline.coalesce import Coalescer
 from proxy.pipeline.degrade import Degrader, Fallback
 from proxy.pipeline.identify import Caller, identify
-from proxy.pipeline.retry import RetryBudget, next_delay, retryable
+from proxy.pipeline.retry import MIN_CALL_S, RetryBudget, next_delay, retryable
 from proxy.pipeline.schedule import cap_at, describe_next_change
+from proxy.pipeline.tiers import (
+    SERVED_HEADER,
+    TierChoice,
+    TierTable,
+    apply_tier,
+    escalation,
+    served_tier,
+)
 from proxy.policy import CompiledPolicy, PoolInfo, WorkloadInfo
 from proxy.routes import Route, match
 from proxy.upstream import Upstream, returnable
@@ -88,6 +96,9 @@ class Call:
     #: Exact-match cache key when this workload caches this operation.
     cache_key: str | None = None
     coalesced: bool = False
+    #: The service tier chosen for the call (None: an operation without tiers), and served.
+    tier: TierChoice | None = None
+    served_tier: str | None = None
 
 
 def _stream_failure(exc: BaseException) -> str:
@@ -133,6 +144,7 @@ class Proxy:
         self.retry = server.retry
         self._retry_budgets: dict[tuple[str, str], RetryBudget] = {}
         self._rng = random.Random()
+        self.tiers = TierTable(policy.policy)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one Bedrock call end to end."""
@@ -299,6 +311,7 @@ class Proxy:
         sent = time.perf_counter()
         upstream = await self._send_with_retries(request, call, route)
         try:
+            call.served_tier = served_tier(call.tier, upstream.headers)
             call.upstream_status = upstream.status
             headers = returnable(upstream.headers)
             self._annotate(headers, call)
@@ -337,20 +350,34 @@ class Proxy:
             if call.caller
             else 60.0
         )
+        if call.caller is not None and call.pool is not None:
+            call.tier = self.tiers.for_call(
+                route.operation, call.caller.workload.name, call.caller.priority,
+                call.pool.name, request.headers, call.body,
+            )  # fmt: skip
         while True:
+            body, headers = apply_tier(route.operation, call.body, request.headers, call.tier)
             upstream = await self.upstream.send(
                 request.method,
                 call.path or route.path,
                 route.query,
-                request.headers,
-                call.body,
+                headers,
+                body,
                 read_timeout_s=call.read_timeout_s,
             )
             error_type = _error_type(upstream.headers) if upstream.status != 200 else None
             if not retryable(upstream.status, error_type):
                 return upstream
             remaining = deadline - time.perf_counter()
-            delay = next_delay(call.retries + 1, self.retry, remaining, budget, self._rng)
+            better = escalation(call.tier, upstream.status, error_type)
+            if better is not None and remaining > MIN_CALL_S:
+                # Throttled on its tier: once, at once, on the policy's fallback tier.
+                before = (call.tier.tier if call.tier else None) or "default"
+                self.metrics.tier_fallbacks.labels(pool, before, str(better.tier)).inc()
+                call.tier = better
+                delay: float | None = 0.0
+            else:
+                delay = next_delay(call.retries + 1, self.retry, remaining, budget, self._rng)
             if delay is None:
                 if call.retries < self.retry.max_retries and budget.tokens < 1:
                     self.metrics.retry_budget_exhausted.labels(pool).inc()
@@ -495,6 +522,8 @@ class Proxy:
             headers["x-sluice-trimmed"] = f"messages={call.trimmed_messages}"
         if call.retries:
             headers["x-sluice-upstream-retries"] = str(call.retries)
+        if call.served_tier is not None:
+            headers[SERVED_HEADER] = call.served_tier
 
     def _account(self, call: Call, status: int, headers: Any, data: bytes) -> None:
         if status in (429, 503) and "retry-after" not in headers:
@@ -635,7 +664,9 @@ class Proxy:
         workload = call.caller.workload.name if call.caller else "-"
         operation = route.operation if route else "-"
         metrics = self.metrics
-        metrics.requests_of(operation, pool, workload, str(call.status)).inc()
+        metrics.requests_of(
+            operation, pool, workload, str(call.status), call.served_tier or "-"
+        ).inc()
         if call.usage.known:
             metrics.tokens_of(workload, pool, "input").inc(call.usage.input_tokens)
             metrics.tokens_of(workload, pool, "output").inc(call.usage.output_tokens)
@@ -666,5 +697,6 @@ class Proxy:
                 "trimmed_messages": call.trimmed_messages,
                 "degraded": call.degraded.get("x-sluice-degraded") if call.degraded else None,
                 "coalesced": call.coalesced,
+                "service_tier": call.served_tier,
             }
         )

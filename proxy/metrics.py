@@ -63,8 +63,14 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "sluice_requests",
-            "Requests answered, by operation, model pool, workload and status.",
-            ["operation", "pool", "workload", "status"],
+            "Requests answered, by operation, model pool, workload, status and service tier.",
+            ["operation", "pool", "workload", "status", "tier"],
+            registry=r,
+        )
+        self.tier_fallbacks = Counter(
+            "sluice_tier_fallbacks",
+            "Calls Bedrock throttled on their service tier, retried on the policy's fallback tier.",
+            ["pool", "from_tier", "to_tier"],
             registry=r,
         )
         self.rejections = Counter(
