@@ -19,22 +19,9 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from proxy.banner import banner as serve_banner
 from proxy.config import PolicyError, load_policy
 from proxy.log import setup_logging
-
-_EXAMPLE = """\
-Sluice is listening on {scheme}://{host}:{port} (upstream: {upstream}; store: {store}).
-Point any Bedrock client at it, e.g.:
-
-    import boto3
-    client = boto3.client("bedrock-runtime", region_name="us-east-1",
-                          endpoint_url="{scheme}://{host}:{port}",
-                          aws_access_key_id="demo", aws_secret_access_key="demo")
-    reply = client.converse(
-        modelId="anthropic.claude-3-haiku-20240307-v1:0",
-        messages=[{{"role": "user", "content": [{{"text": "Hello!"}}]}}])
-    print(reply["output"]["message"]["content"][0]["text"])
-"""
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -301,12 +288,12 @@ def _serve(args: argparse.Namespace) -> int:
     banner = (
         ""
         if args.reuse_port
-        else _EXAMPLE.format(
-            scheme=scheme,
-            host=args.host,
-            port=args.port,
-            upstream=args.upstream or "Amazon Bedrock",
-            store=args.redis_url or "embedded",
+        else serve_banner(
+            policy,
+            args.config or "default (embedded demo)",
+            f"{scheme}://{args.host}:{args.port}",
+            args.upstream or "Amazon Bedrock",
+            args.redis_url or "embedded",
         )
     )
     _install_uvloop()
@@ -377,12 +364,12 @@ def _serve_workers(args: argparse.Namespace) -> int:
             base += [flag, value]
     children += [subprocess.Popen(base) for _ in range(args.workers)]
     print(
-        _EXAMPLE.format(
-            scheme="https" if args.tls_cert else "http",
-            host=args.host,
-            port=args.port,
-            upstream=upstream or "Amazon Bedrock",
-            store=args.redis_url,
+        serve_banner(
+            load_policy(args.config),
+            args.config or "default (embedded demo)",
+            f"{'https' if args.tls_cert else 'http'}://{args.host}:{args.port}",
+            upstream or "Amazon Bedrock",
+            args.redis_url,
         ),
         file=sys.stderr,
         flush=True,
