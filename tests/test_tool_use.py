@@ -6,7 +6,9 @@ the client answers with a tool result, the model answers in text.
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -209,3 +211,34 @@ def test_sample_input_follows_refs_unions_and_bounds() -> None:
         "$defs": {"Item": {"type": "object", "properties": {"n": {"type": "integer"}}}},
     }
     assert sample_input(schema) == {"item": {"n": 1}, "maybe": 3.0, "tags": ["東京"], "ok": True}
+
+
+def test_langchain_bind_tools_returns_a_real_tool_call(proxy: Sluice) -> None:
+    langchain_aws = pytest.importorskip("langchain_aws")
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    chat = langchain_aws.ChatBedrockConverse(
+        model=HAIKU,
+        endpoint_url=proxy.url,
+        region_name="us-east-1",
+        aws_access_key_id="AKIDCLIENT",
+        aws_secret_access_key="s",
+        max_tokens=200,
+    )
+    tool = {
+        "name": WEATHER["name"],
+        "description": WEATHER["description"],
+        "parameters": WEATHER["schema"],
+    }
+    messages: list[Any] = [HumanMessage("東京の天気は? [[sim:tool=get_weather]]")]
+    asked = chat.bind_tools([tool]).invoke(messages)
+    assert asked.tool_calls[0]["name"] == "get_weather"
+    assert asked.tool_calls[0]["args"] == {"city": "東京", "unit": "celsius", "days": 1}
+
+    chunks = list(chat.bind_tools([tool]).stream(messages))  # ConverseStream, fragments joined
+    streamed = functools.reduce(operator.add, chunks)
+    assert streamed.tool_calls[0]["args"] == asked.tool_calls[0]["args"]
+
+    messages += [asked, ToolMessage("晴れ", tool_call_id=asked.tool_calls[0]["id"])]
+    final = chat.bind_tools([tool]).invoke(messages)
+    assert not final.tool_calls and final.text
