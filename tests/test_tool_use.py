@@ -242,3 +242,46 @@ def test_langchain_bind_tools_returns_a_real_tool_call(proxy: Sluice) -> None:
     messages += [asked, ToolMessage("晴れ", tool_call_id=asked.tool_calls[0]["id"])]
     final = chat.bind_tools([tool]).invoke(messages)
     assert not final.tool_calls and final.text
+
+
+# litellm's own pydantic models warn when built; nothing to do with Sluice.
+@pytest.mark.filterwarnings("ignore:Item.*ReadOnly:UserWarning")
+@pytest.mark.slow  # importing litellm takes ~3.5 s
+def test_litellm_tool_call_round_trip(proxy: Sluice, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The packaged model-cost map: importing litellm must not reach for the network.
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    litellm = pytest.importorskip("litellm")
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": t["name"],
+                "description": t["description"],
+                "parameters": t["schema"],
+            },
+        }
+        for t in (WEATHER, STOCK)
+    ]
+    auth = {
+        "aws_access_key_id": "AKIDCLIENT",
+        "aws_secret_access_key": "s",
+        "aws_region_name": "us-east-1",
+        "aws_bedrock_runtime_endpoint": proxy.url,
+    }
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "在庫 [[sim:tool=check_stock]]"}]
+    first = litellm.completion(
+        model=f"bedrock/converse/{HAIKU}", messages=messages, tools=tools, **auth
+    )
+    call = first.choices[0].message.tool_calls[0]
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "check_stock"
+    assert json.loads(call.function.arguments) == {"isbn": "東京"}
+
+    messages += [
+        first.choices[0].message.model_dump(),
+        {"role": "tool", "tool_call_id": call.id, "content": "3 copies"},
+    ]
+    final = litellm.completion(
+        model=f"bedrock/converse/{HAIKU}", messages=messages, tools=tools, **auth
+    )
+    assert final.choices[0].finish_reason == "stop" and final.choices[0].message.content

@@ -223,8 +223,9 @@ def _sample_of_type(kind: Any, schema: dict[str, Any], root: Mapping[str, Any], 
     properties = schema.get("properties")
     if not isinstance(properties, dict):
         return {}
+    # The required properties; with none required, every one (as a model fills what it knows).
     required = schema.get("required")
-    names = [n for n in properties if not isinstance(required, list) or n in required]
+    names = [n for n in properties if not required or n in required]
     return {n: sample_input(properties[n], root, depth + 1) for n in names}
 
 
