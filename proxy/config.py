@@ -69,6 +69,13 @@ class Breaker(_Strict):
     half_open_probes: PositiveInt = 3
 
 
+class TierPrice(_Strict):
+    """What Bedrock charges on one service tier, in USD per million tokens."""
+
+    input_per_million: Annotated[float, Field(ge=0)]
+    output_per_million: Annotated[float, Field(ge=0)]
+
+
 class ModelPool(Limits):
     """A model pool: the account quota Bedrock grants for one model, shared by every workload."""
 
@@ -87,6 +94,23 @@ class ModelPool(Limits):
     service_tiers: list[TierName] | None = None
     #: Per priority class, the tier on this pool (overrides the class's own ``tier``).
     class_tiers: dict[Name, TierName] = {}
+    #: Tiers Bedrock gives their own quota: calls on them are admitted against these limits
+    #: instead of the pool's (which are ``default``'s, and any unlisted tier's).
+    tiers: dict[Literal["priority", "flex", "reserved"], Limits] = {}
+    #: USD per million input/output tokens on each tier; settled usage is counted as cost.
+    prices: dict[TierName, TierPrice] = {}
+
+    @model_validator(mode="after")
+    def _tiers_offered(self) -> ModelPool:
+        offered = self.service_tiers
+        lacking = [t for t in (*self.tiers, *self.prices) if offered and t not in offered]
+        if lacking:
+            names = ", ".join(sorted(set(lacking)))
+            raise ValueError(
+                f"tiers/prices name tiers the pool does not offer: {names}"
+                f" (service_tiers: {', '.join(offered or ())})"
+            )
+        return self
 
 
 class PriorityClass(_Strict):

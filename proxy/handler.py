@@ -44,14 +44,8 @@ from proxy.pipeline.degrade import Degrader, Fallback
 from proxy.pipeline.identify import Caller, identify
 from proxy.pipeline.retry import MIN_CALL_S, RetryBudget, next_delay, retryable
 from proxy.pipeline.schedule import cap_at, describe_next_change
-from proxy.pipeline.tiers import (
-    SERVED_HEADER,
-    TierChoice,
-    TierTable,
-    apply_tier,
-    escalation,
-    served_tier,
-)
+from proxy.pipeline.tier_quota import TierQuotas
+from proxy.pipeline.tiers import SERVED_HEADER, TierChoice, apply_tier, escalation, served_tier
 from proxy.policy import CompiledPolicy, PoolInfo, WorkloadInfo
 from proxy.routes import Route, match
 from proxy.upstream import Upstream, returnable
@@ -99,6 +93,8 @@ class Call:
     #: The service tier chosen for the call (None: an operation without tiers), and served.
     tier: TierChoice | None = None
     served_tier: str | None = None
+    #: The caller's request headers (the tier is chosen from them before admission).
+    headers: Any = None
 
 
 def _stream_failure(exc: BaseException) -> str:
@@ -144,11 +140,11 @@ class Proxy:
         self.retry = server.retry
         self._retry_budgets: dict[tuple[str, str], RetryBudget] = {}
         self._rng = random.Random()
-        self.tiers = TierTable(policy.policy)
+        self.tiers = TierQuotas(policy, gate, metrics)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one Bedrock call end to end."""
-        call = Call(request_id=self._request_id(), started=time.perf_counter())
+        call = Call(self._request_id(), time.perf_counter(), headers=request.headers)
         try:
             route = call.route = match(request.method, request.raw_path)
             body = call.body = await self._read_body(request, route)
@@ -239,7 +235,8 @@ class Proxy:
         wl_cfg = self.policy.policy.workloads[workload.name]
         server = self.policy.policy.server
         self._check_paused(workload)
-        plan = self.policy.plan(workload, pool, caller.priority, self._scheduled_cap(workload))
+        call.tier = self.tiers.choose(route.operation, caller, pool, call.headers, body)
+        plan = self.tiers.plan(caller, pool, self._scheduled_cap(workload), call.tier)
         unmetered = self.policy.unmetered(plan)
         # Asked once per request: in half-open state a True is a probe slot taken.
         breaker_open = not self._breaker_allows(pool.name)
@@ -297,6 +294,9 @@ class Proxy:
             call.degraded = {k: v for k, v in outcome.headers.items() if k.startswith("x-sluice")}
             return None
         call.pool, call.path, call.degraded = outcome.pool, outcome.path, outcome.headers
+        call.tier = self.tiers.choose(
+            route.operation, caller, outcome.pool, call.headers, body, shared=True
+        )
         self.metrics.in_flight_of(outcome.pool.name).inc()
         return outcome.ticket
 
@@ -350,11 +350,6 @@ class Proxy:
             if call.caller
             else 60.0
         )
-        if call.caller is not None and call.pool is not None:
-            call.tier = self.tiers.for_call(
-                route.operation, call.caller.workload.name, call.caller.priority,
-                call.pool.name, request.headers, call.body,
-            )  # fmt: skip
         while True:
             body, headers = apply_tier(route.operation, call.body, request.headers, call.tier)
             upstream = await self.upstream.send(
@@ -370,7 +365,11 @@ class Proxy:
                 return upstream
             remaining = deadline - time.perf_counter()
             better = escalation(call.tier, upstream.status, error_type)
-            if better is not None and remaining > MIN_CALL_S:
+            if (
+                better is not None
+                and remaining > MIN_CALL_S
+                and await self.tiers.move(call, better)
+            ):
                 # Throttled on its tier: once, at once, on the policy's fallback tier.
                 before = (call.tier.tier if call.tier else None) or "default"
                 self.metrics.tier_fallbacks.labels(pool, before, str(better.tier)).inc()
@@ -667,6 +666,7 @@ class Proxy:
         metrics.requests_of(
             operation, pool, workload, str(call.status), call.served_tier or "-"
         ).inc()
+        self.tiers.charge(workload, pool, call.served_tier, call.usage)
         if call.usage.known:
             metrics.tokens_of(workload, pool, "input").inc(call.usage.input_tokens)
             metrics.tokens_of(workload, pool, "output").inc(call.usage.output_tokens)

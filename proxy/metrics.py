@@ -73,6 +73,18 @@ class Metrics:
             ["pool", "from_tier", "to_tier"],
             registry=r,
         )
+        self.tier_fallbacks_refused = Counter(
+            "sluice_tier_fallbacks_refused",
+            "Tier fallbacks not made because the fallback tier's own quota refused them.",
+            ["pool", "to_tier"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "sluice_cost_usd",
+            "Settled usage priced at the pool's per-tier prices (USD), by workload, pool, tier.",
+            ["workload", "pool", "tier"],
+            registry=r,
+        )
         self.rejections = Counter(
             "sluice_rejections",
             "Requests Sluice refused itself, by reason (error type and field).",
@@ -196,3 +208,4 @@ class Metrics:
         self.reserved_of = Children(self.tokens_reserved)
         self.settled_of = Children(self.tokens_settled)
         self.in_flight_of = Children(self.in_flight)
+        self.cost_of = Children(self.cost)

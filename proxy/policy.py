@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from proxy.admission import AdmitPlan, Bucket
 from proxy.config import Limits, ModelPool, Policy, PolicyError, SecretRef
@@ -146,7 +147,7 @@ class CompiledPolicy:
             for model_id in pool.ids:
                 self._by_id[model_id] = self.pools[name]
         self._resolved: dict[str, PoolInfo] = {}
-        self._plans: dict[tuple[str, str, str, int | None], AdmitPlan] = {}
+        self._plans: dict[tuple[str, str, str, int | None, str | None], AdmitPlan] = {}
 
     def secret_for(self, access_key_id: str) -> str | None:
         """The secret of a workload's access key, for signature verification."""
@@ -172,24 +173,48 @@ class CompiledPolicy:
         return pool
 
     def plan(
-        self, workload: WorkloadInfo, pool: PoolInfo, priority: str, cap: int | None = None
+        self,
+        workload: WorkloadInfo,
+        pool: PoolInfo,
+        priority: str,
+        cap: int | None = None,
+        tier: str | None = None,
     ) -> AdmitPlan:
         """The admission plan for a workload on a pool at a priority (built once, then cached).
 
-        ``cap`` further limits the workload's concurrency (a time-of-day schedule).
+        ``cap`` further limits the workload's concurrency (a time-of-day schedule). ``tier``
+        is the service tier the call will be sent on: when the pool gives it its own quota
+        (``models.<pool>.tiers``), the plan's pool limits are that quota, kept in its own
+        scope (:func:`proxy.admission.model.scope_name`).
         """
-        key = (workload.name, pool.name, priority, cap)
+        quota_tier = self.quota_tier(pool.name, tier)
+        key = (workload.name, pool.name, priority, cap, quota_tier)
         cached = self._plans.get(key)
         if cached is not None:
             return cached
-        plan = self._build_plan(workload, pool, priority, cap)
+        plan = self._build_plan(workload, pool, priority, cap, quota_tier)
         self._plans[key] = plan
         return plan
 
+    def quota_tier(self, pool: str, tier: str | None) -> str | None:
+        """``tier`` when the pool gives it its own quota, else None (the pool's quota)."""
+        pool_cfg = self.policy.models.get(pool)
+        return (
+            tier if tier is not None and pool_cfg is not None and tier in pool_cfg.tiers else None
+        )
+
     def _build_plan(
-        self, workload: WorkloadInfo, pool: PoolInfo, priority: str, cap: int | None
+        self,
+        workload: WorkloadInfo,
+        pool: PoolInfo,
+        priority: str,
+        cap: int | None,
+        tier: str | None,
     ) -> AdmitPlan:
         pool_cfg: ModelPool | None = self.policy.models.get(pool.name)
+        quota: Limits | None = pool_cfg
+        if pool_cfg is not None and tier is not None:
+            quota = cast("dict[str, Limits]", pool_cfg.tiers)[tier]
         wl_limits = self.policy.workloads[workload.name].limits
         wl_cfg: Limits | None = wl_limits.get(pool.name, wl_limits.get("*"))
         max_call = pool.default_max_tokens * pool.output_weight
@@ -198,14 +223,15 @@ class CompiledPolicy:
             workload=workload.name,
             priority=priority,
             share=self.policy.priorities[priority].share,
-            pool_requests=_requests(pool_cfg),
-            pool_tokens=_tokens(pool_cfg, max_call),
-            pool_concurrency=pool_cfg.concurrency if pool_cfg else None,
+            pool_requests=_requests(quota),
+            pool_tokens=_tokens(quota, max_call),
+            pool_concurrency=quota.concurrency if quota else None,
             workload_requests=_requests(wl_cfg),
             workload_tokens=_tokens(wl_cfg, max_call),
             workload_concurrency=_capped(wl_cfg.concurrency if wl_cfg else None, cap),
             lease_ttl_ms=self.lease_ttl_ms,
             rank=self.ranks[priority],
+            tier=tier,
         )
 
     def unmetered(self, plan: AdmitPlan) -> bool:

@@ -141,7 +141,7 @@ def tiered(
     return sim, make_sluice(upstream=sim.url, policy=_policy())
 
 
-def _client_as(url: str, workload: str) -> Any:
+def client_as(url: str, workload: str) -> Any:
     client = bedrock_client(url)
 
     def tag(request: Any, **_: Any) -> None:
@@ -158,14 +158,14 @@ def test_tier_reaches_bedrock_and_is_reported_logged_and_counted(
     tiered: tuple[Simulator, Sluice],
 ) -> None:
     sim, proxy = tiered
-    reply = _client_as(proxy.url, "chat").converse(
+    reply = client_as(proxy.url, "chat").converse(
         modelId=HAIKU, messages=ASK, serviceTier={"type": "default"}
     )
     assert reply["serviceTier"] == {"type": "default"}  # P0 maps to priority, but asked lower
     headers = reply["ResponseMetadata"]["HTTPHeaders"]
     assert headers["x-sluice-service-tier"] == "default"
 
-    raw = _client_as(proxy.url, "chat").invoke_model(
+    raw = client_as(proxy.url, "chat").invoke_model(
         modelId=HAIKU,
         body=json.dumps(
             {
@@ -189,7 +189,7 @@ def test_a_flex_call_throttled_by_bedrock_is_retried_on_default_within_the_deadl
     tiered: tuple[Simulator, Sluice],
 ) -> None:
     _, proxy = tiered
-    reply = _client_as(proxy.url, "nightly").converse(modelId=HAIKU, messages=ASK)
+    reply = client_as(proxy.url, "nightly").converse(modelId=HAIKU, messages=ASK)
     headers = reply["ResponseMetadata"]["HTTPHeaders"]
     assert headers["x-sluice-service-tier"] == "default"
     assert headers["x-sluice-upstream-retries"] == "1"
@@ -201,6 +201,6 @@ def test_a_flex_call_throttled_by_bedrock_is_retried_on_default_within_the_deadl
 
     # Less than a call's worth of deadline left: no second attempt, Bedrock's throttle is shown.
     with pytest.raises(ClientError) as info:
-        _client_as(proxy.url, "slow-batch").converse(modelId=HAIKU, messages=ASK)
+        client_as(proxy.url, "slow-batch").converse(modelId=HAIKU, messages=ASK)
     assert info.value.response["Error"]["Code"] == "ThrottlingException"
     assert info.value.response["ResponseMetadata"]["HTTPHeaders"]["x-sluice-service-tier"] == "flex"

@@ -71,25 +71,28 @@ def retry_headers(retry_after_ms: int) -> dict[str, str]:
     }
 
 
-def refusal_message(workload: str, priority: str, pool: str, decision: Decision) -> str:
-    """A message naming the workload, the model pool and the limit that refused."""
+def refusal_message(
+    workload: str, priority: str, pool: str, decision: Decision, tier: str | None = None
+) -> str:
+    """A message naming the workload, the model pool (and tier with its own quota) and limit."""
     scope, _, limit = (decision.refused_by or "limit").partition(".")
     words = _LIMIT_WORDS.get(limit, limit)
     retry_s = decision.retry_after_ms / 1000
+    where = f"model pool '{pool}'" + (f" (service tier '{tier}')" if tier else "")
     if decision.refused_by == "pool.queue":
         what = (
-            f"requests of equal or higher priority are waiting for model pool '{pool}' "
+            f"requests of equal or higher priority are waiting for {where} "
             f"(workload '{workload}', class '{priority}')"
         )
     elif scope == "workload":
-        what = f"workload '{workload}' reached its {words} limit on model pool '{pool}'"
+        what = f"workload '{workload}' reached its {words} limit on {where}"
     elif scope == "class":
         what = (
             f"priority class '{priority}' of workload '{workload}' reached its share of the "
-            f"{words} of model pool '{pool}' (the rest is reserved for higher classes)"
+            f"{words} of {where} (the rest is reserved for higher classes)"
         )
     else:
-        what = f"model pool '{pool}' reached its {words} limit (workload '{workload}')"
+        what = f"{where} reached its {words} limit (workload '{workload}')"
     return f"Too many requests: {what}; retry in {retry_s:.1f} s"
 
 
@@ -140,7 +143,7 @@ class Gate:
             headers.update(retry_headers(decision.retry_after_ms))
             raise BedrockError(
                 "ThrottlingException",
-                refusal_message(workload.name, priority, pool.name, decision),
+                refusal_message(workload.name, priority, pool.name, decision, plan.tier),
                 status=429,
                 headers=headers,
             )

@@ -49,6 +49,10 @@ CONC_RETRY_MAX_MS: Final = 1000
 RETRY_CAP_MS: Final = 86_400_000
 #: Key prefix; the pool name in braces is the Redis Cluster hash tag.
 KEY_PREFIX: Final = "sluice"
+#: Separates a pool from a service tier in a *scope*: the name of one set of pool-level
+#: buckets and leases. A pool's own quota is the scope ``<pool>``; a tier with its own quota
+#: (Bedrock accounts tiers separately) is ``<pool>:tier:<tier>``. Pool names hold no colon.
+TIER_SCOPE: Final = ":tier:"
 #: Retry hint of a ``pool.queue`` refusal: the waiter ahead is usually served within one release.
 QUEUE_RETRY_MS: Final = 200
 #: A waiter's fleet-wide score is ``rank * RANK_SPAN + arrival``, where arrival is the pool's
@@ -112,11 +116,23 @@ class PlanKeys(NamedTuple):
     channel: str  # pub/sub channel: "capacity may have come back" while waiters exist
 
 
-def plan_keys(pool: str, workload: str) -> PlanKeys:
-    """Key names for ``workload`` on ``pool`` (see the module docstring of ``store``)."""
+def scope_name(pool: str, tier: str | None) -> str:
+    """The scope of ``pool``'s own quota (``tier`` None) or of a tier's own quota."""
+    return pool if tier is None else f"{pool}{TIER_SCOPE}{tier}"
+
+
+def plan_keys(scope: str, workload: str) -> PlanKeys:
+    """Key names for ``workload`` in a scope (see the module docstring of ``proxy.backend``).
+
+    A tier's keys keep the pool's hash tag (``sluice:{sonnet}:tier:flex`` instead of
+    ``sluice:{sonnet}:pool``), so they live in the pool's cluster slot.
+    """
+    pool, sep, tier = scope.partition(TIER_SCOPE)
     base = f"{KEY_PREFIX}:{{{pool}}}"
+    if sep:
+        base += f"{TIER_SCOPE}{tier}"
     return PlanKeys(
-        f"{base}:pool",
+        base if sep else f"{base}:pool",
         f"{base}:leases",
         f"{base}:stats",
         f"{base}:w:{workload}",
@@ -156,12 +172,19 @@ class AdmitPlan:
     arg: bytes = field(init=False, repr=False, compare=False)
     #: Priority rank for waiting: 0 is served first; equal ranks are served in arrival order.
     rank: int = 0
+    #: The service tier whose own quota the pool limits are (None: the pool's own quota).
+    tier: str | None = None
+    #: Where the pool-level state lives: :func:`scope_name` of pool and tier. Stores key
+    #: everything (buckets, leases, waiters, batches) by scope, so a tier's own quota is
+    #: decided by the same one atomic script, apart from the pool's.
+    scope: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.share <= 1.0:
             raise ValueError(f"priority share must be in (0, 1], got {self.share}")
-        if "{" in self.pool or "}" in self.pool:
-            raise ValueError(f"pool name must not contain braces (hash tag): {self.pool!r}")
+        for part in (self.pool, self.tier or ""):
+            if "{" in part or "}" in part or ":" in part:
+                raise ValueError(f"pool and tier names must not contain braces or colons: {part!r}")
         if not 0 <= self.rank <= MAX_RANK:
             raise ValueError(f"rank must be in [0, {MAX_RANK}], got {self.rank}")
         if self.lease_ttl_ms < 100:
@@ -181,7 +204,8 @@ class AdmitPlan:
             int(self.lease_ttl_ms),
         )
         object.__setattr__(self, "params", p)
-        object.__setattr__(self, "keys", plan_keys(self.pool, self.workload))
+        object.__setattr__(self, "scope", scope_name(self.pool, self.tier))
+        object.__setattr__(self, "keys", plan_keys(self.scope, self.workload))
         # Packed doubles: Lua reads the very same numbers, and unpacking is one C call
         # where parsing text would cost more than the rest of the decision.
         object.__setattr__(self, "arg", struct.pack("<12d", *p))

@@ -160,14 +160,14 @@ class WaitRoom:
         """
         if max_wait_ms <= 0:
             return await self._attempt(plan, tokens, None)
-        room = self._rooms.get(plan.pool)
+        room = self._rooms.get(plan.scope)
         if room is None:
-            room = self._rooms[plan.pool] = {}
+            room = self._rooms[plan.scope] = {}
         if len(room) >= self._max:
             self.metrics.refused_at_once.labels(plan.pool, plan.priority, "overflow").inc()
             return await self._attempt(plan, tokens, None)
         if self._prepare is not None:
-            await self._prepare(plan.pool)
+            await self._prepare(plan.scope)
         seq = next(self._seq)
         waiter = _Waiter(plan, WaitTicket(f"{self._prefix}{seq}", max_wait_ms), seq)
         # In the room before the first attempt: a release during it is not missed.

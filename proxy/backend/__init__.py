@@ -9,6 +9,11 @@ decision touches one slot and pools spread across shards)::
     sluice:{<pool>}:w:<workload>          hash  r, t = workload rpm/tpm bucket TAT (ms)
     sluice:{<pool>}:w:<workload>:leases   zset  lease id -> expiry ms (workload in-flight)
 
+A service tier with its own quota (``models.<pool>.tiers.<tier>``) is a scope of its own,
+``<pool>:tier:<tier>``, with the same keys under ``sluice:{<pool>}:tier:<tier>`` (its hash
+is that key itself, e.g. ``sluice:{sonnet}:tier:flex``; leases ``…:tier:flex:leases``):
+the pool's hash tag, so the same admit script decides it, apart from the pool's own quota.
+
 Bucket keys expire when their bucket would be full again, lease zsets when their last
 lease would have expired; only the pool hash (it holds the dynamic limit) persists.
 """

@@ -157,7 +157,7 @@ class EmbeddedStore:
 
     def _decide(self, plan: AdmitPlan, tokens: int, ticket: WaitTicket | None) -> Decision:
         now = self._now()
-        pool = self._pool(plan.pool)
+        pool = self._pool(plan.scope)
         wl = pool.workloads.get(plan.workload)
         if wl is None:
             wl = pool.workloads[plan.workload] = _Workload()
@@ -182,7 +182,7 @@ class EmbeddedStore:
             retry = retry_ms(wait)
             if ticket is not None:
                 changed += self._enlist(pool, plan, ticket, code, retry, now)
-            self._after(plan.pool, pool, freed + changed, view.p_in, view.p_limit)
+            self._after(plan.scope, pool, freed + changed, view.p_in, view.p_limit)
             return make_decision(plan, code, retry, None, snapshot(p, now, view))
         lease = f"embedded:{next(self._seq)}"
         self._grant(pool, wl, plan, tokens, lease, now)
@@ -198,7 +198,7 @@ class EmbeddedStore:
             wl.ttat,
             view.w_in + 1 if p.w_conc >= 0 else 0,
         )
-        self._after(plan.pool, pool, freed + changed, view.p_in, view.p_limit)
+        self._after(plan.scope, pool, freed + changed, view.p_in, view.p_limit)
         return make_decision(plan, 0, 0, lease, snapshot(p, now, view))
 
     @staticmethod
@@ -246,11 +246,11 @@ class EmbeddedStore:
 
     def withdraw(self, plan: AdmitPlan, ticket: WaitTicket) -> None:
         """Forget a waiter that stopped waiting (gave up, timed out, was cancelled)."""
-        pool = self._pool(plan.pool)
+        pool = self._pool(plan.scope)
         pool.waiters.remove(ticket.id)
         ticket.verdict = WAIT_NO
         if len(pool.waiters):
-            self._room.wake(plan.pool)
+            self._room.wake(plan.scope)
 
     def settle(
         self,
@@ -265,8 +265,8 @@ class EmbeddedStore:
     ) -> None:
         """Apply at once (so there is never anything to confirm); see :meth:`Store.settle`."""
         now = self._now()
-        self._book.remove(plan.pool, lease)
-        pool = self._pool(plan.pool)
+        self._book.remove(plan.scope, lease)
+        pool = self._pool(plan.scope)
         wl = pool.workloads.get(plan.workload)
         pool.leases.by_id.pop(lease, None)
         p = plan.params
@@ -285,7 +285,7 @@ class EmbeddedStore:
         slot[2] += 1 if throttled else 0
         slot[3] += latency_ms
         if len(pool.waiters):
-            self._room.wake(plan.pool)  # settle.lua's PUBLISH
+            self._room.wake(plan.scope)  # settle.lua's PUBLISH
 
     async def flush(self) -> None:
         """Nothing is queued in process."""

@@ -221,7 +221,7 @@ class RedisStore:
     # --- admit -------------------------------------------------------------------------
 
     async def admit(self, plan: AdmitPlan, tokens: int) -> Decision:
-        """Queue for this tick's batch of ``plan.pool`` and wait for its decision."""
+        """Queue for this tick's batch of ``plan.scope`` and wait for its decision."""
         return await self.attempt(plan, tokens, None)
 
     async def admit_waiting(self, plan: AdmitPlan, tokens: int, max_wait_ms: int) -> Decision:
@@ -237,7 +237,7 @@ class RedisStore:
         loop = self._loop
         if loop is None or self._closed:
             raise StoreUnavailable("store is not started" if loop is None else "store is closed")
-        q = self._queues.get(plan.pool) or self._queue(plan.pool)
+        q = self._queues.get(plan.scope) or self._queue(plan.scope)
         fut: asyncio.Future[Decision] = loop.create_future()
         q.admits.append((plan, tokens, self._lease_prefix + str(next(self._seq)), ticket, fut))
         if not q.admit_busy:
@@ -276,7 +276,7 @@ class RedisStore:
                 logging.WARNING,
                 "store_error",
                 operation="admit",
-                pool=plan0.pool,
+                pool=plan0.scope,
                 requests=len(batch),
                 error=str(exc),
             )
@@ -337,11 +337,11 @@ class RedisStore:
         With ``confirm``, the returned future is done once its batch has been applied (or
         failed): the caller can hold its answer until the slot is free fleet-wide.
         """
-        self._book.remove(plan.pool, lease)
+        self._book.remove(plan.scope, lease)
         if self._closed or self._loop is None:
-            self._settle_lost(plan.pool, 1, "store is closed" if self._closed else "not started")
+            self._settle_lost(plan.scope, 1, "store is closed" if self._closed else "not started")
             return None
-        q = self._queues.get(plan.pool) or self._queue(plan.pool)
+        q = self._queues.get(plan.scope) or self._queue(plan.scope)
         q.settles.append((plan, lease, reserved_tokens - actual_tokens, throttled, latency_ms))
         done = None
         if confirm:
@@ -357,7 +357,7 @@ class RedisStore:
         ticket.verdict = WAIT_NO
         if self._closed or self._loop is None:
             return  # the entries expire on their own (deadline + grace)
-        q = self._queues.get(plan.pool) or self._queue(plan.pool)
+        q = self._queues.get(plan.scope) or self._queue(plan.scope)
         q.withdraws.append(ticket.id)
         if not q.settle_busy:
             q.settle_busy = True
@@ -410,7 +410,7 @@ class RedisStore:
         except StoreUnavailable as exc:
             # Lost withdrawals are not counted: those entries expire at their deadline.
             if batch:
-                self._settle_lost(batch[0][0].pool, len(batch), str(exc))
+                self._settle_lost(batch[0][0].scope, len(batch), str(exc))
         finally:
             for done in confirms:
                 if not done.done():
