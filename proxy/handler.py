@@ -277,9 +277,7 @@ class Proxy:
                 input_tokens, est.max_tokens or pool.default_max_tokens, pool.output_weight
             )
             try:
-                ticket = await self.gate.admit(
-                    workload, caller.priority, pool, plan, tokens, max_wait_ms=wl_cfg.max_wait_ms
-                )
+                ticket = await self.tiers.admit(call, plan, tokens, wl_cfg.max_wait_ms)
                 self.metrics.in_flight_of(pool.name).inc()
                 return ticket
             except BedrockError as exc:

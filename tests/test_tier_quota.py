@@ -147,7 +147,10 @@ def _sluice(
     make_sluice: Callable[..., Sluice],
     policy: dict[str, Any],
     sim_tiers: dict[str, Any] | None = None,
-) -> Sluice:
+) -> tuple[Sluice, str]:
+    """Sluice in front of a simulator; the pool renamed apart (Redis outlives a test)."""
+    name = new_pool()
+    policy["models"] = {name: policy["models"]["haiku"]}
     sim = make_simulator(
         {
             "latency_scale": 0,
@@ -155,7 +158,7 @@ def _sluice(
             "service_tiers": sim_tiers or {},
         }
     )
-    return make_sluice(upstream=sim.url, policy=policy, redis_url=backend.url)
+    return make_sluice(upstream=sim.url, policy=policy, redis_url=backend.url), name
 
 
 def test_a_flex_call_is_admitted_on_flex_quota_and_priced_at_flex(
@@ -163,14 +166,14 @@ def test_a_flex_call_is_admitted_on_flex_quota_and_priced_at_flex(
     make_simulator: Callable[..., Simulator],
     make_sluice: Callable[..., Sluice],
 ) -> None:
-    proxy = _sluice(backend, make_simulator, make_sluice, _policy())
+    proxy, name = _sluice(backend, make_simulator, make_sluice, _policy())
     reply = client_as(proxy.url, "nightly").converse(modelId=HAIKU, messages=ASK)
     assert reply["ResponseMetadata"]["HTTPHeaders"]["x-sluice-service-tier"] == "flex"
     with pytest.raises(ClientError) as info:
         client_as(proxy.url, "nightly").converse(modelId=HAIKU, messages=ASK)
     error = info.value.response
     assert error["Error"]["Code"] == "ThrottlingException"
-    assert "model pool 'haiku' (service tier 'flex')" in error["Error"]["Message"]
+    assert f"model pool '{name}' (service tier 'flex')" in error["Error"]["Message"]
     assert "requests/min" in error["Error"]["Message"]
     # The pool's own (default) quota is another: a default call still passes.
     chat = client_as(proxy.url, "chat").converse(modelId=HAIKU, messages=ASK)
@@ -196,7 +199,7 @@ def test_a_p0_call_throttled_on_default_is_retried_on_priority_within_its_quota(
     # Bedrock throttles every default call (its share can never be met), never priority ones;
     # Sluice's priority quota holds one call.
     policy = _policy(tiers={"priority": {"requests_per_minute": 1, "burst_requests": 1}})
-    proxy = _sluice(
+    proxy, name = _sluice(
         backend, make_simulator, make_sluice, policy, {"default": {"quota_share": 0.0001}}
     )
     reply = client_as(proxy.url, "chat").invoke_model(
@@ -225,4 +228,26 @@ def test_a_p0_call_throttled_on_default_is_retried_on_priority_within_its_quota(
     assert metric_value(metrics, "sluice_tier_fallbacks_total", **moved) == 1
     assert metric_value(metrics, "sluice_tier_fallbacks_refused_total", to_tier="priority") == 1
     # Every slot was given back: the held (throttled) one and the moved one.
-    assert metric_value(metrics, "sluice_in_flight", pool="haiku") == 0
+    assert metric_value(metrics, "sluice_in_flight", pool=name) == 0
+
+
+def test_a_call_its_tier_quota_refuses_is_admitted_on_the_fallback_tier_quota(
+    backend: Backend,
+    make_simulator: Callable[..., Simulator],
+    make_sluice: Callable[..., Sluice],
+) -> None:
+    policy = _policy()
+    policy["priorities"]["batch"]["tier_on_throttle"] = "default"
+    proxy, _ = _sluice(backend, make_simulator, make_sluice, policy)
+    nightly = client_as(proxy.url, "nightly")
+    served = [
+        nightly.converse(modelId=HAIKU, messages=ASK)["ResponseMetadata"]["HTTPHeaders"]
+        for _ in range(2)
+    ]
+    # The flex quota holds one call: the second is admitted on default's, sent on default,
+    # at once (no call wasted on a flex that Sluice knows is full).
+    assert [h["x-sluice-service-tier"] for h in served] == ["flex", "default"]
+    assert "x-sluice-upstream-retries" not in served[1]
+    metrics = proxy.metrics()
+    moved = {"from_tier": "flex", "to_tier": "default"}
+    assert metric_value(metrics, "sluice_tier_fallbacks_total", **moved) == 1

@@ -6,6 +6,8 @@ will be sent on, which is why the tier is chosen *before* admission (:meth:`choo
 The plan of such a tier is an ordinary plan whose pool limits live in their own scope
 (``sluice:{<pool>}:tier:<tier>``, the pool's hash tag), so one admit script still
 decides every limit of the call atomically, on the embedded store and on Redis alike.
+The scope holds the workload limits too (they are fields of the scope's hash in
+``admit.lua``), so a workload's own limits on a pool hold in each quota scope apart.
 
 A call Bedrock throttles on its tier may move to the policy's fallback tier
 (:func:`proxy.pipeline.tiers.escalation`); when that tier has a quota of its own, the move
@@ -28,7 +30,7 @@ from proxy.config import TierPrice
 from proxy.errors import BedrockError
 from proxy.metrics import Metrics
 from proxy.pipeline.identify import Caller
-from proxy.pipeline.tiers import TierChoice, TierTable
+from proxy.pipeline.tiers import TierChoice, TierTable, escalation
 from proxy.policy import CompiledPolicy, PoolInfo
 from proxy.usage import Usage
 
@@ -42,6 +44,7 @@ class Admitted(Protocol):
     pool: PoolInfo | None
     ticket: Ticket | None
     usage: Usage
+    tier: TierChoice | None
 
 
 class TierQuotas:
@@ -88,6 +91,40 @@ class TierQuotas:
         """The plan admitting a call on its tier's quota (the pool's, unless the tier has one)."""
         tier = None if choice is None else choice.tier
         return self.policy.plan(caller.workload, pool, caller.priority, cap, tier)
+
+    async def admit(self, call: Admitted, plan: AdmitPlan, tokens: int, max_wait_ms: int) -> Ticket:
+        """Admit ``call`` on ``plan`` (its tier's quota) or raise the refusal to answer with.
+
+        When that quota refuses and the policy names a fallback tier (``tier_on_throttle``)
+        with another quota, the call is admitted there instead and will be sent on that
+        tier: Sluice's quota stands for Bedrock's, so this is the throttle-then-fallback of
+        :func:`~proxy.pipeline.tiers.escalation` without the wasted call.
+        """
+        caller, pool, choice = call.caller, call.pool, call.tier
+        assert caller is not None and pool is not None
+        gate = self.gate
+        try:
+            return await gate.admit(
+                caller.workload, caller.priority, pool, plan, tokens, max_wait_ms=max_wait_ms
+            )
+        except BedrockError as exc:
+            if exc.status != 429 or choice is None:
+                raise
+            better = escalation(choice, 429, "ThrottlingException")
+            if better is None:
+                raise
+            other = self.plan(caller, pool, plan.workload_concurrency, better)
+            if other.scope == plan.scope:
+                raise
+            try:
+                ticket = await gate.admit(caller.workload, caller.priority, pool, other, tokens)
+            except BedrockError:
+                self.metrics.tier_fallbacks_refused.labels(pool.name, str(better.tier)).inc()
+                raise exc from None
+        before = choice.tier or "default"
+        self.metrics.tier_fallbacks.labels(pool.name, before, str(better.tier)).inc()
+        call.tier = better
+        return ticket
 
     async def move(self, call: Admitted, to: TierChoice) -> bool:
         """True when ``call`` may be sent on ``to.tier``; admits it there when that tier's
