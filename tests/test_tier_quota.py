@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from botocore.exceptions import ClientError
 
 from proxy.admission import Store
@@ -251,3 +253,28 @@ def test_a_call_its_tier_quota_refuses_is_admitted_on_the_fallback_tier_quota(
     metrics = proxy.metrics()
     moved = {"from_tier": "flex", "to_tier": "default"}
     assert metric_value(metrics, "sluice_tier_fallbacks_total", **moved) == 1
+
+
+def test_the_readme_tier_example_answers_as_the_readme_says(
+    make_simulator: Callable[..., Simulator], make_sluice: Callable[..., Sluice]
+) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
+    start = readme.index("cat > /tmp/tiers.yaml <<'EOF'\n")
+    text = readme[readme.index("\n", start) + 1 : readme.index("\nEOF\n", start)]
+    sim = make_simulator({"latency_scale": 0})
+    proxy = make_sluice(upstream=sim.url, policy=yaml.safe_load(text))
+    nightly = client_as(proxy.url, "nightly")
+    tiers = [
+        nightly.converse(modelId=HAIKU, messages=ASK)["ResponseMetadata"]["HTTPHeaders"][
+            "x-sluice-service-tier"
+        ]
+        for _ in range(2)
+    ]
+    assert tiers == ["flex", "flex"]
+    with pytest.raises(ClientError) as info:
+        nightly.converse(modelId=HAIKU, messages=ASK)
+    assert (
+        "model pool 'haiku' (service tier 'flex') reached its requests/min limit"
+        in (info.value.response["Error"]["Message"])
+    )
+    assert metric_value(proxy.metrics(), "sluice_cost_usd_total", tier="flex") > 0
