@@ -42,10 +42,10 @@ from proxy.pipeline.cache import (
 from proxy.pipeline.coalesce import Coalescer
 from proxy.pipeline.degrade import Degrader, Fallback
 from proxy.pipeline.identify import Caller, identify
-from proxy.pipeline.retry import MIN_CALL_S, RetryBudget, next_delay, retryable
+from proxy.pipeline.retry import RetryBudget, next_delay, retryable
 from proxy.pipeline.schedule import cap_at, describe_next_change
 from proxy.pipeline.tier_quota import TierQuotas
-from proxy.pipeline.tiers import SERVED_HEADER, TierChoice, apply_tier, escalation, served_tier
+from proxy.pipeline.tiers import SERVED_HEADER, TierChoice, apply_tier, served_tier
 from proxy.policy import CompiledPolicy, PoolInfo, WorkloadInfo
 from proxy.routes import Route, match
 from proxy.upstream import Upstream, returnable
@@ -362,17 +362,8 @@ class Proxy:
             if not retryable(upstream.status, error_type):
                 return upstream
             remaining = deadline - time.perf_counter()
-            better = escalation(call.tier, upstream.status, error_type)
-            if (
-                better is not None
-                and remaining > MIN_CALL_S
-                and await self.tiers.move(call, better)
-            ):
-                # Throttled on its tier: once, at once, on the policy's fallback tier.
-                before = (call.tier.tier if call.tier else None) or "default"
-                self.metrics.tier_fallbacks.labels(pool, before, str(better.tier)).inc()
-                call.tier = better
-                delay: float | None = 0.0
+            if await self.tiers.escalate(call, upstream.status, error_type, remaining):
+                delay: float | None = 0.0  # throttled on its tier: at once, on the fallback tier
             else:
                 delay = next_delay(call.retries + 1, self.retry, remaining, budget, self._rng)
             if delay is None:

@@ -30,6 +30,7 @@ from proxy.config import TierPrice
 from proxy.errors import BedrockError
 from proxy.metrics import Metrics
 from proxy.pipeline.identify import Caller
+from proxy.pipeline.retry import MIN_CALL_S
 from proxy.pipeline.tiers import TierChoice, TierTable, escalation
 from proxy.policy import CompiledPolicy, PoolInfo
 from proxy.usage import Usage
@@ -125,6 +126,23 @@ class TierQuotas:
         self.metrics.tier_fallbacks.labels(pool.name, before, str(better.tier)).inc()
         call.tier = better
         return ticket
+
+    async def escalate(
+        self, call: Admitted, status: int, error_type: str | None, remaining_s: float
+    ) -> bool:
+        """True when a call Bedrock answered ``status`` goes again at once on the fallback tier.
+
+        Only after a throttle on a tier with a fallback, with more than a call's worth of the
+        deadline left, and once the fallback tier's quota admits it (:meth:`move`).
+        """
+        better = escalation(call.tier, status, error_type)
+        if better is None or remaining_s <= MIN_CALL_S or not await self.move(call, better):
+            return False
+        before = (call.tier.tier if call.tier else None) or "default"
+        pool = call.pool.name if call.pool else "-"
+        self.metrics.tier_fallbacks.labels(pool, before, str(better.tier)).inc()
+        call.tier = better
+        return True
 
     async def move(self, call: Admitted, to: TierChoice) -> bool:
         """True when ``call`` may be sent on ``to.tier``; admits it there when that tier's
