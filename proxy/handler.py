@@ -379,7 +379,7 @@ class Proxy:
                     call.pool.name,
                     call.caller.priority if call.caller else "-",
                     (time.perf_counter() - call.started) * 1000,
-                    throttled=upstream.status == 429,
+                    throttled=upstream.status == 429 and self.tiers.on_pool_quota(call),
                     server_error=upstream.status >= 500,
                 )
             call.retries += 1
@@ -620,7 +620,7 @@ class Proxy:
                 call.pool.name,
                 call.caller.priority if call.caller else "-",
                 call.upstream_s * 1000,
-                throttled=status == 429,
+                throttled=status == 429 and self.tiers.on_pool_quota(call),
                 server_error=status >= 500,
             )
         ticket = call.ticket

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -278,3 +279,26 @@ def test_the_readme_tier_example_answers_as_the_readme_says(
         in (info.value.response["Error"]["Message"])
     )
     assert metric_value(proxy.metrics(), "sluice_cost_usd_total", tier="flex") > 0
+
+
+def test_throttles_on_a_tier_with_its_own_quota_do_not_open_the_pools_breaker(
+    redis_server: Any, make_simulator: Callable[..., Simulator], make_sluice: Callable[..., Sluice]
+) -> None:
+    # Bedrock throttles every flex call; the breaker would open at 2 throttles in 4 calls.
+    breaker = {"threshold": 0.5, "window_seconds": 10, "min_requests": 4, "open_seconds": 30}
+    policy = _policy(breaker=breaker)
+    policy["server"]["adaptivity"] = {"tick_seconds": 0.2}
+    policy["models"]["haiku"]["tiers"]["flex"] = {"requests_per_minute": 600}
+    proxy, name = _sluice(
+        Backend("redis", redis_server.url), make_simulator, make_sluice, policy,
+        {"flex": {"quota_share": 0.0001}},
+    )  # fmt: skip
+    nightly = client_as(proxy.url, "nightly")
+    for _ in range(8):
+        with pytest.raises(ClientError) as info:
+            nightly.converse(modelId=HAIKU, messages=ASK)
+        assert info.value.response["Error"]["Code"] == "ThrottlingException"
+    time.sleep(1.5)  # several fleet ticks: an open breaker would show by now
+    assert metric_value(proxy.metrics(), "sluice_breaker_state", pool=name) == 0
+    chat = client_as(proxy.url, "chat").converse(modelId=HAIKU, messages=ASK)
+    assert chat["ResponseMetadata"]["HTTPHeaders"]["x-sluice-service-tier"] == "default"

@@ -177,6 +177,16 @@ class TierQuotas:
         call.ticket = ticket
         return True
 
+    def on_pool_quota(self, call: Admitted) -> bool:
+        """False when the call ran on a tier with a quota of its own.
+
+        Bedrock's throttles of such a call (flex is throttled first, by design) say nothing
+        about the pool's own quota, so the pool's breaker and adaptive limit must not count
+        them: a batch flooding flex must not open the breaker that P0 goes through.
+        """
+        tier = None if call.tier is None else call.tier.tier
+        return call.pool is None or self.policy.quota_tier(call.pool.name, tier) is None
+
     def charge(self, workload: str, pool: str, tier: str | None, usage: Usage) -> None:
         """Count a call's settled usage at its served tier's price (if the pool prices it)."""
         if tier is None or not usage.known:
