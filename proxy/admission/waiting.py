@@ -29,7 +29,14 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from proxy.admission.model import EXACT_CODES, LIMIT_NAMES, WAIT_NO, AdmitPlan, Decision
+from proxy.admission.model import (
+    EXACT_CODES,
+    LIMIT_NAMES,
+    TIER_SCOPE,
+    WAIT_NO,
+    AdmitPlan,
+    Decision,
+)
 from proxy.admission.waitqueue import WaitTicket
 
 Attempt = Callable[[AdmitPlan, int, "WaitTicket | None"], Awaitable[Decision]]
@@ -139,7 +146,8 @@ class WaitRoom:
         room = self._rooms.get(pool)
         if not room:
             return
-        self.metrics.wakeups.labels(pool).inc()
+        # ``pool`` is a scope: a tier with its own quota wakes its own waiters (same label).
+        self.metrics.wakeups.labels(pool.partition(TIER_SCOPE)[0]).inc()
         # Futures resolved in this order resume their tasks in this order within one
         # tick, so their attempts reach the store's queue, and the script, in this order.
         for w in sorted(room.values(), key=_Waiter.order):
