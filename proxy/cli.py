@@ -237,7 +237,9 @@ async def _run_site(
 ) -> None:
     # Cancel handlers when the client goes away: a dropped stream must stop the
     # upstream call and release its lease at once, not at the next write.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    from proxy.guard import guarded_runner  # timeouts, caps, Bedrock-shaped protocol errors
+
+    runner = guarded_runner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(

@@ -77,10 +77,22 @@ class ModelPool(Limits):
     output_token_weight: PositiveFloat = 1.0
     #: Reserved for output when a request sets no max_tokens (Bedrock reserves the model max).
     default_max_tokens: PositiveInt = 4096
+    #: The model's real output ceiling: a request's max_tokens is reserved up to this at
+    #: most (Bedrock refuses more itself), so no single call can drain the pool's tokens.
+    max_output_tokens: PositiveInt | None = None
     #: The pool a degraded request may be sent to instead (load shedding).
     downgrade_to: Name | None = None
     adaptive: Adaptive | None = None
     breaker: Breaker | None = None
+
+    @model_validator(mode="after")
+    def _default_fits_ceiling(self) -> ModelPool:
+        if self.max_output_tokens is not None and self.default_max_tokens > self.max_output_tokens:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) is above max_output_tokens "
+                f"({self.max_output_tokens})"
+            )
+        return self
 
 
 class PriorityClass(_Strict):
@@ -216,6 +228,25 @@ class AdaptivityTuning(_Strict):
     pause_window_seconds: PositiveFloat = 10.0
 
 
+class Connections(_Strict):
+    """Client-connection protections; defaults follow nginx and Envoy's edge guidance."""
+
+    #: A request's line and headers must arrive within this (Envoy edge: 10 s).
+    header_timeout_seconds: PositiveFloat = 10.0
+    #: Longest pause between two reads of a request body (nginx client_body_timeout).
+    body_timeout_seconds: PositiveFloat = 60.0
+    #: An idle keep-alive connection is closed after this (nginx keepalive_timeout).
+    keepalive_timeout_seconds: PositiveFloat = 75.0
+    #: Open client connections per instance; more are answered 503 and closed.
+    max_connections: PositiveInt = 4096
+    #: Requests still sending their body (so not yet identified) at once per instance.
+    max_unauthenticated_requests: PositiveInt = 256
+    #: Longest request line or header line (nginx large_client_header_buffers: 8 KiB).
+    max_header_line_bytes: Annotated[int, Field(ge=256)] = 8190
+    #: Most header lines in one request.
+    max_headers: PositiveInt = 128
+
+
 class Server(_Strict):
     """Process-wide settings that belong with the policy."""
 
@@ -231,6 +262,7 @@ class Server(_Strict):
     upstream_timeout: UpstreamTimeout | None = None
     retry: Retry = Field(default_factory=lambda: Retry())
     adaptivity: AdaptivityTuning = Field(default_factory=lambda: AdaptivityTuning())
+    connections: Connections = Field(default_factory=lambda: Connections())
 
 
 class Policy(_Strict):

@@ -27,6 +27,8 @@ OTHER_TOKENS_PER_CHAR: Final = 0.3
 MEDIA_BLOCK_TOKENS: Final = 1600
 #: Framing tokens each message costs on top of its text (role markers and the like).
 PER_MESSAGE_TOKENS: Final = 4
+#: Nesting the estimator walks for sure (Python's default stack allows ~900 levels).
+MAX_DEPTH: Final = 512
 
 # Wide characters: Hangul Jamo, CJK radicals..CJK unified (incl. kana), Hangul syllables,
 # CJK compatibility, fullwidth forms, CJK extension planes, emoji and pictographs.
@@ -181,7 +183,16 @@ def estimate(operation: str, body: bytes) -> RequestEstimate:
                 max_tokens = _positive_int(cfg.get("maxTokenCount"), "maxTokenCount")
     messages = doc.get("messages")
     framing = PER_MESSAGE_TOKENS * len(messages) if isinstance(messages, list) else 0
-    return RequestEstimate(math.ceil(node_tokens(doc) + framing), max_tokens, doc)
+    try:
+        tokens = node_tokens(doc)
+    except RecursionError:
+        # orjson accepts 1,024 levels; the walk above runs out of Python stack first.
+        # No Bedrock body nests this deep, so it is the caller's error, not ours.
+        raise BedrockError(
+            "ValidationException",
+            f"Malformed input request: the JSON body is nested more than {MAX_DEPTH} levels deep",
+        ) from None
+    return RequestEstimate(math.ceil(tokens + framing), max_tokens, doc)
 
 
 def reservation(input_tokens: int, max_tokens: int, output_weight: float) -> int:

@@ -30,6 +30,25 @@ class Caller:
     via: str
 
 
+def check_header_bytes(headers: Mapping[str, str]) -> None:
+    """Refuse header values that are not valid UTF-8 (they could not be re-signed or logged).
+
+    aiohttp keeps undecodable bytes as lone surrogates; encoding one fails, so the
+    header is named here with a 400 instead of failing later with a 500.
+    """
+    for name, value in headers.items():
+        if value.isascii():
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            safe = name.encode("utf-8", "replace").decode("ascii", "replace")[:64]
+            raise BedrockError(
+                "ValidationException",
+                f"header '{safe}' is not valid UTF-8 (byte {exc.start} of its value)",
+            ) from None
+
+
 def _refuse(error_type: str, message: str) -> BedrockError:
     return BedrockError(error_type, message, status=403)
 
@@ -95,6 +114,7 @@ def identify(
     body: bytes,
 ) -> Caller:
     """Identify the workload behind a request or raise a Bedrock-shaped 403/400."""
+    check_header_bytes(headers)
     found = _from_credentials(policy, method, host, raw_path, headers, body)
     if found is None and policy.header_mode:
         name = headers.get(WORKLOAD_HEADER)
