@@ -66,6 +66,7 @@ class GuardedHandler(RequestHandler):
         self._body: Any = None
         self._last_read = 0.0
         self._counted = False
+        self._answered = 0  # responses finished; _request_count counts requests parsed
 
     # --- connection life ------------------------------------------------------------
 
@@ -99,10 +100,18 @@ class GuardedHandler(RequestHandler):
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio reads the bool
         # A client that shut its write side after a whole request still reads the
         # answer: keep our side open until it is sent, then close.
-        if self._phase == _IDLE and (self._messages or self._request_in_progress):
+        if self._phase == _IDLE and self._request_count > self._answered:
             self.close()
             return True
         return False
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._answered += 1
 
     def _process_keepalive(self) -> None:
         super()._process_keepalive()

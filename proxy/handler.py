@@ -23,7 +23,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.admission.estimate import estimate, parse_body, reservation, settled_tokens
+from proxy.admission.estimate import estimate, parse_body, settled_tokens
+from proxy.admission.fit import reserve
 from proxy.admission.gate import Gate, Ticket, retry_headers
 from proxy.control.controller import Adaptivity
 from proxy.errors import BedrockError, from_exception
@@ -264,9 +265,7 @@ class Proxy:
         elif unmetered:
             return None
         else:
-            tokens = reservation(
-                input_tokens, est.max_tokens or pool.default_max_tokens, pool.output_weight
-            )
+            tokens = reserve(plan, pool, input_tokens, est)  # capped; 400 if it never fits
             try:
                 ticket = await self.gate.admit(
                     workload, caller.priority, pool, plan, tokens, max_wait_ms=wl_cfg.max_wait_ms

@@ -33,6 +33,8 @@ class PoolInfo:
     output_weight: float
     default_max_tokens: int
     downgrade_to: str | None
+    #: The model's output ceiling (``models.<pool>.max_output_tokens``); None = undeclared.
+    max_output_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +139,13 @@ class CompiledPolicy:
         if missing:
             raise PolicyError("\n".join(missing))
         self.pools = {
-            name: PoolInfo(name, p.output_token_weight, p.default_max_tokens, p.downgrade_to)
+            name: PoolInfo(
+                name,
+                p.output_token_weight,
+                p.default_max_tokens,
+                p.downgrade_to,
+                p.max_output_tokens,
+            )
             for name, p in policy.models.items()
         }
         self._other = PoolInfo(OTHER_POOL, 1.0, 4096, None)

@@ -15,6 +15,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from proxy.admission import AdmitPlan, Decision, Store, StoreUnavailable
+from proxy.admission.fit import refill_ms
 from proxy.errors import BedrockError
 from proxy.metrics import Metrics
 from proxy.policy import PoolInfo, WorkloadInfo
@@ -93,6 +94,17 @@ def refusal_message(workload: str, priority: str, pool: str, decision: Decision)
     return f"Too many requests: {what}; retry in {retry_s:.1f} s"
 
 
+def cap_retry_hint(plan: AdmitPlan, decision: Decision) -> None:
+    """Never tell a caller to wait longer than the refusing bucket needs to refill from empty.
+
+    Debt (usage settled above its reservation) can push a bucket's own wait past that;
+    a caller told to come back after a full refill is at worst refused once more.
+    """
+    full = refill_ms(plan, decision.refused_by)
+    if full is not None and decision.retry_after_ms > full:
+        decision.retry_after_ms = max(1, math.ceil(full))
+
+
 class Gate:
     """Admission for the request path: one store call to admit, one queued to settle."""
 
@@ -137,6 +149,7 @@ class Gate:
         if not decision.admitted:
             limit = decision.refused_by or "unknown"
             self.metrics.refused.labels(workload.name, pool.name, priority, limit).inc()
+            cap_retry_hint(plan, decision)
             headers.update(retry_headers(decision.retry_after_ms))
             raise BedrockError(
                 "ThrottlingException",
