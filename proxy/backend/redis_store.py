@@ -28,7 +28,8 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from importlib import resources
 from typing import Any, Final
 
@@ -49,6 +50,7 @@ from proxy.admission.protocol import StoreUnavailable
 from proxy.admission.waiting import WaitMetrics, WaitRoom
 from proxy.admission.waitqueue import WaitTicket
 from proxy.backend.client import redis_client
+from proxy.backend.late import outlive
 from proxy.backend.wakeups import WakeListener
 from proxy.metrics import Metrics
 
@@ -131,6 +133,8 @@ class RedisStore:
         self._queues: dict[str, _Queue] = {}
         self._book = LeaseBook()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Timed-out admit calls still waiting for Redis's reply (see :meth:`_eval`).
+        self._late: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
@@ -179,6 +183,8 @@ class RedisStore:
                 await self._heartbeat
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in list(self._late):
+            task.cancel()  # their leases expire with the TTL: no heartbeat renews them
         await self._wakeups.close()
         await self._client.aclose()
 
@@ -189,20 +195,32 @@ class RedisStore:
 
     # --- the one way to call a script --------------------------------------------------
 
-    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[_Arg]) -> Any:
-        """EVALSHA within the timeout; NOSCRIPT (restart, failover, flush) reloads + retries once.
+    async def _call(self, name: str, keys: Sequence[str], args: Sequence[_Arg]) -> Any:
+        """EVALSHA; NOSCRIPT (restart, failover, flush) reloads + retries once. Unbounded."""
+        try:
+            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+        except NoScriptError:
+            _event(logging.INFO, "store_script_reload", script=name)
+            await self._load_scripts()
+            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
 
-        Raises :class:`StoreUnavailable` on any Redis/network error or timeout.
+    async def _eval(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[_Arg],
+        late: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """:meth:`_call` within the timeout; raises :class:`StoreUnavailable` on any failure.
+
+        With ``late``, a call that times out is not abandoned: Redis may still run the
+        script (a stall, not a loss), so the call goes on and ``late`` gets its reply.
         """
         try:
-            try:
+            if late is None:
                 async with asyncio.timeout(self._timeout):
-                    return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
-            except NoScriptError:
-                _event(logging.INFO, "store_script_reload", script=name)
-                async with asyncio.timeout(self._timeout):
-                    await self._load_scripts()
-                    return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+                    return await self._call(name, keys, args)
+            return await outlive(self._call(name, keys, args), self._timeout, late, self._late)
         except _FAILURES as exc:
             raise StoreUnavailable(f"redis {name} failed: {_why(exc)}") from exc
 
@@ -268,8 +286,9 @@ class RedisStore:
                 keys.append(plan.keys.workload_leases)
             spec = "" if ticket is None else f"{ticket.remaining_ms} {ticket.arrival} {ticket.id}"
             items += (i, tokens, lease, spec)
+        args = [len(keys) - 4, k0.channel, *plan_args, *items]
         try:
-            res = await self._eval("admit", keys, [len(keys) - 4, k0.channel, *plan_args, *items])
+            res = await self._eval("admit", keys, args, late=partial(self._admitted_late, batch))
         except StoreUnavailable as exc:
             self._errors["admit"].inc(len(batch))
             _event(
@@ -288,6 +307,14 @@ class RedisStore:
         finally:
             # Arrivals during the call go out now, together (group commit).
             self._send_admits(q)
+
+    def _admitted_late(self, batch: list[_Admit], res: list[int]) -> None:
+        # The batch timed out and its callers were answered, but Redis ran the script
+        # after all: every grant goes straight back (_deliver settles grants nobody waits
+        # for), instead of holding slots and tokens for a whole lease TTL.
+        granted = sum(1 for b in range(0, len(res), _STRIDE) if res[b] == 0)
+        _event(logging.WARNING, "store_late_admit", pool=batch[0][0].pool, released=granted)
+        self._deliver(batch, res)
 
     def _deliver(self, batch: list[_Admit], res: list[int]) -> None:
         b = 0
