@@ -77,22 +77,14 @@ class ModelPool(Limits):
     output_token_weight: PositiveFloat = 1.0
     #: Reserved for output when a request sets no max_tokens (Bedrock reserves the model max).
     default_max_tokens: PositiveInt = 4096
-    #: The model's real output ceiling: a request's max_tokens is reserved up to this at
-    #: most (Bedrock refuses more itself), so no single call can drain the pool's tokens.
+    #: The model's real output ceiling: a request's max_tokens (or default_max_tokens) is
+    #: reserved up to this at most (Bedrock refuses more itself), so no single call can
+    #: drain the pool's tokens.
     max_output_tokens: PositiveInt | None = None
     #: The pool a degraded request may be sent to instead (load shedding).
     downgrade_to: Name | None = None
     adaptive: Adaptive | None = None
     breaker: Breaker | None = None
-
-    @model_validator(mode="after")
-    def _default_fits_ceiling(self) -> ModelPool:
-        if self.max_output_tokens is not None and self.default_max_tokens > self.max_output_tokens:
-            raise ValueError(
-                f"default_max_tokens ({self.default_max_tokens}) is above max_output_tokens "
-                f"({self.max_output_tokens})"
-            )
-        return self
 
 
 class PriorityClass(_Strict):
