@@ -31,6 +31,7 @@ from proxy.guard_errors import (
     ProtocolLog,
     Rejection,
     describe,
+    from_http_exception,
     raw_response,
 )
 
@@ -193,6 +194,14 @@ class GuardedHandler(RequestHandler):
     # --- requests: the unauthenticated cap ---------------------------------------------
 
     async def _guarded(self, request: BaseRequest) -> web.StreamResponse:
+        try:
+            return await self._capped(request)
+        except web.HTTPException as exc:  # raised by aiohttp itself (router, body size)
+            rejection = from_http_exception(exc)
+            self._guard.metrics.protocol_errors.labels(rejection.reason).inc()
+            return error_response(rejection.error_type, rejection.message, status=rejection.status)
+
+    async def _capped(self, request: BaseRequest) -> web.StreamResponse:
         payload = request.content
         if payload.is_eof():  # the whole body is here: it is identified at once
             return await self._inner(request)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from aiohttp import http_exceptions as hx
+from aiohttp.web_exceptions import HTTPException
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proxy.config import Connections
@@ -75,6 +76,23 @@ def describe(exc: BaseException | None, status: int, limits: Connections) -> Rej
     if isinstance(exc, hx.BadStatusLine | hx.InvalidURLError):
         return _bad("the request line is not valid HTTP/1.1", "bad_request_line")
     return _bad("the request is not valid HTTP/1.1", "malformed")
+
+
+def from_http_exception(exc: HTTPException) -> Rejection:
+    """aiohttp's own HTTP answers (e.g. the router's 404 for ``OPTIONS *``) in Bedrock's shape."""
+    if exc.status == 404:
+        return Rejection(
+            404, "UnknownOperationException", "no Bedrock operation at this path", "not_found"
+        )
+    if exc.status == 413:
+        return Rejection(
+            413,
+            "ValidationException",
+            "the request body is larger than this Sluice accepts (server.max_body_bytes)",
+            "too_large",
+        )
+    error_type = "ValidationException" if exc.status < 500 else "InternalServerException"
+    return Rejection(exc.status, error_type, f"the request was refused: {exc.reason}", "http")
 
 
 def _bad(message: str, reason: str) -> Rejection:

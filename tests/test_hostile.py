@@ -293,6 +293,7 @@ def test_an_absurd_output_cap_cannot_lock_p0_out_of_a_pool(
 # --- the seeded fuzz run ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_seeded_fuzz_run_leaves_no_5xx_hang_leak_or_logged_secret(
     proxy: Sluice, fuzz_redis: RedisServerProcess, record_property: Any
 ) -> None:
