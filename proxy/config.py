@@ -86,6 +86,17 @@ class ModelPool(Limits):
     adaptive: Adaptive | None = None
     breaker: Breaker | None = None
 
+    @model_validator(mode="after")
+    def _burst_holds_one_call(self) -> ModelPool:
+        largest = (self.max_output_tokens or 0) * self.output_token_weight
+        if self.burst_tokens is not None and self.burst_tokens < largest:
+            raise ValueError(
+                f"burst_tokens ({self.burst_tokens:g}) cannot hold one call at "
+                f"max_output_tokens ({self.max_output_tokens}) x output_token_weight "
+                f"({self.output_token_weight:g}) = {largest:g}; such calls would always be refused"
+            )
+        return self
+
 
 class PriorityClass(_Strict):
     """How much of each model pool a class may fill; the rest is headroom for higher classes."""

@@ -200,7 +200,8 @@ class CompiledPolicy:
         pool_cfg: ModelPool | None = self.policy.models.get(pool.name)
         wl_limits = self.policy.workloads[workload.name].limits
         wl_cfg: Limits | None = wl_limits.get(pool.name, wl_limits.get("*"))
-        max_call = pool.default_max_tokens * pool.output_weight
+        # A default burst holds one call at the model's real ceiling when the pool declares it.
+        max_call = max(pool.default_max_tokens, pool.max_output_tokens or 0) * pool.output_weight
         return AdmitPlan(
             pool=pool.name,
             workload=workload.name,

@@ -4,25 +4,21 @@ A token bucket admits a call bigger than a class's allowance only when it is ful
 and the call leaves the bucket in debt. Unchecked, one ``maxTokens = 2**62`` put a
 pool into centuries of debt: every caller, P0 included, was refused until restart.
 So a request's output cap is reserved at most up to the model's real maximum
-(``models.<pool>.max_output_tokens``), a reservation larger than a bucket can ever
-hold is a 400 naming the limit and the field, and no retry hint is longer than the
-binding limit needs to refill from empty.
+(``models.<pool>.max_output_tokens``), a reservation is never larger than a bucket
+can hold (so no reservation leaves debt), an output cap that no bucket could ever
+hold is a 400 naming the limit and the field, and no retry hint is longer
+than the binding limit needs to refill from empty.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NoReturn
 
 from proxy.admission.estimate import RequestEstimate, reservation
 from proxy.admission.model import EPS, AdmitPlan, Bucket
 from proxy.errors import BedrockError
 from proxy.policy import PoolInfo
-
-
-def reserved_tokens(pool: PoolInfo, input_tokens: int, est: RequestEstimate) -> int:
-    """Input plus the output cap (capped at the pool's ``max_output_tokens``) at its weight."""
-    output = est.max_tokens or pool.default_max_tokens
-    if pool.max_output_tokens is not None and output > pool.max_output_tokens:
-        output = pool.max_output_tokens
-    return reservation(input_tokens, output, pool.output_weight)
 
 
 def _buckets(plan: AdmitPlan) -> tuple[tuple[str, Bucket | None], ...]:
@@ -32,30 +28,40 @@ def _buckets(plan: AdmitPlan) -> tuple[tuple[str, Bucket | None], ...]:
     )
 
 
-def misfit(plan: AdmitPlan, tokens: int) -> tuple[str, float] | None:
-    """The first token limit ``tokens`` can never fit (its name and capacity), or None."""
-    for name, bucket in _buckets(plan):
-        if bucket is not None and tokens > bucket.burst + EPS:
-            return name, bucket.burst
-    return None
-
-
 def reserve(plan: AdmitPlan, pool: PoolInfo, input_tokens: int, est: RequestEstimate) -> int:
-    """Tokens to reserve for this request, or a 400 when no amount of waiting would admit it."""
-    tokens = reserved_tokens(pool, input_tokens, est)
-    found = misfit(plan, tokens)
-    if found is None:
-        return tokens
-    name, capacity = found
-    field = est.max_tokens_field or f"models.{pool.name}.default_max_tokens"
+    """Tokens to reserve: input plus the output cap (at most the pool's ``max_output_tokens``)
+    at its weight, clipped to the smallest token bucket that applies.
+
+    A clipped reservation is admitted on a full bucket and settled to real usage (a long
+    input is real work Bedrock bounds by its context window); an output cap the request
+    set that no bucket could ever hold is a 400 naming the limit and the field to lower.
+    """
+    output = est.max_tokens or pool.default_max_tokens
+    if pool.max_output_tokens is not None and output > pool.max_output_tokens:
+        output = pool.max_output_tokens
+    weighted = reservation(0, output, pool.output_weight)
+    tokens = input_tokens + weighted
+    for name, bucket in _buckets(plan):
+        if bucket is None or tokens <= bucket.burst + EPS:
+            continue
+        field = est.max_tokens_field
+        if field is not None and weighted > bucket.burst + EPS:
+            what = f"{field} x output weight {pool.output_weight:g} is {weighted} tokens"
+            _refuse(plan, pool, name, bucket, what, field)
+        tokens = math.floor(bucket.burst)
+    return tokens
+
+
+def _refuse(
+    plan: AdmitPlan, pool: PoolInfo, limit: str, bucket: Bucket, what: str, field: str
+) -> NoReturn:
     where = f"model pool '{pool.name}'"
-    if name.startswith("workload"):
+    if limit.startswith("workload"):
         where = f"workload '{plan.workload}' on {where}"
     raise BedrockError(
         "ValidationException",
-        f"this request reserves {tokens} tokens (about {input_tokens} input + {field} "
-        f"x output weight {pool.output_weight:g}), more than the {name} limit of {where} "
-        f"can ever hold ({int(capacity)} tokens); lower {field}",
+        f"this request can never be admitted: {what}, more than the {limit} limit of "
+        f"{where} can ever hold ({math.floor(bucket.burst)} tokens); lower {field}",
     )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.admission.estimate import RequestEstimate
-from proxy.admission.fit import misfit, reserved_tokens
+from proxy.admission.fit import reserve
 from proxy.admission.gate import Gate, Ticket
 from proxy.errors import BedrockError
 from proxy.metrics import Metrics
@@ -122,8 +122,9 @@ class Degrader:
             log.info("downgrade skipped", extra={"fields": {"pool": name, "reason": problem}})
             return None
         plan = self.policy.plan(caller.workload, target, caller.priority)
-        tokens = reserved_tokens(target, input_tokens, est)
-        if misfit(plan, tokens) is not None:
+        try:
+            tokens = reserve(plan, target, input_tokens, est)
+        except BedrockError:
             return None  # could never be admitted there: try the next step
         try:
             ticket = await self.gate.admit(caller.workload, caller.priority, target, plan, tokens)
