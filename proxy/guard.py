@@ -122,22 +122,24 @@ class GuardedHandler(RequestHandler):
     # --- reading: header and body timeouts -------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        loop = self._loop
-        if self._phase == _IDLE and data:
-            self._phase = _HEAD
-            self._arm(self._guard.limits.header_timeout_seconds, self._head_expired)
-        elif self._phase == _BODY:
-            self._last_read = loop.time()
+        phase = self._phase
+        if phase == _BODY:
+            self._last_read = self._loop.time()
         before = self._request_count
         super().data_received(data)
-        if self._request_count != before and self._phase == _HEAD:
-            self._cancel_timer()
+        if self._request_count != before:
+            # A head completed (the usual case: head and body in one read, no timer set).
+            if phase == _HEAD:
+                self._cancel_timer()
             self._phase = _IDLE
             payload = self._messages[-1][1] if self._messages else None
             if payload is not None and not payload.is_eof():
-                self._phase, self._body, self._last_read = _BODY, payload, loop.time()
+                self._phase, self._body, self._last_read = _BODY, payload, self._loop.time()
                 payload.on_eof(self._body_done)
                 self._arm(self._guard.limits.body_timeout_seconds, self._body_expired)
+        elif phase == _IDLE and data:
+            self._phase = _HEAD  # the first bytes of a head that is not complete yet
+            self._arm(self._guard.limits.header_timeout_seconds, self._head_expired)
 
     def _body_done(self) -> None:
         if self._phase == _BODY:
