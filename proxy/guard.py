@@ -115,8 +115,9 @@ class GuardedHandler(RequestHandler):
             self._answered += 1
 
     def _process_keepalive(self) -> None:
+        open_before = not self._force_close
         super()._process_keepalive()
-        if self._force_close:
+        if open_before and self._force_close:
             self._guard.metrics.timeouts.labels("idle").inc()
 
     # --- reading: header and body timeouts -------------------------------------------
