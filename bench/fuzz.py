@@ -30,16 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import redis
 
 from bench.common import RESULTS_DIR, percentile, render_table, timestamp
-from tests.support.hostile import (
+from tests.support.hostile import problems, run
+from tests.support.hostile_cases import (
     FUZZ_SECRET_ENV,
     HAIKU,
     PROMPT_CANARY,
     SECRET_CANARY,
     converse_body,
     fuzz_policy,
-    problems,
     request,
-    run,
 )
 from tests.support.processes import Simulator, Sluice
 from tests.support.redis_fixtures import RedisServerProcess

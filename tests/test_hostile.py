@@ -20,21 +20,18 @@ from typing import Any
 import pytest
 import redis
 
-from tests.support.hostile import (
+from tests.support.hostile import Answer, problems, run, send
+from tests.support.hostile_cases import (
     FUZZ_KEY_ID,
     FUZZ_SECRET_ENV,
     HAIKU,
     PROMPT_CANARY,
     SECRET_CANARY,
     SONNET,
-    Answer,
     Case,
     converse_body,
     fuzz_policy,
-    problems,
     request,
-    run,
-    send,
 )
 from tests.support.processes import Simulator, Sluice, bedrock_client, metric_value
 from tests.support.redis_fixtures import RedisServerProcess
