@@ -198,6 +198,8 @@ class GuardedHandler(RequestHandler):
 
     async def _guarded(self, request: BaseRequest) -> web.StreamResponse:
         try:
+            if request.content.is_eof():  # the whole body is here: identified at once
+                return await self._inner(request)
             return await self._capped(request)
         except web.HTTPException as exc:  # raised by aiohttp itself (router, body size)
             rejection = from_http_exception(exc)
@@ -205,9 +207,8 @@ class GuardedHandler(RequestHandler):
             return error_response(rejection.error_type, rejection.message, status=rejection.status)
 
     async def _capped(self, request: BaseRequest) -> web.StreamResponse:
+        """A request still sending its body, within server.connections.max_unauthenticated."""
         payload = request.content
-        if payload.is_eof():  # the whole body is here: it is identified at once
-            return await self._inner(request)
         guard = self._guard
         limit = guard.limits.max_unauthenticated_requests
         if guard.unauthenticated >= limit:
