@@ -9,7 +9,9 @@ been answered 503.
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
+import time
 from collections.abc import Callable
 
 import redis
@@ -17,6 +19,9 @@ import redis
 from proxy.admission import StoreUnavailable
 from proxy.backend import RedisStore
 from tests.support.admission_helpers import eventually, new_pool, per_min, plan
+from tests.support.hostile import Answer, send
+from tests.support.hostile_cases import HAIKU, Case, converse_body, request
+from tests.support.processes import Simulator, Sluice
 from tests.support.redis_fixtures import RedisServerProcess
 
 Factory = Callable[..., RedisServerProcess]
@@ -57,3 +62,39 @@ async def test_grants_of_a_timed_out_admit_are_released_when_redis_resumes(
     finally:
         inspect.close()
         await store.close()
+
+
+def test_calls_answered_503_during_a_stall_leave_no_slot_behind(
+    redis_factory: Factory, sim: Simulator, make_sluice: Callable[..., Sluice]
+) -> None:
+    """Through a real Sluice: the stall's 503s must not hold the pool's slots afterwards."""
+    server = redis_factory()
+    assert server.proc is not None
+    policy = {
+        "server": {"store_timeout_ms": 200, "lease_ttl_seconds": 120, "retry": {"max_retries": 0}},
+        "identity": {"default_workload": "p2"},
+        "models": {"haiku": {"ids": [HAIKU], "concurrency": 4}},
+        "priorities": {"P2": {"share": 1.0, "on_store_failure": "closed"}},
+        "workloads": {"p2": {"priority": "P2"}},
+    }
+    proxy = make_sluice(upstream=sim.url, policy=policy, redis_url=server.url)
+    rng = random.Random(5)
+    call = request("POST", f"/model/{HAIKU}/converse", converse_body(rng, 16))
+
+    async def burst() -> list[Answer]:
+        return await asyncio.gather(
+            *(send("127.0.0.1", proxy.port, Case("c", call), 10, 10) for _ in range(4))
+        )
+
+    assert [a.status for a in asyncio.run(burst())] == [200] * 4  # warm
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        stalled = asyncio.run(burst())
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    assert [a.status for a in stalled] == [503] * 4
+    # The pool's four slots are free again as soon as Redis answers: no 429 for 120 s.
+    deadline = time.monotonic() + 5
+    while (statuses := [a.status for a in asyncio.run(burst())]) != [200] * 4:
+        assert time.monotonic() < deadline, statuses
+        time.sleep(0.1)
