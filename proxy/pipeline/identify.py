@@ -45,7 +45,7 @@ def check_header_bytes(headers: Mapping[str, str]) -> None:
             safe = name.encode("utf-8", "replace").decode("ascii", "replace")[:64]
             raise BedrockError(
                 "ValidationException",
-                f"header '{safe}' is not valid UTF-8 (byte {exc.start} of its value)",
+                f"header '{safe}' is not valid UTF-8 (at position {exc.start} of its value)",
             ) from None
 
 
