@@ -218,3 +218,22 @@ class CompiledPolicy:
             and plan.workload_tokens is None
             and plan.workload_concurrency is None
         )
+
+
+class PolicyRef:
+    """The policy in force. Each request reads :attr:`current` once, when it starts.
+
+    :meth:`swap` installs a new policy for requests that start afterwards; requests in
+    flight finish under the one they started with (a request is decided wholly under
+    one policy).
+    """
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: CompiledPolicy) -> None:
+        self.current = current
+
+    def swap(self, new: CompiledPolicy) -> CompiledPolicy:
+        """Make ``new`` current; returns the policy it replaced."""
+        old, self.current = self.current, new
+        return old

@@ -109,8 +109,8 @@ class Gate:
         tokens: int,
         *,
         max_wait_ms: int = 0,
-    ) -> Ticket:
-        """Admit a call or raise the :class:`BedrockError` to answer with.
+    ) -> Ticket | BedrockError:
+        """Admit a call, or return (never raise) the :class:`BedrockError` to answer with.
 
         With ``max_wait_ms > 0`` a refused call first waits up to that long for capacity
         (:meth:`Store.admit_waiting`); the 429 then carries the last refusal's hints.
@@ -126,19 +126,19 @@ class Gate:
                 self.metrics.fail_open.labels(workload.name, pool.name).inc()
                 log.warning("store unavailable, failing open for %s: %s", workload.name, exc)
                 return Ticket(plan, None, 0, {"x-sluice-admission": "fail-open"})
-            raise BedrockError(
+            return BedrockError(
                 "ServiceUnavailableException",
                 f"Sluice's quota store is unreachable and class '{priority}' of workload "
                 f"'{workload.name}' fails closed; retry in {_STORE_DOWN_RETRY_S} s",
                 status=503,
                 headers=retry_headers(_STORE_DOWN_RETRY_S * 1000),
-            ) from None
+            )
         headers = rate_limit_headers(decision)
         if not decision.admitted:
             limit = decision.refused_by or "unknown"
             self.metrics.refused.labels(workload.name, pool.name, priority, limit).inc()
             headers.update(retry_headers(decision.retry_after_ms))
-            raise BedrockError(
+            return BedrockError(
                 "ThrottlingException",
                 refusal_message(workload.name, priority, pool.name, decision),
                 status=429,
