@@ -243,7 +243,17 @@ class RedisStore:
         if not q.admit_busy:
             q.admit_busy = True
             loop.call_soon(self._send_admits, q)
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # Cancelled after the batch delivered a grant but before this task resumed:
+            # the caller never sees the decision, so the store still owns the slot.
+            # (Cancelled earlier, the future is cancelled and _deliver gives it back.)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                decision = fut.result()
+                if decision.admitted and decision.lease is not None:
+                    self.settle(plan, decision.lease, tokens, 0)
+            raise
 
     def _send_admits(self, q: _Queue) -> None:
         if not q.admits:
@@ -424,8 +434,15 @@ class RedisStore:
         _event(logging.ERROR, "store_error", operation="settle", pool=pool, settles=n, error=error)
 
     async def flush(self) -> None:
-        """Wait until every settle queued so far is applied or counted as failed."""
-        while any(q.settles or q.withdraws or q.settle_busy for q in self._queues.values()):
+        """Wait until every settle queued so far is applied or counted as failed.
+
+        Admit batches in flight are waited for too: one whose caller was cancelled meanwhile
+        gives its grant back with a settle, which this then waits for as well.
+        """
+        while any(
+            q.settles or q.withdraws or q.settle_busy or q.admits or q.admit_busy
+            for q in self._queues.values()
+        ):
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
             else:
