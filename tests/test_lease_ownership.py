@@ -7,19 +7,24 @@ After each run the pool's in-flight count (the store's and the gauge) is back to
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp.test_utils import TestServer
 
 from proxy.admission import AdmitPlan, Decision, Store
 from proxy.admission.gate import Gate
+from proxy.app import METRICS, POLICY, PROXY, STORE, Settings, build_app
 from proxy.backend import open_store
 from proxy.config import Policy
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
+from proxy.pipeline import Pipeline
 from proxy.pipeline.admit import Admission
 from proxy.pipeline.cache import open_cache
 from proxy.pipeline.call import Call
@@ -27,7 +32,7 @@ from proxy.pipeline.identify import Caller
 from proxy.pipeline.settle import Settler
 from proxy.policy import CompiledPolicy
 from proxy.routes import match
-from tests.support.admission_helpers import Backend
+from tests.support.admission_helpers import Backend, eventually
 from tests.support.cancellation import run_cancelled_at
 
 SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
@@ -161,3 +166,61 @@ async def test_grant_delivered_to_a_cancelled_caller_goes_back_to_the_store(
         rig.store.settle(plan, decision.lease, 0, 0)
     await rig.assert_nothing_held()
     assert (await rig.store.admit(plan, 0)).admitted  # the one slot is free again
+
+
+def _waiting_on(pipeline: Pipeline) -> int:
+    """Requests waiting on coalesced flights (leaders included)."""
+    return sum(flight.waiters for flight in pipeline.coalescer._flights.values())
+
+
+async def test_coalescing_leader_that_leaves_hands_its_lease_to_the_flight(
+    backend: Backend,
+) -> None:
+    # The pool's only slot is taken, so the leader's flight queues in admission; a
+    # follower joins; the leader's client leaves; then the slot frees. The flight is
+    # admitted for the follower and must settle that grant itself.
+    tag = uuid.uuid4().hex[:8]
+    pool = f"haiku{tag}"
+    policy = Policy.model_validate(
+        {
+            "identity": {"header_mode": True},
+            "models": {pool: {"ids": [HAIKU], "concurrency": 1}},
+            "workloads": {"faq": {"cache": {"ttl_seconds": 60}, "max_wait_ms": 20000}},
+        }
+    )
+    app = build_app(policy, Settings(upstream="simulator", redis_url=backend.url))
+    server = TestServer(app, handler_cancellation=True)
+    await server.start_server()
+    try:
+        store: Any = app[STORE]
+        compiled = app[POLICY]
+        info = compiled.workloads["faq"]
+        plan = compiled.plan(info, compiled.pools[pool], info.priority)
+        blocker = await store.admit(plan, 0)
+        assert blocker.admitted
+        async with aiohttp.ClientSession() as session:
+
+            async def ask() -> tuple[int, dict[str, str]]:
+                async with session.post(
+                    server.make_url(f"/model/{HAIKU}/converse"),
+                    data=BODY,
+                    headers={"x-sluice-workload": "faq", "Content-Type": "application/json"},
+                ) as response:
+                    await response.read()
+                    return response.status, dict(response.headers)
+
+            leader = asyncio.create_task(ask())
+            await eventually(lambda: store.waiting(pool) == 1)
+            follower = asyncio.create_task(ask())
+            await eventually(lambda: _waiting_on(app[PROXY]) == 2)
+            leader.cancel()
+            await eventually(lambda: _waiting_on(app[PROXY]) == 1)
+            store.settle(plan, blocker.lease, 0, 0)
+            status, headers = await asyncio.wait_for(follower, 30)
+        assert status == 200 and headers["x-sluice-coalesced"] == "1"
+        await store.flush()
+        assert (await store.pool_stats(pool))["in_flight"] == 0
+        metrics = app[METRICS].registry
+        assert metrics.get_sample_value("sluice_in_flight", {"pool": pool}) == 0.0
+    finally:
+        await server.close()

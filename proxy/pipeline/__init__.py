@@ -155,7 +155,6 @@ class Pipeline:
         """
 
         async def lead() -> CachedResponse | Refused:
-            call.in_flight_group = True
             try:
                 outcome = await self._run(request, call, route, caller)
             finally:
@@ -165,6 +164,8 @@ class Pipeline:
             return outcome if isinstance(outcome, Refused) else self.respond.to_shared(outcome)
 
         assert call.cache_key is not None
+        # From here a flight runs this call (if it leads) and settles it: not the handler.
+        call.in_flight_group = True
         result, shared = await self.coalescer.run(call.cache_key, lead)
         if isinstance(result, Refused):
             return self.respond.refused(call, result.error)
