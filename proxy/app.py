@@ -19,6 +19,7 @@ from proxy.admission import Store
 from proxy.admission.gate import Gate
 from proxy.admission.waiting import WaitMetrics
 from proxy.backend import open_store
+from proxy.backend.cache import open_cache
 from proxy.config import Policy
 from proxy.control.controller import Adaptivity
 from proxy.credentials import CredentialSource, bearer_token_from_env
@@ -26,7 +27,6 @@ from proxy.errors import error_response
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
-from proxy.pipeline.cache import open_cache
 from proxy.policy import CompiledPolicy, PolicyRef
 from proxy.signing import Credentials
 from proxy.upstream import Upstream, bedrock_url

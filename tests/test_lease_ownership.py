@@ -21,12 +21,12 @@ from proxy.admission import AdmitPlan, Decision, Store
 from proxy.admission.gate import Gate
 from proxy.app import METRICS, POLICY, PROXY, STORE, Settings, build_app
 from proxy.backend import open_store
+from proxy.backend.cache import open_cache
 from proxy.config import Policy
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.pipeline.admit import Admission
-from proxy.pipeline.cache import open_cache
 from proxy.pipeline.call import Call
 from proxy.pipeline.identify import Caller
 from proxy.pipeline.settle import Settler

@@ -29,7 +29,6 @@ import os
 import secrets
 import socket
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any, Final
 
 import orjson
@@ -49,6 +48,7 @@ from proxy.admission.protocol import StoreUnavailable
 from proxy.admission.waiting import WaitMetrics, WaitRoom
 from proxy.admission.waitqueue import WaitTicket
 from proxy.backend.client import redis_client
+from proxy.backend.lua import load_script
 from proxy.backend.wakeups import WakeListener
 from proxy.metrics import Metrics
 
@@ -75,10 +75,6 @@ def _event(level: int, event: str, **fields: object) -> None:
 def _why(exc: BaseException) -> str:
     # redis-py 8's repr() of server errors hides the message; str() alone hides the type.
     return f"{type(exc).__name__}: {exc}"
-
-
-def _load_script(name: str) -> str:
-    return (resources.files("proxy.admission") / "scripts" / f"{name}.lua").read_text("utf-8")
 
 
 class _Queue:
@@ -126,7 +122,7 @@ class RedisStore:
         )
         self._lease_prefix = self.instance_id + ":"
         self._seq = itertools.count(1)
-        self._scripts = {name: _load_script(name) for name in _SCRIPT_NAMES}
+        self._scripts = {name: load_script(name) for name in _SCRIPT_NAMES}
         self._sha: dict[str, str] = {}
         self._queues: dict[str, _Queue] = {}
         self._book = LeaseBook()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from proxy.admission import AdmitPlan
 from proxy.admission.estimate import RequestEstimate, estimate, parse_body, reservation
 from proxy.admission.gate import Gate, retry_headers
 from proxy.control.controller import Adaptivity
@@ -87,23 +88,32 @@ class Admission:
         elif unmetered:
             return ADMITTED
         else:
-            tokens = reservation(
-                call.usage.input_tokens,
-                est.max_tokens or pool.default_max_tokens,
-                pool.output_weight,
-            )
-            got = await self.gate.admit(
-                workload, caller.priority, pool, plan, tokens, max_wait_ms=wl_cfg.max_wait_ms
-            )
-            if not isinstance(got, BedrockError):
-                call.ticket = got  # the call owns the grant from here on
-                self.metrics.in_flight_of(pool.name).inc()
+            got = await self._take(call, caller, pool, plan, est)
+            if got is None:
                 return ADMITTED
             if got.status != 429 or not wl_cfg.degrade:
                 return Refused(got)
             refused = got
         ask = DegradeAsk(policy, route, caller, pool, est, call.usage.input_tokens, call.body, cap)
         return self._degraded(call, await self.degrader.degrade(ask), refused)
+
+    async def _take(
+        self, call: Call, caller: Caller, pool: PoolInfo, plan: AdmitPlan, est: RequestEstimate
+    ) -> BedrockError | None:
+        """Ask the gate for a grant; the call owns it from the step the gate returns it."""
+        workload = caller.workload
+        tokens = reservation(
+            call.usage.input_tokens, est.max_tokens or pool.default_max_tokens, pool.output_weight
+        )
+        max_wait_ms = call.policy.policy.workloads[workload.name].max_wait_ms
+        got = await self.gate.admit(
+            workload, caller.priority, pool, plan, tokens, max_wait_ms=max_wait_ms
+        )
+        if isinstance(got, BedrockError):
+            return got
+        call.ticket = got
+        self.metrics.in_flight_of(pool.name).inc()
+        return None
 
     def _degraded(
         self, call: Call, found: Degraded | BedrockError | None, refused: BedrockError
