@@ -300,40 +300,63 @@ def evaluate(
     When several limits refuse, the one with the longest wait is named, so the retry
     hint is when *all* of them will have room. Nothing is changed here.
     """
+    worst, wait = _pool_refusal(p, tokens, now, v, p_earliest)
+    code, w = _workload_refusal(p, tokens, now, v, w_earliest)
+    if w > wait:  # on a tie the pool's limit is named, as admit.lua does
+        worst, wait = code, w
+    return worst, max(wait, 0.0)
+
+
+def _bucket_wait(
+    tat: float, now: float, rate: float, burst: float, cost: float, share: float
+) -> tuple[int, float]:
+    """A bucket's verdict (0 room, 1 class share out, 2 bucket out) and the wait for room."""
+    lvl = level(tat, now, rate, burst)
+    verdict = bucket_verdict(lvl, cost, burst, share)
+    if not verdict:
+        return 0, -1.0
+    return verdict, bucket_wait_ms(lvl, needed_level(cost, burst, share), rate)
+
+
+def _pool_refusal(
+    p: Params, tokens: float, now: float, v: PoolView, earliest: float | None
+) -> tuple[int, float]:
+    """The pool's (and the class's share of it) longest-waiting refusal: (code, ms) or (0, -1)."""
     worst, wait = 0, -1.0
-    share = p.share
     for code, tat, rate, burst, cost in (
         (POOL_RPM, v.p_rtat, p.p_rrate, p.p_rburst, 1.0),
         (POOL_TPM, v.p_ttat, p.p_trate, p.p_tburst, tokens),
     ):
         if burst > 0:
-            lvl = level(tat, now, rate, burst)
-            verdict = bucket_verdict(lvl, cost, burst, share)
-            if verdict:
-                w = bucket_wait_ms(lvl, needed_level(cost, burst, share), rate)
-                if w > wait:
-                    worst, wait = (code if verdict == 2 else code + 3), w
+            verdict, w = _bucket_wait(tat, now, rate, burst, cost, p.share)
+            if verdict and w > wait:
+                worst, wait = (code if verdict == 2 else code + 3), w
     if v.p_limit >= 0:
-        verdict = conc_verdict(v.p_in, v.p_limit, share)
-        if verdict:
-            w = conc_wait_ms(p_earliest, now)
-            if w > wait:
-                worst, wait = (POOL_CONC if verdict == 2 else CLASS_CONC), w
+        verdict = conc_verdict(v.p_in, v.p_limit, p.share)
+        w = conc_wait_ms(earliest, now) if verdict else -1.0
+        if verdict and w > wait:
+            worst, wait = (POOL_CONC if verdict == 2 else CLASS_CONC), w
+    return worst, wait
+
+
+def _workload_refusal(
+    p: Params, tokens: float, now: float, v: PoolView, earliest: float | None
+) -> tuple[int, float]:
+    """The workload's longest-waiting refusal: (code, ms) or (0, -1)."""
+    worst, wait = 0, -1.0
     for code, tat, rate, burst, cost in (
         (WL_RPM, v.w_rtat, p.w_rrate, p.w_rburst, 1.0),
         (WL_TPM, v.w_ttat, p.w_trate, p.w_tburst, tokens),
     ):
         if burst > 0:
-            lvl = level(tat, now, rate, burst)
-            if bucket_verdict(lvl, cost, burst, 1.0):
-                w = bucket_wait_ms(lvl, needed_level(cost, burst, 1.0), rate)
-                if w > wait:
-                    worst, wait = code, w
+            verdict, w = _bucket_wait(tat, now, rate, burst, cost, 1.0)
+            if verdict and w > wait:
+                worst, wait = code, w
     if p.w_conc >= 0 and v.w_in + 1 > p.w_conc:
-        w = conc_wait_ms(w_earliest, now)
+        w = conc_wait_ms(earliest, now)
         if w > wait:
             worst, wait = WL_CONC, w
-    return worst, max(wait, 0.0)
+    return worst, wait
 
 
 def snapshot(p: Params, now: float, v: PoolView) -> Snapshot:
@@ -420,11 +443,9 @@ def make_decision(
     for c in _candidates(plan, s):
         kind = c[0] % 3  # 1 = requests, 2 = tokens, 0 = concurrency (codes 1..9)
         if kind == 1:
-            if c[2] < rem_req:
-                rem_req = c[2]
+            rem_req = min(rem_req, c[2])
         elif kind == 2:
-            if c[2] < rem_tok:
-                rem_tok = c[2]
+            rem_tok = min(rem_tok, c[2])
         elif c[2] <= max(TIGHT_ROOM, TIGHT_SHARE * c[1]):
             tight = True
         if refused:
