@@ -13,6 +13,7 @@ import itertools
 import time
 from collections.abc import Callable
 
+from proxy.admission.decision import make_decision, snapshot
 from proxy.admission.leases import Group, LeaseBook
 from proxy.admission.model import (
     QUEUE,
@@ -24,10 +25,8 @@ from proxy.admission.model import (
     PoolView,
     effective_limit,
     evaluate,
-    make_decision,
     refund,
     retry_ms,
-    snapshot,
     take,
 )
 from proxy.admission.waiting import WaitMetrics, WaitRoom

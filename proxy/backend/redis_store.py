@@ -35,13 +35,12 @@ import orjson
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from proxy.admission.decision import Snapshot, make_decision
 from proxy.admission.leases import Group, LeaseBook
 from proxy.admission.model import (
     WAIT_NO,
     AdmitPlan,
     Decision,
-    Snapshot,
-    make_decision,
     plan_keys,
 )
 from proxy.admission.protocol import StoreUnavailable
