@@ -148,9 +148,7 @@ class Gate:
         self.metrics.reserved_of(workload.name, pool.name).inc(tokens)
         return Ticket(plan, decision.lease, tokens, headers, decision.tight)
 
-    def settle(
-        self, ticket: Ticket, actual_tokens: int, *, throttled: bool, latency_ms: float
-    ) -> Awaitable[None] | None:
+    def settle(self, ticket: Ticket, actual_tokens: int) -> Awaitable[None] | None:
         """Release the lease and settle real usage (queued, batched by the store).
 
         Returns what to await before answering when the ticket asks for a confirmed release.
@@ -164,7 +162,5 @@ class Gate:
             ticket.lease,
             ticket.reserved_tokens,
             actual_tokens,
-            throttled=throttled,
-            latency_ms=latency_ms,
             confirm=ticket.confirm,
         )

@@ -102,11 +102,11 @@ class Params(NamedTuple):
 class PlanKeys(NamedTuple):
     """Redis key names of one plan; all share the pool's hash tag (one cluster slot)."""
 
-    pool: str  # hash: r, t (bucket TATs), lim (dynamic concurrency limit)
+    #: hash: p = packed <dd> pool rpm/tpm TATs, w:<workload> = packed <dd> workload TATs,
+    #: lim = dynamic concurrency limit, wseq = waiter sequence (see admit.lua)
+    pool: str
     pool_leases: str  # zset: lease id -> expiry ms
-    stats: str  # hash: ring of per-second outcome counters
-    workload: str  # hash: r, t
-    workload_leases: str  # zset
+    workload_leases: str  # zset: lease id -> expiry ms
     waiters: str  # zset: waiter id -> rank * RANK_SPAN + arrival seq (the fleet's queue)
     waiters_exp: str  # zset: waiter id -> expiry ms (reaps a dead instance's waiters)
     channel: str  # pub/sub channel: "capacity may have come back" while waiters exist
@@ -118,8 +118,6 @@ def plan_keys(pool: str, workload: str) -> PlanKeys:
     return PlanKeys(
         f"{base}:pool",
         f"{base}:leases",
-        f"{base}:stats",
-        f"{base}:w:{workload}",
         f"{base}:w:{workload}:leases",
         f"{base}:waiters",
         f"{base}:waiters:exp",

@@ -60,7 +60,7 @@ _Arg = bytes | str | int | float
 _Admit = tuple[AdmitPlan, int, str, WaitTicket | None, "asyncio.Future[Decision]"]
 #: Integers the admit script returns per request.
 _STRIDE: Final = 11
-_Settle = tuple[AdmitPlan, str, int, bool, float]
+_Settle = tuple[AdmitPlan, str, int]
 #: What a failed call can raise (cluster setup errors are not RedisError subclasses).
 _FAILURES: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
 
@@ -333,8 +333,6 @@ class RedisStore:
         reserved_tokens: int,
         actual_tokens: int,
         *,
-        throttled: bool = False,
-        latency_ms: float = 0.0,
         confirm: bool = False,
     ) -> asyncio.Future[None] | None:
         """Queue the settle; it goes out with the others of this pool (see :meth:`flush`).
@@ -347,7 +345,7 @@ class RedisStore:
             self._settle_lost(plan.pool, 1, "store is closed" if self._closed else "not started")
             return None
         q = self._queues.get(plan.pool) or self._queue(plan.pool)
-        q.settles.append((plan, lease, reserved_tokens - actual_tokens, throttled, latency_ms))
+        q.settles.append((plan, lease, reserved_tokens - actual_tokens))
         done = None
         if confirm:
             done = self._loop.create_future()
@@ -394,19 +392,15 @@ class RedisStore:
         confirms: list[asyncio.Future[None]],
     ) -> None:
         groups: dict[int, tuple[AdmitPlan, list[int], list[str]]] = {}
-        throttled, latency = 0, 0.0
-        for plan, lease, amount, thr, lat in batch:
+        for plan, lease, amount in batch:
             g = groups.get(id(plan))
             if g is None:
                 g = groups[id(plan)] = (plan, [0], [])
             g[1][0] += amount
             g[2].append(lease)
-            throttled += thr
-            latency += lat
         k = q.keys
-        keys = [k.pool, k.pool_leases, k.stats, k.waiters, k.waiters_exp]
-        args: list[_Arg] = [len(groups), len(batch), throttled, repr(latency), k.channel]
-        args += (len(gone), *gone)
+        keys = [k.pool, k.pool_leases, k.waiters, k.waiters_exp]
+        args: list[_Arg] = [len(groups), k.channel, len(gone), *gone]
         for plan, total, leases in groups.values():
             keys.append(plan.keys.workload_leases)
             args += (plan.arg, plan.workload, total[0], len(leases), *leases)
@@ -485,15 +479,12 @@ class RedisStore:
             self._errors["control"].inc()
             raise StoreUnavailable(f"redis set_pool_limit failed: {_why(exc)}") from exc
 
-    async def pool_stats(self, pool: str, *, window_s: int = 10) -> dict[str, float]:
-        """See :meth:`Store.pool_stats`; ``window_s`` whole seconds up to now (max 15)."""
+    async def pool_stats(self, pool: str) -> dict[str, float]:
+        """See :meth:`Store.pool_stats`."""
         k = plan_keys(pool, "")
-        r = await self._eval("stats", [k.pool, k.pool_leases, k.stats], [min(window_s, 15)])
+        r = await self._eval("stats", [k.pool, k.pool_leases], [])
         return {
             "in_flight": float(r[1]),
             "dynamic_limit": float(r[2]),
-            "requests": float(r[3]),
-            "throttled": float(r[4]),
-            "latency_ms_sum": r[5] / 1000.0,
             "held_here": float(self._book.count(pool)),
         }
