@@ -89,7 +89,8 @@ class Pipeline:
             # A coalesced flight runs (and settles) this call itself, maybe after we left.
             released = None if call.in_flight_group else self.settler.settle(call)
             self.settler.record(call)
-        await confirmed(released)
+        if released is not None:  # no coroutine made for the common case
+            await confirmed(released)
         return response
 
     async def serve(self, request: web.Request, call: Call) -> web.StreamResponse:
@@ -105,11 +106,6 @@ class Pipeline:
                 return self.respond.refused(call, key.error)
             if key is not None:
                 return await self._coalesced(request, call, route, caller)
-        return await self._admit_and_forward(request, call, route, caller)
-
-    async def _admit_and_forward(
-        self, request: web.Request, call: Call, route: Route, caller: Caller
-    ) -> web.StreamResponse:
         outcome = await self._run(request, call, route, caller)
         if isinstance(outcome, Refused):
             return self.respond.refused(call, outcome.error)
@@ -159,7 +155,8 @@ class Pipeline:
                 outcome = await self._run(request, call, route, caller)
             finally:
                 released = self.settler.settle(call)
-            await confirmed(released)
+            if released is not None:
+                await confirmed(released)
             # A refusal is shared as a value: each waiter answers it under its own id.
             return outcome if isinstance(outcome, Refused) else self.respond.to_shared(outcome)
 

@@ -65,16 +65,16 @@ class Forwarder:
         self, request: web.Request, call: Call, route: Route
     ) -> web.StreamResponse | Refused:
         """Send ``call`` upstream and return the answer to relay (or the refusal to send)."""
-        try:
-            if not route.metered and request.method == "POST":
+        if not route.metered and request.method == "POST":
+            try:
                 parse_body(call.body)  # Bedrock-shaped errors for malformed JSON on every op
-            return await self._forward(request, call, route)
-        except BedrockError as exc:
-            return Refused(exc)
-
-    async def _forward(self, request: web.Request, call: Call, route: Route) -> web.StreamResponse:
+            except BedrockError as exc:
+                return Refused(exc)
         sent = time.perf_counter()
-        upstream = await self._send_with_retries(request, call, route)
+        try:
+            upstream = await self._send_with_retries(request, call, route)
+        except BedrockError as exc:  # the upstream cannot be reached (Upstream.send)
+            return Refused(exc)
         try:
             call.upstream_status = upstream.status
             headers = returnable(upstream.headers)
@@ -82,6 +82,8 @@ class Forwarder:
             if route.streaming and upstream.status == 200:
                 return await self._relay_stream(request, call, upstream, headers, sent)
             data = await self._read_upstream(upstream)
+            if isinstance(data, Refused):
+                return data
             call.upstream_s = time.perf_counter() - sent
             self._account(call, upstream.status, headers, data)
             call.status = upstream.status
@@ -246,22 +248,27 @@ class Forwarder:
             await response.write(exception_frame(kind, _stream_failure(exc)))
             await response.write_eof()
 
-    async def _read_upstream(self, upstream: aiohttp.ClientResponse) -> bytes:
+    async def _read_upstream(self, upstream: aiohttp.ClientResponse) -> bytes | Refused:
         try:
             return await upstream.read()
         except TimeoutError:
-            raise BedrockError(
-                "ModelTimeoutException",
-                f"the upstream {self.upstream.base_url} did not finish the answer within the "
-                "upstream read timeout",
-                status=408,
-            ) from None
+            return Refused(
+                BedrockError(
+                    "ModelTimeoutException",
+                    f"the upstream {self.upstream.base_url} did not finish the answer within "
+                    "the upstream read timeout",
+                    status=408,
+                )
+            )
         except aiohttp.ClientError as exc:
-            raise BedrockError(
-                "ServiceUnavailableException",
-                f"the upstream {self.upstream.base_url} failed mid-answer: {type(exc).__name__}",
-                status=503,
-            ) from None
+            return Refused(
+                BedrockError(
+                    "ServiceUnavailableException",
+                    f"the upstream {self.upstream.base_url} failed mid-answer: "
+                    f"{type(exc).__name__}",
+                    status=503,
+                )
+            )
 
     def _client_left(self, call: Call, upstream: aiohttp.ClientResponse) -> None:
         call.disconnected = True

@@ -24,15 +24,13 @@ from proxy.pipeline.call import Call
 CONFIRM_TIMEOUT_S = 0.5
 
 
-async def confirmed(released: Awaitable[None] | None) -> None:
+async def confirmed(released: Awaitable[None]) -> None:
     """Hold the answer until ``released`` is done, for at most :data:`CONFIRM_TIMEOUT_S`.
 
     Admitted near a concurrency cap: the caller may send its next call (to any
     instance) the moment it has this answer, and that call must not find this one
     still holding a slot. Bounded: a slow store must not hold the answer.
     """
-    if released is None:
-        return
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(CONFIRM_TIMEOUT_S):
             await released
@@ -67,12 +65,7 @@ class Settler:
         if ticket is None or call.pool is None:
             return None
         self.metrics.in_flight_of(call.pool.name).dec()
-        return self.gate.settle(
-            ticket,
-            self._actual_tokens(call),
-            throttled=status == 429,
-            latency_ms=call.upstream_s * 1000,
-        )
+        return self.gate.settle(ticket, self._actual_tokens(call))
 
     @staticmethod
     def _actual_tokens(call: Call) -> int:
