@@ -113,7 +113,7 @@ class PlanKeys(NamedTuple):
 
 
 def plan_keys(pool: str, workload: str) -> PlanKeys:
-    """Key names for ``workload`` on ``pool`` (see the module docstring of ``store``)."""
+    """Key names for ``workload`` on ``pool``; admit.lua's header says what each holds."""
     base = f"{KEY_PREFIX}:{{{pool}}}"
     return PlanKeys(
         f"{base}:pool",
