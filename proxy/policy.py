@@ -221,19 +221,13 @@ class CompiledPolicy:
 
 
 class PolicyRef:
-    """The policy in force. Each request reads :attr:`current` once, when it starts.
-
-    :meth:`swap` installs a new policy for requests that start afterwards; requests in
-    flight finish under the one they started with (a request is decided wholly under
-    one policy).
-    """
+    """The policy in force; a hot reload swaps it, each request reads ``current`` once."""
 
     __slots__ = ("current",)
 
     def __init__(self, current: CompiledPolicy) -> None:
         self.current = current
 
-    def swap(self, new: CompiledPolicy) -> CompiledPolicy:
-        """Make ``new`` current; returns the policy it replaced."""
-        old, self.current = self.current, new
-        return old
+    def swap(self, new: CompiledPolicy) -> None:
+        """Make ``new`` the policy of every request that starts from now on."""
+        self.current = new
