@@ -39,6 +39,8 @@ class Ticket:
     headers: dict[str, str]
     #: Near a concurrency cap: confirm the release before answering (Decision.tight).
     confirm: bool = False
+    #: Settled already: a grant is given back exactly once, however often it is settled.
+    released: bool = False
 
 
 def _quota_unit(binding: str) -> str:
@@ -153,6 +155,9 @@ class Gate:
 
         Returns what to await before answering when the ticket asks for a confirmed release.
         """
+        if ticket.released:
+            return None
+        ticket.released = True
         plan = ticket.plan
         self.metrics.settled_of(plan.workload, plan.pool).inc(actual_tokens)
         if ticket.lease is None:

@@ -54,7 +54,6 @@ class Call:
     coalesced: bool = False
     #: A coalesced flight runs this call (and settles it), not the request's handler.
     in_flight_group: bool = False
-    settled: bool = False
 
 
 class Admitted:

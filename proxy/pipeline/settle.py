@@ -48,10 +48,12 @@ class Settler:
         self.adaptivity = adaptivity
 
     def settle(self, call: Call) -> Awaitable[None] | None:
-        """Release ``call``'s lease with its real usage; a no-op the second time."""
-        if call.settled:
-            return None
-        call.settled = True
+        """Report ``call``'s upstream outcome and release the grant it holds, with real usage.
+
+        A grant is released once however often this runs (``Ticket.released``); a stage
+        that re-admits mid-call (a downgrade after an upstream throttle) settles, then
+        stores the new grant on the call, which this releases in turn.
+        """
         status = call.upstream_status
         if self.adaptivity is not None and status is not None and call.pool is not None:
             self.adaptivity.observe(
@@ -62,7 +64,7 @@ class Settler:
                 server_error=status >= 500,
             )
         ticket = call.ticket
-        if ticket is None or call.pool is None:
+        if ticket is None or ticket.released or call.pool is None:
             return None
         self.metrics.in_flight_of(call.pool.name).dec()
         return self.gate.settle(ticket, self._actual_tokens(call))
