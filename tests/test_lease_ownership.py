@@ -148,6 +148,27 @@ async def test_cancelling_admit_at_any_await_point_leaves_no_lease(
         assert injected >= 1  # a Redis admit always suspends at least once
 
 
+async def test_a_grant_is_given_back_once_and_a_new_grant_on_the_call_in_turn(
+    rig: Rig,
+) -> None:
+    # A stage that re-admits mid-call (downgrade after a throttle, another tier) settles,
+    # then stores the new grant on the call: the final settle must release that one, and
+    # settling twice must not give anything back twice.
+    caller = rig.caller("direct")
+    call = Call("req", 0.0, rig.policy, route=rig.route, caller=caller, body=BODY)
+    await rig.admission.admit(call, rig.route, caller)
+    first = call.ticket
+    assert first is not None
+    rig.settler.settle(call)
+    rig.settler.settle(call)
+    await rig.admission.admit(call, rig.route, caller)  # sonnet's one slot is free again
+    assert call.ticket is not None and call.ticket is not first
+    rig.settler.settle(call)
+    await rig.assert_nothing_held()
+    gauge = rig.metrics.registry.get_sample_value("sluice_in_flight", {"pool": f"sonnet{rig.tag}"})
+    assert gauge == 0.0  # not -1: the first grant was counted back once
+
+
 async def test_grant_delivered_to_a_cancelled_caller_goes_back_to_the_store(
     rig: Rig, backend: Backend
 ) -> None:
