@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cache_warm(args: argparse.Namespace) -> int:
-    from proxy.pipeline.cache import open_cache
+    from proxy.backend.cache import open_cache
     from proxy.pipeline.warm import warm
 
     if not args.redis_url:

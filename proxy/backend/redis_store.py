@@ -30,20 +30,18 @@ import secrets
 import socket
 from collections.abc import Callable, Sequence
 from functools import partial
-from importlib import resources
 from typing import Any, Final
 
 import orjson
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from proxy.admission.decision import Snapshot, make_decision
 from proxy.admission.leases import Group, LeaseBook
 from proxy.admission.model import (
     WAIT_NO,
     AdmitPlan,
     Decision,
-    Snapshot,
-    make_decision,
     plan_keys,
 )
 from proxy.admission.protocol import StoreUnavailable
@@ -51,6 +49,7 @@ from proxy.admission.waiting import WaitMetrics, WaitRoom
 from proxy.admission.waitqueue import WaitTicket
 from proxy.backend.client import redis_client
 from proxy.backend.late import outlive
+from proxy.backend.lua import load_script
 from proxy.backend.wakeups import WakeListener
 from proxy.metrics import Metrics
 
@@ -63,7 +62,7 @@ _Arg = bytes | str | int | float
 _Admit = tuple[AdmitPlan, int, str, WaitTicket | None, "asyncio.Future[Decision]"]
 #: Integers the admit script returns per request.
 _STRIDE: Final = 11
-_Settle = tuple[AdmitPlan, str, int, bool, float]
+_Settle = tuple[AdmitPlan, str, int]
 #: What a failed call can raise (cluster setup errors are not RedisError subclasses).
 _FAILURES: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
 
@@ -77,10 +76,6 @@ def _event(level: int, event: str, **fields: object) -> None:
 def _why(exc: BaseException) -> str:
     # redis-py 8's repr() of server errors hides the message; str() alone hides the type.
     return f"{type(exc).__name__}: {exc}"
-
-
-def _load_script(name: str) -> str:
-    return (resources.files("proxy.admission") / "scripts" / f"{name}.lua").read_text("utf-8")
 
 
 class _Queue:
@@ -128,7 +123,7 @@ class RedisStore:
         )
         self._lease_prefix = self.instance_id + ":"
         self._seq = itertools.count(1)
-        self._scripts = {name: _load_script(name) for name in _SCRIPT_NAMES}
+        self._scripts = {name: load_script(name) for name in _SCRIPT_NAMES}
         self._sha: dict[str, str] = {}
         self._queues: dict[str, _Queue] = {}
         self._book = LeaseBook()
@@ -261,7 +256,17 @@ class RedisStore:
         if not q.admit_busy:
             q.admit_busy = True
             loop.call_soon(self._send_admits, q)
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # Cancelled after the batch delivered a grant but before this task resumed:
+            # the caller never sees the decision, so the store still owns the slot.
+            # (Cancelled earlier, the future is cancelled and _deliver gives it back.)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                decision = fut.result()
+                if decision.admitted and decision.lease is not None:
+                    self.settle(plan, decision.lease, tokens, 0)
+            raise
 
     def _send_admits(self, q: _Queue) -> None:
         if not q.admits:
@@ -355,8 +360,6 @@ class RedisStore:
         reserved_tokens: int,
         actual_tokens: int,
         *,
-        throttled: bool = False,
-        latency_ms: float = 0.0,
         confirm: bool = False,
     ) -> asyncio.Future[None] | None:
         """Queue the settle; it goes out with the others of this pool (see :meth:`flush`).
@@ -369,7 +372,7 @@ class RedisStore:
             self._settle_lost(plan.pool, 1, "store is closed" if self._closed else "not started")
             return None
         q = self._queues.get(plan.pool) or self._queue(plan.pool)
-        q.settles.append((plan, lease, reserved_tokens - actual_tokens, throttled, latency_ms))
+        q.settles.append((plan, lease, reserved_tokens - actual_tokens))
         done = None
         if confirm:
             done = self._loop.create_future()
@@ -416,19 +419,15 @@ class RedisStore:
         confirms: list[asyncio.Future[None]],
     ) -> None:
         groups: dict[int, tuple[AdmitPlan, list[int], list[str]]] = {}
-        throttled, latency = 0, 0.0
-        for plan, lease, amount, thr, lat in batch:
+        for plan, lease, amount in batch:
             g = groups.get(id(plan))
             if g is None:
                 g = groups[id(plan)] = (plan, [0], [])
             g[1][0] += amount
             g[2].append(lease)
-            throttled += thr
-            latency += lat
         k = q.keys
-        keys = [k.pool, k.pool_leases, k.stats, k.waiters, k.waiters_exp]
-        args: list[_Arg] = [len(groups), len(batch), throttled, repr(latency), k.channel]
-        args += (len(gone), *gone)
+        keys = [k.pool, k.pool_leases, k.waiters, k.waiters_exp]
+        args: list[_Arg] = [len(groups), k.channel, len(gone), *gone]
         for plan, total, leases in groups.values():
             keys.append(plan.keys.workload_leases)
             args += (plan.arg, plan.workload, total[0], len(leases), *leases)
@@ -451,8 +450,15 @@ class RedisStore:
         _event(logging.ERROR, "store_error", operation="settle", pool=pool, settles=n, error=error)
 
     async def flush(self) -> None:
-        """Wait until every settle queued so far is applied or counted as failed."""
-        while any(q.settles or q.withdraws or q.settle_busy for q in self._queues.values()):
+        """Wait until every settle queued so far is applied or counted as failed.
+
+        Admit batches in flight are waited for too: one whose caller was cancelled meanwhile
+        gives its grant back with a settle, which this then waits for as well.
+        """
+        while any(
+            q.settles or q.withdraws or q.settle_busy or q.admits or q.admit_busy
+            for q in self._queues.values()
+        ):
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
             else:
@@ -500,15 +506,12 @@ class RedisStore:
             self._errors["control"].inc()
             raise StoreUnavailable(f"redis set_pool_limit failed: {_why(exc)}") from exc
 
-    async def pool_stats(self, pool: str, *, window_s: int = 10) -> dict[str, float]:
-        """See :meth:`Store.pool_stats`; ``window_s`` whole seconds up to now (max 15)."""
+    async def pool_stats(self, pool: str) -> dict[str, float]:
+        """See :meth:`Store.pool_stats`."""
         k = plan_keys(pool, "")
-        r = await self._eval("stats", [k.pool, k.pool_leases, k.stats], [min(window_s, 15)])
+        r = await self._eval("stats", [k.pool, k.pool_leases], [])
         return {
             "in_flight": float(r[1]),
             "dynamic_limit": float(r[2]),
-            "requests": float(r[3]),
-            "throttled": float(r[4]),
-            "latency_ms_sum": r[5] / 1000.0,
             "held_here": float(self._book.count(pool)),
         }

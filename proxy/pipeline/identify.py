@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from proxy.errors import BedrockError
 from proxy.policy import CompiledPolicy, WorkloadInfo, token_digest
-from proxy.signing import parse_authorization, verify
+from proxy.verification import parse_authorization, verify
 
 WORKLOAD_HEADER = "x-sluice-workload"
 PRIORITY_HEADER = "x-sluice-priority"

@@ -182,43 +182,34 @@ def _bad_header_bytes(rng: random.Random) -> Case:
 
 def _parser_error(rng: random.Random) -> Case:
     body = converse_body(rng, 16)
-    choice = rng.randrange(12)
-    if choice == 0:
-        data = request("POST", _path(), body, raw_headers=b"Content-Length: 3\r\n")
-    elif choice == 1:
-        data = request("GET", "/healthz", headers=[("X-Long", "a" * rng.randint(8200, 20000))])
-    elif choice == 2:
-        data = request("GET", "/" + "a" * rng.randint(8200, 20000))
-    elif choice == 3:
-        data = b"G\x01T / HTTP/1.1\r\nHost: x\r\n\r\n"
-    elif choice == 4:
-        data = rng.choice(
+    # One malformed request per entry; each one a different rejection of aiohttp's parser.
+    makers: tuple[Callable[[], bytes], ...] = (
+        lambda: request("POST", _path(), body, raw_headers=b"Content-Length: 3\r\n"),
+        lambda: request("GET", "/healthz", headers=[("X-Long", "a" * rng.randint(8200, 20000))]),
+        lambda: request("GET", "/" + "a" * rng.randint(8200, 20000)),
+        lambda: b"G\x01T / HTTP/1.1\r\nHost: x\r\n\r\n",
+        lambda: rng.choice(
             (b"GET / HTTP/9.9\r\n\r\n", b"GET / HTTP/1.1.1\r\n\r\n", b"GET /\r\n\r\n")
-        )
-    elif choice == 5:
-        n = rng.choice((129, 500, 10_000))
-        data = request(
-            "GET", "/healthz", raw_headers=b"".join(b"X-%d: y\r\n" % i for i in range(n))
-        )
-    elif choice == 6:
-        data = request("POST", _path(), body, raw_headers=b"X-Ctl: a\x01\x7fb" + b"\r\n")
-    elif choice == 7:
-        data = request(
+        ),
+        lambda: request(
+            "GET",
+            "/healthz",
+            raw_headers=b"".join(b"X-%d: y\r\n" % i for i in range(rng.choice((129, 500, 10_000)))),
+        ),
+        lambda: request("POST", _path(), body, raw_headers=b"X-Ctl: a\x01\x7fb" + b"\r\n"),
+        lambda: request(
             "POST",
             _path(),
             b"zz\r\n" + body + b"\r\n0\r\n\r\n",
             [("Transfer-Encoding", "chunked")],
             length=False,
-        )
-    elif choice == 8:
-        data = request("POST", _path(), body, raw_headers=b"Transfer-Encoding: chunked\r\n")
-    elif choice == 9:
-        data = request("POST", _path(), body, length=False, raw_headers=b"Content-Length: -5\r\n")
-    elif choice == 10:
-        data = request("POST", _path(), body, length=False, raw_headers=b"Content-Length: 1x\r\n")
-    else:
-        data = request("POST", _path(), body, raw_headers=b"Bad Name: v\r\n")
-    return Case("parser_error", data)
+        ),
+        lambda: request("POST", _path(), body, raw_headers=b"Transfer-Encoding: chunked\r\n"),
+        lambda: request("POST", _path(), body, length=False, raw_headers=b"Content-Length: -5\r\n"),
+        lambda: request("POST", _path(), body, length=False, raw_headers=b"Content-Length: 1x\r\n"),
+        lambda: request("POST", _path(), body, raw_headers=b"Bad Name: v\r\n"),
+    )
+    return Case("parser_error", makers[rng.randrange(len(makers))]())
 
 
 def _odd_path(rng: random.Random) -> Case:
