@@ -33,90 +33,13 @@ from proxy.backend.client import redis_client
 from proxy.jobs.queue import GROUP, BatchMeta, Claimed, DeadLetter, QueueUnavailable, Stream
 from proxy.jobs.queue import pool_of as _pool_of
 from proxy.jobs.records import Record
+from proxy.jobs.scripts import CLAIM, FINISH, HAS_WORK, RENEW, REPLAY
 
 log = logging.getLogger("sluice.jobs")
 T = TypeVar("T")
 _STREAMS = "sluice:jobs:streams"
 _BATCHES = "sluice:jobs:batches"
 _CHUNK = 2000
-
-_CLAIM = """
-local id, fields
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', 1)
-if #p > 0 then
-  local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], p[1][1])
-  if #c > 0 and c[1] then id = c[1][1]; fields = c[1][2]
-  else redis.call('XACK', KEYS[1], ARGV[1], p[1][1]) end
-end
-if not id then
-  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
-  if r and r[1] and #r[1][2] > 0 then id = r[1][2][1][1]; fields = r[1][2][1][2] end
-end
-if not id then return false end
-return {id, fields, redis.call('HINCRBY', KEYS[2], id, 1)}
-"""
-
-_HAS_WORK = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if #redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[2], '-', '+', 1) > 0 then return 1 end
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local name, last
-  for i = 1, #g, 2 do
-    if g[i] == 'name' then name = g[i + 1] end
-    if g[i] == 'last-delivered-id' then last = g[i + 1] end
-  end
-  if name == ARGV[1] then
-    return #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
-  end
-end
-return 0
-"""
-
-_RENEW = """
-local kept = {}
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if #p > 0 and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-    kept[#kept + 1] = ARGV[i]
-  end
-end
-return kept
-"""
-
-# KEYS: stream att batch out rate [dlq dlqn]; ARGV: group id recordId line outcome in out
-# [dlq_id dlq_json count_field]. The line is written only if none exists: exactly one per record.
-_FINISH = """
-local new = 0
-if ARGV[5] ~= 'skip' then
-  new = redis.call('HSETNX', KEYS[4], ARGV[3], ARGV[4])
-  if new == 1 then
-    redis.call('HINCRBY', KEYS[3], ARGV[5], 1)
-    redis.call('HINCRBY', KEYS[3], 'in_tok', ARGV[6])
-    redis.call('HINCRBY', KEYS[3], 'out_tok', ARGV[7])
-    local b = math.floor(tonumber(redis.call('TIME')[1]) / 10)
-    redis.call('HINCRBY', KEYS[5], b, 1)
-    redis.call('HDEL', KEYS[5], b - 7)
-    redis.call('EXPIRE', KEYS[5], 600)
-    if #KEYS > 5 then
-      redis.call('HSET', KEYS[6], ARGV[8], ARGV[9])
-      redis.call('HINCRBY', KEYS[7], ARGV[10], 1)
-    end
-  end
-end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('HDEL', KEYS[2], ARGV[2])
-return new
-"""
-
-# KEYS: dlq dlqn out batch stream; ARGV: dlq_id recordId count_field, then XADD fields.
-_REPLAY = """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return false end
-redis.call('HINCRBY', KEYS[2], ARGV[3], -1)
-if redis.call('HDEL', KEYS[3], ARGV[2]) == 1 then redis.call('HINCRBY', KEYS[4], 'err', -1) end
-return redis.call('XADD', KEYS[5], '*', unpack(ARGV, 4))
-"""
 
 
 def _tag(pool: str) -> str:
@@ -167,11 +90,11 @@ class RedisQueue:
         self._scripts: dict[str, Any] = {
             name: self._client.register_script(src)
             for name, src in (
-                ("claim", _CLAIM),
-                ("renew", _RENEW),
-                ("has_work", _HAS_WORK),
-                ("finish", _FINISH),
-                ("replay", _REPLAY),
+                ("claim", CLAIM),
+                ("renew", RENEW),
+                ("has_work", HAS_WORK),
+                ("finish", FINISH),
+                ("replay", REPLAY),
             )
         }
 
