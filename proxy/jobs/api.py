@@ -186,6 +186,13 @@ async def listing(request: web.Request) -> web.Response:
     """The caller's batches, newest first."""
     try:
         caller = _caller(request)
+        asked = request.query.get("workload", caller.workload.name)
+        if asked != caller.workload.name:
+            raise BedrockError(
+                "AccessDeniedException",
+                f"workload '{caller.workload.name}' may not list the batches of '{asked[:64]}'",
+                status=403,
+            )
     except BedrockError as exc:
         return _refuse(request, exc)
     jobs = _jobs(request)
