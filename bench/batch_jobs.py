@@ -104,6 +104,7 @@ async def _producer(stack: Stack, spec: dict[str, Any], state: dict[str, Any], u
         state["producer"][str(code)] += 1
         if code == 202:
             state["ids"].append(json.loads(raw)["batchId"])
+            state["records"][state["ids"][-1]] = recs
         else:
             state["retry_after"].append(int(headers.get("Retry-After", 0)))
         await asyncio.sleep(inflow["every_seconds"])
@@ -194,6 +195,22 @@ def _check_outputs(stack: Stack, spec: dict[str, Any], state: dict[str, Any]) ->
     }  # fmt: skip
 
 
+def _count_in_redis(stack: Stack, spec: dict[str, Any], state: dict[str, Any]) -> dict[str, int]:
+    """With every instance stopped: output lines + records still queued vs records submitted."""
+    for s in stack.sluices:
+        s.stop()
+    pool, wl = "haiku", spec["batch"]["workload"]
+    queued = int(stack.redis.cli("xlen", f"sluice:{{{pool}}}:jobs:{wl}").strip() or 0)
+    if spec.get("bad_records"):
+        queued += int(stack.redis.cli("xlen", f"sluice:{{_other}}:jobs:{wl}").strip() or 0)
+    lines = 0
+    for bid in state["records"]:
+        bpool = bid.split(":", 1)[0]
+        lines += int(stack.redis.cli("hlen", f"sluice:{{{bpool}}}:batch:{bid}:out").strip() or 0)
+    submitted = sum(len(r) for r in state["records"].values())
+    return {"submitted": submitted, "queued_at_end": queued, "lost": submitted - lines - queued}
+
+
 async def run_scenario(name: str, workdir: Path) -> dict[str, Any]:
     spec = yaml.safe_load((BENCH / "scenarios" / f"{name}.jobs.yaml").read_text())
     stack = Stack(name, spec["instances"], workdir)
@@ -207,6 +224,8 @@ async def run_scenario(name: str, workdir: Path) -> dict[str, Any]:
             await _phase(stack, spec, phase, state)
         await asyncio.sleep(1.0)
         checks = await asyncio.to_thread(_check_outputs, stack, spec, state)
+        sampler.cancel()
+        checks.update(_count_in_redis(stack, spec, state))
     finally:
         sampler.cancel()
         stack.close()

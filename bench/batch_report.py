@@ -60,8 +60,9 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
     """What the issue's targets ask about, one line each."""
     c = doc["checks"]
     out = [
-        f"- output lines {c['output_lines']}, duplicated {c['duplicates']}, "
-        f"missing {c['missing']}; dead letters by reason {c['dlq_by_reason'] or 'none'}",
+        f"- records submitted {c.get('submitted', '?')}, output lines {c['output_lines']}, "
+        f"duplicated {c['duplicates']}, still queued at the end {c.get('queued_at_end', '?')}, "
+        f"lost {c.get('lost', '?')}; dead letters by reason {c['dlq_by_reason'] or 'none'}",
         f"- attempts by reason {c['attempts_by_reason']}; succeeded per instance "
         f"{[int(x) for x in c['succeeded_per_instance']]}",
     ]
