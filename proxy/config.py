@@ -239,6 +239,8 @@ class Jobs(_Strict):
     lease_seconds: PositiveFloat = 30.0
     #: The embedded store's file when Sluice runs without Redis (created on first submit).
     sqlite_path: str = "sluice-jobs.sqlite3"
+    #: Largest JSONL body one submit may send (it is held in memory while it is validated).
+    max_submit_bytes: PositiveInt = 256 * 1024 * 1024
 
 
 class Server(_Strict):

@@ -215,7 +215,8 @@ def test_malformed_jsonl_is_refused_whole_with_its_line_number(
 ) -> None:
     redis = redis_factory()
     sim = make_simulator({"latency_scale": 0.02})
-    sluice = make_sluice(upstream=sim.url, policy=jobs_policy(), redis_url=redis.url)
+    policy = jobs_policy(jobs={"max_submit_bytes": 8192})
+    sluice = make_sluice(upstream=sim.url, policy=policy, redis_url=redis.url)
     good = jsonl([record(0), record(1)])
     for body, expected in (
         (good + b'{"recordId": "x"}\n', "line 3: modelInput missing"),
@@ -226,6 +227,9 @@ def test_malformed_jsonl_is_refused_whole_with_its_line_number(
         assert code == 400, raw
         assert headers["x-amzn-ErrorType"].startswith("ValidationException")
         assert expected in json.loads(raw)["message"]
+    big = jsonl([record(i) for i in range(100)])
+    code, _, raw = call(sluice.url, "POST", f"/batches?modelId={HAIKU}", body=big)
+    assert code == 413 and "server.jobs.max_submit_bytes (8192 bytes)" in json.loads(raw)["message"]
     code, _, raw = call(sluice.url, "GET", "/batches")
     assert json.loads(raw) == {"batches": []}  # nothing was queued
     assert redis.cli("keys", "*jobs*").strip() == ""

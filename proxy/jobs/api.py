@@ -142,12 +142,29 @@ async def _check_room(jobs: Jobs, workload: str, incoming: int) -> None:
     )
 
 
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole JSONL body, streamed in chunks (not capped by ``server.max_body_bytes``)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            raise BedrockError(
+                "ValidationException",
+                f"batch body is larger than server.jobs.max_submit_bytes ({limit} bytes); "
+                "split it",
+                status=413,
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def submit(request: web.Request) -> web.Response:
     """POST a Bedrock batch JSONL body; 202 once every record is durable."""
     jobs = _jobs(request)
     workload = "-"
     try:
-        body = await request.content.read()
+        body = await _read_body(request, jobs.policy.policy.server.jobs.max_submit_bytes)
         caller = _caller(request, body)
         workload = caller.workload.name
         model, invocation = _resolve_submit(jobs.policy, request, caller)
