@@ -151,8 +151,7 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         if size > limit:
             raise BedrockError(
                 "ValidationException",
-                f"batch body is larger than server.jobs.max_submit_bytes ({limit} bytes); "
-                "split it",
+                f"batch body is larger than server.jobs.max_submit_bytes ({limit} bytes); split it",
                 status=413,
             )
         chunks.append(chunk)

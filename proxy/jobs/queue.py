@@ -177,6 +177,17 @@ class JobQueue(Protocol):
         wrote the line (so counts move exactly once per recordId).
         """
 
+    async def complete_and_claim(
+        self,
+        claimed: Claimed,
+        line: bytes,
+        tokens: tuple[int, int],
+        consumer: str,
+        lease_ms: int,
+    ) -> tuple[bool, Claimed | None]:
+        """:meth:`complete` a success and :meth:`claim` the stream's next record together
+        (the caller already holds the next record's admission)."""
+
     async def dead_letter(self, claimed: Claimed, entry: DeadLetter, line: bytes) -> bool:
         """Like :meth:`complete` with an error line, and keep ``entry`` for replay."""
 

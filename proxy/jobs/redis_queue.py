@@ -33,7 +33,7 @@ from proxy.backend.client import redis_client
 from proxy.jobs.queue import GROUP, BatchMeta, Claimed, DeadLetter, QueueUnavailable, Stream
 from proxy.jobs.queue import pool_of as _pool_of
 from proxy.jobs.records import Record
-from proxy.jobs.scripts import CLAIM, FINISH, HAS_WORK, RENEW, REPLAY
+from proxy.jobs.scripts import CLAIM, FINISH, FINISH_NEXT, HAS_WORK, RENEW, REPLAY
 
 log = logging.getLogger("sluice.jobs")
 T = TypeVar("T")
@@ -76,6 +76,24 @@ def _meta(batch_id: str, h: dict[Any, Any]) -> BatchMeta:
     )
 
 
+def _claimed(stream: Stream, res: Any) -> Claimed | None:
+    """The claim script's reply ({id, flat fields, attempts} or nil) as a :class:`Claimed`."""
+    if not res:
+        return None
+    entry_id, flat, attempts = res
+    fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+    model = fields.get("m")
+    return Claimed(
+        stream=stream,
+        entry_id=_text(entry_id),
+        batch_id=_text(fields["b"]),
+        record_id=_text(fields["r"]),
+        model_input=bytes(fields["i"]),
+        model=_text(model) if model else None,
+        attempts=int(attempts),
+    )
+
+
 def _dead_letter(raw: bytes | str) -> DeadLetter:
     return DeadLetter.from_json(orjson.loads(raw))
 
@@ -94,6 +112,7 @@ class RedisQueue:
                 ("renew", RENEW),
                 ("has_work", HAS_WORK),
                 ("finish", FINISH),
+                ("finish_next", FINISH_NEXT),
                 ("replay", REPLAY),
             )
         }
@@ -166,20 +185,22 @@ class RedisQueue:
             self._scripts["claim"](keys=[key, key + ":att"], args=[GROUP, consumer, lease_ms]),
             "claim",
         )
-        if not res:
-            return None
-        entry_id, flat, attempts = res
-        fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
-        model = fields.get("m")
-        return Claimed(
-            stream=stream,
-            entry_id=_text(entry_id),
-            batch_id=_text(fields["b"]),
-            record_id=_text(fields["r"]),
-            model_input=bytes(fields["i"]),
-            model=_text(model) if model else None,
-            attempts=int(attempts),
+        return _claimed(stream, res)
+
+    async def complete_and_claim(
+        self,
+        claimed: Claimed,
+        line: bytes,
+        tokens: tuple[int, int],
+        consumer: str,
+        lease_ms: int,
+    ) -> tuple[bool, Claimed | None]:
+        """One script: finish ``claimed`` as succeeded and claim the stream's next record."""
+        args = [GROUP, claimed.entry_id, claimed.record_id, line, "ok", *tokens, consumer, lease_ms]
+        new, res = await self._call(
+            self._scripts["finish_next"](keys=self._finish_keys(claimed), args=args), "complete"
         )
+        return bool(new), _claimed(claimed.stream, res)
 
     async def has_work(self, stream: Stream, lease_ms: int) -> bool:
         """Undelivered entries after the group's last-delivered id, or an expired lease."""

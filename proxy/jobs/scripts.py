@@ -5,23 +5,27 @@ KEYS and ARGV are documented at each script; :mod:`proxy.jobs.redis_queue` calls
 
 from __future__ import annotations
 
+_CLAIM_FN = """
+local function claim(stream, att, group, consumer, lease_ms)
+  local id, fields
+  local p = redis.call('XPENDING', stream, group, 'IDLE', lease_ms, '-', '+', 1)
+  if #p > 0 then
+    local c = redis.call('XCLAIM', stream, group, consumer, lease_ms, p[1][1])
+    if #c > 0 and c[1] then id = c[1][1]; fields = c[1][2]
+    else redis.call('XACK', stream, group, p[1][1]) end
+  end
+  if not id then
+    local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', stream, '>')
+    if r and r[1] and #r[1][2] > 0 then id = r[1][2][1][1]; fields = r[1][2][1][2] end
+  end
+  if not id then return false end
+  return {id, fields, redis.call('HINCRBY', att, id, 1)}
+end
+"""
+
 # KEYS: stream att; ARGV: group consumer lease_ms. An entry idle past the lease (its worker
 # died) first, else the next new one; the attempt is counted in the same call.
-CLAIM = """
-local id, fields
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', 1)
-if #p > 0 then
-  local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], p[1][1])
-  if #c > 0 and c[1] then id = c[1][1]; fields = c[1][2]
-  else redis.call('XACK', KEYS[1], ARGV[1], p[1][1]) end
-end
-if not id then
-  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
-  if r and r[1] and #r[1][2] > 0 then id = r[1][2][1][1]; fields = r[1][2][1][2] end
-end
-if not id then return false end
-return {id, fields, redis.call('HINCRBY', KEYS[2], id, 1)}
-"""
+CLAIM = _CLAIM_FN + "return claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])"
 
 # KEYS: stream; ARGV: group lease_ms. 1 when an entry waits after the group's last-delivered
 # id or one is idle past the lease: lets idle workers look without asking admission.
@@ -57,7 +61,8 @@ return kept
 
 # KEYS: stream att batch out rate [dlq dlqn]; ARGV: group id recordId line outcome in out
 # [dlq_id dlq_json count_field]. The line is written only if none exists: exactly one per record.
-FINISH = """
+_FINISH_FN = """
+local function finish()
 local new = 0
 if ARGV[5] ~= 'skip' then
   new = redis.call('HSETNX', KEYS[4], ARGV[3], ARGV[4])
@@ -79,7 +84,18 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('HDEL', KEYS[2], ARGV[2])
 return new
+end
 """
+FINISH = _FINISH_FN + "return finish()"
+
+# FINISH (without a dead letter) and CLAIM of the next record in one round trip, for a worker
+# that already holds the next record's admission. KEYS as FINISH; ARGV as FINISH, then
+# consumer lease_ms. Returns {new, claimed or false}.
+FINISH_NEXT = (
+    _CLAIM_FN
+    + _FINISH_FN
+    + "local new = finish()\nreturn {new, claim(KEYS[1], KEYS[2], ARGV[1], ARGV[8], ARGV[9])}"
+)
 
 # KEYS: dlq dlqn out batch stream; ARGV: dlq_id recordId count_field, then XADD fields.
 REPLAY = """

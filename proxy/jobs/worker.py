@@ -119,11 +119,7 @@ class Worker:
         if workload is None:
             self._idle(stream)  # the policy no longer has this workload: leave its records
             return
-        pool = self._stream_pool(stream)
-        tokens = self._estimates.get(stream) or reservation(
-            0, pool.default_max_tokens, pool.output_weight
-        )
-        got = await self.admission.try_admit(workload, pool, tokens)
+        got = await self.admission.try_admit(workload, *self._stream_ask(stream))
         if not isinstance(got, Grant):
             await asyncio.sleep(got)
             return
@@ -136,11 +132,23 @@ class Worker:
             self.admission.settle(got, 0)
             self._idle(stream)
             return
-        self._held[stream].add(claimed.entry_id)
-        try:
-            await self._process(claimed, got)
-        finally:
-            self._held[stream].discard(claimed.entry_id)
+        held: tuple[Claimed, Grant] | None = (claimed, got)
+        while held is not None:
+            claimed, got = held
+            self._held[stream].add(claimed.entry_id)
+            try:
+                held = await self._process(claimed, got)
+            finally:
+                self._held[stream].discard(claimed.entry_id)
+
+    def _stream_ask(self, stream: Stream) -> tuple[PoolInfo, int]:
+        """The pool to admit a stream's next record on, and the tokens to reserve for it
+        (the last record's reservation; settle corrects it with the real usage)."""
+        pool = self._stream_pool(stream)
+        tokens = self._estimates.get(stream) or reservation(
+            0, pool.default_max_tokens, pool.output_weight
+        )
+        return pool, tokens
 
     def _idle(self, stream: Stream) -> None:
         if stream in self._active:
@@ -156,13 +164,14 @@ class Worker:
             self._metas[batch_id] = (now, meta)
         return meta
 
-    async def _process(self, c: Claimed, grant: Grant) -> None:
+    async def _process(self, c: Claimed, grant: Grant) -> tuple[Claimed, Grant] | None:
+        """Call, retry, finish or dead-letter one record; may hand back the next one, held."""
         meta = await self._meta(c.batch_id)
         if meta is None or meta.cancelled:
             self.admission.settle(grant, 0)
             await self.queue.complete(c, None, False, (0, 0))
             self.metrics.records.labels(c.stream.workload, "cancelled").inc()
-            return
+            return None
         model = c.model or meta.model
         workload = self.policy.workloads[c.stream.workload]
         rule = self.policy.policy.workloads[workload.name].batch
@@ -176,7 +185,7 @@ class Worker:
             await self._dead(
                 c, meta, model, exc.error_type, exc.error_type, exc.message, c.attempts
             )
-            return
+            return None
         tokens = reservation(
             est.input_tokens, est.max_tokens or pool.default_max_tokens, pool.output_weight
         )
@@ -192,23 +201,47 @@ class Worker:
             self._settle(grant, pool, out)
             if out.status == 200:
                 line = success_line(c.record_id, c.model_input, out.body)
-                tokens_used = (out.usage.input_tokens, out.usage.output_tokens)
-                if await self.queue.complete(c, line, True, tokens_used):
-                    self.metrics.records.labels(workload.name, "succeeded").inc()
-                return
+                return await self._succeed(
+                    c, line, (out.usage.input_tokens, out.usage.output_tokens)
+                )
             if not is_retryable(out.status, out.error_type):
                 await self._dead(c, meta, model, out.code, out.code, out.message, attempts)
-                return
+                return None
             if attempts >= rule.max_attempts:
                 await self._dead(
                     c, meta, model, "retries_exhausted", out.code, out.message, attempts
                 )
-                return
+                return None
             await asyncio.sleep(
                 backoff_s(attempts, rule.base_backoff_ms, rule.max_backoff_ms, self._rng)
             )
             attempts, reason = await self.queue.next_attempt(c), out.code
             grant = await self.admission.admit(workload, pool, tokens)
+
+    async def _succeed(
+        self, c: Claimed, line: bytes, used: tuple[int, int]
+    ) -> tuple[Claimed, Grant] | None:
+        """Write the line; when admission already says yes to the stream's next record, take
+        that record in the same round trip (finish + claim) and hand it back."""
+        workload = self.policy.workloads[c.stream.workload]
+        got = await self.admission.try_admit(workload, *self._stream_ask(c.stream))
+        nxt: Claimed | None = None
+        if not isinstance(got, Grant):
+            new = await self.queue.complete(c, line, True, used)
+        else:
+            try:
+                new, nxt = await self.queue.complete_and_claim(
+                    c, line, used, self.consumer, self.lease_ms
+                )
+            except BaseException:
+                self.admission.settle(got, 0)
+                raise
+            if nxt is None:
+                self.admission.settle(got, 0)
+                self._idle(c.stream)
+        if new:
+            self.metrics.records.labels(workload.name, "succeeded").inc()
+        return (nxt, got) if nxt is not None and isinstance(got, Grant) else None
 
     def _settle(self, grant: Grant, pool: PoolInfo, out: Outcome) -> None:
         from proxy.admission.estimate import settled_tokens
