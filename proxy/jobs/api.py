@@ -8,6 +8,7 @@ visible only to it. Every refusal is Bedrock-shaped and counted in
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -22,6 +23,7 @@ from proxy.jobs.runtime import JOBS, Jobs
 from proxy.pipeline.identify import Caller, identify
 from proxy.policy import CompiledPolicy
 
+log = logging.getLogger("sluice.jobs")
 PREFIX = "/sluice/v1"
 #: Retry-After bounds for a producer refused by the queue cap.
 _MIN_RETRY_S, _MAX_RETRY_S, _NO_RATE_RETRY_S = 1, 3600, 60
@@ -239,6 +241,12 @@ async def cancel(request: web.Request) -> web.Response:
     jobs = _jobs(request)
     done = await jobs.queue.cancel(meta.batch_id)
     assert done is not None
+    # Cancelled records get no output line and no dead letter: say so once, with counts.
+    log.warning(
+        "batch cancelled",
+        extra={"fields": {"batch_id": meta.batch_id, "workload": meta.workload,
+                          "dropped_records": meta.pending}},
+    )  # fmt: skip
     return _json(await _status_doc(jobs, done))
 
 

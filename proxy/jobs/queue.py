@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
+
 from proxy.jobs.records import Invocation, Record
 
 #: Consumer group every worker of the fleet reads through.
@@ -98,8 +100,6 @@ class DeadLetter:
 
     def to_json(self) -> dict[str, Any]:
         """The public (HTTP/CLI) shape; ``modelInput`` stays raw JSON for the caller."""
-        import orjson
-
         return {
             "id": self.dlq_id,
             "batchId": self.batch_id,
@@ -118,8 +118,6 @@ class DeadLetter:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DeadLetter:
         """Inverse of :meth:`to_json` (how both stores keep dead letters)."""
-        import orjson
-
         return cls(
             dlq_id=d["id"], batch_id=d["batchId"], record_id=d["recordId"],
             workload=d["workload"], pool=d["pool"], model=d["model"], reason=d["reason"],

@@ -11,6 +11,7 @@ import math
 import random
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import quote
 
 import orjson
 
@@ -112,8 +113,6 @@ def error_line(record_id: str, model_input: bytes, code: str, message: str) -> b
 
 def upstream_path(model_id: str, invocation: Invocation) -> str:
     """The bedrock-runtime path a record of ``model_id`` is sent to."""
-    from urllib.parse import quote
-
     operation = "converse" if invocation == "converse" else "invoke"
     return f"/model/{quote(model_id, safe='')}/{operation}"
 

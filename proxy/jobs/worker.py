@@ -11,14 +11,13 @@ retryable failure is retried with full-jitter backoff up to the workload's
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 import uuid
 from collections import defaultdict
 
-from proxy.admission.estimate import estimate, reservation
+from proxy.admission.estimate import estimate, reservation, settled_tokens
 from proxy.errors import BedrockError
 from proxy.jobs.admit import Grant, RecordAdmission
 from proxy.jobs.call import Outcome, call_model
@@ -244,8 +243,6 @@ class Worker:
         return (nxt, got) if nxt is not None and isinstance(got, Grant) else None
 
     def _settle(self, grant: Grant, pool: PoolInfo, out: Outcome) -> None:
-        from proxy.admission.estimate import settled_tokens
-
         u = out.usage
         if u.known:
             actual = settled_tokens(
@@ -304,8 +301,12 @@ class Worker:
             for stream, ids in list(self._held.items()):
                 if not ids:
                     continue
-                with contextlib.suppress(QueueUnavailable):
+                try:
                     await self.queue.renew(stream, self.consumer, sorted(ids), self.lease_ms)
+                except QueueUnavailable as exc:
+                    # The lease may lapse: the record is then redelivered, and its output
+                    # line is still written once. Worth a line, not a crash.
+                    log.warning("batch lease renewal failed: %s", exc)
 
     async def _watch_loop(self) -> None:
         last_gauges = 0.0
@@ -317,6 +318,8 @@ class Worker:
                     await self.refresh_gauges()
             except QueueUnavailable as exc:
                 log.warning("batch queue unavailable: %s", exc)
+            except Exception:
+                log.exception("batch queue watcher failed; it looks again shortly")
             await asyncio.sleep(POLL_S)
 
     async def _watch_once(self) -> None:
