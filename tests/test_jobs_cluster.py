@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import time
 import uuid
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -15,6 +18,7 @@ from tests.support.jobs_helpers import (
     jobs_policy,
     output,
     record,
+    status,
     submit,
     wait_done,
 )
@@ -48,3 +52,26 @@ def test_batch_drains_dead_letters_and_replays_on_a_cluster(
     code, _, raw = call(fleet[0].url, "POST", f"/dlq/replay?batch={bad_id}&modelId={HAIKU}")
     assert code == 200 and json.loads(raw)["replayed"] == 3
     assert wait_done(fleet[0].url, bad_id)["succeeded"] == 3
+
+
+def test_kill_9_mid_batch_on_a_cluster_loses_nothing(
+    redis_cluster: Any, make_simulator: Any, make_sluice: Any
+) -> None:
+    sim = make_simulator({"latency_scale": 0.1})
+    policy = jobs_policy()
+    pool = f"haiku{uuid.uuid4().hex[:6]}"
+    policy["models"] = {pool: policy["models"]["haiku"]}
+    victim, survivor = (
+        make_sluice(upstream=sim.url, policy=policy, redis_url=redis_cluster.url) for _ in range(2)
+    )
+    records = [record(i) for i in range(120)]
+    batch_id = submit(victim.url, records)
+    deadline = time.monotonic() + 60
+    while status(survivor.url, batch_id)["succeeded"] < 30:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    victim.kill(signal.SIGKILL)
+    done = wait_done(survivor.url, batch_id)
+    assert (done["succeeded"], done["failed"]) == (120, 0)
+    counts = Counter(line["recordId"] for line in output(survivor.url, batch_id))
+    assert set(counts) == {r["recordId"] for r in records} and max(counts.values()) == 1
