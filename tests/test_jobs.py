@@ -113,6 +113,9 @@ def test_kill_9_mid_batch_loses_nothing_and_writes_each_line_once(
     assert done["succeeded"] == 200 and done["failed"] == 0
     assert_exactly_once(output(survivor.url, batch_id), records)
     assert dead_letters(survivor.url) == []
+    # The victim's records in flight were taken over after their lease, attempts intact.
+    text = survivor.metrics()
+    assert metric_value(text, "sluice_batch_attempts_total", reason="redelivered") >= 1
 
 
 def test_redis_restart_with_aof_mid_batch_loses_nothing(

@@ -44,7 +44,8 @@ class JobMetrics:
         )
         self.attempts = Counter(
             "sluice_batch_attempts",
-            "Upstream attempts of batch records: 'first', or the error type that was retried.",
+            "Upstream attempts of batch records: 'first', 'redelivered' (taken over after a "
+            "lease expired) or the error type that was retried.",
             ["reason"],
             registry=registry,
         )

@@ -193,7 +193,9 @@ class Worker:
             # A replay moved the record to another model: admit it where it will run.
             self.admission.settle(grant, 0)
             grant = await self.admission.admit(workload, pool, tokens)
-        attempts, reason = c.attempts, "first"
+        # A record claimed with attempts already counted was taken over from a worker that
+        # died or lost its lease mid-record.
+        attempts, reason = c.attempts, "first" if c.attempts == 1 else "redelivered"
         while True:
             self.metrics.attempts.labels(reason).inc()
             out = await call_model(self.upstream, model, meta.invocation, c.model_input)
