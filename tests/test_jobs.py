@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -31,7 +32,13 @@ from tests.support.jobs_helpers import (
     wait_done,
 )
 from tests.support.load import Results, drive
-from tests.support.processes import metric_value
+from tests.support.processes import (
+    UPSTREAM_KEY_ID,
+    UPSTREAM_SECRET,
+    Proc,
+    _env,
+    metric_value,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -253,3 +260,41 @@ def test_batch_belongs_to_the_submitting_workload_and_can_be_cancelled(
     code, _, raw = call(sluice.url, "POST", f"/batches/{batch_id}/cancel")
     assert code == 200 and json.loads(raw)["status"] == "cancelled"
     assert status(sluice.url, batch_id)["queueDepth"] == 0
+
+
+def test_schedule_holds_records_in_the_queue_and_sluice_worker_drains_alone(
+    tmp_path: Any, redis_factory: Any, make_simulator: Any, make_sluice: Any
+) -> None:
+    redis = redis_factory()
+    sim = make_simulator({"latency_scale": 0.02})
+    closed = jobs_policy()
+    closed["workloads"]["enrich"]["schedule"] = {
+        "windows": [{"start": "00:00", "end": "24:00", "concurrency": 0}]
+    }
+    held = make_sluice(upstream=sim.url, policy=closed, redis_url=redis.url)
+    batch_id = submit(held.url, [record(i) for i in range(20)])
+    deadline = time.monotonic() + 10
+    while metric_value(held.metrics(), "sluice_refused_total", limit="schedule") < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert status(held.url, batch_id)["queueDepth"] == 20
+    assert sim.stats()["models"].get(HAIKU, {}).get("requests", 0) == 0
+    held.stop()
+    # `sluice worker` (no port) under an open policy drains what the closed one held back.
+    policy_file = tmp_path / "open.yaml"
+    policy_file.write_text(json.dumps(jobs_policy()))
+    env = _env({"AWS_ACCESS_KEY_ID": UPSTREAM_KEY_ID, "AWS_SECRET_ACCESS_KEY": UPSTREAM_SECRET})
+    cmd = [sys.executable, "-m", "proxy", "worker", "--config", str(policy_file),
+           "--redis-url", redis.url, "--upstream", sim.url]  # fmt: skip
+    worker = Proc("worker", cmd, tmp_path, env)
+    try:
+        deadline = time.monotonic() + 30
+        while sim.stats()["models"].get(HAIKU, {}).get("requests", 0) < 20:
+            assert worker.popen.poll() is None, worker.stderr()
+            assert time.monotonic() < deadline, worker.stderr()
+            time.sleep(0.1)
+        reader = make_sluice(upstream=sim.url, policy=jobs_policy(jobs={"enabled": False}),
+                             redis_url=redis.url)  # fmt: skip
+        assert wait_done(reader.url, batch_id)["succeeded"] == 20
+    finally:
+        worker.stop()

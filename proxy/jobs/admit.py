@@ -57,14 +57,20 @@ class RecordAdmission:
     def _blocked_for(self, workload: WorkloadInfo, pool: PoolInfo) -> tuple[float, int | None]:
         """Seconds to wait before asking the store (0: ask now), and the scheduled cap."""
         if self.adaptivity is not None and self.adaptivity.paused(workload.name):
-            return RECHECK_S, None
+            return self._held_back(workload, "-", "paused", RECHECK_S), None
         schedule = self.policy.policy.workloads[workload.name].schedule
         cap = cap_at(schedule, datetime.now(UTC)) if schedule is not None else None
         if cap is not None and cap.concurrency == 0:
-            return min(cap.seconds_left, MAX_WAIT_S), None
+            wait_s = min(cap.seconds_left, MAX_WAIT_S)
+            return self._held_back(workload, "-", "schedule", wait_s), None
         if self.adaptivity is not None and not self.adaptivity.breaker_allows(pool.name):
-            return RECHECK_S, None
+            return self._held_back(workload, pool.name, "breaker", RECHECK_S), None
         return 0.0, cap.concurrency if cap is not None else None
+
+    def _held_back(self, workload: WorkloadInfo, pool: str, why: str, wait_s: float) -> float:
+        # Counted like the live path counts its pause/schedule refusals.
+        self.metrics.refused.labels(workload.name, pool, workload.priority, why).inc()
+        return wait_s
 
     async def try_admit(self, workload: WorkloadInfo, pool: PoolInfo, tokens: int) -> Grant | float:
         """A grant, or the seconds to wait before asking again."""
