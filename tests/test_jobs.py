@@ -298,3 +298,19 @@ def test_schedule_holds_records_in_the_queue_and_sluice_worker_drains_alone(
         assert wait_done(reader.url, batch_id)["succeeded"] == 20
     finally:
         worker.stop()
+
+
+def test_submit_while_redis_is_down_answers_a_bedrock_shaped_503(
+    redis_factory: Any, make_simulator: Any, make_sluice: Any
+) -> None:
+    redis = redis_factory()
+    sim = make_simulator({"latency_scale": 0.02})
+    sluice = make_sluice(upstream=sim.url, policy=jobs_policy(), redis_url=redis.url)
+    redis.kill()
+    code, headers, raw = call(
+        sluice.url, "POST", f"/batches?modelId={HAIKU}", body=jsonl([record(0)])
+    )
+    assert code == 503
+    assert headers["x-amzn-ErrorType"].startswith("ServiceUnavailableException")
+    assert headers["Retry-After"] == "1"
+    assert "batch queue store is unreachable" in json.loads(raw)["message"]

@@ -8,17 +8,19 @@ visible only to it. Every refusal is Bedrock-shaped and counted in
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
 
 from proxy.admission.gate import retry_headers
 from proxy.errors import BedrockError, from_exception
-from proxy.jobs.queue import BatchMeta, DeadLetter, new_id
-from proxy.jobs.records import INVOCATIONS, BatchInputError, manifest, parse_jsonl
+from proxy.jobs.queue import BatchMeta, DeadLetter, QueueUnavailable, new_id
+from proxy.jobs.records import INVOCATIONS, BatchInputError, Invocation, manifest, parse_jsonl
 from proxy.jobs.runtime import JOBS, Jobs
 from proxy.pipeline.identify import Caller, identify
 from proxy.policy import CompiledPolicy
@@ -33,16 +35,43 @@ def _jobs(request: web.Request) -> Jobs:
     return request.app[JOBS]
 
 
-def _refuse(request: web.Request, exc: BedrockError, workload: str = "-") -> web.Response:
-    _jobs(request).metrics_app.rejections.labels(exc.error_type, workload).inc()
-    return from_exception(exc)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_WORKLOAD = "sluice_workload"  # request-scoped: the identified workload, for metric labels
+_QUEUE_DOWN_RETRY_MS = 1000
+
+
+def _answers(handler: Handler) -> Handler:
+    """Answer a :class:`BedrockError` (or an unreachable queue, 503) in Bedrock's shape."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except QueueUnavailable as exc:
+            log.warning("batch queue unavailable: %s", exc)
+            error = BedrockError(
+                "ServiceUnavailableException",
+                "Sluice's batch queue store is unreachable; nothing was changed by this "
+                f"request; retry in {_QUEUE_DOWN_RETRY_MS // 1000} s",
+                status=503,
+                headers=retry_headers(_QUEUE_DOWN_RETRY_MS),
+            )
+        except BedrockError as exc:
+            error = exc
+        workload = request.get(_WORKLOAD, "-")
+        _jobs(request).metrics_app.rejections.labels(error.error_type, workload).inc()
+        return from_exception(error)
+
+    return wrapped
 
 
 def _caller(request: web.Request, body: bytes = b"") -> Caller:
     jobs = _jobs(request)
-    return identify(
+    caller = identify(
         jobs.policy, request.method, request.host, request.raw_path, request.headers, body
     )
+    request[_WORKLOAD] = caller.workload.name
+    return caller
 
 
 def _json(doc: object, status: int = 200) -> web.Response:
@@ -79,7 +108,7 @@ async def _status_doc(jobs: Jobs, meta: BatchMeta) -> dict[str, object]:
     }
 
 
-async def _own_batch(request: web.Request) -> tuple[Caller, BatchMeta]:
+async def _own_batch(request: web.Request) -> BatchMeta:
     caller = _caller(request)
     meta = await _jobs(request).queue.batch(request.match_info["batch_id"])
     if meta is None or meta.workload != caller.workload.name:
@@ -89,7 +118,7 @@ async def _own_batch(request: web.Request) -> tuple[Caller, BatchMeta]:
             f"'{caller.workload.name}'",
             status=404,
         )
-    return caller, meta
+    return meta
 
 
 def _resolve_submit(
@@ -160,84 +189,82 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+@_answers
 async def submit(request: web.Request) -> web.Response:
     """POST a Bedrock batch JSONL body; 202 once every record is durable."""
     jobs = _jobs(request)
-    workload = "-"
+    body = await _read_body(request, jobs.policy.policy.server.jobs.max_submit_bytes)
+    caller = _caller(request, body)
+    model, invocation = _resolve_submit(jobs.policy, request, caller)
+    kind: Invocation = "converse" if invocation == "converse" else "invoke"
     try:
-        body = await _read_body(request, jobs.policy.policy.server.jobs.max_submit_bytes)
-        caller = _caller(request, body)
-        workload = caller.workload.name
-        model, invocation = _resolve_submit(jobs.policy, request, caller)
-        try:
-            records = parse_jsonl(body, "converse" if invocation == "converse" else "invoke")
-        except BatchInputError as exc:
-            raise BedrockError("ValidationException", f"batch input: {exc}") from None
-        await _check_room(jobs, workload, len(records))
-        pool = jobs.policy.resolve_pool(model)
-        meta = BatchMeta(
-            batch_id=new_id(pool.name),
-            workload=workload,
-            pool=pool.name,
-            model=model,
-            invocation="converse" if invocation == "converse" else "invoke",
-            records=len(records),
-            created_ms=int(time.time() * 1000),
-        )
-        await jobs.queue.submit(meta, records)
-    except BedrockError as exc:
-        return _refuse(request, exc, workload)
+        records = parse_jsonl(body, kind)
+    except BatchInputError as exc:
+        raise BedrockError("ValidationException", f"batch input: {exc}") from None
+    await _check_room(jobs, caller.workload.name, len(records))
+    pool = jobs.policy.resolve_pool(model)
+    meta = BatchMeta(
+        batch_id=new_id(pool.name),
+        workload=caller.workload.name,
+        pool=pool.name,
+        model=model,
+        invocation=kind,
+        records=len(records),
+        created_ms=int(time.time() * 1000),
+    )
+    await jobs.queue.submit(meta, records)
     jobs.submitted(meta)
     return _json({"batchId": meta.batch_id, "records": meta.records}, status=202)
 
 
+@_answers
 async def status(request: web.Request) -> web.Response:
     """Counts, oldest pending age, drain rate and ETA of one batch."""
-    try:
-        _, meta = await _own_batch(request)
-    except BedrockError as exc:
-        return _refuse(request, exc)
+    meta = await _own_batch(request)
     return _json(await _status_doc(_jobs(request), meta))
 
 
+@_answers
 async def listing(request: web.Request) -> web.Response:
     """The caller's batches, newest first."""
-    try:
-        caller = _caller(request)
-        asked = request.query.get("workload", caller.workload.name)
-        if asked != caller.workload.name:
-            raise BedrockError(
-                "AccessDeniedException",
-                f"workload '{caller.workload.name}' may not list the batches of '{asked[:64]}'",
-                status=403,
-            )
-    except BedrockError as exc:
-        return _refuse(request, exc)
+    caller = _caller(request)
+    asked = request.query.get("workload", caller.workload.name)
+    if asked != caller.workload.name:
+        raise BedrockError(
+            "AccessDeniedException",
+            f"workload '{caller.workload.name}' may not list the batches of '{asked[:64]}'",
+            status=403,
+        )
     jobs = _jobs(request)
     metas = await jobs.queue.batches(caller.workload.name)
     return _json({"batches": [await _status_doc(jobs, m) for m in metas]})
 
 
+@_answers
 async def output(request: web.Request) -> web.StreamResponse:
     """The output lines written so far (JSONL, streamed; partial while running)."""
-    try:
-        _, meta = await _own_batch(request)
-    except BedrockError as exc:
-        return _refuse(request, exc)
+    meta = await _own_batch(request)
+    lines = _jobs(request).queue.output(meta.batch_id)
+    first = await anext(lines, None)  # a store failure before any byte is a clean 503
     response = web.StreamResponse(headers={"Content-Type": "application/jsonl"})
     await response.prepare(request)
-    async for line in _jobs(request).queue.output(meta.batch_id):
-        await response.write(line + b"\n")
+    if first is not None:
+        await response.write(first + b"\n")
+        try:
+            async for line in lines:
+                await response.write(line + b"\n")
+        except QueueUnavailable as exc:
+            # Headers are gone: end the body short rather than pretend it is whole.
+            log.warning("batch output cut short: %s", exc)
+            raise ConnectionResetError("batch queue unavailable mid-output") from None
     await response.write_eof()
     return response
 
 
+@_answers
 async def cancel(request: web.Request) -> web.Response:
     """Stop a batch: its waiting records are dropped, finished ones keep their lines."""
-    try:
-        _, meta = await _own_batch(request)
-    except BedrockError as exc:
-        return _refuse(request, exc)
+    meta = await _own_batch(request)
     jobs = _jobs(request)
     done = await jobs.queue.cancel(meta.batch_id)
     assert done is not None
@@ -261,38 +288,32 @@ def _matching(request: web.Request, caller: Caller, entries: list[DeadLetter]) -
     ]
 
 
+@_answers
 async def dlq_list(request: web.Request) -> web.Response:
     """Dead letters of the caller's workload (``?reason=``, ``?batch=``)."""
-    try:
-        caller = _caller(request)
-    except BedrockError as exc:
-        return _refuse(request, exc)
+    caller = _caller(request)
     entries = _matching(request, caller, await _jobs(request).queue.dead_letters())
     return _json({"deadLetters": [d.to_json() for d in entries]})
 
 
+@_answers
 async def dlq_show(request: web.Request) -> web.Response:
     """One dead letter, with its model input and the upstream error."""
-    try:
-        caller = _caller(request)
-        entry = await _jobs(request).queue.dead_letter_by_id(request.match_info["dlq_id"])
-        if entry is None or entry.workload != caller.workload.name:
-            raise BedrockError(
-                "ResourceNotFoundException",
-                f"dead letter '{request.match_info['dlq_id']}' not found",
-                status=404,
-            )
-    except BedrockError as exc:
-        return _refuse(request, exc)
+    caller = _caller(request)
+    entry = await _jobs(request).queue.dead_letter_by_id(request.match_info["dlq_id"])
+    if entry is None or entry.workload != caller.workload.name:
+        raise BedrockError(
+            "ResourceNotFoundException",
+            f"dead letter '{request.match_info['dlq_id']}' not found",
+            status=404,
+        )
     return _json(entry.to_json())
 
 
+@_answers
 async def dlq_replay(request: web.Request) -> web.Response:
     """Replay matching dead letters (``?reason= ?batch= ?modelId=``) into their batches."""
-    try:
-        caller = _caller(request)
-    except BedrockError as exc:
-        return _refuse(request, exc)
+    caller = _caller(request)
     jobs = _jobs(request)
     model = request.query.get("modelId")
     entries = _matching(request, caller, await jobs.queue.dead_letters())

@@ -167,6 +167,11 @@ class Worker:
         """Call, retry, finish or dead-letter one record; may hand back the next one, held."""
         meta = await self._meta(c.batch_id)
         if meta is None or meta.cancelled:
+            if meta is None:  # written before its records, so only a manual delete does this
+                log.warning(
+                    "batch record dropped: its batch no longer exists",
+                    extra={"fields": {"batch_id": c.batch_id, "record_id": c.record_id}},
+                )
             self.admission.settle(grant, 0)
             await self.queue.complete(c, None, False, (0, 0))
             self.metrics.records.labels(c.stream.workload, "cancelled").inc()
