@@ -100,3 +100,26 @@ def test_cli_submit_waits_and_fetches_output_and_manifest(
     )  # fmt: skip
     assert refused.returncode == 1
     assert "line 2: modelInput missing" in refused.stderr.decode()
+
+
+def test_cli_signs_with_a_sigv4_key_sluice_issued(
+    tmp_path: Path, make_simulator: Any, make_sluice: Any
+) -> None:
+    sim = make_simulator({"latency_scale": 0.02})
+    policy = jobs_policy(jobs={"sqlite_path": str(tmp_path / "jobs.sqlite3")})
+    policy["identity"] = {"header_mode": False}
+    policy["workloads"]["enrich"]["access_keys"] = [
+        {"access_key_id": "AKIDENRICH", "secret": {"env": "ENRICH_SECRET"}}
+    ]
+    sluice = make_sluice(upstream=sim.url, policy=policy, env={"ENRICH_SECRET": "s3cret"})
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(jsonl([record(i) for i in range(3)]))
+    cmd = [sys.executable, "-m", "proxy", "batch", "submit", str(src), "--model", HAIKU,
+           "--url", sluice.url, "--wait"]  # fmt: skip
+    signed = _env({"AWS_ACCESS_KEY_ID": "AKIDENRICH", "AWS_SECRET_ACCESS_KEY": "s3cret"})
+    run = subprocess.run(cmd, capture_output=True, env=signed, cwd=ROOT, timeout=60)
+    assert run.returncode == 0, run.stderr
+    wrong = _env({"AWS_ACCESS_KEY_ID": "AKIDENRICH", "AWS_SECRET_ACCESS_KEY": "nope"})
+    refused = subprocess.run(cmd, capture_output=True, env=wrong, cwd=ROOT, timeout=60)
+    assert refused.returncode == 1
+    assert "403 InvalidSignatureException" in refused.stderr.decode()
