@@ -12,7 +12,6 @@ import asyncio
 import json
 import signal
 import sys
-import time
 from collections import Counter
 from typing import Any
 
@@ -30,6 +29,8 @@ from tests.support.jobs_helpers import (
     status,
     submit,
     wait_done,
+    wait_succeeded,
+    wait_until,
 )
 from tests.support.load import Results, drive
 from tests.support.processes import (
@@ -111,10 +112,7 @@ def test_kill_9_mid_batch_loses_nothing_and_writes_each_line_once(
     )
     records = [record(i) for i in range(200)]
     batch_id = submit(victim.url, records)
-    deadline = time.monotonic() + 60
-    while status(survivor.url, batch_id)["succeeded"] < 40:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_succeeded(survivor.url, batch_id, 40)
     victim.kill(signal.SIGKILL)
     done = wait_done(survivor.url, batch_id)
     assert done["succeeded"] == 200 and done["failed"] == 0
@@ -133,10 +131,7 @@ def test_redis_restart_with_aof_mid_batch_loses_nothing(
     sluice = make_sluice(upstream=sim.url, policy=jobs_policy(), redis_url=redis.url)
     records = [record(i) for i in range(150)]
     batch_id = submit(sluice.url, records)
-    deadline = time.monotonic() + 60
-    while status(sluice.url, batch_id)["succeeded"] < 30:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_succeeded(sluice.url, batch_id, 30)
     redis.restart()
     done = wait_done(sluice.url, batch_id)
     assert done["succeeded"] == 150
@@ -190,10 +185,13 @@ def test_retryable_errors_dead_letter_only_after_max_attempts(
     assert {(d["errorCode"], d["attempts"]) for d in dlq} == {("ThrottlingException", 3)}
     text = sluice.metrics()
     assert metric_value(text, "sluice_batch_attempts_total", reason="ThrottlingException") == 4
-    deadline = time.monotonic() + 10
-    while metric_value(sluice.metrics(), "sluice_dlq_records", reason="retries_exhausted") != 2:
-        assert time.monotonic() < deadline, "the DLQ gauge never showed the dead letters"
-        time.sleep(0.2)
+    wait_until(
+        lambda: (
+            metric_value(sluice.metrics(), "sluice_dlq_records", reason="retries_exhausted") == 2
+        ),
+        10,
+        "the DLQ gauge never showed the dead letters",
+    )
 
 
 def test_submit_above_the_queue_cap_is_refused_with_retry_after(
@@ -273,10 +271,9 @@ def test_schedule_holds_records_in_the_queue_and_sluice_worker_drains_alone(
     }
     held = make_sluice(upstream=sim.url, policy=closed, redis_url=redis.url)
     batch_id = submit(held.url, [record(i) for i in range(20)])
-    deadline = time.monotonic() + 10
-    while metric_value(held.metrics(), "sluice_refused_total", limit="schedule") < 5:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(
+        lambda: metric_value(held.metrics(), "sluice_refused_total", limit="schedule") >= 5, 10
+    )
     assert status(held.url, batch_id)["queueDepth"] == 20
     assert sim.stats()["models"].get(HAIKU, {}).get("requests", 0) == 0
     held.stop()
@@ -288,11 +285,14 @@ def test_schedule_holds_records_in_the_queue_and_sluice_worker_drains_alone(
            "--redis-url", redis.url, "--upstream", sim.url]  # fmt: skip
     worker = Proc("worker", cmd, tmp_path, env)
     try:
-        deadline = time.monotonic() + 30
-        while sim.stats()["models"].get(HAIKU, {}).get("requests", 0) < 20:
-            assert worker.popen.poll() is None, worker.stderr()
-            assert time.monotonic() < deadline, worker.stderr()
-            time.sleep(0.1)
+        wait_until(
+            lambda: (
+                sim.stats()["models"].get(HAIKU, {}).get("requests", 0) >= 20
+                or worker.popen.poll() is not None
+            ),
+            30,
+        )
+        assert worker.popen.poll() is None, worker.stderr()
         reader = make_sluice(upstream=sim.url, policy=jobs_policy(jobs={"enabled": False}),
                              redis_url=redis.url)  # fmt: skip
         assert wait_done(reader.url, batch_id)["succeeded"] == 20

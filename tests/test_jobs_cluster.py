@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -18,9 +17,9 @@ from tests.support.jobs_helpers import (
     jobs_policy,
     output,
     record,
-    status,
     submit,
     wait_done,
+    wait_succeeded,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -66,10 +65,7 @@ def test_kill_9_mid_batch_on_a_cluster_loses_nothing(
     )
     records = [record(i) for i in range(120)]
     batch_id = submit(victim.url, records)
-    deadline = time.monotonic() + 60
-    while status(survivor.url, batch_id)["succeeded"] < 30:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_succeeded(survivor.url, batch_id, 30)
     victim.kill(signal.SIGKILL)
     done = wait_done(survivor.url, batch_id)
     assert (done["succeeded"], done["failed"]) == (120, 0)

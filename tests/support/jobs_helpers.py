@@ -6,6 +6,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -132,3 +133,18 @@ def dead_letters(base: str, query: str = "", **kw: Any) -> list[dict[str, Any]]:
     code, _, raw = call(base, "GET", "/dlq" + query, **kw)
     assert code == 200, raw
     return list(json.loads(raw)["deadLetters"])
+
+
+def wait_until(
+    check: Callable[[], bool], timeout: float, why: str = "", poll: float = 0.05
+) -> None:
+    """Poll ``check`` until it is true; fail with ``why`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, why or f"not true after {timeout}s"
+        time.sleep(poll)
+
+
+def wait_succeeded(base: str, batch_id: str, at_least: int, **kw: Any) -> None:
+    """Block until at least ``at_least`` records of the batch succeeded (mid-batch faults)."""
+    wait_until(lambda: status(base, batch_id, **kw)["succeeded"] >= at_least, 60)
