@@ -203,7 +203,13 @@ class Worker:
         attempts, reason = c.attempts, "first" if c.attempts == 1 else "redelivered"
         while True:
             self.metrics.attempts.labels(reason).inc()
-            out = await call_model(self.upstream, model, meta.invocation, c.model_input)
+            try:
+                out = await call_model(self.upstream, model, meta.invocation, c.model_input)
+            except BaseException:
+                # Stopped mid-call (shutdown): free the slot now, keep the reservation (the
+                # call may have run); the record itself is retaken after its lease.
+                self.admission.settle(grant, grant.reserved)
+                raise
             self._settle(grant, pool, out)
             if out.status == 200:
                 line = success_line(c.record_id, c.model_input, out.body)
