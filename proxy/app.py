@@ -24,6 +24,7 @@ from proxy.config import Policy
 from proxy.control.controller import Adaptivity
 from proxy.credentials import CredentialSource, bearer_token_from_env
 from proxy.errors import error_response
+from proxy.jobs import install_jobs
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
@@ -55,6 +56,7 @@ STORE = web.AppKey("store", Store)
 UPSTREAM = web.AppKey("upstream", Upstream)
 SIMULATOR = web.AppKey("simulator", web.AppRunner)
 PROXY = web.AppKey("proxy", Pipeline)
+ADAPTIVITY = web.AppKey("adaptivity", Adaptivity)
 
 
 def resolve_region(policy: Policy, settings: Settings) -> str:
@@ -162,6 +164,7 @@ def build_app(
         adaptivity = _adaptivity(app[POLICY], store, settings.redis_url, metrics)
         if adaptivity is not None:
             await adaptivity.start()
+            app[ADAPTIVITY] = adaptivity
         proxy = app[PROXY] = Pipeline(
             app[POLICY_REF], Gate(store, metrics), upstream, metrics, logs, cache, adaptivity
         )
@@ -186,6 +189,7 @@ def build_app(
             await app[SIMULATOR].cleanup()
 
     app.cleanup_ctx.append(lifecycle)
+    install_jobs(app, settings.redis_url)  # batch routes + workers (proxy/jobs)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

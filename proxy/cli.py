@@ -1,4 +1,4 @@
-"""``sluice`` commands: serve, simulate, policy check.
+"""``sluice`` commands: serve, simulate, policy check, batch, dlq, worker.
 
 Every ``serve`` flag can also come from a ``SLUICE_*`` environment variable, so a
 container needs no command line; flags win over the environment.
@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from proxy.config import PolicyError, load_policy
+from proxy.jobs.commands import COMMANDS as JOB_COMMANDS
+from proxy.jobs.commands import add_job_commands, run_job_command
 from proxy.log import setup_logging
 
 _EXAMPLE = """\
@@ -109,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("CONFIG"),
         help="policy: checks workloads/pools and takes each workload's TTL",
     )
+    add_job_commands(sub)  # batch, dlq, worker (proxy/jobs/commands.py)
     pol = sub.add_parser("policy", help="policy tools")
     pol_sub = pol.add_subparsers(dest="policy_command", required=True)
     check = pol_sub.add_parser("check", help="validate policy files")
@@ -130,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _simulate(args)
     if args.command == "cache":
         return _cache_warm(args)
+    if args.command in JOB_COMMANDS:
+        return run_job_command(args)
     return _policy_check(args.files, strict=args.strict)
 
 

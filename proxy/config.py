@@ -170,6 +170,17 @@ class AccessKey(_Strict):
     secret: SecretRef
 
 
+class BatchRule(_Strict):
+    """How a workload's durable batch records are queued and retried (``proxy/jobs``)."""
+
+    #: Submits that would queue more records than this are refused with 429 + Retry-After.
+    max_queued_records: PositiveInt = 100_000
+    #: Attempts per record (counted by Sluice in the record) before retryable errors dead-letter.
+    max_attempts: PositiveInt = 10
+    base_backoff_ms: PositiveInt = 200
+    max_backoff_ms: PositiveInt = 20_000
+
+
 class Workload(_Strict):
     """A caller of Bedrock: its class, its keys, and its per-model caps."""
 
@@ -193,6 +204,7 @@ class Workload(_Strict):
     max_wait_ms: Annotated[int, Field(ge=0)] = 0
     schedule: Schedule | None = None
     pause: PauseRule | None = None
+    batch: BatchRule = Field(default_factory=lambda: BatchRule())
 
 
 class Identity(_Strict):
@@ -250,6 +262,21 @@ class Connections(_Strict):
     max_headers: PositiveInt = 128
 
 
+class Jobs(_Strict):
+    """Durable batch workers in every instance (``proxy/jobs``)."""
+
+    enabled: bool = True
+    #: Records one instance processes at once (admission still decides the pace).
+    workers: PositiveInt = 16
+    #: A record's visibility lease, renewed while it is processed; a dead worker's records
+    #: are taken over this long after its last renewal.
+    lease_seconds: PositiveFloat = 30.0
+    #: The embedded store's file when Sluice runs without Redis (created on first submit).
+    sqlite_path: str = "sluice-jobs.sqlite3"
+    #: Largest JSONL body one submit may send (it is held in memory while it is validated).
+    max_submit_bytes: PositiveInt = 256 * 1024 * 1024
+
+
 class Server(_Strict):
     """Process-wide settings that belong with the policy."""
 
@@ -266,6 +293,7 @@ class Server(_Strict):
     retry: Retry = Field(default_factory=lambda: Retry())
     adaptivity: AdaptivityTuning = Field(default_factory=lambda: AdaptivityTuning())
     connections: Connections = Field(default_factory=lambda: Connections())
+    jobs: Jobs = Field(default_factory=lambda: Jobs())
 
 
 class Policy(_Strict):
