@@ -19,15 +19,16 @@ from proxy.admission import Store
 from proxy.admission.gate import Gate
 from proxy.admission.waiting import WaitMetrics
 from proxy.backend import open_store
+from proxy.backend.cache import open_cache
 from proxy.config import Policy
 from proxy.control.controller import Adaptivity
 from proxy.credentials import CredentialSource, bearer_token_from_env
 from proxy.errors import error_response
-from proxy.handler import Proxy
+from proxy.jobs import install_jobs
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
-from proxy.pipeline.cache import open_cache
-from proxy.policy import CompiledPolicy
+from proxy.pipeline import Pipeline
+from proxy.policy import CompiledPolicy, PolicyRef
 from proxy.signing import Credentials
 from proxy.upstream import Upstream, bedrock_url
 
@@ -48,11 +49,14 @@ class Settings:
 
 
 POLICY = web.AppKey("policy", CompiledPolicy)
+#: The policy in force for new requests (hot reload swaps it); POLICY is the one loaded.
+POLICY_REF = web.AppKey("policy_ref", PolicyRef)
 METRICS = web.AppKey("metrics", Metrics)
 STORE = web.AppKey("store", Store)
 UPSTREAM = web.AppKey("upstream", Upstream)
 SIMULATOR = web.AppKey("simulator", web.AppRunner)
-PROXY = web.AppKey("proxy", Proxy)
+PROXY = web.AppKey("proxy", Pipeline)
+ADAPTIVITY = web.AppKey("adaptivity", Adaptivity)
 
 
 def resolve_region(policy: Policy, settings: Settings) -> str:
@@ -138,6 +142,7 @@ def build_app(
     """An Application serving the bedrock-runtime API under ``policy``."""
     app = web.Application(client_max_size=policy.server.max_body_bytes + 1)
     app[POLICY] = CompiledPolicy(policy)
+    app[POLICY_REF] = PolicyRef(app[POLICY])
     app[METRICS] = Metrics()
     region = resolve_region(policy, settings)
     logs = access_log or AccessLog(enabled=policy.server.access_log)
@@ -159,8 +164,9 @@ def build_app(
         adaptivity = _adaptivity(app[POLICY], store, settings.redis_url, metrics)
         if adaptivity is not None:
             await adaptivity.start()
-        proxy = app[PROXY] = Proxy(
-            app[POLICY], Gate(store, metrics), upstream, metrics, logs, cache, adaptivity
+            app[ADAPTIVITY] = adaptivity
+        proxy = app[PROXY] = Pipeline(
+            app[POLICY_REF], Gate(store, metrics), upstream, metrics, logs, cache, adaptivity
         )
         log.info(
             "sluice ready",
@@ -183,6 +189,7 @@ def build_app(
             await app[SIMULATOR].cleanup()
 
     app.cleanup_ctx.append(lifecycle)
+    install_jobs(app, settings.redis_url)  # batch routes + workers (proxy/jobs)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

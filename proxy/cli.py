@@ -1,4 +1,4 @@
-"""``sluice`` commands: serve, simulate, policy check.
+"""``sluice`` commands: serve, simulate, policy check, batch, dlq, worker.
 
 Every ``serve`` flag can also come from a ``SLUICE_*`` environment variable, so a
 container needs no command line; flags win over the environment.
@@ -21,6 +21,8 @@ from aiohttp import web
 
 from proxy.banner import banner as serve_banner
 from proxy.config import PolicyError, load_policy
+from proxy.jobs.commands import COMMANDS as JOB_COMMANDS
+from proxy.jobs.commands import add_job_commands, run_job_command
 from proxy.log import setup_logging
 
 
@@ -96,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("CONFIG"),
         help="policy: checks workloads/pools and takes each workload's TTL",
     )
+    add_job_commands(sub)  # batch, dlq, worker (proxy/jobs/commands.py)
     pol = sub.add_parser("policy", help="policy tools")
     pol_sub = pol.add_subparsers(dest="policy_command", required=True)
     check = pol_sub.add_parser("check", help="validate policy files")
@@ -117,11 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _simulate(args)
     if args.command == "cache":
         return _cache_warm(args)
+    if args.command in JOB_COMMANDS:
+        return run_job_command(args)
     return _policy_check(args.files, strict=args.strict)
 
 
 def _cache_warm(args: argparse.Namespace) -> int:
-    from proxy.pipeline.cache import open_cache
+    from proxy.backend.cache import open_cache
     from proxy.pipeline.warm import warm
 
     if not args.redis_url:
@@ -224,7 +229,9 @@ async def _run_site(
 ) -> None:
     # Cancel handlers when the client goes away: a dropped stream must stop the
     # upstream call and release its lease at once, not at the next write.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    from proxy.guard import guarded_runner  # timeouts, caps, Bedrock-shaped protocol errors
+
+    runner = guarded_runner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(

@@ -86,6 +86,10 @@ class ModelPool(Limits):
     output_token_weight: PositiveFloat = 1.0
     #: Reserved for output when a request sets no max_tokens (Bedrock reserves the model max).
     default_max_tokens: PositiveInt = 4096
+    #: The model's real output ceiling: a request's max_tokens (or default_max_tokens) is
+    #: reserved up to this at most (Bedrock refuses more itself), so no single call can
+    #: drain the pool's tokens.
+    max_output_tokens: PositiveInt | None = None
     #: The pool a degraded request may be sent to instead (load shedding).
     downgrade_to: Name | None = None
     adaptive: Adaptive | None = None
@@ -109,6 +113,17 @@ class ModelPool(Limits):
             raise ValueError(
                 f"tiers/prices name tiers the pool does not offer: {names}"
                 f" (service_tiers: {', '.join(offered or ())})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _burst_holds_one_call(self) -> ModelPool:
+        largest = (self.max_output_tokens or 0) * self.output_token_weight
+        if self.burst_tokens is not None and self.burst_tokens < largest:
+            raise ValueError(
+                f"burst_tokens ({self.burst_tokens:g}) cannot hold one call at "
+                f"max_output_tokens ({self.max_output_tokens}) x output_token_weight "
+                f"({self.output_token_weight:g}) = {largest:g}; such calls would always be refused"
             )
         return self
 
@@ -192,6 +207,17 @@ class AccessKey(_Strict):
     secret: SecretRef
 
 
+class BatchRule(_Strict):
+    """How a workload's durable batch records are queued and retried (``proxy/jobs``)."""
+
+    #: Submits that would queue more records than this are refused with 429 + Retry-After.
+    max_queued_records: PositiveInt = 100_000
+    #: Attempts per record (counted by Sluice in the record) before retryable errors dead-letter.
+    max_attempts: PositiveInt = 10
+    base_backoff_ms: PositiveInt = 200
+    max_backoff_ms: PositiveInt = 20_000
+
+
 class Workload(_Strict):
     """A caller of Bedrock: its class, its keys, and its per-model caps."""
 
@@ -217,6 +243,7 @@ class Workload(_Strict):
     pause: PauseRule | None = None
     #: The service tier for this workload's calls (overrides its class's and pool's).
     tier: TierName | None = None
+    batch: BatchRule = Field(default_factory=lambda: BatchRule())
 
 
 class Identity(_Strict):
@@ -255,6 +282,40 @@ class AdaptivityTuning(_Strict):
     pause_window_seconds: PositiveFloat = 10.0
 
 
+class Connections(_Strict):
+    """Client-connection protections; defaults follow nginx and Envoy's edge guidance."""
+
+    #: A request's line and headers must arrive within this (Envoy edge: 10 s).
+    header_timeout_seconds: PositiveFloat = 10.0
+    #: Longest pause between two reads of a request body (nginx client_body_timeout).
+    body_timeout_seconds: PositiveFloat = 60.0
+    #: An idle keep-alive connection is closed after this (nginx keepalive_timeout).
+    keepalive_timeout_seconds: PositiveFloat = 75.0
+    #: Open client connections per instance; more are answered 503 and closed.
+    max_connections: PositiveInt = 4096
+    #: Requests still sending their body (so not yet identified) at once per instance.
+    max_unauthenticated_requests: PositiveInt = 256
+    #: Longest request line or header line (nginx large_client_header_buffers: 8 KiB).
+    max_header_line_bytes: Annotated[int, Field(ge=256)] = 8190
+    #: Most header lines in one request.
+    max_headers: PositiveInt = 128
+
+
+class Jobs(_Strict):
+    """Durable batch workers in every instance (``proxy/jobs``)."""
+
+    enabled: bool = True
+    #: Records one instance processes at once (admission still decides the pace).
+    workers: PositiveInt = 16
+    #: A record's visibility lease, renewed while it is processed; a dead worker's records
+    #: are taken over this long after its last renewal.
+    lease_seconds: PositiveFloat = 30.0
+    #: The embedded store's file when Sluice runs without Redis (created on first submit).
+    sqlite_path: str = "sluice-jobs.sqlite3"
+    #: Largest JSONL body one submit may send (it is held in memory while it is validated).
+    max_submit_bytes: PositiveInt = 256 * 1024 * 1024
+
+
 class Server(_Strict):
     """Process-wide settings that belong with the policy."""
 
@@ -270,6 +331,8 @@ class Server(_Strict):
     upstream_timeout: UpstreamTimeout | None = None
     retry: Retry = Field(default_factory=lambda: Retry())
     adaptivity: AdaptivityTuning = Field(default_factory=lambda: AdaptivityTuning())
+    connections: Connections = Field(default_factory=lambda: Connections())
+    jobs: Jobs = Field(default_factory=lambda: Jobs())
 
 
 class Policy(_Strict):

@@ -34,6 +34,8 @@ class PoolInfo:
     output_weight: float
     default_max_tokens: int
     downgrade_to: str | None
+    #: The model's output ceiling (``models.<pool>.max_output_tokens``); None = undeclared.
+    max_output_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +140,13 @@ class CompiledPolicy:
         if missing:
             raise PolicyError("\n".join(missing))
         self.pools = {
-            name: PoolInfo(name, p.output_token_weight, p.default_max_tokens, p.downgrade_to)
+            name: PoolInfo(
+                name,
+                p.output_token_weight,
+                p.default_max_tokens,
+                p.downgrade_to,
+                p.max_output_tokens,
+            )
             for name, p in policy.models.items()
         }
         self._other = PoolInfo(OTHER_POOL, 1.0, 4096, None)
@@ -217,7 +225,8 @@ class CompiledPolicy:
             quota = cast("dict[str, Limits]", pool_cfg.tiers)[tier]
         wl_limits = self.policy.workloads[workload.name].limits
         wl_cfg: Limits | None = wl_limits.get(pool.name, wl_limits.get("*"))
-        max_call = pool.default_max_tokens * pool.output_weight
+        # A default burst holds one call at the model's real ceiling when the pool declares it.
+        max_call = max(pool.default_max_tokens, pool.max_output_tokens or 0) * pool.output_weight
         return AdmitPlan(
             pool=pool.name,
             workload=workload.name,
@@ -244,3 +253,16 @@ class CompiledPolicy:
             and plan.workload_tokens is None
             and plan.workload_concurrency is None
         )
+
+
+class PolicyRef:
+    """The policy in force; a hot reload swaps it, each request reads ``current`` once."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: CompiledPolicy) -> None:
+        self.current = current
+
+    def swap(self, new: CompiledPolicy) -> None:
+        """Make ``new`` the policy of every request that starts from now on."""
+        self.current = new

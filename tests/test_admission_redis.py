@@ -325,7 +325,7 @@ async def test_pools_spread_over_masters_and_one_decision_stays_on_one(
             )
             d = await store.admit(p, 10)
             assert d.admitted and d.lease is not None
-            store.settle(p, d.lease, 10, 5, latency_ms=3.0)
+            store.settle(p, d.lease, 10, 5)
         await store.flush()
     finally:
         await store.close()

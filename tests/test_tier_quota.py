@@ -281,18 +281,30 @@ def test_the_readme_tier_example_answers_as_the_readme_says(
     assert metric_value(proxy.metrics(), "sluice_cost_usd_total", tier="flex") > 0
 
 
-def test_throttles_on_a_tier_with_its_own_quota_do_not_open_the_pools_breaker(
-    redis_server: Any, make_simulator: Callable[..., Simulator], make_sluice: Callable[..., Sluice]
-) -> None:
-    # Bedrock throttles every flex call; the breaker would open at 2 throttles in 4 calls.
+def _flex_always_throttled(
+    redis_server: Any,
+    make_simulator: Callable[..., Simulator],
+    make_sluice: Callable[..., Sluice],
+    fallback: str | None,
+) -> tuple[Sluice, str]:
+    """Bedrock throttles every flex call (flex has its own quota); the breaker would open at
+    2 throttles in 4 calls; batch falls back to ``fallback`` on a throttle."""
     breaker = {"threshold": 0.5, "window_seconds": 10, "min_requests": 4, "open_seconds": 30}
     policy = _policy(breaker=breaker)
     policy["server"]["adaptivity"] = {"tick_seconds": 0.2}
     policy["models"]["haiku"]["tiers"]["flex"] = {"requests_per_minute": 600}
-    proxy, name = _sluice(
+    if fallback is not None:
+        policy["priorities"]["batch"]["tier_on_throttle"] = fallback
+    return _sluice(
         Backend("redis", redis_server.url), make_simulator, make_sluice, policy,
         {"flex": {"quota_share": 0.0001}},
     )  # fmt: skip
+
+
+def test_throttles_on_a_tier_with_its_own_quota_do_not_open_the_pools_breaker(
+    redis_server: Any, make_simulator: Callable[..., Simulator], make_sluice: Callable[..., Sluice]
+) -> None:
+    proxy, name = _flex_always_throttled(redis_server, make_simulator, make_sluice, None)
     nightly = client_as(proxy.url, "nightly")
     for _ in range(8):
         with pytest.raises(ClientError) as info:
@@ -302,3 +314,18 @@ def test_throttles_on_a_tier_with_its_own_quota_do_not_open_the_pools_breaker(
     assert metric_value(proxy.metrics(), "sluice_breaker_state", pool=name) == 0
     chat = client_as(proxy.url, "chat").converse(modelId=HAIKU, messages=ASK)
     assert chat["ResponseMetadata"]["HTTPHeaders"]["x-sluice-service-tier"] == "default"
+
+
+def test_a_flex_throttle_moved_to_default_is_not_counted_against_the_pools_breaker(
+    redis_server: Any, make_simulator: Callable[..., Simulator], make_sluice: Callable[..., Sluice]
+) -> None:
+    # Each call moves to default, which answers: the pool's breaker sees only successes
+    # (the flex throttle, counted as if it had been on default's quota, would open it).
+    proxy, name = _flex_always_throttled(redis_server, make_simulator, make_sluice, "default")
+    nightly = client_as(proxy.url, "nightly")
+    for _ in range(6):
+        headers = nightly.converse(modelId=HAIKU, messages=ASK)["ResponseMetadata"]["HTTPHeaders"]
+        assert headers["x-sluice-service-tier"] == "default"
+        assert headers["x-sluice-upstream-retries"] == "1"
+    time.sleep(1.5)  # several fleet ticks: an open breaker would show by now
+    assert metric_value(proxy.metrics(), "sluice_breaker_state", pool=name) == 0

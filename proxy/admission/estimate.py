@@ -27,6 +27,8 @@ OTHER_TOKENS_PER_CHAR: Final = 0.3
 MEDIA_BLOCK_TOKENS: Final = 1600
 #: Framing tokens each message costs on top of its text (role markers and the like).
 PER_MESSAGE_TOKENS: Final = 4
+#: Nesting the estimator walks for sure (Python's default stack allows ~900 levels).
+MAX_DEPTH: Final = 512
 
 # Wide characters: Hangul Jamo, CJK radicals..CJK unified (incl. kana), Hangul syllables,
 # CJK compatibility, fullwidth forms, CJK extension planes, emoji and pictographs.
@@ -126,6 +128,8 @@ class RequestEstimate:
     max_tokens: int | None
     #: The parsed body (dict), kept so later steps need not parse again.
     body: dict[str, Any]
+    #: Where the output cap came from (e.g. ``inferenceConfig.maxTokens``), for messages.
+    max_tokens_field: str | None = None
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -161,27 +165,42 @@ def _positive_int(value: Any, field: str) -> int | None:
     return value
 
 
+def _output_cap(operation: str, doc: dict[str, Any]) -> tuple[int | None, str | None]:
+    """The request's own output cap and the field that set it."""
+    if operation.startswith("Converse"):
+        inference = doc.get("inferenceConfig")
+        field = "inferenceConfig.maxTokens"
+        if not isinstance(inference, dict):
+            return None, None
+        value = _positive_int(inference.get("maxTokens"), field)
+        return value, field if value is not None else None
+    for field in ("max_tokens", "max_gen_len", "maxTokens"):
+        if doc.get(field) is not None:
+            return _positive_int(doc[field], field), field
+    cfg = doc.get("textGenerationConfig")
+    if isinstance(cfg, dict):
+        field = "textGenerationConfig.maxTokenCount"
+        value = _positive_int(cfg.get("maxTokenCount"), field)
+        return value, field if value is not None else None
+    return None, None
+
+
 def estimate(operation: str, body: bytes) -> RequestEstimate:
     """Estimate input tokens and read the output cap of an InvokeModel/Converse body."""
     doc = parse_body(body)
-    if operation.startswith("Converse"):
-        inference = doc.get("inferenceConfig")
-        max_tokens = (
-            _positive_int(inference.get("maxTokens"), "inferenceConfig.maxTokens")
-            if isinstance(inference, dict)
-            else None
-        )
-    else:
-        max_tokens = _positive_int(
-            doc.get("max_tokens", doc.get("max_gen_len", doc.get("maxTokens"))), "max_tokens"
-        )
-        if max_tokens is None:
-            cfg = doc.get("textGenerationConfig")
-            if isinstance(cfg, dict):
-                max_tokens = _positive_int(cfg.get("maxTokenCount"), "maxTokenCount")
+    max_tokens, field = _output_cap(operation, doc)
     messages = doc.get("messages")
     framing = PER_MESSAGE_TOKENS * len(messages) if isinstance(messages, list) else 0
-    return RequestEstimate(math.ceil(node_tokens(doc) + framing), max_tokens, doc)
+    try:
+        tokens = node_tokens(doc)
+    except RecursionError:
+        # orjson accepts 1,024 levels; the walk above runs out of Python stack first.
+        # No Bedrock body nests this deep, so it is the caller's error, not ours.
+        raise BedrockError(
+            "ValidationException",
+            f"Malformed input request: the JSON body is nested more than {MAX_DEPTH} levels deep",
+        ) from None
+    return RequestEstimate(math.ceil(tokens + framing), max_tokens, doc, field)
 
 
 def reservation(input_tokens: int, max_tokens: int, output_weight: float) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from proxy.admission import AdmitPlan, Decision, Store, StoreUnavailable
+from proxy.admission.fit import refill_ms
 from proxy.errors import BedrockError
 from proxy.metrics import Metrics
 from proxy.policy import PoolInfo, WorkloadInfo
@@ -39,6 +40,8 @@ class Ticket:
     headers: dict[str, str]
     #: Near a concurrency cap: confirm the release before answering (Decision.tight).
     confirm: bool = False
+    #: Settled already: a grant is given back exactly once, however often it is settled.
+    released: bool = False
 
 
 def _quota_unit(binding: str) -> str:
@@ -96,6 +99,17 @@ def refusal_message(
     return f"Too many requests: {what}; retry in {retry_s:.1f} s"
 
 
+def cap_retry_hint(plan: AdmitPlan, decision: Decision) -> None:
+    """Never tell a caller to wait longer than the refusing bucket needs to refill from empty.
+
+    Debt (usage settled above its reservation) can push a bucket's own wait past that;
+    a caller told to come back after a full refill is at worst refused once more.
+    """
+    full = refill_ms(plan, decision.refused_by)
+    if full is not None and decision.retry_after_ms > full:
+        decision.retry_after_ms = max(1, math.ceil(full))
+
+
 class Gate:
     """Admission for the request path: one store call to admit, one queued to settle."""
 
@@ -112,8 +126,8 @@ class Gate:
         tokens: int,
         *,
         max_wait_ms: int = 0,
-    ) -> Ticket:
-        """Admit a call or raise the :class:`BedrockError` to answer with.
+    ) -> Ticket | BedrockError:
+        """Admit a call, or return (never raise) the :class:`BedrockError` to answer with.
 
         With ``max_wait_ms > 0`` a refused call first waits up to that long for capacity
         (:meth:`Store.admit_waiting`); the 429 then carries the last refusal's hints.
@@ -129,19 +143,20 @@ class Gate:
                 self.metrics.fail_open.labels(workload.name, pool.name).inc()
                 log.warning("store unavailable, failing open for %s: %s", workload.name, exc)
                 return Ticket(plan, None, 0, {"x-sluice-admission": "fail-open"})
-            raise BedrockError(
+            return BedrockError(
                 "ServiceUnavailableException",
                 f"Sluice's quota store is unreachable and class '{priority}' of workload "
                 f"'{workload.name}' fails closed; retry in {_STORE_DOWN_RETRY_S} s",
                 status=503,
                 headers=retry_headers(_STORE_DOWN_RETRY_S * 1000),
-            ) from None
+            )
         headers = rate_limit_headers(decision)
         if not decision.admitted:
             limit = decision.refused_by or "unknown"
             self.metrics.refused.labels(workload.name, pool.name, priority, limit).inc()
+            cap_retry_hint(plan, decision)
             headers.update(retry_headers(decision.retry_after_ms))
-            raise BedrockError(
+            return BedrockError(
                 "ThrottlingException",
                 refusal_message(workload.name, priority, pool.name, decision, plan.tier),
                 status=429,
@@ -151,13 +166,14 @@ class Gate:
         self.metrics.reserved_of(workload.name, pool.name).inc(tokens)
         return Ticket(plan, decision.lease, tokens, headers, decision.tight)
 
-    def settle(
-        self, ticket: Ticket, actual_tokens: int, *, throttled: bool, latency_ms: float
-    ) -> Awaitable[None] | None:
+    def settle(self, ticket: Ticket, actual_tokens: int) -> Awaitable[None] | None:
         """Release the lease and settle real usage (queued, batched by the store).
 
         Returns what to await before answering when the ticket asks for a confirmed release.
         """
+        if ticket.released:
+            return None
+        ticket.released = True
         plan = ticket.plan
         self.metrics.settled_of(plan.workload, plan.pool).inc(actual_tokens)
         if ticket.lease is None:
@@ -167,7 +183,5 @@ class Gate:
             ticket.lease,
             ticket.reserved_tokens,
             actual_tokens,
-            throttled=throttled,
-            latency_ms=latency_ms,
             confirm=ticket.confirm,
         )

@@ -13,6 +13,7 @@ import itertools
 import time
 from collections.abc import Callable
 
+from proxy.admission.decision import make_decision, snapshot
 from proxy.admission.leases import Group, LeaseBook
 from proxy.admission.model import (
     QUEUE,
@@ -24,10 +25,8 @@ from proxy.admission.model import (
     PoolView,
     effective_limit,
     evaluate,
-    make_decision,
     refund,
     retry_ms,
-    snapshot,
     take,
 )
 from proxy.admission.waiting import WaitMetrics, WaitRoom
@@ -39,8 +38,6 @@ from proxy.admission.waitqueue import (
     waiter_expiry,
     waiter_score,
 )
-
-_RING = 16
 
 
 def _monotonic_ms() -> float:
@@ -76,14 +73,13 @@ class _Workload:
 
 
 class _Pool:
-    __slots__ = ("dyn", "leases", "ring", "rtat", "ttat", "waiters", "workloads", "wseq")
+    __slots__ = ("dyn", "leases", "rtat", "ttat", "waiters", "workloads", "wseq")
 
     def __init__(self) -> None:
         self.rtat = self.ttat = 0.0
         self.dyn: int | None = None
         self.leases = _Leases()
         self.workloads: dict[str, _Workload] = {}
-        self.ring: list[list[float]] = [[-1.0, 0.0, 0.0, 0.0] for _ in range(_RING)]
         self.waiters = WaitEntries()
         self.wseq = 0  # the pool's waiter sequence (admit.lua: HINCRBY pool wseq)
 
@@ -259,8 +255,6 @@ class EmbeddedStore:
         reserved_tokens: int,
         actual_tokens: int,
         *,
-        throttled: bool = False,
-        latency_ms: float = 0.0,
         confirm: bool = False,
     ) -> None:
         """Apply at once (so there is never anything to confirm); see :meth:`Store.settle`."""
@@ -277,13 +271,6 @@ class EmbeddedStore:
             wl.leases.by_id.pop(lease, None)
             if amount and p.w_tburst > 0:
                 wl.ttat = refund(wl.ttat, now, amount, p.w_trate)
-        sec = int(now // 1000)
-        slot = pool.ring[sec % _RING]
-        if slot[0] != sec:
-            slot[:] = [sec, 0.0, 0.0, 0.0]
-        slot[1] += 1
-        slot[2] += 1 if throttled else 0
-        slot[3] += latency_ms
         if len(pool.waiters):
             self._room.wake(plan.scope)  # settle.lua's PUBLISH
 
@@ -298,18 +285,13 @@ class EmbeddedStore:
         """Set or clear the dynamic concurrency limit."""
         self._pool(pool).dyn = limit
 
-    async def pool_stats(self, pool: str, *, window_s: int = 10) -> dict[str, float]:
-        """See :meth:`Store.pool_stats`; ``window_s`` whole seconds up to now (max 15)."""
+    async def pool_stats(self, pool: str) -> dict[str, float]:
+        """See :meth:`Store.pool_stats`."""
         now = self._now()
         p = self._pool(pool)
-        sec = int(now // 1000)
-        recent = [s for s in p.ring if sec - window_s < s[0] <= sec]
         return {
             "in_flight": float(p.leases.reap(now)),
             "dynamic_limit": float(-1 if p.dyn is None else p.dyn),
-            "requests": sum(s[1] for s in recent),
-            "throttled": sum(s[2] for s in recent),
-            "latency_ms_sum": sum(s[3] for s in recent),
             "held_here": float(self._book.count(pool)),
         }
 

@@ -28,27 +28,28 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Sequence
-from importlib import resources
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Final
 
 import orjson
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from proxy.admission.decision import Snapshot, make_decision
 from proxy.admission.leases import Group, LeaseBook
 from proxy.admission.model import (
     WAIT_NO,
     AdmitPlan,
     Decision,
-    Snapshot,
-    make_decision,
     plan_keys,
 )
 from proxy.admission.protocol import StoreUnavailable
 from proxy.admission.waiting import WaitMetrics, WaitRoom
 from proxy.admission.waitqueue import WaitTicket
 from proxy.backend.client import redis_client
+from proxy.backend.late import outlive
+from proxy.backend.lua import load_script
 from proxy.backend.wakeups import WakeListener
 from proxy.metrics import Metrics
 
@@ -61,7 +62,7 @@ _Arg = bytes | str | int | float
 _Admit = tuple[AdmitPlan, int, str, WaitTicket | None, "asyncio.Future[Decision]"]
 #: Integers the admit script returns per request.
 _STRIDE: Final = 11
-_Settle = tuple[AdmitPlan, str, int, bool, float]
+_Settle = tuple[AdmitPlan, str, int]
 #: What a failed call can raise (cluster setup errors are not RedisError subclasses).
 _FAILURES: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
 
@@ -75,10 +76,6 @@ def _event(level: int, event: str, **fields: object) -> None:
 def _why(exc: BaseException) -> str:
     # redis-py 8's repr() of server errors hides the message; str() alone hides the type.
     return f"{type(exc).__name__}: {exc}"
-
-
-def _load_script(name: str) -> str:
-    return (resources.files("proxy.admission") / "scripts" / f"{name}.lua").read_text("utf-8")
 
 
 class _Queue:
@@ -126,11 +123,13 @@ class RedisStore:
         )
         self._lease_prefix = self.instance_id + ":"
         self._seq = itertools.count(1)
-        self._scripts = {name: _load_script(name) for name in _SCRIPT_NAMES}
+        self._scripts = {name: load_script(name) for name in _SCRIPT_NAMES}
         self._sha: dict[str, str] = {}
         self._queues: dict[str, _Queue] = {}
         self._book = LeaseBook()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Timed-out admit calls still waiting for Redis's reply (see :meth:`_eval`).
+        self._late: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
@@ -179,6 +178,8 @@ class RedisStore:
                 await self._heartbeat
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in list(self._late):
+            task.cancel()  # their leases expire with the TTL: no heartbeat renews them
         await self._wakeups.close()
         await self._client.aclose()
 
@@ -189,20 +190,32 @@ class RedisStore:
 
     # --- the one way to call a script --------------------------------------------------
 
-    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[_Arg]) -> Any:
-        """EVALSHA within the timeout; NOSCRIPT (restart, failover, flush) reloads + retries once.
+    async def _call(self, name: str, keys: Sequence[str], args: Sequence[_Arg]) -> Any:
+        """EVALSHA; NOSCRIPT (restart, failover, flush) reloads + retries once. Unbounded."""
+        try:
+            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+        except NoScriptError:
+            _event(logging.INFO, "store_script_reload", script=name)
+            await self._load_scripts()
+            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
 
-        Raises :class:`StoreUnavailable` on any Redis/network error or timeout.
+    async def _eval(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[_Arg],
+        late: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """:meth:`_call` within the timeout; raises :class:`StoreUnavailable` on any failure.
+
+        With ``late``, a call that times out is not abandoned: Redis may still run the
+        script (a stall, not a loss), so the call goes on and ``late`` gets its reply.
         """
         try:
-            try:
+            if late is None:
                 async with asyncio.timeout(self._timeout):
-                    return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
-            except NoScriptError:
-                _event(logging.INFO, "store_script_reload", script=name)
-                async with asyncio.timeout(self._timeout):
-                    await self._load_scripts()
-                    return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+                    return await self._call(name, keys, args)
+            return await outlive(self._call(name, keys, args), self._timeout, late, self._late)
         except _FAILURES as exc:
             raise StoreUnavailable(f"redis {name} failed: {_why(exc)}") from exc
 
@@ -243,7 +256,17 @@ class RedisStore:
         if not q.admit_busy:
             q.admit_busy = True
             loop.call_soon(self._send_admits, q)
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # Cancelled after the batch delivered a grant but before this task resumed:
+            # the caller never sees the decision, so the store still owns the slot.
+            # (Cancelled earlier, the future is cancelled and _deliver gives it back.)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                decision = fut.result()
+                if decision.admitted and decision.lease is not None:
+                    self.settle(plan, decision.lease, tokens, 0)
+            raise
 
     def _send_admits(self, q: _Queue) -> None:
         if not q.admits:
@@ -268,8 +291,9 @@ class RedisStore:
                 keys.append(plan.keys.workload_leases)
             spec = "" if ticket is None else f"{ticket.remaining_ms} {ticket.arrival} {ticket.id}"
             items += (i, tokens, lease, spec)
+        args = [len(keys) - 4, k0.channel, *plan_args, *items]
         try:
-            res = await self._eval("admit", keys, [len(keys) - 4, k0.channel, *plan_args, *items])
+            res = await self._eval("admit", keys, args, late=partial(self._admitted_late, batch))
         except StoreUnavailable as exc:
             self._errors["admit"].inc(len(batch))
             _event(
@@ -288,6 +312,14 @@ class RedisStore:
         finally:
             # Arrivals during the call go out now, together (group commit).
             self._send_admits(q)
+
+    def _admitted_late(self, batch: list[_Admit], res: list[int]) -> None:
+        # The batch timed out and its callers were answered, but Redis ran the script
+        # after all: every grant goes straight back (_deliver settles grants nobody waits
+        # for), instead of holding slots and tokens for a whole lease TTL.
+        granted = sum(1 for b in range(0, len(res), _STRIDE) if res[b] == 0)
+        _event(logging.WARNING, "store_late_admit", pool=batch[0][0].pool, released=granted)
+        self._deliver(batch, res)
 
     def _deliver(self, batch: list[_Admit], res: list[int]) -> None:
         b = 0
@@ -328,8 +360,6 @@ class RedisStore:
         reserved_tokens: int,
         actual_tokens: int,
         *,
-        throttled: bool = False,
-        latency_ms: float = 0.0,
         confirm: bool = False,
     ) -> asyncio.Future[None] | None:
         """Queue the settle; it goes out with the others of this pool (see :meth:`flush`).
@@ -342,7 +372,7 @@ class RedisStore:
             self._settle_lost(plan.scope, 1, "store is closed" if self._closed else "not started")
             return None
         q = self._queues.get(plan.scope) or self._queue(plan.scope)
-        q.settles.append((plan, lease, reserved_tokens - actual_tokens, throttled, latency_ms))
+        q.settles.append((plan, lease, reserved_tokens - actual_tokens))
         done = None
         if confirm:
             done = self._loop.create_future()
@@ -389,19 +419,15 @@ class RedisStore:
         confirms: list[asyncio.Future[None]],
     ) -> None:
         groups: dict[int, tuple[AdmitPlan, list[int], list[str]]] = {}
-        throttled, latency = 0, 0.0
-        for plan, lease, amount, thr, lat in batch:
+        for plan, lease, amount in batch:
             g = groups.get(id(plan))
             if g is None:
                 g = groups[id(plan)] = (plan, [0], [])
             g[1][0] += amount
             g[2].append(lease)
-            throttled += thr
-            latency += lat
         k = q.keys
-        keys = [k.pool, k.pool_leases, k.stats, k.waiters, k.waiters_exp]
-        args: list[_Arg] = [len(groups), len(batch), throttled, repr(latency), k.channel]
-        args += (len(gone), *gone)
+        keys = [k.pool, k.pool_leases, k.waiters, k.waiters_exp]
+        args: list[_Arg] = [len(groups), k.channel, len(gone), *gone]
         for plan, total, leases in groups.values():
             keys.append(plan.keys.workload_leases)
             args += (plan.arg, plan.workload, total[0], len(leases), *leases)
@@ -424,8 +450,15 @@ class RedisStore:
         _event(logging.ERROR, "store_error", operation="settle", pool=pool, settles=n, error=error)
 
     async def flush(self) -> None:
-        """Wait until every settle queued so far is applied or counted as failed."""
-        while any(q.settles or q.withdraws or q.settle_busy for q in self._queues.values()):
+        """Wait until every settle queued so far is applied or counted as failed.
+
+        Admit batches in flight are waited for too: one whose caller was cancelled meanwhile
+        gives its grant back with a settle, which this then waits for as well.
+        """
+        while any(
+            q.settles or q.withdraws or q.settle_busy or q.admits or q.admit_busy
+            for q in self._queues.values()
+        ):
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
             else:
@@ -473,15 +506,12 @@ class RedisStore:
             self._errors["control"].inc()
             raise StoreUnavailable(f"redis set_pool_limit failed: {_why(exc)}") from exc
 
-    async def pool_stats(self, pool: str, *, window_s: int = 10) -> dict[str, float]:
-        """See :meth:`Store.pool_stats`; ``window_s`` whole seconds up to now (max 15)."""
+    async def pool_stats(self, pool: str) -> dict[str, float]:
+        """See :meth:`Store.pool_stats`."""
         k = plan_keys(pool, "")
-        r = await self._eval("stats", [k.pool, k.pool_leases, k.stats], [min(window_s, 15)])
+        r = await self._eval("stats", [k.pool, k.pool_leases], [])
         return {
             "in_flight": float(r[1]),
             "dynamic_limit": float(r[2]),
-            "requests": float(r[3]),
-            "throttled": float(r[4]),
-            "latency_ms_sum": r[5] / 1000.0,
             "held_here": float(self._book.count(pool)),
         }

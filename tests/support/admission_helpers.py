@@ -74,7 +74,6 @@ def dump_state(backend: Backend, store: Any, pool: str) -> Any:
             p.ttat,
             p.dyn,
             dict(p.leases.by_id),
-            [list(s) for s in p.ring],
             {k: (w.rtat, w.ttat, dict(w.leases.by_id)) for k, w in p.workloads.items()},
         )
     client = backend.client()
