@@ -26,8 +26,11 @@ from proxy.errors import error_response
 from proxy.handler import Proxy
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
+from proxy.ops.http import add_routes
+from proxy.ops.live import LIVE, LiveProxy
+from proxy.ops.reload import RELOADER, Reloader
 from proxy.pipeline.cache import open_cache
-from proxy.policy import CompiledPolicy
+from proxy.policy import CompiledPolicy, PolicyRef
 from proxy.signing import Credentials
 from proxy.upstream import Upstream, bedrock_url
 
@@ -45,6 +48,8 @@ class Settings:
     redis_url: str | None = None
     simulator_config: str | None = None
     region: str | None = None
+    config: str | None = None  # the policy file, watched for changes outside a fleet
+    fleet: str | None = None  # with redis_url: follow this fleet's policy versions in Redis
 
 
 POLICY = web.AppKey("policy", CompiledPolicy)
@@ -52,7 +57,7 @@ METRICS = web.AppKey("metrics", Metrics)
 STORE = web.AppKey("store", Store)
 UPSTREAM = web.AppKey("upstream", Upstream)
 SIMULATOR = web.AppKey("simulator", web.AppRunner)
-PROXY = web.AppKey("proxy", Proxy)
+POLICY_REF = web.AppKey("policy_ref", PolicyRef)
 
 
 def resolve_region(policy: Policy, settings: Settings) -> str:
@@ -138,6 +143,7 @@ def build_app(
     """An Application serving the bedrock-runtime API under ``policy``."""
     app = web.Application(client_max_size=policy.server.max_body_bytes + 1)
     app[POLICY] = CompiledPolicy(policy)
+    app[POLICY_REF] = PolicyRef(app[POLICY])
     app[METRICS] = Metrics()
     region = resolve_region(policy, settings)
     logs = access_log or AccessLog(enabled=policy.server.access_log)
@@ -156,12 +162,24 @@ def build_app(
         cache = open_cache(
             settings.redis_url, metrics=metrics, timeout_s=policy.server.store_timeout_ms / 1000
         )
-        adaptivity = _adaptivity(app[POLICY], store, settings.redis_url, metrics)
-        if adaptivity is not None:
-            await adaptivity.start()
-        proxy = app[PROXY] = Proxy(
-            app[POLICY], Gate(store, metrics), upstream, metrics, logs, cache, adaptivity
+        gate = Gate(store, metrics)
+        live = app[LIVE] = LiveProxy(
+            app[POLICY],
+            lambda p, a: Proxy(p, gate, upstream, metrics, logs, cache, a),
+            lambda p: _adaptivity(p, store, settings.redis_url, metrics),
+            metrics.registry,
         )
+        await live.start()
+        reloader = app[RELOADER] = Reloader(
+            app[POLICY_REF],
+            metrics.registry,
+            config_path=settings.config,
+            redis_url=settings.redis_url,
+            fleet=settings.fleet,
+            timeout_s=policy.server.store_timeout_ms / 1000 + 1,
+        )
+        reloader.hooks.append(live.follow)
+        await reloader.start()
         log.info(
             "sluice ready",
             extra={
@@ -173,9 +191,8 @@ def build_app(
             },
         )
         yield
-        if adaptivity is not None:
-            await adaptivity.close()
-        await proxy.close()
+        await reloader.close()
+        await live.close()
         await cache.close()
         await upstream.close()
         await store.close()
@@ -187,13 +204,14 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    add_routes(app)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Every path that is not Sluice's own goes to the Bedrock handler."""
-    return await request.app[PROXY].handle(request)
+    return await request.app[LIVE].proxy.handle(request)
 
 
 async def healthz(request: web.Request) -> web.Response:

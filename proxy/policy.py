@@ -218,3 +218,16 @@ class CompiledPolicy:
             and plan.workload_tokens is None
             and plan.workload_concurrency is None
         )
+
+
+class PolicyRef:
+    """The policy in force; a hot reload swaps it, each request reads ``current`` once."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: CompiledPolicy) -> None:
+        self.current = current
+
+    def swap(self, new: CompiledPolicy) -> None:
+        """Make ``new`` the policy of every request that starts from now on."""
+        self.current = new
