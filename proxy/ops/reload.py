@@ -63,6 +63,19 @@ class PolicyMetrics:
         self.switches = Counter(
             "sluice_policy_switches", "Policy switches made by this instance.", registry=registry
         )
+        self.p99_target = Gauge(
+            "sluice_policy_p99_target_seconds",
+            "Latency each priority class is promised (target_p99_ms), for alert rules.",
+            ["priority"],
+            registry=registry,
+        )
+
+    def describe(self, policy: CompiledPolicy) -> None:
+        """Export what the alert rules compare against from the policy in force."""
+        self.p99_target.clear()
+        for name, cls in policy.policy.priorities.items():
+            if cls.target_p99_ms is not None:
+                self.p99_target.labels(name).set(cls.target_p99_ms / 1000)
 
 
 def author() -> str:
@@ -111,6 +124,7 @@ class Reloader:
             await self._join_fleet(text)
             self._tasks.append(asyncio.create_task(self._listen()))
         self.metrics.version.set(self.loaded.version)
+        self.metrics.describe(self.ref.current)
         self._tasks.append(asyncio.create_task(self._run()))
         with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.hup)
@@ -264,6 +278,7 @@ class Reloader:
         self.loaded = loaded
         self.metrics.version.set(loaded.version)
         self.metrics.switches.inc()
+        self.metrics.describe(compiled)
         log.info(
             f"policy v{before} -> v{loaded.version} (sha {loaded.sha[:12]}, by {loaded.author})",
             extra={"fields": {"event": "policy_switch", "version": loaded.version}},
