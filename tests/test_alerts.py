@@ -4,6 +4,7 @@ names is one a live Sluice really exposes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from tests.support.processes import ROOT, Simulator, Sluice
 
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yaml"
+GRAFANA = ROOT / "deploy" / "grafana" / "sluice.json"
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None,
@@ -36,6 +38,17 @@ def rule_metrics() -> set[str]:
     for group in doc["groups"]:
         for rule in group["rules"]:
             names |= set(re.findall(r"\bsluice_[a-z0-9_]+", rule["expr"]))
+    return names
+
+
+def dashboard_metrics() -> set[str]:
+    """Every sluice_* metric a Grafana panel queries."""
+    doc = json.loads(GRAFANA.read_text())
+    names: set[str] = set()
+    for panel in doc["panels"]:
+        for target in panel.get("targets", []):
+            assert target["datasource"]["uid"] == "prometheus"  # the provisioned source
+            names |= set(re.findall(r"\bsluice_[a-z0-9_]+", target["expr"]))
     return names
 
 
@@ -69,7 +82,7 @@ def test_rules_pass_their_promtool_unit_tests() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_every_metric_an_alert_names_exists_in_a_live_sluice(
+def test_every_metric_an_alert_or_panel_names_exists_in_a_live_sluice(
     sim: Simulator, make_sluice: Callable[..., Sluice]
 ) -> None:
     policy = {
@@ -95,8 +108,11 @@ def test_every_metric_an_alert_names_exists_in_a_live_sluice(
     asyncio.run(traffic())
     wanted = rule_metrics()
     assert len(wanted) >= 15, wanted
-    missing = wanted - NOT_YET - exposed(proxy.metrics())
+    live = exposed(proxy.metrics())
+    missing = wanted - NOT_YET - live
     assert not missing, f"alert rules name metrics Sluice does not expose: {sorted(missing)}"
+    missing = dashboard_metrics() - NOT_YET - live
+    assert not missing, f"Grafana panels query metrics Sluice does not expose: {sorted(missing)}"
 
 
 def test_rule_metric_extraction_sees_every_alert_metric() -> None:
