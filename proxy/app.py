@@ -26,7 +26,7 @@ from proxy.errors import error_response
 from proxy.handler import Proxy
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
-from proxy.ops.http import add_routes
+from proxy.ops.http import BOARD, add_routes, open_board
 from proxy.ops.live import LIVE, LiveProxy
 from proxy.ops.reload import RELOADER, Reloader
 from proxy.pipeline.cache import open_cache
@@ -180,6 +180,11 @@ def build_app(
         )
         reloader.hooks.append(live.follow)
         await reloader.start()
+        board = app[BOARD] = open_board(
+            metrics.registry, reloader, settings.redis_url, settings.fleet
+        )
+        live.tap = board.snapshots.tap
+        await board.start()
         log.info(
             "sluice ready",
             extra={
@@ -191,6 +196,7 @@ def build_app(
             },
         )
         yield
+        await board.close()
         await reloader.close()
         await live.close()
         await cache.close()
@@ -211,7 +217,7 @@ def build_app(
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Every path that is not Sluice's own goes to the Bedrock handler."""
-    return await request.app[LIVE].proxy.handle(request)
+    return await request.app[LIVE].handle(request)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ their part of the policy changed.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,8 @@ from proxy.handler import Proxy
 from proxy.policy import CompiledPolicy
 
 ProxyFactory = Callable[[CompiledPolicy, Adaptivity | None], Proxy]
+#: Sees each finished request: (workload, priority, seconds) — the fleet view's latencies.
+Tap = Callable[[str | None, str | None, float], None]
 AdaptivityFactory = Callable[[CompiledPolicy], Adaptivity | None]
 
 
@@ -53,6 +56,20 @@ class LiveProxy:
         self.adaptivity = make_adaptivity(policy)
         self.proxy = make_proxy(policy, self.adaptivity)
         self._retired: set[asyncio.Task[None]] = set()
+        self.tap: Tap | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Serve one request on the handler in force when it arrived."""
+        started = time.perf_counter()
+        response = await self.proxy.handle(request)
+        if self.tap is not None:
+            headers = response.headers
+            self.tap(
+                headers.get("x-sluice-workload"),
+                headers.get("x-sluice-priority"),
+                time.perf_counter() - started,
+            )
+        return response
 
     async def start(self) -> None:
         """Start the background controllers, if the policy has any."""

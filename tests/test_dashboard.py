@@ -1,0 +1,112 @@
+"""The fleet view (`GET /sluice/v1/fleet`) and `sluice status`: fleet-wide numbers from Redis.
+
+Three real instances under load; whichever one is asked, the numbers are the fleet's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.fleet_ops import (
+    Traffic,
+    load,
+    rate_policy,
+    sluice_cli,
+    wait_version,
+    write_policy,
+)
+from tests.support.processes import Simulator, Sluice, http_json
+from tests.support.redis_fixtures import RedisServerProcess
+
+
+class Fleet:
+    def __init__(self, name: str, pool: str, redis_url: str, instances: list[Sluice]) -> None:
+        self.name, self.pool, self.redis_url, self.instances = name, pool, redis_url, instances
+
+    def view(self, i: int = 0) -> dict[str, Any]:
+        return http_json("GET", self.instances[i].url + "/sluice/v1/fleet")  # type: ignore[no-any-return]
+
+    def cli(self, *args: str) -> Any:
+        return sluice_cli(*args, "--redis-url", self.redis_url, "--fleet", self.name)
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory,
+    simulator: Simulator,
+    redis_server: RedisServerProcess,
+) -> Iterator[Fleet]:
+    name, pool = f"dash-{uuid.uuid4().hex[:8]}", f"d{uuid.uuid4().hex[:8]}"
+    directory = tmp_path_factory.mktemp("dash")
+    policy = rate_policy(pool, 60000, 1000)
+    policy["models"][pool]["requests_per_minute"] = 30000
+    first = write_policy(directory, policy)
+    instances = [
+        Sluice(
+            directory,
+            upstream=simulator.url,
+            policy=str(first),
+            redis_url=redis_server.url,
+            extra_args=["--fleet", name],
+        )
+        for _ in range(3)
+    ]
+    yield Fleet(name, pool, redis_server.url, instances)
+    for p in instances:
+        p.stop()
+
+
+def pool_row(view: dict[str, Any], pool: str) -> dict[str, Any]:
+    return next(p for p in view["pools"] if p["name"] == pool)
+
+
+@pytest.mark.slow
+async def test_fleet_view_sums_every_instance_from_redis(fleet: Fleet) -> None:
+    traffic = Traffic()
+    driver = asyncio.create_task(load(fleet.instances, traffic))
+    await asyncio.sleep(12)  # one full 10 s window of load
+    views = [await asyncio.to_thread(fleet.view, i) for i in range(3)]
+    since = time.time() - 10
+    traffic.stop.set()
+    await driver
+    sent = sum(1 for _, t, s, _ in traffic.records if t >= since and s == 200)
+    for view in views:
+        assert len(view["instances"]) == 3
+        row = pool_row(view, fleet.pool)
+        # Whichever instance answers, the rate is the fleet's (±35%: windows are not aligned).
+        assert row["requests_per_min"] == pytest.approx(sent * 6, rel=0.35), (row, sent)
+        assert row["quota"]["rpm"] == 30000
+        w = next(w for w in view["workloads"] if w["name"] == "w")
+        assert w["admitted_per_s"] == pytest.approx(sent / 10, rel=0.35)
+        assert w["p50_ms"] is not None and w["p99_ms"] >= w["p50_ms"]
+        default = next(c for c in view["classes"] if c["name"] == "default")
+        assert default["admitted_per_s"] == pytest.approx(w["admitted_per_s"], rel=0.01)
+
+
+def test_fleet_view_and_status_show_a_new_limit(fleet: Fleet, tmp_path: Path) -> None:
+    policy = rate_policy(fleet.pool, 60000, 1000)
+    policy["models"][fleet.pool]["requests_per_minute"] = 12345
+    out = fleet.cli("policy", "apply", str(write_policy(tmp_path, policy)))
+    assert out.returncode == 0, out.stderr
+    version = wait_version(fleet.instances, int(out.stdout.split("policy v")[1].split()[0]))[0]
+    deadline = time.monotonic() + 5
+    while pool_row(fleet.view(2), fleet.pool)["quota"]["rpm"] != 12345:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    status = fleet.cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert pool_row(doc, fleet.pool)["quota"]["rpm"] == 12345
+    assert doc["policy"]["version"] == version["version"]
+    table = fleet.cli("status")
+    assert table.returncode == 0, table.stderr
+    assert fleet.pool in table.stdout and "12,345" in table.stdout
+    assert f"policy v{version['version']}" in table.stdout
