@@ -56,7 +56,8 @@ def read_registry(registry: CollectorRegistry) -> tuple[dict[Key, dict[str, floa
                     totals["pool", s.labels["pool"]]["throttled"] += s.value
                 continue
             for name, label, field in _COUNTERS:
-                if s.name == name and label in s.labels:
+                # "-": calls that never reached a pool or workload (unknown paths, 404s).
+                if s.name == name and s.labels.get(label, "-") != "-":
                     totals[_GROUP_KIND[label], s.labels[label]][field] += s.value
             if s.name in _GAUGES or s.name in _QUEUES or s.name == "sluice_workload_paused":
                 gauges.append(s)
