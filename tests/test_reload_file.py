@@ -11,9 +11,11 @@ from pathlib import Path
 
 import aiohttp
 import yaml
+from botocore.exceptions import ClientError
 
-from tests.support.fleet_ops import call, policy_of, rate_policy
-from tests.support.processes import Simulator, Sluice, metric_value
+from tests.support.fleet_ops import HAIKU, call, policy_of, rate_policy
+from tests.support.load import invoke_body
+from tests.support.processes import Simulator, Sluice, bedrock_client, metric_value
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -59,3 +61,45 @@ def test_file_change_and_sighup_switch_a_single_instance(
     assert policy_of(proxy)["version"] == 3
     assert "greater than 0" in proxy.stderr()
     assert metric_value(proxy.metrics(), "sluice_policy_version") == 3
+
+
+def test_sighup_rereads_secret_files_and_new_keys_apply_at_once(
+    tmp_path: Path, sim: Simulator, make_sluice: Callable[..., Sluice]
+) -> None:
+    secret = tmp_path / "chat.secret"
+    secret.write_text("first-secret\n")
+    policy = {
+        "models": {"haiku": {"ids": [HAIKU]}},
+        "workloads": {
+            "chat": {
+                "access_keys": [{"access_key_id": "AKIDCHAT", "secret": {"file": str(secret)}}]
+            }
+        },
+    }
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    proxy = make_sluice(upstream=sim.url, policy=str(path))
+
+    def invoke(key_id: str, secret_value: str) -> str:
+        client = bedrock_client(proxy.url, key_id=key_id, secret=secret_value)
+        try:
+            client.invoke_model(modelId=HAIKU, body=invoke_body())
+        except ClientError as exc:
+            return str(exc.response["Error"]["Code"])
+        return "ok"
+
+    assert invoke("AKIDCHAT", "first-secret") == "ok"
+    # The secret file is rotated: the policy text is the same, SIGHUP makes it count.
+    secret.write_text("second-secret\n")
+    os.kill(proxy.pid, signal.SIGHUP)
+    wait_for(lambda: policy_of(proxy)["version"] == 2)
+    assert invoke("AKIDCHAT", "first-secret") == "InvalidSignatureException"
+    assert invoke("AKIDCHAT", "second-secret") == "ok"
+    # A key added to the policy works from the switch on.
+    policy["workloads"]["chat"]["access_keys"].append(
+        {"access_key_id": "AKIDCHATTWO", "secret": {"file": str(secret)}}
+    )
+    assert invoke("AKIDCHATTWO", "second-secret") == "UnrecognizedClientException"
+    path.write_text(yaml.safe_dump(policy))
+    wait_for(lambda: policy_of(proxy)["version"] == 3)
+    assert invoke("AKIDCHATTWO", "second-secret") == "ok"

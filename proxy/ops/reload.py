@@ -111,6 +111,7 @@ class Reloader:
         self._bad: int | str | None = None  # the version (or file sha) that failed last
         self._stat: tuple[int, int] | None = None
         self._store_down = False
+        self._force = False  # SIGHUP: compile again even if the text did not change
         self.loaded = Loaded(0, "", "", time.time(), str(self._path))
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -140,8 +141,9 @@ class Reloader:
             await self._client.aclose()
 
     def hup(self) -> None:
-        """SIGHUP: look at the source now."""
+        """SIGHUP: read the source now and compile it again (secret files are re-read too)."""
         self._stat = None  # re-read the file even if its mtime did not move
+        self._force = True
         self._wake.set()
 
     # --- following the source --------------------------------------------------------------
@@ -185,14 +187,17 @@ class Reloader:
         """Wake the check loop on every published version (the poll covers lost messages)."""
         assert self._client is not None and self.versions is not None
         while True:
+            pubsub = self._client.pubsub()
             try:
-                pubsub = self._client.pubsub()
                 await pubsub.subscribe(self.versions.channel)
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         self._wake.set()
             except _STORE_ERRORS:
                 await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(*_STORE_ERRORS):
+                    await pubsub.aclose()
 
     async def check(self) -> None:
         """One look at the source; switch when it holds a new, valid policy."""
@@ -201,7 +206,8 @@ class Reloader:
             return
         number = await self.versions.current_number()
         self._store_down = False
-        if number is None or number in (self.loaded.version, self._bad):
+        force, self._force = self._force, False
+        if number is None or (number in (self.loaded.version, self._bad) and not force):
             return
         stored = await self.versions.get(number)
         if stored is None:
@@ -225,7 +231,8 @@ class Reloader:
             self._refuse("invalid", f"{self._path}: cannot read: {exc.strerror}")
             return
         sha = sha_of(text)
-        if sha in (self.loaded.sha, self._bad):
+        force, self._force = self._force, False
+        if sha in (self.loaded.sha, self._bad) and not force:
             return
         compiled = self._compile(text, str(self._path), sha)
         if compiled is not None:
