@@ -77,6 +77,8 @@ class Traffic:
     """Per-instance outcomes of a background load: (instance index, start time, status, body)."""
 
     records: list[tuple[int, float, int, str]] = field(default_factory=list)
+    #: (start time, seconds) of every answered call, whatever its status.
+    latencies: list[tuple[float, float]] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def statuses(self) -> set[int]:
@@ -99,6 +101,7 @@ async def load(fleet: list[Sluice], traffic: Traffic, per_instance: int = 2) -> 
             started = time.time()
             status, text = await call(session, fleet[i].url)
             traffic.records.append((i, started, status, text))
+            traffic.latencies.append((started, time.time() - started))
             await asyncio.sleep(0.04)
 
     async with aiohttp.ClientSession() as session:
