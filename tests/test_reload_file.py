@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
@@ -103,3 +104,29 @@ def test_sighup_rereads_secret_files_and_new_keys_apply_at_once(
     path.write_text(yaml.safe_dump(policy))
     wait_for(lambda: policy_of(proxy)["version"] == 3)
     assert invoke("AKIDCHATTWO", "second-secret") == "ok"
+
+
+def test_switch_rebuilds_breaker_and_adaptive_controllers(
+    tmp_path: Path, sim: Simulator, make_sluice: Callable[..., Sluice]
+) -> None:
+    def policy(threshold: float, ceiling: int) -> dict[str, Any]:
+        doc = rate_policy("haiku", 60000, 1000)
+        doc["models"]["haiku"].update(
+            concurrency=ceiling,
+            breaker={"threshold": threshold, "min_requests": 5},
+            adaptive={"ceiling": ceiling, "interval_seconds": 1},
+        )
+        return doc
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy(0.5, 20)))
+    proxy = make_sluice(upstream=sim.url, policy=str(path))
+    assert asyncio.run(statuses(proxy, "w", 2)) == [200, 200]
+    path.write_text(yaml.safe_dump(policy(0.2, 30)))
+    wait_for(lambda: policy_of(proxy)["version"] == 2)
+    assert asyncio.run(statuses(proxy, "w", 2)) == [200, 200]
+    text = proxy.metrics()
+    assert "sluice_breaker_state" in text and "sluice_adaptive_limit" in text
+    # The controllers' metrics were handed over to the new ones (same registry, no clash).
+    assert metric_value(text, "sluice_pool_concurrency_limit", pool="haiku") >= 1
+    assert "hook failed" not in proxy.stderr() and "not rebuilt" not in proxy.stderr()

@@ -10,6 +10,7 @@ their part of the policy changed.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,8 @@ from prometheus_client.metrics import MetricWrapperBase
 from proxy.control.controller import Adaptivity
 from proxy.handler import Proxy
 from proxy.policy import CompiledPolicy
+
+log = logging.getLogger("sluice.policy")
 
 ProxyFactory = Callable[[CompiledPolicy, Adaptivity | None], Proxy]
 #: Sees each finished request: (workload, priority, seconds) — the fleet view's latencies.
@@ -80,12 +83,23 @@ class LiveProxy:
         """Serve ``new`` from the next request on."""
         old_proxy, old_adaptivity = self.proxy, self.adaptivity
         rebuild = adaptive_part(new) != adaptive_part(self._policy)
-        if rebuild and old_adaptivity is not None:
-            await old_adaptivity.close()
-            self._unregister(old_adaptivity)
-        adaptivity = self._make_adaptivity(new) if rebuild else old_adaptivity
+        adaptivity = old_adaptivity
+        if rebuild:
+            if old_adaptivity is not None:
+                self._unregister(old_adaptivity)
+            try:
+                adaptivity = self._make_adaptivity(new)
+            except Exception:
+                # Serve the new policy anyway: without its controllers rather than not at all.
+                log.exception(
+                    "adaptive controllers not rebuilt", extra={"fields": {"event": "bug"}}
+                )
+                adaptivity = None
+        # No await from here to the swap: the next request sees the new handler.
         self.proxy = self._make_proxy(new, adaptivity)
         self.adaptivity, self._policy = adaptivity, new
+        if rebuild and old_adaptivity is not None:
+            await old_adaptivity.close()
         if rebuild and adaptivity is not None:
             await adaptivity.start()
         # The old handler may still serve calls in flight; close it (flush, cache writes)
