@@ -110,3 +110,56 @@ def test_fleet_view_and_status_show_a_new_limit(fleet: Fleet, tmp_path: Path) ->
     assert table.returncode == 0, table.stderr
     assert fleet.pool in table.stdout and "12,345" in table.stdout
     assert f"policy v{version['version']}" in table.stdout
+
+
+def test_merge_sums_rates_takes_the_worst_breaker_and_merges_histograms() -> None:
+    from proxy.control.fleet import N_BUCKETS, bucket_index
+
+    def snap(i: int, requests: float, latency_ms: float, breaker: int) -> dict[str, Any]:
+        hist = [0] * N_BUCKETS
+        hist[bucket_index(latency_ms)] = 100
+        return {
+            "id": f"i{i}", "at": 1000.0, "window_s": 10.0, "policy": {"version": 3},
+            "pools": {"haiku": {"requests": requests, "upstream": requests, "throttled": 5,
+                                "in_flight": 4, "limit": 20, "breaker": breaker,
+                                "quota": {"rpm": 600}}},
+            "classes": {"P0": {"admitted": requests, "hist": hist, "share": 1.0}},
+            "workloads": {"chat": {"admitted": requests, "degraded": 1, "class": "P0",
+                                   "hist": hist}},
+            "paused": ["chat"] if i else [], "schedules": {}, "batch": {}, "dlq": {},
+        }  # fmt: skip
+
+    from proxy.ops.fleetview import merge
+
+    view = merge([snap(0, 100, 10, 0), snap(1, 50, 1000, 2)], "f", now=1001.0)
+    pool = view["pools"][0]
+    assert pool["requests_per_min"] == 900.0  # (100 + 50) / 10 s x 60
+    assert pool["in_flight"] == 8 and pool["limit"] == 20 and pool["breaker"] == "open"
+    assert pool["throttle_rate"] == round(10 / 150, 4)
+    p0 = view["classes"][0]
+    assert p0["admitted_per_s"] == 15.0 and p0["degraded_per_s"] == 0.2
+    assert p0["p50_ms"] < 15 and 700 < p0["p99_ms"] < 1100  # half took 1 s (1.25x buckets)
+    assert view["paused"] == ["chat"] and view["workloads"][0]["paused"]
+    assert [i["age_s"] for i in view["instances"]] == [1.0, 1.0]
+
+
+def test_snapshot_counts_only_its_window() -> None:
+    from proxy.config import parse_policy
+    from proxy.metrics import Metrics
+    from proxy.ops.snapshot import Snapshots
+    from proxy.policy import CompiledPolicy
+
+    metrics = Metrics()
+    policy = CompiledPolicy(parse_policy({"workloads": {"w": {}}}))
+    snapshots = Snapshots(metrics.registry, lambda: policy, dict, "i", window_s=2, tick_s=1)
+    metrics.admitted_of("w", "haiku", "default").inc(7)
+    snapshots.tap("w", "default", 0.02)
+    first = snapshots.tick()
+    assert first["workloads"]["w"]["admitted"] == 7
+    assert sum(first["workloads"]["w"]["hist"]) == 1
+    metrics.admitted_of("w", "haiku", "default").inc(3)
+    assert snapshots.tick()["workloads"]["w"]["admitted"] == 10  # both ticks in the window
+    third = snapshots.tick()
+    assert third["workloads"]["w"]["admitted"] == 3  # the first tick left the window
+    assert sum(third["workloads"]["w"]["hist"]) == 0
+    assert third["classes"]["default"]["share"] == 1.0

@@ -45,27 +45,43 @@ _GAUGES = {
 _QUEUES = ("sluice_batch_queued_records", "sluice_batch_oldest_age_seconds", "sluice_dlq_records")
 
 
-def read_registry(registry: CollectorRegistry) -> tuple[dict[Key, dict[str, float]], list[Any]]:
+Totals = dict[Key, dict[str, float]]
+#: Sample name -> [(label grouped by, field)], so each sample costs one look-up.
+_BY_NAME: dict[str, list[tuple[str, str]]] = defaultdict(list)
+for _name, _label, _field in _COUNTERS:
+    _BY_NAME[_name].append((_label, _field))
+_KEPT = frozenset(_GAUGES) | frozenset(_QUEUES) | {"sluice_workload_paused"}
+
+
+def read_registry(registry: CollectorRegistry) -> tuple[Totals, list[Any]]:
     """Cumulative counters grouped per (kind, name), and the raw gauge samples."""
-    totals: dict[Key, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    totals: Totals = defaultdict(lambda: defaultdict(float))
     gauges: list[Any] = []
     for family in registry.collect():
         for s in family.samples:
-            if s.name == "sluice_upstream_errors_total":
-                if s.labels.get("error_type") == "ThrottlingException":
-                    totals["pool", s.labels["pool"]]["throttled"] += s.value
-                continue
-            for name, label, field in _COUNTERS:
-                # "-": calls that never reached a pool or workload (unknown paths, 404s).
-                if s.name == name and s.labels.get(label, "-") != "-":
-                    totals[_GROUP_KIND[label], s.labels[label]][field] += s.value
-            if s.name in _GAUGES or s.name in _QUEUES or s.name == "sluice_workload_paused":
+            wanted = _BY_NAME.get(s.name)
+            if wanted is not None:
+                for label, field in wanted:
+                    # "-": calls that never reached a pool or workload (unknown paths, 404s).
+                    value = s.labels.get(label, "-")
+                    if value != "-":
+                        totals[_GROUP_KIND[label], value][field] += s.value
+            elif s.name in _KEPT:
                 gauges.append(s)
+            elif (
+                s.name == "sluice_upstream_errors_total"
+                and s.labels.get("error_type") == "ThrottlingException"
+            ):
+                totals["pool", s.labels["pool"]]["throttled"] += s.value
     return totals, gauges
 
 
 class Snapshots:
-    """Windows this instance's counts (``tick`` once a second) and renders its snapshot."""
+    """Windows this instance's counts (``tick`` once a second) and renders its snapshot.
+
+    The window is the difference between the cumulative counts now and ``window_s`` ago,
+    so a tick costs one read of the registry, whatever the window's length.
+    """
 
     def __init__(
         self,
@@ -80,12 +96,10 @@ class Snapshots:
         self._policy = policy
         self._describe = describe
         self.instance_id = instance_id
-        self._ring: deque[tuple[float, dict[Key, dict[str, float]], dict[Key, list[int]]]] = deque(
-            maxlen=max(1, round(window_s / tick_s))
+        self._hists: dict[Key, list[int]] = {}  # cumulative, per class and workload
+        self._ring: deque[tuple[float, Totals, dict[Key, list[int]]]] = deque(
+            [(time.monotonic(), {}, {})], maxlen=max(1, round(window_s / tick_s)) + 1
         )
-        self._prev: dict[Key, dict[str, float]] = {}
-        self._hists: dict[Key, list[int]] = {}
-        self._last = time.monotonic()
 
     def tap(self, workload: str | None, priority: str | None, seconds: float) -> None:
         """Count one finished request's duration for its class and workload (event loop only)."""
@@ -99,35 +113,24 @@ class Snapshots:
 
     def tick(self) -> dict[str, Any]:
         """Close one interval and return the snapshot of the window."""
-        now = time.monotonic()
         totals, gauges = read_registry(self._registry)
-        deltas: dict[Key, dict[str, float]] = {}
-        for key, fields in totals.items():
-            before = self._prev.get(key, {})
-            # A counter that went down was reset (a label set re-registered): count from 0.
-            deltas[key] = {f: max(0.0, v - before.get(f, 0.0)) for f, v in fields.items()}
-        self._ring.append((now - self._last, deltas, self._hists))
-        self._prev, self._hists = {k: dict(v) for k, v in totals.items()}, {}
-        self._last = now
-        return self._render(gauges)
-
-    def _render(self, gauges: list[Any]) -> dict[str, Any]:
-        window = sum(dt for dt, _, _ in self._ring)
+        hists = {key: hist.copy() for key, hist in self._hists.items()}
+        self._ring.append((time.monotonic(), totals, hists))
+        then, old_totals, old_hists = self._ring[0]
         groups: dict[str, dict[str, dict[str, Any]]] = {"pool": {}, "class": {}, "workload": {}}
-        for _, deltas, hists in self._ring:
-            for (kind, name), fields in deltas.items():
-                row = groups[kind].setdefault(name, {})
-                for field, value in fields.items():
-                    row[field] = row.get(field, 0.0) + value
-            for (kind, name), hist in hists.items():
-                acc = groups[kind].setdefault(name, {}).setdefault("hist", [0] * N_BUCKETS)
-                for j, count in enumerate(hist):
-                    acc[j] += count
+        for (kind, name), fields in totals.items():
+            before = old_totals.get((kind, name), {})
+            # A counter that went down was reset (a label set re-registered): count from 0.
+            groups[kind][name] = {f: max(0.0, v - before.get(f, 0.0)) for f, v in fields.items()}
+        for (kind, name), hist in hists.items():
+            old = old_hists.get((kind, name))
+            window = hist if old is None else [a - b for a, b in zip(hist, old, strict=True)]
+            groups[kind].setdefault(name, {})["hist"] = window
         extra = self._gauges(gauges, groups)
         return {
             "id": self.instance_id,
             "at": time.time(),
-            "window_s": round(window, 3),
+            "window_s": round(self._ring[-1][0] - then, 3),
             "policy": self._describe(),
             **self._from_policy(groups),
             **extra,
