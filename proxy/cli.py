@@ -409,6 +409,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)  # policy reload in every worker
     codes = [child.wait() for child in children]
     return max(codes, default=0)
 

@@ -130,3 +130,20 @@ def test_switch_rebuilds_breaker_and_adaptive_controllers(
     # The controllers' metrics were handed over to the new ones (same registry, no clash).
     assert metric_value(text, "sluice_pool_concurrency_limit", pool="haiku") >= 1
     assert "hook failed" not in proxy.stderr() and "not rebuilt" not in proxy.stderr()
+
+
+def test_sighup_to_the_supervisor_reaches_every_worker(
+    tmp_path: Path, sim: Simulator, make_sluice: Callable[..., Sluice], redis_server: Any
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(rate_policy(f"h{os.getpid()}", 600, 10)))
+    proxy = make_sluice(upstream=sim.url, policy=str(path), redis_url=redis_server.url, workers=2)
+    before = path.stat()
+    path.write_text(
+        path.read_text().replace("requests_per_minute: 600", "requests_per_minute: 700")
+    )
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # invisible to the watch
+    os.kill(proxy.pid, signal.SIGHUP)
+    # SO_REUSEPORT spreads fresh connections over both workers: every answer must be v2.
+    wait_for(lambda: all(policy_of(proxy)["version"] == 2 for _ in range(20)), timeout=10)
+    assert proxy.popen.poll() is None  # the supervisor forwarded it and lives on

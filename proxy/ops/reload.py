@@ -118,10 +118,14 @@ class Reloader:
 
     async def start(self) -> None:
         """Adopt the fleet's policy (or publish ours), then follow changes in the background."""
-        text = await asyncio.to_thread(self._path.read_text, encoding="utf-8")
-        self.loaded = replace(self.loaded, version=1 if self._watch else 0, sha=sha_of(text))
+        try:
+            text: str | None = await asyncio.to_thread(self._path.read_text, encoding="utf-8")
+        except OSError:  # a policy built in memory (tests, embedding) with no file behind it
+            text = None
+        sha = sha_of(text) if text is not None else ""
+        self.loaded = replace(self.loaded, version=1 if self._watch else 0, sha=sha)
         self._stat = await asyncio.to_thread(self._file_stat)
-        if self.versions is not None:
+        if self.versions is not None and text is not None:
             await self._join_fleet(text)
             self._tasks.append(asyncio.create_task(self._listen()))
         self.metrics.version.set(self.loaded.version)
