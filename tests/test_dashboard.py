@@ -163,3 +163,22 @@ def test_snapshot_counts_only_its_window() -> None:
     assert third["workloads"]["w"]["admitted"] == 3  # the first tick left the window
     assert sum(third["workloads"]["w"]["hist"]) == 0
     assert third["classes"]["default"]["share"] == 1.0
+
+
+def test_status_watch_redraws_until_interrupted(fleet: Fleet) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support.processes import ROOT
+
+    cmd = [sys.executable, "-m", "proxy", "status", "--redis-url", fleet.redis_url,
+           "--fleet", fleet.name, "--watch", "--interval", "0.3"]  # fmt: skip
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert out.count("\x1b[H\x1b[2J") >= 2  # redrawn in place, more than once
+    assert out.count(f"fleet {fleet.name}: 3 instances") >= 2

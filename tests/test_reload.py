@@ -208,10 +208,11 @@ def test_rollback_restores_the_previous_version(fleet: Fleet) -> None:
     first = fleet.apply(rate_policy(fleet.pool, 1200, 10))
     second = fleet.apply(rate_policy(fleet.pool, 600, 5))
     wait_version(fleet.instances, second)
-    out = fleet.cli("policy", "rollback")
+    out = fleet.cli("policy", "rollback", "--wait", "10")
     assert out.returncode == 0, out.stderr
     rolled = second + 1
     assert f"policy v{rolled} applied" in out.stdout
+    assert f"3/3 instances on v{rolled} after" in out.stdout  # confirmed by the fleet view
     wait_version(fleet.instances, rolled)
     diff = fleet.cli("policy", "diff", str(first), str(rolled))
     assert "identical" in diff.stdout

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from proxy.backend.client import redis_client
 from proxy.config import PolicyError
+from proxy.ops.fleetview import read_fleet
 from proxy.ops.reload import author
 from proxy.ops.versions import DEFAULT_FLEET, PolicyVersions, Version, diff, parse_text
 from proxy.policy import CompiledPolicy
@@ -52,6 +53,14 @@ def register(
     pdiff = policy_sub.add_parser("diff", help="diff two versions (default: previous, current)")
     pdiff.add_argument("a", nargs="?", type=int)
     pdiff.add_argument("b", nargs="?", type=int)
+    for p in (apply, rollback):
+        p.add_argument(
+            "--wait",
+            type=float,
+            default=0.0,
+            metavar="SECONDS",
+            help="wait until every live instance reports the new version (exit 1 if not)",
+        )
     for p, run in ((apply, _apply), (history, _history), (rollback, _rollback), (pdiff, _diff)):
         _store_flags(p)
         p.set_defaults(run=_runner(run))
@@ -94,7 +103,9 @@ def _secrets_note(policy: Any) -> str:
     return ""
 
 
-async def _publish(versions: PolicyVersions, text: str, note: str, source: str) -> int:
+async def _publish(
+    versions: PolicyVersions, text: str, note: str, source: str, wait_s: float = 0.0
+) -> int:
     before = await versions.current()
     if before is not None and before.text == text:
         print(f"{source}: unchanged, v{before.number} (sha {before.sha[:12]}) is in force")
@@ -102,7 +113,27 @@ async def _publish(versions: PolicyVersions, text: str, note: str, source: str) 
     number, _ = await versions.apply(text, author(), note)
     was = f"v{before.number}" if before else "none"
     print(f"policy v{number} applied to fleet '{versions.fleet}' from {source} (was {was})")
-    return 0
+    return await _confirm(versions, number, wait_s) if wait_s > 0 else 0
+
+
+async def _confirm(versions: PolicyVersions, number: int, wait_s: float) -> int:
+    """Watch the fleet view until every live instance runs ``number`` (each reports once a
+    second), or ``wait_s`` passes; say which instances lag."""
+    started = time.monotonic()
+    while True:
+        view = await read_fleet(versions.client, versions.fleet)
+        # Instances sharing the Redis without following the fleet's policy are not waited for.
+        members = [i for i in view["instances"] if i.get("policy_source") == "redis"]
+        behind = [i for i in members if i["policy_version"] != number]
+        elapsed = time.monotonic() - started
+        if not behind or elapsed >= wait_s:
+            break
+        await asyncio.sleep(0.25)
+    total = len(members)
+    print(f"{total - len(behind)}/{total} instances on v{number} after {elapsed:.1f} s")
+    for i in behind:
+        print(f"  {i['id']} still on v{i['policy_version']}", file=sys.stderr)
+    return 1 if behind else 0
 
 
 async def _apply(versions: PolicyVersions, args: argparse.Namespace) -> int:
@@ -119,7 +150,7 @@ async def _apply(versions: PolicyVersions, args: argparse.Namespace) -> int:
         f"{args.file}: OK: {len(policy.models)} model pools, {len(policy.priorities)} priority "
         f"classes, {len(policy.workloads)} workloads{_secrets_note(policy)}"
     )
-    return await _publish(versions, text, args.note, args.file)
+    return await _publish(versions, text, args.note, args.file, args.wait)
 
 
 def _when(at: float) -> str:
@@ -158,7 +189,8 @@ async def _rollback(versions: PolicyVersions, args: argparse.Namespace) -> int:
     except (LookupError, PolicyError) as exc:
         print(f"sluice: {exc}", file=sys.stderr)
         return 2
-    return await _publish(versions, target.text, f"rollback to v{target_no}", f"v{target_no}")
+    note, source = f"rollback to v{target_no}", f"v{target_no}"
+    return await _publish(versions, target.text, note, source, args.wait)
 
 
 async def _diff(versions: PolicyVersions, args: argparse.Namespace) -> int:

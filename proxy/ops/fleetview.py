@@ -127,6 +127,8 @@ def merge(snaps: list[dict[str, Any]], fleet: str, now: float | None = None) -> 
             {
                 "id": s.get("id"),
                 "policy_version": s.get("policy", {}).get("version"),
+                # "redis": follows the fleet's versions; a path: runs its own file.
+                "policy_source": s.get("policy", {}).get("source"),
                 "age_s": round(now - s.get("at", now), 2),
             }
             for s in snaps

@@ -36,7 +36,12 @@ def open_board(
 
     def describe() -> dict[str, Any]:
         loaded = reloader.loaded
-        return {"version": loaded.version, "sha": loaded.sha, "author": loaded.author}
+        return {
+            "version": loaded.version,
+            "sha": loaded.sha,
+            "author": loaded.author,
+            "source": loaded.source,
+        }
 
     instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     snapshots = Snapshots(registry, lambda: reloader.ref.current, describe, instance)

@@ -129,21 +129,26 @@ async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def status(args: argparse.Namespace) -> int:
-    """Print the fleet view once, or keep redrawing it with --watch."""
-    while True:
-        try:
-            view = asyncio.run(_fetch(args))
-        except (RedisError, OSError) as exc:
-            where = args.redis_url or args.url
-            print(f"sluice: cannot read the fleet view from {where}: {exc}", file=sys.stderr)
-            return 1
-        text = json.dumps(view, indent=2) if args.json else render(view)
-        if args.watch:
-            sys.stdout.write("\x1b[H\x1b[2J")  # clear the screen, like watch(1)
-        print(text, flush=True)
-        if not args.watch:
-            return 0
-        try:
+    """Print the fleet view once, or keep redrawing it with --watch (Ctrl-C stops)."""
+    try:
+        while True:
+            code = _show(args)
+            if code or not args.watch:
+                return code
             time.sleep(args.interval)
-        except KeyboardInterrupt:
-            return 0
+    except KeyboardInterrupt:
+        return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    try:
+        view = asyncio.run(_fetch(args))
+    except (RedisError, OSError) as exc:
+        where = args.redis_url or args.url
+        print(f"sluice: cannot read the fleet view from {where}: {exc}", file=sys.stderr)
+        return 1
+    text = json.dumps(view, indent=2) if args.json else render(view)
+    if args.watch:
+        sys.stdout.write("\x1b[H\x1b[2J")  # clear the screen, like watch(1)
+    print(text, flush=True)
+    return 0
