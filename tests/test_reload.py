@@ -121,8 +121,11 @@ async def test_apply_lowering_then_raising_a_limit_reaches_all_three_within_a_se
     for i in range(3):
         refused = _first(traffic, i, 429, at)
         assert refused is not None and refused - at <= 1.0, (i, refused, at)
-    late = [r for r in traffic.records if r[1] > max(at + v for v in lags) + 0.1]
-    assert sum(r[2] == 200 for r in late) <= 3, late
+    switched = max(at + v for v in lags) + 0.1
+    late = [r for r in traffic.records if r[1] > switched]
+    # 60/min with a burst of 1: one call, then one a second, fleet-wide (+1 in flight at switch).
+    allowed = 2 + (max(r[1] for r in late) - switched)
+    assert sum(r[2] == 200 for r in late) <= allowed, late
     assert all("requests/min" in r[3] for r in late if r[2] == 429)
     high = await asyncio.to_thread(fleet.apply, rate_policy(fleet.pool, 60000, 1000))
     raised_at = fleet.applied_at(high)
