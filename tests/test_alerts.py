@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -120,3 +121,14 @@ def test_rule_metric_extraction_sees_every_alert_metric() -> None:
     assert "sluice_breaker_state" in rule_metrics()
     assert "sluice_upstream_latency_seconds_bucket" in rule_metrics()
     assert "sluice_breaker_stat" not in exposed("# TYPE sluice_breaker_state gauge\n")
+
+
+@needs_promtool
+def test_compose_prometheus_config_is_valid(tmp_path: Path) -> None:
+    # docker-compose mounts alerts.yaml at /etc/prometheus/; point at the repo's copy instead.
+    config = (ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text()
+    local = tmp_path / "prometheus.yml"
+    local.write_text(config.replace("/etc/prometheus/alerts.yaml", str(RULES)))
+    out = subprocess.run([PROMTOOL, "check", "config", str(local)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "12 rules found" in out.stdout
