@@ -182,3 +182,39 @@ def test_status_watch_redraws_until_interrupted(fleet: Fleet) -> None:
     assert proc.returncode == 0
     assert out.count("\x1b[H\x1b[2J") >= 2  # redrawn in place, more than once
     assert out.count(f"fleet {fleet.name}: 3 instances") >= 2
+
+
+def test_single_instance_dashboard_needs_no_redis_and_no_cdn(
+    sim: Simulator, make_sluice: Any
+) -> None:
+    import re
+    import urllib.request
+
+    from tests.support.fleet_ops import call
+
+    proxy = make_sluice(upstream=sim.url, policy=rate_policy("haiku", 6000, 100))
+
+    async def traffic() -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            for _ in range(10):
+                assert (await call(session, proxy.url))[0] == 200
+
+    asyncio.run(traffic())
+    deadline = time.monotonic() + 5
+    while True:
+        view = http_json("GET", proxy.url + "/sluice/v1/fleet")
+        rows = [w for w in view["workloads"] if w["name"] == "w"]
+        if rows and rows[0]["admitted_per_s"] > 0:
+            break
+        assert time.monotonic() < deadline, view
+        time.sleep(0.2)
+    assert len(view["instances"]) == 1 and view["fleet"] == "default"
+    for path in ("/dashboard", "/dashboard/dashboard.js", "/dashboard/dashboard.css"):
+        with urllib.request.urlopen(proxy.url + path, timeout=5) as resp:
+            assert resp.status == 200
+            body = resp.read().decode()
+        # Everything ships in the package: no external URL is ever fetched.
+        assert not re.search(r"""(src|href)=["']?(https?:)?//""", body), path
+        assert "import(" not in body and "cdn" not in body.lower(), path
