@@ -131,7 +131,8 @@ def test_merge_sums_rates_takes_the_worst_breaker_and_merges_histograms() -> Non
 
     from proxy.ops.fleetview import merge
 
-    view = merge([snap(0, 100, 10, 0), snap(1, 50, 1000, 2)], "f", now=1001.0)
+    merged = merge([snap(0, 100, 10, 0), snap(1, 50, 1000, 2)], "f", now=1001.0)
+    view = json.loads(json.dumps(merged.as_json()))  # what /sluice/v1/fleet sends
     pool = view["pools"][0]
     assert pool["requests_per_min"] == 900.0  # (100 + 50) / 10 s x 60
     assert pool["in_flight"] == 8 and pool["limit"] == 20 and pool["breaker"] == "open"
@@ -172,16 +173,23 @@ def test_status_watch_redraws_until_interrupted(fleet: Fleet) -> None:
 
     from tests.support.processes import ROOT
 
+    deadline = time.monotonic() + 10
+    while len(fleet.view()["instances"]) < 3:  # each instance reports within a second of start
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     cmd = [sys.executable, "-m", "proxy", "status", "--redis-url", fleet.redis_url,
            "--fleet", fleet.name, "--watch", "--interval", "0.3"]  # fmt: skip
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-    time.sleep(3)
+    assert proc.stdout is not None
+    seen, deadline = [], time.monotonic() + 30
+    while sum("\x1b[H\x1b[2J" in line for line in seen) < 3:  # redrawn in place, repeatedly
+        assert time.monotonic() < deadline, seen
+        seen.append(proc.stdout.readline())
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=10)
-    assert proc.returncode == 0
-    assert out.count("\x1b[H\x1b[2J") >= 2  # redrawn in place, more than once
-    assert out.count(f"fleet {fleet.name}: 3 instances") >= 2
+    proc.communicate(timeout=10)
+    assert proc.returncode == 0  # Ctrl-C ends --watch quietly
+    assert "".join(seen).count(f"fleet {fleet.name}: 3 instances") >= 2, seen
 
 
 def test_single_instance_dashboard_needs_no_redis_and_no_cdn(

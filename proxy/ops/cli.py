@@ -123,8 +123,8 @@ async def _confirm(versions: PolicyVersions, number: int, wait_s: float) -> int:
     while True:
         view = await read_fleet(versions.client, versions.fleet)
         # Instances sharing the Redis without following the fleet's policy are not waited for.
-        members = [i for i in view["instances"] if i.get("policy_source") == "redis"]
-        behind = [i for i in members if i["policy_version"] != number]
+        members = [i for i in view.instances if i.policy_source == "redis"]
+        behind = [i for i in members if i.policy_version != number]
         elapsed = time.monotonic() - started
         if not behind or elapsed >= wait_s:
             break
@@ -132,7 +132,7 @@ async def _confirm(versions: PolicyVersions, number: int, wait_s: float) -> int:
     total = len(members)
     print(f"{total - len(behind)}/{total} instances on v{number} after {elapsed:.1f} s")
     for i in behind:
-        print(f"  {i['id']} still on v{i['policy_version']}", file=sys.stderr)
+        print(f"  {i.id} still on v{i.policy_version}", file=sys.stderr)
     return 1 if behind else 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -24,6 +25,7 @@ from redis.exceptions import RedisError
 
 from proxy.control.fleet import N_BUCKETS, quantile_ms
 from proxy.ops.snapshot import Snapshots
+from proxy.ops.view import ClassView, FleetView, InstanceView, PoolView, WorkloadView
 
 log = logging.getLogger("sluice.fleetview")
 
@@ -51,8 +53,11 @@ def _quantiles(rows: Iterable[tuple[dict[str, Any], float]]) -> tuple[float | No
     return quantile_ms(hist, 0.5), quantile_ms(hist, 0.99)
 
 
-def _rows(snaps: list[dict[str, Any]], kind: str) -> dict[str, list[tuple[dict[str, Any], float]]]:
-    out: dict[str, list[tuple[dict[str, Any], float]]] = {}
+_Rows = dict[str, list[tuple[dict[str, Any], float]]]
+
+
+def _rows(snaps: list[dict[str, Any]], kind: str) -> _Rows:
+    out: _Rows = {}
     for snap in snaps:
         for name, row in snap.get(kind, {}).items():
             out.setdefault(name, []).append((row, snap.get("window_s") or 0.0))
@@ -64,27 +69,26 @@ def _max(rows: list[tuple[dict[str, Any], float]], field: str) -> float | None:
     return max(values) if values else None
 
 
-def _pool(name: str, rows: list[tuple[dict[str, Any], float]]) -> dict[str, Any]:
+def _pool(name: str, rows: list[tuple[dict[str, Any], float]]) -> PoolView:
     upstream = _rate(rows, "upstream")
     breaker = _max(rows, "breaker")
     quota: dict[str, Any] = next((row["quota"] for row, _ in reversed(rows) if "quota" in row), {})
-    return {
-        "name": name,
-        "quota": quota,
-        "limit": _max(rows, "limit"),
-        "adaptive_limit": _max(rows, "adaptive"),
-        "in_flight": sum(row.get("in_flight", 0.0) for row, _ in rows),
-        "requests_per_min": round(_rate(rows, "requests") * 60, 2),
-        "tokens_per_min": round(_rate(rows, "tokens") * 60, 1),
-        "throttle_rate": round(_rate(rows, "throttled") / upstream, 4) if upstream else 0.0,
-        "breaker": _BREAKER.get(int(breaker)) if breaker is not None else None,
-    }
+    return PoolView(
+        name=name,
+        quota=quota,
+        limit=_max(rows, "limit"),
+        adaptive_limit=_max(rows, "adaptive"),
+        in_flight=sum(row.get("in_flight", 0.0) for row, _ in rows),
+        requests_per_min=round(_rate(rows, "requests") * 60, 2),
+        tokens_per_min=round(_rate(rows, "tokens") * 60, 1),
+        throttle_rate=round(_rate(rows, "throttled") / upstream, 4) if upstream else 0.0,
+        breaker=_BREAKER.get(int(breaker)) if breaker is not None else None,
+    )
 
 
-def _outcomes(name: str, rows: list[tuple[dict[str, Any], float]]) -> dict[str, Any]:
+def _outcomes(rows: list[tuple[dict[str, Any], float]]) -> dict[str, Any]:
     p50, p99 = _quantiles(rows)
     return {
-        "name": name,
         "admitted_per_s": round(_rate(rows, "admitted"), 3),
         "refused_per_s": round(_rate(rows, "refused"), 3),
         "degraded_per_s": round(_rate(rows, "degraded"), 3),
@@ -93,85 +97,89 @@ def _outcomes(name: str, rows: list[tuple[dict[str, Any], float]]) -> dict[str, 
     }
 
 
-def merge(snaps: list[dict[str, Any]], fleet: str, now: float | None = None) -> dict[str, Any]:
+def _classes(classes: _Rows, workloads: _Rows) -> tuple[ClassView, ...]:
+    out = []
+    for name, rows in sorted(classes.items()):
+        # Degradations are counted per workload: fold them into their class.
+        members = [r for rs in workloads.values() for r in rs if r[0].get("class") == name]
+        last = rows[-1][0]
+        fields = {**_outcomes(rows), "degraded_per_s": round(_rate(members, "degraded"), 3)}
+        out.append(
+            ClassView(
+                name=name,
+                share=last.get("share"),
+                target_p99_ms=last.get("target_p99_ms"),
+                **fields,
+            )
+        )
+    return tuple(out)
+
+
+def _instance(snap: dict[str, Any], now: float) -> InstanceView:
+    policy = snap.get("policy", {})
+    return InstanceView(
+        id=str(snap.get("id")),
+        policy_version=policy.get("version"),
+        policy_source=policy.get("source"),
+        age_s=round(now - snap.get("at", now), 2),
+    )
+
+
+def merge(snaps: list[dict[str, Any]], fleet: str, now: float | None = None) -> FleetView:
     """One fleet view from instance snapshots (pure: also used by ``sluice status``)."""
     now = time.time() if now is None else now
     workloads = _rows(snaps, "workloads")
-    classes = _rows(snaps, "classes")
-    paused = sorted({w for s in snaps for w in s.get("paused", [])})
-    class_rows = []
-    for name, rows in sorted(classes.items()):
-        # Degradations are counted per workload: fold them into their class.
-        members = [r for w, rs in workloads.items() for r in rs if r[0].get("class") == name]
-        row = _outcomes(name, rows)
-        row["degraded_per_s"] = round(_rate(members, "degraded"), 3)
-        first = rows[-1][0]
-        row.update(share=first.get("share"), target_p99_ms=first.get("target_p99_ms"))
-        class_rows.append(row)
-    workload_rows = []
-    for name, rows in sorted(workloads.items()):
-        row = _outcomes(name, rows)
-        row.update(priority=rows[-1][0].get("class"), paused=name in paused)
-        workload_rows.append(row)
+    paused = tuple(sorted({w for s in snaps for w in s.get("paused", [])}))
     versions = [s.get("policy", {}) for s in snaps]
-    newest: dict[str, Any] = max(versions, key=lambda v: v.get("version", 0), default={})
     merged: dict[str, dict[str, Any]] = {"schedules": {}, "batch": {}, "dlq": {}}
     for s in snaps:
-        for field in merged:
-            merged[field].update(s.get(field, {}))
-    return {
-        "fleet": fleet,
-        "generated_at": now,
-        "policy": newest,
-        "instances": [
-            {
-                "id": s.get("id"),
-                "policy_version": s.get("policy", {}).get("version"),
-                # "redis": follows the fleet's versions; a path: runs its own file.
-                "policy_source": s.get("policy", {}).get("source"),
-                "age_s": round(now - s.get("at", now), 2),
-            }
-            for s in snaps
-        ],
-        "pools": [_pool(name, rows) for name, rows in sorted(_rows(snaps, "pools").items())],
-        "classes": class_rows,
-        "workloads": workload_rows,
-        "paused": paused,
-        **merged,
-    }
+        for field, values in merged.items():
+            values.update(s.get(field, {}))
+    return FleetView(
+        fleet=fleet,
+        generated_at=now,
+        policy=max(versions, key=lambda v: v.get("version", 0), default={}),
+        instances=tuple(_instance(s, now) for s in snaps),
+        pools=tuple(_pool(name, rows) for name, rows in sorted(_rows(snaps, "pools").items())),
+        classes=_classes(_rows(snaps, "classes"), workloads),
+        workloads=tuple(
+            WorkloadView(
+                name=name,
+                priority=rows[-1][0].get("class"),
+                paused=name in paused,
+                **_outcomes(rows),
+            )
+            for name, rows in sorted(workloads.items())
+        ),
+        paused=paused,
+        schedules=merged["schedules"],
+        batch=merged["batch"],
+        dlq=merged["dlq"],
+    )
 
 
-def point(view: dict[str, Any]) -> dict[str, Any]:
+def point(view: FleetView) -> dict[str, Any]:
     """The few numbers the dashboard charts, for the 15-minute history."""
     return {
-        "t": round(view["generated_at"], 1),
+        "t": round(view.generated_at, 1),
         "pools": {
-            p["name"]: [
-                p["requests_per_min"],
-                p["tokens_per_min"],
-                p["in_flight"],
-                p["throttle_rate"],
-            ]
-            for p in view["pools"]
+            p.name: [p.requests_per_min, p.tokens_per_min, p.in_flight, p.throttle_rate]
+            for p in view.pools
         },
-        "classes": {
-            c["name"]: [c["admitted_per_s"], c["refused_per_s"], c["p99_ms"]]
-            for c in view["classes"]
-        },
+        "classes": {c.name: [c.admitted_per_s, c.refused_per_s, c.p99_ms] for c in view.classes},
     }
 
 
-async def read_fleet(client: Redis | RedisCluster, fleet: str) -> dict[str, Any]:
-    """The fleet view from Redis alone, with its history (two round trips)."""
+async def read_fleet(client: Redis | RedisCluster, fleet: str) -> FleetView:
+    """The fleet view from Redis alone, with its history (three round trips)."""
     members, prefix, history_key = _keys(fleet)
     now = time.time()
     ids = await client.zrangebyscore(members, now * 1000, "+inf")
     keys = [prefix + (i.decode() if isinstance(i, bytes) else str(i)) for i in ids]
     raw = await client.mget(keys) if keys else []
-    snaps = [orjson.loads(r) for r in raw if r is not None]
-    view = merge(snaps, fleet, now)
-    view["history"] = [orjson.loads(p) for p in await client.lrange(history_key, 0, -1)]
-    return view
+    view = merge([orjson.loads(r) for r in raw if r is not None], fleet, now)
+    history = tuple(orjson.loads(p) for p in await client.lrange(history_key, 0, -1))
+    return dataclasses.replace(view, history=history)
 
 
 class FleetBoard:
@@ -201,15 +209,13 @@ class FleetBoard:
         if self._client is not None:
             await self._client.aclose()
 
-    async def view(self) -> dict[str, Any]:
+    async def view(self) -> FleetView:
         """The fleet view: from Redis when there is one, else this instance alone."""
         if self._client is not None:
             with contextlib.suppress(*_FAILURES):
                 return await read_fleet(self._client, self.fleet)
         snaps = [self._latest] if self._latest is not None else []
-        view = merge(snaps, self.fleet)
-        view["history"] = list(self._local_history)
-        return view
+        return dataclasses.replace(merge(snaps, self.fleet), history=tuple(self._local_history))
 
     async def _run(self) -> None:
         while True:

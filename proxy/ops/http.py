@@ -87,4 +87,4 @@ async def policy_view(request: web.Request) -> web.Response:
 async def fleet_view(request: web.Request) -> web.Response:
     """The fleet's pools, classes, workloads and queues (JSON; the dashboard's data)."""
     view = await request.app[BOARD].view()
-    return web.json_response(view)
+    return web.json_response(view.as_json())

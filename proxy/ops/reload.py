@@ -155,12 +155,13 @@ class Reloader:
     async def _join_fleet(self, text: str) -> None:
         assert self.versions is not None
         try:
+            who = author()
             number, written = await self.versions.apply(
-                text, author(), f"published at start-up from {self._path}", only_if_none=True
+                text, who, f"published at start-up from {self._path}", only_if_none=True
             )
             if written:
                 log.info(f"policy v{number} published from {self._path} (sha {sha_of(text)[:12]})")
-                self.loaded = replace(self.loaded, version=number, source="redis")
+                self.loaded = replace(self.loaded, version=number, author=who, source="redis")
                 return
             stored = await self.versions.get(number)
             if stored is not None and stored.sha != self.loaded.sha:

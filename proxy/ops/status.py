@@ -120,7 +120,7 @@ async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
     if args.redis_url:
         client = redis_client(args.redis_url, 5.0)
         try:
-            return await read_fleet(client, args.fleet)
+            return (await read_fleet(client, args.fleet)).as_json()
         finally:
             await client.aclose()
     url = args.url.rstrip("/") + "/sluice/v1/fleet"
