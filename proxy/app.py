@@ -27,6 +27,9 @@ from proxy.errors import error_response
 from proxy.jobs import install_jobs
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
+from proxy.ops.http import BOARD, add_routes, open_board
+from proxy.ops.live import LIVE, LiveProxy
+from proxy.ops.reload import RELOADER, Reloader
 from proxy.pipeline import Pipeline
 from proxy.policy import CompiledPolicy, PolicyRef
 from proxy.signing import Credentials
@@ -46,6 +49,8 @@ class Settings:
     redis_url: str | None = None
     simulator_config: str | None = None
     region: str | None = None
+    config: str | None = None  # the policy file, watched for changes outside a fleet
+    fleet: str | None = None  # with redis_url: follow this fleet's policy versions in Redis
 
 
 POLICY = web.AppKey("policy", CompiledPolicy)
@@ -55,8 +60,6 @@ METRICS = web.AppKey("metrics", Metrics)
 STORE = web.AppKey("store", Store)
 UPSTREAM = web.AppKey("upstream", Upstream)
 SIMULATOR = web.AppKey("simulator", web.AppRunner)
-PROXY = web.AppKey("proxy", Pipeline)
-ADAPTIVITY = web.AppKey("adaptivity", Adaptivity)
 
 
 def resolve_region(policy: Policy, settings: Settings) -> str:
@@ -161,13 +164,31 @@ def build_app(
         cache = open_cache(
             settings.redis_url, metrics=metrics, timeout_s=policy.server.store_timeout_ms / 1000
         )
-        adaptivity = _adaptivity(app[POLICY], store, settings.redis_url, metrics)
-        if adaptivity is not None:
-            await adaptivity.start()
-            app[ADAPTIVITY] = adaptivity
-        proxy = app[PROXY] = Pipeline(
-            app[POLICY_REF], Gate(store, metrics), upstream, metrics, logs, cache, adaptivity
+        gate, ref = Gate(store, metrics), app[POLICY_REF]
+        # The pipeline reads the policy from ``ref`` per request; it is rebuilt on a switch
+        # only because the adaptive controllers it holds are derived from the policy.
+        live = app[LIVE] = LiveProxy(
+            app[POLICY],
+            lambda p, a: Pipeline(ref, gate, upstream, metrics, logs, cache, a),
+            lambda p: _adaptivity(p, store, settings.redis_url, metrics),
+            metrics.registry,
         )
+        await live.start()
+        reloader = app[RELOADER] = Reloader(
+            app[POLICY_REF],
+            metrics.registry,
+            config_path=settings.config,
+            redis_url=settings.redis_url,
+            fleet=settings.fleet,
+            timeout_s=policy.server.store_timeout_ms / 1000 + 1,
+        )
+        reloader.hooks.append(live.follow)
+        await reloader.start()
+        board = app[BOARD] = open_board(
+            metrics.registry, reloader, settings.redis_url, settings.fleet
+        )
+        live.tap = board.snapshots.tap
+        await board.start()
         log.info(
             "sluice ready",
             extra={
@@ -179,9 +200,9 @@ def build_app(
             },
         )
         yield
-        if adaptivity is not None:
-            await adaptivity.close()
-        await proxy.close()
+        await board.close()
+        await reloader.close()
+        await live.close()
         await cache.close()
         await upstream.close()
         await store.close()
@@ -194,13 +215,14 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    add_routes(app)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Every path that is not Sluice's own goes to the Bedrock handler."""
-    return await request.app[PROXY].handle(request)
+    return await request.app[LIVE].handle(request)
 
 
 async def healthz(request: web.Request) -> web.Response:

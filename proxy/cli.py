@@ -71,6 +71,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--tls-key", default=_env("TLS_KEY"), help="PEM private key of --tls-cert (SLUICE_TLS_KEY)"
     )
+    p.add_argument(
+        "--fleet",
+        default=_env("FLEET"),
+        help="with --redis-url: follow this fleet's policy in Redis, hot-reloaded "
+        "(SLUICE_FLEET); without it the --config file is watched instead",
+    )
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 
@@ -108,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also fail when a secret the policy names is not available here",
     )
+    from proxy.ops.cli import register
+
+    register(sub, pol_sub)
     return parser
 
 
@@ -122,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cache_warm(args)
     if args.command in JOB_COMMANDS:
         return run_job_command(args)
+    if hasattr(args, "run"):
+        return int(args.run(args))
     return _policy_check(args.files, strict=args.strict)
 
 
@@ -285,6 +296,8 @@ def _serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         simulator_config=args.simulator_config,
         region=args.region,
+        config=args.config,
+        fleet=args.fleet,
     )
     if not args.redis_url and not args.reuse_port:
         print(
@@ -366,6 +379,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
         ("--region", args.region),
         ("--tls-cert", args.tls_cert),
         ("--tls-key", args.tls_key),
+        ("--fleet", args.fleet),
     ):
         if value:
             base += [flag, value]
@@ -389,6 +403,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)  # policy reload in every worker
     codes = [child.wait() for child in children]
     return max(codes, default=0)
 

@@ -19,12 +19,13 @@ from aiohttp.test_utils import TestServer
 
 from proxy.admission import AdmitPlan, Decision, Store
 from proxy.admission.gate import Gate
-from proxy.app import METRICS, POLICY, PROXY, STORE, Settings, build_app
+from proxy.app import METRICS, POLICY, STORE, Settings, build_app
 from proxy.backend import open_store
 from proxy.backend.cache import open_cache
 from proxy.config import Policy
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
+from proxy.ops.live import LIVE
 from proxy.pipeline import Pipeline
 from proxy.pipeline.admit import Admission
 from proxy.pipeline.call import Call
@@ -233,9 +234,9 @@ async def test_coalescing_leader_that_leaves_hands_its_lease_to_the_flight(
             leader = asyncio.create_task(ask())
             await eventually(lambda: store.waiting(pool) == 1)
             follower = asyncio.create_task(ask())
-            await eventually(lambda: _waiting_on(app[PROXY]) == 2)
+            await eventually(lambda: _waiting_on(app[LIVE].proxy) == 2)
             leader.cancel()
-            await eventually(lambda: _waiting_on(app[PROXY]) == 1)
+            await eventually(lambda: _waiting_on(app[LIVE].proxy) == 1)
             store.settle(plan, blocker.lease, 0, 0)
             status, headers = await asyncio.wait_for(follower, 30)
         assert status == 200 and headers["x-sluice-coalesced"] == "1"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -19,7 +20,7 @@ from proxy.admission import AdmitPlan, Store, StoreUnavailable
 from proxy.control.controller import Adaptivity
 from proxy.metrics import Metrics
 from proxy.pipeline.schedule import cap_at
-from proxy.policy import CompiledPolicy, PoolInfo, WorkloadInfo
+from proxy.policy import CompiledPolicy, PolicyRef, PoolInfo, WorkloadInfo
 
 log = logging.getLogger("sluice.jobs")
 #: How often a paused workload or an open breaker is looked at again.
@@ -43,16 +44,26 @@ class RecordAdmission:
 
     def __init__(
         self,
-        policy: CompiledPolicy,
+        policy: PolicyRef,
         store: Store,
         metrics: Metrics,
-        adaptivity: Adaptivity | None,
+        adaptivity: Callable[[], Adaptivity | None],
     ) -> None:
-        self.policy = policy
+        self._policy = policy
         self.store = store
         self.metrics = metrics
-        self.adaptivity = adaptivity
+        self._adaptivity = adaptivity
         self._rng = random.Random()
+
+    @property
+    def policy(self) -> CompiledPolicy:
+        """The policy in force (hot reload swaps it; each record reads it when admitted)."""
+        return self._policy.current
+
+    @property
+    def adaptivity(self) -> Adaptivity | None:
+        """The controllers in force (rebuilt when a reload changes their part of the policy)."""
+        return self._adaptivity()
 
     def _blocked_for(self, workload: WorkloadInfo, pool: PoolInfo) -> tuple[float, int | None]:
         """Seconds to wait before asking the store (0: ask now), and the scheduled cap."""

@@ -13,7 +13,7 @@ from proxy.jobs.metrics import JobMetrics
 from proxy.jobs.queue import BatchMeta, DeadLetter, JobQueue, Stream
 from proxy.jobs.worker import Worker
 from proxy.metrics import Metrics
-from proxy.policy import CompiledPolicy
+from proxy.policy import CompiledPolicy, PolicyRef
 
 log = logging.getLogger("sluice.jobs")
 
@@ -22,11 +22,16 @@ log = logging.getLogger("sluice.jobs")
 class Jobs:
     """The queue, this instance's worker (None when disabled) and the metrics they feed."""
 
-    policy: CompiledPolicy
+    policy_ref: PolicyRef
     queue: JobQueue
     metrics_app: Metrics
     metrics: JobMetrics
     worker: Worker | None
+
+    @property
+    def policy(self) -> CompiledPolicy:
+        """The policy in force (hot reload swaps it)."""
+        return self.policy_ref.current
 
     def submitted(self, meta: BatchMeta) -> None:
         """Start on a batch submitted here without waiting for the watcher's next look."""
@@ -59,19 +64,22 @@ def lifecycle(
     """A cleanup context that runs after the app's own (store, upstream, adaptivity)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        from proxy.app import ADAPTIVITY, METRICS, POLICY, STORE, UPSTREAM
+        from proxy.app import METRICS, POLICY_REF, STORE, UPSTREAM
+        from proxy.ops.live import LIVE
 
-        policy, metrics = app[POLICY], app[METRICS]
+        ref, metrics = app[POLICY_REF], app[METRICS]
+        policy = ref.current
         cfg = policy.policy.server.jobs
         queue = open_queue(redis_url, cfg.sqlite_path)
         await queue.start()
         job_metrics = JobMetrics(metrics.registry)
         worker = None
         if cfg.enabled:
-            admission = RecordAdmission(policy, app[STORE], metrics, app.get(ADAPTIVITY))
+            live = app[LIVE]
+            admission = RecordAdmission(ref, app[STORE], metrics, lambda: live.adaptivity)
             worker = Worker(
                 queue,
-                policy,
+                ref,
                 admission,
                 app[UPSTREAM],
                 job_metrics,
@@ -79,7 +87,7 @@ def lifecycle(
                 lease_s=cfg.lease_seconds,
             )
             await worker.start()
-        app[JOBS] = Jobs(policy, queue, metrics, job_metrics, worker)
+        app[JOBS] = Jobs(ref, queue, metrics, job_metrics, worker)
         yield
         if worker is not None:
             await worker.close()

@@ -26,7 +26,7 @@ from proxy.jobs.metrics import JobMetrics
 from proxy.jobs.queue import BatchMeta, Claimed, DeadLetter, JobQueue, QueueUnavailable, Stream
 from proxy.jobs.queue import new_id as _new_id
 from proxy.jobs.records import backoff_s, error_line, is_retryable, success_line
-from proxy.policy import CompiledPolicy, PoolInfo
+from proxy.policy import CompiledPolicy, PolicyRef, PoolInfo
 from proxy.upstream import Upstream
 
 log = logging.getLogger("sluice.jobs")
@@ -43,7 +43,7 @@ class Worker:
     def __init__(
         self,
         queue: JobQueue,
-        policy: CompiledPolicy,
+        policy: PolicyRef,
         admission: RecordAdmission,
         upstream: Upstream,
         metrics: JobMetrics,
@@ -52,7 +52,7 @@ class Worker:
         lease_s: float,
     ) -> None:
         self.queue = queue
-        self.policy = policy
+        self._policy = policy
         self.admission = admission
         self.upstream = upstream
         self.metrics = metrics
@@ -80,6 +80,11 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def policy(self) -> CompiledPolicy:
+        """The policy in force (hot reload swaps it)."""
+        return self._policy.current
 
     def wake(self, stream: Stream) -> None:
         """A batch was just submitted here: start on it without waiting for the watcher."""
