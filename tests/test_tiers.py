@@ -6,9 +6,12 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 from botocore.exceptions import ClientError
 
+from proxy.app import POLICY_REF, Settings, build_app
 from proxy.config import PolicyError, parse_policy
 from proxy.pipeline.tiers import (
     TierChoice,
@@ -18,6 +21,7 @@ from proxy.pipeline.tiers import (
     escalation,
     served_tier,
 )
+from proxy.policy import CompiledPolicy
 from tests.support.processes import Simulator, Sluice, bedrock_client, metric_value
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -204,3 +208,29 @@ def test_a_flex_call_throttled_by_bedrock_is_retried_on_default_within_the_deadl
         client_as(proxy.url, "slow-batch").converse(modelId=HAIKU, messages=ASK)
     assert info.value.response["Error"]["Code"] == "ThrottlingException"
     assert info.value.response["ResponseMetadata"]["HTTPHeaders"]["x-sluice-service-tier"] == "flex"
+
+
+async def test_a_policy_swap_changes_the_tier_of_the_next_call() -> None:
+    # The tier table is read from the policy each call is decided under (PolicyRef).
+    app = build_app(parse_policy(_policy()), Settings(upstream="simulator"))
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def tier() -> str:
+                async with session.post(
+                    server.make_url(f"/model/{HAIKU}/converse"),
+                    data=json.dumps({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}),
+                    headers={"x-sluice-workload": "nightly", "Content-Type": "application/json"},
+                ) as response:
+                    assert response.status == 200, await response.text()
+                    return response.headers["x-sluice-service-tier"]
+
+            assert await tier() == "flex"
+            swapped = _policy()
+            swapped["workloads"]["nightly"]["tier"] = "priority"
+            app[POLICY_REF].swap(CompiledPolicy(parse_policy(swapped)))
+            assert await tier() == "priority"
+    finally:
+        await server.close()
