@@ -24,6 +24,7 @@ from proxy.config import PolicyError, load_policy
 from proxy.jobs.commands import COMMANDS as JOB_COMMANDS
 from proxy.jobs.commands import add_job_commands, run_job_command
 from proxy.log import setup_logging
+from proxy.ops.versions import DEFAULT_FLEET
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -74,8 +75,15 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--fleet",
         default=_env("FLEET"),
-        help="with --redis-url: follow this fleet's policy in Redis, hot-reloaded "
-        "(SLUICE_FLEET); without it the --config file is watched instead",
+        help="with --redis-url: the fleet whose policy in Redis this instance follows, "
+        "hot-reloaded (SLUICE_FLEET; default: 'default'). The stored policy wins over "
+        "--config; the first instance of a fleet publishes its file",
+    )
+    p.add_argument(
+        "--no-fleet",
+        action="store_true",
+        help="with --redis-url: run the --config file alone (watched, reloaded on SIGHUP) "
+        "instead of the fleet's stored policy",
     )
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
@@ -270,6 +278,13 @@ async def _run_site(
         await runner.cleanup()
 
 
+def _fleet(args: argparse.Namespace) -> str | None:
+    """The fleet this instance follows: with Redis, 'default' unless named or --no-fleet."""
+    if not args.redis_url or args.no_fleet:
+        return None
+    return str(args.fleet or DEFAULT_FLEET)
+
+
 def _serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
@@ -297,7 +312,7 @@ def _serve(args: argparse.Namespace) -> int:
         simulator_config=args.simulator_config,
         region=args.region,
         config=args.config,
-        fleet=args.fleet,
+        fleet=_fleet(args),
     )
     if not args.redis_url and not args.reuse_port:
         print(
@@ -379,10 +394,12 @@ def _serve_workers(args: argparse.Namespace) -> int:
         ("--region", args.region),
         ("--tls-cert", args.tls_cert),
         ("--tls-key", args.tls_key),
-        ("--fleet", args.fleet),
+        ("--fleet", _fleet(args)),
     ):
         if value:
             base += [flag, value]
+    if args.no_fleet:
+        base.append("--no-fleet")
     children += [subprocess.Popen(base) for _ in range(args.workers)]
     print(
         serve_banner(

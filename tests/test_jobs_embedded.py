@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,34 @@ def test_cli_signs_with_a_sigv4_key_sluice_issued(
     refused = subprocess.run(cmd, capture_output=True, env=wrong, cwd=ROOT, timeout=60)
     assert refused.returncode == 1
     assert "403 InvalidSignatureException" in refused.stderr.decode()
+
+
+def test_a_record_with_an_absurd_output_cap_is_dead_lettered_and_locks_nothing(
+    tmp_path: Path, make_simulator: Any, make_sluice: Any
+) -> None:
+    # The batch path reserves like a live call (fit.reserve): a record asking for 2**62 output
+    # tokens on a pool without a declared ceiling can never fit the tokens/min bucket, so it
+    # is a permanent ValidationException naming the limit; the records beside it, and P0
+    # afterwards, are served as if it had never come.
+    sim = make_simulator({"latency_scale": 0.02})
+    policy = jobs_policy(
+        jobs={"sqlite_path": str(tmp_path / "jobs.sqlite3")},
+        pool={"tokens_per_minute": 200_000},
+    )
+    sluice = make_sluice(upstream=sim.url, policy=policy)
+    records = [record(i) for i in range(6)] + [record(99, max_tokens=2**62)]
+    batch_id = submit(sluice.url, records)
+    done = wait_done(sluice.url, batch_id)
+    assert (done["succeeded"], done["failed"]) == (6, 1)
+    (dead,) = dead_letters(sluice.url)
+    assert dead["recordId"] == "rec-00099" and dead["reason"] == "ValidationException"
+    assert "tokens_per_minute" in json.dumps(dead) and "max_tokens" in json.dumps(dead)
+    # Nothing was left in debt: a live P0 call on the same pool is admitted at once.
+    req = urllib.request.Request(
+        f"{sluice.url}/model/{HAIKU}/invoke",
+        data=json.dumps(record(0)["modelInput"]).encode(),
+        method="POST",
+        headers={"x-sluice-workload": "checkout", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 200

@@ -137,7 +137,13 @@ def test_sighup_to_the_supervisor_reaches_every_worker(
 ) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(rate_policy(f"h{os.getpid()}", 600, 10)))
-    proxy = make_sluice(upstream=sim.url, policy=str(path), redis_url=redis_server.url, workers=2)
+    proxy = make_sluice(
+        upstream=sim.url,
+        policy=str(path),
+        redis_url=redis_server.url,
+        workers=2,
+        extra_args=["--no-fleet"],  # file mode: the supervisor's SIGHUP re-reads the file
+    )
     before = path.stat()
     path.write_text(
         path.read_text().replace("requests_per_minute: 600", "requests_per_minute: 700")
