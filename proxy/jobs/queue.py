@@ -1,6 +1,6 @@
 """The durable queue's contract: what the worker, the HTTP API and the CLI rely on.
 
-Two implementations: :mod:`proxy.jobs.redis_queue` (Redis Streams with a consumer
+Two implementations: :mod:`proxy.backend.job_queue` (Redis Streams with a consumer
 group, keys hash-tagged per pool so every script touches one Cluster slot) and
 :mod:`proxy.jobs.sqlite_queue` (one on-disk file for a single embedded instance).
 """

@@ -1,6 +1,6 @@
 """The Lua scripts of the Redis job queue; each touches the keys of one pool (one slot).
 
-KEYS and ARGV are documented at each script; :mod:`proxy.jobs.redis_queue` calls them.
+KEYS and ARGV are documented at each script; :mod:`proxy.backend.job_queue` calls them.
 """
 
 from __future__ import annotations

@@ -9,16 +9,17 @@ several fleets (``--fleet NAME``) can share one Redis without seeing each other'
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 
+from proxy.backend.client import FAILURES, Redis, RedisCluster
 from proxy.config import Policy, PolicyError, parse_policy
 
 DEFAULT_FLEET = "default"
@@ -147,3 +148,16 @@ class PolicyVersions:
             return -n, False
         await self.client.publish(self.channel, str(n))
         return n, True
+
+    async def listen(self, changed: Callable[[], None]) -> None:
+        """Call ``changed`` on every published version until the subscription fails
+        (raises one of :data:`~proxy.backend.client.FAILURES`; the caller re-subscribes)."""
+        pubsub = self.client.pubsub()
+        try:
+            await pubsub.subscribe(self.channel)
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    changed()
+        finally:
+            with contextlib.suppress(*FAILURES):
+                await pubsub.aclose()

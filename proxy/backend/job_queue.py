@@ -27,13 +27,12 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import orjson
-from redis.exceptions import RedisError, ResponseError
 
-from proxy.backend.client import redis_client
+from proxy.backend.client import FAILURES, ResponseError, redis_client
+from proxy.backend.job_scripts import CLAIM, FINISH, FINISH_NEXT, HAS_WORK, RENEW, REPLAY
 from proxy.jobs.queue import GROUP, BatchMeta, Claimed, DeadLetter, QueueUnavailable, Stream
 from proxy.jobs.queue import pool_of as _pool_of
 from proxy.jobs.records import Record
-from proxy.jobs.scripts import CLAIM, FINISH, FINISH_NEXT, HAS_WORK, RENEW, REPLAY
 
 log = logging.getLogger("sluice.jobs")
 T = TypeVar("T")
@@ -121,7 +120,7 @@ class RedisQueue:
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await aw
-        except (RedisError, TimeoutError, OSError) as exc:
+        except FAILURES as exc:
             raise QueueUnavailable(f"{what}: {type(exc).__name__}: {exc}") from None
 
     async def start(self) -> None:
