@@ -18,8 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy.admission import Store
 from proxy.admission.gate import Gate
 from proxy.admission.waiting import WaitMetrics
-from proxy.backend import open_store
 from proxy.backend.cache import open_cache
+from proxy.backend.store import open_store
 from proxy.config import Policy
 from proxy.control.controller import Adaptivity
 from proxy.credentials import CredentialSource, bearer_token_from_env

@@ -14,14 +14,15 @@ from typing import Any, Protocol
 
 import orjson
 
+from proxy.backend import BackendUnavailable
 from proxy.jobs.records import Invocation, Record
 
 #: Consumer group every worker of the fleet reads through.
 GROUP = "sluice-workers"
 
 
-class QueueUnavailable(Exception):
-    """The queue's store did not answer; the caller retries later (the records are safe)."""
+#: The queue's store did not answer; the caller retries later (the records are safe).
+QueueUnavailable = BackendUnavailable
 
 
 @dataclass(frozen=True, slots=True, order=True)
