@@ -1,6 +1,7 @@
 """The fleet board's keys in Redis: each instance's latest snapshot and the shared history.
 
-All keys of one fleet share the hash tag ``{ops:<fleet>}`` (one slot on a cluster)::
+All keys of one fleet share the hash tag ``{ops:<fleet>}`` (one slot on a cluster;
+:func:`proxy.backend.keys.board_keys`)::
 
     sluice:{ops:<fleet>}:instances     zset    instance id -> snapshot expiry ms
     sluice:{ops:<fleet>}:snap:<id>     string  the instance's latest snapshot (JSON, TTL)
@@ -18,14 +19,10 @@ from typing import Any
 import orjson
 
 from proxy.backend.client import Redis, RedisCluster
+from proxy.backend.keys import board_keys as _keys
 
 #: How long an instance's snapshot counts after it was written.
 TTL_MS = 10_000
-
-
-def _keys(fleet: str) -> tuple[str, str, str]:
-    base = f"sluice:{{ops:{fleet}}}"
-    return f"{base}:instances", f"{base}:snap:", f"{base}:history"
 
 
 async def read_board(

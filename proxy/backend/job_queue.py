@@ -30,19 +30,19 @@ import orjson
 
 from proxy.backend.client import FAILURES, ResponseError, redis_client
 from proxy.backend.job_scripts import CLAIM, FINISH, FINISH_NEXT, HAS_WORK, RENEW, REPLAY
+from proxy.backend.keys import JOB_BATCHES, JOB_STREAMS, pool_tag
 from proxy.jobs.queue import GROUP, BatchMeta, Claimed, DeadLetter, QueueUnavailable, Stream
 from proxy.jobs.queue import pool_of as _pool_of
 from proxy.jobs.records import Record
 
 log = logging.getLogger("sluice.jobs")
 T = TypeVar("T")
-_STREAMS = "sluice:jobs:streams"
-_BATCHES = "sluice:jobs:batches"
+_STREAMS = JOB_STREAMS
+_BATCHES = JOB_BATCHES
 _CHUNK = 2000
 
 
-def _tag(pool: str) -> str:
-    return f"sluice:{{{pool}}}"
+_tag = pool_tag
 
 
 def _stream_key(s: Stream) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from proxy.backend.client import FAILURES, Redis, RedisCluster
+from proxy.backend.keys import policy_keys
 from proxy.config import Policy, PolicyError, parse_policy
 
 DEFAULT_FLEET = "default"
@@ -97,8 +98,8 @@ class PolicyVersions:
     def __init__(self, client: Redis | RedisCluster, fleet: str = DEFAULT_FLEET) -> None:
         self.client = client
         self.fleet = fleet
-        self._prefix = prefix = f"sluice:{{policy:{fleet}}}"
-        self.channel = f"sluice:policy:{fleet}:changed"
+        prefix, self.channel = policy_keys(fleet)
+        self._prefix = prefix
         self._seq, self._current = f"{prefix}:seq", f"{prefix}:current"
         self._apply = client.register_script(_APPLY)
 
