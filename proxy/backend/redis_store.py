@@ -86,7 +86,7 @@ class RedisStore:
         metrics = metrics or Metrics()
         self._errors = {
             op: metrics.store_errors.labels(operation=op)
-            for op in ("admit", "settle", "heartbeat", "control")
+            for op in ("admit", "settle", "heartbeat", "control", "wakeup")
         }
         self.instance_id = instance_id or f"{socket.gethostname()}-{os.getpid()}-" + (
             secrets.token_hex(3)
@@ -103,23 +103,23 @@ class RedisStore:
         self._closed = False
         #: Settles lost to store failures (also in ``sluice_store_errors{operation=settle}``).
         self.settle_failures = 0
-        self._errors["wakeup"] = metrics.store_errors.labels(operation="wakeup")
-        self._room = WaitRoom(
+        self._room, self._wakeups = self._wait_room(url, max_waiters, wait_safety_s, wait_metrics)
+
+    def _wait_room(
+        self, url: str, max_waiters: int, safety_s: float, metrics: WaitMetrics | None
+    ) -> tuple[WaitRoom, WakeListener]:
+        """Waiters of this instance, and the pub/sub listener that wakes them."""
+        room = WaitRoom(
             self.attempt,
             self.withdraw,
             id_prefix=self._lease_prefix + "w",
             prepare=self._subscribe,
             max_waiters=max_waiters,
-            safety_s=wait_safety_s,
-            metrics=wait_metrics,
+            safety_s=safety_s,
+            metrics=metrics,
         )
-        self._wakeups = WakeListener(
-            url,
-            self._room.wake,
-            self._room.wake_all,
-            self._errors["wakeup"].inc,
-            timeout_s=timeout_s,
-        )
+        failed = self._errors["wakeup"].inc
+        return room, WakeListener(url, room.wake, room.wake_all, failed, timeout_s=self._timeout)
 
     # --- lifecycle ---------------------------------------------------------------------
 

@@ -1,18 +1,25 @@
-"""The admission store's factory: :class:`RedisStore` for a URL, else :class:`EmbeddedStore`.
+"""One :class:`Backend` per process: Redis for a URL, else embedded (in-process twins).
 
-Key layout: :mod:`proxy.backend.keys`.
+It is built once (``proxy/app.py``) and handed to admission (:attr:`Backend.store`), the
+response cache (:attr:`Backend.cache`) and, through :attr:`Backend.url`, the fleet-wide
+control loops, hot reload and the fleet board. Key layout: :mod:`proxy.backend.keys`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from proxy.admission.protocol import Store, StoreUnavailable
 from proxy.admission.waiting import WaitMetrics
 from proxy.backend import BackendUnavailable
+from proxy.backend.cache import open_cache
 from proxy.backend.embedded import EmbeddedStore
 from proxy.backend.redis_store import RedisStore
 from proxy.metrics import Metrics
+from proxy.pipeline.cache import ResponseCache
 
 __all__ = [
+    "Backend",
     "BackendUnavailable",
     "EmbeddedStore",
     "RedisStore",
@@ -43,3 +50,35 @@ def open_store(
         timeout_s=timeout_s,
         wait_metrics=wait_metrics,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """Where this process keeps shared state: the admission store and the response cache."""
+
+    #: ``redis://…`` / ``redis+cluster://…``, or None for embedded (one process).
+    url: str | None
+    store: Store
+    cache: ResponseCache
+
+    @classmethod
+    def open(cls, url: str | None, metrics: Metrics, timeout_s: float) -> Backend:
+        """Build (nothing connects yet: :meth:`start` inside the event loop)."""
+        store = open_store(
+            url, metrics=metrics, timeout_s=timeout_s, wait_metrics=WaitMetrics(metrics.registry)
+        )
+        return cls(url, store, open_cache(url, metrics=metrics, timeout_s=timeout_s))
+
+    @property
+    def kind(self) -> str:
+        """``redis`` or ``embedded``, for logs."""
+        return "redis" if self.url else "embedded"
+
+    async def start(self) -> None:
+        """Load the scripts and start the lease heartbeat (raises BackendUnavailable)."""
+        await self.store.start()
+
+    async def close(self) -> None:
+        """Apply queued settles and close every connection."""
+        await self.cache.close()
+        await self.store.close()
