@@ -83,6 +83,8 @@ class ScriptRunner:
 
     async def _call(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """EVALSHA; NOSCRIPT reloads + retries once. Unbounded."""
+        if name not in self._sha:  # not started: load on first use (the job queue does)
+            await self._load()
         try:
             return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
         except NoScriptError:

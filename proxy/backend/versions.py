@@ -21,21 +21,10 @@ import yaml
 
 from proxy.backend.client import FAILURES, Redis, RedisCluster
 from proxy.backend.keys import policy_keys
+from proxy.backend.lua import load_script
 from proxy.config import Policy, PolicyError, parse_policy
 
 DEFAULT_FLEET = "default"
-
-# Writes a version and makes it current in one step. With ARGV[6] == "1" (an instance
-# publishing its start-up file) it writes nothing when a version is already current.
-_APPLY = """
-local cur = redis.call('GET', KEYS[2])
-if ARGV[6] == '1' and cur then return -tonumber(cur) end
-local n = redis.call('INCR', KEYS[1])
-redis.call('HSET', KEYS[3] .. n, 'text', ARGV[1], 'sha', ARGV[2], 'author', ARGV[3],
-  'at', ARGV[4], 'note', ARGV[5], 'from', cur or '0')
-redis.call('SET', KEYS[2], n)
-return n
-"""
 
 
 def sha_of(text: str) -> str:
@@ -101,7 +90,7 @@ class PolicyVersions:
         prefix, self.channel = policy_keys(fleet)
         self._prefix = prefix
         self._seq, self._current = f"{prefix}:seq", f"{prefix}:current"
-        self._apply = client.register_script(_APPLY)
+        self._apply = client.register_script(load_script("policy_apply"))
 
     async def current_number(self) -> int | None:
         """The version in force, or None when the fleet has none yet."""
