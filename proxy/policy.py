@@ -8,6 +8,7 @@ dictionary look-ups, not policy arithmetic.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ OTHER_POOL = "_other"
 DEFAULT_BURST_SECONDS = 10.0
 _MODEL_CACHE_MAX = 4096
 
+log = logging.getLogger("proxy.policy")
+
 
 @dataclass(frozen=True, slots=True)
 class PoolInfo:
@@ -33,7 +36,6 @@ class PoolInfo:
     name: str
     output_weight: float
     default_max_tokens: int
-    downgrade_to: str | None
     #: The model's output ceiling (``models.<pool>.max_output_tokens``); None = undeclared.
     max_output_tokens: int | None = None
 
@@ -93,11 +95,38 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def deprecations(policy: Policy) -> list[str]:
+    """What the policy sets that Sluice accepts but ignores, one sentence per field."""
+    return [
+        f"models.{name}.downgrade_to is deprecated and ignored: "
+        "use workloads.<name>.degrade (e.g. degrade: [haiku])"
+        for name, pool in policy.models.items()
+        if pool.downgrade_to is not None
+    ]
+
+
+def warn_deprecated(policy: Policy) -> None:
+    """Log each deprecation once per compile: ``policy check``, start-up and every reload."""
+    for message in deprecations(policy):
+        log.warning(message, extra={"fields": {"event": "policy_deprecated"}})
+
+
+def _workload_info(policy: Policy, name: str) -> WorkloadInfo:
+    wl = policy.workloads[name]
+    return WorkloadInfo(
+        name=name,
+        priority=wl.priority,
+        share=policy.priorities[wl.priority].share,
+        fail_open=policy.priorities[wl.priority].on_store_failure == "open",
+        allowed_pools=frozenset(wl.models) if wl.models is not None else None,
+    )
+
+
 class CompiledPolicy:
     """A policy ready for the request path: look-ups only."""
 
     def __init__(self, policy: Policy, env: Mapping[str, str] | None = None) -> None:
-        env = os.environ if env is None else env
+        warn_deprecated(policy)
         self.policy = policy
         self.header_mode = policy.identity.header_mode
         self.lease_ttl_ms = int(policy.server.lease_ttl_seconds * 1000)
@@ -106,22 +135,28 @@ class CompiledPolicy:
         order = list(policy.priorities)
         by_share = sorted(order, key=lambda n: (-policy.priorities[n].share, order.index(n)))
         self.ranks = {name: i for i, name in enumerate(by_share)}
-        self.workloads = {
-            name: WorkloadInfo(
-                name=name,
-                priority=wl.priority,
-                share=policy.priorities[wl.priority].share,
-                fail_open=policy.priorities[wl.priority].on_store_failure == "open",
-                allowed_pools=frozenset(wl.models) if wl.models is not None else None,
-            )
-            for name, wl in policy.workloads.items()
-        }
+        self.workloads = {name: _workload_info(policy, name) for name in policy.workloads}
         dw = policy.identity.default_workload
         self.default_workload = self.workloads[dw] if dw is not None else None
         self.secrets: dict[str, tuple[str, WorkloadInfo]] = {}
         self.api_keys: dict[str, WorkloadInfo] = {}
+        self._read_keys(os.environ if env is None else env)
+        self.pools = {
+            name: PoolInfo(name, p.output_token_weight, p.default_max_tokens, p.max_output_tokens)
+            for name, p in policy.models.items()
+        }
+        self._other = PoolInfo(OTHER_POOL, 1.0, 4096)
+        self._by_id: dict[str, PoolInfo] = {}
+        for name, pool in policy.models.items():
+            for model_id in pool.ids:
+                self._by_id[model_id] = self.pools[name]
+        self._resolved: dict[str, PoolInfo] = {}
+        self._plans: dict[tuple[str, str, str, int | None, str | None], AdmitPlan] = {}
+
+    def _read_keys(self, env: Mapping[str, str]) -> None:
+        """Resolve every workload's secrets; one :class:`PolicyError` names all missing ones."""
         missing: list[str] = []
-        for name, wl in policy.workloads.items():
+        for name, wl in self.policy.workloads.items():
             for i, key in enumerate(wl.access_keys):
                 where = f"workloads.{name}.access_keys[{i}].secret"
                 try:
@@ -139,23 +174,6 @@ class CompiledPolicy:
                 self.api_keys[token_digest(token)] = self.workloads[name]
         if missing:
             raise PolicyError("\n".join(missing))
-        self.pools = {
-            name: PoolInfo(
-                name,
-                p.output_token_weight,
-                p.default_max_tokens,
-                p.downgrade_to,
-                p.max_output_tokens,
-            )
-            for name, p in policy.models.items()
-        }
-        self._other = PoolInfo(OTHER_POOL, 1.0, 4096, None)
-        self._by_id: dict[str, PoolInfo] = {}
-        for name, pool in policy.models.items():
-            for model_id in pool.ids:
-                self._by_id[model_id] = self.pools[name]
-        self._resolved: dict[str, PoolInfo] = {}
-        self._plans: dict[tuple[str, str, str, int | None, str | None], AdmitPlan] = {}
 
     def secret_for(self, access_key_id: str) -> str | None:
         """The secret of a workload's access key, for signature verification."""

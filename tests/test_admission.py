@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from proxy.admission import AdmitPlan, Decision, Store
-from proxy.backend import EmbeddedStore, open_store
+from proxy.backend.store import EmbeddedStore, open_store
 from tests.support.admission_helpers import Backend, dump_state, new_pool, per_min, plan
 
 StoreFactory = Callable[[], Awaitable[Store]]

@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from proxy.admission import StoreUnavailable
-from proxy.backend import RedisStore
+from proxy.backend.store import RedisStore
 from proxy.metrics import Metrics
 from tests.support.admission_helpers import new_pool, per_min, plan
 from tests.support.redis_fixtures import RedisClusterProcesses, RedisServerProcess
@@ -34,7 +34,7 @@ Factory = Callable[..., RedisServerProcess]
 # A separate Sluice-like process: its own event loop and RedisStore on the same Redis.
 WORKER = r"""
 import asyncio, json, sys, time
-from proxy.backend import RedisStore
+from proxy.backend.store import RedisStore
 from tests.support.admission_helpers import plan, per_min
 
 async def main(mode, url, pool, arg):

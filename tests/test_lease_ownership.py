@@ -20,8 +20,8 @@ from aiohttp.test_utils import TestServer
 from proxy.admission import AdmitPlan, Decision, Store
 from proxy.admission.gate import Gate
 from proxy.app import METRICS, POLICY, STORE, Settings, build_app
-from proxy.backend import open_store
 from proxy.backend.cache import open_cache
+from proxy.backend.store import open_store
 from proxy.config import Policy
 from proxy.log import AccessLog
 from proxy.metrics import Metrics

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import redis
 
 from proxy.admission import StoreUnavailable
-from proxy.backend import RedisStore
+from proxy.backend.store import RedisStore
 from tests.support.admission_helpers import eventually, new_pool, per_min, plan
 from tests.support.hostile import Answer, send
 from tests.support.hostile_cases import HAIKU, Case, converse_body, request

@@ -21,7 +21,7 @@ from botocore.exceptions import ClientError
 
 from proxy.admission import Store
 from proxy.admission.model import KEY_PREFIX
-from proxy.backend import EmbeddedStore, open_store
+from proxy.backend.store import EmbeddedStore, open_store
 from proxy.config import PolicyError, parse_policy
 from proxy.policy import CompiledPolicy
 from tests.support.admission_helpers import Backend, eventually, new_pool, per_min, plan

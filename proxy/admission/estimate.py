@@ -63,6 +63,8 @@ _SKIP_KEYS: Final = frozenset(
     }
 )
 _MEDIA_KEYS: Final = frozenset({"data", "bytes", "image", "document", "video"})
+#: String fields holding encoded media (base64), charged flat instead of as text.
+_RAW_KEYS: Final = frozenset({"data", "bytes"})
 
 
 def _char_counts(text: str) -> tuple[int, int]:
@@ -97,25 +99,33 @@ def node_tokens(node: Any) -> float:
     # handled inline instead of through another call.
     if isinstance(node, str):
         return len(node) * OTHER_TOKENS_PER_CHAR if node.isascii() else text_tokens(node)
-    total = 0.0
     if isinstance(node, dict):
-        for key, value in node.items():
-            if key in _SKIP_KEYS:
-                continue
-            if isinstance(value, str):
-                if key == "data" or key == "bytes":
-                    total += MEDIA_BLOCK_TOKENS
-                elif value.isascii():
-                    total += len(value) * OTHER_TOKENS_PER_CHAR
-                else:
-                    total += text_tokens(value)
-            elif key in _MEDIA_KEYS and not isinstance(value, list):
-                total += MEDIA_BLOCK_TOKENS
-            elif isinstance(value, dict | list):
-                total += node_tokens(value)
-    elif isinstance(node, list):
+        return _object_tokens(node)
+    total = 0.0
+    if isinstance(node, list):
         for item in node:
             total += node_tokens(item)
+    return total
+
+
+def _object_tokens(node: dict[str, Any]) -> float:
+    """A JSON object's tokens: its text fields, flat charges for media, nested values."""
+    total = 0.0
+    for key, value in node.items():
+        if key in _SKIP_KEYS:
+            continue
+        if isinstance(value, str):
+            total += (
+                MEDIA_BLOCK_TOKENS
+                if key in _RAW_KEYS
+                else len(value) * OTHER_TOKENS_PER_CHAR
+                if value.isascii()
+                else text_tokens(value)
+            )
+        elif key in _MEDIA_KEYS and not isinstance(value, list):
+            total += MEDIA_BLOCK_TOKENS
+        elif isinstance(value, dict | list):
+            total += node_tokens(value)
     return total
 
 

@@ -17,6 +17,13 @@ import struct
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
+# The key layout lives in proxy.backend.keys; these names stay importable from here.
+from proxy.backend.keys import KEY_PREFIX as KEY_PREFIX
+from proxy.backend.keys import TIER_SCOPE as TIER_SCOPE
+from proxy.backend.keys import PlanKeys as PlanKeys
+from proxy.backend.keys import plan_keys as plan_keys
+from proxy.backend.keys import scope_name as scope_name
+
 #: Limit names, indexed by the integer code the scripts return (0 = none).
 LIMIT_NAMES: Final[tuple[str | None, ...]] = (
     None,
@@ -47,12 +54,6 @@ CONC_RETRY_MIN_MS: Final = 50
 CONC_RETRY_MAX_MS: Final = 1000
 #: Retry hints are capped so a bucket with a tiny rate cannot produce absurd numbers.
 RETRY_CAP_MS: Final = 86_400_000
-#: Key prefix; the pool name in braces is the Redis Cluster hash tag.
-KEY_PREFIX: Final = "sluice"
-#: Separates a pool from a service tier in a *scope*: the name of one set of pool-level
-#: buckets and leases. A pool's own quota is the scope ``<pool>``; a tier with its own quota
-#: (Bedrock accounts tiers separately) is ``<pool>:tier:<tier>``. Pool names hold no colon.
-TIER_SCOPE: Final = ":tier:"
 #: Retry hint of a ``pool.queue`` refusal: the waiter ahead is usually served within one release.
 QUEUE_RETRY_MS: Final = 200
 #: A waiter's fleet-wide score is ``rank * RANK_SPAN + arrival``, where arrival is the pool's
@@ -101,44 +102,6 @@ class Params(NamedTuple):
     w_tburst: float
     w_conc: int
     ttl_ms: int
-
-
-class PlanKeys(NamedTuple):
-    """Redis key names of one plan; all share the pool's hash tag (one cluster slot)."""
-
-    #: hash: p = packed <dd> pool rpm/tpm TATs, w:<workload> = packed <dd> workload TATs,
-    #: lim = dynamic concurrency limit, wseq = waiter sequence (see admit.lua)
-    pool: str
-    pool_leases: str  # zset: lease id -> expiry ms
-    workload_leases: str  # zset: lease id -> expiry ms
-    waiters: str  # zset: waiter id -> rank * RANK_SPAN + arrival seq (the fleet's queue)
-    waiters_exp: str  # zset: waiter id -> expiry ms (reaps a dead instance's waiters)
-    channel: str  # pub/sub channel: "capacity may have come back" while waiters exist
-
-
-def scope_name(pool: str, tier: str | None) -> str:
-    """The scope of ``pool``'s own quota (``tier`` None) or of a tier's own quota."""
-    return pool if tier is None else f"{pool}{TIER_SCOPE}{tier}"
-
-
-def plan_keys(scope: str, workload: str) -> PlanKeys:
-    """Key names for ``workload`` in a scope; admit.lua's header says what each holds.
-
-    A tier's keys keep the pool's hash tag (``sluice:{sonnet}:tier:flex`` instead of
-    ``sluice:{sonnet}:pool``), so they live in the pool's cluster slot.
-    """
-    pool, sep, tier = scope.partition(TIER_SCOPE)
-    base = f"{KEY_PREFIX}:{{{pool}}}"
-    if sep:
-        base += f"{TIER_SCOPE}{tier}"
-    return PlanKeys(
-        base if sep else f"{base}:pool",
-        f"{base}:leases",
-        f"{base}:w:{workload}:leases",
-        f"{base}:waiters",
-        f"{base}:waiters:exp",
-        f"{base}:released",
-    )
 
 
 def _bucket_params(b: Bucket | None) -> tuple[float, float]:

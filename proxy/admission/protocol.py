@@ -6,10 +6,10 @@ from collections.abc import Awaitable
 from typing import Protocol, runtime_checkable
 
 from proxy.admission.model import AdmitPlan, Decision
+from proxy.backend import BackendUnavailable
 
-
-class StoreUnavailable(Exception):
-    """The store could not decide in time (error or timeout); the caller picks fail-open/closed."""
+#: The store could not decide in time (error or timeout); the caller picks fail-open/closed.
+StoreUnavailable = BackendUnavailable
 
 
 @runtime_checkable

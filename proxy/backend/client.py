@@ -12,13 +12,14 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 __all__ = [
     "FAILURES",
     "NoScriptError",
     "Redis",
     "RedisCluster",
+    "ResponseError",
     "node_client",
     "node_url",
     "redis_client",

@@ -18,24 +18,20 @@ from proxy.admission.leases import Group, LeaseBook
 from proxy.admission.model import (
     QUEUE,
     QUEUE_RETRY_MS,
-    WAIT_FLEET,
     WAIT_NO,
     AdmitPlan,
     Decision,
     PoolView,
     effective_limit,
     evaluate,
-    refund,
     retry_ms,
-    take,
 )
+from proxy.admission.transitions import Tats, enlist, give_back, grant
 from proxy.admission.waiting import WaitMetrics, WaitRoom
 from proxy.admission.waitqueue import (
     WaitEntries,
     WaitTicket,
     queue_blocks,
-    wait_verdict,
-    waiter_expiry,
     waiter_score,
 )
 
@@ -202,33 +198,24 @@ class EmbeddedStore:
         pool: _Pool, plan: AdmitPlan, ticket: WaitTicket, code: int, retry: int, now: float
     ) -> int:
         """Apply a refused waiter's verdict to the pool's wait sets; queue entries it removed."""
-        verdict = ticket.verdict = wait_verdict(code, retry, ticket.remaining_ms)
-        if verdict == WAIT_NO:
+        step = enlist(plan.rank, ticket.arrival, ticket.remaining_ms, code, retry, now, pool.wseq)
+        ticket.verdict, ticket.arrival, pool.wseq = step.verdict, step.arrival, step.wseq
+        if step.verdict == WAIT_NO:
             return int(pool.waiters.remove(ticket.id))
-        if not ticket.arrival:
-            pool.wseq += 1
-            ticket.arrival = pool.wseq
-        expiry = waiter_expiry(now, ticket.remaining_ms)
-        if verdict == WAIT_FLEET:
-            pool.waiters.enqueue(ticket.id, waiter_score(plan.rank, ticket.arrival), expiry)
+        if step.score is not None:
+            pool.waiters.enqueue(ticket.id, step.score, step.expiry)
             return 0
         removed = pool.waiters.unqueue(ticket.id)
-        pool.waiters.list_only(ticket.id, expiry)
+        pool.waiters.list_only(ticket.id, step.expiry)
         return int(removed)
 
     def _grant(
         self, pool: _Pool, wl: _Workload, plan: AdmitPlan, tokens: int, lease: str, now: float
     ) -> None:
         p = plan.params
+        tats = grant(p, Tats(pool.rtat, pool.ttat, wl.rtat, wl.ttat), tokens, now)
+        pool.rtat, pool.ttat, wl.rtat, wl.ttat = tats
         expiry = now + p.ttl_ms
-        if p.p_rburst > 0:
-            pool.rtat = take(pool.rtat, now, 1.0, p.p_rrate)
-        if p.p_tburst > 0:
-            pool.ttat = take(pool.ttat, now, tokens, p.p_trate)
-        if p.w_rburst > 0:
-            wl.rtat = take(wl.rtat, now, 1.0, p.w_rrate)
-        if p.w_tburst > 0:
-            wl.ttat = take(wl.ttat, now, tokens, p.w_trate)
         pool.leases.add(lease, expiry)
         if p.w_conc >= 0:
             wl.leases.add(lease, expiry)
@@ -263,14 +250,13 @@ class EmbeddedStore:
         pool = self._pool(plan.scope)
         wl = pool.workloads.get(plan.workload)
         pool.leases.by_id.pop(lease, None)
-        p = plan.params
-        amount = reserved_tokens - actual_tokens
-        if amount and p.p_tburst > 0:
-            pool.ttat = refund(pool.ttat, now, amount, p.p_trate)
-        if wl is not None:
+        w = (wl.rtat, wl.ttat) if wl is not None else (0.0, 0.0)
+        tats = Tats(pool.rtat, pool.ttat, *w)
+        tats = give_back(plan.params, tats, reserved_tokens - actual_tokens, now)
+        pool.rtat, pool.ttat = tats.p_rtat, tats.p_ttat
+        if wl is not None:  # a workload never admitted here has no state to change
             wl.leases.by_id.pop(lease, None)
-            if amount and p.w_tburst > 0:
-                wl.ttat = refund(wl.ttat, now, amount, p.w_trate)
+            wl.rtat, wl.ttat = tats.w_rtat, tats.w_ttat
         if len(pool.waiters):
             self._room.wake(plan.scope)  # settle.lua's PUBLISH
 

@@ -1,6 +1,6 @@
 """The durable queue's contract: what the worker, the HTTP API and the CLI rely on.
 
-Two implementations: :mod:`proxy.jobs.redis_queue` (Redis Streams with a consumer
+Two implementations: :mod:`proxy.backend.job_queue` (Redis Streams with a consumer
 group, keys hash-tagged per pool so every script touches one Cluster slot) and
 :mod:`proxy.jobs.sqlite_queue` (one on-disk file for a single embedded instance).
 """
@@ -14,14 +14,15 @@ from typing import Any, Protocol
 
 import orjson
 
+from proxy.backend import BackendUnavailable
 from proxy.jobs.records import Invocation, Record
 
 #: Consumer group every worker of the fleet reads through.
 GROUP = "sluice-workers"
 
 
-class QueueUnavailable(Exception):
-    """The queue's store did not answer; the caller retries later (the records are safe)."""
+#: The queue's store did not answer; the caller retries later (the records are safe).
+QueueUnavailable = BackendUnavailable
 
 
 @dataclass(frozen=True, slots=True, order=True)

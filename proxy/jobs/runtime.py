@@ -50,7 +50,7 @@ JOBS = web.AppKey("jobs", Jobs)
 def open_queue(redis_url: str | None, sqlite_path: str) -> JobQueue:
     """Redis Streams with ``--redis-url``, else the embedded SQLite file."""
     if redis_url:
-        from proxy.jobs.redis_queue import RedisQueue
+        from proxy.backend.job_queue import RedisQueue
 
         return RedisQueue(redis_url)
     from proxy.jobs.sqlite_queue import SqliteQueue

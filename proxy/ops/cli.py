@@ -15,13 +15,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from redis.exceptions import RedisError
-
-from proxy.backend.client import redis_client
+from proxy.backend.client import FAILURES, redis_client
+from proxy.backend.versions import DEFAULT_FLEET, PolicyVersions, Version, diff, parse_text
 from proxy.config import PolicyError
 from proxy.ops.fleetview import read_fleet
 from proxy.ops.reload import author
-from proxy.ops.versions import DEFAULT_FLEET, PolicyVersions, Version, diff, parse_text
 from proxy.policy import CompiledPolicy
 
 
@@ -88,7 +86,7 @@ async def with_versions(
     client = redis_client(url, 5.0)
     try:
         return await body(PolicyVersions(client, fleet))
-    except (RedisError, OSError) as exc:
+    except FAILURES as exc:
         print(f"sluice: Redis at {url} failed: {exc}", file=sys.stderr)
         return 1
     finally:

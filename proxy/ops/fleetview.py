@@ -18,27 +18,18 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
-
+from proxy.backend.client import FAILURES, Redis, RedisCluster
+from proxy.backend.fleet_board import append_history, publish_snapshot, read_board
 from proxy.control.fleet import N_BUCKETS, quantile_ms
 from proxy.ops.snapshot import Snapshots
 from proxy.ops.view import ClassView, FleetView, InstanceView, PoolView, WorkloadView
 
 log = logging.getLogger("sluice.fleetview")
 
-TTL_MS = 10_000
 HISTORY_POINTS = 180  # 15 minutes at one point per 5 s
 HISTORY_EVERY_S = 5
 _BREAKER = {0: "closed", 1: "half-open", 2: "open"}
-_FAILURES = (RedisError, OSError, TimeoutError)
-
-
-def _keys(fleet: str) -> tuple[str, str, str]:
-    base = f"sluice:{{ops:{fleet}}}"
-    return f"{base}:instances", f"{base}:snap:", f"{base}:history"
+_FAILURES = FAILURES
 
 
 def _rate(rows: Iterable[tuple[dict[str, Any], float]], field: str) -> float:
@@ -172,14 +163,9 @@ def point(view: FleetView) -> dict[str, Any]:
 
 async def read_fleet(client: Redis | RedisCluster, fleet: str) -> FleetView:
     """The fleet view from Redis alone, with its history (three round trips)."""
-    members, prefix, history_key = _keys(fleet)
     now = time.time()
-    ids = await client.zrangebyscore(members, now * 1000, "+inf")
-    keys = [prefix + (i.decode() if isinstance(i, bytes) else str(i)) for i in ids]
-    raw = await client.mget(keys) if keys else []
-    view = merge([orjson.loads(r) for r in raw if r is not None], fleet, now)
-    history = tuple(orjson.loads(p) for p in await client.lrange(history_key, 0, -1))
-    return dataclasses.replace(view, history=history)
+    snaps, history = await read_board(client, fleet)
+    return dataclasses.replace(merge(snaps, fleet, now), history=history)
 
 
 class FleetBoard:
@@ -236,16 +222,9 @@ class FleetBoard:
             if not self._local_history or self._local_history[-1]["slot"] != slot:
                 self._local_history.append({**point(merge([snap], self.fleet, now)), "slot": slot})
             return
-        members, prefix, history_key = _keys(self.fleet)
-        pipe = self._client.pipeline(transaction=False)
-        pipe.set(prefix + snap["id"], orjson.dumps(snap), px=TTL_MS)
-        pipe.zadd(members, {snap["id"]: now * 1000 + TTL_MS})
-        pipe.zremrangebyscore(members, "-inf", now * 1000)
-        # The first instance to claim this 5-second slot writes its history point.
-        pipe.set(f"{history_key}:{slot}", snap["id"], nx=True, ex=HISTORY_EVERY_S * 3)
-        *_, claimed = await pipe.execute()
-        if not claimed:
+        if not await publish_snapshot(self._client, self.fleet, snap, slot, HISTORY_EVERY_S):
             return
         view = await read_fleet(self._client, self.fleet)
-        await self._client.rpush(history_key, orjson.dumps({**point(view), "slot": slot}))
-        await self._client.ltrim(history_key, -HISTORY_POINTS, -1)
+        await append_history(
+            self._client, self.fleet, {**point(view), "slot": slot}, HISTORY_POINTS
+        )

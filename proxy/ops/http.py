@@ -16,10 +16,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.backend.client import redis_client
+from proxy.backend.versions import DEFAULT_FLEET
 from proxy.ops.fleetview import FleetBoard
 from proxy.ops.reload import RELOADER, Reloader
 from proxy.ops.snapshot import Snapshots
-from proxy.ops.versions import DEFAULT_FLEET
 
 BOARD = web.AppKey("fleet_board", FleetBoard)
 _STATIC = {

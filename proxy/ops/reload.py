@@ -1,7 +1,7 @@
 """Hot reload: one policy in force per instance, switched atomically when a new one lands.
 
 In a fleet (``--fleet NAME`` with ``--redis-url``) the fleet's current version in Redis
-(:mod:`proxy.ops.versions`) is the source: a pub/sub message wakes every instance at once,
+(:mod:`proxy.backend.versions`) is the source: a pub/sub message wakes every instance at once,
 and a periodic check catches a missed message. Otherwise the ``--config`` file is the
 source: it is re-read when it changes and on SIGHUP. Whatever the source, a policy that
 does not validate or compile (a secret missing here) is never applied: the instance keeps
@@ -23,17 +23,16 @@ from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from redis.exceptions import RedisError
 
-from proxy.backend.client import redis_client
+from proxy.backend.client import FAILURES, redis_client
+from proxy.backend.versions import PolicyVersions, Version, diff, parse_text, sha_of
 from proxy.config import DEFAULT_POLICY, PolicyError
-from proxy.ops.versions import PolicyVersions, Version, diff, parse_text, sha_of
 from proxy.policy import CompiledPolicy, PolicyRef
 
 log = logging.getLogger("sluice.policy")
 
 SwapHook = Callable[[CompiledPolicy], Awaitable[None]]
-_STORE_ERRORS = (RedisError, OSError, TimeoutError)
+_STORE_ERRORS = FAILURES
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,17 +191,10 @@ class Reloader:
         """Wake the check loop on every published version (the poll covers lost messages)."""
         assert self._client is not None and self.versions is not None
         while True:
-            pubsub = self._client.pubsub()
             try:
-                await pubsub.subscribe(self.versions.channel)
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        self._wake.set()
+                await self.versions.listen(self._wake.set)
             except _STORE_ERRORS:
                 await asyncio.sleep(1.0)
-            finally:
-                with contextlib.suppress(*_STORE_ERRORS):
-                    await pubsub.aclose()
 
     async def check(self) -> None:
         """One look at the source; switch when it holds a new, valid policy."""

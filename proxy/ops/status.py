@@ -17,9 +17,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from redis.exceptions import RedisError
-
-from proxy.backend.client import redis_client
+from proxy.backend.client import FAILURES, redis_client
 from proxy.ops.fleetview import read_fleet
 
 _POOLS = [
@@ -143,7 +141,7 @@ def status(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     try:
         view = asyncio.run(_fetch(args))
-    except (RedisError, OSError) as exc:
+    except FAILURES as exc:
         where = args.redis_url or args.url
         print(f"sluice: cannot read the fleet view from {where}: {exc}", file=sys.stderr)
         return 1

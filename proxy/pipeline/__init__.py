@@ -40,7 +40,7 @@ from proxy.pipeline.intake import identify_call
 from proxy.pipeline.respond import Responder, internal_error
 from proxy.pipeline.settle import Settler, confirmed
 from proxy.policy import PolicyRef
-from proxy.routes import Route
+from proxy.routes import MeteredRoute, Route
 from proxy.upstream import Upstream
 
 log = logging.getLogger("sluice.request")
@@ -100,7 +100,7 @@ class Pipeline:
             return self.respond.refused(call, caller.error)
         route = call.route
         assert route is not None
-        if route.metered:
+        if isinstance(route, MeteredRoute):
             key = self._cache_key(call, route, caller)
             if isinstance(key, Refused):
                 return self.respond.refused(call, key.error)
@@ -115,7 +115,7 @@ class Pipeline:
         self, request: web.Request, call: Call, route: Route, caller: Caller
     ) -> web.StreamResponse | Refused:
         """admit → forward: the upstream's answer, a fallback's, or the refusal."""
-        if route.metered:
+        if isinstance(route, MeteredRoute):
             admitted = await self.admission.admit(call, route, caller)
             if isinstance(admitted, Refused):
                 return admitted
@@ -128,12 +128,11 @@ class Pipeline:
         return f"{p[:8]}-{p[8:12]}-4{p[13:16]}-a{p[17:20]}-{n:012x}"
 
     @staticmethod
-    def _cache_key(call: Call, route: Route, caller: Caller) -> str | Refused | None:
+    def _cache_key(call: Call, route: MeteredRoute, caller: Caller) -> str | Refused | None:
         """The exact-match cache key when this workload caches this operation."""
         rule = call.policy.policy.workloads[caller.workload.name].cache
         if rule is None or route.streaming or cache_operation(route.operation) is None:
             return None
-        assert route.model_id is not None
         try:
             pool = call.policy.resolve_pool(route.model_id)
         except BedrockError as exc:

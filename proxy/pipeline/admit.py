@@ -25,7 +25,7 @@ from proxy.pipeline.identify import Caller
 from proxy.pipeline.schedule import cap_at, describe_next_change
 from proxy.pipeline.tier_quota import TierQuotas
 from proxy.policy import CompiledPolicy, PoolInfo, WorkloadInfo
-from proxy.routes import Route
+from proxy.routes import MeteredRoute, Route
 
 #: Retry-After for a paused workload: the pause is re-evaluated every tick.
 PAUSE_RETRY_S = 5
@@ -48,7 +48,7 @@ class Admission:
         return self.adaptivity is None or self.adaptivity.breaker_allows(pool)
 
     async def admit(
-        self, call: Call, route: Route, caller: Caller
+        self, call: Call, route: MeteredRoute, caller: Caller
     ) -> Admitted | Degraded | Refused:
         """One admission decision for ``call``; errors of the helpers become :class:`Refused`."""
         try:
@@ -57,10 +57,9 @@ class Admission:
             return Refused(exc)
 
     async def _decide(
-        self, call: Call, route: Route, caller: Caller
+        self, call: Call, route: MeteredRoute, caller: Caller
     ) -> Admitted | Degraded | Refused:
         policy = call.policy
-        assert route.model_id is not None
         pool = call.pool = policy.resolve_pool(route.model_id)
         workload = caller.workload
         wl_cfg = policy.policy.workloads[workload.name]

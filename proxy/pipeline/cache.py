@@ -30,6 +30,8 @@ from typing import Final, Protocol, runtime_checkable
 
 import orjson
 
+from proxy.backend import BackendUnavailable
+
 __all__ = [
     "CACHE_VARY_HEADERS",
     "CacheUnavailable",
@@ -75,8 +77,8 @@ _KEPT_HEADERS: Final = frozenset(
 _KEY_VERSION: Final = b"sluice-cache-v1"
 
 
-class CacheUnavailable(Exception):
-    """The cache store failed or timed out (raised by ``put`` only)."""
+#: The cache store failed or timed out (raised by ``put`` only).
+CacheUnavailable = BackendUnavailable
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ shared by a coalesced group, an internal failure) is built here.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, MutableMapping
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -20,13 +20,13 @@ from proxy.pipeline.degrade import Fallback
 from proxy.pipeline.tiers import SERVED_HEADER
 
 
-def upstream_error_type(headers: Any) -> str | None:
+def upstream_error_type(headers: Mapping[str, str]) -> str | None:
     """Bedrock's error type of an upstream answer (``x-amzn-ErrorType`` up to the ``:``)."""
     value = headers.get("x-amzn-ErrorType")
     return value.partition(":")[0] if value else None
 
 
-def annotate(headers: Any, call: Call) -> None:
+def annotate(headers: MutableMapping[str, str], call: Call) -> None:
     """Add the ``x-sluice-*`` headers that tell the caller how Sluice handled ``call``."""
     headers["x-sluice-request-id"] = call.request_id
     if call.degraded is not None:

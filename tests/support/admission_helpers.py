@@ -14,7 +14,7 @@ import redis.cluster
 
 from proxy.admission import AdmitPlan, Bucket
 from proxy.admission.model import KEY_PREFIX
-from proxy.backend import EmbeddedStore
+from proxy.backend.store import EmbeddedStore
 
 
 def new_pool() -> str:

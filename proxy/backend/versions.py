@@ -9,31 +9,22 @@ several fleets (``--fleet NAME``) can share one Redis without seeing each other'
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 
+from proxy.backend.client import FAILURES, Redis, RedisCluster
+from proxy.backend.keys import policy_keys
+from proxy.backend.lua import load_script
 from proxy.config import Policy, PolicyError, parse_policy
 
 DEFAULT_FLEET = "default"
-
-# Writes a version and makes it current in one step. With ARGV[6] == "1" (an instance
-# publishing its start-up file) it writes nothing when a version is already current.
-_APPLY = """
-local cur = redis.call('GET', KEYS[2])
-if ARGV[6] == '1' and cur then return -tonumber(cur) end
-local n = redis.call('INCR', KEYS[1])
-redis.call('HSET', KEYS[3] .. n, 'text', ARGV[1], 'sha', ARGV[2], 'author', ARGV[3],
-  'at', ARGV[4], 'note', ARGV[5], 'from', cur or '0')
-redis.call('SET', KEYS[2], n)
-return n
-"""
 
 
 def sha_of(text: str) -> str:
@@ -96,10 +87,10 @@ class PolicyVersions:
     def __init__(self, client: Redis | RedisCluster, fleet: str = DEFAULT_FLEET) -> None:
         self.client = client
         self.fleet = fleet
-        self._prefix = prefix = f"sluice:{{policy:{fleet}}}"
-        self.channel = f"sluice:policy:{fleet}:changed"
+        prefix, self.channel = policy_keys(fleet)
+        self._prefix = prefix
         self._seq, self._current = f"{prefix}:seq", f"{prefix}:current"
-        self._apply = client.register_script(_APPLY)
+        self._apply = client.register_script(load_script("policy_apply"))
 
     async def current_number(self) -> int | None:
         """The version in force, or None when the fleet has none yet."""
@@ -147,3 +138,16 @@ class PolicyVersions:
             return -n, False
         await self.client.publish(self.channel, str(n))
         return n, True
+
+    async def listen(self, changed: Callable[[], None]) -> None:
+        """Call ``changed`` on every published version until the subscription fails
+        (raises one of :data:`~proxy.backend.client.FAILURES`; the caller re-subscribes)."""
+        pubsub = self.client.pubsub()
+        try:
+            await pubsub.subscribe(self.channel)
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    changed()
+        finally:
+            with contextlib.suppress(*FAILURES):
+                await pubsub.aclose()

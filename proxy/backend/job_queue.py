@@ -27,23 +27,23 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import orjson
-from redis.exceptions import RedisError, ResponseError
 
-from proxy.backend.client import redis_client
+from proxy.backend.client import FAILURES, ResponseError, redis_client
+from proxy.backend.keys import JOB_BATCHES, JOB_STREAMS, pool_tag
+from proxy.backend.runner import ScriptRunner
 from proxy.jobs.queue import GROUP, BatchMeta, Claimed, DeadLetter, QueueUnavailable, Stream
 from proxy.jobs.queue import pool_of as _pool_of
 from proxy.jobs.records import Record
-from proxy.jobs.scripts import CLAIM, FINISH, FINISH_NEXT, HAS_WORK, RENEW, REPLAY
 
 log = logging.getLogger("sluice.jobs")
 T = TypeVar("T")
-_STREAMS = "sluice:jobs:streams"
-_BATCHES = "sluice:jobs:batches"
+_STREAMS = JOB_STREAMS
+_BATCHES = JOB_BATCHES
 _CHUNK = 2000
+_SCRIPTS = ("job_claim", "job_has_work", "job_renew", "job_finish", "job_finish_next", "job_replay")
 
 
-def _tag(pool: str) -> str:
-    return f"sluice:{{{pool}}}"
+_tag = pool_tag
 
 
 def _stream_key(s: Stream) -> str:
@@ -105,24 +105,18 @@ class RedisQueue:
         # Typed loosely: redis-py's stubs cannot express replies of our own scripts.
         self._client: Any = redis_client(url, timeout_s)
         self._timeout_s = timeout_s
-        self._scripts: dict[str, Any] = {
-            name: self._client.register_script(src)
-            for name, src in (
-                ("claim", CLAIM),
-                ("renew", RENEW),
-                ("has_work", HAS_WORK),
-                ("finish", FINISH),
-                ("finish_next", FINISH_NEXT),
-                ("replay", REPLAY),
-            )
-        }
+        self._runner = ScriptRunner(self._client, _SCRIPTS, timeout_s, log)
 
     async def _call(self, aw: Awaitable[T], what: str) -> T:
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await aw
-        except (RedisError, TimeoutError, OSError) as exc:
+        except FAILURES as exc:
             raise QueueUnavailable(f"{what}: {type(exc).__name__}: {exc}") from None
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """``scripts/job_<name>.lua`` (loaded on first use; raises QueueUnavailable)."""
+        return await self._runner.run(f"job_{name}", keys, args)
 
     async def start(self) -> None:
         """Warn when Redis would lose accepted records on a restart (no AOF)."""
@@ -181,10 +175,7 @@ class RedisQueue:
     async def claim(self, stream: Stream, consumer: str, lease_ms: int) -> Claimed | None:
         """Expired lease first, else the next new record; the attempt is counted here."""
         key = _stream_key(stream)
-        res = await self._call(
-            self._scripts["claim"](keys=[key, key + ":att"], args=[GROUP, consumer, lease_ms]),
-            "claim",
-        )
+        res = await self._script("claim", [key, key + ":att"], [GROUP, consumer, lease_ms])
         return _claimed(stream, res)
 
     async def complete_and_claim(
@@ -197,27 +188,19 @@ class RedisQueue:
     ) -> tuple[bool, Claimed | None]:
         """One script: finish ``claimed`` as succeeded and claim the stream's next record."""
         args = [GROUP, claimed.entry_id, claimed.record_id, line, "ok", *tokens, consumer, lease_ms]
-        new, res = await self._call(
-            self._scripts["finish_next"](keys=self._finish_keys(claimed), args=args), "complete"
-        )
+        new, res = await self._script("finish_next", self._finish_keys(claimed), args)
         return bool(new), _claimed(claimed.stream, res)
 
     async def has_work(self, stream: Stream, lease_ms: int) -> bool:
         """Undelivered entries after the group's last-delivered id, or an expired lease."""
-        res = await self._call(
-            self._scripts["has_work"](keys=[_stream_key(stream)], args=[GROUP, lease_ms]),
-            "has work",
-        )
+        res = await self._script("has_work", [_stream_key(stream)], [GROUP, lease_ms])
         return bool(res)
 
     async def renew(
         self, stream: Stream, consumer: str, entry_ids: list[str], lease_ms: int
     ) -> list[str]:
         """Reset the idle time of the entries this consumer still owns."""
-        kept = await self._call(
-            self._scripts["renew"](keys=[_stream_key(stream)], args=[GROUP, consumer, *entry_ids]),
-            "renew",
-        )
+        kept = await self._script("renew", [_stream_key(stream)], [GROUP, consumer, *entry_ids])
         return [_text(k) for k in kept]
 
     async def next_attempt(self, claimed: Claimed) -> int:
@@ -236,9 +219,7 @@ class RedisQueue:
         """One script: the line (if new), the counters, XACK and XDEL."""
         outcome = "skip" if line is None else ("ok" if ok else "err")
         args = [GROUP, claimed.entry_id, claimed.record_id, line or b"", outcome, *tokens]
-        res = await self._call(
-            self._scripts["finish"](keys=self._finish_keys(claimed), args=args), "complete"
-        )
+        res = await self._script("finish", self._finish_keys(claimed), args)
         return bool(res)
 
     async def dead_letter(self, claimed: Claimed, entry: DeadLetter, line: bytes) -> bool:
@@ -249,7 +230,7 @@ class RedisQueue:
             entry.dlq_id, orjson.dumps(entry.to_json()), f"{entry.workload}\t{entry.reason}",
         ]  # fmt: skip
         keys = [*self._finish_keys(claimed), f"{tag}:dlq", f"{tag}:dlq:n"]
-        return bool(await self._call(self._scripts["finish"](keys=keys, args=args), "dead letter"))
+        return bool(await self._script("finish", keys, args))
 
     async def batch(self, batch_id: str) -> BatchMeta | None:
         """HGETALL of the batch hash (the id names its pool)."""
@@ -347,11 +328,9 @@ class RedisQueue:
         fields: list[Any] = ["b", entry.batch_id, "r", entry.record_id, "i", entry.model_input]
         if model:
             fields += ["m", model]
-        res = await self._call(
-            self._scripts["replay"](
-                keys=[f"{tag}:dlq", f"{tag}:dlq:n", batch + ":out", batch, stream],
-                args=[entry.dlq_id, entry.record_id, f"{entry.workload}\t{entry.reason}", *fields],
-            ),
+        res = await self._script(
             "replay",
+            [f"{tag}:dlq", f"{tag}:dlq:n", batch + ":out", batch, stream],
+            [entry.dlq_id, entry.record_id, f"{entry.workload}\t{entry.reason}", *fields],
         )
         return bool(res)
