@@ -19,12 +19,12 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from proxy.backend.versions import DEFAULT_FLEET
 from proxy.banner import banner as serve_banner
 from proxy.config import PolicyError, load_policy
 from proxy.jobs.commands import COMMANDS as JOB_COMMANDS
 from proxy.jobs.commands import add_job_commands, run_job_command
 from proxy.log import setup_logging
-from proxy.ops.versions import DEFAULT_FLEET
 
 
 def _env(name: str, default: str | None = None) -> str | None:
