@@ -182,7 +182,28 @@ def converse_call(doc: Any, model: ModelConfig, default_output: int) -> Call:
     """Validate a Converse request document (already decoded) and describe the call."""
     if not isinstance(doc, dict):
         raise _malformed("#: expected type: JSONObject, found: " + _json_type(doc))
-    messages = doc.get("messages")
+    parts: list[str] = []
+    extra = _converse_messages(doc.get("messages"), parts)
+    system: list[str] = []
+    if doc.get("system") is not None:
+        extra += _converse_texts(doc["system"], "system", system)
+    if doc.get("toolConfig") is not None:
+        extra += len(orjson.dumps(doc["toolConfig"])) / 4
+    max_tokens = _converse_max_tokens(doc.get("inferenceConfig"), model)
+    cap = model.max_output_tokens if max_tokens is None else max_tokens
+    return _with_tool(_call("\n".join(parts), system, extra, cap, default_output), doc, "converse")
+
+
+def _must_start_with_user() -> BedrockError:
+    return BedrockError(
+        "ValidationException",
+        "A conversation must start with a user message. Try again with a conversation that "
+        "starts with a user message.",
+    )
+
+
+def _converse_messages(messages: Any, parts: list[str]) -> float:
+    """Check Converse ``messages``; collect their text into ``parts``; return non-text weight."""
     if messages is None:
         raise _coral(
             "Value null at 'messages' failed to satisfy constraint: Member must not be null"
@@ -190,12 +211,7 @@ def converse_call(doc: Any, model: ModelConfig, default_output: int) -> Call:
     if not isinstance(messages, list):
         raise _coral("Value at 'messages' failed to satisfy constraint: Member must be a list")
     if not messages:
-        raise BedrockError(
-            "ValidationException",
-            "A conversation must start with a user message. Try again with a conversation that "
-            "starts with a user message.",
-        )
-    parts: list[str] = []
+        raise _must_start_with_user()
     extra = 0.0
     for i, message in enumerate(messages):
         where = f"messages.{i + 1}.member"
@@ -210,20 +226,9 @@ def converse_call(doc: Any, model: ModelConfig, default_output: int) -> Call:
                 "must satisfy enum value set: [assistant, user]"
             )
         if i == 0 and role != "user":
-            raise BedrockError(
-                "ValidationException",
-                "A conversation must start with a user message. Try again with a conversation "
-                "that starts with a user message.",
-            )
+            raise _must_start_with_user()
         extra += _converse_texts(message.get("content"), f"{where}.content", parts)
-    system: list[str] = []
-    if doc.get("system") is not None:
-        extra += _converse_texts(doc["system"], "system", system)
-    if doc.get("toolConfig") is not None:
-        extra += len(orjson.dumps(doc["toolConfig"])) / 4
-    max_tokens = _converse_max_tokens(doc.get("inferenceConfig"), model)
-    cap = model.max_output_tokens if max_tokens is None else max_tokens
-    return _with_tool(_call("\n".join(parts), system, extra, cap, default_output), doc, "converse")
+    return extra
 
 
 def _with_tool(call: Call, doc: dict[str, Any], dialect: Dialect) -> Call:
