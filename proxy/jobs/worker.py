@@ -19,6 +19,7 @@ from collections import defaultdict
 
 from proxy.admission.estimate import estimate, reservation, settled_tokens
 from proxy.admission.fit import reserve
+from proxy.config import BatchRule
 from proxy.errors import BedrockError
 from proxy.jobs.admit import Grant, RecordAdmission
 from proxy.jobs.call import Outcome, call_model
@@ -26,7 +27,7 @@ from proxy.jobs.metrics import JobMetrics
 from proxy.jobs.queue import BatchMeta, Claimed, DeadLetter, JobQueue, QueueUnavailable, Stream
 from proxy.jobs.queue import new_id as _new_id
 from proxy.jobs.records import backoff_s, error_line, is_retryable, success_line
-from proxy.policy import CompiledPolicy, PolicyRef, PoolInfo
+from proxy.policy import CompiledPolicy, PolicyRef, PoolInfo, WorkloadInfo
 from proxy.upstream import Upstream
 
 log = logging.getLogger("sluice.jobs")
@@ -173,27 +174,14 @@ class Worker:
         """Call, retry, finish or dead-letter one record; may hand back the next one, held."""
         meta = await self._meta(c.batch_id)
         if meta is None or meta.cancelled:
-            if meta is None:  # written before its records, so only a manual delete does this
-                log.warning(
-                    "batch record dropped: its batch no longer exists",
-                    extra={"fields": {"batch_id": c.batch_id, "record_id": c.record_id}},
-                )
-            self.admission.settle(grant, 0)
-            await self.queue.complete(c, None, False, (0, 0))
-            self.metrics.records.labels(c.stream.workload, "cancelled").inc()
+            await self._drop(c, grant, meta)
             return None
         model = c.model or meta.model
         workload = self.policy.workloads[c.stream.workload]
         rule = self.policy.policy.workloads[workload.name].batch
         try:
             pool = self.policy.resolve_pool(model)
-            est = estimate(
-                "Converse" if meta.invocation == "converse" else "InvokeModel", c.model_input
-            )
-            # Capped like a live call's: one record with an absurd output cap must not
-            # reserve (and so lock) a pool's tokens/min; one that can never fit is permanent.
-            plan = self.policy.plan(workload, pool, workload.priority)
-            tokens = reserve(plan, pool, est.input_tokens, est)
+            tokens = self._reserve(workload, pool, meta, c)
         except BedrockError as exc:
             self.admission.settle(grant, 0)
             await self._dead(
@@ -205,6 +193,41 @@ class Worker:
             # A replay moved the record to another model: admit it where it will run.
             self.admission.settle(grant, 0)
             grant = await self.admission.admit(workload, pool, tokens)
+        return await self._attempts(c, meta, model, workload, pool, tokens, rule, grant)
+
+    async def _drop(self, c: Claimed, grant: Grant, meta: BatchMeta | None) -> None:
+        """Finish a record of a cancelled (or deleted) batch without calling the model."""
+        if meta is None:  # written before its records, so only a manual delete does this
+            log.warning(
+                "batch record dropped: its batch no longer exists",
+                extra={"fields": {"batch_id": c.batch_id, "record_id": c.record_id}},
+            )
+        self.admission.settle(grant, 0)
+        await self.queue.complete(c, None, False, (0, 0))
+        self.metrics.records.labels(c.stream.workload, "cancelled").inc()
+
+    def _reserve(self, workload: WorkloadInfo, pool: PoolInfo, meta: BatchMeta, c: Claimed) -> int:
+        """The tokens a record reserves, capped like a live call's: one record with an absurd
+        output cap must not reserve (and so lock) a pool's tokens/min; one that can never fit
+        raises (a permanent failure)."""
+        est = estimate(
+            "Converse" if meta.invocation == "converse" else "InvokeModel", c.model_input
+        )
+        plan = self.policy.plan(workload, pool, workload.priority)
+        return reserve(plan, pool, est.input_tokens, est)
+
+    async def _attempts(
+        self,
+        c: Claimed,
+        meta: BatchMeta,
+        model: str,
+        workload: WorkloadInfo,
+        pool: PoolInfo,
+        tokens: int,
+        rule: BatchRule,
+        grant: Grant,
+    ) -> tuple[Claimed, Grant] | None:
+        """Call until the record succeeds, fails for good or runs out of attempts."""
         # A record claimed with attempts already counted was taken over from a worker that
         # died or lost its lease mid-record.
         attempts, reason = c.attempts, "first" if c.attempts == 1 else "redelivered"
