@@ -174,7 +174,14 @@ class Worker:
         """Call, retry, finish or dead-letter one record; may hand back the next one, held."""
         meta = await self._meta(c.batch_id)
         if meta is None or meta.cancelled:
-            await self._drop(c, grant, meta)
+            if meta is None:  # written before its records, so only a manual delete does this
+                log.warning(
+                    "batch record dropped: its batch no longer exists",
+                    extra={"fields": {"batch_id": c.batch_id, "record_id": c.record_id}},
+                )
+            self.admission.settle(grant, 0)
+            await self.queue.complete(c, None, False, (0, 0))
+            self.metrics.records.labels(c.stream.workload, "cancelled").inc()
             return None
         model = c.model or meta.model
         workload = self.policy.workloads[c.stream.workload]
@@ -194,17 +201,6 @@ class Worker:
             self.admission.settle(grant, 0)
             grant = await self.admission.admit(workload, pool, tokens)
         return await self._attempts(c, meta, model, workload, pool, tokens, rule, grant)
-
-    async def _drop(self, c: Claimed, grant: Grant, meta: BatchMeta | None) -> None:
-        """Finish a record of a cancelled (or deleted) batch without calling the model."""
-        if meta is None:  # written before its records, so only a manual delete does this
-            log.warning(
-                "batch record dropped: its batch no longer exists",
-                extra={"fields": {"batch_id": c.batch_id, "record_id": c.record_id}},
-            )
-        self.admission.settle(grant, 0)
-        await self.queue.complete(c, None, False, (0, 0))
-        self.metrics.records.labels(c.stream.workload, "cancelled").inc()
 
     def _reserve(self, workload: WorkloadInfo, pool: PoolInfo, meta: BatchMeta, c: Claimed) -> int:
         """The tokens a record reserves, capped like a live call's: one record with an absurd
