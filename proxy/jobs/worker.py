@@ -188,7 +188,13 @@ class Worker:
         rule = self.policy.policy.workloads[workload.name].batch
         try:
             pool = self.policy.resolve_pool(model)
-            tokens = self._reserve(workload, pool, meta, c)
+            est = estimate(
+                "Converse" if meta.invocation == "converse" else "InvokeModel", c.model_input
+            )
+            # Capped like a live call's: one record with an absurd output cap must not
+            # reserve (and so lock) a pool's tokens/min; one that can never fit is permanent.
+            plan = self.policy.plan(workload, pool, workload.priority)
+            tokens = reserve(plan, pool, est.input_tokens, est)
         except BedrockError as exc:
             self.admission.settle(grant, 0)
             await self._dead(
@@ -201,16 +207,6 @@ class Worker:
             self.admission.settle(grant, 0)
             grant = await self.admission.admit(workload, pool, tokens)
         return await self._attempts(c, meta, model, workload, pool, tokens, rule, grant)
-
-    def _reserve(self, workload: WorkloadInfo, pool: PoolInfo, meta: BatchMeta, c: Claimed) -> int:
-        """The tokens a record reserves, capped like a live call's: one record with an absurd
-        output cap must not reserve (and so lock) a pool's tokens/min; one that can never fit
-        raises (a permanent failure)."""
-        est = estimate(
-            "Converse" if meta.invocation == "converse" else "InvokeModel", c.model_input
-        )
-        plan = self.policy.plan(workload, pool, workload.priority)
-        return reserve(plan, pool, est.input_tokens, est)
 
     async def _attempts(
         self,
