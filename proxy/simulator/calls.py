@@ -17,7 +17,7 @@ from aiohttp import web
 from proxy.errors import BedrockError
 from proxy.eventstream import exception_frame
 from proxy.simulator.config import TierConfig
-from proxy.simulator.models import TOO_MANY_REQUESTS, TOO_MANY_TOKENS, ModelRuntime
+from proxy.simulator.models import TOO_MANY_REQUESTS, TOO_MANY_TOKENS, Admission, ModelRuntime
 from proxy.simulator.parsing import Call
 from proxy.simulator.responses import (
     ConverseStream,
@@ -116,33 +116,21 @@ async def serve_call(
         raise BedrockError(*refusal)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    admission = tier_refusal(
-        runtime, tier, call.input_tokens, call.max_tokens, start
-    ) or runtime.admit(call.input_tokens, call.max_tokens, start)
-    if isinstance(admission, str):
-        raise BedrockError("ThrottlingException", admission)
+    admission = _admit(runtime, tier, call, start)
     progress = _Progress()
     try:
         pace = tier.latency_factor
         if fault == "timeout":
             await _sleep(runtime.first_token_delay(call.input_tokens) * pace)
             raise BedrockError("ModelTimeoutException", _TIMEOUT)
-        tokens = reply_tokens(call.prompt, call.output_tokens)
-        reply = Reply(
-            new_message_id(),
-            runtime.config.name,
-            tokens,
-            call.input_tokens,
-            call.stop_reason,
-            call.tool,
-        )
+        reply = _reply(runtime, call)
         if streaming:
             cut = _cut_plan(runtime, call, fault)
             return await _stream(
                 request, state, runtime, reply, operation, echo, cut, progress, pace
             )
         await _sleep(
-            (runtime.first_token_delay(call.input_tokens) + runtime.output_delay(len(tokens)))
+            (runtime.first_token_delay(call.input_tokens) + runtime.output_delay(len(reply.tokens)))
             * pace
         )
         progress.output_tokens = reply.output_tokens
@@ -156,6 +144,29 @@ async def serve_call(
         if progress.client_gone:
             runtime.stats.cancelled += 1
         runtime.settle(admission, call.input_tokens, progress.output_tokens, loop.time())
+
+
+def _admit(runtime: ModelRuntime, tier: TierConfig, call: Call, start: float) -> Admission:
+    """The call's slot and reservation; ThrottlingException when its tier or model is full."""
+    admission = tier_refusal(
+        runtime, tier, call.input_tokens, call.max_tokens, start
+    ) or runtime.admit(call.input_tokens, call.max_tokens, start)
+    if isinstance(admission, str):
+        raise BedrockError("ThrottlingException", admission)
+    return admission
+
+
+def _reply(runtime: ModelRuntime, call: Call) -> Reply:
+    """What the model answers: text seeded by the prompt, then the tool call if any."""
+    tokens = reply_tokens(call.prompt, call.output_tokens)
+    return Reply(
+        new_message_id(),
+        runtime.config.name,
+        tokens,
+        call.input_tokens,
+        call.stop_reason,
+        call.tool,
+    )
 
 
 def _cut_plan(runtime: ModelRuntime, call: Call, fault: str | None) -> tuple[int, bytes] | None:
