@@ -37,6 +37,10 @@ _DROP_RESPONSE: Final = frozenset(
 )
 
 
+#: Idle upstream connections are closed after this; memory they held is free only then.
+KEEPALIVE_S: Final = 30.0
+
+
 def bedrock_url(region: str) -> str:
     """Bedrock runtime's public endpoint for a region."""
     return f"https://bedrock-runtime.{region}.amazonaws.com"
@@ -93,7 +97,7 @@ class Upstream:
 
     async def start(self) -> None:
         """Open the connection pool."""
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
