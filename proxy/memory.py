@@ -51,12 +51,19 @@ def release_memory() -> float:
 class BurstTrim:
     """Counts open streams; after a burst ends, releases memory once (see module doc)."""
 
-    __slots__ = ("_handle", "active", "delay_s", "min_peak", "peak", "trims")
+    __slots__ = ("_handle", "active", "before", "delay_s", "min_peak", "peak", "trims")
 
-    def __init__(self, min_peak: int = 256, delay_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        min_peak: int = 256,
+        delay_s: float = 2.0,
+        before: Callable[[], None] | None = None,
+    ) -> None:
         #: Streams smaller than this in total are not a burst worth a trim.
         self.min_peak = min_peak
         self.delay_s = delay_s
+        #: Drops what the burst left behind (idle upstream connections) before the trim.
+        self.before = before
         self.active = 0
         self.peak = 0
         self.trims = 0
@@ -80,6 +87,15 @@ class BurstTrim:
         self._handle = None
         if not self._ended():  # a new burst started meanwhile: wait for its end
             return
+        if self.before is None:
+            self._release()
+            return
+        self.before()
+        # Closed transports let go of their buffers on the next loop iterations.
+        self._handle = asyncio.get_running_loop().call_later(0.5, self._release)
+
+    def _release(self) -> None:
+        self._handle = None
         took = release_memory()
         self.trims += 1
         log.info(

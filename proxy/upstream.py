@@ -110,6 +110,18 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
 
+    def expire_idle(self) -> None:
+        """Close pooled connections idle for longer than :data:`KEEPALIVE_S` now.
+
+        aiohttp checks the pool only once per keep-alive period, so a burst's idle
+        connections (and their buffers) could linger up to twice that; this runs the
+        same check at once (a private aiohttp method: skipped if a version lacks it).
+        """
+        connector = self._session.connector if self._session is not None else None
+        cleanup = getattr(connector, "_cleanup", None)
+        if callable(cleanup):
+            cleanup()
+
     async def probe(self) -> bool:
         """True when the upstream answers HTTP at all (any status): it is reachable."""
         assert self._session is not None

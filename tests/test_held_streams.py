@@ -124,3 +124,16 @@ async def test_small_traffic_never_trims() -> None:
 
 def test_release_memory_runs_here() -> None:
     assert release_memory() >= 0.0
+
+
+async def test_burst_trim_drops_idle_connections_first() -> None:
+    calls: list[int] = []
+    trim = BurstTrim(min_peak=2, delay_s=0.0, before=lambda: calls.append(trim.trims))
+    for _ in range(4):
+        trim.opened()
+    for _ in range(4):
+        trim.closed()
+    await asyncio.sleep(0.05)
+    assert calls == [0] and trim.trims == 0  # the release waits for the sockets to close
+    await asyncio.sleep(0.7)
+    assert trim.trims == 1

@@ -63,7 +63,7 @@ class Forwarder:
         self._background: set[asyncio.Task[None]] = set()
         # RSS back to idle once a burst of held streams ends: after the idle upstream
         # connections it leaves in the pool have timed out, else they keep their pages.
-        self._streams = BurstTrim(delay_s=KEEPALIVE_S + 2.0)
+        self._streams = BurstTrim(delay_s=KEEPALIVE_S + 2.0, before=upstream.expire_idle)
 
     async def forward(
         self, request: web.Request, call: Call, route: Route
