@@ -57,31 +57,6 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
 
 
-_JSON_STRINGS: dict[str, str] = {}
-_JSON_STRINGS_MAX = 4096
-
-
-def json_str(value: str | None) -> str:
-    """``value`` as a JSON string literal (``null`` for None), memoised.
-
-    Access-log fields repeat (operation, model, pool, workload, error type): each is
-    encoded once instead of once per request. Lone surrogates (undecodable input bytes
-    in a path) are replaced rather than failing the line.
-    """
-    if value is None:
-        return "null"
-    out = _JSON_STRINGS.get(value)
-    if out is None:
-        try:
-            out = orjson.dumps(value).decode()
-        except TypeError:
-            out = orjson.dumps(value.encode("utf-8", "replace").decode()).decode()
-        if len(_JSON_STRINGS) >= _JSON_STRINGS_MAX:  # model ids come from callers: bounded
-            _JSON_STRINGS.clear()
-        _JSON_STRINGS[value] = out
-    return out
-
-
 class AccessLog:
     """Writes one JSON line per finished request.
 
@@ -105,26 +80,11 @@ class AccessLog:
         record["ts"] = round(time.time(), 3)
         self._lines.append(orjson.dumps(record))
         if not self._scheduled:
-            self._schedule()
-
-    def write_fields(self, fields: str) -> None:
-        """Queue one line from ``fields``: JSON members without braces (``"a":1,"b":2``).
-
-        The hot-path form of :meth:`write`: the caller formats its members straight into
-        a string, so no dict is built and no generic encoder walks it per request.
-        """
-        if not self.enabled:
-            return
-        self._lines.append(f'{{{fields},"ts":{time.time():.3f}}}'.encode())
-        if not self._scheduled:
-            self._schedule()
-
-    def _schedule(self) -> None:
-        self._scheduled = True
-        try:
-            asyncio.get_running_loop().call_later(self._flush_s, self.flush)
-        except RuntimeError:  # no loop (tools, tests): write at once
-            self.flush()
+            self._scheduled = True
+            try:
+                asyncio.get_running_loop().call_later(self._flush_s, self.flush)
+            except RuntimeError:  # no loop (tools, tests): write at once
+                self.flush()
 
     def flush(self) -> None:
         """Write every queued line now."""

@@ -16,7 +16,7 @@ from collections.abc import Awaitable
 from proxy.admission.estimate import settled_tokens
 from proxy.admission.gate import Gate
 from proxy.control.controller import Adaptivity
-from proxy.log import AccessLog, json_str
+from proxy.log import AccessLog
 from proxy.metrics import Metrics
 from proxy.pipeline.call import Call
 
@@ -98,30 +98,30 @@ class Settler:
         if call.upstream_status is not None and route is not None:
             metrics.latency_of(pool, operation).observe(call.upstream_s)
         if self.access_log.enabled:
-            self.access_log.write_fields(self._line(call, operation, pool, workload))
+            self.access_log.write(self._line(call, operation, pool, workload))
 
     @staticmethod
-    def _line(call: Call, operation: str, pool: str, workload: str) -> str:
-        """The access-log members, formatted directly (no dict; see AccessLog.write_fields)."""
+    def _line(call: Call, operation: str, pool: str, workload: str) -> dict[str, object]:
         total = time.perf_counter() - call.started
-        caller, usage, route = call.caller, call.usage, call.route
-        degraded = call.degraded.get("x-sluice-degraded") if call.degraded else None
-        return (
-            f'"event":"request","request_id":"{call.request_id}",'
-            f'"operation":{json_str(operation)},'
-            f'"model":{json_str(route.model_id if route else None)},'
-            f'"pool":{json_str(pool)},"workload":{json_str(workload)},'
-            f'"priority":{json_str(caller.priority if caller else None)},'
-            f'"via":{json_str(caller.via if caller else None)},'
-            f'"status":{call.status},"error_type":{json_str(call.error_type)},'
-            f'"input_tokens":{usage.input_tokens},"output_tokens":{usage.output_tokens},'
-            f'"usage_known":{_BOOL[usage.known]},'
-            f'"upstream_ms":{round(call.upstream_s * 1000, 2)!r},'
-            f'"overhead_ms":{round(max(0.0, total - call.upstream_s) * 1000, 3)!r},'
-            f'"disconnected":{_BOOL[call.disconnected]},"retries":{call.retries},'
-            f'"trimmed_messages":{call.trimmed_messages},"degraded":{json_str(degraded)},'
-            f'"coalesced":{_BOOL[call.coalesced]}'
-        )
-
-
-_BOOL = {False: "false", True: "true"}
+        return {
+            "event": "request",
+            "request_id": call.request_id,
+            "operation": operation,
+            "model": call.route.model_id if call.route else None,
+            "pool": pool,
+            "workload": workload,
+            "priority": call.caller.priority if call.caller else None,
+            "via": call.caller.via if call.caller else None,
+            "status": call.status,
+            "error_type": call.error_type,
+            "input_tokens": call.usage.input_tokens,
+            "output_tokens": call.usage.output_tokens,
+            "usage_known": call.usage.known,
+            "upstream_ms": round(call.upstream_s * 1000, 2),
+            "overhead_ms": round(max(0.0, total - call.upstream_s) * 1000, 3),
+            "disconnected": call.disconnected,
+            "retries": call.retries,
+            "trimmed_messages": call.trimmed_messages,
+            "degraded": call.degraded.get("x-sluice-degraded") if call.degraded else None,
+            "coalesced": call.coalesced,
+        }
