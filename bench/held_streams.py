@@ -216,7 +216,7 @@ def measure(args: argparse.Namespace, system: str, n: int, workdir: Path) -> Run
             argv = [PY, str(BENCH_DIR / "traced_serve.py"), f"{args.tracemalloc}.{n}", *argv[3:]]
         sluice = ManagedProcess(f"{system}-{n}", argv, log_dir=workdir, env=spec.env)
         procs.append(sluice)
-        sluice.wait_http(f"http://127.0.0.1:{port}{spec.health_path}")
+        sluice.wait_http(f"http://127.0.0.1:{port}{spec.health_path}", timeout=120)
         url = f"http://127.0.0.1:{port}{STREAM_PATH}"
         asyncio.run(drive(url, 20, 1000, sluice.pid, _noop))  # warm-up: every code path once
         time.sleep(1.0)
