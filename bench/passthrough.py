@@ -53,7 +53,7 @@ from common import (
     timestamp,
     wait_until_quiet,
 )
-from report import document, one_line, summarize, table, warnings
+from report import document, one_line, per_start, summarize, table, warnings
 from systems import (
     PY,
     SYSTEMS,
@@ -355,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     text = table(summary, opts.rate)
     notes = warnings(runs)
     print(text)
+    if "saturation" in opts.tests:
+        print("\nPer fresh start (saturation: ratio to the same rep's forwarder, CPU µs/req):\n")
+        print(per_start(runs, opts.systems, opts.reps))
     print(
         f"\nsaturation generator: {opts.generator} ({opts.connections} connections); "
         f"latency generator: python open loop at {opts.rate:g} req/s; "

@@ -107,6 +107,34 @@ def table(summary: Mapping[str, Mapping[str, Any]], rate: float) -> str:
     return render_table(headers, rows)
 
 
+def per_start(runs: list[Run], systems: list[str], reps: int) -> str:
+    """Every fresh start's saturation figures, not only medians: a slow start shows here.
+
+    One row per system: req/s ratio to the forwarder of the same repetition and CPU µs/req
+    for each start, then the largest deviation from the system's median (the issue's
+    "every start within ±10% of the median").
+    """
+    sat = _by(runs, "saturation")
+    headers = ["System", *[f"start {r + 1}" for r in range(reps)], "max dev. from median"]
+    rows = []
+    for name in systems:
+        cells, values = [name], []
+        for r in range(reps):
+            run, base = sat.get((r, name)), sat.get((r, "forwarder"))
+            if run is None:
+                cells.append("failed")
+                continue
+            rps = float(run["result"]["rps"])
+            values.append(rps)
+            ratio = f"{rps / float(base['result']['rps']):.2f}× " if base else ""
+            cells.append(f"{ratio}{fmt(run['cpu_us_per_req'])} µs")
+        mid = median(values)
+        dev = max((abs(v - mid) / mid for v in values), default=None) if mid else None
+        cells.append(fmt(dev, ".1%"))
+        rows.append(cells)
+    return render_table(headers, rows)
+
+
 def warnings(runs: list[Run]) -> list[str]:
     """Things that make a figure a lower bound or suspect; printed under the table."""
     notes = []

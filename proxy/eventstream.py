@@ -48,7 +48,7 @@ _INT32_HEADER = struct.Struct(">Bi")
 # Frame overhead besides headers and payload: prelude (12) + message CRC (4).
 _OVERHEAD = _PRELUDE_LEN + 4
 
-_HEADER_CACHE_SIZE = 16
+_HEADER_CACHE_SIZE = 64  # shared by every decoder in the process
 
 # Header value types (the wire's type byte).
 _TRUE, _FALSE, _BYTE, _SHORT, _INT, _LONG, _BYTES, _STRING, _TIMESTAMP, _UUID = range(10)
@@ -186,14 +186,16 @@ class EventStreamDecoder:
     resynchronised once framing is lost) and every later ``feed()`` raises the same error.
     """
 
-    __slots__ = ("_buffer", "_error", "_header_cache")
+    __slots__ = ("_buffer", "_error")
+
+    # Streams repeat a handful of header blocks (every chunk event of every stream carries the
+    # same three headers), so decoded headers are cached by their raw bytes: it halves decode
+    # cost. One cache for all decoders: thousands of held streams need not hold one each.
+    _header_cache: dict[bytes, dict[str, HeaderValue]] = {}
 
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._error: EventStreamError | None = None
-        # A stream repeats a handful of header blocks (every chunk event carries the same three
-        # headers), so decoded headers are cached by their raw bytes: it halves decode cost.
-        self._header_cache: dict[bytes, dict[str, HeaderValue]] = {}
 
     @property
     def pending(self) -> int:

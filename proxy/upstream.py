@@ -37,6 +37,10 @@ _DROP_RESPONSE: Final = frozenset(
 )
 
 
+#: Idle upstream connections are closed after this; memory they held is free only then.
+KEEPALIVE_S: Final = 30.0
+
+
 def bedrock_url(region: str) -> str:
     """Bedrock runtime's public endpoint for a region."""
     return f"https://bedrock-runtime.{region}.amazonaws.com"
@@ -93,7 +97,7 @@ class Upstream:
 
     async def start(self) -> None:
         """Open the connection pool."""
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
@@ -105,6 +109,18 @@ class Upstream:
         """Close the pool."""
         if self._session is not None:
             await self._session.close()
+
+    def expire_idle(self) -> None:
+        """Close pooled connections idle for longer than :data:`KEEPALIVE_S` now.
+
+        aiohttp checks the pool only once per keep-alive period, so a burst's idle
+        connections (and their buffers) could linger up to twice that; this runs the
+        same check at once (a private aiohttp method: skipped if a version lacks it).
+        """
+        connector = self._session.connector if self._session is not None else None
+        cleanup = getattr(connector, "_cleanup", None)
+        if callable(cleanup):
+            cleanup()
 
     async def probe(self) -> bool:
         """True when the upstream answers HTTP at all (any status): it is reachable."""

@@ -22,6 +22,7 @@ from proxy.admission.gate import retry_headers
 from proxy.control.controller import Adaptivity
 from proxy.errors import BedrockError
 from proxy.eventstream import exception_frame
+from proxy.memory import BurstTrim
 from proxy.metrics import Metrics
 from proxy.pipeline.cache import CacheUnavailable, ResponseCache, cacheable
 from proxy.pipeline.call import Call, Refused
@@ -30,7 +31,7 @@ from proxy.pipeline.retry import RetryBudget, next_delay, retryable
 from proxy.pipeline.tier_quota import TierQuotas, on_pool_quota
 from proxy.pipeline.tiers import apply_tier, served_tier
 from proxy.routes import Route
-from proxy.upstream import Upstream, returnable
+from proxy.upstream import KEEPALIVE_S, Upstream, returnable
 from proxy.usage import StreamUsage, from_body, from_headers
 
 log = logging.getLogger("sluice.request")
@@ -64,6 +65,9 @@ class Forwarder:
         self._retry_budgets: dict[tuple[str, str], RetryBudget] = {}
         self._rng = random.Random()
         self._background: set[asyncio.Task[None]] = set()
+        # RSS back to idle once a burst of held streams ends: after the idle upstream
+        # connections it leaves in the pool have timed out, else they keep their pages.
+        self._streams = BurstTrim(delay_s=KEEPALIVE_S + 2.0, before=upstream.expire_idle)
 
     async def forward(
         self, request: web.Request, call: Call, route: Route
@@ -217,6 +221,7 @@ class Forwarder:
         await response.prepare(request)
         call.status = 200
         watcher = StreamUsage()
+        self._streams.opened()
         try:
             # iter_any hands over whatever arrived: no waiting to fill a buffer, so
             # the first event leaves as soon as it comes in.
@@ -232,6 +237,7 @@ class Forwarder:
             self._client_left(call, upstream)
             raise
         finally:
+            self._streams.closed()
             call.upstream_s = time.perf_counter() - sent
             if watcher.usage.known:
                 watcher.usage.input_tokens = watcher.usage.input_tokens or call.usage.input_tokens

@@ -1,0 +1,82 @@
+"""Run ``python -m proxy <args>`` under tracemalloc; each SIGUSR1 writes the top allocations
+(and the growth since the previous signal) to FILE.<k>.
+
+    python bench/traced_serve.py /tmp/snap.txt serve --config ...   (used by held_streams.py)
+
+Where held memory goes, by line and by call stack, at the moment the signal arrives.
+SIGUSR2 toggles cProfile (the second writes FILE.calls): Python calls per request are
+counted, not timed, so a busy machine does not change them. SLUICE_TRACEMALLOC=0 skips
+tracemalloc (its overhead) when only the call counts are wanted.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+import signal
+import sys
+import tracemalloc
+from pathlib import Path
+from types import FrameType
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+_snapshots: list[tracemalloc.Snapshot] = []
+
+
+def _dump(out: Path) -> None:
+    snap = tracemalloc.take_snapshot()
+    lines = [f"total traced: {sum(s.size for s in snap.statistics('filename'))}"]
+    if _snapshots:  # what grew since the previous signal
+        lines.append("growth since the previous snapshot:")
+        lines += [str(d) for d in snap.compare_to(_snapshots[-1], "lineno")[:40]]
+    _snapshots.append(snap)
+    out = out.with_name(f"{out.name}.{len(_snapshots)}")
+    lines += [str(stat) for stat in snap.statistics("lineno")[:60]]
+    lines.append("\nby call stack:")
+    for stat in snap.statistics("traceback")[:30]:
+        lines.append(f"{stat.size} B in {stat.count} blocks")
+        lines += stat.traceback.format()[-16:]
+    out.write_text("\n".join(lines) + "\n")
+
+
+_profile: list[cProfile.Profile] = []
+
+
+def _toggle_profile(out: Path) -> None:
+    """First SIGUSR2 starts cProfile, the next writes call counts to FILE.calls and stops."""
+    if not _profile:
+        _profile.append(cProfile.Profile())
+        _profile[0].enable()
+        return
+    prof = _profile.pop()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("ncalls").print_stats(60)
+    out.with_name(out.name + ".calls").write_text(buf.getvalue())
+
+
+def main() -> int:
+    out = Path(sys.argv[1])
+    if os.environ.get("SLUICE_TRACEMALLOC", "1") == "1":
+        tracemalloc.start(16)
+
+    def on_signal(_sig: int, _frame: FrameType | None) -> None:
+        _dump(out)
+
+    def on_profile(_sig: int, _frame: FrameType | None) -> None:
+        _toggle_profile(out)
+
+    signal.signal(signal.SIGUSR1, on_signal)
+    signal.signal(signal.SIGUSR2, on_profile)
+    from proxy.cli import main as cli_main
+
+    sys.argv = ["sluice", *sys.argv[2:]]
+    return cli_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
