@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import statistics
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,7 +36,12 @@ from tests.support.fleet_ops import (
 from tests.support.processes import ROOT, Simulator, Sluice, http_json, metric_value
 from tests.support.redis_fixtures import RedisServerProcess
 
-RESULTS = ROOT / "bench" / "results"
+# Into bench/results only when asked (SLUICE_WRITE_RESULTS=1): a test run leaves the tree clean.
+RESULTS = (
+    ROOT / "bench" / "results"
+    if os.environ.get("SLUICE_WRITE_RESULTS")
+    else Path(tempfile.gettempdir()) / f"sluice-results-{os.getpid()}"
+)
 
 
 def sync_client(url: str) -> Any:
