@@ -26,7 +26,7 @@ from proxy.jobs.metrics import JobMetrics
 from proxy.jobs.queue import BatchMeta, Claimed, DeadLetter, JobQueue, QueueUnavailable, Stream
 from proxy.jobs.queue import new_id as _new_id
 from proxy.jobs.records import backoff_s, error_line, is_retryable, success_line
-from proxy.policy import CompiledPolicy, PolicyRef, PoolInfo
+from proxy.policy import CompiledPolicy, PolicyRef, PoolInfo, WorkloadInfo
 from proxy.upstream import Upstream
 
 log = logging.getLogger("sluice.jobs")
@@ -169,9 +169,23 @@ class Worker:
             self._metas[batch_id] = (now, meta)
         return meta
 
-    async def _process(self, c: Claimed, grant: Grant) -> tuple[Claimed, Grant] | None:
-        """Call, retry, finish or dead-letter one record; may hand back the next one, held."""
-        meta = await self._meta(c.batch_id)
+    async def _context(self, c: Claimed, grant: Grant) -> tuple[BatchMeta, WorkloadInfo] | None:
+        """The record's batch and workload; None (the grant given back) when either is gone.
+
+        Whatever fails here gives the grant back: one dropped is renewed by the store's
+        heartbeat for as long as the process lives.
+        """
+        try:
+            meta = await self._meta(c.batch_id)
+        except BaseException:
+            self.admission.settle(grant, 0)
+            raise
+        workload = self.policy.workloads.get(c.stream.workload)
+        if workload is None:
+            # A reload removed the workload since admission: leave its record, free the slot.
+            self.admission.settle(grant, 0)
+            self._idle(c.stream)
+            return None
         if meta is None or meta.cancelled:
             if meta is None:  # written before its records, so only a manual delete does this
                 log.warning(
@@ -182,8 +196,15 @@ class Worker:
             await self.queue.complete(c, None, False, (0, 0))
             self.metrics.records.labels(c.stream.workload, "cancelled").inc()
             return None
+        return meta, workload
+
+    async def _process(self, c: Claimed, grant: Grant) -> tuple[Claimed, Grant] | None:
+        """Call, retry, finish or dead-letter one record; may hand back the next one, held."""
+        found = await self._context(c, grant)
+        if found is None:
+            return None
+        meta, workload = found
         model = c.model or meta.model
-        workload = self.policy.workloads[c.stream.workload]
         rule = self.policy.policy.workloads[workload.name].batch
         try:
             pool = self.policy.resolve_pool(model)
@@ -242,8 +263,13 @@ class Worker:
     ) -> tuple[Claimed, Grant] | None:
         """Write the line; when admission already says yes to the stream's next record, take
         that record in the same round trip (finish + claim) and hand it back."""
-        workload = self.policy.workloads[c.stream.workload]
-        got = await self.admission.try_admit(workload, *self._stream_ask(c.stream))
+        workload = self.policy.workloads.get(c.stream.workload)
+        # A reload may have removed the workload mid-call: write the line, take no next record.
+        got = (
+            0.0
+            if workload is None
+            else await self.admission.try_admit(workload, *self._stream_ask(c.stream))
+        )
         nxt: Claimed | None = None
         if not isinstance(got, Grant):
             new = await self.queue.complete(c, line, True, used)
@@ -259,7 +285,7 @@ class Worker:
                 self.admission.settle(got, 0)
                 self._idle(c.stream)
         if new:
-            self.metrics.records.labels(workload.name, "succeeded").inc()
+            self.metrics.records.labels(c.stream.workload, "succeeded").inc()
         return (nxt, got) if nxt is not None and isinstance(got, Grant) else None
 
     def _settle(self, grant: Grant, pool: PoolInfo, out: Outcome) -> None:
