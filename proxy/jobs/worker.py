@@ -213,7 +213,7 @@ class Worker:
             )
             # Capped like a live call's: one record with an absurd output cap must not
             # reserve (and so lock) a pool's tokens/min; one that can never fit is permanent.
-            plan = self.policy.plan(workload, pool, workload.priority)
+            plan = self.policy.plan(workload, pool, workload.priority, None, grant.tier)
             tokens = reserve(plan, pool, est.input_tokens, est)
         except BedrockError as exc:
             self.admission.settle(grant, 0)
@@ -232,7 +232,9 @@ class Worker:
         while True:
             self.metrics.attempts.labels(reason).inc()
             try:
-                out = await call_model(self.upstream, model, meta.invocation, c.model_input)
+                out = await call_model(
+                    self.upstream, model, meta.invocation, c.model_input, grant.tier
+                )
             except BaseException:
                 # Stopped mid-call (shutdown): free the slot now, keep the reservation (the
                 # call may have run); the record itself is retaken after its lease.
@@ -297,7 +299,13 @@ class Worker:
         else:
             actual = 0 if out.status != 200 else grant.reserved
         self.admission.settle(grant, actual)
-        self.admission.observe(pool.name, grant.plan.priority, out.latency_ms, out.status)
+        self.admission.observe(
+            pool.name,
+            grant.plan.priority,
+            out.latency_ms,
+            out.status,
+            on_pool=grant.plan.tier is None,
+        )
 
     async def _dead(
         self,
