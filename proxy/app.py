@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.admission import Store
+from proxy.admission import Store, StoreUnavailable
 from proxy.admission.gate import Gate
 from proxy.admission.waiting import WaitMetrics
 from proxy.backend import open_store
@@ -107,6 +107,21 @@ async def _make_upstream(app: web.Application, settings: Settings, region: str) 
     )
 
 
+async def _clear_static_limits(store: Store, policy: CompiledPolicy) -> None:
+    """A pool without adaptive control has no dynamic limit: drop one an earlier policy's
+    controller left in the store (it would cap the pool below its concurrency for good)."""
+    for name, pool in policy.policy.models.items():
+        if pool.adaptive is not None:
+            continue
+        try:
+            await store.set_pool_limit(name, None)
+        except StoreUnavailable as exc:
+            log.warning(
+                "stale adaptive limit not cleared",
+                extra={"fields": {"event": "limit_not_cleared", "pool": name, "error": str(exc)}},
+            )
+
+
 def _adaptivity(
     policy: CompiledPolicy, store: Store, redis_url: str | None, metrics: Metrics
 ) -> Adaptivity | None:
@@ -183,7 +198,9 @@ def build_app(
             timeout_s=policy.server.store_timeout_ms / 1000 + 1,
         )
         reloader.hooks.append(live.follow)
+        reloader.hooks.append(lambda new: _clear_static_limits(store, new))
         await reloader.start()
+        await _clear_static_limits(store, app[POLICY_REF].current)
         board = app[BOARD] = open_board(
             metrics.registry, reloader, settings.redis_url, settings.fleet
         )
