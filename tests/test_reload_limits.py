@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestServer
 
-from proxy.app import POLICY_REF, STORE, Settings, build_app
+from proxy.app import METRICS, POLICY_REF, STORE, Settings, build_app
 from proxy.config import Policy
 from proxy.ops.reload import RELOADER, Loaded
 from proxy.policy import CompiledPolicy
@@ -57,5 +57,29 @@ async def test_turning_adaptive_off_by_reload_lifts_the_adaptive_limit(backend: 
                 store.settle(plan, d.lease, 0, 0)
         await store.flush()
         assert [d.admitted for d in decisions] == [True] * 4, [d.refused_by for d in decisions]
+    finally:
+        await server.close()
+
+
+async def test_the_pool_limit_gauge_follows_a_reload_that_turns_adaptive_off(
+    backend: Backend,
+) -> None:
+    pool = f"haiku{uuid.uuid4().hex[:8]}"
+    app = build_app(
+        Policy.model_validate(_policy(pool, True)),
+        Settings(upstream="simulator", redis_url=backend.url),
+    )
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        registry = app[METRICS].registry
+        deadline = time.monotonic() + 5
+        while registry.get_sample_value("sluice_pool_concurrency_limit", {"pool": pool}) != 1:
+            assert time.monotonic() < deadline, "the controller never set its initial limit"
+            await asyncio.sleep(0.05)
+        new = CompiledPolicy(Policy.model_validate(_policy(pool, False)))
+        await app[RELOADER].install(new, Loaded(2, "sha", "test", time.time(), "test"))
+        # The limit in force is the configured concurrency now, not the retired controller's.
+        assert registry.get_sample_value("sluice_pool_concurrency_limit", {"pool": pool}) == 4
     finally:
         await server.close()
