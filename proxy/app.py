@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -132,7 +133,9 @@ def _adaptivity(
     )
     for name, pool in pol.models.items():
         if pool.concurrency is not None:
-            metrics.pool_limit.labels(name).set(pool.concurrency)
+            # set_function, not set(): a gauge once given a function ignores set(), and an
+            # earlier policy's controllers may have given it one.
+            metrics.pool_limit.labels(name).set_function(partial(float, pool.concurrency))
     if not wanted:
         return None
     tuning = pol.server.adaptivity
