@@ -71,3 +71,22 @@ async def test_an_upstream_that_drops_a_retried_throttle_is_a_bedrock_shaped_503
         await server.close()
     # Sluice's own 500 says "Sluice failed unexpectedly": the upstream failed, not Sluice.
     assert (status, error_type) == (503, "ServiceUnavailableException"), doc
+
+
+async def test_an_unknown_dashboard_asset_is_a_bedrock_shaped_404() -> None:
+    policy = Policy.model_validate(
+        {"models": {"haiku": {"ids": [HAIKU]}}, "server": {"access_log": False}}
+    )
+    server = TestServer(build_app(policy, Settings(upstream="simulator")))
+    await server.start_server()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(server.make_url("/dashboard/nope.js")) as resp,
+        ):
+            status, headers, raw = resp.status, resp.headers, await resp.read()
+    finally:
+        await server.close()
+    assert status == 404
+    assert "x-amzn-ErrorType" in headers, raw  # aiohttp's text/plain "404: Not Found" is not
+    assert "message" in orjson.loads(raw)
