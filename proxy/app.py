@@ -11,11 +11,12 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.admission import Store
+from proxy.admission import Store, StoreUnavailable
 from proxy.admission.gate import Gate
 from proxy.backend.store import Backend
 from proxy.config import Policy
@@ -107,6 +108,21 @@ async def _make_upstream(app: web.Application, settings: Settings, region: str) 
     )
 
 
+async def _clear_static_limits(store: Store, policy: CompiledPolicy) -> None:
+    """A pool without adaptive control has no dynamic limit: drop one an earlier policy's
+    controller left in the store (it would cap the pool below its concurrency for good)."""
+    for name, pool in policy.policy.models.items():
+        if pool.adaptive is not None:
+            continue
+        try:
+            await store.set_pool_limit(name, None)
+        except StoreUnavailable as exc:
+            log.warning(
+                "stale adaptive limit not cleared",
+                extra={"fields": {"event": "limit_not_cleared", "pool": name, "error": str(exc)}},
+            )
+
+
 def _adaptivity(
     policy: CompiledPolicy, store: Store, redis_url: str | None, metrics: Metrics
 ) -> Adaptivity | None:
@@ -117,7 +133,9 @@ def _adaptivity(
     )
     for name, pool in pol.models.items():
         if pool.concurrency is not None:
-            metrics.pool_limit.labels(name).set(pool.concurrency)
+            # set_function, not set(): a gauge once given a function ignores set(), and an
+            # earlier policy's controllers may have given it one.
+            metrics.pool_limit.labels(name).set_function(partial(float, pool.concurrency))
     if not wanted:
         return None
     tuning = pol.server.adaptivity
@@ -155,7 +173,7 @@ def build_app(
         upstream = app[UPSTREAM] = await _make_upstream(app, settings, region)
         await upstream.start()
         live = await _start_live(app, backend, upstream, logs)
-        reloader, board = await _start_ops(app, settings, live)
+        reloader, board = await _start_ops(app, settings, live, backend.store)
         fields = {"upstream": upstream.base_url, "region": region, "store": backend.kind}
         log.info("sluice ready", extra={"fields": fields})
         yield
@@ -205,7 +223,7 @@ async def _start_live(
 
 
 async def _start_ops(
-    app: web.Application, settings: Settings, live: LiveProxy
+    app: web.Application, settings: Settings, live: LiveProxy, store: Store
 ) -> tuple[Reloader, FleetBoard]:
     """Hot reload (file or fleet versions) and the fleet board, following ``live``."""
     registry = app[METRICS].registry
@@ -218,7 +236,9 @@ async def _start_ops(
         timeout_s=app[POLICY].policy.server.store_timeout_ms / 1000 + 1,
     )
     reloader.hooks.append(live.follow)
+    reloader.hooks.append(lambda new: _clear_static_limits(store, new))
     await reloader.start()
+    await _clear_static_limits(store, app[POLICY_REF].current)
     board = app[BOARD] = open_board(registry, reloader, settings.redis_url, settings.fleet)
     live.tap = board.snapshots.tap
     await board.start()

@@ -20,6 +20,7 @@ from proxy.admission import AdmitPlan, Store, StoreUnavailable
 from proxy.control.controller import Adaptivity
 from proxy.metrics import Metrics
 from proxy.pipeline.schedule import cap_at
+from proxy.pipeline.tiers import TierTable
 from proxy.policy import CompiledPolicy, PolicyRef, PoolInfo, WorkloadInfo
 
 log = logging.getLogger("sluice.jobs")
@@ -37,6 +38,8 @@ class Grant:
     plan: AdmitPlan
     lease: str | None
     reserved: int
+    #: The service tier to send the record on (None: as written), chosen as for a live call.
+    tier: str | None = None
 
 
 class RecordAdmission:
@@ -54,6 +57,14 @@ class RecordAdmission:
         self.metrics = metrics
         self._adaptivity = adaptivity
         self._rng = random.Random()
+        self._table: TierTable | None = None
+
+    def _tier(self, workload: WorkloadInfo, pool: PoolInfo) -> str | None:
+        """The tier a live call of ``workload`` (asking for none) would be sent on to ``pool``."""
+        table = self._table
+        if table is None or table.policy is not self.policy.policy:
+            table = self._table = TierTable(self.policy.policy)
+        return table.choose(workload.name, workload.priority, pool.name, None).tier
 
     @property
     def policy(self) -> CompiledPolicy:
@@ -88,9 +99,11 @@ class RecordAdmission:
         wait_s, cap = self._blocked_for(workload, pool)
         if wait_s > 0:
             return wait_s
-        plan = self.policy.plan(workload, pool, workload.priority, cap)
+        # Admitted on the quota of the tier it will be sent on, as a live call of its class.
+        tier = self._tier(workload, pool)
+        plan = self.policy.plan(workload, pool, workload.priority, cap, tier)
         if self.policy.unmetered(plan):
-            return Grant(plan, None, 0)
+            return Grant(plan, None, 0, tier)
         try:
             decision = await self.store.admit(plan, tokens)
         except StoreUnavailable as exc:
@@ -104,7 +117,7 @@ class RecordAdmission:
             return min(MAX_WAIT_S, base * self._rng.uniform(1.0, 1.5))
         self.metrics.admitted_of(workload.name, pool.name, workload.priority).inc()
         self.metrics.reserved_of(workload.name, pool.name).inc(tokens)
-        return Grant(plan, decision.lease, tokens)
+        return Grant(plan, decision.lease, tokens, tier)
 
     async def admit(self, workload: WorkloadInfo, pool: PoolInfo, tokens: int) -> Grant:
         """Wait until admission says yes."""
@@ -122,9 +135,16 @@ class RecordAdmission:
             return
         self.store.settle(plan, grant.lease, grant.reserved, actual)
 
-    def observe(self, pool: str, priority: str, latency_ms: float, status: int) -> None:
-        """Feed the adaptive controller and the breaker, as live calls do."""
+    def observe(
+        self, pool: str, priority: str, latency_ms: float, status: int, *, on_pool: bool = True
+    ) -> None:
+        """Feed the adaptive controller and the breaker, as live calls do (throttles on a
+        tier with a quota of its own, ``on_pool`` False, are not the pool's)."""
         if self.adaptivity is not None:
             self.adaptivity.observe(
-                pool, priority, latency_ms, throttled=status == 429, server_error=status >= 500
+                pool,
+                priority,
+                latency_ms,
+                throttled=status == 429 and on_pool,
+                server_error=status >= 500,
             )

@@ -36,7 +36,8 @@ def _jobs(request: web.Request) -> Jobs:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_WORKLOAD = "sluice_workload"  # request-scoped: the identified workload, for metric labels
+#: Request-scoped: the identified workload, for metric labels.
+_WORKLOAD = web.RequestKey("sluice_workload", str)
 _QUEUE_DOWN_RETRY_MS = 1000
 
 

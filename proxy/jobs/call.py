@@ -10,6 +10,7 @@ import orjson
 
 from proxy.errors import BedrockError
 from proxy.jobs.records import Invocation, upstream_path
+from proxy.pipeline.tiers import TierChoice, apply_tier
 from proxy.upstream import Upstream
 from proxy.usage import Usage, from_body, from_headers
 
@@ -44,14 +45,18 @@ def _message(body: bytes) -> str:
 
 
 async def call_model(
-    upstream: Upstream, model: str, invocation: Invocation, model_input: bytes
+    upstream: Upstream,
+    model: str,
+    invocation: Invocation,
+    model_input: bytes,
+    tier: str | None = None,
 ) -> Outcome:
-    """Send ``model_input`` to the model; network failures become 503/408 outcomes."""
+    """Send ``model_input`` to the model (on ``tier``); network failures become 503/408."""
     started = time.perf_counter()
+    operation = "Converse" if invocation == "converse" else "InvokeModel"
+    body, headers = apply_tier(operation, model_input, _HEADERS, TierChoice(tier))
     try:
-        response = await upstream.send(
-            "POST", upstream_path(model, invocation), "", _HEADERS, model_input
-        )
+        response = await upstream.send("POST", upstream_path(model, invocation), "", headers, body)
     except BedrockError as exc:
         return Outcome(exc.status, b"", exc.error_type, exc.message, _ms(started))
     try:

@@ -170,9 +170,23 @@ class Worker:
             self._metas[batch_id] = (now, meta)
         return meta
 
-    async def _process(self, c: Claimed, grant: Grant) -> tuple[Claimed, Grant] | None:
-        """Call, retry, finish or dead-letter one record; may hand back the next one, held."""
-        meta = await self._meta(c.batch_id)
+    async def _context(self, c: Claimed, grant: Grant) -> tuple[BatchMeta, WorkloadInfo] | None:
+        """The record's batch and workload; None (the grant given back) when either is gone.
+
+        Whatever fails here gives the grant back: one dropped is renewed by the store's
+        heartbeat for as long as the process lives.
+        """
+        try:
+            meta = await self._meta(c.batch_id)
+        except BaseException:
+            self.admission.settle(grant, 0)
+            raise
+        workload = self.policy.workloads.get(c.stream.workload)
+        if workload is None:
+            # A reload removed the workload since admission: leave its record, free the slot.
+            self.admission.settle(grant, 0)
+            self._idle(c.stream)
+            return None
         if meta is None or meta.cancelled:
             if meta is None:  # written before its records, so only a manual delete does this
                 log.warning(
@@ -183,8 +197,15 @@ class Worker:
             await self.queue.complete(c, None, False, (0, 0))
             self.metrics.records.labels(c.stream.workload, "cancelled").inc()
             return None
+        return meta, workload
+
+    async def _process(self, c: Claimed, grant: Grant) -> tuple[Claimed, Grant] | None:
+        """Call, retry, finish or dead-letter one record; may hand back the next one, held."""
+        found = await self._context(c, grant)
+        if found is None:
+            return None
+        meta, workload = found
         model = c.model or meta.model
-        workload = self.policy.workloads[c.stream.workload]
         rule = self.policy.policy.workloads[workload.name].batch
         try:
             pool = self.policy.resolve_pool(model)
@@ -193,7 +214,7 @@ class Worker:
             )
             # Capped like a live call's: one record with an absurd output cap must not
             # reserve (and so lock) a pool's tokens/min; one that can never fit is permanent.
-            plan = self.policy.plan(workload, pool, workload.priority)
+            plan = self.policy.plan(workload, pool, workload.priority, None, grant.tier)
             tokens = reserve(plan, pool, est.input_tokens, est)
         except BedrockError as exc:
             self.admission.settle(grant, 0)
@@ -226,7 +247,9 @@ class Worker:
         while True:
             self.metrics.attempts.labels(reason).inc()
             try:
-                out = await call_model(self.upstream, model, meta.invocation, c.model_input)
+                out = await call_model(
+                    self.upstream, model, meta.invocation, c.model_input, grant.tier
+                )
             except BaseException:
                 # Stopped mid-call (shutdown): free the slot now, keep the reservation (the
                 # call may have run); the record itself is retaken after its lease.
@@ -257,8 +280,13 @@ class Worker:
     ) -> tuple[Claimed, Grant] | None:
         """Write the line; when admission already says yes to the stream's next record, take
         that record in the same round trip (finish + claim) and hand it back."""
-        workload = self.policy.workloads[c.stream.workload]
-        got = await self.admission.try_admit(workload, *self._stream_ask(c.stream))
+        workload = self.policy.workloads.get(c.stream.workload)
+        # A reload may have removed the workload mid-call: write the line, take no next record.
+        got = (
+            0.0
+            if workload is None
+            else await self.admission.try_admit(workload, *self._stream_ask(c.stream))
+        )
         nxt: Claimed | None = None
         if not isinstance(got, Grant):
             new = await self.queue.complete(c, line, True, used)
@@ -274,7 +302,7 @@ class Worker:
                 self.admission.settle(got, 0)
                 self._idle(c.stream)
         if new:
-            self.metrics.records.labels(workload.name, "succeeded").inc()
+            self.metrics.records.labels(c.stream.workload, "succeeded").inc()
         return (nxt, got) if nxt is not None and isinstance(got, Grant) else None
 
     def _settle(self, grant: Grant, pool: PoolInfo, out: Outcome) -> None:
@@ -286,7 +314,13 @@ class Worker:
         else:
             actual = 0 if out.status != 200 else grant.reserved
         self.admission.settle(grant, actual)
-        self.admission.observe(pool.name, grant.plan.priority, out.latency_ms, out.status)
+        self.admission.observe(
+            pool.name,
+            grant.plan.priority,
+            out.latency_ms,
+            out.status,
+            on_pool=grant.plan.tier is None,
+        )
 
     async def _dead(
         self,

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.backend.client import redis_client
 from proxy.backend.versions import DEFAULT_FLEET
+from proxy.errors import error_response
 from proxy.ops.fleetview import FleetBoard
 from proxy.ops.reload import RELOADER, Reloader
 from proxy.ops.snapshot import Snapshots
@@ -57,7 +58,11 @@ def add_routes(app: web.Application) -> None:
     async def static(request: web.Request) -> web.Response:
         name = request.match_info.get("name", "dashboard.html")
         if name not in pages:
-            raise web.HTTPNotFound()
+            return error_response(
+                "ResourceNotFoundException",
+                f"the dashboard has no file '{name[:80]}' (files: {', '.join(pages)})",
+                status=404,
+            )
         return web.Response(
             body=pages[name],
             content_type=_STATIC[name],

@@ -149,8 +149,12 @@ class Forwarder:
                 if call.retries < retry.max_retries and budget.tokens < 1:
                     self.metrics.retry_budget_exhausted.labels(pool).inc()
                 return upstream
-            await upstream.read()
-            upstream.release()
+            try:
+                await upstream.read()  # drained, so the connection is reused
+            except (aiohttp.ClientError, TimeoutError):
+                upstream.close()  # a torn answer to a call retried anyway: a fresh connection
+            else:
+                upstream.release()
             self._observe_retry(call, upstream.status, on_pool)
             call.retries += 1
             self.metrics.upstream_retries.labels(pool, error_type or str(upstream.status)).inc()
