@@ -274,6 +274,8 @@ class Proxy:
                 self.metrics.in_flight_of(pool.name).inc()
                 return ticket
             except BedrockError as exc:
+                if self.adaptivity is not None:
+                    self.adaptivity.refused(pool.name, caller.priority, exc)
                 if exc.status != 429 or not wl_cfg.degrade:
                     raise
                 refusal = exc
@@ -347,7 +349,7 @@ class Proxy:
                 read_timeout_s=call.read_timeout_s,
             )
             error_type = _error_type(upstream.headers) if upstream.status != 200 else None
-            if not retryable(upstream.status, error_type):
+            if not retryable(upstream.status, error_type) or not self._headroom(call, upstream):
                 return upstream
             remaining = deadline - time.perf_counter()
             delay = next_delay(call.retries + 1, self.retry, remaining, budget, self._rng)
@@ -370,6 +372,11 @@ class Proxy:
             call.retries += 1
             self.metrics.upstream_retries.labels(pool, error_type or str(upstream.status)).inc()
             await asyncio.sleep(delay)
+
+    def _headroom(self, call: Call, upstream: aiohttp.ClientResponse) -> bool:
+        """A throttle is retried only into headroom under the pool's adaptive limit."""
+        a, pool = self.adaptivity, call.pool
+        return upstream.status != 429 or a is None or pool is None or a.retry_headroom(pool.name)
 
     def _breaker_allows(self, pool: str) -> bool:
         return self.adaptivity is None or self.adaptivity.breaker_allows(pool)

@@ -1,0 +1,200 @@
+"""The adaptive control law, pure: what the pool's limit should be next interval, and why.
+
+Growth is driven by demand, not by what got through: a call refused or given up queueing
+for concurrency (pool, class share or queue) is demand Bedrock never saw, so a pool whose
+callers are refused at a class share still grows. While demand exceeds the limit, p99 is
+under target and Bedrock does not throttle, the limit grows:
+
+* **slow start** (doubling) until Bedrock throttles for the first time or the ceiling;
+* **additive** (``increase``) up to a quota learned from Bedrock's answers;
+* **probing** above a quota learned earlier but no longer fresh: ``increase``, then as
+  far again above the old quota each interval, so a raised quota is found in a few
+  intervals while a quota that did not move costs one small overshoot.
+
+A throttled interval cuts the limit to under the quota Bedrock granted in that interval
+(:class:`LearnedQuota`), by at most half in one step; without an estimate, by
+``decrease``. The learned quota is Little's law on Bedrock's answers -- time Bedrock spent
+on calls it served, per second of the window, is the concurrency it granted -- so it holds
+whichever quota binds (requests/min, tokens/min or concurrency) and drops at once after a
+quota cut instead of remembering the highest value.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from proxy.config import Adaptive
+from proxy.control.breaker import CLOSED, OPEN
+
+#: The pool counts as using its limit when its sampled peak in-flight reached this share.
+BUSY_FRACTION: Final = 0.8
+#: How long (in intervals) a learned quota stops growth at it; then growth probes above.
+LEARN_INTERVALS: Final = 8
+#: A throttled interval settles the limit at this share of the concurrency Bedrock granted.
+SETTLE: Final = 0.9
+#: One throttled interval never cuts more than this share of the limit.
+MAX_CUT: Final = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalStats:
+    """A pool's fleet-wide outcomes over one control interval."""
+
+    requests: int
+    throttles: int
+    p99_ms: float | None
+    #: Highest fleet in-flight sampled during the interval (every instance samples per tick).
+    peak_in_flight: int
+    #: Calls refused or given up queueing for concurrency (demand Bedrock never saw).
+    demand: int = 0
+    #: Milliseconds Bedrock spent on the calls it served (200) that ended in the interval.
+    busy_ms: float = 0.0
+    #: The interval's length in ms (0: unknown, no quota can be learned from it).
+    span_ms: float = 0.0
+
+    @property
+    def granted(self) -> float | None:
+        """Concurrency Bedrock served on average over the interval (Little's law)."""
+        return self.busy_ms / self.span_ms if self.span_ms > 0 else None
+
+
+def bounds(cfg: Adaptive, configured: int | None) -> tuple[int, int]:
+    """(floor, ceiling): the ceiling is capped by the configured concurrency, the floor by it."""
+    ceiling = cfg.ceiling if configured is None else min(cfg.ceiling, configured)
+    return min(cfg.floor, ceiling), ceiling
+
+
+def start_limit(cfg: Adaptive, configured: int | None) -> int:
+    """Where the limit starts: ``cfg.initial``, else the configured concurrency, in bounds."""
+    floor, ceiling = bounds(cfg, configured)
+    return max(floor, min(ceiling, cfg.initial or configured or ceiling))
+
+
+def demanded(stats: IntervalStats, current: int) -> bool:
+    """Did callers want more than ``current``? (An idle pool proves nothing about more.)"""
+    return stats.demand > 0 or stats.peak_in_flight >= math.ceil(BUSY_FRACTION * current)
+
+
+def cut(current: int, cfg: Adaptive, learned: int | None) -> int:
+    """The limit after a throttled interval (before the floor is applied)."""
+    if learned is None:
+        return min(current - 1, int(current * cfg.decrease))
+    return min(current - 1, max(int(SETTLE * learned), int(current * MAX_CUT)))
+
+
+def next_limit(
+    current: int,
+    stats: IntervalStats,
+    cfg: Adaptive,
+    configured: int | None,
+    learned: int | None = None,
+    *,
+    known: int | None = None,
+    breaker: int = CLOSED,
+) -> tuple[int, str]:
+    """The limit for the next interval and why; the result is always within :func:`bounds`.
+
+    ``learned`` is the fresh quota estimate (growth stops there), ``known`` the last one
+    ever made (None: Bedrock never throttled, so slow start); ``breaker`` the pool's
+    breaker state: open holds the limit, half-open grows additively only.
+    """
+    floor, ceiling = bounds(cfg, configured)
+    known = learned if known is None else known
+    if current > ceiling:
+        return ceiling, f"above ceiling {ceiling}"
+    if current < floor:
+        return floor, f"below floor {floor}"
+    if stats.throttles > 0:
+        est = "" if learned is None else f", Bedrock granted ~{learned}"
+        return max(floor, cut(current, cfg, learned)), (
+            f"{stats.throttles}/{stats.requests} throttled{est}"
+        )
+    hold = _hold_reason(current, stats, cfg, ceiling, learned, breaker)
+    if hold is not None:
+        return current, hold
+    if learned is not None:
+        return min(ceiling, current + cfg.increase, learned), f"additive toward {learned}"
+    if known is None and breaker == CLOSED:
+        return min(ceiling, 2 * current), "slow start: demand above the limit, no throttles"
+    step = max(cfg.increase, current - known) if known is not None else cfg.increase
+    return min(ceiling, current + step), "probing: demand above the limit, no throttles"
+
+
+def _hold_reason(
+    current: int,
+    stats: IntervalStats,
+    cfg: Adaptive,
+    ceiling: int,
+    learned: int | None,
+    breaker: int,
+) -> str | None:
+    if breaker == OPEN:
+        return "breaker open: holding the cut limit"
+    if stats.p99_ms is None and stats.demand == 0:
+        return "no requests"
+    if stats.p99_ms is not None and stats.p99_ms >= cfg.target_p99_ms:
+        return f"p99 {stats.p99_ms:.0f} ms >= target {cfg.target_p99_ms:.0f} ms"
+    if not demanded(stats, current):
+        return f"peak in-flight {stats.peak_in_flight} well under limit {current}, no refusals"
+    if current >= ceiling:
+        return f"at ceiling {ceiling}"
+    if learned is not None and current >= learned:
+        return f"holding at {current}: Bedrock granted ~{learned} when it last throttled"
+    return None
+
+
+class LearnedQuota:
+    """Per pool, the concurrency Bedrock granted in its last throttled interval.
+
+    Re-estimated from every throttled interval (the latest replaces the earlier, so a quota
+    cut is learned at once), fresh for :data:`LEARN_INTERVALS`; the last estimate is kept
+    as ``known`` so growth after it expires probes rather than doubling. Every instance sees
+    the same fleet window, so every instance learns the same value.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, float]] = {}
+
+    def update(
+        self, pool: str, stats: IntervalStats, interval_s: float, now: float | None = None
+    ) -> int | None:
+        """Take one interval's fleet stats; return the fresh estimate (None: none fresh)."""
+        now = time.monotonic() if now is None else now
+        granted = stats.granted
+        if stats.throttles > 0 and granted is not None:
+            self._seen[pool] = (max(1, math.floor(granted)), now + LEARN_INTERVALS * interval_s)
+        kept = self._seen.get(pool)
+        return kept[0] if kept is not None and now < kept[1] else None
+
+    def known(self, pool: str) -> int | None:
+        """The last estimate made for ``pool``, fresh or not (None: never throttled)."""
+        kept = self._seen.get(pool)
+        return None if kept is None else kept[0]
+
+
+def underutilised(
+    limit: int,
+    stats: IntervalStats,
+    cfg: Adaptive,
+    configured: int | None,
+    next_value: int | None = None,
+    learned: int | None = None,
+) -> bool:
+    """The alarm of incident 3: capacity is being left unused.
+
+    Either at the ceiling with traffic, no throttles and p99 under half the target, or
+    refused demand while the limit is stuck below its ceiling (``next_value`` is where the
+    law moves it; equal to ``limit`` means stuck) without Bedrock throttling and below the
+    quota Bedrock was last seen to grant (at it, Bedrock's quota binds, not Sluice).
+    """
+    ceiling = bounds(cfg, configured)[1]
+    if stats.throttles > 0:
+        return False
+    if limit < ceiling:
+        at_quota = learned is not None and limit >= learned
+        stuck = next_value is not None and next_value <= limit
+        return stats.demand > 0 and stuck and not at_quota
+    return stats.requests > 0 and stats.p99_ms is not None and stats.p99_ms < cfg.target_p99_ms / 2
