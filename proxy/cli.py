@@ -116,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--strict",
         action="store_true",
-        help="also fail when a secret the policy names is not available here",
+        help="also fail when a secret the policy names is not available here, or when a "
+        "setting can never take effect (printed as warnings)",
     )
     return parser
 
@@ -170,6 +171,7 @@ def _cache_warm(args: argparse.Namespace) -> int:
 
 
 def _policy_check(files: Sequence[str], *, strict: bool) -> int:
+    from proxy.control.checks import policy_warnings
     from proxy.policy import CompiledPolicy
 
     failed = False
@@ -180,6 +182,10 @@ def _policy_check(files: Sequence[str], *, strict: bool) -> int:
             print(exc, file=sys.stderr)
             failed = True
             continue
+        warnings = policy_warnings(policy)
+        for warning in warnings:
+            print(f"{path}: warning: {warning}", file=sys.stderr)
+        failed = failed or (strict and bool(warnings))
         note = ""
         try:
             CompiledPolicy(policy)

@@ -30,7 +30,13 @@ from proxy.control.breaker import (
     next_state,
     next_state_cut,
 )
-from proxy.control.fleet import FleetStats, FleetUnavailable, PoolControl, PoolTick, Window
+from proxy.control.fleet import (
+    FleetStats,
+    FleetUnavailable,
+    PoolControl,
+    PoolTick,
+    Window,
+)
 from proxy.control.law import (
     BUSY_FRACTION,
     LEARN_INTERVALS,
@@ -325,6 +331,7 @@ class Adaptivity:
             total.demand,
             float(total.busy_ms),
             float(w.span_ms),
+            w.throttled_peak,
         )
         self._in_flight[pool] = t.in_flight
         if t.fleet_limit is not None:

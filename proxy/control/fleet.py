@@ -173,8 +173,11 @@ class PoolWindow:
     total: Window
     by_class: Mapping[str, Window]
     peak_in_flight: int
-    #: How much time the window covers (its last bucket is still filling).
+    #: How much time the window's data covers (its last bucket is still filling).
     span_ms: int = 0
+    #: The lowest peak in-flight of a bucket in which Bedrock throttled (None: none did):
+    #: the tightest level the fleet is known to have been refused at.
+    throttled_peak: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,10 +204,14 @@ class PoolTick:
             # The bucket holding since_ms mixes outcomes from before it: leave it out.
             first = max(first, since_ms // self.bucket_ms + 1)
         acc: dict[str, list[int]] = {}
-        peak = 0
+        peak, oldest, at_throttle = 0, cur, None
         for b, fields in self.rows:
             if not first <= b <= cur:
                 continue
+            oldest = min(oldest, b)
+            p = fields.get("p", 0)
+            if p > 0 and any(v and k.startswith("t|") for k, v in fields.items()):
+                at_throttle = p if at_throttle is None else min(at_throttle, p)
             for name, value in fields.items():
                 kind, _, cls = name.partition("|")
                 if not cls:
@@ -219,8 +226,10 @@ class PoolTick:
                 else:
                     row[_KINDS.index(kind)] += value
         by_class = {c: Window(r[0], r[1], r[2], tuple(r[5:]), r[3], r[4]) for c, r in acc.items()}
-        span = (cur - first) * self.bucket_ms + self.now_ms % self.bucket_ms
-        return PoolWindow(sum(by_class.values(), Window()), by_class, peak, max(1, span))
+        # From the oldest bucket holding anything: a fleet that just started has no history.
+        span = (cur - oldest) * self.bucket_ms + self.now_ms % self.bucket_ms
+        total = sum(by_class.values(), Window())
+        return PoolWindow(total, by_class, peak, max(1, span), at_throttle)
 
 
 @dataclass(frozen=True, slots=True)

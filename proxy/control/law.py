@@ -7,16 +7,17 @@ under target and Bedrock does not throttle, the limit grows:
 
 * **slow start** (doubling) until Bedrock throttles for the first time or the ceiling;
 * **additive** (``increase``) up to a quota learned from Bedrock's answers;
-* **probing** above a quota learned earlier but no longer fresh: ``increase``, then as
-  far again above the old quota each interval, so a raised quota is found in a few
+* **probing** above a quota learned earlier but no longer fresh: ``increase``, then half
+  as far again above the old quota each interval, so a raised quota is found in a few
   intervals while a quota that did not move costs one small overshoot.
 
-A throttled interval cuts the limit to under the quota Bedrock granted in that interval
-(:class:`LearnedQuota`), by at most half in one step; without an estimate, by
-``decrease``. The learned quota is Little's law on Bedrock's answers -- time Bedrock spent
-on calls it served, per second of the window, is the concurrency it granted -- so it holds
-whichever quota binds (requests/min, tokens/min or concurrency) and drops at once after a
-quota cut instead of remembering the highest value.
+A throttled interval cuts the limit by ``decrease``, and further, to under the quota
+learned (:class:`LearnedQuota`) when that is lower -- by at most half in one step. The
+learned quota comes from Bedrock's answers: the fleet in-flight at the moments Bedrock
+throttled (bounded below by what it served on average, Little's law), so it holds
+whichever quota binds (requests/min, tokens/min or concurrency: each refuses at some
+concurrency). The latest throttled interval replaces it, so a quota cut is learned on
+the next throttle instead of the highest value being remembered.
 """
 
 from __future__ import annotations
@@ -52,13 +53,29 @@ class IntervalStats:
     demand: int = 0
     #: Milliseconds Bedrock spent on the calls it served (200) that ended in the interval.
     busy_ms: float = 0.0
-    #: The interval's length in ms (0: unknown, no quota can be learned from it).
+    #: The interval's length in ms (0: unknown).
     span_ms: float = 0.0
+    #: Lowest fleet in-flight sampled in a moment Bedrock throttled (None: no such sample).
+    throttled_peak: int | None = None
 
     @property
     def granted(self) -> float | None:
         """Concurrency Bedrock served on average over the interval (Little's law)."""
         return self.busy_ms / self.span_ms if self.span_ms > 0 else None
+
+    def quota_estimate(self) -> int | None:
+        """The concurrency Bedrock refused at in this interval (None: it did not throttle).
+
+        Bedrock throttled while the fleet had ``throttled_peak`` calls in flight, the
+        refused one among them: it grants at most one less. Sluice's count runs a little
+        above Bedrock's (answers being relayed), so what Bedrock did serve on average
+        (:attr:`granted`) bounds it from below.
+        """
+        if self.throttles <= 0:
+            return None
+        at = self.throttled_peak if self.throttled_peak is not None else self.peak_in_flight
+        served = math.floor(self.granted or 0.0)
+        return max(1, at - 1, served)
 
 
 def bounds(cfg: Adaptive, configured: int | None) -> tuple[int, int]:
@@ -80,9 +97,11 @@ def demanded(stats: IntervalStats, current: int) -> bool:
 
 def cut(current: int, cfg: Adaptive, learned: int | None) -> int:
     """The limit after a throttled interval (before the floor is applied)."""
+    new = min(current - 1, int(current * cfg.decrease))
     if learned is None:
-        return min(current - 1, int(current * cfg.decrease))
-    return min(current - 1, max(int(SETTLE * learned), int(current * MAX_CUT)))
+        return new
+    # Bedrock's answer may say the quota is further down (a cut): go under it at once.
+    return min(new, max(int(SETTLE * learned), int(current * MAX_CUT)))
 
 
 def next_limit(
@@ -119,7 +138,9 @@ def next_limit(
         return min(ceiling, current + cfg.increase, learned), f"additive toward {learned}"
     if known is None and breaker == CLOSED:
         return min(ceiling, 2 * current), "slow start: demand above the limit, no throttles"
-    step = max(cfg.increase, current - known) if known is not None else cfg.increase
+    # Half as far again above the old quota as the limit already is: each clean step
+    # is evidence of a raise, but an overshoot costs one interval of throttles.
+    step = max(cfg.increase, (current - known) // 2) if known is not None else cfg.increase
     return min(ceiling, current + step), "probing: demand above the limit, no throttles"
 
 
@@ -147,7 +168,7 @@ def _hold_reason(
 
 
 class LearnedQuota:
-    """Per pool, the concurrency Bedrock granted in its last throttled interval.
+    """Per pool, the concurrency Bedrock throttled at in its last throttled interval.
 
     Re-estimated from every throttled interval (the latest replaces the earlier, so a quota
     cut is learned at once), fresh for :data:`LEARN_INTERVALS`; the last estimate is kept
@@ -163,9 +184,9 @@ class LearnedQuota:
     ) -> int | None:
         """Take one interval's fleet stats; return the fresh estimate (None: none fresh)."""
         now = time.monotonic() if now is None else now
-        granted = stats.granted
-        if stats.throttles > 0 and granted is not None:
-            self._seen[pool] = (max(1, math.floor(granted)), now + LEARN_INTERVALS * interval_s)
+        estimate = stats.quota_estimate()
+        if estimate is not None:
+            self._seen[pool] = (estimate, now + LEARN_INTERVALS * interval_s)
         kept = self._seen.get(pool)
         return kept[0] if kept is not None and now < kept[1] else None
 
