@@ -322,13 +322,17 @@ class Adaptivity:
     async def _step_limit(self, pool: str, t: PoolTick) -> None:
         cfg, configured = self._adaptive[pool], self._configured[pool]
         w = t.window(cfg.interval_seconds)
+        # Demand over one tick more: leadership is claimed on the first tick after the last
+        # one expired, so the bare interval can miss refusals that came in between (while
+        # throttles seen twice would cut twice).
+        wide = t.window(cfg.interval_seconds + self._tick_s)
         total = w.total
         stats = IntervalStats(
             total.requests,
             total.throttles,
             total.p99_ms,
-            w.peak_in_flight,
-            total.demand,
+            wide.peak_in_flight,
+            wide.total.demand,
             float(total.busy_ms),
             float(w.span_ms),
             w.throttled_peak,

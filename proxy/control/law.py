@@ -91,8 +91,12 @@ def start_limit(cfg: Adaptive, configured: int | None) -> int:
 
 
 def demanded(stats: IntervalStats, current: int) -> bool:
-    """Did callers want more than ``current``? (An idle pool proves nothing about more.)"""
-    return stats.demand > 0 or stats.peak_in_flight >= math.ceil(BUSY_FRACTION * current)
+    """Did callers want about ``current`` or more? (An idle pool proves nothing about more.)
+
+    What they wanted is what was in flight plus what was refused for want of a slot; a
+    few refusals left over from a lower limit do not make a pool grow that has room.
+    """
+    return stats.peak_in_flight + stats.demand >= math.ceil(BUSY_FRACTION * current)
 
 
 def cut(current: int, cfg: Adaptive, learned: int | None) -> int:
@@ -134,14 +138,15 @@ def next_limit(
     hold = _hold_reason(current, stats, cfg, ceiling, learned, breaker)
     if hold is not None:
         return current, hold
+    why = f"peak {stats.peak_in_flight}, {stats.demand} refused, no throttles"
     if learned is not None:
-        return min(ceiling, current + cfg.increase, learned), f"additive toward {learned}"
+        return min(ceiling, current + cfg.increase, learned), f"additive toward {learned}: {why}"
     if known is None and breaker == CLOSED:
-        return min(ceiling, 2 * current), "slow start: demand above the limit, no throttles"
+        return min(ceiling, 2 * current), f"slow start: {why}"
     # Half as far again above the old quota as the limit already is: each clean step
     # is evidence of a raise, but an overshoot costs one interval of throttles.
     step = max(cfg.increase, (current - known) // 2) if known is not None else cfg.increase
-    return min(ceiling, current + step), "probing: demand above the limit, no throttles"
+    return min(ceiling, current + step), f"probing above {known}: {why}"
 
 
 def _hold_reason(
