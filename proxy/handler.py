@@ -23,7 +23,13 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.admission.estimate import estimate, parse_body, reservation, settled_tokens
+from proxy.admission.estimate import (
+    RequestEstimate,
+    estimate,
+    parse_body,
+    reservation,
+    settled_tokens,
+)
 from proxy.admission.gate import Gate, Ticket, retry_headers
 from proxy.control.controller import Adaptivity
 from proxy.errors import BedrockError, from_exception
@@ -279,6 +285,19 @@ class Proxy:
                 if exc.status != 429 or not wl_cfg.degrade:
                     raise
                 refusal = exc
+        return await self._degrade(call, route, caller, pool, est, input_tokens, refusal)
+
+    async def _degrade(
+        self,
+        call: Call,
+        route: Route,
+        caller: Caller,
+        pool: PoolInfo,
+        est: RequestEstimate,
+        input_tokens: int,
+        refusal: BedrockError,
+    ) -> Ticket | None:
+        """Go down the workload's chain (or raise ``refusal``); the ticket of a downgrade."""
         outcome = await self.degrader.degrade(
             route, caller, pool, est, input_tokens, call.body, refusal
         )
@@ -290,6 +309,36 @@ class Proxy:
         self.metrics.in_flight_of(outcome.pool.name).inc()
         return outcome.ticket
 
+    async def _degrade_throttled(
+        self, call: Call, route: Route, upstream: aiohttp.ClientResponse
+    ) -> bool:
+        """A Bedrock throttle that survived retries sends a class with a chain down it.
+
+        The throttled call is settled first (it charged nothing); if no step can serve, the
+        caller gets Sluice's 429 with Retry-After instead of Bedrock's bare one.
+        """
+        caller, pool = call.caller, call.pool
+        if upstream.status != 429 or caller is None or pool is None or call.degraded:
+            return False
+        if not self.policy.policy.workloads[caller.workload.name].degrade:
+            return False
+        await upstream.read()
+        upstream.release()
+        call.upstream_status = 429
+        self._settle(call)
+        call.upstream_status, call.ticket = None, None
+        refusal = BedrockError(
+            "ThrottlingException",
+            f"Too many requests: Bedrock throttled model pool '{pool.name}' after "
+            f"{call.retries} retries and no step of the degradation chain could serve",
+            status=429,
+            headers=retry_headers(UPSTREAM_RETRY_AFTER_MS),
+        )
+        est = estimate(route.operation, call.body)
+        input_tokens = call.usage.input_tokens or est.input_tokens
+        call.ticket = await self._degrade(call, route, caller, pool, est, input_tokens, refusal)
+        return True
+
     async def _forward(self, request: web.Request, call: Call, route: Route) -> web.StreamResponse:
         if call.fallback is not None:
             call.status = 200
@@ -300,6 +349,8 @@ class Proxy:
             parse_body(call.body)  # Bedrock-shaped errors for malformed JSON on every operation
         sent = time.perf_counter()
         upstream = await self._send_with_retries(request, call, route)
+        if await self._degrade_throttled(call, route, upstream):
+            return await self._forward(request, call, route)
         try:
             call.upstream_status = upstream.status
             headers = returnable(upstream.headers)

@@ -147,7 +147,7 @@ def test_growth_doubles_then_is_additive_near_the_quota_then_probes() -> None:
     # Never throttled: slow start doubles.
     assert next_limit(20, busy(20), INCIDENT3, 80) == (
         40,
-        "slow start: peak 20, 0 refused, no throttles",
+        "slow start: wanted 20 (0 refused), no throttles",
     )
     # A fresh learned quota: additive toward it, then hold there.
     assert next_limit(30, busy(30), INCIDENT3, 80, learned=33)[0] == 32

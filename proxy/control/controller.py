@@ -336,6 +336,7 @@ class Adaptivity:
             float(total.busy_ms),
             float(w.span_ms),
             w.throttled_peak,
+            total.requests - total.failures,
         )
         self._in_flight[pool] = t.in_flight
         if t.fleet_limit is not None:

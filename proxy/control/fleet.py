@@ -175,8 +175,8 @@ class PoolWindow:
     peak_in_flight: int
     #: How much time the window's data covers (its last bucket is still filling).
     span_ms: int = 0
-    #: The lowest peak in-flight of a bucket in which Bedrock throttled (None: none did):
-    #: the tightest level the fleet is known to have been refused at.
+    #: The highest peak in-flight of a bucket in which Bedrock throttled (None: none did):
+    #: each is sampled once per tick and can only read low.
     throttled_peak: int | None = None
 
 
@@ -211,7 +211,7 @@ class PoolTick:
             oldest = min(oldest, b)
             p = fields.get("p", 0)
             if p > 0 and any(v and k.startswith("t|") for k, v in fields.items()):
-                at_throttle = p if at_throttle is None else min(at_throttle, p)
+                at_throttle = p if at_throttle is None else max(at_throttle, p)
             for name, value in fields.items():
                 kind, _, cls = name.partition("|")
                 if not cls:

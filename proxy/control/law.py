@@ -55,8 +55,24 @@ class IntervalStats:
     busy_ms: float = 0.0
     #: The interval's length in ms (0: unknown).
     span_ms: float = 0.0
-    #: Lowest fleet in-flight sampled in a moment Bedrock throttled (None: no such sample).
+    #: Highest fleet in-flight sampled in a moment Bedrock throttled (None: no such sample).
     throttled_peak: int | None = None
+    #: Served calls that ended in the interval (what ``busy_ms`` was spent on).
+    served: int = 0
+
+    @property
+    def wanted(self) -> float:
+        """Concurrency callers wanted: in flight, plus what the refused calls would have used.
+
+        A refusal is a call, not a slot: refused calls x the mean call length / the window
+        is the concurrency they would have held (every refusal counts as one slot when no
+        call length is known).
+        """
+        if self.served > 0 and self.span_ms > 0:
+            extra = self.demand * (self.busy_ms / self.served) / self.span_ms
+        else:
+            extra = float(self.demand)
+        return self.peak_in_flight + extra
 
     @property
     def granted(self) -> float | None:
@@ -66,10 +82,10 @@ class IntervalStats:
     def quota_estimate(self) -> int | None:
         """The concurrency Bedrock refused at in this interval (None: it did not throttle).
 
-        Bedrock throttled while the fleet had ``throttled_peak`` calls in flight, the
-        refused one among them: it grants at most one less. Sluice's count runs a little
-        above Bedrock's (answers being relayed), so what Bedrock did serve on average
-        (:attr:`granted`) bounds it from below.
+        Bedrock throttled while the fleet had about ``throttled_peak`` calls in flight, the
+        refused one among them: it grants one less. The count is sampled once per tick, so
+        it can read low; what Bedrock did serve on average (:attr:`granted`) bounds it
+        from below.
         """
         if self.throttles <= 0:
             return None
@@ -96,7 +112,7 @@ def demanded(stats: IntervalStats, current: int) -> bool:
     What they wanted is what was in flight plus what was refused for want of a slot; a
     few refusals left over from a lower limit do not make a pool grow that has room.
     """
-    return stats.peak_in_flight + stats.demand >= math.ceil(BUSY_FRACTION * current)
+    return stats.wanted >= math.ceil(BUSY_FRACTION * current)
 
 
 def cut(current: int, cfg: Adaptive, learned: int | None) -> int:
@@ -138,7 +154,7 @@ def next_limit(
     hold = _hold_reason(current, stats, cfg, ceiling, learned, breaker)
     if hold is not None:
         return current, hold
-    why = f"peak {stats.peak_in_flight}, {stats.demand} refused, no throttles"
+    why = f"wanted {stats.wanted:.0f} ({stats.demand} refused), no throttles"
     if learned is not None:
         return min(ceiling, current + cfg.increase, learned), f"additive toward {learned}: {why}"
     if known is None and breaker == CLOSED:
