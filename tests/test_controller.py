@@ -153,13 +153,16 @@ def test_growth_doubles_then_is_additive_near_the_quota_then_probes() -> None:
     assert next_limit(30, busy(30), INCIDENT3, 80, learned=33)[0] == 32
     assert next_limit(32, busy(32), INCIDENT3, 80, learned=33)[0] == 33
     limit, reason = next_limit(33, busy(33), INCIDENT3, 80, learned=33)
-    assert limit == 33 and "granted ~33" in reason
+    assert limit == 33 and "throttled at ~33" in reason
     # The estimate went stale: probe above it, half as far again each interval it holds.
     assert next_limit(33, busy(33), INCIDENT3, 80, known=33)[0] == 35
     assert next_limit(37, busy(37), INCIDENT3, 80, known=33)[0] == 39
     assert next_limit(41, busy(41), INCIDENT3, 80, known=33)[0] == 45
     # Half-open: additive only; open: the cut limit holds.
     assert next_limit(20, busy(20), INCIDENT3, 80, breaker=HALF_OPEN)[0] == 22
+    # ...and never above the last quota learned: probing waits until the breaker closes.
+    assert next_limit(20, busy(20), INCIDENT3, 80, known=21, breaker=HALF_OPEN)[0] == 21
+    assert next_limit(21, busy(21), INCIDENT3, 80, known=21, breaker=HALF_OPEN)[0] == 21
     assert next_limit(20, busy(20), INCIDENT3, 80, breaker=OPEN)[0] == 20
 
 

@@ -33,7 +33,7 @@ from proxy.control.breaker import CLOSED, OPEN
 #: The pool counts as using its limit when its sampled peak in-flight reached this share.
 BUSY_FRACTION: Final = 0.8
 #: How long (in intervals) a learned quota stops growth at it; then growth probes above.
-LEARN_INTERVALS: Final = 8
+LEARN_INTERVALS: Final = 15
 #: A throttled interval settles the limit at this share of the concurrency Bedrock granted.
 SETTLE: Final = 0.9
 #: One throttled interval never cuts more than this share of the limit.
@@ -151,18 +151,24 @@ def next_limit(
         return max(floor, cut(current, cfg, learned)), (
             f"{stats.throttles}/{stats.requests} throttled{est}"
         )
-    hold = _hold_reason(current, stats, cfg, ceiling, learned, breaker)
+    stop = learned if learned is not None else _probe_cap(known, breaker)
+    hold = _hold_reason(current, stats, cfg, ceiling, stop, breaker)
     if hold is not None:
         return current, hold
     why = f"wanted {stats.wanted:.0f} ({stats.demand} refused), no throttles"
-    if learned is not None:
-        return min(ceiling, current + cfg.increase, learned), f"additive toward {learned}: {why}"
+    if stop is not None:
+        return min(ceiling, current + cfg.increase, stop), f"additive toward {stop}: {why}"
     if known is None and breaker == CLOSED:
         return min(ceiling, 2 * current), f"slow start: {why}"
     # Half as far again above the old quota as the limit already is: each clean step
     # is evidence of a raise, but an overshoot costs one interval of throttles.
     step = max(cfg.increase, (current - known) // 2) if known is not None else cfg.increase
     return min(ceiling, current + step), f"probing above {known}: {why}"
+
+
+def _probe_cap(known: int | None, breaker: int) -> int | None:
+    """Half-open recovers up to the last quota learned; probing above it waits for closed."""
+    return known if breaker != CLOSED else None
 
 
 def _hold_reason(
@@ -184,7 +190,7 @@ def _hold_reason(
     if current >= ceiling:
         return f"at ceiling {ceiling}"
     if learned is not None and current >= learned:
-        return f"holding at {current}: Bedrock granted ~{learned} when it last throttled"
+        return f"holding at {current}: Bedrock throttled at ~{learned} recently"
     return None
 
 
