@@ -142,6 +142,10 @@ def check_seed(
         "cut_converge_s": conv["cut_s"],
         "served_sluice": ok_s,
         "served_direct": ok_d,
+        "served_by_class": {
+            c: [_served([o for o in out if o.priority == c]) for out in (s_out, d_out)]
+            for c in ("P0", "P1", "P2", "batch")
+        },
         "bare_errors": bare,
         "refusals_without_retry_after": no_hint,
         "breaker_transitions_per_min": round(transitions / (duration / 60.0), 2),

@@ -2,7 +2,7 @@
 
 Every number comes from the seed; the policy *template* is fixed (one sensible policy a
 new user would write: adaptive + breaker with the documented defaults, P0 without a
-chain, P1/P2 with chains, a capped batch job). Demand and quotas are compared in
+chain, P1/P2 with chains, a batch job held to a 30 % class share). Demand and quotas are compared in
 "concurrency equivalents": a Sonnet call at the sweep's latency scale takes about
 :data:`CALL_S`, so r calls/s keep r x CALL_S in flight.
 """
@@ -185,6 +185,8 @@ def _policy(initial: int, ceiling: int) -> dict[str, Any]:
             "orders": {"priority": "P0", "models": ["sonnet"], "max_wait_ms": 2000},
             "recommend": {"priority": "P1", "degrade": ["haiku"]},
             "browse": {"priority": "P2", "degrade": ["haiku", "template"], "template": chain},
-            "analytics": {"priority": "batch", "limits": {"sonnet": {"concurrency": 2}}},
+            # Bounded by its class share only: a workload cap of its own would make Sluice
+            # serve fewer calls than direct by policy, not by shedding.
+            "analytics": {"priority": "batch"},
         },
     }
