@@ -30,13 +30,7 @@ from proxy.control.breaker import (
     next_state,
     next_state_cut,
 )
-from proxy.control.fleet import (
-    FleetStats,
-    FleetUnavailable,
-    PoolControl,
-    PoolTick,
-    Window,
-)
+from proxy.control.fleet import FleetStats, FleetUnavailable, PoolControl, PoolTick
 from proxy.control.law import (
     BUSY_FRACTION,
     LEARN_INTERVALS,
@@ -49,7 +43,7 @@ from proxy.control.law import (
     underutilised,
 )
 from proxy.control.metrics import AdaptivityMetrics
-from proxy.control.pause import PauseState, paused_workloads
+from proxy.control.pause import PauseState, step_pauses
 from proxy.errors import BedrockError
 from proxy.policy import CompiledPolicy
 
@@ -399,32 +393,6 @@ class Adaptivity:
         )
 
     def _step_pause(self, ticks: dict[str, PoolTick]) -> None:
-        by_class: dict[str, Window] = {}
-        for pool, t in ticks.items():
-            w = t.window(self._pause_window_s)
-            if w.total.requests:
-                p99 = w.total.p99_ms or 0.0
-                self.metrics.fleet_p99.labels(pool).set(p99 / 1000.0)
-                ratio = w.total.throttles / w.total.requests
-                self.metrics.fleet_throttle_ratio.labels(pool).set(ratio)
-            for cls, cw in w.by_class.items():
-                by_class[cls] = by_class.get(cls, Window()) + cw
-        if not self._rules:
-            return
-        p99s = {cls: w.p99_ms for cls, w in by_class.items()}
-        before = self._pause.paused
-        self._pause = paused_workloads(p99s, self._rules, self._targets, self._pause)
-        for workload in before ^ self._pause.paused:
-            now_paused = workload in self._pause.paused
-            rule = self._rules[workload]
-            _event(
-                logging.WARNING,
-                "workload_pause",
-                f"pause {'on' if now_paused else 'off'} {workload}",
-                workload=workload,
-                paused=now_paused,
-                when_class=rule.when_class,
-                p99_ms=p99s.get(rule.when_class),
-            )
-        for workload in self._rules:
-            self.metrics.paused.labels(workload).set(int(workload in self._pause.paused))
+        self._pause = step_pauses(
+            ticks, self._pause_window_s, self._rules, self._targets, self._pause, self.metrics
+        )
