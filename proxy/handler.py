@@ -400,7 +400,9 @@ class Proxy:
                 read_timeout_s=call.read_timeout_s,
             )
             error_type = _error_type(upstream.headers) if upstream.status != 200 else None
-            if not retryable(upstream.status, error_type) or not self._headroom(call, upstream):
+            if not retryable(upstream.status, error_type) or not await self._headroom(
+                call, upstream
+            ):
                 return upstream
             remaining = deadline - time.perf_counter()
             delay = next_delay(call.retries + 1, self.retry, remaining, budget, self._rng)
@@ -424,10 +426,14 @@ class Proxy:
             self.metrics.upstream_retries.labels(pool, error_type or str(upstream.status)).inc()
             await asyncio.sleep(delay)
 
-    def _headroom(self, call: Call, upstream: aiohttp.ClientResponse) -> bool:
-        """A throttle is retried only into headroom under the pool's adaptive limit."""
-        a, pool = self.adaptivity, call.pool
-        return upstream.status != 429 or a is None or pool is None or a.retry_headroom(pool.name)
+    async def _headroom(self, call: Call, upstream: aiohttp.ClientResponse) -> bool:
+        """A throttle is retried only into headroom under the pool's adaptive limit; a class
+        without a chain waits for some up to its ``max_wait_ms`` (one with a chain degrades)."""
+        a, pool, caller = self.adaptivity, call.pool, call.caller
+        if upstream.status != 429 or a is None or pool is None or caller is None:
+            return True
+        wl = self.policy.policy.workloads[caller.workload.name]
+        return await a.await_headroom(pool.name, 0 if wl.degrade else wl.max_wait_ms / 1000)
 
     def _breaker_allows(self, pool: str) -> bool:
         return self.adaptivity is None or self.adaptivity.breaker_allows(pool)

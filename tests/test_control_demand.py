@@ -127,8 +127,17 @@ async def test_retries_only_into_headroom(setup: Setup, redis_server: Any) -> No
     client.zadd(f"sluice:{{{pool}}}:leases", {f"fake{i}": expiry for i in range(4)})
     try:
         await until(lambda: not a.retry_headroom(pool))  # the fleet fills the limit
-        client.zrem(f"sluice:{{{pool}}}:leases", "fake0")
-        await until(lambda: a.retry_headroom(pool))
+        started = time.monotonic()
+        assert not await a.await_headroom(pool, 0.3)  # a class without a chain waits, in vain
+        assert time.monotonic() - started >= 0.3
+
+        async def free_one() -> None:
+            await asyncio.sleep(0.2)
+            client.zrem(f"sluice:{{{pool}}}:leases", "fake0")
+
+        freeing = asyncio.create_task(free_one())
+        assert await a.await_headroom(pool, 5.0)  # ...and retries once a slot frees
+        await freeing
         for i in range(40):
             a.observe(pool, "P0", 100.0, i % 2 == 0, False)  # Bedrock throttles half
         await until(lambda: a.breakers.state(pool) == OPEN)

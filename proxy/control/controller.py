@@ -32,12 +32,12 @@ from proxy.control.breaker import (
 )
 from proxy.control.fleet import FleetStats, FleetUnavailable, PoolControl, PoolTick
 from proxy.control.law import (
-    BUSY_FRACTION,
     LEARN_INTERVALS,
     IntervalStats,
     LearnedQuota,
     bounds,
     cut,
+    for_concurrency,
     next_limit,
     start_limit,
     underutilised,
@@ -48,10 +48,8 @@ from proxy.errors import BedrockError
 from proxy.policy import CompiledPolicy
 
 __all__ = [
-    "BUSY_FRACTION",
     "LEARN_INTERVALS",
     "Adaptivity",
-    "AdaptivityMetrics",
     "IntervalStats",
     "LearnedQuota",
     "bounds",
@@ -61,14 +59,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("sluice.adaptive")
-
-#: Admission refusals (as named in RateLimit-Policy) that more pool concurrency would serve.
-_CONCURRENCY_LIMITS = ('"pool.concurrency"', '"class.concurrency"')
-
-
-def _for_concurrency(refusal: BedrockError) -> bool:
-    named = refusal.headers.get("RateLimit-Policy", "")
-    return named.startswith(_CONCURRENCY_LIMITS) or "are waiting for model pool" in refusal.message
 
 
 def _event(level: int, event: str, message: str, **fields: object) -> None:
@@ -152,7 +142,7 @@ class Adaptivity:
         and by the fleet's queue count; a workload's own caps and rate buckets do not,
         since growing the pool would not admit the call.
         """
-        if refusal.status == 429 and _for_concurrency(refusal):
+        if refusal.status == 429 and for_concurrency(refusal.headers, refusal.message):
             self.fleet.observe_demand(pool, priority)
 
     def breaker_allows(self, pool: str) -> bool:
@@ -177,6 +167,16 @@ class Adaptivity:
         if pool not in self._adaptive or limit is None:
             return True
         return self.breakers.state(pool) == CLOSED and self._in_flight.get(pool, 0) < limit
+
+    async def await_headroom(self, pool: str, wait_s: float) -> bool:
+        """:meth:`retry_headroom`, waiting up to ``wait_s`` for it (checked once per tick)."""
+        deadline = time.monotonic() + wait_s
+        while not self.retry_headroom(pool):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(left, self._tick_s))
+        return True
 
     def paused(self, workload: str) -> bool:
         """True while ``workload`` is paused for a real-time class (incident 4)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -92,6 +93,16 @@ class IntervalStats:
         at = self.throttled_peak if self.throttled_peak is not None else self.peak_in_flight
         served = math.floor(self.granted or 0.0)
         return max(1, at - 1, served)
+
+
+#: Admission refusals (as named in RateLimit-Policy) that more pool concurrency would serve.
+_CONCURRENCY_LIMITS: Final = ('"pool.concurrency"', '"class.concurrency"')
+
+
+def for_concurrency(headers: Mapping[str, str], message: str) -> bool:
+    """Was an admission refusal for want of a pool slot (its own share, or the queue)?"""
+    named = headers.get("RateLimit-Policy", "")
+    return named.startswith(_CONCURRENCY_LIMITS) or "are waiting for model pool" in message
 
 
 def bounds(cfg: Adaptive, configured: int | None) -> tuple[int, int]:
