@@ -14,8 +14,8 @@ printed as one table (``bench/results/sweep-<UTC>.json`` keeps every figure):
   surge onset or a quota change;
 * ``conv``: with demand above the limit and a higher (concurrency) quota, the fleet limit
   reaches 90 % of the quota within 30 s;
-* ``ok``: successful calls through Sluice (degraded to another model included, templates
-  not) >= direct's;
+* ``ok``: successful calls of the real-time (open-loop) classes through Sluice (degraded
+  to another model included, templates not) >= direct's;
 * ``shape``: no bare error for a class with a chain, every refusal carries Retry-After.
 """
 

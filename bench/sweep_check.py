@@ -119,7 +119,11 @@ def check_seed(
     thr_d, req_d = _throttle_share(direct["samples"], quiet)
     conv = _converge(inc, _limit_series(sluice["samples"]), changed, duration)
     bare, no_hint = _shape(s_out)
-    ok_s, ok_d = _served(s_out), _served(d_out)
+    # Open-loop callers only: a closed-loop batch worker's count follows how long it backs
+    # off, and Sluice's refusals carry Retry-After (1 s) where Bedrock's bare 429 does not.
+    realtime = ("P0", "P1", "P2")
+    ok_s = _served([o for o in s_out if o.priority in realtime])
+    ok_d = _served([o for o in d_out if o.priority in realtime])
     transitions = sluice["metrics"].get("sluice_breaker_transitions_total", 0.0)
     inv = {
         "p0": p0_s >= p0_d - P0_TOLERANCE and (p0_s >= 0.99 or not inc.p0_fits()),

@@ -135,9 +135,11 @@ def test_next_limit_never_leaves_floor_and_ceiling(
 
 def test_throttles_cut_to_under_what_bedrock_granted() -> None:
     assert next_limit(50, busy(50, throttles=5), INCIDENT3, 80) == (40, "5/100 throttled")
-    # Bedrock granted ~30: settle at 90% of it, not a blind x0.8.
-    assert next_limit(50, busy(50, throttles=5), INCIDENT3, 80, learned=30)[0] == 27
-    assert next_limit(50, busy(50, throttles=5), INCIDENT3, 80, learned=10)[0] == 25  # <= half
+    # Half the calls throttled and Bedrock refused at ~30: a cut, settle at 90% of it.
+    assert next_limit(50, busy(50, throttles=50), INCIDENT3, 80, learned=30)[0] == 27
+    # 5% throttled says Bedrock served ~47: a sampled 30 alone does not cut deeper than x0.8.
+    assert next_limit(50, busy(50, throttles=5), INCIDENT3, 80, learned=30)[0] == 40
+    assert next_limit(50, busy(50, throttles=90), INCIDENT3, 80, learned=10)[0] == 25  # <= half
     assert next_limit(50, busy(50, throttles=5), INCIDENT3, 80, learned=60)[0] == 40
     assert next_limit(5, busy(5, throttles=1), INCIDENT3, 80)[0] == 4  # at least one step
     assert next_limit(4, busy(4, throttles=1), INCIDENT3, 80)[0] == 4  # the floor holds
@@ -154,8 +156,8 @@ def test_growth_doubles_then_is_additive_near_the_quota_then_probes() -> None:
     assert next_limit(32, busy(32), INCIDENT3, 80, learned=33)[0] == 33
     limit, reason = next_limit(33, busy(33), INCIDENT3, 80, learned=33)
     assert limit == 33 and "throttled at ~33" in reason
-    # The estimate went stale: probe above it, half as far again each interval it holds.
-    assert next_limit(33, busy(33), INCIDENT3, 80, known=33)[0] == 35
+    # The estimate went stale: probe one slot above it, then half as far again each time.
+    assert next_limit(33, busy(33), INCIDENT3, 80, known=33)[0] == 34
     assert next_limit(37, busy(37), INCIDENT3, 80, known=33)[0] == 39
     assert next_limit(41, busy(41), INCIDENT3, 80, known=33)[0] == 45
     # Half-open: additive only; open: the cut limit holds.
@@ -222,9 +224,9 @@ def test_step_in_throttling_converges_without_flapping(record_property: Any) -> 
         stats = IntervalStats(100, round(100 * s), 600.0, limit)
         limit, _ = next_limit(limit, stats, cfg, 80, known=40)
         history.append(limit)
-    assert history[:4] == [40, 42, 44, 46]  # a quota was known: probing, not slow start
-    assert history[4:8] == [36, 28, 22, 17]  # x0.8 per throttled interval (no fresh estimate)
-    assert history[8:] == list(range(19, 19 + 2 * 11, 2))  # additive under the known quota
+    assert history[:4] == [40, 41, 42, 43]  # a quota was known: probing, not slow start
+    assert history[4:8] == [34, 27, 21, 16]  # x0.8 per throttled interval (no fresh estimate)
+    assert history[8:] == list(range(18, 18 + 2 * 11, 2))  # additive under the known quota
     assert direction_changes(history) == 2  # one turn per input step, no flapping
     print(f"throttle step 0->30->0%: limits {history}")
     record_property("step_history", history)

@@ -126,13 +126,19 @@ def demanded(stats: IntervalStats, current: int) -> bool:
     return stats.wanted >= math.ceil(BUSY_FRACTION * current)
 
 
-def cut(current: int, cfg: Adaptive, learned: int | None) -> int:
-    """The limit after a throttled interval (before the floor is applied)."""
+def cut(current: int, cfg: Adaptive, learned: int | None, throttled: float = 0.0) -> int:
+    """The limit after a throttled interval (before the floor is applied).
+
+    At least ``decrease``; further when both of Bedrock's answers say the quota is lower
+    (a cut): the level it throttled at (``learned``) and the share it served
+    (1 - ``throttled``) of the limit. The larger of the two is trusted, since a sampled
+    in-flight can read low; one step never cuts more than :data:`MAX_CUT`.
+    """
     new = min(current - 1, int(current * cfg.decrease))
     if learned is None:
         return new
-    # Bedrock's answer may say the quota is further down (a cut): go under it at once.
-    return min(new, max(int(SETTLE * learned), int(current * MAX_CUT)))
+    served = max(learned, current * (1.0 - throttled))
+    return min(new, max(int(SETTLE * served), int(current * MAX_CUT)))
 
 
 def next_limit(
@@ -159,7 +165,8 @@ def next_limit(
         return floor, f"below floor {floor}"
     if stats.throttles > 0:
         est = "" if learned is None else f", Bedrock granted ~{learned}"
-        return max(floor, cut(current, cfg, learned)), (
+        share = stats.throttles / stats.requests if stats.requests else 0.0
+        return max(floor, cut(current, cfg, learned, share)), (
             f"{stats.throttles}/{stats.requests} throttled{est}"
         )
     stop = learned if learned is not None else _probe_cap(known, breaker)
@@ -171,9 +178,11 @@ def next_limit(
         return min(ceiling, current + cfg.increase, stop), f"additive toward {stop}: {why}"
     if known is None and breaker == CLOSED:
         return min(ceiling, 2 * current), f"slow start: {why}"
-    # Half as far again above the old quota as the limit already is: each clean step
-    # is evidence of a raise, but an overshoot costs one interval of throttles.
-    step = max(cfg.increase, (current - known) // 2) if known is not None else cfg.increase
+    # One slot above the old quota first, then half as far again above it as the limit
+    # already is: each clean step is evidence of a raise, while each overshoot costs an
+    # interval of throttles (and an excess slot churns: every caller it admits is refused).
+    above = known is not None and current >= known
+    step = max(1, (current - known) // 2) if known is not None and above else cfg.increase
     return min(ceiling, current + step), f"probing above {known}: {why}"
 
 
