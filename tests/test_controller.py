@@ -173,7 +173,7 @@ def test_holds_when_slow_idle_or_at_the_ceiling() -> None:
     idle = IntervalStats(100, 0, 600.0, peak_in_flight=20)
     assert next_limit(50, idle, INCIDENT3, 80) == (
         50,
-        "peak in-flight 20 well under limit 50, no refusals",
+        "callers wanted ~20 of limit 50",
     )
     assert next_limit(50, IntervalStats(0, 0, None, 0), INCIDENT3, 80) == (50, "no requests")
     assert next_limit(80, busy(80), INCIDENT3, 80) == (80, "at ceiling 80")

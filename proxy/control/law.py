@@ -7,17 +7,17 @@ under target and Bedrock does not throttle, the limit grows:
 
 * **slow start** (doubling) until Bedrock throttles for the first time or the ceiling;
 * **additive** (``increase``) up to a quota learned from Bedrock's answers;
-* **probing** above a quota learned earlier but no longer fresh: ``increase``, then half
-  as far again above the old quota each interval, so a raised quota is found in a few
+* **probing** above a quota learned earlier but no longer fresh: one slot, then half as
+  far again above the old quota each interval, so a raised quota is found in a few
   intervals while a quota that did not move costs one small overshoot.
 
-A throttled interval cuts the limit by ``decrease``, and further, to under the quota
-learned (:class:`LearnedQuota`) when that is lower -- by at most half in one step. The
-learned quota comes from Bedrock's answers: the fleet in-flight at the moments Bedrock
-throttled (bounded below by what it served on average, Little's law), so it holds
-whichever quota binds (requests/min, tokens/min or concurrency: each refuses at some
-concurrency). The latest throttled interval replaces it, so a quota cut is learned on
-the next throttle instead of the highest value being remembered.
+A throttled interval cuts the limit by ``decrease``, and further when Bedrock's answers
+say its quota is lower (:func:`cut`) -- by at most half in one step. The learned quota
+comes from Bedrock's answers: the fleet in-flight at the moments Bedrock throttled
+(bounded below by what it served on average, Little's law), so it holds whichever quota
+binds (requests/min, tokens/min or concurrency: each refuses at some concurrency). The
+latest throttled interval replaces it, so a quota cut is learned on the next throttle
+instead of the highest value being remembered.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def next_limit(
     if current < floor:
         return floor, f"below floor {floor}"
     if stats.throttles > 0:
-        est = "" if learned is None else f", Bedrock granted ~{learned}"
+        est = "" if learned is None else f", Bedrock throttled at ~{learned}"
         share = stats.throttles / stats.requests if stats.requests else 0.0
         return max(floor, cut(current, cfg, learned, share)), (
             f"{stats.throttles}/{stats.requests} throttled{est}"
@@ -181,8 +181,9 @@ def next_limit(
     # One slot above the old quota first, then half as far again above it as the limit
     # already is: each clean step is evidence of a raise, while each overshoot costs an
     # interval of throttles (and an excess slot churns: every caller it admits is refused).
-    above = known is not None and current >= known
-    step = max(1, (current - known) // 2) if known is not None and above else cfg.increase
+    step = cfg.increase
+    if known is not None and current >= known:
+        step = max(1, (current - known) // 2)
     return min(ceiling, current + step), f"probing above {known}: {why}"
 
 
@@ -206,7 +207,7 @@ def _hold_reason(
     if stats.p99_ms is not None and stats.p99_ms >= cfg.target_p99_ms:
         return f"p99 {stats.p99_ms:.0f} ms >= target {cfg.target_p99_ms:.0f} ms"
     if not demanded(stats, current):
-        return f"peak in-flight {stats.peak_in_flight} well under limit {current}, no refusals"
+        return f"callers wanted ~{stats.wanted:.0f} of limit {current}"
     if current >= ceiling:
         return f"at ceiling {ceiling}"
     if learned is not None and current >= learned:
