@@ -121,6 +121,9 @@ class Adaptivity:
         self._learned = LearnedQuota()
         #: Fleet in-flight per pool as of the last tick (retries go only into headroom).
         self._in_flight: dict[str, int] = {}
+        #: Fleet time (ms) of each pool's last tick, and of its last limit change.
+        self._now_ms: dict[str, int] = {}
+        self._changed_ms: dict[str, int] = {}
         self._pause = PauseState()
         self._last_ok = time.monotonic()
         self._task: asyncio.Task[None] | None = None
@@ -136,12 +139,8 @@ class Adaptivity:
         self.breakers.outcome(pool, throttled or server_error)
 
     def refused(self, pool: str, priority: str, refusal: BedrockError) -> None:
-        """Count an admission refusal as demand if more pool concurrency would have served it.
-
-        Refusals by the pool's or the class's concurrency (a class share of the pool limit)
-        and by the fleet's queue count; a workload's own caps and rate buckets do not,
-        since growing the pool would not admit the call.
-        """
+        """Count a refusal as demand if more pool concurrency would have admitted the call
+        (pool or class concurrency, the queue); not a workload's own caps or rate buckets."""
         if refusal.status == 429 and for_concurrency(refusal.headers, refusal.message):
             self.fleet.observe_demand(pool, priority)
 
@@ -158,11 +157,8 @@ class Adaptivity:
         return False
 
     def retry_headroom(self, pool: str) -> bool:
-        """May a throttled call to ``pool`` be retried? Only into headroom under the limit.
-
-        A retry while the fleet fills the adaptive limit would be one more call at a quota
-        Bedrock just said is spent; pools without an adaptive limit are not judged here.
-        """
+        """May a throttled call to ``pool`` be retried? Only into headroom under the limit
+        (a retry at a full limit is one more call at a quota Bedrock just said is spent)."""
         limit = self._limits.get(pool)
         if pool not in self._adaptive or limit is None:
             return True
@@ -253,7 +249,9 @@ class Adaptivity:
                 await self._step_breaker(pool, t)
             if pool in self._adaptive:
                 await self._step_limit(pool, t)
-        self._step_pause(ticks)
+        self._pause = step_pauses(
+            ticks, self._pause_window_s, self._rules, self._targets, self._pause, self.metrics
+        )
 
     def _control(self, pool: str) -> PoolControl:
         adaptive, breaker = self._adaptive.get(pool), self._breakers.get(pool)
@@ -315,11 +313,16 @@ class Adaptivity:
 
     async def _step_limit(self, pool: str, t: PoolTick) -> None:
         cfg, configured = self._adaptive[pool], self._configured[pool]
-        w = t.window(cfg.interval_seconds)
-        # Demand over one tick more: leadership is claimed on the first tick after the last
-        # one expired, so the bare interval can miss refusals that came in between (while
-        # throttles seen twice would cut twice).
-        wide = t.window(cfg.interval_seconds + self._tick_s)
+        self._now_ms[pool] = t.now_ms
+        if t.fleet_limit is not None and t.fleet_limit != self._limits.get(pool):
+            self._changed_ms[pool] = t.now_ms  # another instance moved it
+        # Only outcomes under the limit in force count: throttles of calls admitted before a
+        # cut (and refusals before a raise) would move it again for what it already fixed.
+        since = self._changed_ms.get(pool)
+        w = t.window(cfg.interval_seconds, since_ms=since)
+        # Demand over one tick more: a leader change can skip a tick (throttles seen twice
+        # would cut twice, refusals seen twice only confirm the demand).
+        wide = t.window(cfg.interval_seconds + self._tick_s, since_ms=since)
         total = w.total
         stats = IntervalStats(
             total.requests,
@@ -379,6 +382,7 @@ class Adaptivity:
             )
             return
         self._limits[pool] = new
+        self._changed_ms[pool] = self._now_ms.get(pool, 0)
         direction = "up" if old is None or new > old else "down"
         self.metrics.limit_changes.labels(pool, direction).inc()
         shown = "none" if old is None else str(old)
@@ -390,9 +394,4 @@ class Adaptivity:
             old_limit=old,
             new_limit=new,
             reason=reason,
-        )
-
-    def _step_pause(self, ticks: dict[str, PoolTick]) -> None:
-        self._pause = step_pauses(
-            ticks, self._pause_window_s, self._rules, self._targets, self._pause, self.metrics
         )
