@@ -154,6 +154,7 @@ def check_seed(
         "refusals_without_retry_after": no_hint,
         "breaker_transitions_per_min": round(transitions / (duration / 60.0), 2),
         "limit_changes": sluice["metrics"].get("sluice_adaptive_limit_changes_total", 0.0),
+        "p0_failed_at_s": [round(o.t, 1) for o in s_out if o.priority == "P0" and o.status != 200],
         "p0_errors": dict(
             Counter(
                 o.error or str(o.status) for o in s_out if o.priority == "P0" and o.status != 200
