@@ -23,6 +23,8 @@ HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 CALL_S = 0.5
 #: Tokens/min one such call uses once settled (input + output x weight 1), roughly.
 TOKENS_PER_CALL = 300
+#: Seconds of refill Bedrock's per-minute buckets hold in the sweep (Bedrock: 60).
+BURST_S = 5.0
 #: The surge starts between these fractions of the run and lasts SURGE_LEN of it.
 SURGE_START = (0.2, 0.35)
 SURGE_LEN = 0.3
@@ -56,7 +58,7 @@ class Incident:
     demand: dict[str, float]  # concurrency equivalents per class at multiplier 1
     surge_factor: float
     model: str
-    quota_after: dict[str, int]
+    quota_after: dict[str, float]
     policy: dict[str, Any] = field(repr=False)
     sim: dict[str, Any] = field(repr=False)
     scenario: SweepScenario = field(repr=False)
@@ -85,14 +87,15 @@ def _short(kind: str) -> str:
     return {"concurrency": "conc", "requests_per_minute": "rpm", "tokens_per_minute": "tpm"}[kind]
 
 
-def _quota(kind: str, eq: float) -> dict[str, int]:
+def _quota(kind: str, eq: float) -> dict[str, float]:
     """Bedrock's quota setting for ``eq`` concurrency equivalents."""
     if kind == "concurrency":
         return {"concurrency": max(1, round(eq))}
     per_min = eq / CALL_S * 60
+    # A minute's bucket would absorb a 45 s run's overload whole: hold BURST_S of it.
     if kind == "requests_per_minute":
-        return {"requests_per_minute": round(per_min)}
-    return {"tokens_per_minute": round(per_min * TOKENS_PER_CALL)}
+        return {"requests_per_minute": round(per_min), "burst_seconds": BURST_S}
+    return {"tokens_per_minute": round(per_min * TOKENS_PER_CALL), "burst_seconds": BURST_S}
 
 
 def draw(seed: int, duration: float) -> Incident:
