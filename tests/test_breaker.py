@@ -280,6 +280,7 @@ async def test_open_breaker_cuts_the_limit_and_refuses_nobody(backend: Backend) 
     await a.start()
     try:
         await until(lambda: a.limit(pool) == 40)
+        await asyncio.sleep(0.3)  # an interval after the last change: the breaker's to cut
         await _trip(a, pool)
         await until(lambda: state(registry, pool) == OPEN)
         assert a.breaker_allows(pool)  # nobody is refused by the breaker itself

@@ -288,7 +288,7 @@ class Adaptivity:
                 return
             self.breakers.update(pool, after, False)
             if applied and cuts and state == OPEN:
-                await self._cut_on_open(pool)
+                await self._cut_on_open(pool, t)
             if applied:
                 self.metrics.breaker_transitions.labels(pool, STATE_NAMES[state]).inc()
                 _event(
@@ -302,10 +302,12 @@ class Adaptivity:
                 )
         self.metrics.breaker_state.labels(pool).set(self.breakers.state(pool))
 
-    async def _cut_on_open(self, pool: str) -> None:
-        """The breaker just opened: cut the limit now, not at the next interval."""
-        cfg, current = self._adaptive[pool], self._limits.get(pool)
-        if current is not None:
+    async def _cut_on_open(self, pool: str, t: PoolTick) -> None:
+        """The breaker just opened: cut the limit now, unless the controller just did (from
+        the limit read this tick: an older one could be above another instance's cut)."""
+        cfg, current = self._adaptive[pool], t.fleet_limit
+        recent = t.now_ms - self._changed_ms.get(pool, 0) < cfg.interval_seconds * 1000
+        if current is not None and not recent:
             floor = bounds(cfg, self._configured[pool])[0]
             new = max(floor, cut(current, cfg, self._learned.known(pool)))
             if new < current:
