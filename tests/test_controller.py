@@ -137,11 +137,10 @@ def test_throttles_cut_to_under_what_bedrock_granted() -> None:
     assert next_limit(50, busy(50, throttles=5), INCIDENT3, 80) == (40, "5/100 throttled")
     # Half the calls throttled and Bedrock refused at ~30: a cut, settle at 90% of it.
     assert next_limit(50, busy(50, throttles=50), INCIDENT3, 80, learned=30)[0] == 27
-    # 5% throttled says Bedrock served ~47: a sampled 30 alone does not cut that deep;
-    # the limit settles at 90% of what was served, not x0.8 again at every boundary throttle.
-    assert next_limit(50, busy(50, throttles=5), INCIDENT3, 80, learned=30)[0] == 42
+    # 5% throttled says Bedrock served ~47: a sampled 30 alone does not cut deeper than x0.8.
+    assert next_limit(50, busy(50, throttles=5), INCIDENT3, 80, learned=30)[0] == 40
     assert next_limit(50, busy(50, throttles=90), INCIDENT3, 80, learned=10)[0] == 25  # <= half
-    assert next_limit(50, busy(50, throttles=5), INCIDENT3, 80, learned=60)[0] == 49
+    assert next_limit(50, busy(50, throttles=5), INCIDENT3, 80, learned=60)[0] == 40
     assert next_limit(5, busy(5, throttles=1), INCIDENT3, 80)[0] == 4  # at least one step
     assert next_limit(4, busy(4, throttles=1), INCIDENT3, 80)[0] == 4  # the floor holds
 

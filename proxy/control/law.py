@@ -129,17 +129,16 @@ def demanded(stats: IntervalStats, current: int) -> bool:
 def cut(current: int, cfg: Adaptive, learned: int | None, throttled: float = 0.0) -> int:
     """The limit after a throttled interval (before the floor is applied).
 
-    Without an estimate, by ``decrease``. With one, to :data:`SETTLE` of what Bedrock's
-    answers say it serves: the larger of the level it throttled at (``learned``; a sampled
-    in-flight can read low) and the limit's served share (1 - ``throttled``). A limit a
-    hair above the quota then loses a slot or two, not ``decrease`` of itself each time the
-    boundary throttles (that spiral ended far under the quota); one step is at least one
-    slot and never more than :data:`MAX_CUT`.
+    At least ``decrease``; further when both of Bedrock's answers say the quota is lower
+    (a cut): the level it throttled at (``learned``) and the share it served
+    (1 - ``throttled``) of the limit. The larger of the two is trusted, since a sampled
+    in-flight can read low; one step never cuts more than :data:`MAX_CUT`.
     """
+    new = min(current - 1, int(current * cfg.decrease))
     if learned is None:
-        return min(current - 1, int(current * cfg.decrease))
+        return new
     served = max(learned, current * (1.0 - throttled))
-    return min(current - 1, max(int(SETTLE * served), int(current * MAX_CUT)))
+    return min(new, max(int(SETTLE * served), int(current * MAX_CUT)))
 
 
 def next_limit(
