@@ -41,14 +41,8 @@ from common import (
     processes,
     start_redis,
 )
-from scenarios import (
-    Driver,
-    Sample,
-    _http,
-    check_stack,
-    start_simulator,
-    start_sluices,
-)
+from scenario_load import Driver, Sample, http_call
+from scenarios import check_stack, start_simulator, start_sluices
 from sweep_check import check_seed, table
 from sweep_draw import Incident, draw
 
@@ -63,7 +57,7 @@ async def _change_quota(sim_url: str, inc: Incident, t0: float) -> float | None:
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, t0 + inc.change_at - loop.time()))
     patch = json.dumps({"models": {inc.model: {"quotas": inc.quota_after}}}).encode()
-    await asyncio.to_thread(_http, "POST", sim_url + "/_sim/config", patch)
+    await asyncio.to_thread(http_call, "POST", sim_url + "/_sim/config", patch)
     return loop.time() - t0
 
 
@@ -95,7 +89,7 @@ def run_one(system: str, inc: Incident, opts: argparse.Namespace) -> dict[str, A
                 inc.scenario, opts.instances, sim_url, redis_url, layout, workdir, started
             )
         check_stack(inc.scenario, targets)
-        _http("POST", sim_url + "/_sim/reset", b"{}")
+        http_call("POST", sim_url + "/_sim/reset", b"{}")
         instances = targets if system == "sluice" else []
         driver = Driver(inc.scenario, targets, opts.duration, 1.0, 0.0, None, inc.seed)
         log(f"seed {inc.seed} / {system}: {opts.duration:g} s, {inc.describe()}")
@@ -116,7 +110,7 @@ def _final_metrics(instances: list[str]) -> dict[str, float]:
     totals: dict[str, float] = {}
     for base in instances:
         with contextlib.suppress(OSError):
-            for line in _http("GET", base + "/metrics").decode().splitlines():
+            for line in http_call("GET", base + "/metrics").decode().splitlines():
                 name = line.partition("{")[0].partition(" ")[0]
                 if name in (
                     "sluice_breaker_transitions_total",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from common import render_table
-from scenarios import Outcome, Sample
+from scenario_load import Outcome, Sample
 from sweep_draw import SONNET, Incident
 
 #: Throttles right after the start, a surge onset or a quota change are the controller's

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from scenarios import Phase, Scenario, Stream
+from scenario_load import Phase, Scenario, Stream
 
 SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"

@@ -17,17 +17,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.admission import Store
 from proxy.admission.gate import Gate
-from proxy.admission.waiting import WaitMetrics
-from proxy.backend import open_store
+from proxy.backend.store import Backend
 from proxy.config import Policy
 from proxy.control.controller import Adaptivity
 from proxy.credentials import CredentialSource, bearer_token_from_env
 from proxy.errors import error_response
-from proxy.handler import Proxy
+from proxy.jobs import install_jobs
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
-from proxy.pipeline.cache import open_cache
-from proxy.policy import CompiledPolicy
+from proxy.ops.fleetview import FleetBoard
+from proxy.ops.http import BOARD, add_routes, open_board
+from proxy.ops.live import LIVE, LiveProxy
+from proxy.ops.reload import RELOADER, Reloader
+from proxy.pipeline import Pipeline
+from proxy.policy import CompiledPolicy, PolicyRef
 from proxy.signing import Credentials
 from proxy.upstream import Upstream, bedrock_url
 
@@ -45,14 +48,18 @@ class Settings:
     redis_url: str | None = None
     simulator_config: str | None = None
     region: str | None = None
+    config: str | None = None  # the policy file, watched for changes outside a fleet
+    fleet: str | None = None  # with redis_url: follow this fleet's policy versions in Redis
 
 
 POLICY = web.AppKey("policy", CompiledPolicy)
+#: The policy in force for new requests (hot reload swaps it); POLICY is the one loaded.
+POLICY_REF = web.AppKey("policy_ref", PolicyRef)
 METRICS = web.AppKey("metrics", Metrics)
+BACKEND = web.AppKey("backend", Backend)
 STORE = web.AppKey("store", Store)
 UPSTREAM = web.AppKey("upstream", Upstream)
 SIMULATOR = web.AppKey("simulator", web.AppRunner)
-PROXY = web.AppKey("proxy", Proxy)
 
 
 def resolve_region(policy: Policy, settings: Settings) -> str:
@@ -138,62 +145,89 @@ def build_app(
     """An Application serving the bedrock-runtime API under ``policy``."""
     app = web.Application(client_max_size=policy.server.max_body_bytes + 1)
     app[POLICY] = CompiledPolicy(policy)
+    app[POLICY_REF] = PolicyRef(app[POLICY])
     app[METRICS] = Metrics()
     region = resolve_region(policy, settings)
     logs = access_log or AccessLog(enabled=policy.server.access_log)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        metrics = app[METRICS]
-        store = app[STORE] = open_store(
-            settings.redis_url,
-            metrics=metrics,
-            timeout_s=policy.server.store_timeout_ms / 1000,
-            wait_metrics=WaitMetrics(metrics.registry),
-        )
-        await store.start()
+        backend = await _open_backend(app, settings)
         upstream = app[UPSTREAM] = await _make_upstream(app, settings, region)
         await upstream.start()
-        cache = open_cache(
-            settings.redis_url, metrics=metrics, timeout_s=policy.server.store_timeout_ms / 1000
-        )
-        adaptivity = _adaptivity(app[POLICY], store, settings.redis_url, metrics)
-        if adaptivity is not None:
-            await adaptivity.start()
-        proxy = app[PROXY] = Proxy(
-            app[POLICY], Gate(store, metrics), upstream, metrics, logs, cache, adaptivity
-        )
-        log.info(
-            "sluice ready",
-            extra={
-                "fields": {
-                    "upstream": upstream.base_url,
-                    "region": region,
-                    "store": "redis" if settings.redis_url else "embedded",
-                }
-            },
-        )
+        live = await _start_live(app, backend, upstream, logs)
+        reloader, board = await _start_ops(app, settings, live)
+        fields = {"upstream": upstream.base_url, "region": region, "store": backend.kind}
+        log.info("sluice ready", extra={"fields": fields})
         yield
-        if adaptivity is not None:
-            await adaptivity.close()
-        await proxy.close()
-        await cache.close()
+        await board.close()
+        await reloader.close()
+        await live.close()
         await upstream.close()
-        await store.close()
+        await backend.close()
         if SIMULATOR in app:
             await app[SIMULATOR].cleanup()
 
     app.cleanup_ctx.append(lifecycle)
+    install_jobs(app, settings.redis_url)  # batch routes + workers (proxy/jobs)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    add_routes(app)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
 
 
+async def _open_backend(app: web.Application, settings: Settings) -> Backend:
+    """The one Backend of this process (app[BACKEND]; its store is also app[STORE])."""
+    timeout_s = app[POLICY].policy.server.store_timeout_ms / 1000
+    backend = app[BACKEND] = Backend.open(settings.redis_url, app[METRICS], timeout_s)
+    app[STORE] = backend.store
+    await backend.start()
+    return backend
+
+
+async def _start_live(
+    app: web.Application, backend: Backend, upstream: Upstream, logs: AccessLog
+) -> LiveProxy:
+    metrics, ref, store = app[METRICS], app[POLICY_REF], backend.store
+    gate, cache = Gate(store, metrics), backend.cache
+    # The pipeline reads the policy from ``ref`` per request; it is rebuilt on a switch
+    # only because the adaptive controllers it holds are derived from the policy.
+    live = app[LIVE] = LiveProxy(
+        app[POLICY],
+        lambda p, a: Pipeline(ref, gate, upstream, metrics, logs, cache, a),
+        lambda p: _adaptivity(p, store, backend.url, metrics),
+        metrics.registry,
+    )
+    await live.start()
+    return live
+
+
+async def _start_ops(
+    app: web.Application, settings: Settings, live: LiveProxy
+) -> tuple[Reloader, FleetBoard]:
+    """Hot reload (file or fleet versions) and the fleet board, following ``live``."""
+    registry = app[METRICS].registry
+    reloader = app[RELOADER] = Reloader(
+        app[POLICY_REF],
+        registry,
+        config_path=settings.config,
+        redis_url=settings.redis_url,
+        fleet=settings.fleet,
+        timeout_s=app[POLICY].policy.server.store_timeout_ms / 1000 + 1,
+    )
+    reloader.hooks.append(live.follow)
+    await reloader.start()
+    board = app[BOARD] = open_board(registry, reloader, settings.redis_url, settings.fleet)
+    live.tap = board.snapshots.tap
+    await board.start()
+    return reloader, board
+
+
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Every path that is not Sluice's own goes to the Bedrock handler."""
-    return await request.app[PROXY].handle(request)
+    return await request.app[LIVE].handle(request)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -1,4 +1,4 @@
-"""``sluice`` commands: serve, simulate, policy check.
+"""``sluice`` commands: serve, simulate, policy check, batch, dlq, worker.
 
 Every ``serve`` flag can also come from a ``SLUICE_*`` environment variable, so a
 container needs no command line; flags win over the environment.
@@ -19,22 +19,12 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from proxy.backend.versions import DEFAULT_FLEET
+from proxy.banner import banner as serve_banner
 from proxy.config import PolicyError, load_policy
+from proxy.jobs.commands import COMMANDS as JOB_COMMANDS
+from proxy.jobs.commands import add_job_commands, run_job_command
 from proxy.log import setup_logging
-
-_EXAMPLE = """\
-Sluice is listening on {scheme}://{host}:{port} (upstream: {upstream}; store: {store}).
-Point any Bedrock client at it, e.g.:
-
-    import boto3
-    client = boto3.client("bedrock-runtime", region_name="us-east-1",
-                          endpoint_url="{scheme}://{host}:{port}",
-                          aws_access_key_id="demo", aws_secret_access_key="demo")
-    reply = client.converse(
-        modelId="anthropic.claude-3-haiku-20240307-v1:0",
-        messages=[{{"role": "user", "content": [{{"text": "Hello!"}}]}}])
-    print(reply["output"]["message"]["content"][0]["text"])
-"""
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -82,6 +72,19 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--tls-key", default=_env("TLS_KEY"), help="PEM private key of --tls-cert (SLUICE_TLS_KEY)"
     )
+    p.add_argument(
+        "--fleet",
+        default=_env("FLEET"),
+        help="with --redis-url: the fleet whose policy in Redis this instance follows, "
+        "hot-reloaded (SLUICE_FLEET; default: 'default'). The stored policy wins over "
+        "--config; the first instance of a fleet publishes its file",
+    )
+    p.add_argument(
+        "--no-fleet",
+        action="store_true",
+        help="with --redis-url: run the --config file alone (watched, reloaded on SIGHUP) "
+        "instead of the fleet's stored policy",
+    )
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 
@@ -109,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("CONFIG"),
         help="policy: checks workloads/pools and takes each workload's TTL",
     )
+    add_job_commands(sub)  # batch, dlq, worker (proxy/jobs/commands.py)
     pol = sub.add_parser("policy", help="policy tools")
     pol_sub = pol.add_subparsers(dest="policy_command", required=True)
     check = pol_sub.add_parser("check", help="validate policy files")
@@ -119,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
         help="also fail when a secret the policy names is not available here, or when a "
         "setting can never take effect (printed as warnings)",
     )
+    from proxy.ops.cli import register
+
+    register(sub, pol_sub)
     return parser
 
 
@@ -131,11 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _simulate(args)
     if args.command == "cache":
         return _cache_warm(args)
+    if args.command in JOB_COMMANDS:
+        return run_job_command(args)
+    if hasattr(args, "run"):
+        return int(args.run(args))
     return _policy_check(args.files, strict=args.strict)
 
 
 def _cache_warm(args: argparse.Namespace) -> int:
-    from proxy.pipeline.cache import open_cache
+    from proxy.backend.cache import open_cache
     from proxy.pipeline.warm import warm
 
     if not args.redis_url:
@@ -243,7 +254,9 @@ async def _run_site(
 ) -> None:
     # Cancel handlers when the client goes away: a dropped stream must stop the
     # upstream call and release its lease at once, not at the next write.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    from proxy.guard import guarded_runner  # timeouts, caps, Bedrock-shaped protocol errors
+
+    runner = guarded_runner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(
@@ -269,6 +282,13 @@ async def _run_site(
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+def _fleet(args: argparse.Namespace) -> str | None:
+    """The fleet this instance follows: with Redis, 'default' unless named or --no-fleet."""
+    if not args.redis_url or args.no_fleet:
+        return None
+    return str(args.fleet or DEFAULT_FLEET)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -297,6 +317,8 @@ def _serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         simulator_config=args.simulator_config,
         region=args.region,
+        config=args.config,
+        fleet=_fleet(args),
     )
     if not args.redis_url and not args.reuse_port:
         print(
@@ -307,12 +329,12 @@ def _serve(args: argparse.Namespace) -> int:
     banner = (
         ""
         if args.reuse_port
-        else _EXAMPLE.format(
-            scheme=scheme,
-            host=args.host,
-            port=args.port,
-            upstream=args.upstream or "Amazon Bedrock",
-            store=args.redis_url or "embedded",
+        else serve_banner(
+            policy,
+            args.config or "default (embedded demo)",
+            f"{scheme}://{args.host}:{args.port}",
+            args.upstream or "Amazon Bedrock",
+            args.redis_url or "embedded",
         )
     )
     _install_uvloop()
@@ -378,17 +400,20 @@ def _serve_workers(args: argparse.Namespace) -> int:
         ("--region", args.region),
         ("--tls-cert", args.tls_cert),
         ("--tls-key", args.tls_key),
+        ("--fleet", _fleet(args)),
     ):
         if value:
             base += [flag, value]
+    if args.no_fleet:
+        base.append("--no-fleet")
     children += [subprocess.Popen(base) for _ in range(args.workers)]
     print(
-        _EXAMPLE.format(
-            scheme="https" if args.tls_cert else "http",
-            host=args.host,
-            port=args.port,
-            upstream=upstream or "Amazon Bedrock",
-            store=args.redis_url,
+        serve_banner(
+            load_policy(args.config),
+            args.config or "default (embedded demo)",
+            f"{'https' if args.tls_cert else 'http'}://{args.host}:{args.port}",
+            upstream or "Amazon Bedrock",
+            args.redis_url,
         ),
         file=sys.stderr,
         flush=True,
@@ -401,6 +426,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)  # policy reload in every worker
     codes = [child.wait() for child in children]
     return max(codes, default=0)
 

@@ -19,6 +19,8 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 Share = Annotated[float, Field(gt=0, le=1)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+#: Bedrock's service tiers (X-Amzn-Bedrock-Service-Tier / Converse ``serviceTier.type``).
+TierName = Literal["priority", "default", "flex", "reserved"]
 
 #: Where the packaged default policy lives (used when no --config is given).
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
@@ -67,6 +69,13 @@ class Breaker(_Strict):
     half_open_probes: PositiveInt = 3
 
 
+class TierPrice(_Strict):
+    """What Bedrock charges on one service tier, in USD per million tokens."""
+
+    input_per_million: Annotated[float, Field(ge=0)]
+    output_per_million: Annotated[float, Field(ge=0)]
+
+
 class ModelPool(Limits):
     """A model pool: the account quota Bedrock grants for one model, shared by every workload."""
 
@@ -77,10 +86,46 @@ class ModelPool(Limits):
     output_token_weight: PositiveFloat = 1.0
     #: Reserved for output when a request sets no max_tokens (Bedrock reserves the model max).
     default_max_tokens: PositiveInt = 4096
+    #: The model's real output ceiling: a request's max_tokens (or default_max_tokens) is
+    #: reserved up to this at most (Bedrock refuses more itself), so no single call can
+    #: drain the pool's tokens.
+    max_output_tokens: PositiveInt | None = None
     #: The pool a degraded request may be sent to instead (load shedding).
     downgrade_to: Name | None = None
     adaptive: Adaptive | None = None
     breaker: Breaker | None = None
+    #: Service tiers the pool's models offer (None: all); others fall back to ``default``.
+    service_tiers: list[TierName] | None = None
+    #: Per priority class, the tier on this pool (overrides the class's own ``tier``).
+    class_tiers: dict[Name, TierName] = {}
+    #: Tiers Bedrock gives their own quota: calls on them are admitted against these limits
+    #: instead of the pool's (which are ``default``'s, and any unlisted tier's).
+    tiers: dict[Literal["priority", "flex", "reserved"], Limits] = {}
+    #: USD per million input/output tokens on each tier; settled usage is counted as cost.
+    prices: dict[TierName, TierPrice] = {}
+
+    @model_validator(mode="after")
+    def _tiers_offered(self) -> ModelPool:
+        offered = self.service_tiers
+        lacking = [t for t in (*self.tiers, *self.prices) if offered and t not in offered]
+        if lacking:
+            names = ", ".join(sorted(set(lacking)))
+            raise ValueError(
+                f"tiers/prices name tiers the pool does not offer: {names}"
+                f" (service_tiers: {', '.join(offered or ())})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _burst_holds_one_call(self) -> ModelPool:
+        largest = (self.max_output_tokens or 0) * self.output_token_weight
+        if self.burst_tokens is not None and self.burst_tokens < largest:
+            raise ValueError(
+                f"burst_tokens ({self.burst_tokens:g}) cannot hold one call at "
+                f"max_output_tokens ({self.max_output_tokens}) x output_token_weight "
+                f"({self.output_token_weight:g}) = {largest:g}; such calls would always be refused"
+            )
+        return self
 
 
 class PriorityClass(_Strict):
@@ -91,6 +136,13 @@ class PriorityClass(_Strict):
     on_store_failure: Literal["open", "closed"] = "closed"
     #: The latency this class is promised; batch pauses key off it (incident 4).
     target_p99_ms: PositiveFloat | None = None
+    #: The Bedrock service tier its calls run on (None: whatever the caller asks, else default).
+    tier: TierName | None = None
+    #: When Bedrock throttles a call on ``tier``, retry it once on this tier (deadline allowing).
+    tier_on_throttle: TierName | None = None
+    #: A caller's own tier: ``keep`` it, ``override`` it with ``tier``, or honour it only
+    #: when it is not above ``tier`` (``lower_only``: nobody buys priority with a header).
+    caller_tier: Literal["keep", "override", "lower_only"] = "lower_only"
 
 
 class ScheduleWindow(_Strict):
@@ -155,6 +207,17 @@ class AccessKey(_Strict):
     secret: SecretRef
 
 
+class BatchRule(_Strict):
+    """How a workload's durable batch records are queued and retried (``proxy/jobs``)."""
+
+    #: Submits that would queue more records than this are refused with 429 + Retry-After.
+    max_queued_records: PositiveInt = 100_000
+    #: Attempts per record (counted by Sluice in the record) before retryable errors dead-letter.
+    max_attempts: PositiveInt = 10
+    base_backoff_ms: PositiveInt = 200
+    max_backoff_ms: PositiveInt = 20_000
+
+
 class Workload(_Strict):
     """A caller of Bedrock: its class, its keys, and its per-model caps."""
 
@@ -178,6 +241,9 @@ class Workload(_Strict):
     max_wait_ms: Annotated[int, Field(ge=0)] = 0
     schedule: Schedule | None = None
     pause: PauseRule | None = None
+    #: The service tier for this workload's calls (overrides its class's and pool's).
+    tier: TierName | None = None
+    batch: BatchRule = Field(default_factory=lambda: BatchRule())
 
 
 class Identity(_Strict):
@@ -216,6 +282,40 @@ class AdaptivityTuning(_Strict):
     pause_window_seconds: PositiveFloat = 10.0
 
 
+class Connections(_Strict):
+    """Client-connection protections; defaults follow nginx and Envoy's edge guidance."""
+
+    #: A request's line and headers must arrive within this (Envoy edge: 10 s).
+    header_timeout_seconds: PositiveFloat = 10.0
+    #: Longest pause between two reads of a request body (nginx client_body_timeout).
+    body_timeout_seconds: PositiveFloat = 60.0
+    #: An idle keep-alive connection is closed after this (nginx keepalive_timeout).
+    keepalive_timeout_seconds: PositiveFloat = 75.0
+    #: Open client connections per instance; more are answered 503 and closed.
+    max_connections: PositiveInt = 4096
+    #: Requests still sending their body (so not yet identified) at once per instance.
+    max_unauthenticated_requests: PositiveInt = 256
+    #: Longest request line or header line (nginx large_client_header_buffers: 8 KiB).
+    max_header_line_bytes: Annotated[int, Field(ge=256)] = 8190
+    #: Most header lines in one request.
+    max_headers: PositiveInt = 128
+
+
+class Jobs(_Strict):
+    """Durable batch workers in every instance (``proxy/jobs``)."""
+
+    enabled: bool = True
+    #: Records one instance processes at once (admission still decides the pace).
+    workers: PositiveInt = 16
+    #: A record's visibility lease, renewed while it is processed; a dead worker's records
+    #: are taken over this long after its last renewal.
+    lease_seconds: PositiveFloat = 30.0
+    #: The embedded store's file when Sluice runs without Redis (created on first submit).
+    sqlite_path: str = "sluice-jobs.sqlite3"
+    #: Largest JSONL body one submit may send (it is held in memory while it is validated).
+    max_submit_bytes: PositiveInt = 256 * 1024 * 1024
+
+
 class Server(_Strict):
     """Process-wide settings that belong with the policy."""
 
@@ -231,6 +331,8 @@ class Server(_Strict):
     upstream_timeout: UpstreamTimeout | None = None
     retry: Retry = Field(default_factory=lambda: Retry())
     adaptivity: AdaptivityTuning = Field(default_factory=lambda: AdaptivityTuning())
+    connections: Connections = Field(default_factory=lambda: Connections())
+    jobs: Jobs = Field(default_factory=lambda: Jobs())
 
 
 class Policy(_Strict):
@@ -318,6 +420,18 @@ class Policy(_Strict):
                         f"'{owner[model_id]}'"
                     )
                 owner[model_id] = name
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _tiers_resolve(self) -> Policy:
+        problems = [
+            f"models.{name}.class_tiers.{cls}: unknown priority class '{cls}'"
+            for name, pool in self.models.items()
+            for cls in pool.class_tiers
+            if cls not in self.priorities
+        ]
         if problems:
             raise ValueError("; ".join(problems))
         return self

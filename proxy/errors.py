@@ -61,7 +61,13 @@ class BedrockError(Exception):
 
 def error_body(message: str) -> bytes:
     """The JSON body Bedrock sends with an error."""
-    return orjson.dumps({"message": message})
+    try:
+        return orjson.dumps({"message": message})
+    except TypeError:
+        # A message quoting undecodable input (lone surrogates): never let the error
+        # answer itself fail; show those bytes as U+FFFD.
+        clean = message.encode("utf-8", "replace").decode("utf-8")
+        return orjson.dumps({"message": clean})
 
 
 def error_headers(error_type: str, request_id: str | None = None) -> dict[str, str]:

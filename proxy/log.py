@@ -31,7 +31,21 @@ class JsonFormatter(logging.Formatter):
             doc.update(fields)
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc, default=str).decode()
+        try:
+            return orjson.dumps(doc, default=str).decode()
+        except TypeError:
+            # A field with undecodable input bytes (lone surrogates): log it, replaced.
+            return _replace_surrogates(doc)
+
+
+def _replace_surrogates(doc: dict[str, Any]) -> str:
+    clean = {
+        k: v
+        if v is None or isinstance(v, int | float)
+        else str(v).encode("utf-8", "replace").decode()
+        for k, v in doc.items()
+    }
+    return orjson.dumps(clean).decode()
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -63,8 +63,26 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "sluice_requests",
-            "Requests answered, by operation, model pool, workload and status.",
-            ["operation", "pool", "workload", "status"],
+            "Requests answered, by operation, model pool, workload, status and service tier.",
+            ["operation", "pool", "workload", "status", "tier"],
+            registry=r,
+        )
+        self.tier_fallbacks = Counter(
+            "sluice_tier_fallbacks",
+            "Calls Bedrock throttled on their service tier, retried on the policy's fallback tier.",
+            ["pool", "from_tier", "to_tier"],
+            registry=r,
+        )
+        self.tier_fallbacks_refused = Counter(
+            "sluice_tier_fallbacks_refused",
+            "Tier fallbacks not made because the fallback tier's own quota refused them.",
+            ["pool", "to_tier"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "sluice_cost_usd",
+            "Settled usage priced at the pool's per-tier prices (USD), by workload, pool, tier.",
+            ["workload", "pool", "tier"],
             registry=r,
         )
         self.rejections = Counter(
@@ -190,3 +208,4 @@ class Metrics:
         self.reserved_of = Children(self.tokens_reserved)
         self.settled_of = Children(self.tokens_settled)
         self.in_flight_of = Children(self.in_flight)
+        self.cost_of = Children(self.cost)

@@ -8,10 +8,12 @@ dictionary look-ups, not policy arithmetic.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from proxy.admission import AdmitPlan, Bucket
 from proxy.config import Limits, ModelPool, Policy, PolicyError, SecretRef
@@ -24,6 +26,8 @@ OTHER_POOL = "_other"
 DEFAULT_BURST_SECONDS = 10.0
 _MODEL_CACHE_MAX = 4096
 
+log = logging.getLogger("proxy.policy")
+
 
 @dataclass(frozen=True, slots=True)
 class PoolInfo:
@@ -32,7 +36,8 @@ class PoolInfo:
     name: str
     output_weight: float
     default_max_tokens: int
-    downgrade_to: str | None
+    #: The model's output ceiling (``models.<pool>.max_output_tokens``); None = undeclared.
+    max_output_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +95,38 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def deprecations(policy: Policy) -> list[str]:
+    """What the policy sets that Sluice accepts but ignores, one sentence per field."""
+    return [
+        f"models.{name}.downgrade_to is deprecated and ignored: "
+        "use workloads.<name>.degrade (e.g. degrade: [haiku])"
+        for name, pool in policy.models.items()
+        if pool.downgrade_to is not None
+    ]
+
+
+def warn_deprecated(policy: Policy) -> None:
+    """Log each deprecation once per compile: ``policy check``, start-up and every reload."""
+    for message in deprecations(policy):
+        log.warning(message, extra={"fields": {"event": "policy_deprecated"}})
+
+
+def _workload_info(policy: Policy, name: str) -> WorkloadInfo:
+    wl = policy.workloads[name]
+    return WorkloadInfo(
+        name=name,
+        priority=wl.priority,
+        share=policy.priorities[wl.priority].share,
+        fail_open=policy.priorities[wl.priority].on_store_failure == "open",
+        allowed_pools=frozenset(wl.models) if wl.models is not None else None,
+    )
+
+
 class CompiledPolicy:
     """A policy ready for the request path: look-ups only."""
 
     def __init__(self, policy: Policy, env: Mapping[str, str] | None = None) -> None:
-        env = os.environ if env is None else env
+        warn_deprecated(policy)
         self.policy = policy
         self.header_mode = policy.identity.header_mode
         self.lease_ttl_ms = int(policy.server.lease_ttl_seconds * 1000)
@@ -103,22 +135,28 @@ class CompiledPolicy:
         order = list(policy.priorities)
         by_share = sorted(order, key=lambda n: (-policy.priorities[n].share, order.index(n)))
         self.ranks = {name: i for i, name in enumerate(by_share)}
-        self.workloads = {
-            name: WorkloadInfo(
-                name=name,
-                priority=wl.priority,
-                share=policy.priorities[wl.priority].share,
-                fail_open=policy.priorities[wl.priority].on_store_failure == "open",
-                allowed_pools=frozenset(wl.models) if wl.models is not None else None,
-            )
-            for name, wl in policy.workloads.items()
-        }
+        self.workloads = {name: _workload_info(policy, name) for name in policy.workloads}
         dw = policy.identity.default_workload
         self.default_workload = self.workloads[dw] if dw is not None else None
         self.secrets: dict[str, tuple[str, WorkloadInfo]] = {}
         self.api_keys: dict[str, WorkloadInfo] = {}
+        self._read_keys(os.environ if env is None else env)
+        self.pools = {
+            name: PoolInfo(name, p.output_token_weight, p.default_max_tokens, p.max_output_tokens)
+            for name, p in policy.models.items()
+        }
+        self._other = PoolInfo(OTHER_POOL, 1.0, 4096)
+        self._by_id: dict[str, PoolInfo] = {}
+        for name, pool in policy.models.items():
+            for model_id in pool.ids:
+                self._by_id[model_id] = self.pools[name]
+        self._resolved: dict[str, PoolInfo] = {}
+        self._plans: dict[tuple[str, str, str, int | None, str | None], AdmitPlan] = {}
+
+    def _read_keys(self, env: Mapping[str, str]) -> None:
+        """Resolve every workload's secrets; one :class:`PolicyError` names all missing ones."""
         missing: list[str] = []
-        for name, wl in policy.workloads.items():
+        for name, wl in self.policy.workloads.items():
             for i, key in enumerate(wl.access_keys):
                 where = f"workloads.{name}.access_keys[{i}].secret"
                 try:
@@ -136,17 +174,6 @@ class CompiledPolicy:
                 self.api_keys[token_digest(token)] = self.workloads[name]
         if missing:
             raise PolicyError("\n".join(missing))
-        self.pools = {
-            name: PoolInfo(name, p.output_token_weight, p.default_max_tokens, p.downgrade_to)
-            for name, p in policy.models.items()
-        }
-        self._other = PoolInfo(OTHER_POOL, 1.0, 4096, None)
-        self._by_id: dict[str, PoolInfo] = {}
-        for name, pool in policy.models.items():
-            for model_id in pool.ids:
-                self._by_id[model_id] = self.pools[name]
-        self._resolved: dict[str, PoolInfo] = {}
-        self._plans: dict[tuple[str, str, str, int | None], AdmitPlan] = {}
 
     def secret_for(self, access_key_id: str) -> str | None:
         """The secret of a workload's access key, for signature verification."""
@@ -172,40 +199,66 @@ class CompiledPolicy:
         return pool
 
     def plan(
-        self, workload: WorkloadInfo, pool: PoolInfo, priority: str, cap: int | None = None
+        self,
+        workload: WorkloadInfo,
+        pool: PoolInfo,
+        priority: str,
+        cap: int | None = None,
+        tier: str | None = None,
     ) -> AdmitPlan:
         """The admission plan for a workload on a pool at a priority (built once, then cached).
 
-        ``cap`` further limits the workload's concurrency (a time-of-day schedule).
+        ``cap`` further limits the workload's concurrency (a time-of-day schedule). ``tier``
+        is the service tier the call will be sent on: when the pool gives it its own quota
+        (``models.<pool>.tiers``), the plan's pool limits are that quota, kept in its own
+        scope (:func:`proxy.admission.model.scope_name`).
         """
-        key = (workload.name, pool.name, priority, cap)
+        quota_tier = self.quota_tier(pool.name, tier)
+        key = (workload.name, pool.name, priority, cap, quota_tier)
         cached = self._plans.get(key)
         if cached is not None:
             return cached
-        plan = self._build_plan(workload, pool, priority, cap)
+        plan = self._build_plan(workload, pool, priority, cap, quota_tier)
         self._plans[key] = plan
         return plan
 
+    def quota_tier(self, pool: str, tier: str | None) -> str | None:
+        """``tier`` when the pool gives it its own quota, else None (the pool's quota)."""
+        pool_cfg = self.policy.models.get(pool)
+        return (
+            tier if tier is not None and pool_cfg is not None and tier in pool_cfg.tiers else None
+        )
+
     def _build_plan(
-        self, workload: WorkloadInfo, pool: PoolInfo, priority: str, cap: int | None
+        self,
+        workload: WorkloadInfo,
+        pool: PoolInfo,
+        priority: str,
+        cap: int | None,
+        tier: str | None,
     ) -> AdmitPlan:
         pool_cfg: ModelPool | None = self.policy.models.get(pool.name)
+        quota: Limits | None = pool_cfg
+        if pool_cfg is not None and tier is not None:
+            quota = cast("dict[str, Limits]", pool_cfg.tiers)[tier]
         wl_limits = self.policy.workloads[workload.name].limits
         wl_cfg: Limits | None = wl_limits.get(pool.name, wl_limits.get("*"))
-        max_call = pool.default_max_tokens * pool.output_weight
+        # A default burst holds one call at the model's real ceiling when the pool declares it.
+        max_call = max(pool.default_max_tokens, pool.max_output_tokens or 0) * pool.output_weight
         return AdmitPlan(
             pool=pool.name,
             workload=workload.name,
             priority=priority,
             share=self.policy.priorities[priority].share,
-            pool_requests=_requests(pool_cfg),
-            pool_tokens=_tokens(pool_cfg, max_call),
-            pool_concurrency=pool_cfg.concurrency if pool_cfg else None,
+            pool_requests=_requests(quota),
+            pool_tokens=_tokens(quota, max_call),
+            pool_concurrency=quota.concurrency if quota else None,
             workload_requests=_requests(wl_cfg),
             workload_tokens=_tokens(wl_cfg, max_call),
             workload_concurrency=_capped(wl_cfg.concurrency if wl_cfg else None, cap),
             lease_ttl_ms=self.lease_ttl_ms,
             rank=self.ranks[priority],
+            tier=tier,
         )
 
     def unmetered(self, plan: AdmitPlan) -> bool:
@@ -218,3 +271,16 @@ class CompiledPolicy:
             and plan.workload_tokens is None
             and plan.workload_concurrency is None
         )
+
+
+class PolicyRef:
+    """The policy in force; a hot reload swaps it, each request reads ``current`` once."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: CompiledPolicy) -> None:
+        self.current = current
+
+    def swap(self, new: CompiledPolicy) -> None:
+        """Make ``new`` the policy of every request that starts from now on."""
+        self.current = new

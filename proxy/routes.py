@@ -47,6 +47,13 @@ class Route:
     query: str
 
 
+@dataclass(frozen=True, slots=True)
+class MeteredRoute(Route):
+    """A model invocation quotas apply to (``metered`` is True): it always names its model."""
+
+    model_id: str
+
+
 def _unknown(method: str, path: str) -> BedrockError:
     return BedrockError(
         "UnknownOperationException",
@@ -103,7 +110,9 @@ def _match_model(method: str, path: str, query: str) -> Route:
             "InvokeModelWithBidirectionalStream needs HTTP/2, which Sluice does not proxy; "
             "call Bedrock directly for bidirectional streams",
         )
-    return Route(operation, model_id, streaming, metered, path, query)
+    if metered:
+        return MeteredRoute(operation, model_id, streaming, True, path, query)
+    return Route(operation, model_id, streaming, False, path, query)
 
 
 def base_model_id(model_id: str) -> str:

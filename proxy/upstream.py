@@ -167,22 +167,26 @@ class Upstream:
                 timeout=timeout or self._timeout,
                 allow_redirects=False,
             )
-        except aiohttp.ClientConnectorError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._failure(exc) from None
+
+    def _failure(self, exc: aiohttp.ClientError | TimeoutError) -> BedrockError:
+        """The Bedrock-shaped error for a request that got no answer (one mapping, here)."""
+        if isinstance(exc, aiohttp.ClientConnectorError):
             reason = exc.os_error.strerror or str(exc)
-            raise BedrockError(
+            return BedrockError(
                 "ServiceUnavailableException",
                 f"Sluice could not reach the upstream {self.base_url}: {reason}",
                 status=503,
-            ) from None
-        except TimeoutError:
-            raise BedrockError(
+            )
+        if isinstance(exc, TimeoutError):
+            return BedrockError(
                 "ModelTimeoutException",
                 f"the upstream {self.base_url} did not answer within the read timeout",
                 status=408,
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise BedrockError(
-                "ServiceUnavailableException",
-                f"the upstream {self.base_url} failed: {type(exc).__name__}: {exc}",
-                status=503,
-            ) from None
+            )
+        return BedrockError(
+            "ServiceUnavailableException",
+            f"the upstream {self.base_url} failed: {type(exc).__name__}: {exc}",
+            status=503,
+        )

@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from proxy.admission import StoreUnavailable
-from proxy.backend import RedisStore
+from proxy.backend.store import RedisStore
 from proxy.metrics import Metrics
 from tests.support.admission_helpers import new_pool, per_min, plan
 from tests.support.redis_fixtures import RedisClusterProcesses, RedisServerProcess
@@ -34,7 +34,7 @@ Factory = Callable[..., RedisServerProcess]
 # A separate Sluice-like process: its own event loop and RedisStore on the same Redis.
 WORKER = r"""
 import asyncio, json, sys, time
-from proxy.backend import RedisStore
+from proxy.backend.store import RedisStore
 from tests.support.admission_helpers import plan, per_min
 
 async def main(mode, url, pool, arg):
@@ -325,7 +325,7 @@ async def test_pools_spread_over_masters_and_one_decision_stays_on_one(
             )
             d = await store.admit(p, 10)
             assert d.admitted and d.lease is not None
-            store.settle(p, d.lease, 10, 5, latency_ms=3.0)
+            store.settle(p, d.lease, 10, 5)
         await store.flush()
     finally:
         await store.close()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.backend import EmbeddedStore, RedisStore
+from proxy.backend.store import EmbeddedStore, RedisStore
 from proxy.config import Breaker, parse_policy
 from proxy.control.breaker import (
     CLOSED,

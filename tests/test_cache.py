@@ -24,18 +24,17 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
+from proxy.backend.cache import RedisResponseCache, open_cache
 from proxy.config import parse_policy
 from proxy.metrics import Metrics
 from proxy.pipeline.cache import (
     CachedResponse,
     CacheUnavailable,
     MemoryResponseCache,
-    RedisResponseCache,
     ResponseCache,
     cache_key,
     cache_operation,
     cacheable,
-    open_cache,
 )
 from proxy.pipeline.warm import warm
 from tests.support.redis_fixtures import RedisClusterProcesses, RedisServerProcess

@@ -16,7 +16,7 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from proxy.admission.gate import Gate
-from proxy.backend import RedisStore
+from proxy.backend.store import RedisStore
 from proxy.config import parse_policy
 from proxy.control.breaker import OPEN
 from proxy.control.controller import Adaptivity
@@ -84,10 +84,9 @@ async def _refusal(gate: Gate, policy: CompiledPolicy, workload: str) -> Bedrock
     pool = next(iter(policy.pools.values()))
     plan = policy.plan(wl, pool, wl.priority)
     for _ in range(10):
-        try:
-            await gate.admit(wl, wl.priority, pool, plan, 10)
-        except BedrockError as exc:
-            return exc
+        got = await gate.admit(wl, wl.priority, pool, plan, 10)
+        if isinstance(got, BedrockError):
+            return got
     raise AssertionError("never refused")
 
 

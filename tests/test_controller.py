@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from proxy.backend import RedisStore
+from proxy.backend.store import RedisStore
 from proxy.config import Adaptive, PauseRule, parse_policy
 from proxy.control.breaker import HALF_OPEN, OPEN
 from proxy.control.controller import (

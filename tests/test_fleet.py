@@ -17,7 +17,7 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from proxy.backend import EmbeddedStore, RedisStore
+from proxy.backend.store import EmbeddedStore, RedisStore
 from proxy.config import parse_policy
 from proxy.control.controller import Adaptivity
 from proxy.control.fleet import (

@@ -19,6 +19,7 @@ from proxy.pipeline.schedule import cap_at
 from tests.support.processes import Simulator, bedrock_client
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
+SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
 JST = ZoneInfo("Asia/Tokyo")
 INCIDENT_4 = Schedule.model_validate(
     {
@@ -141,3 +142,46 @@ def test_scheduled_batch_is_refused_during_its_zero_window_and_capped_otherwise(
         outcomes = list(pool.map(call, range(24)))
     assert sim.stats()["models"][HAIKU]["peak_concurrency"] == 2
     assert "ok" in outcomes and "ThrottlingException" in outcomes
+
+
+def test_schedule_cap_binds_on_the_downgrade_pool_too(
+    redis_server: Any, make_simulator: Any, make_sluice: Any
+) -> None:
+    # A scheduled workload refused by its pool is downgraded to another pool; the
+    # schedule's cap must hold there too, or the workload escapes it on the fallback model.
+    sim: Simulator = make_simulator({"latency_scale": 1.0})
+    tag = uuid.uuid4().hex[:6]
+    policy = {
+        "identity": {"header_mode": True},
+        "server": {"retry": {"max_retries": 0}},
+        "models": {
+            f"sonnet{tag}": {"ids": [SONNET], "requests_per_minute": 1, "burst_requests": 1},
+            f"haiku{tag}": {"ids": [HAIKU]},
+        },
+        "workloads": {
+            "nightly": {
+                "degrade": [f"haiku{tag}"],
+                "schedule": {"windows": [{"start": "00:00", "end": "24:00", "concurrency": 1}]},
+            },
+        },
+    }
+    proxy = make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url)
+    client = bedrock_client(proxy.url)
+    client.meta.events.register(
+        "before-sign.bedrock-runtime.*",
+        lambda request, **_: request.headers.__setitem__("x-sluice-workload", "nightly"),
+    )
+    messages = [{"role": "user", "content": [{"text": "enrich title"}]}]
+
+    def call(_: int) -> str:
+        try:
+            reply = client.converse(modelId=SONNET, messages=messages)
+            return str(reply["ResponseMetadata"]["HTTPHeaders"]["x-sluice-pool"])
+        except ClientError as exc:
+            return str(exc.response["Error"]["Code"])
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(call, range(16)))
+    assert f"haiku{tag}" in outcomes  # the downgrade did serve
+    assert "ThrottlingException" in outcomes  # ...and the cap refused the rest
+    assert sim.stats()["models"][HAIKU]["peak_concurrency"] == 1

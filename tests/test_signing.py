@@ -38,14 +38,8 @@ from proxy.credentials import (
     next_refresh_delay,
     static,
 )
-from proxy.signing import (
-    Credentials,
-    SigV4Signer,
-    VerifyResult,
-    canonical_uri,
-    parse_authorization,
-    verify,
-)
+from proxy.signing import Credentials, SigV4Signer, canonical_uri
+from proxy.verification import VerifyResult, parse_authorization, verify
 
 AKID, SECRET = "AKIDSLUICETEST000001", "s3cr3t/SLUICE+test/key0000000000000000000"
 SECRETS = {AKID: SECRET}

@@ -27,7 +27,7 @@ import redis.cluster
 from proxy.admission import AdmitPlan, Decision, Store, model
 from proxy.admission.waiting import WaitMetrics
 from proxy.admission.waitqueue import WaitTicket
-from proxy.backend import EmbeddedStore, RedisStore
+from proxy.backend.store import EmbeddedStore, RedisStore
 from tests.support.admission_helpers import (
     Backend,
     eventually,
@@ -301,7 +301,7 @@ async def test_timed_out_waiter_leaves_no_ghost(stores: Factory, backend: Backen
 
 WORKER = r"""
 import asyncio, sys
-from proxy.backend import RedisStore
+from proxy.backend.store import RedisStore
 from tests.support.admission_helpers import plan
 
 async def main(url, pool, max_wait):

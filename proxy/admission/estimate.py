@@ -27,6 +27,8 @@ OTHER_TOKENS_PER_CHAR: Final = 0.3
 MEDIA_BLOCK_TOKENS: Final = 1600
 #: Framing tokens each message costs on top of its text (role markers and the like).
 PER_MESSAGE_TOKENS: Final = 4
+#: Nesting the estimator walks for sure (Python's default stack allows ~900 levels).
+MAX_DEPTH: Final = 512
 
 # Wide characters: Hangul Jamo, CJK radicals..CJK unified (incl. kana), Hangul syllables,
 # CJK compatibility, fullwidth forms, CJK extension planes, emoji and pictographs.
@@ -61,6 +63,8 @@ _SKIP_KEYS: Final = frozenset(
     }
 )
 _MEDIA_KEYS: Final = frozenset({"data", "bytes", "image", "document", "video"})
+#: String fields holding encoded media (base64), charged flat instead of as text.
+_RAW_KEYS: Final = frozenset({"data", "bytes"})
 
 
 def _char_counts(text: str) -> tuple[int, int]:
@@ -95,25 +99,33 @@ def node_tokens(node: Any) -> float:
     # handled inline instead of through another call.
     if isinstance(node, str):
         return len(node) * OTHER_TOKENS_PER_CHAR if node.isascii() else text_tokens(node)
-    total = 0.0
     if isinstance(node, dict):
-        for key, value in node.items():
-            if key in _SKIP_KEYS:
-                continue
-            if isinstance(value, str):
-                if key == "data" or key == "bytes":
-                    total += MEDIA_BLOCK_TOKENS
-                elif value.isascii():
-                    total += len(value) * OTHER_TOKENS_PER_CHAR
-                else:
-                    total += text_tokens(value)
-            elif key in _MEDIA_KEYS and not isinstance(value, list):
-                total += MEDIA_BLOCK_TOKENS
-            elif isinstance(value, dict | list):
-                total += node_tokens(value)
-    elif isinstance(node, list):
+        return _object_tokens(node)
+    total = 0.0
+    if isinstance(node, list):
         for item in node:
             total += node_tokens(item)
+    return total
+
+
+def _object_tokens(node: dict[str, Any]) -> float:
+    """A JSON object's tokens: its text fields, flat charges for media, nested values."""
+    total = 0.0
+    for key, value in node.items():
+        if key in _SKIP_KEYS:
+            continue
+        if isinstance(value, str):
+            total += (
+                MEDIA_BLOCK_TOKENS
+                if key in _RAW_KEYS
+                else len(value) * OTHER_TOKENS_PER_CHAR
+                if value.isascii()
+                else text_tokens(value)
+            )
+        elif key in _MEDIA_KEYS and not isinstance(value, list):
+            total += MEDIA_BLOCK_TOKENS
+        elif isinstance(value, dict | list):
+            total += node_tokens(value)
     return total
 
 
@@ -126,6 +138,8 @@ class RequestEstimate:
     max_tokens: int | None
     #: The parsed body (dict), kept so later steps need not parse again.
     body: dict[str, Any]
+    #: Where the output cap came from (e.g. ``inferenceConfig.maxTokens``), for messages.
+    max_tokens_field: str | None = None
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -161,27 +175,42 @@ def _positive_int(value: Any, field: str) -> int | None:
     return value
 
 
+def _output_cap(operation: str, doc: dict[str, Any]) -> tuple[int | None, str | None]:
+    """The request's own output cap and the field that set it."""
+    if operation.startswith("Converse"):
+        inference = doc.get("inferenceConfig")
+        field = "inferenceConfig.maxTokens"
+        if not isinstance(inference, dict):
+            return None, None
+        value = _positive_int(inference.get("maxTokens"), field)
+        return value, field if value is not None else None
+    for field in ("max_tokens", "max_gen_len", "maxTokens"):
+        if doc.get(field) is not None:
+            return _positive_int(doc[field], field), field
+    cfg = doc.get("textGenerationConfig")
+    if isinstance(cfg, dict):
+        field = "textGenerationConfig.maxTokenCount"
+        value = _positive_int(cfg.get("maxTokenCount"), field)
+        return value, field if value is not None else None
+    return None, None
+
+
 def estimate(operation: str, body: bytes) -> RequestEstimate:
     """Estimate input tokens and read the output cap of an InvokeModel/Converse body."""
     doc = parse_body(body)
-    if operation.startswith("Converse"):
-        inference = doc.get("inferenceConfig")
-        max_tokens = (
-            _positive_int(inference.get("maxTokens"), "inferenceConfig.maxTokens")
-            if isinstance(inference, dict)
-            else None
-        )
-    else:
-        max_tokens = _positive_int(
-            doc.get("max_tokens", doc.get("max_gen_len", doc.get("maxTokens"))), "max_tokens"
-        )
-        if max_tokens is None:
-            cfg = doc.get("textGenerationConfig")
-            if isinstance(cfg, dict):
-                max_tokens = _positive_int(cfg.get("maxTokenCount"), "maxTokenCount")
+    max_tokens, field = _output_cap(operation, doc)
     messages = doc.get("messages")
     framing = PER_MESSAGE_TOKENS * len(messages) if isinstance(messages, list) else 0
-    return RequestEstimate(math.ceil(node_tokens(doc) + framing), max_tokens, doc)
+    try:
+        tokens = node_tokens(doc)
+    except RecursionError:
+        # orjson accepts 1,024 levels; the walk above runs out of Python stack first.
+        # No Bedrock body nests this deep, so it is the caller's error, not ours.
+        raise BedrockError(
+            "ValidationException",
+            f"Malformed input request: the JSON body is nested more than {MAX_DEPTH} levels deep",
+        ) from None
+    return RequestEstimate(math.ceil(tokens + framing), max_tokens, doc, field)
 
 
 def reservation(input_tokens: int, max_tokens: int, output_weight: float) -> int:

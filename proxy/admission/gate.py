@@ -15,6 +15,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from proxy.admission import AdmitPlan, Decision, Store, StoreUnavailable
+from proxy.admission.fit import refill_ms
 from proxy.errors import BedrockError
 from proxy.metrics import Metrics
 from proxy.policy import PoolInfo, WorkloadInfo
@@ -39,6 +40,8 @@ class Ticket:
     headers: dict[str, str]
     #: Near a concurrency cap: confirm the release before answering (Decision.tight).
     confirm: bool = False
+    #: Settled already: a grant is given back exactly once, however often it is settled.
+    released: bool = False
 
 
 def _quota_unit(binding: str) -> str:
@@ -71,26 +74,40 @@ def retry_headers(retry_after_ms: int) -> dict[str, str]:
     }
 
 
-def refusal_message(workload: str, priority: str, pool: str, decision: Decision) -> str:
-    """A message naming the workload, the model pool and the limit that refused."""
+def refusal_message(
+    workload: str, priority: str, pool: str, decision: Decision, tier: str | None = None
+) -> str:
+    """A message naming the workload, the model pool (and tier with its own quota) and limit."""
     scope, _, limit = (decision.refused_by or "limit").partition(".")
     words = _LIMIT_WORDS.get(limit, limit)
     retry_s = decision.retry_after_ms / 1000
+    where = f"model pool '{pool}'" + (f" (service tier '{tier}')" if tier else "")
     if decision.refused_by == "pool.queue":
         what = (
-            f"requests of equal or higher priority are waiting for model pool '{pool}' "
+            f"requests of equal or higher priority are waiting for {where} "
             f"(workload '{workload}', class '{priority}')"
         )
     elif scope == "workload":
-        what = f"workload '{workload}' reached its {words} limit on model pool '{pool}'"
+        what = f"workload '{workload}' reached its {words} limit on {where}"
     elif scope == "class":
         what = (
             f"priority class '{priority}' of workload '{workload}' reached its share of the "
-            f"{words} of model pool '{pool}' (the rest is reserved for higher classes)"
+            f"{words} of {where} (the rest is reserved for higher classes)"
         )
     else:
-        what = f"model pool '{pool}' reached its {words} limit (workload '{workload}')"
+        what = f"{where} reached its {words} limit (workload '{workload}')"
     return f"Too many requests: {what}; retry in {retry_s:.1f} s"
+
+
+def cap_retry_hint(plan: AdmitPlan, decision: Decision) -> None:
+    """Never tell a caller to wait longer than the refusing bucket needs to refill from empty.
+
+    Debt (usage settled above its reservation) can push a bucket's own wait past that;
+    a caller told to come back after a full refill is at worst refused once more.
+    """
+    full = refill_ms(plan, decision.refused_by)
+    if full is not None and decision.retry_after_ms > full:
+        decision.retry_after_ms = max(1, math.ceil(full))
 
 
 class Gate:
@@ -109,8 +126,8 @@ class Gate:
         tokens: int,
         *,
         max_wait_ms: int = 0,
-    ) -> Ticket:
-        """Admit a call or raise the :class:`BedrockError` to answer with.
+    ) -> Ticket | BedrockError:
+        """Admit a call, or return (never raise) the :class:`BedrockError` to answer with.
 
         With ``max_wait_ms > 0`` a refused call first waits up to that long for capacity
         (:meth:`Store.admit_waiting`); the 429 then carries the last refusal's hints.
@@ -126,21 +143,22 @@ class Gate:
                 self.metrics.fail_open.labels(workload.name, pool.name).inc()
                 log.warning("store unavailable, failing open for %s: %s", workload.name, exc)
                 return Ticket(plan, None, 0, {"x-sluice-admission": "fail-open"})
-            raise BedrockError(
+            return BedrockError(
                 "ServiceUnavailableException",
                 f"Sluice's quota store is unreachable and class '{priority}' of workload "
                 f"'{workload.name}' fails closed; retry in {_STORE_DOWN_RETRY_S} s",
                 status=503,
                 headers=retry_headers(_STORE_DOWN_RETRY_S * 1000),
-            ) from None
+            )
         headers = rate_limit_headers(decision)
         if not decision.admitted:
             limit = decision.refused_by or "unknown"
             self.metrics.refused.labels(workload.name, pool.name, priority, limit).inc()
+            cap_retry_hint(plan, decision)
             headers.update(retry_headers(decision.retry_after_ms))
-            raise BedrockError(
+            return BedrockError(
                 "ThrottlingException",
-                refusal_message(workload.name, priority, pool.name, decision),
+                refusal_message(workload.name, priority, pool.name, decision, plan.tier),
                 status=429,
                 headers=headers,
             )
@@ -148,13 +166,14 @@ class Gate:
         self.metrics.reserved_of(workload.name, pool.name).inc(tokens)
         return Ticket(plan, decision.lease, tokens, headers, decision.tight)
 
-    def settle(
-        self, ticket: Ticket, actual_tokens: int, *, throttled: bool, latency_ms: float
-    ) -> Awaitable[None] | None:
+    def settle(self, ticket: Ticket, actual_tokens: int) -> Awaitable[None] | None:
         """Release the lease and settle real usage (queued, batched by the store).
 
         Returns what to await before answering when the ticket asks for a confirmed release.
         """
+        if ticket.released:
+            return None
+        ticket.released = True
         plan = ticket.plan
         self.metrics.settled_of(plan.workload, plan.pool).inc(actual_tokens)
         if ticket.lease is None:
@@ -164,7 +183,5 @@ class Gate:
             ticket.lease,
             ticket.reserved_tokens,
             actual_tokens,
-            throttled=throttled,
-            latency_ms=latency_ms,
             confirm=ticket.confirm,
         )

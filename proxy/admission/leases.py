@@ -33,9 +33,9 @@ class LeaseBook:
 
     def add(self, plan: AdmitPlan, lease: str) -> None:
         """Track a granted lease until it is settled."""
-        pool = self._live.get(plan.pool)
+        pool = self._live.get(plan.scope)
         if pool is None:
-            pool = self._live[plan.pool] = {}
+            pool = self._live[plan.scope] = {}
         pool[lease] = plan
         if plan.lease_ttl_ms < self._min_ttl_ms:
             self._min_ttl_ms = plan.lease_ttl_ms

@@ -17,6 +17,13 @@ import struct
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
+# The key layout lives in proxy.backend.keys; these names stay importable from here.
+from proxy.backend.keys import KEY_PREFIX as KEY_PREFIX
+from proxy.backend.keys import TIER_SCOPE as TIER_SCOPE
+from proxy.backend.keys import PlanKeys as PlanKeys
+from proxy.backend.keys import plan_keys as plan_keys
+from proxy.backend.keys import scope_name as scope_name
+
 #: Limit names, indexed by the integer code the scripts return (0 = none).
 LIMIT_NAMES: Final[tuple[str | None, ...]] = (
     None,
@@ -47,8 +54,6 @@ CONC_RETRY_MIN_MS: Final = 50
 CONC_RETRY_MAX_MS: Final = 1000
 #: Retry hints are capped so a bucket with a tiny rate cannot produce absurd numbers.
 RETRY_CAP_MS: Final = 86_400_000
-#: Key prefix; the pool name in braces is the Redis Cluster hash tag.
-KEY_PREFIX: Final = "sluice"
 #: Retry hint of a ``pool.queue`` refusal: the waiter ahead is usually served within one release.
 QUEUE_RETRY_MS: Final = 200
 #: A waiter's fleet-wide score is ``rank * RANK_SPAN + arrival``, where arrival is the pool's
@@ -99,34 +104,6 @@ class Params(NamedTuple):
     ttl_ms: int
 
 
-class PlanKeys(NamedTuple):
-    """Redis key names of one plan; all share the pool's hash tag (one cluster slot)."""
-
-    pool: str  # hash: r, t (bucket TATs), lim (dynamic concurrency limit)
-    pool_leases: str  # zset: lease id -> expiry ms
-    stats: str  # hash: ring of per-second outcome counters
-    workload: str  # hash: r, t
-    workload_leases: str  # zset
-    waiters: str  # zset: waiter id -> rank * RANK_SPAN + arrival seq (the fleet's queue)
-    waiters_exp: str  # zset: waiter id -> expiry ms (reaps a dead instance's waiters)
-    channel: str  # pub/sub channel: "capacity may have come back" while waiters exist
-
-
-def plan_keys(pool: str, workload: str) -> PlanKeys:
-    """Key names for ``workload`` on ``pool`` (see the module docstring of ``store``)."""
-    base = f"{KEY_PREFIX}:{{{pool}}}"
-    return PlanKeys(
-        f"{base}:pool",
-        f"{base}:leases",
-        f"{base}:stats",
-        f"{base}:w:{workload}",
-        f"{base}:w:{workload}:leases",
-        f"{base}:waiters",
-        f"{base}:waiters:exp",
-        f"{base}:released",
-    )
-
-
 def _bucket_params(b: Bucket | None) -> tuple[float, float]:
     return (0.0, 0.0) if b is None else (b.rate_per_s / 1000.0, float(b.burst))
 
@@ -156,12 +133,19 @@ class AdmitPlan:
     arg: bytes = field(init=False, repr=False, compare=False)
     #: Priority rank for waiting: 0 is served first; equal ranks are served in arrival order.
     rank: int = 0
+    #: The service tier whose own quota the pool limits are (None: the pool's own quota).
+    tier: str | None = None
+    #: Where the pool-level state lives: :func:`scope_name` of pool and tier. Stores key
+    #: everything (buckets, leases, waiters, batches) by scope, so a tier's own quota is
+    #: decided by the same one atomic script, apart from the pool's.
+    scope: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.share <= 1.0:
             raise ValueError(f"priority share must be in (0, 1], got {self.share}")
-        if "{" in self.pool or "}" in self.pool:
-            raise ValueError(f"pool name must not contain braces (hash tag): {self.pool!r}")
+        for part in (self.pool, self.tier or ""):
+            if "{" in part or "}" in part or ":" in part:
+                raise ValueError(f"pool and tier names must not contain braces or colons: {part!r}")
         if not 0 <= self.rank <= MAX_RANK:
             raise ValueError(f"rank must be in [0, {MAX_RANK}], got {self.rank}")
         if self.lease_ttl_ms < 100:
@@ -181,7 +165,8 @@ class AdmitPlan:
             int(self.lease_ttl_ms),
         )
         object.__setattr__(self, "params", p)
-        object.__setattr__(self, "keys", plan_keys(self.pool, self.workload))
+        object.__setattr__(self, "scope", scope_name(self.pool, self.tier))
+        object.__setattr__(self, "keys", plan_keys(self.scope, self.workload))
         # Packed doubles: Lua reads the very same numbers, and unpacking is one C call
         # where parsing text would cost more than the rest of the decision.
         object.__setattr__(self, "arg", struct.pack("<12d", *p))
@@ -300,154 +285,60 @@ def evaluate(
     When several limits refuse, the one with the longest wait is named, so the retry
     hint is when *all* of them will have room. Nothing is changed here.
     """
+    worst, wait = _pool_refusal(p, tokens, now, v, p_earliest)
+    code, w = _workload_refusal(p, tokens, now, v, w_earliest)
+    if w > wait:  # on a tie the pool's limit is named, as admit.lua does
+        worst, wait = code, w
+    return worst, max(wait, 0.0)
+
+
+def _bucket_wait(
+    tat: float, now: float, rate: float, burst: float, cost: float, share: float
+) -> tuple[int, float]:
+    """A bucket's verdict (0 room, 1 class share out, 2 bucket out) and the wait for room."""
+    lvl = level(tat, now, rate, burst)
+    verdict = bucket_verdict(lvl, cost, burst, share)
+    if not verdict:
+        return 0, -1.0
+    return verdict, bucket_wait_ms(lvl, needed_level(cost, burst, share), rate)
+
+
+def _pool_refusal(
+    p: Params, tokens: float, now: float, v: PoolView, earliest: float | None
+) -> tuple[int, float]:
+    """The pool's (and the class's share of it) longest-waiting refusal: (code, ms) or (0, -1)."""
     worst, wait = 0, -1.0
-    share = p.share
     for code, tat, rate, burst, cost in (
         (POOL_RPM, v.p_rtat, p.p_rrate, p.p_rburst, 1.0),
         (POOL_TPM, v.p_ttat, p.p_trate, p.p_tburst, tokens),
     ):
         if burst > 0:
-            lvl = level(tat, now, rate, burst)
-            verdict = bucket_verdict(lvl, cost, burst, share)
-            if verdict:
-                w = bucket_wait_ms(lvl, needed_level(cost, burst, share), rate)
-                if w > wait:
-                    worst, wait = (code if verdict == 2 else code + 3), w
+            verdict, w = _bucket_wait(tat, now, rate, burst, cost, p.share)
+            if verdict and w > wait:
+                worst, wait = (code if verdict == 2 else code + 3), w
     if v.p_limit >= 0:
-        verdict = conc_verdict(v.p_in, v.p_limit, share)
-        if verdict:
-            w = conc_wait_ms(p_earliest, now)
-            if w > wait:
-                worst, wait = (POOL_CONC if verdict == 2 else CLASS_CONC), w
+        verdict = conc_verdict(v.p_in, v.p_limit, p.share)
+        w = conc_wait_ms(earliest, now) if verdict else -1.0
+        if verdict and w > wait:
+            worst, wait = (POOL_CONC if verdict == 2 else CLASS_CONC), w
+    return worst, wait
+
+
+def _workload_refusal(
+    p: Params, tokens: float, now: float, v: PoolView, earliest: float | None
+) -> tuple[int, float]:
+    """The workload's longest-waiting refusal: (code, ms) or (0, -1)."""
+    worst, wait = 0, -1.0
     for code, tat, rate, burst, cost in (
         (WL_RPM, v.w_rtat, p.w_rrate, p.w_rburst, 1.0),
         (WL_TPM, v.w_ttat, p.w_trate, p.w_tburst, tokens),
     ):
         if burst > 0:
-            lvl = level(tat, now, rate, burst)
-            if bucket_verdict(lvl, cost, burst, 1.0):
-                w = bucket_wait_ms(lvl, needed_level(cost, burst, 1.0), rate)
-                if w > wait:
-                    worst, wait = code, w
+            verdict, w = _bucket_wait(tat, now, rate, burst, cost, 1.0)
+            if verdict and w > wait:
+                worst, wait = code, w
     if p.w_conc >= 0 and v.w_in + 1 > p.w_conc:
-        w = conc_wait_ms(w_earliest, now)
+        w = conc_wait_ms(earliest, now)
         if w > wait:
             worst, wait = WL_CONC, w
-    return worst, max(wait, 0.0)
-
-
-def snapshot(p: Params, now: float, v: PoolView) -> Snapshot:
-    """Levels and counts of ``v`` at ``now`` for :func:`make_decision`."""
-    return Snapshot(
-        level(v.p_rtat, now, p.p_rrate, p.p_rburst) if p.p_rburst > 0 else 0.0,
-        level(v.p_ttat, now, p.p_trate, p.p_tburst) if p.p_tburst > 0 else 0.0,
-        v.p_in,
-        v.p_limit,
-        level(v.w_rtat, now, p.w_rrate, p.w_rburst) if p.w_rburst > 0 else 0.0,
-        level(v.w_ttat, now, p.w_trate, p.w_tburst) if p.w_tburst > 0 else 0.0,
-        v.w_in,
-    )
-
-
-class Snapshot(NamedTuple):
-    """State after a decision (after the admission when admitted), for headers.
-
-    Levels are in requests / tokens; ``p_limit`` is the effective pool concurrency
-    (-1 = none); in-flight counts include the admitted request.
-    """
-
-    p_rlevel: float
-    p_tlevel: float
-    p_in: int
-    p_limit: int
-    w_rlevel: float
-    w_tlevel: float
-    w_in: int
-
-
-_Candidate = tuple[int, float, float, float, float]
-
-
-def _candidates(plan: AdmitPlan, s: Snapshot) -> list[_Candidate]:
-    """(code, quota, remaining, remaining fraction, ms to full) of each limit in force."""
-    p, share = plan.params, plan.share
-    out: list[_Candidate] = []
-    if p.p_rburst > 0:
-        _bucket(out, POOL_RPM, s.p_rlevel, p.p_rrate, p.p_rburst, share)
-    if p.p_tburst > 0:
-        _bucket(out, POOL_TPM, s.p_tlevel, p.p_trate, p.p_tburst, share)
-    if s.p_limit >= 0:
-        lim, code = s.p_limit, POOL_CONC
-        if share < 1.0:
-            lim, code = class_limit(lim, share), CLASS_CONC
-        rem = lim - s.p_in
-        out.append((code, lim, rem, rem / lim if lim else 0.0, 0.0))
-    if p.w_rburst > 0:
-        _bucket(out, WL_RPM, s.w_rlevel, p.w_rrate, p.w_rburst, 1.0)
-    if p.w_tburst > 0:
-        _bucket(out, WL_TPM, s.w_tlevel, p.w_trate, p.w_tburst, 1.0)
-    if p.w_conc >= 0:
-        rem = p.w_conc - s.w_in
-        out.append((WL_CONC, p.w_conc, rem, rem / p.w_conc if p.w_conc else 0.0, 0.0))
-    return out
-
-
-def _bucket(
-    out: list[_Candidate],
-    code: int,
-    lvl: float,
-    rate: float,
-    burst: float,
-    share: float,
-) -> None:
-    reset = (burst - lvl) / rate
-    if share < 1.0:
-        # The class sees the bucket minus the headroom reserved for higher classes.
-        rem = lvl - (1.0 - share) * burst
-        out.append((code + 3, rate * 60000 * share, rem, rem / (share * burst), reset))
-    else:
-        out.append((code, rate * 60000, lvl, lvl / burst, reset))
-
-
-def make_decision(
-    plan: AdmitPlan, code: int, retry: int, lease: str | None, s: Snapshot
-) -> Decision:
-    """Build the caller's :class:`Decision` from a script/evaluator result."""
-    rem_req = rem_tok = math.inf
-    best = None
-    refused = code != 0 and code != QUEUE
-    tight = False
-    for c in _candidates(plan, s):
-        kind = c[0] % 3  # 1 = requests, 2 = tokens, 0 = concurrency (codes 1..9)
-        if kind == 1:
-            if c[2] < rem_req:
-                rem_req = c[2]
-        elif kind == 2:
-            if c[2] < rem_tok:
-                rem_tok = c[2]
-        elif c[2] <= max(TIGHT_ROOM, TIGHT_SHARE * c[1]):
-            tight = True
-        if refused:
-            if best is None and c[0] == code:
-                best = c
-        # Admitted, or refused by the queue (no limit is out of room): the tightest limit.
-        elif best is None or c[3] < best[3]:
-            best = c
-    if best is None:
-        binding, limit, remaining, reset_ms = None, 0.0, 0.0, 0
-    else:
-        binding, limit = LIMIT_NAMES[best[0]], float(best[1])
-        remaining, reset_ms = max(0.0, float(best[2])), max(0, math.ceil(best[4]))
-    return Decision(
-        code == 0,
-        lease if code == 0 else None,
-        LIMIT_NAMES[code],
-        retry if code else 0,
-        binding,
-        limit,
-        remaining,
-        reset_ms,
-        None if rem_req == math.inf else max(0, math.floor(rem_req + EPS)),
-        None if rem_tok == math.inf else max(0, math.floor(rem_tok + EPS)),
-        tight and code == 0,
-    )
+    return worst, wait

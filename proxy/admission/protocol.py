@@ -6,10 +6,10 @@ from collections.abc import Awaitable
 from typing import Protocol, runtime_checkable
 
 from proxy.admission.model import AdmitPlan, Decision
+from proxy.backend import BackendUnavailable
 
-
-class StoreUnavailable(Exception):
-    """The store could not decide in time (error or timeout); the caller picks fail-open/closed."""
+#: The store could not decide in time (error or timeout); the caller picks fail-open/closed.
+StoreUnavailable = BackendUnavailable
 
 
 @runtime_checkable
@@ -46,8 +46,6 @@ class Store(Protocol):
         reserved_tokens: int,
         actual_tokens: int,
         *,
-        throttled: bool = False,
-        latency_ms: float = 0.0,
         confirm: bool = False,
     ) -> Awaitable[None] | None:
         """Release ``lease`` and refund ``reserved - actual`` tokens; queued, never blocks.
@@ -66,4 +64,4 @@ class Store(Protocol):
         """Set the pool's dynamic concurrency limit (``None`` clears it) for every instance."""
 
     async def pool_stats(self, pool: str) -> dict[str, float]:
-        """in_flight, dynamic_limit (-1 = none) and recent outcome counters of a pool."""
+        """in_flight, dynamic_limit (-1 = none) and held_here (this instance's) of a pool."""

@@ -29,7 +29,14 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from proxy.admission.model import EXACT_CODES, LIMIT_NAMES, WAIT_NO, AdmitPlan, Decision
+from proxy.admission.model import (
+    EXACT_CODES,
+    LIMIT_NAMES,
+    TIER_SCOPE,
+    WAIT_NO,
+    AdmitPlan,
+    Decision,
+)
 from proxy.admission.waitqueue import WaitTicket
 
 Attempt = Callable[[AdmitPlan, int, "WaitTicket | None"], Awaitable[Decision]]
@@ -139,7 +146,8 @@ class WaitRoom:
         room = self._rooms.get(pool)
         if not room:
             return
-        self.metrics.wakeups.labels(pool).inc()
+        # ``pool`` is a scope: a tier with its own quota wakes its own waiters (same label).
+        self.metrics.wakeups.labels(pool.partition(TIER_SCOPE)[0]).inc()
         # Futures resolved in this order resume their tasks in this order within one
         # tick, so their attempts reach the store's queue, and the script, in this order.
         for w in sorted(room.values(), key=_Waiter.order):
@@ -160,14 +168,14 @@ class WaitRoom:
         """
         if max_wait_ms <= 0:
             return await self._attempt(plan, tokens, None)
-        room = self._rooms.get(plan.pool)
+        room = self._rooms.get(plan.scope)
         if room is None:
-            room = self._rooms[plan.pool] = {}
+            room = self._rooms[plan.scope] = {}
         if len(room) >= self._max:
             self.metrics.refused_at_once.labels(plan.pool, plan.priority, "overflow").inc()
             return await self._attempt(plan, tokens, None)
         if self._prepare is not None:
-            await self._prepare(plan.pool)
+            await self._prepare(plan.scope)
         seq = next(self._seq)
         waiter = _Waiter(plan, WaitTicket(f"{self._prefix}{seq}", max_wait_ms), seq)
         # In the room before the first attempt: a release during it is not missed.

@@ -1,47 +1,25 @@
-"""The admission store: protocol, the Redis and embedded implementations, and the factory.
+"""Everything Sluice keeps outside the process: the only package that imports ``redis``.
 
-Key layout (every key of a pool carries the pool as Redis Cluster hash tag, so one
-decision touches one slot and pools spread across shards)::
+* :mod:`.client`: one client factory for ``--redis-url`` (one server or a cluster);
+* :mod:`.runner`: one script runner (``scripts/*.lua``, NOSCRIPT reload, timeouts);
+* :mod:`.keys`: the key layout of every Redis key Sluice writes;
+* :mod:`.store`: the admission store (:class:`~.store.RedisStore` or the embedded twin,
+  :class:`~.store.EmbeddedStore`), :mod:`.wakeups` its pub/sub, :mod:`.cache` the response
+  cache, :mod:`.job_queue` the batch queue, :mod:`.versions` policy versions,
+  :mod:`.fleet_board` the fleet view's snapshots.
 
-    sluice:{<pool>}:pool              hash  r, t = pool rpm/tpm bucket TAT (ms); lim = dynamic limit
-    sluice:{<pool>}:leases            zset  lease id -> expiry ms (pool in-flight)
-    sluice:{<pool>}:stats             hash  16-slot ring of per-second n / throttled / latency sum
-    sluice:{<pool>}:w:<workload>          hash  r, t = workload rpm/tpm bucket TAT (ms)
-    sluice:{<pool>}:w:<workload>:leases   zset  lease id -> expiry ms (workload in-flight)
-
-Bucket keys expire when their bucket would be full again, lease zsets when their last
-lease would have expired; only the pool hash (it holds the dynamic limit) persists.
+Whatever fails, callers see one exception, :class:`BackendUnavailable` (also known by its
+older per-use names ``StoreUnavailable``, ``CacheUnavailable``, ``QueueUnavailable``).
+This module imports nothing else, so every layer can import the exception.
 """
 
 from __future__ import annotations
 
-from proxy.admission.protocol import Store, StoreUnavailable
-from proxy.admission.waiting import WaitMetrics
-from proxy.backend.embedded import EmbeddedStore
-from proxy.backend.redis_store import RedisStore
-from proxy.metrics import Metrics
-
-__all__ = ["EmbeddedStore", "RedisStore", "Store", "StoreUnavailable", "open_store"]
+__all__ = ["BackendUnavailable"]
 
 
-def open_store(
-    url: str | None,
-    *,
-    metrics: Metrics | None = None,
-    instance_id: str | None = None,
-    timeout_s: float = 0.25,
-    wait_metrics: WaitMetrics | None = None,
-) -> Store:
-    """A :class:`RedisStore` for ``url`` (``redis://…`` or ``redis+cluster://…``), else embedded.
+class BackendUnavailable(Exception):
+    """Redis (or the embedded store) could not answer in time: error, timeout or closed.
 
-    The store still has to be started (``await store.start()``) inside the event loop.
+    The caller picks what that means for its request: fail open, fail closed (503), retry.
     """
-    if not url:
-        return EmbeddedStore(wait_metrics=wait_metrics)
-    return RedisStore(
-        url,
-        metrics=metrics,
-        instance_id=instance_id,
-        timeout_s=timeout_s,
-        wait_metrics=wait_metrics,
-    )

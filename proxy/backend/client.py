@@ -6,12 +6,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+
+__all__ = [
+    "FAILURES",
+    "NoScriptError",
+    "Redis",
+    "RedisCluster",
+    "ResponseError",
+    "node_client",
+    "node_url",
+    "redis_client",
+]
+
+#: What a failed Redis call can raise (cluster setup errors are not RedisError subclasses).
+FAILURES: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 def redis_client(url: str, timeout_s: float) -> Redis | RedisCluster:
@@ -27,3 +42,14 @@ def redis_client(url: str, timeout_s: float) -> Redis | RedisCluster:
     if scheme in ("redis+cluster", "rediss+cluster"):
         return RedisCluster.from_url(scheme.split("+")[0] + sep + rest, **opts)
     return Redis.from_url(url, **opts)
+
+
+def node_url(url: str) -> str:
+    """A plain ``redis://`` URL of one node: the cluster seed for ``redis+cluster://``."""
+    scheme, sep, rest = url.partition("://")
+    return scheme.split("+")[0] + sep + rest
+
+
+def node_client(url: str, timeout_s: float) -> Redis:
+    """A client of one node (a cluster's seed): pub/sub, which every node of a cluster relays."""
+    return Redis.from_url(node_url(url), socket_connect_timeout=max(timeout_s, 2.0))

@@ -13,34 +13,27 @@ import itertools
 import time
 from collections.abc import Callable
 
+from proxy.admission.decision import make_decision, snapshot
 from proxy.admission.leases import Group, LeaseBook
 from proxy.admission.model import (
     QUEUE,
     QUEUE_RETRY_MS,
-    WAIT_FLEET,
     WAIT_NO,
     AdmitPlan,
     Decision,
     PoolView,
     effective_limit,
     evaluate,
-    make_decision,
-    refund,
     retry_ms,
-    snapshot,
-    take,
 )
+from proxy.admission.transitions import Tats, enlist, give_back, grant
 from proxy.admission.waiting import WaitMetrics, WaitRoom
 from proxy.admission.waitqueue import (
     WaitEntries,
     WaitTicket,
     queue_blocks,
-    wait_verdict,
-    waiter_expiry,
     waiter_score,
 )
-
-_RING = 16
 
 
 def _monotonic_ms() -> float:
@@ -76,14 +69,13 @@ class _Workload:
 
 
 class _Pool:
-    __slots__ = ("dyn", "leases", "ring", "rtat", "ttat", "waiters", "workloads", "wseq")
+    __slots__ = ("dyn", "leases", "rtat", "ttat", "waiters", "workloads", "wseq")
 
     def __init__(self) -> None:
         self.rtat = self.ttat = 0.0
         self.dyn: int | None = None
         self.leases = _Leases()
         self.workloads: dict[str, _Workload] = {}
-        self.ring: list[list[float]] = [[-1.0, 0.0, 0.0, 0.0] for _ in range(_RING)]
         self.waiters = WaitEntries()
         self.wseq = 0  # the pool's waiter sequence (admit.lua: HINCRBY pool wseq)
 
@@ -157,7 +149,7 @@ class EmbeddedStore:
 
     def _decide(self, plan: AdmitPlan, tokens: int, ticket: WaitTicket | None) -> Decision:
         now = self._now()
-        pool = self._pool(plan.pool)
+        pool = self._pool(plan.scope)
         wl = pool.workloads.get(plan.workload)
         if wl is None:
             wl = pool.workloads[plan.workload] = _Workload()
@@ -182,7 +174,7 @@ class EmbeddedStore:
             retry = retry_ms(wait)
             if ticket is not None:
                 changed += self._enlist(pool, plan, ticket, code, retry, now)
-            self._after(plan.pool, pool, freed + changed, view.p_in, view.p_limit)
+            self._after(plan.scope, pool, freed + changed, view.p_in, view.p_limit)
             return make_decision(plan, code, retry, None, snapshot(p, now, view))
         lease = f"embedded:{next(self._seq)}"
         self._grant(pool, wl, plan, tokens, lease, now)
@@ -198,7 +190,7 @@ class EmbeddedStore:
             wl.ttat,
             view.w_in + 1 if p.w_conc >= 0 else 0,
         )
-        self._after(plan.pool, pool, freed + changed, view.p_in, view.p_limit)
+        self._after(plan.scope, pool, freed + changed, view.p_in, view.p_limit)
         return make_decision(plan, 0, 0, lease, snapshot(p, now, view))
 
     @staticmethod
@@ -206,33 +198,24 @@ class EmbeddedStore:
         pool: _Pool, plan: AdmitPlan, ticket: WaitTicket, code: int, retry: int, now: float
     ) -> int:
         """Apply a refused waiter's verdict to the pool's wait sets; queue entries it removed."""
-        verdict = ticket.verdict = wait_verdict(code, retry, ticket.remaining_ms)
-        if verdict == WAIT_NO:
+        step = enlist(plan.rank, ticket.arrival, ticket.remaining_ms, code, retry, now, pool.wseq)
+        ticket.verdict, ticket.arrival, pool.wseq = step.verdict, step.arrival, step.wseq
+        if step.verdict == WAIT_NO:
             return int(pool.waiters.remove(ticket.id))
-        if not ticket.arrival:
-            pool.wseq += 1
-            ticket.arrival = pool.wseq
-        expiry = waiter_expiry(now, ticket.remaining_ms)
-        if verdict == WAIT_FLEET:
-            pool.waiters.enqueue(ticket.id, waiter_score(plan.rank, ticket.arrival), expiry)
+        if step.score is not None:
+            pool.waiters.enqueue(ticket.id, step.score, step.expiry)
             return 0
         removed = pool.waiters.unqueue(ticket.id)
-        pool.waiters.list_only(ticket.id, expiry)
+        pool.waiters.list_only(ticket.id, step.expiry)
         return int(removed)
 
     def _grant(
         self, pool: _Pool, wl: _Workload, plan: AdmitPlan, tokens: int, lease: str, now: float
     ) -> None:
         p = plan.params
+        tats = grant(p, Tats(pool.rtat, pool.ttat, wl.rtat, wl.ttat), tokens, now)
+        pool.rtat, pool.ttat, wl.rtat, wl.ttat = tats
         expiry = now + p.ttl_ms
-        if p.p_rburst > 0:
-            pool.rtat = take(pool.rtat, now, 1.0, p.p_rrate)
-        if p.p_tburst > 0:
-            pool.ttat = take(pool.ttat, now, tokens, p.p_trate)
-        if p.w_rburst > 0:
-            wl.rtat = take(wl.rtat, now, 1.0, p.w_rrate)
-        if p.w_tburst > 0:
-            wl.ttat = take(wl.ttat, now, tokens, p.w_trate)
         pool.leases.add(lease, expiry)
         if p.w_conc >= 0:
             wl.leases.add(lease, expiry)
@@ -246,11 +229,11 @@ class EmbeddedStore:
 
     def withdraw(self, plan: AdmitPlan, ticket: WaitTicket) -> None:
         """Forget a waiter that stopped waiting (gave up, timed out, was cancelled)."""
-        pool = self._pool(plan.pool)
+        pool = self._pool(plan.scope)
         pool.waiters.remove(ticket.id)
         ticket.verdict = WAIT_NO
         if len(pool.waiters):
-            self._room.wake(plan.pool)
+            self._room.wake(plan.scope)
 
     def settle(
         self,
@@ -259,33 +242,23 @@ class EmbeddedStore:
         reserved_tokens: int,
         actual_tokens: int,
         *,
-        throttled: bool = False,
-        latency_ms: float = 0.0,
         confirm: bool = False,
     ) -> None:
         """Apply at once (so there is never anything to confirm); see :meth:`Store.settle`."""
         now = self._now()
-        self._book.remove(plan.pool, lease)
-        pool = self._pool(plan.pool)
+        self._book.remove(plan.scope, lease)
+        pool = self._pool(plan.scope)
         wl = pool.workloads.get(plan.workload)
         pool.leases.by_id.pop(lease, None)
-        p = plan.params
-        amount = reserved_tokens - actual_tokens
-        if amount and p.p_tburst > 0:
-            pool.ttat = refund(pool.ttat, now, amount, p.p_trate)
-        if wl is not None:
+        w = (wl.rtat, wl.ttat) if wl is not None else (0.0, 0.0)
+        tats = Tats(pool.rtat, pool.ttat, *w)
+        tats = give_back(plan.params, tats, reserved_tokens - actual_tokens, now)
+        pool.rtat, pool.ttat = tats.p_rtat, tats.p_ttat
+        if wl is not None:  # a workload never admitted here has no state to change
             wl.leases.by_id.pop(lease, None)
-            if amount and p.w_tburst > 0:
-                wl.ttat = refund(wl.ttat, now, amount, p.w_trate)
-        sec = int(now // 1000)
-        slot = pool.ring[sec % _RING]
-        if slot[0] != sec:
-            slot[:] = [sec, 0.0, 0.0, 0.0]
-        slot[1] += 1
-        slot[2] += 1 if throttled else 0
-        slot[3] += latency_ms
+            wl.rtat, wl.ttat = tats.w_rtat, tats.w_ttat
         if len(pool.waiters):
-            self._room.wake(plan.pool)  # settle.lua's PUBLISH
+            self._room.wake(plan.scope)  # settle.lua's PUBLISH
 
     async def flush(self) -> None:
         """Nothing is queued in process."""
@@ -298,18 +271,13 @@ class EmbeddedStore:
         """Set or clear the dynamic concurrency limit."""
         self._pool(pool).dyn = limit
 
-    async def pool_stats(self, pool: str, *, window_s: int = 10) -> dict[str, float]:
-        """See :meth:`Store.pool_stats`; ``window_s`` whole seconds up to now (max 15)."""
+    async def pool_stats(self, pool: str) -> dict[str, float]:
+        """See :meth:`Store.pool_stats`."""
         now = self._now()
         p = self._pool(pool)
-        sec = int(now // 1000)
-        recent = [s for s in p.ring if sec - window_s < s[0] <= sec]
         return {
             "in_flight": float(p.leases.reap(now)),
             "dynamic_limit": float(-1 if p.dyn is None else p.dyn),
-            "requests": sum(s[1] for s in recent),
-            "throttled": sum(s[2] for s in recent),
-            "latency_ms_sum": sum(s[3] for s in recent),
             "held_here": float(self._book.count(pool)),
         }
 

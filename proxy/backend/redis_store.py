@@ -28,73 +28,40 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Sequence
-from importlib import resources
+from functools import partial
 from typing import Any, Final
 
-import orjson
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
-
+from proxy.admission.decision import make_decision
 from proxy.admission.leases import Group, LeaseBook
 from proxy.admission.model import (
     WAIT_NO,
     AdmitPlan,
     Decision,
-    Snapshot,
-    make_decision,
     plan_keys,
 )
 from proxy.admission.protocol import StoreUnavailable
 from proxy.admission.waiting import WaitMetrics, WaitRoom
 from proxy.admission.waitqueue import WaitTicket
-from proxy.backend.client import redis_client
+from proxy.backend.admit_wire import (
+    MAX_BATCH,
+    STRIDE,
+    Admit,
+    Queue,
+    Settle,
+    admit_call,
+    extend_call,
+    granted,
+    settle_call,
+    snapshot_at,
+)
+from proxy.backend.client import FAILURES, redis_client
+from proxy.backend.runner import ScriptRunner, event, why
 from proxy.backend.wakeups import WakeListener
 from proxy.metrics import Metrics
 
 log = logging.getLogger("proxy.admission")
 
-#: Requests per script call: bounds one script's run time (Redis is single-threaded).
-MAX_BATCH: Final = 256
 _SCRIPT_NAMES: Final = ("admit", "settle", "extend", "stats")
-_Arg = bytes | str | int | float
-_Admit = tuple[AdmitPlan, int, str, WaitTicket | None, "asyncio.Future[Decision]"]
-#: Integers the admit script returns per request.
-_STRIDE: Final = 11
-_Settle = tuple[AdmitPlan, str, int, bool, float]
-#: What a failed call can raise (cluster setup errors are not RedisError subclasses).
-_FAILURES: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
-
-
-def _event(level: int, event: str, **fields: object) -> None:
-    """One structured log line (a JSON object with stable field names)."""
-    if log.isEnabledFor(level):
-        log.log(level, orjson.dumps({"event": event, **fields}, default=str).decode())
-
-
-def _why(exc: BaseException) -> str:
-    # redis-py 8's repr() of server errors hides the message; str() alone hides the type.
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _load_script(name: str) -> str:
-    return (resources.files("proxy.admission") / "scripts" / f"{name}.lua").read_text("utf-8")
-
-
-class _Queue:
-    """Pending work of one pool, with a flag per kind: a call is in flight or scheduled."""
-
-    __slots__ = ("admit_busy", "admits", "confirms", "keys", "settle_busy", "settles", "withdraws")
-
-    def __init__(self, pool: str) -> None:
-        self.keys = plan_keys(pool, "")
-        self.admits: list[_Admit] = []
-        self.settles: list[_Settle] = []
-        #: Callers waiting for the settles queued so far to land (see ``confirm``).
-        self.confirms: list[asyncio.Future[None]] = []
-        self.withdraws: list[str] = []  # waiter ids; they go out with the settles
-        self.admit_busy = False  # a call is in flight or a kick is scheduled
-        self.settle_busy = False
 
 
 class RedisStore:
@@ -114,56 +81,52 @@ class RedisStore:
         """``max_waiters`` bounds the waiters per pool on this instance; ``wait_safety_s``
         is the mean interval at which a waiter re-checks without a wake-up message."""
         self._client = redis_client(url, timeout_s)
-        self._cluster = isinstance(self._client, RedisCluster)
         self._timeout = timeout_s
+        self._runner = ScriptRunner(self._client, _SCRIPT_NAMES, timeout_s, log)
         metrics = metrics or Metrics()
         self._errors = {
             op: metrics.store_errors.labels(operation=op)
-            for op in ("admit", "settle", "heartbeat", "control")
+            for op in ("admit", "settle", "heartbeat", "control", "wakeup")
         }
         self.instance_id = instance_id or f"{socket.gethostname()}-{os.getpid()}-" + (
             secrets.token_hex(3)
         )
         self._lease_prefix = self.instance_id + ":"
         self._seq = itertools.count(1)
-        self._scripts = {name: _load_script(name) for name in _SCRIPT_NAMES}
-        self._sha: dict[str, str] = {}
-        self._queues: dict[str, _Queue] = {}
+        self._queues: dict[str, Queue] = {}
         self._book = LeaseBook()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Timed-out admit calls still waiting for Redis's reply (see :meth:`ScriptRunner.run`).
+        self._late = self._runner.late
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
         #: Settles lost to store failures (also in ``sluice_store_errors{operation=settle}``).
         self.settle_failures = 0
-        self._errors["wakeup"] = metrics.store_errors.labels(operation="wakeup")
-        self._room = WaitRoom(
+        self._room, self._wakeups = self._wait_room(url, max_waiters, wait_safety_s, wait_metrics)
+
+    def _wait_room(
+        self, url: str, max_waiters: int, safety_s: float, metrics: WaitMetrics | None
+    ) -> tuple[WaitRoom, WakeListener]:
+        """Waiters of this instance, and the pub/sub listener that wakes them."""
+        room = WaitRoom(
             self.attempt,
             self.withdraw,
             id_prefix=self._lease_prefix + "w",
             prepare=self._subscribe,
             max_waiters=max_waiters,
-            safety_s=wait_safety_s,
-            metrics=wait_metrics,
+            safety_s=safety_s,
+            metrics=metrics,
         )
-        self._wakeups = WakeListener(
-            url,
-            self._room.wake,
-            self._room.wake_all,
-            self._errors["wakeup"].inc,
-            timeout_s=timeout_s,
-        )
+        failed = self._errors["wakeup"].inc
+        return room, WakeListener(url, room.wake, room.wake_all, failed, timeout_s=self._timeout)
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load the scripts (every master of a cluster) and start the heartbeat."""
         self._loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(max(self._timeout, 2.0)):
-                await self._load_scripts()
-        except _FAILURES as exc:
-            raise StoreUnavailable(f"cannot load admission scripts: {_why(exc)}") from exc
+        await self._runner.start()
         if self._heartbeat is None:
             self._heartbeat = self._loop.create_task(self._book.run_heartbeat(self._extend))
 
@@ -179,32 +142,9 @@ class RedisStore:
                 await self._heartbeat
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._runner.abandon()  # their leases expire with the TTL: no heartbeat renews them
         await self._wakeups.close()
         await self._client.aclose()
-
-    async def _load_scripts(self) -> None:
-        # In a cluster redis-py sends SCRIPT LOAD to every primary.
-        for name, text in self._scripts.items():
-            self._sha[name] = str(await self._client.script_load(text))
-
-    # --- the one way to call a script --------------------------------------------------
-
-    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[_Arg]) -> Any:
-        """EVALSHA within the timeout; NOSCRIPT (restart, failover, flush) reloads + retries once.
-
-        Raises :class:`StoreUnavailable` on any Redis/network error or timeout.
-        """
-        try:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
-            except NoScriptError:
-                _event(logging.INFO, "store_script_reload", script=name)
-                async with asyncio.timeout(self._timeout):
-                    await self._load_scripts()
-                    return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
-        except _FAILURES as exc:
-            raise StoreUnavailable(f"redis {name} failed: {_why(exc)}") from exc
 
     def _spawn(self, coro: Any) -> None:
         assert self._loop is not None
@@ -212,16 +152,16 @@ class RedisStore:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _queue(self, pool: str) -> _Queue:
+    def _queue(self, pool: str) -> Queue:
         q = self._queues.get(pool)
         if q is None:
-            q = self._queues[pool] = _Queue(pool)
+            q = self._queues[pool] = Queue(pool)
         return q
 
     # --- admit -------------------------------------------------------------------------
 
     async def admit(self, plan: AdmitPlan, tokens: int) -> Decision:
-        """Queue for this tick's batch of ``plan.pool`` and wait for its decision."""
+        """Queue for this tick's batch of ``plan.scope`` and wait for its decision."""
         return await self.attempt(plan, tokens, None)
 
     async def admit_waiting(self, plan: AdmitPlan, tokens: int, max_wait_ms: int) -> Decision:
@@ -237,15 +177,25 @@ class RedisStore:
         loop = self._loop
         if loop is None or self._closed:
             raise StoreUnavailable("store is not started" if loop is None else "store is closed")
-        q = self._queues.get(plan.pool) or self._queue(plan.pool)
+        q = self._queues.get(plan.scope) or self._queue(plan.scope)
         fut: asyncio.Future[Decision] = loop.create_future()
         q.admits.append((plan, tokens, self._lease_prefix + str(next(self._seq)), ticket, fut))
         if not q.admit_busy:
             q.admit_busy = True
             loop.call_soon(self._send_admits, q)
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # Cancelled after the batch delivered a grant but before this task resumed:
+            # the caller never sees the decision, so the store still owns the slot.
+            # (Cancelled earlier, the future is cancelled and _deliver gives it back.)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                decision = fut.result()
+                if decision.admitted and decision.lease is not None:
+                    self.settle(plan, decision.lease, tokens, 0)
+            raise
 
-    def _send_admits(self, q: _Queue) -> None:
+    def _send_admits(self, q: Queue) -> None:
         if not q.admits:
             q.admit_busy = False
             return
@@ -253,33 +203,14 @@ class RedisStore:
         del q.admits[:MAX_BATCH]
         self._spawn(self._admit_batch(q, batch))
 
-    async def _admit_batch(self, q: _Queue, batch: list[_Admit]) -> None:
-        plan0 = batch[0][0]
-        k0 = plan0.keys
-        index: dict[int, int] = {}
-        keys = [k0.pool, k0.pool_leases, k0.waiters, k0.waiters_exp]
-        plan_args: list[_Arg] = []
-        items: list[_Arg] = []
-        for plan, tokens, lease, ticket, _ in batch:
-            i = index.get(id(plan))
-            if i is None:
-                i = index[id(plan)] = len(keys) - 3
-                plan_args += (plan.arg, plan.workload, plan.rank)
-                keys.append(plan.keys.workload_leases)
-            spec = "" if ticket is None else f"{ticket.remaining_ms} {ticket.arrival} {ticket.id}"
-            items += (i, tokens, lease, spec)
+    async def _admit_batch(self, q: Queue, batch: list[Admit]) -> None:
+        keys, args = admit_call(batch)
         try:
-            res = await self._eval("admit", keys, [len(keys) - 4, k0.channel, *plan_args, *items])
-        except StoreUnavailable as exc:
-            self._errors["admit"].inc(len(batch))
-            _event(
-                logging.WARNING,
-                "store_error",
-                operation="admit",
-                pool=plan0.pool,
-                requests=len(batch),
-                error=str(exc),
+            res = await self._runner.run(
+                "admit", keys, args, late=partial(self._admitted_late, batch)
             )
+        except StoreUnavailable as exc:
+            self._failed("admit", batch[0][0].scope, exc, len(batch), requests=len(batch))
             for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
@@ -289,27 +220,27 @@ class RedisStore:
             # Arrivals during the call go out now, together (group commit).
             self._send_admits(q)
 
-    def _deliver(self, batch: list[_Admit], res: list[int]) -> None:
+    def _admitted_late(self, batch: list[Admit], res: list[int]) -> None:
+        # The batch timed out and its callers were answered, but Redis ran the script
+        # after all: every grant goes straight back (_deliver settles grants nobody waits
+        # for), instead of holding slots and tokens for a whole lease TTL.
+        event(
+            log, logging.WARNING, "store_late_admit", pool=batch[0][0].pool, released=granted(res)
+        )
+        self._deliver(batch, res)
+
+    def _deliver(self, batch: list[Admit], res: list[int]) -> None:
         b = 0
         for plan, tokens, lease, ticket, fut in batch:
             code = res[b]
-            snap = Snapshot(
-                res[b + 2] / 1000.0,
-                res[b + 3] / 1000.0,
-                res[b + 4],
-                res[b + 5],
-                res[b + 6] / 1000.0,
-                res[b + 7] / 1000.0,
-                res[b + 8],
-            )
-            decision = make_decision(plan, code, res[b + 1], lease, snap)
+            decision = make_decision(plan, code, res[b + 1], lease, snapshot_at(res, b))
             if ticket is not None:
                 ticket.verdict, arrival = res[b + 9], res[b + 10]
                 ticket.arrival = arrival or ticket.arrival
                 if fut.done() and ticket.verdict != WAIT_NO:
                     # The waiter was cancelled while we decided: leave nothing behind.
                     self.withdraw(plan, ticket)
-            b += _STRIDE
+            b += STRIDE
             if code == 0:
                 self._book.add(plan, lease)
                 if fut.done():
@@ -328,8 +259,6 @@ class RedisStore:
         reserved_tokens: int,
         actual_tokens: int,
         *,
-        throttled: bool = False,
-        latency_ms: float = 0.0,
         confirm: bool = False,
     ) -> asyncio.Future[None] | None:
         """Queue the settle; it goes out with the others of this pool (see :meth:`flush`).
@@ -337,12 +266,12 @@ class RedisStore:
         With ``confirm``, the returned future is done once its batch has been applied (or
         failed): the caller can hold its answer until the slot is free fleet-wide.
         """
-        self._book.remove(plan.pool, lease)
+        self._book.remove(plan.scope, lease)
         if self._closed or self._loop is None:
-            self._settle_lost(plan.pool, 1, "store is closed" if self._closed else "not started")
+            self._settle_lost(plan.scope, 1, "store is closed" if self._closed else "not started")
             return None
-        q = self._queues.get(plan.pool) or self._queue(plan.pool)
-        q.settles.append((plan, lease, reserved_tokens - actual_tokens, throttled, latency_ms))
+        q = self._queues.get(plan.scope) or self._queue(plan.scope)
+        q.settles.append((plan, lease, reserved_tokens - actual_tokens))
         done = None
         if confirm:
             done = self._loop.create_future()
@@ -357,7 +286,7 @@ class RedisStore:
         ticket.verdict = WAIT_NO
         if self._closed or self._loop is None:
             return  # the entries expire on their own (deadline + grace)
-        q = self._queues.get(plan.pool) or self._queue(plan.pool)
+        q = self._queues.get(plan.scope) or self._queue(plan.scope)
         q.withdraws.append(ticket.id)
         if not q.settle_busy:
             q.settle_busy = True
@@ -366,7 +295,7 @@ class RedisStore:
     async def _subscribe(self, pool: str) -> None:
         await self._wakeups.subscribe(pool)
 
-    def _send_settles(self, q: _Queue) -> None:
+    def _send_settles(self, q: Queue) -> None:
         if not q.settles and not q.withdraws:
             q.settle_busy = False
             return
@@ -383,34 +312,18 @@ class RedisStore:
 
     async def _settle_batch(
         self,
-        q: _Queue,
-        batch: list[_Settle],
+        q: Queue,
+        batch: list[Settle],
         gone: list[str],
         confirms: list[asyncio.Future[None]],
     ) -> None:
-        groups: dict[int, tuple[AdmitPlan, list[int], list[str]]] = {}
-        throttled, latency = 0, 0.0
-        for plan, lease, amount, thr, lat in batch:
-            g = groups.get(id(plan))
-            if g is None:
-                g = groups[id(plan)] = (plan, [0], [])
-            g[1][0] += amount
-            g[2].append(lease)
-            throttled += thr
-            latency += lat
-        k = q.keys
-        keys = [k.pool, k.pool_leases, k.stats, k.waiters, k.waiters_exp]
-        args: list[_Arg] = [len(groups), len(batch), throttled, repr(latency), k.channel]
-        args += (len(gone), *gone)
-        for plan, total, leases in groups.values():
-            keys.append(plan.keys.workload_leases)
-            args += (plan.arg, plan.workload, total[0], len(leases), *leases)
+        keys, args = settle_call(q, batch, gone)
         try:
-            await self._eval("settle", keys, args)
+            await self._runner.run("settle", keys, args)
         except StoreUnavailable as exc:
             # Lost withdrawals are not counted: those entries expire at their deadline.
             if batch:
-                self._settle_lost(batch[0][0].pool, len(batch), str(exc))
+                self._settle_lost(batch[0][0].scope, len(batch), str(exc))
         finally:
             for done in confirms:
                 if not done.done():
@@ -420,12 +333,24 @@ class RedisStore:
     def _settle_lost(self, pool: str, n: int, error: str) -> None:
         # Leases of lost settles expire on their own within the TTL; refunds are lost.
         self.settle_failures += n
-        self._errors["settle"].inc(n)
-        _event(logging.ERROR, "store_error", operation="settle", pool=pool, settles=n, error=error)
+        self._failed("settle", pool, error, n, settles=n)
+
+    def _failed(self, op: str, pool: str, error: object, n: int = 1, **counts: int) -> None:
+        """Count a failed store call in ``sluice_store_errors`` and log it."""
+        self._errors[op].inc(n)
+        level = logging.WARNING if op == "admit" else logging.ERROR
+        event(log, level, "store_error", operation=op, pool=pool, **counts, error=str(error))
 
     async def flush(self) -> None:
-        """Wait until every settle queued so far is applied or counted as failed."""
-        while any(q.settles or q.withdraws or q.settle_busy for q in self._queues.values()):
+        """Wait until every settle queued so far is applied or counted as failed.
+
+        Admit batches in flight are waited for too: one whose caller was cancelled meanwhile
+        gives its grant back with a settle, which this then waits for as well.
+        """
+        while any(
+            q.settles or q.withdraws or q.settle_busy or q.admits or q.admit_busy
+            for q in self._queues.values()
+        ):
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
             else:
@@ -434,31 +359,15 @@ class RedisStore:
     # --- heartbeat, control, readiness -------------------------------------------------
 
     async def _extend(self, pool: str, groups: list[Group]) -> None:
-        keys = [plan_keys(pool, "").pool_leases]
-        args: list[_Arg] = [len(groups)]
-        for plan, leases in groups:
-            keys.append(plan.keys.workload_leases)
-            args += (plan.lease_ttl_ms, int(plan.params.w_conc >= 0), len(leases), *leases)
+        keys, args = extend_call(pool, groups)
         try:
-            await self._eval("extend", keys, args)
+            await self._runner.run("extend", keys, args)
         except StoreUnavailable as exc:
-            self._errors["heartbeat"].inc()
-            _event(
-                logging.ERROR,
-                "store_error",
-                operation="heartbeat",
-                pool=pool,
-                leases=sum(len(g[1]) for g in groups),
-                error=str(exc),
-            )
+            self._failed("heartbeat", pool, exc, leases=sum(len(g[1]) for g in groups))
 
     async def ping(self) -> bool:
         """True when Redis answers PING within the timeout."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                return bool(await self._client.ping())
-        except _FAILURES:
-            return False
+        return await self._runner.ping()
 
     async def set_pool_limit(self, pool: str, limit: int | None) -> None:
         """Set (or clear with ``None``) the pool's dynamic concurrency limit for the fleet."""
@@ -469,19 +378,16 @@ class RedisStore:
                     await self._client.hdel(key, "lim")
                 else:
                     await self._client.hset(key, "lim", int(limit))
-        except _FAILURES as exc:
+        except FAILURES as exc:
             self._errors["control"].inc()
-            raise StoreUnavailable(f"redis set_pool_limit failed: {_why(exc)}") from exc
+            raise StoreUnavailable(f"redis set_pool_limit failed: {why(exc)}") from exc
 
-    async def pool_stats(self, pool: str, *, window_s: int = 10) -> dict[str, float]:
-        """See :meth:`Store.pool_stats`; ``window_s`` whole seconds up to now (max 15)."""
+    async def pool_stats(self, pool: str) -> dict[str, float]:
+        """See :meth:`Store.pool_stats`."""
         k = plan_keys(pool, "")
-        r = await self._eval("stats", [k.pool, k.pool_leases, k.stats], [min(window_s, 15)])
+        r = await self._runner.run("stats", [k.pool, k.pool_leases], [])
         return {
             "in_flight": float(r[1]),
             "dynamic_limit": float(r[2]),
-            "requests": float(r[3]),
-            "throttled": float(r[4]),
-            "latency_ms_sum": r[5] / 1000.0,
             "held_here": float(self._book.count(pool)),
         }

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from proxy.admission.model import plan_keys
+from proxy.backend.client import node_client
 
 log = logging.getLogger("proxy.admission")
 
@@ -33,12 +33,6 @@ _BACKOFF_S = 0.5
 def _event(level: int, event: str, **fields: object) -> None:
     if log.isEnabledFor(level):
         log.log(level, orjson.dumps({"event": event, **fields}, default=str).decode())
-
-
-def node_url(url: str) -> str:
-    """A plain ``redis://`` URL of one node: the cluster seed for ``redis+cluster://``."""
-    scheme, sep, rest = url.partition("://")
-    return scheme.split("+")[0] + sep + rest
 
 
 class WakeListener:
@@ -56,7 +50,7 @@ class WakeListener:
         *,
         timeout_s: float,
     ) -> None:
-        self._client = Redis.from_url(node_url(url), socket_connect_timeout=max(timeout_s, 2.0))
+        self._client = node_client(url, timeout_s)
         self._pubsub: Any = None
         self._wake = wake
         self._wake_all = wake_all

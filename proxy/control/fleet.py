@@ -35,12 +35,11 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import orjson
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from proxy.admission import Store
 from proxy.admission.model import plan_keys
-from proxy.backend.client import redis_client
+from proxy.backend.client import FAILURES, NoScriptError, RedisCluster, redis_client
+from proxy.backend.lua import load_script
 from proxy.control.breaker import HALF_OPEN, TRANSITION_LUA, BreakerRecord
 
 log = logging.getLogger("sluice.fleet")
@@ -51,7 +50,7 @@ N_BUCKETS: Final = 60  # 1.25^59 ms ≈ 8.7 min: longer than any Bedrock call ma
 _LOG_BASE: Final = math.log(BASE)
 #: The per-class counters of a bucket, in the order a window row holds them.
 _KINDS: Final = "nteds"
-_FAILURES: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
+_FAILURES: Final = FAILURES
 #: Breaker records outlive any sensible open period but not an abandoned pool.
 BREAKER_TTL_MS: Final = 86_400_000
 
@@ -60,49 +59,7 @@ BREAKER_TTL_MS: Final = 86_400_000
 #: -1 release), 5 breaker gen, 6 probe cap, 7 probes ok, 8 probes failed, 9.. field, delta.
 #: Returns {now ms, live leases, dynamic limit (-1 none), leader 0/1, probe granted 0/1,
 #: breaker HGETALL, ring HGETALLs of the last R-1 buckets}.
-TICK_LUA: Final = """
-local R = #KEYS - 4
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local bms = tonumber(ARGV[1])
-local cur = math.floor(now / bms)
-local key = KEYS[(cur % R) + 1]
-if tonumber(redis.call('HGET', key, 'b')) ~= cur then
-  redis.call('DEL', key)
-  redis.call('HSET', key, 'b', cur)
-end
-redis.call('PEXPIRE', key, R * bms)
-local live = redis.call('ZCOUNT', KEYS[R + 2], '(' .. now, '+inf')
-if live > (tonumber(redis.call('HGET', key, 'p')) or 0) then redis.call('HSET', key, 'p', live) end
-for i = 9, #ARGV, 2 do redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1]) end
-local lim = tonumber(redis.call('HGET', KEYS[R + 1], 'lim')) or -1
-local leader = 0
-if tonumber(ARGV[3]) > 0 and redis.call('SET', KEYS[R + 4], ARGV[2], 'NX', 'PX', ARGV[3]) then
-  leader = 1
-end
-local bk, granted = KEYS[R + 3], 0
-local st = redis.call('HMGET', bk, 'state', 'gen')
-if st[1] == '1' and tonumber(st[2]) == tonumber(ARGV[5]) then
-  local op = tonumber(ARGV[4])
-  if op == 1 then
-    if redis.call('HINCRBY', bk, 'probes', 1) <= tonumber(ARGV[6]) then
-      granted = 1
-    else
-      redis.call('HINCRBY', bk, 'probes', -1)
-    end
-  elseif op == -1 then
-    redis.call('HINCRBY', bk, 'probes', -1)
-  end
-  if ARGV[7] ~= '0' then redis.call('HINCRBY', bk, 'ok', ARGV[7]) end
-  if ARGV[8] ~= '0' then redis.call('HINCRBY', bk, 'fail', ARGV[8]) end
-end
-local rows = {}
-for i = 1, R do
-  local b = tonumber(redis.call('HGET', KEYS[i], 'b'))
-  if b and b > cur - R + 1 and b <= cur then rows[#rows + 1] = redis.call('HGETALL', KEYS[i]) end
-end
-return { now, live, lim, leader, granted, redis.call('HGETALL', bk), rows }
-"""
+TICK_LUA: Final = load_script("fleet_tick")
 
 
 def bucket_index(latency_ms: float) -> int:

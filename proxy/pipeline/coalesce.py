@@ -25,10 +25,11 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable
-
-from proxy.pipeline.cache import CachedResponse
+from typing import Any, TypeVar
 
 __all__ = ["Coalescer"]
+
+T = TypeVar("T")
 
 
 class _Flight:
@@ -36,12 +37,12 @@ class _Flight:
 
     __slots__ = ("task", "waiters")
 
-    def __init__(self, task: asyncio.Task[CachedResponse]) -> None:
+    def __init__(self, task: asyncio.Task[Any]) -> None:
         self.task = task
         self.waiters = 0
 
 
-async def _invoke(call: Callable[[], Awaitable[CachedResponse]]) -> CachedResponse:
+async def _invoke(call: Callable[[], Awaitable[T]]) -> T:
     return await call()
 
 
@@ -55,9 +56,7 @@ class Coalescer:
         """Keys with a call in flight (0 when idle: entries never outlive their call)."""
         return len(self._flights)
 
-    async def run(
-        self, key: str, call: Callable[[], Awaitable[CachedResponse]]
-    ) -> tuple[CachedResponse, bool]:
+    async def run(self, key: str, call: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """The result of ``call()`` — made now, or shared with a call already in flight.
 
         Returns ``(result, shared)``: ``shared`` is True when another caller's call served
@@ -72,7 +71,7 @@ class Coalescer:
             flight.task.add_done_callback(functools.partial(self._landed, key, flight))
         flight.waiters += 1
         try:
-            result = await asyncio.shield(flight.task)
+            result: T = await asyncio.shield(flight.task)
         finally:
             flight.waiters -= 1
             if flight.waiters == 0 and not flight.task.done():

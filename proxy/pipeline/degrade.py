@@ -13,7 +13,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy.admission.estimate import RequestEstimate, reservation
+from proxy.admission.estimate import RequestEstimate
+from proxy.admission.fit import reserve
 from proxy.admission.gate import Gate, Ticket
 from proxy.errors import BedrockError
 from proxy.metrics import Metrics
@@ -58,85 +59,89 @@ def target_model_id(requested: str, pool_first_id: str) -> str:
     return pool_first_id
 
 
+@dataclass(frozen=True, slots=True)
+class DegradeAsk:
+    """A call its pool refused, as the degradation chain needs to see it."""
+
+    policy: CompiledPolicy
+    route: Route
+    caller: Caller
+    pool: PoolInfo
+    est: RequestEstimate
+    input_tokens: int
+    body: bytes
+    #: The workload's scheduled concurrency now: it binds on a fallback pool too.
+    cap: int | None
+
+
 class Degrader:
     """Tries a workload's degradation steps after its pool refused."""
 
     def __init__(
         self,
-        policy: CompiledPolicy,
         gate: Gate,
         cache: ResponseCache,
         metrics: Metrics,
         breaker_allows: Callable[[str], bool],
     ) -> None:
-        self.policy = policy
         self.breaker_allows = breaker_allows
         self.gate = gate
         self.cache = cache
         self.metrics = metrics
 
-    async def degrade(
-        self,
-        route: Route,
-        caller: Caller,
-        pool: PoolInfo,
-        est: RequestEstimate,
-        input_tokens: int,
-        body: bytes,
-        refusal: BedrockError,
-    ) -> Downgrade | Fallback:
-        """The first step of the chain that can serve, or raise ``refusal`` if none can."""
-        workload = self.policy.policy.workloads[caller.workload.name]
+    async def degrade(self, ask: DegradeAsk) -> Downgrade | Fallback | BedrockError | None:
+        """The first step of the chain that can serve; None when none can.
+
+        A downgrade whose admission fails for another reason than a 429 (the store is
+        down and the class fails closed) returns that error.
+        """
+        caller = ask.caller
+        workload = ask.policy.policy.workloads[caller.workload.name]
         for step in workload.degrade:
-            found: Downgrade | Fallback | None
+            found: Downgrade | Fallback | BedrockError | None
             if step == "cached":
-                found = await self._cached(route, caller, pool, body)
+                found = await self._cached(ask.policy, ask.route, caller, ask.pool, ask.body)
             elif step == "template":
-                found = self._template(route, caller)
+                found = self._template(ask.policy, ask.route, caller)
             else:
-                found = await self._downgrade(step, route, caller, est, input_tokens, body)
+                found = await self._downgrade(step, ask)
+            if isinstance(found, BedrockError):
+                return found
             if found is not None:
                 kind = found.kind if isinstance(found, Fallback) else "downgrade"
-                self.metrics.degraded.labels(caller.workload.name, pool.name, kind).inc()
+                self.metrics.degraded.labels(caller.workload.name, ask.pool.name, kind).inc()
                 return found
-        raise refusal
+        return None
 
-    async def _downgrade(
-        self,
-        name: str,
-        route: Route,
-        caller: Caller,
-        est: RequestEstimate,
-        input_tokens: int,
-        body: bytes,
-    ) -> Downgrade | None:
-        target = self.policy.pools[name]
+    async def _downgrade(self, name: str, ask: DegradeAsk) -> Downgrade | BedrockError | None:
+        policy, route, caller = ask.policy, ask.route, ask.caller
+        target = policy.pools[name]
         allowed = caller.workload.allowed_pools
         if (allowed is not None and name not in allowed) or not self.breaker_allows(name):
             return None
         assert route.model_id is not None
-        model_id = target_model_id(route.model_id, self.policy.policy.models[name].ids[0])
-        problem = downgrade_body_problem(route.operation, body, model_id)
+        model_id = target_model_id(route.model_id, policy.policy.models[name].ids[0])
+        problem = downgrade_body_problem(route.operation, ask.body, model_id)
         if problem is not None:
             log.info("downgrade skipped", extra={"fields": {"pool": name, "reason": problem}})
             return None
-        plan = self.policy.plan(caller.workload, target, caller.priority)
-        tokens = reservation(
-            input_tokens, est.max_tokens or target.default_max_tokens, target.output_weight
-        )
+        # The schedule's cap applies here too: a scheduled workload must not escape it by
+        # being refused onto the fallback model.
+        plan = policy.plan(caller.workload, target, caller.priority, ask.cap)
         try:
-            ticket = await self.gate.admit(caller.workload, caller.priority, target, plan, tokens)
-        except BedrockError as exc:
-            if exc.status != 429:
-                raise
-            return None
+            tokens = reserve(plan, target, ask.input_tokens, ask.est)
+        except BedrockError:
+            return None  # could never be admitted there: try the next step
+        got = await self.gate.admit(caller.workload, caller.priority, target, plan, tokens)
+        if isinstance(got, BedrockError):
+            return None if got.status == 429 else got
         path = downgrade_path(route.path, route.operation, model_id)
-        return Downgrade(target, path, ticket, served_model_headers(model_id, "downgrade"))
+        return Downgrade(target, path, got, served_model_headers(model_id, "downgrade"))
 
     async def _cached(
-        self, route: Route, caller: Caller, pool: PoolInfo, body: bytes
+        self, policy: CompiledPolicy, route: Route, caller: Caller, pool: PoolInfo, body: bytes
     ) -> Fallback | None:
-        if self.policy.policy.workloads[caller.workload.name].cache is None:
+        if policy.policy.workloads[caller.workload.name].cache is None:
             return None
         if cache_operation(route.operation) is None:
             return None
@@ -157,8 +162,8 @@ class Degrader:
         headers.update(_STREAM_HEADERS)
         return Fallback("cache", stream, headers)
 
-    def _template(self, route: Route, caller: Caller) -> Fallback | None:
-        template = self.policy.policy.workloads[caller.workload.name].template
+    def _template(self, policy: CompiledPolicy, route: Route, caller: Caller) -> Fallback | None:
+        template = policy.policy.workloads[caller.workload.name].template
         if template is None:
             return None
         assert route.model_id is not None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from proxy.errors import BedrockError
 from proxy.policy import CompiledPolicy, WorkloadInfo, token_digest
-from proxy.signing import parse_authorization, verify
+from proxy.verification import parse_authorization, verify
 
 WORKLOAD_HEADER = "x-sluice-workload"
 PRIORITY_HEADER = "x-sluice-priority"
@@ -28,6 +28,25 @@ class Caller:
     priority: str
     #: How it was identified: "sigv4", "bearer", "header" or "default".
     via: str
+
+
+def check_header_bytes(headers: Mapping[str, str]) -> None:
+    """Refuse header values that are not valid UTF-8 (they could not be re-signed or logged).
+
+    aiohttp keeps undecodable bytes as lone surrogates; encoding one fails, so the
+    header is named here with a 400 instead of failing later with a 500.
+    """
+    for name, value in headers.items():
+        if value.isascii():
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            safe = name.encode("utf-8", "replace").decode("ascii", "replace")[:64]
+            raise BedrockError(
+                "ValidationException",
+                f"header '{safe}' is not valid UTF-8 (at position {exc.start} of its value)",
+            ) from None
 
 
 def _refuse(error_type: str, message: str) -> BedrockError:
@@ -95,6 +114,7 @@ def identify(
     body: bytes,
 ) -> Caller:
     """Identify the workload behind a request or raise a Bedrock-shaped 403/400."""
+    check_header_bytes(headers)
     found = _from_credentials(policy, method, host, raw_path, headers, body)
     if found is None and policy.header_mode:
         name = headers.get(WORKLOAD_HEADER)

@@ -17,8 +17,6 @@ from typing import Final
 
 from proxy.config import Retry
 
-#: boto3's default read timeout: how long an SDK caller waits for the response to begin.
-CALLER_READ_TIMEOUT_S: Final = 60.0
 #: The least time a retried call needs to be worth making: Bedrock's time to a first answer.
 MIN_CALL_S: Final = 1.0
 # Caps 2**n well before float overflow; max_backoff_ms is reached long before this anyway.

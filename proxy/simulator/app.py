@@ -16,6 +16,7 @@ from proxy.simulator.config import SimulatorConfig
 from proxy.simulator.models import ModelRuntime
 from proxy.simulator.parsing import converse_call, parse_anthropic, parse_json
 from proxy.simulator.state import SIM_STATE, SimState
+from proxy.simulator.tiers import requested_tier, tier_config
 
 __all__ = ["build_simulator_app"]
 
@@ -77,13 +78,15 @@ def _model_call_handler(operation: Operation) -> Handler:
         try:
             body = await request.read()
             echo: dict[str, Any] = {}
+            doc = None
             if invoke:
                 call = parse_anthropic(body, runtime.config, default_output)
             else:
                 doc = parse_json(body)
                 call = converse_call(doc, runtime.config, default_output)
                 echo = {key: doc[key] for key in _CONVERSE_ECHO if key in doc}
-            return await serve_call(request, state, runtime, call, operation, echo)
+            tier = tier_config(state.config, runtime, requested_tier(request.headers, doc))
+            return await serve_call(request, state, runtime, call, operation, echo, tier)
         except BedrockError as exc:
             if exc.status == 429:
                 runtime.stats.throttled += 1

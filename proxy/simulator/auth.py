@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 from botocore.auth import SigV4Auth
@@ -26,6 +27,9 @@ _AUTH_RE = re.compile(
     r"SignedHeaders=([^,\s]+),\s*Signature=([0-9a-f]{64})$"
 )
 _UNSIGNED = "UNSIGNED-PAYLOAD"
+_AMZ_DATE = "%Y%m%dT%H%M%SZ"
+#: How far a request's X-Amz-Date may be from the server's clock, either way (AWS: 15 min).
+SKEW = timedelta(minutes=15)
 
 MISSING_TOKEN = "Missing Authentication Token"
 BAD_TOKEN = "The security token included in the request is invalid."
@@ -73,6 +77,7 @@ class Verifier:
         if secret is None:
             raise BedrockError("UnrecognizedClientException", BAD_TOKEN)
         self._check_body_hash(request, body)
+        check_skew(request.headers.get("x-amz-date"), datetime.now(UTC))
         expected = _reference_signature(request, body, akid, secret, region, service, signed)
         if expected is None or not hmac.compare_digest(expected, signature):
             raise _invalid_signature()
@@ -86,6 +91,27 @@ class Verifier:
             return
         if not hmac.compare_digest(claimed, hashlib.sha256(body).hexdigest()):
             raise _invalid_signature()
+
+
+def check_skew(amz_date: str | None, now: datetime) -> None:
+    """Refuse a signature dated more than 15 minutes from ``now``, with AWS's messages."""
+    try:
+        signed = datetime.strptime(amz_date or "", _AMZ_DATE).replace(tzinfo=UTC)
+    except ValueError:
+        return  # no usable date: the signature check refuses it
+    stamp = now.strftime(_AMZ_DATE)
+    if signed < now - SKEW:
+        raise BedrockError(
+            "InvalidSignatureException",
+            f"Signature expired: {amz_date} is now earlier than "
+            f"{(now - SKEW).strftime(_AMZ_DATE)} ({stamp} - 15 min.)",
+        )
+    if signed > now + SKEW:
+        raise BedrockError(
+            "InvalidSignatureException",
+            f"Signature not yet current: {amz_date} is still later than "
+            f"{(now + SKEW).strftime(_AMZ_DATE)} ({stamp} + 15 min.)",
+        )
 
 
 def _reference_signature(

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from proxy.errors import BedrockError
 from proxy.eventstream import exception_frame
+from proxy.simulator.config import TierConfig
 from proxy.simulator.models import TOO_MANY_REQUESTS, TOO_MANY_TOKENS, ModelRuntime
 from proxy.simulator.parsing import Call
 from proxy.simulator.responses import (
@@ -30,6 +31,7 @@ from proxy.simulator.responses import (
 )
 from proxy.simulator.state import SimState
 from proxy.simulator.text import reply_tokens
+from proxy.simulator.tiers import tier_refusal
 
 __all__ = ["Operation", "serve_call"]
 
@@ -101,8 +103,12 @@ async def serve_call(
     call: Call,
     operation: Operation,
     echo: Mapping[str, Any],
+    tier: TierConfig,
 ) -> web.StreamResponse:
-    """Answer an admitted-or-refused model call. ``echo`` holds Converse fields to echo back."""
+    """Answer an admitted-or-refused model call on a service tier.
+
+    ``echo`` holds Converse fields to echo back.
+    """
     streaming = operation in ("invoke_stream", "converse_stream")
     fault = _pick_fault(state, runtime, call, streaming)
     refusal = _REFUSALS.get(fault or "")
@@ -110,25 +116,36 @@ async def serve_call(
         raise BedrockError(*refusal)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    admission = runtime.admit(call.input_tokens, call.max_tokens, start)
+    admission = tier_refusal(
+        runtime, tier, call.input_tokens, call.max_tokens, start
+    ) or runtime.admit(call.input_tokens, call.max_tokens, start)
     if isinstance(admission, str):
         raise BedrockError("ThrottlingException", admission)
     progress = _Progress()
     try:
+        pace = tier.latency_factor
         if fault == "timeout":
-            await _sleep(runtime.first_token_delay(call.input_tokens))
+            await _sleep(runtime.first_token_delay(call.input_tokens) * pace)
             raise BedrockError("ModelTimeoutException", _TIMEOUT)
         tokens = reply_tokens(call.prompt, call.output_tokens)
         reply = Reply(
-            new_message_id(), runtime.config.name, tokens, call.input_tokens, call.stop_reason
+            new_message_id(),
+            runtime.config.name,
+            tokens,
+            call.input_tokens,
+            call.stop_reason,
+            call.tool,
         )
         if streaming:
             cut = _cut_plan(runtime, call, fault)
-            return await _stream(request, state, runtime, reply, operation, echo, cut, progress)
+            return await _stream(
+                request, state, runtime, reply, operation, echo, cut, progress, pace
+            )
         await _sleep(
-            runtime.first_token_delay(call.input_tokens) + runtime.output_delay(len(tokens))
+            (runtime.first_token_delay(call.input_tokens) + runtime.output_delay(len(tokens)))
+            * pace
         )
-        progress.output_tokens = len(tokens)
+        progress.output_tokens = reply.output_tokens
         latency_ms = round((loop.time() - start) * 1000)
         return _complete(request, reply, operation, echo, latency_ms)
     except asyncio.CancelledError:
@@ -206,12 +223,13 @@ async def _stream(
     echo: Mapping[str, Any],
     cut: tuple[int, bytes] | None,
     progress: _Progress,
+    pace: float,
 ) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     start = loop.time()
     # Headers go out with the first event, as Bedrock's do: until then a refusal (timeout,
     # cancellation) can still be an HTTP error rather than an exception inside the stream.
-    await _sleep(runtime.first_token_delay(reply.input_tokens))
+    await _sleep(runtime.first_token_delay(reply.input_tokens) * pace)
     headers = {"Content-Type": _EVENT_STREAM, "x-amzn-RequestId": new_request_id()}
     renderer: StreamRenderer
     if operation == "invoke_stream":
@@ -225,7 +243,7 @@ async def _stream(
     first_byte_ms = round((loop.time() - start) * 1000)
     sender = _FrameSender(response, cut)
     try:
-        await _send_body(state, runtime, reply, renderer, sender, progress)
+        await _send_body(state, runtime, reply, renderer, sender, progress, pace)
         latency_ms = round((loop.time() - start) * 1000)
         await sender.send(renderer.tail(progress.output_tokens, latency_ms, first_byte_ms))
         await response.write_eof()
@@ -244,10 +262,11 @@ async def _send_body(
     renderer: StreamRenderer,
     sender: _FrameSender,
     progress: _Progress,
+    pace: float,
 ) -> None:
     tokens = reply.tokens
     step = state.config.tokens_per_delta
-    pause = runtime.output_delay(step)
+    pause = runtime.output_delay(step) * pace
     chunks = ["".join(tokens[i : i + step]) for i in range(0, len(tokens), step)]
     head = renderer.head()
     try:

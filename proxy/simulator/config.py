@@ -24,6 +24,7 @@ __all__ = [
     "QuotaConfig",
     "SimulatorConfig",
     "SimulatorConfigError",
+    "TierConfig",
     "describe_validation_error",
     "load_simulator_config",
     "merge_patch",
@@ -69,6 +70,31 @@ class FaultConfig(_Strict):
     )
 
 
+TierName = Literal["priority", "default", "flex", "reserved"]
+
+
+class TierConfig(_Strict):
+    """One Bedrock service tier: how fast it answers and how much of a model's quota it may use."""
+
+    #: Multiplies the model's delays (time to first token and per output token).
+    latency_factor: Annotated[float, Field(gt=0)] = 1.0
+    #: Fraction of each model quota (concurrency, requests/min, tokens/min) calls on this tier
+    #: may fill; the rest is kept for tiers with a larger share, so lower tiers throttle first.
+    quota_share: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
+#: Built-in tiers (bedrock-wire.md §7): priority up to 25% faster, flex slower and throttled
+#: first. ``default`` (also calls naming no tier) keeps the whole quota, so models behave as
+#: before tiers existed; give it a share below 1 to keep headroom for priority.
+#: Reserved capacity is not modelled separately: it uses the model's quotas in full.
+DEFAULT_TIERS: Mapping[TierName, Mapping[str, float]] = {
+    "priority": {"latency_factor": 0.75, "quota_share": 1.0},
+    "default": {"latency_factor": 1.0, "quota_share": 1.0},
+    "flex": {"latency_factor": 1.5, "quota_share": 0.5},
+    "reserved": {"latency_factor": 1.0, "quota_share": 1.0},
+}
+
+
 class ModelConfig(_Strict):
     """One simulated model. Every id form (profile prefixes, ARNs) resolves to it."""
 
@@ -82,6 +108,8 @@ class ModelConfig(_Strict):
     latency: LatencyConfig = LatencyConfig()
     quotas: QuotaConfig = QuotaConfig()
     faults: FaultConfig = FaultConfig()
+    #: Service tiers this model offers (None: all); others are a ValidationException.
+    service_tiers: tuple[TierName, ...] | None = None
 
 
 class AuthConfig(_Strict):
@@ -166,6 +194,19 @@ class SimulatorConfig(_Strict):
     #: ApplyGuardrail intervenes when the text contains one of these (case-insensitive).
     guardrail_blocked_words: tuple[str, ...] = ()
     guardrail_blocked_message: str = "Sorry, the model cannot answer this question."
+    #: Service tiers by name; a file's entries merge onto :data:`DEFAULT_TIERS`.
+    service_tiers: dict[TierName, TierConfig] = Field(
+        default_factory=lambda: {k: TierConfig.model_validate(v) for k, v in DEFAULT_TIERS.items()}
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_default_tiers(cls, data: Any) -> Any:
+        given = data.get("service_tiers") if isinstance(data, dict) else None
+        if not isinstance(given, dict):
+            return data
+        merged = {k: _merge_tier(v, given.get(k)) for k, v in DEFAULT_TIERS.items()}
+        return {**data, "service_tiers": {**given, **merged}}
 
     @model_validator(mode="before")
     @classmethod
@@ -180,6 +221,12 @@ class SimulatorConfig(_Strict):
             base = merged.get(model_id, {})
             merged[model_id] = merge_patch(base, spec) if isinstance(spec, dict) else spec
         return {**data, "models": merged}
+
+
+def _merge_tier(default: Mapping[str, Any], given: Any) -> Any:
+    if given is None:
+        return default
+    return merge_patch(default, given) if isinstance(given, Mapping) else given
 
 
 class SimulatorConfigError(ValueError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import binascii
 import re
 from base64 import b64decode
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -19,6 +19,7 @@ import orjson
 from proxy.errors import BedrockError
 from proxy.simulator.config import ModelConfig
 from proxy.simulator.text import Directives, count_tokens, parse_directives, round_tokens
+from proxy.simulator.tools import PREFACE_TOKENS, Dialect, ToolUse, plan_tool_use
 
 __all__ = ["Call", "converse_call", "parse_anthropic", "parse_count_tokens", "parse_json"]
 
@@ -44,8 +45,10 @@ class Call:
     input_tokens: int
     max_tokens: int  # the request's cap on output, else the model's maximum (also reserved)
     output_tokens: int  # what the reply will contain
-    stop_reason: str  # "end_turn", or "max_tokens" when the cap cut the reply short
+    stop_reason: str  # "end_turn", "max_tokens" when the cap cut the reply short, "tool_use"
     directives: Directives
+    #: The tool the reply calls (after ``output_tokens`` of text), if any.
+    tool: ToolUse | None = None
 
 
 def _malformed(detail: str) -> BedrockError:
@@ -150,7 +153,7 @@ def parse_anthropic(body: bytes, model: ModelConfig, default_output: int) -> Cal
     system: list[str] = []
     if "system" in doc:
         extra += _text_of_blocks(doc["system"], "#/system", system)
-    return _call(prompt, system, extra, max_tokens, default_output)
+    return _with_tool(_call(prompt, system, extra, max_tokens, default_output), doc, "anthropic")
 
 
 def _coral(message: str) -> BedrockError:
@@ -220,7 +223,16 @@ def converse_call(doc: Any, model: ModelConfig, default_output: int) -> Call:
         extra += len(orjson.dumps(doc["toolConfig"])) / 4
     max_tokens = _converse_max_tokens(doc.get("inferenceConfig"), model)
     cap = model.max_output_tokens if max_tokens is None else max_tokens
-    return _call("\n".join(parts), system, extra, cap, default_output)
+    return _with_tool(_call("\n".join(parts), system, extra, cap, default_output), doc, "converse")
+
+
+def _with_tool(call: Call, doc: dict[str, Any], dialect: Dialect) -> Call:
+    """The call with its tool use decided: a short text preface, then the tool call."""
+    tool = plan_tool_use(doc, dialect, call.directives.tool)
+    if tool is None:
+        return call
+    preface = min(PREFACE_TOKENS, call.output_tokens)
+    return replace(call, output_tokens=preface, stop_reason="tool_use", tool=tool)
 
 
 def _converse_max_tokens(inference: Any, model: ModelConfig) -> int | None:

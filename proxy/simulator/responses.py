@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import orjson
 
 from proxy.eventstream import event_frame
+from proxy.simulator.tools import ToolUse, anthropic_tool_events, converse_tool_frames
 
 __all__ = [
     "ConverseStream",
@@ -47,12 +48,19 @@ class Reply:
     model_name: str
     tokens: tuple[str, ...]
     input_tokens: int
-    stop_reason: str  # Anthropic's spelling: end_turn | max_tokens
+    stop_reason: str  # Anthropic's spelling: end_turn | max_tokens | tool_use
+    #: A tool call after the text (stop_reason ``tool_use``).
+    tool: ToolUse | None = None
+
+    @property
+    def tool_tokens(self) -> int:
+        """Output tokens of the tool call (0 without one)."""
+        return 0 if self.tool is None else self.tool.tokens
 
     @property
     def output_tokens(self) -> int:
-        """Output tokens the reply carries."""
-        return len(self.tokens)
+        """Output tokens the reply carries: its text, then its tool call."""
+        return len(self.tokens) + self.tool_tokens
 
     @property
     def text(self) -> str:
@@ -68,12 +76,30 @@ def invoke_body(reply: Reply) -> bytes:
             "type": "message",
             "role": "assistant",
             "model": reply.model_name,
-            "content": [{"type": "text", "text": reply.text}],
+            "content": _anthropic_content(reply),
             "stop_reason": reply.stop_reason,
             "stop_sequence": None,
             "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens},
         }
     )
+
+
+def _anthropic_content(reply: Reply) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = [{"type": "text", "text": reply.text}]
+    tool = reply.tool
+    if tool is not None:
+        use = {"type": "tool_use", "id": tool.tool_use_id, "name": tool.name, "input": tool.input}
+        content.append(use)
+    return content
+
+
+def _converse_content(reply: Reply) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = [{"text": reply.text}]
+    tool = reply.tool
+    if tool is not None:
+        use = {"toolUseId": tool.tool_use_id, "name": tool.name, "input": tool.input}
+        content.append({"toolUse": use})
+    return content
 
 
 def _usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
@@ -88,7 +114,7 @@ def converse_body(reply: Reply, latency_ms: int, echo: Mapping[str, Any]) -> byt
     """Converse's response; ``echo`` carries ``performanceConfig`` / ``serviceTier`` if sent."""
     return orjson.dumps(
         {
-            "output": {"message": {"role": "assistant", "content": [{"text": reply.text}]}},
+            "output": {"message": {"role": "assistant", "content": _converse_content(reply)}},
             "stopReason": reply.stop_reason,
             "usage": _usage(reply.input_tokens, reply.output_tokens),
             "metrics": {"latencyMs": latency_ms},
@@ -157,8 +183,10 @@ class InvokeStream:
         )
 
     def tail(self, output_tokens: int, latency_ms: int, first_byte_ms: int) -> list[bytes]:
-        """``content_block_stop``, ``message_delta`` (usage) and ``message_stop`` (metrics)."""
+        """``content_block_stop``, a tool call, ``message_delta`` (usage), ``message_stop``."""
         reply = self._reply
+        output_tokens += reply.tool_tokens
+        tool = [] if reply.tool is None else anthropic_tool_events(reply.tool, 1)
         metrics = {
             "inputTokenCount": reply.input_tokens,
             "outputTokenCount": output_tokens,
@@ -168,6 +196,7 @@ class InvokeStream:
         delta = {"stop_reason": reply.stop_reason, "stop_sequence": None}
         return [
             _chunk({"type": "content_block_stop", "index": 0}),
+            *map(_chunk, tool),
             _chunk(
                 {"type": "message_delta", "delta": delta, "usage": {"output_tokens": output_tokens}}
             ),
@@ -199,8 +228,10 @@ class ConverseStream:
         )
 
     def tail(self, output_tokens: int, latency_ms: int, first_byte_ms: int) -> list[bytes]:
-        """``contentBlockStop``, ``messageStop`` and ``metadata`` (usage, metrics)."""
+        """``contentBlockStop``, a tool call, ``messageStop`` and ``metadata`` (usage, metrics)."""
         reply = self._reply
+        output_tokens += reply.tool_tokens
+        tool = [] if reply.tool is None else converse_tool_frames(reply.tool, 1)
         metadata = {
             "usage": _usage(reply.input_tokens, output_tokens),
             "metrics": {"latencyMs": latency_ms},
@@ -208,6 +239,7 @@ class ConverseStream:
         }
         return [
             _BLOCK_STOP,
+            *tool,
             event_frame("messageStop", orjson.dumps({"stopReason": reply.stop_reason})),
             event_frame("metadata", orjson.dumps(metadata)),
         ]

@@ -88,6 +88,8 @@ class Directives:
     output_tokens: int | None = None
     fail: str | None = None
     stream_error_after: int | None = None
+    #: A tool the reply calls (``*``: the first offered); see :mod:`proxy.simulator.tools`.
+    tool: str | None = None
 
 
 NO_DIRECTIVES = Directives()
@@ -97,14 +99,14 @@ def parse_directives(text: str) -> Directives:
     """Parse every ``[[sim:key=value]]`` in ``text``; raises ``ValueError`` on a bad one.
 
     Keys: ``output_tokens=N``, ``fail=throttle|unavailable|timeout|internal|stream_error|
-    stream_throttle``, ``stream_error_after=N``.
+    stream_throttle``, ``stream_error_after=N``, ``tool=NAME|*``.
     """
     if "[[sim:" not in text:
         return NO_DIRECTIVES
     found: dict[str, str] = {}
     for match in _DIRECTIVE.finditer(text):
         found[match.group(1)] = match.group(2)
-    unknown = set(found) - {"output_tokens", "fail", "stream_error_after"}
+    unknown = set(found) - {"output_tokens", "fail", "stream_error_after", "tool"}
     if unknown or not found:
         raise ValueError(f"unknown simulator directive in {text[text.index('[[sim:') :][:60]!r}")
     fail = found.get("fail")
@@ -114,6 +116,7 @@ def parse_directives(text: str) -> Directives:
         output_tokens=_non_negative(found, "output_tokens"),
         fail=fail,
         stream_error_after=_non_negative(found, "stream_error_after"),
+        tool=found.get("tool") or None,
     )
 
 

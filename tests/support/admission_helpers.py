@@ -14,7 +14,7 @@ import redis.cluster
 
 from proxy.admission import AdmitPlan, Bucket
 from proxy.admission.model import KEY_PREFIX
-from proxy.backend import EmbeddedStore
+from proxy.backend.store import EmbeddedStore
 
 
 def new_pool() -> str:
@@ -74,7 +74,6 @@ def dump_state(backend: Backend, store: Any, pool: str) -> Any:
             p.ttat,
             p.dyn,
             dict(p.leases.by_id),
-            [list(s) for s in p.ring],
             {k: (w.rtat, w.ttat, dict(w.leases.by_id)) for k, w in p.workloads.items()},
         )
     client = backend.client()

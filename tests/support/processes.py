@@ -227,6 +227,10 @@ class Sluice(Proc):
         if tls:
             cmd += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
         cmd += extra_args or []
+        if redis_url and not {"--fleet", "--no-fleet"} & set(cmd):
+            # Tests share Redis servers across policies: each process follows a fleet of its
+            # own unless the test joins several into one (--fleet NAME).
+            cmd += ["--fleet", f"test-{self.port}-{os.getpid()}"]
         base_env = {
             "AWS_ACCESS_KEY_ID": UPSTREAM_KEY_ID,
             "AWS_SECRET_ACCESS_KEY": UPSTREAM_SECRET,

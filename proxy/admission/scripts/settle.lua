@@ -1,22 +1,18 @@
 -- settle.lua: settle a batch of finished requests of ONE pool.
 -- Mirrors model.refund: leases are dropped, (reserved - actual) tokens given back to the
--- pool and workload token buckets (negative = extra debt; never above a full bucket), and
--- the batch's upstream outcomes added to the current second of the pool's stats ring.
+-- pool and workload token buckets (negative = extra debt; never above a full bucket).
 --
 -- Also withdraws waiters that stopped waiting, and PUBLISHes one wake-up on the pool's
 -- channel when anything was released while someone waits (no waiters: no message).
 --
--- KEYS: 1 pool hash, 2 pool leases zset, 3 stats hash, 4 waiters zset, 5 waiters expiry
---       zset, 5+i workload leases zset of group i
--- ARGV: 1 number of groups g, 2 requests n, 3 throttled, 4 latency sum ms, 5 wake-up
---       channel, 6 withdrawn waiters m, then m waiter ids,
+-- KEYS: 1 pool hash, 2 pool leases zset, 3 waiters zset, 4 waiters expiry zset,
+--       4+i workload leases zset of group i
+-- ARGV: 1 number of groups g, 2 wake-up channel, 3 withdrawn waiters m, then m waiter ids,
 --       then per group: packed params (<12d>), workload, refund tokens, lease count c, c ids
 -- Returns the number of leases that were still held (the others had expired).
 
 local t = redis.call('TIME')
-local sec = tonumber(t[1])
-local now = sec * 1000 + tonumber(t[2]) / 1000
-local RING = 16
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local spack, sunpack = struct.pack, struct.unpack
 
 local function refund(tat, amount, rate)
@@ -26,18 +22,18 @@ local function refund(tat, amount, rate)
   return tat
 end
 
-local pk, plk, sk, wk, wek = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local pk, plk, wk, wek = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local held = 0
 local groups = {}
 local fields = {}
-local m = tonumber(ARGV[6])
+local m = tonumber(ARGV[3])
 local withdrawn = 0
 if m > 0 then
-  local ids = { unpack(ARGV, 7, 6 + m) }
+  local ids = { unpack(ARGV, 4, 3 + m) }
   withdrawn = redis.call('ZREM', wek, unpack(ids))
   redis.call('ZREM', wk, unpack(ids))
 end
-local j = 7 + m
+local j = 4 + m
 for i = 1, tonumber(ARGV[1]) do
   local p = { sunpack('<dddddddddddd', ARGV[j]) }
   local amount = tonumber(ARGV[j + 2])
@@ -45,7 +41,7 @@ for i = 1, tonumber(ARGV[1]) do
   if c > 0 then
     local ids = { unpack(ARGV, j + 4, j + 3 + c) }
     held = held + redis.call('ZREM', plk, unpack(ids))
-    if p[11] >= 0 then redis.call('ZREM', KEYS[5 + i], unpack(ids)) end
+    if p[11] >= 0 then redis.call('ZREM', KEYS[4 + i], unpack(ids)) end
   end
   if amount ~= 0 and (p[5] > 0 or p[10] > 0) then
     groups[#groups + 1] = { p = p, field = 'w:' .. ARGV[j + 1], amount = amount }
@@ -83,22 +79,7 @@ if #groups > 0 then
   if #hset > 0 then redis.call('HSET', pk, unpack(hset)) end
 end
 
--- Outcome ring: slot sec % RING holds one second; a stale slot is overwritten, so the
--- hash stays small without per-second keys (which a script could not declare in KEYS).
-local reqs = tonumber(ARGV[2])
-if reqs > 0 then
-  local slot = tostring(sec % RING)
-  if tonumber(redis.call('HGET', sk, 's' .. slot)) == sec then
-    redis.call('HINCRBY', sk, 'n' .. slot, ARGV[2])
-    if ARGV[3] ~= '0' then redis.call('HINCRBY', sk, 't' .. slot, ARGV[3]) end
-    redis.call('HINCRBYFLOAT', sk, 'l' .. slot, ARGV[4])
-  else
-    redis.call('HSET', sk, 's' .. slot, t[1], 'n' .. slot, ARGV[2], 't' .. slot, ARGV[3],
-      'l' .. slot, ARGV[4])
-    redis.call('PEXPIRE', sk, RING * 1000 + 1000)
-  end
-end
 if (held > 0 or withdrawn > 0 or #groups > 0) and redis.call('ZCARD', wek) > 0 then
-  redis.call('PUBLISH', ARGV[5], tostring(held))
+  redis.call('PUBLISH', ARGV[2], tostring(held))
 end
 return held

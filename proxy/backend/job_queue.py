@@ -1,0 +1,336 @@
+"""The durable queue on Redis Streams: one stream and consumer group per (pool, workload).
+
+Key layout (``{<pool>}`` is the Cluster hash tag, so each script touches one slot)::
+
+    sluice:{<pool>}:jobs:<workload>        stream  b=batch r=recordId i=modelInput [m=model]
+    sluice:{<pool>}:jobs:<workload>:att    hash    entry id -> attempts (counted by Sluice)
+    sluice:{<pool>}:jobs:<workload>:rate   hash    10-second bucket -> records finished
+    sluice:{<pool>}:batch:<id>             hash    meta and counters
+    sluice:{<pool>}:batch:<id>:out         hash    recordId -> output line (HSETNX: one each)
+    sluice:{<pool>}:dlq                    hash    dead-letter id -> entry (JSON)
+    sluice:{<pool>}:dlq:n                  hash    "<workload>\\t<reason>" -> count
+    sluice:jobs:streams                    set     "<pool>\\t<workload>" of every stream
+    sluice:jobs:batches                    zset    batch id -> created ms (listing)
+
+A record costs one claim script (XPENDING/XCLAIM or XREADGROUP, plus the attempt
+count) and one completion script (HSETNX the line, counters, XACK, XDEL) besides its
+admission. A worker killed mid-record leaves its entry pending; the next claim after
+the lease takes it over (XPENDING IDLE + XCLAIM), attempts intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import orjson
+
+from proxy.backend.client import FAILURES, ResponseError, redis_client
+from proxy.backend.keys import JOB_BATCHES, JOB_STREAMS, pool_tag
+from proxy.backend.runner import ScriptRunner
+from proxy.jobs.queue import GROUP, BatchMeta, Claimed, DeadLetter, QueueUnavailable, Stream
+from proxy.jobs.queue import pool_of as _pool_of
+from proxy.jobs.records import Record
+
+log = logging.getLogger("sluice.jobs")
+T = TypeVar("T")
+_STREAMS = JOB_STREAMS
+_BATCHES = JOB_BATCHES
+_CHUNK = 2000
+_SCRIPTS = ("job_claim", "job_has_work", "job_renew", "job_finish", "job_finish_next", "job_replay")
+
+
+_tag = pool_tag
+
+
+def _stream_key(s: Stream) -> str:
+    return f"{_tag(s.pool)}:jobs:{s.workload}"
+
+
+def _batch_key(pool: str, batch_id: str) -> str:
+    return f"{_tag(pool)}:batch:{batch_id}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _meta(batch_id: str, h: dict[Any, Any]) -> BatchMeta:
+    g = {_text(k): _text(v) for k, v in h.items()}
+    return BatchMeta(
+        batch_id=batch_id,
+        workload=g["workload"],
+        pool=g["pool"],
+        model=g["model"],
+        invocation="converse" if g["inv"] == "converse" else "invoke",
+        records=int(g["records"]),
+        created_ms=int(g["created"]),
+        succeeded=int(g.get("ok", 0)),
+        failed=int(g.get("err", 0)),
+        cancelled=g.get("status") == "cancelled",
+        input_tokens=int(g.get("in_tok", 0)),
+        output_tokens=int(g.get("out_tok", 0)),
+    )
+
+
+def _claimed(stream: Stream, res: Any) -> Claimed | None:
+    """The claim script's reply ({id, flat fields, attempts} or nil) as a :class:`Claimed`."""
+    if not res:
+        return None
+    entry_id, flat, attempts = res
+    fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+    model = fields.get("m")
+    return Claimed(
+        stream=stream,
+        entry_id=_text(entry_id),
+        batch_id=_text(fields["b"]),
+        record_id=_text(fields["r"]),
+        model_input=bytes(fields["i"]),
+        model=_text(model) if model else None,
+        attempts=int(attempts),
+    )
+
+
+def _dead_letter(raw: bytes | str) -> DeadLetter:
+    return DeadLetter.from_json(orjson.loads(raw))
+
+
+class RedisQueue:
+    """:class:`proxy.jobs.queue.JobQueue` on Redis or Redis Cluster."""
+
+    def __init__(self, url: str, *, timeout_s: float = 2.0) -> None:
+        # Typed loosely: redis-py's stubs cannot express replies of our own scripts.
+        self._client: Any = redis_client(url, timeout_s)
+        self._timeout_s = timeout_s
+        self._runner = ScriptRunner(self._client, _SCRIPTS, timeout_s, log)
+
+    async def _call(self, aw: Awaitable[T], what: str) -> T:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await aw
+        except FAILURES as exc:
+            raise QueueUnavailable(f"{what}: {type(exc).__name__}: {exc}") from None
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """``scripts/job_<name>.lua`` (loaded on first use; raises QueueUnavailable)."""
+        return await self._runner.run(f"job_{name}", keys, args)
+
+    async def start(self) -> None:
+        """Warn when Redis would lose accepted records on a restart (no AOF)."""
+        try:
+            info = await self._call(self._client.config_get("appendonly"), "config get")
+        except (QueueUnavailable, ResponseError):
+            return  # managed Redis often forbids CONFIG; nothing to check then
+        values = list(info.values()) if isinstance(info, dict) else []
+        if values and all(_text(v) != "yes" for v in values):
+            log.warning(
+                "redis has no AOF (appendonly no): batch records accepted since the last "
+                "snapshot are lost if Redis restarts; set appendonly yes"
+            )
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+    async def submit(self, meta: BatchMeta, records: list[Record]) -> None:
+        """Meta, consumer group and every record, pipelined in chunks; durable on return."""
+        stream = _stream_key(meta.stream)
+        mapping = {
+            "workload": meta.workload,
+            "pool": meta.pool,
+            "model": meta.model,
+            "inv": meta.invocation,
+            "records": meta.records,
+            "created": meta.created_ms,
+            "status": "running",
+        }
+        await self._call(
+            self._client.hset(_batch_key(meta.pool, meta.batch_id), mapping=mapping), "submit"
+        )
+        try:
+            await self._call(
+                self._client.xgroup_create(stream, GROUP, id="0", mkstream=True), "submit"
+            )
+        except QueueUnavailable as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        for start in range(0, len(records), _CHUNK):
+            pipe = self._client.pipeline(transaction=False)
+            for r in records[start : start + _CHUNK]:
+                fields = {"b": meta.batch_id, "r": r.record_id, "i": r.model_input}
+                pipe.xadd(stream, fields)
+            await self._call(pipe.execute(), "submit")
+        await self._call(self._client.sadd(_STREAMS, f"{meta.pool}\t{meta.workload}"), "submit")
+        await self._call(self._client.zadd(_BATCHES, {meta.batch_id: meta.created_ms}), "submit")
+
+    async def streams(self) -> list[Stream]:
+        """Every (pool, workload) a batch was submitted to."""
+        members = await self._call(self._client.smembers(_STREAMS), "streams")
+        out = [Stream(*_text(m).split("\t", 1)) for m in members]
+        return sorted(out)
+
+    async def claim(self, stream: Stream, consumer: str, lease_ms: int) -> Claimed | None:
+        """Expired lease first, else the next new record; the attempt is counted here."""
+        key = _stream_key(stream)
+        res = await self._script("claim", [key, key + ":att"], [GROUP, consumer, lease_ms])
+        return _claimed(stream, res)
+
+    async def complete_and_claim(
+        self,
+        claimed: Claimed,
+        line: bytes,
+        tokens: tuple[int, int],
+        consumer: str,
+        lease_ms: int,
+    ) -> tuple[bool, Claimed | None]:
+        """One script: finish ``claimed`` as succeeded and claim the stream's next record."""
+        args = [GROUP, claimed.entry_id, claimed.record_id, line, "ok", *tokens, consumer, lease_ms]
+        new, res = await self._script("finish_next", self._finish_keys(claimed), args)
+        return bool(new), _claimed(claimed.stream, res)
+
+    async def has_work(self, stream: Stream, lease_ms: int) -> bool:
+        """Undelivered entries after the group's last-delivered id, or an expired lease."""
+        res = await self._script("has_work", [_stream_key(stream)], [GROUP, lease_ms])
+        return bool(res)
+
+    async def renew(
+        self, stream: Stream, consumer: str, entry_ids: list[str], lease_ms: int
+    ) -> list[str]:
+        """Reset the idle time of the entries this consumer still owns."""
+        kept = await self._script("renew", [_stream_key(stream)], [GROUP, consumer, *entry_ids])
+        return [_text(k) for k in kept]
+
+    async def next_attempt(self, claimed: Claimed) -> int:
+        """HINCRBY the entry's attempt count."""
+        key = _stream_key(claimed.stream) + ":att"
+        return int(await self._call(self._client.hincrby(key, claimed.entry_id, 1), "attempt"))
+
+    def _finish_keys(self, c: Claimed) -> list[str]:
+        key = _stream_key(c.stream)
+        batch = _batch_key(c.stream.pool, c.batch_id)
+        return [key, key + ":att", batch, batch + ":out", key + ":rate"]
+
+    async def complete(
+        self, claimed: Claimed, line: bytes | None, ok: bool, tokens: tuple[int, int]
+    ) -> bool:
+        """One script: the line (if new), the counters, XACK and XDEL."""
+        outcome = "skip" if line is None else ("ok" if ok else "err")
+        args = [GROUP, claimed.entry_id, claimed.record_id, line or b"", outcome, *tokens]
+        res = await self._script("finish", self._finish_keys(claimed), args)
+        return bool(res)
+
+    async def dead_letter(self, claimed: Claimed, entry: DeadLetter, line: bytes) -> bool:
+        """The error line plus the dead-letter entry, in the same script."""
+        tag = _tag(claimed.stream.pool)
+        args = [
+            GROUP, claimed.entry_id, claimed.record_id, line, "err", 0, 0,
+            entry.dlq_id, orjson.dumps(entry.to_json()), f"{entry.workload}\t{entry.reason}",
+        ]  # fmt: skip
+        keys = [*self._finish_keys(claimed), f"{tag}:dlq", f"{tag}:dlq:n"]
+        return bool(await self._script("finish", keys, args))
+
+    async def batch(self, batch_id: str) -> BatchMeta | None:
+        """HGETALL of the batch hash (the id names its pool)."""
+        pool = _pool_of(batch_id)
+        if pool is None:
+            return None
+        h = await self._call(self._client.hgetall(_batch_key(pool, batch_id)), "batch")
+        return _meta(batch_id, h) if h else None
+
+    async def batches(self, workload: str | None) -> list[BatchMeta]:
+        """Newest first (at most 1,000)."""
+        ids = await self._call(self._client.zrevrange(_BATCHES, 0, 999), "batches")
+        metas = [await self.batch(_text(i)) for i in ids]
+        return [m for m in metas if m is not None and workload in (None, m.workload)]
+
+    async def output(self, batch_id: str) -> AsyncIterator[bytes]:
+        """HSCAN of the output hash, one line at a time."""
+        pool = _pool_of(batch_id)
+        if pool is None:
+            return
+        key = _batch_key(pool, batch_id) + ":out"
+        cursor = 0
+        while True:
+            cursor, chunk = await self._call(self._client.hscan(key, cursor, count=1000), "output")
+            for line in chunk.values():
+                yield bytes(line)
+            if cursor == 0:
+                return
+
+    async def cancel(self, batch_id: str) -> BatchMeta | None:
+        """Mark cancelled, then drop the batch's entries from its stream."""
+        meta = await self.batch(batch_id)
+        if meta is None:
+            return None
+        await self._call(
+            self._client.hset(_batch_key(meta.pool, batch_id), "status", "cancelled"), "cancel"
+        )
+        key = _stream_key(meta.stream)
+        start = "-"
+        while True:
+            entries = await self._call(self._client.xrange(key, start, "+", count=1000), "cancel")
+            mine = [eid for eid, f in entries if _text(f.get(b"b", b"")) == batch_id]
+            if mine:
+                await self._call(self._client.xack(key, GROUP, *mine), "cancel")
+                await self._call(self._client.xdel(key, *mine), "cancel")
+            if len(entries) < 1000:
+                break
+            start = "(" + _text(entries[-1][0])
+        meta.cancelled = True
+        return meta
+
+    async def depth(self, stream: Stream) -> tuple[int, float]:
+        """XLEN, and the age of the first entry from its id's milliseconds."""
+        key = _stream_key(stream)
+        length = await self._call(self._client.xlen(key), "depth")
+        if not length:
+            return 0, 0.0
+        first = await self._call(self._client.xrange(key, "-", "+", count=1), "depth")
+        if not first:
+            return int(length), 0.0
+        ms = int(_text(first[0][0]).split("-")[0])
+        return int(length), max(0.0, time.time() - ms / 1000)
+
+    async def drain_rate(self, stream: Stream) -> float:
+        """The last six complete 10-second buckets, per second (Redis's clock)."""
+        key = _stream_key(stream) + ":rate"
+        now_s, _ = await self._call(self._client.time(), "rate")
+        current = int(now_s) // 10
+        h = await self._call(self._client.hgetall(key), "rate")
+        done = sum(int(v) for k, v in h.items() if current - 6 <= int(_text(k)) < current)
+        return done / 60.0
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """HVALS of every pool's dead-letter hash."""
+        pools = sorted({s.pool for s in await self.streams()})
+        out: list[DeadLetter] = []
+        for pool in pools:
+            raw = await self._call(self._client.hvals(f"{_tag(pool)}:dlq"), "dlq")
+            out.extend(_dead_letter(r) for r in raw)
+        return sorted(out, key=lambda d: d.at_ms)
+
+    async def dead_letter_by_id(self, dlq_id: str) -> DeadLetter | None:
+        """HGET by id (the id names its pool)."""
+        pool = _pool_of(dlq_id)
+        if pool is None:
+            return None
+        raw = await self._call(self._client.hget(f"{_tag(pool)}:dlq", dlq_id), "dlq")
+        return _dead_letter(raw) if raw else None
+
+    async def replay(self, entry: DeadLetter, model: str | None) -> bool:
+        """One script: drop the entry and its error line, XADD the record again."""
+        tag = _tag(entry.pool)
+        batch = _batch_key(entry.pool, entry.batch_id)
+        stream = _stream_key(Stream(entry.pool, entry.workload))
+        fields: list[Any] = ["b", entry.batch_id, "r", entry.record_id, "i", entry.model_input]
+        if model:
+            fields += ["m", model]
+        res = await self._script(
+            "replay",
+            [f"{tag}:dlq", f"{tag}:dlq:n", batch + ":out", batch, stream],
+            [entry.dlq_id, entry.record_id, f"{entry.workload}\t{entry.reason}", *fields],
+        )
+        return bool(res)

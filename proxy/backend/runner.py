@@ -1,0 +1,113 @@
+"""The one way Sluice runs a Lua script in Redis.
+
+Scripts are files (``scripts/<name>.lua``, see :mod:`.lua`), loaded with ``SCRIPT LOAD``
+(on every primary of a cluster) and called by SHA. A ``NOSCRIPT`` reply (restart,
+failover, ``SCRIPT FLUSH``) reloads them all and retries once. Every call is bounded by
+the runner's timeout and any failure is one :class:`~proxy.backend.BackendUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import orjson
+
+from proxy.backend import BackendUnavailable
+from proxy.backend.client import FAILURES, NoScriptError, Redis, RedisCluster
+from proxy.backend.late import outlive
+from proxy.backend.lua import load_script
+
+__all__ = ["Arg", "ScriptRunner", "event", "why"]
+
+Arg = bytes | str | int | float
+
+
+def why(exc: BaseException) -> str:
+    """An error for a log line or message."""
+    # redis-py 8's repr() of server errors hides the message; str() alone hides the type.
+    return f"{type(exc).__name__}: {exc}"
+
+
+def event(log: logging.Logger, level: int, name: str, **fields: object) -> None:
+    """One structured log line (a JSON object with stable field names)."""
+    if log.isEnabledFor(level):
+        log.log(level, orjson.dumps({"event": name, **fields}, default=str).decode())
+
+
+class ScriptRunner:
+    """Runs the named scripts through one client, each call within ``timeout_s``."""
+
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        names: Iterable[str],
+        timeout_s: float,
+        log: logging.Logger,
+    ) -> None:
+        self._client = client
+        self._timeout = timeout_s
+        self._log = log
+        self._scripts = {name: load_script(name) for name in names}
+        self._sha: dict[str, str] = {}
+        #: Timed-out calls still waiting for Redis's reply (see :meth:`run` with ``late``).
+        self.late: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        """Load every script; a cluster reads its slot map first, so allow at least 2 s."""
+        try:
+            async with asyncio.timeout(max(self._timeout, 2.0)):
+                await self._load()
+        except FAILURES as exc:
+            raise BackendUnavailable(f"cannot load scripts: {why(exc)}") from exc
+
+    def abandon(self) -> None:
+        """Stop waiting for late replies (on close: what they granted expires with its TTL)."""
+        for task in list(self.late):
+            task.cancel()
+
+    async def ping(self) -> bool:
+        """True when Redis answers PING within the timeout."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return bool(await self._client.ping())
+        except FAILURES:
+            return False
+
+    async def _load(self) -> None:
+        # In a cluster redis-py sends SCRIPT LOAD to every primary.
+        for name, text in self._scripts.items():
+            self._sha[name] = str(await self._client.script_load(text))
+
+    async def _call(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """EVALSHA; NOSCRIPT reloads + retries once. Unbounded."""
+        if name not in self._sha:  # not started: load on first use (the job queue does)
+            await self._load()
+        try:
+            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+        except NoScriptError:
+            event(self._log, logging.INFO, "store_script_reload", script=name)
+            await self._load()
+            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+
+    async def run(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        late: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Run ``name`` within the timeout; raises :class:`BackendUnavailable` on any failure.
+
+        With ``late``, a call that times out is not abandoned: Redis may still run the
+        script (a stall, not a loss), so the call goes on and ``late`` gets its reply.
+        """
+        try:
+            if late is None:
+                async with asyncio.timeout(self._timeout):
+                    return await self._call(name, keys, args)
+            return await outlive(self._call(name, keys, args), self._timeout, late, self.late)
+        except FAILURES as exc:
+            raise BackendUnavailable(f"redis {name} failed: {why(exc)}") from exc

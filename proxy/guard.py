@@ -1,0 +1,323 @@
+"""Connection-level protections: timeouts, caps, and Bedrock-shaped protocol errors.
+
+aiohttp's :class:`~aiohttp.web_protocol.RequestHandler` is the HTTP/1.1 connection;
+this subclass adds what it lacks for a server facing careless or hostile clients,
+all from the policy's ``server.connections`` section:
+
+* a header timeout (the request line and headers must arrive in time) and a body
+  timeout (longest pause between two body reads), answered 408 and closed;
+* an idle (keep-alive) timeout, a cap on open connections per instance and on
+  requests still sending their body — the ones nobody has identified yet;
+* parser rejections (bad method, oversized lines, too many headers, ...) answered in
+  Bedrock's shape and logged as one rate-limited structured warning, no traceback;
+* a client that half-closes (``SHUT_WR``) after a full request still gets its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from proxy.config import Connections
+from proxy.errors import BedrockError, error_response
+from proxy.guard_errors import (
+    TIMEOUT_TYPE,
+    GuardMetrics,
+    ProtocolLog,
+    Rejection,
+    describe,
+    from_http_exception,
+    raw_response,
+)
+
+_IDLE, _HEAD, _BODY = 0, 1, 2
+_PREFIX = "server.connections."
+
+
+@dataclass(slots=True)
+class GuardState:
+    """Per-process counters and settings shared by every connection."""
+
+    limits: Connections
+    metrics: GuardMetrics
+    log: ProtocolLog = field(default_factory=ProtocolLog)
+    connections: int = 0
+    unauthenticated: int = 0
+
+
+class BodyTimeout(BedrockError):
+    """Raised from ``request.read()`` when the client stops sending its body."""
+
+
+class GuardedHandler(RequestHandler):
+    """One client connection with Sluice's protections (see the module docstring)."""
+
+    def __init__(self, manager: web.Server, *, guard: GuardState, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._inner = manager.request_handler
+        self._request_handler = self._guarded
+        self._phase = _IDLE
+        self._timer: asyncio.TimerHandle | None = None
+        self._body: Any = None
+        self._last_read = 0.0
+        self._counted = False
+        self._answered = 0  # responses finished; _request_count counts requests parsed
+
+    # --- connection life ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        guard = self._guard
+        guard.connections += 1
+        self._counted = True
+        guard.metrics.open.inc()
+        if guard.connections > guard.limits.max_connections:
+            guard.metrics.refused.labels("max_connections").inc()
+            self._reject_raw(
+                Rejection(
+                    503,
+                    "ServiceUnavailableException",
+                    f"this Sluice instance has {guard.limits.max_connections} client "
+                    f"connections open ({_PREFIX}max_connections); retry shortly",
+                    "max_connections",
+                ),
+                {"Retry-After": "1"},
+            )
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_timer()
+        if self._counted:
+            self._counted = False
+            self._guard.connections -= 1
+            self._guard.metrics.open.dec()
+        super().connection_lost(exc)
+
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio reads the bool
+        # A client that shut its write side after a whole request still reads the
+        # answer: keep our side open until it is sent, then close.
+        if self._phase == _IDLE and self._request_count > self._answered:
+            self.close()
+            return True
+        return False
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._answered += 1
+
+    def _process_keepalive(self) -> None:
+        open_before = not self._force_close
+        super()._process_keepalive()
+        if open_before and self._force_close:
+            self._guard.metrics.timeouts.labels("idle").inc()
+
+    # --- reading: header and body timeouts -------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        phase = self._phase
+        if phase == _BODY:
+            self._last_read = self._loop.time()
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count != before:
+            # A head completed (the usual case: head and body in one read, no timer set).
+            if phase == _HEAD:
+                self._cancel_timer()
+            self._phase = _IDLE
+            payload = self._messages[-1][1] if self._messages else None
+            if payload is not None and not payload.is_eof():
+                self._phase, self._body, self._last_read = _BODY, payload, self._loop.time()
+                payload.on_eof(self._body_done)
+                self._arm(self._guard.limits.body_timeout_seconds, self._body_expired)
+        elif phase == _IDLE and data:
+            self._phase = _HEAD  # the first bytes of a head that is not complete yet
+            self._arm(self._guard.limits.header_timeout_seconds, self._head_expired)
+
+    def _body_done(self) -> None:
+        if self._phase == _BODY:
+            self._phase, self._body = _IDLE, None
+            self._cancel_timer()
+
+    def _head_expired(self) -> None:
+        self._timer = None
+        if self._phase != _HEAD or self.transport is None:
+            return
+        limit = self._guard.limits.header_timeout_seconds
+        self._guard.metrics.timeouts.labels("header").inc()
+        rejection = Rejection(
+            408,
+            TIMEOUT_TYPE,
+            f"the request line and headers did not arrive within {limit:g} s "
+            f"({_PREFIX}header_timeout_seconds)",
+            "header_timeout",
+        )
+        if self._request_in_progress or self._messages:
+            self._note(rejection)
+            self.force_close()  # an answer is being written: never interleave another
+        else:
+            self._reject_raw(rejection)
+
+    def _body_expired(self) -> None:
+        self._timer = None
+        body = self._body
+        if self._phase != _BODY or body is None or body.is_eof():
+            return
+        limit = self._guard.limits.body_timeout_seconds
+        left = self._last_read + limit - self._loop.time()
+        if left > 0:  # data came in since the timer was set: wait for the rest
+            self._arm(left, self._body_expired)
+            return
+        self._guard.metrics.timeouts.labels("body").inc()
+        message = f"the request body stalled for {limit:g} s ({_PREFIX}body_timeout_seconds)"
+        self._note(Rejection(408, TIMEOUT_TYPE, message, "body_timeout"))
+        self._phase, self._body = _IDLE, None
+        # The handler reading the body gets a Bedrock-shaped 408; the connection closes
+        # after it (the rest of the body will never come).
+        body.set_exception(BodyTimeout(TIMEOUT_TYPE, message, status=408))
+        self.close()
+
+    def _arm(self, delay: float, callback: Any) -> None:
+        self._cancel_timer()
+        self._timer = self._loop.call_later(delay, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # --- requests: the unauthenticated cap ---------------------------------------------
+
+    async def _guarded(self, request: BaseRequest) -> web.StreamResponse:
+        try:
+            if request.content.is_eof():  # the whole body is here: identified at once
+                return await self._inner(request)
+            return await self._capped(request)
+        except web.HTTPException as exc:  # raised by aiohttp itself (router, body size)
+            rejection = from_http_exception(exc)
+            self._guard.metrics.protocol_errors.labels(rejection.reason).inc()
+            return error_response(rejection.error_type, rejection.message, status=rejection.status)
+
+    async def _capped(self, request: BaseRequest) -> web.StreamResponse:
+        """A request still sending its body, within server.connections.max_unauthenticated."""
+        payload = request.content
+        guard = self._guard
+        limit = guard.limits.max_unauthenticated_requests
+        if guard.unauthenticated >= limit:
+            guard.metrics.refused.labels("max_unauthenticated_requests").inc()
+            message = (
+                f"this Sluice instance already has {limit} requests sending their body "
+                f"({_PREFIX}max_unauthenticated_requests); retry shortly"
+            )
+            self._note(Rejection(503, "ServiceUnavailableException", message, "max_unauth"))
+            response = error_response(
+                "ServiceUnavailableException", message, status=503, headers={"Retry-After": "1"}
+            )
+            response.force_close()
+            return response
+        guard.unauthenticated += 1
+        guard.metrics.unauthenticated.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                guard.unauthenticated -= 1
+                guard.metrics.unauthenticated.dec()
+
+        payload.on_eof(release)
+        try:
+            return await self._inner(request)
+        finally:
+            release()
+
+    # --- answers and logs ----------------------------------------------------------------
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's error answer, in Bedrock's shape and without echoing request bytes."""
+        rejection = describe(exc, status, self._guard.limits)
+        self._guard.metrics.protocol_errors.labels(rejection.reason).inc()
+        self._note(rejection, error=type(exc).__name__ if exc is not None else None)
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was already started; closing the connection")
+        response = error_response(rejection.error_type, rejection.message, status=rejection.status)
+        response.force_close()
+        return response
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        exc = kw.get("exc_info")
+        if isinstance(exc, BodyTimeout):
+            return  # already counted and logged when the timer fired
+        name = type(exc).__name__ if isinstance(exc, BaseException) else None
+        self._guard.log.warn("connection_error", self._peer(), error=name)
+
+    def _note(self, rejection: Rejection, **fields: object) -> None:
+        self._guard.log.warn(rejection.reason, self._peer(), status=rejection.status, **fields)
+
+    def _reject_raw(self, rejection: Rejection, extra: dict[str, str] | None = None) -> None:
+        self._note(rejection)
+        transport = self.transport
+        if transport is not None:
+            transport.write(raw_response(rejection, extra))
+        self.force_close()
+
+    def _peer(self) -> str | None:
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+
+class GuardedServer(web.Server):
+    """aiohttp's low-level server, making :class:`GuardedHandler` connections."""
+
+    guard: GuardState
+
+    def __call__(self) -> RequestHandler:
+        return GuardedHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
+
+
+class GuardedRunner(web.AppRunner):
+    """An AppRunner whose connections are :class:`GuardedHandler`."""
+
+    def __init__(self, app: web.Application, guard: GuardState, **kwargs: Any) -> None:
+        limits = guard.limits
+        kwargs.setdefault("keepalive_timeout", limits.keepalive_timeout_seconds)
+        kwargs.setdefault("max_line_size", limits.max_header_line_bytes)
+        kwargs.setdefault("max_field_size", limits.max_header_line_bytes)
+        kwargs.setdefault("max_headers", limits.max_headers)
+        super().__init__(app, **kwargs)
+        self._guard = guard
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # Server builds a plain RequestHandler per connection; swap in the guarded one.
+        server.__class__ = GuardedServer
+        assert isinstance(server, GuardedServer)
+        server.guard = self._guard
+        return server
+
+
+def guarded_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
+    """The runner for ``app``: guarded when it is a Sluice proxy app, plain otherwise."""
+    from proxy.app import METRICS, POLICY
+
+    if POLICY not in app or METRICS not in app:
+        return web.AppRunner(app, **kwargs)
+    limits = app[POLICY].policy.server.connections
+    state = GuardState(limits, GuardMetrics(app[METRICS].registry))
+    return GuardedRunner(app, state, **kwargs)

@@ -1,0 +1,338 @@
+"""``/sluice/v1/batches`` and ``/sluice/v1/dlq``: submit, watch, fetch, cancel, replay.
+
+Every route identifies its caller exactly like a Bedrock call (SigV4 key, bearer key,
+header mode, default workload); a batch belongs to the caller's workload and is
+visible only to it. Every refusal is Bedrock-shaped and counted in
+``sluice_rejections_total``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from proxy.admission.gate import retry_headers
+from proxy.errors import BedrockError, from_exception
+from proxy.jobs.queue import BatchMeta, DeadLetter, QueueUnavailable, new_id
+from proxy.jobs.records import INVOCATIONS, BatchInputError, Invocation, manifest, parse_jsonl
+from proxy.jobs.runtime import JOBS, Jobs
+from proxy.pipeline.identify import Caller, identify
+from proxy.policy import CompiledPolicy
+
+log = logging.getLogger("sluice.jobs")
+PREFIX = "/sluice/v1"
+#: Retry-After bounds for a producer refused by the queue cap.
+_MIN_RETRY_S, _MAX_RETRY_S, _NO_RATE_RETRY_S = 1, 3600, 60
+
+
+def _jobs(request: web.Request) -> Jobs:
+    return request.app[JOBS]
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_WORKLOAD = "sluice_workload"  # request-scoped: the identified workload, for metric labels
+_QUEUE_DOWN_RETRY_MS = 1000
+
+
+def _answers(handler: Handler) -> Handler:
+    """Answer a :class:`BedrockError` (or an unreachable queue, 503) in Bedrock's shape."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except QueueUnavailable as exc:
+            log.warning("batch queue unavailable: %s", exc)
+            error = BedrockError(
+                "ServiceUnavailableException",
+                "Sluice's batch queue store is unreachable; nothing was changed by this "
+                f"request; retry in {_QUEUE_DOWN_RETRY_MS // 1000} s",
+                status=503,
+                headers=retry_headers(_QUEUE_DOWN_RETRY_MS),
+            )
+        except BedrockError as exc:
+            error = exc
+        workload = request.get(_WORKLOAD, "-")
+        _jobs(request).metrics_app.rejections.labels(error.error_type, workload).inc()
+        return from_exception(error)
+
+    return wrapped
+
+
+def _caller(request: web.Request, body: bytes = b"") -> Caller:
+    jobs = _jobs(request)
+    caller = identify(
+        jobs.policy, request.method, request.host, request.raw_path, request.headers, body
+    )
+    request[_WORKLOAD] = caller.workload.name
+    return caller
+
+
+def _json(doc: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
+
+
+async def _status_doc(jobs: Jobs, meta: BatchMeta) -> dict[str, object]:
+    depth, age = await jobs.queue.depth(meta.stream)
+    rate = await jobs.queue.drain_rate(meta.stream)
+    pending = meta.pending
+    eta = None if pending == 0 or rate <= 0 else round(pending / rate, 1)
+    info = {
+        "records": meta.records,
+        "succeeded": meta.succeeded,
+        "failed": meta.failed,
+        "inputTokens": meta.input_tokens,
+        "outputTokens": meta.output_tokens,
+    }
+    return {
+        "batchId": meta.batch_id,
+        "workload": meta.workload,
+        "pool": meta.pool,
+        "modelId": meta.model,
+        "invocationType": meta.invocation,
+        "status": meta.status,
+        **info,
+        "pending": pending,
+        "createdAt": meta.created_ms,
+        "queueDepth": depth,
+        "oldestPendingAgeSeconds": round(age, 1) if pending else 0.0,
+        "drainRatePerSecond": round(rate, 3),
+        "etaSeconds": eta,
+        "manifest": manifest(info),
+    }
+
+
+async def _own_batch(request: web.Request) -> BatchMeta:
+    caller = _caller(request)
+    meta = await _jobs(request).queue.batch(request.match_info["batch_id"])
+    if meta is None or meta.workload != caller.workload.name:
+        raise BedrockError(
+            "ResourceNotFoundException",
+            f"batch '{request.match_info['batch_id']}' not found for workload "
+            f"'{caller.workload.name}'",
+            status=404,
+        )
+    return meta
+
+
+def _resolve_submit(
+    policy: CompiledPolicy, request: web.Request, caller: Caller
+) -> tuple[str, str]:
+    model = request.query.get("modelId")
+    if not model:
+        raise BedrockError("ValidationException", "modelId: query parameter missing")
+    invocation = request.query.get("invocationType", "invoke")
+    if invocation not in INVOCATIONS:
+        raise BedrockError(
+            "ValidationException",
+            f"invocationType: '{invocation[:40]}' is not one of {', '.join(INVOCATIONS)}",
+        )
+    pool = policy.resolve_pool(model)
+    allowed = caller.workload.allowed_pools
+    if allowed is not None and pool.name not in allowed:
+        raise BedrockError(
+            "AccessDeniedException",
+            f"workload '{caller.workload.name}' may not call model pool '{pool.name}'",
+            status=403,
+        )
+    return model, invocation
+
+
+async def _check_room(jobs: Jobs, workload: str, incoming: int) -> None:
+    """Refuse a submit that would queue more than ``batch.max_queued_records``."""
+    cap = jobs.policy.policy.workloads[workload].batch.max_queued_records
+    if incoming > cap:
+        raise BedrockError(
+            "ValidationException",
+            f"batch of {incoming} records exceeds batch.max_queued_records ({cap}) of "
+            f"workload '{workload}'; split it",
+        )
+    queued, rate = 0, 0.0
+    for stream in await jobs.queue.streams():
+        if stream.workload == workload:
+            queued += (await jobs.queue.depth(stream))[0]
+            rate += await jobs.queue.drain_rate(stream)
+    excess = queued + incoming - cap
+    if excess <= 0:
+        return
+    wait_s = math.ceil(excess / rate) if rate > 0 else _NO_RATE_RETRY_S
+    wait_s = max(_MIN_RETRY_S, min(_MAX_RETRY_S, wait_s))
+    raise BedrockError(
+        "ThrottlingException",
+        f"Too many requests: workload '{workload}' has {queued} batch records queued; "
+        f"{incoming} more would exceed batch.max_queued_records ({cap}); draining at "
+        f"{rate:.1f} records/s, retry in {wait_s} s",
+        status=429,
+        headers=retry_headers(wait_s * 1000),
+    )
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole JSONL body, streamed in chunks (not capped by ``server.max_body_bytes``)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            raise BedrockError(
+                "ValidationException",
+                f"batch body is larger than server.jobs.max_submit_bytes ({limit} bytes); split it",
+                status=413,
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@_answers
+async def submit(request: web.Request) -> web.Response:
+    """POST a Bedrock batch JSONL body; 202 once every record is durable."""
+    jobs = _jobs(request)
+    body = await _read_body(request, jobs.policy.policy.server.jobs.max_submit_bytes)
+    caller = _caller(request, body)
+    model, invocation = _resolve_submit(jobs.policy, request, caller)
+    kind: Invocation = "converse" if invocation == "converse" else "invoke"
+    try:
+        records = parse_jsonl(body, kind)
+    except BatchInputError as exc:
+        raise BedrockError("ValidationException", f"batch input: {exc}") from None
+    await _check_room(jobs, caller.workload.name, len(records))
+    pool = jobs.policy.resolve_pool(model)
+    meta = BatchMeta(
+        batch_id=new_id(pool.name),
+        workload=caller.workload.name,
+        pool=pool.name,
+        model=model,
+        invocation=kind,
+        records=len(records),
+        created_ms=int(time.time() * 1000),
+    )
+    await jobs.queue.submit(meta, records)
+    jobs.submitted(meta)
+    return _json({"batchId": meta.batch_id, "records": meta.records}, status=202)
+
+
+@_answers
+async def status(request: web.Request) -> web.Response:
+    """Counts, oldest pending age, drain rate and ETA of one batch."""
+    meta = await _own_batch(request)
+    return _json(await _status_doc(_jobs(request), meta))
+
+
+@_answers
+async def listing(request: web.Request) -> web.Response:
+    """The caller's batches, newest first."""
+    caller = _caller(request)
+    asked = request.query.get("workload", caller.workload.name)
+    if asked != caller.workload.name:
+        raise BedrockError(
+            "AccessDeniedException",
+            f"workload '{caller.workload.name}' may not list the batches of '{asked[:64]}'",
+            status=403,
+        )
+    jobs = _jobs(request)
+    metas = await jobs.queue.batches(caller.workload.name)
+    return _json({"batches": [await _status_doc(jobs, m) for m in metas]})
+
+
+@_answers
+async def output(request: web.Request) -> web.StreamResponse:
+    """The output lines written so far (JSONL, streamed; partial while running)."""
+    meta = await _own_batch(request)
+    lines = _jobs(request).queue.output(meta.batch_id)
+    first = await anext(lines, None)  # a store failure before any byte is a clean 503
+    response = web.StreamResponse(headers={"Content-Type": "application/jsonl"})
+    await response.prepare(request)
+    if first is not None:
+        await response.write(first + b"\n")
+        try:
+            async for line in lines:
+                await response.write(line + b"\n")
+        except QueueUnavailable as exc:
+            # Headers are gone: end the body short rather than pretend it is whole.
+            log.warning("batch output cut short: %s", exc)
+            raise ConnectionResetError("batch queue unavailable mid-output") from None
+    await response.write_eof()
+    return response
+
+
+@_answers
+async def cancel(request: web.Request) -> web.Response:
+    """Stop a batch: its waiting records are dropped, finished ones keep their lines."""
+    meta = await _own_batch(request)
+    jobs = _jobs(request)
+    done = await jobs.queue.cancel(meta.batch_id)
+    assert done is not None
+    # Cancelled records get no output line and no dead letter: say so once, with counts.
+    log.warning(
+        "batch cancelled",
+        extra={"fields": {"batch_id": meta.batch_id, "workload": meta.workload,
+                          "dropped_records": meta.pending}},
+    )  # fmt: skip
+    return _json(await _status_doc(jobs, done))
+
+
+def _matching(request: web.Request, caller: Caller, entries: list[DeadLetter]) -> list[DeadLetter]:
+    q = request.query
+    return [
+        d
+        for d in entries
+        if d.workload == caller.workload.name
+        and q.get("reason") in (None, d.reason)
+        and q.get("batch") in (None, d.batch_id)
+    ]
+
+
+@_answers
+async def dlq_list(request: web.Request) -> web.Response:
+    """Dead letters of the caller's workload (``?reason=``, ``?batch=``)."""
+    caller = _caller(request)
+    entries = _matching(request, caller, await _jobs(request).queue.dead_letters())
+    return _json({"deadLetters": [d.to_json() for d in entries]})
+
+
+@_answers
+async def dlq_show(request: web.Request) -> web.Response:
+    """One dead letter, with its model input and the upstream error."""
+    caller = _caller(request)
+    entry = await _jobs(request).queue.dead_letter_by_id(request.match_info["dlq_id"])
+    if entry is None or entry.workload != caller.workload.name:
+        raise BedrockError(
+            "ResourceNotFoundException",
+            f"dead letter '{request.match_info['dlq_id']}' not found",
+            status=404,
+        )
+    return _json(entry.to_json())
+
+
+@_answers
+async def dlq_replay(request: web.Request) -> web.Response:
+    """Replay matching dead letters (``?reason= ?batch= ?modelId=``) into their batches."""
+    caller = _caller(request)
+    jobs = _jobs(request)
+    model = request.query.get("modelId")
+    entries = _matching(request, caller, await jobs.queue.dead_letters())
+    replayed = 0
+    for entry in entries:
+        if await jobs.queue.replay(entry, model):
+            replayed += 1
+            jobs.replayed(entry)
+    return _json({"replayed": replayed})
+
+
+def add_routes(app: web.Application) -> None:
+    """Mount the batch and dead-letter routes (before the Bedrock catch-all)."""
+    r = app.router
+    r.add_post(f"{PREFIX}/batches", submit)
+    r.add_get(f"{PREFIX}/batches", listing)
+    r.add_get(PREFIX + "/batches/{batch_id}", status)
+    r.add_get(PREFIX + "/batches/{batch_id}/output", output)
+    r.add_post(PREFIX + "/batches/{batch_id}/cancel", cancel)
+    r.add_get(f"{PREFIX}/dlq", dlq_list)
+    r.add_post(f"{PREFIX}/dlq/replay", dlq_replay)
+    r.add_get(PREFIX + "/dlq/{dlq_id}", dlq_show)

@@ -1,0 +1,79 @@
+"""The batch queue's metrics: the runbooks' QueueDepth, QueueAge and DLQ>0 alarms.
+
+Gauges describe the fleet's queue (read from the store by every instance every few
+seconds); counters count what this instance's workers did.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from proxy.jobs.queue import DeadLetter, Stream
+
+
+class JobMetrics:
+    """Registered in the Application's registry, next to the request metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.queued = Gauge(
+            "sluice_batch_queued_records",
+            "Batch records waiting or in flight, fleet-wide, per workload.",
+            ["workload"],
+            registry=registry,
+        )
+        self.oldest_age = Gauge(
+            "sluice_batch_oldest_age_seconds",
+            "Age of the oldest batch record not finished yet, per workload.",
+            ["workload"],
+            registry=registry,
+        )
+        self.drain_rate = Gauge(
+            "sluice_batch_drain_rate",
+            "Batch records finished per second over the last minute, fleet-wide, per workload.",
+            ["workload"],
+            registry=registry,
+        )
+        self.records = Counter(
+            "sluice_batch_records",
+            "Batch records finished by this instance, by outcome "
+            "(succeeded, dead_lettered, cancelled).",
+            ["workload", "outcome"],
+            registry=registry,
+        )
+        self.attempts = Counter(
+            "sluice_batch_attempts",
+            "Upstream attempts of batch records: 'first', 'redelivered' (taken over after a "
+            "lease expired) or the error type that was retried.",
+            ["reason"],
+            registry=registry,
+        )
+        self.dlq = Gauge(
+            "sluice_dlq_records",
+            "Dead-lettered batch records waiting for replay, by workload and reason.",
+            ["workload", "reason"],
+            registry=registry,
+        )
+        self._dlq_seen: set[tuple[str, str]] = set()
+
+    def set_depth(self, by_stream: dict[Stream, tuple[int, float, float]]) -> None:
+        """Sum queue depth and drain rate per workload; the oldest age is the maximum."""
+        depth: Tally[str] = Tally()
+        rate: dict[str, float] = {}
+        age: dict[str, float] = {}
+        for stream, (n, oldest, drain) in by_stream.items():
+            depth[stream.workload] += n
+            rate[stream.workload] = rate.get(stream.workload, 0.0) + drain
+            age[stream.workload] = max(age.get(stream.workload, 0.0), oldest)
+        for workload in rate:
+            self.queued.labels(workload).set(depth[workload])
+            self.oldest_age.labels(workload).set(age[workload])
+            self.drain_rate.labels(workload).set(rate[workload])
+
+    def set_dead_letters(self, entries: list[DeadLetter]) -> None:
+        """Counts per (workload, reason); reasons that emptied go back to zero, not away."""
+        counts = Tally((d.workload, d.reason) for d in entries)
+        for key in self._dlq_seen | set(counts):
+            self.dlq.labels(*key).set(counts.get(key, 0))
+        self._dlq_seen |= set(counts)

@@ -1,0 +1,380 @@
+"""The durable queue for one embedded instance: a SQLite file (WAL, synchronous=FULL).
+
+Same contract as the Redis queue: a ``202`` means the records are committed to disk;
+a record is held under a lease (``owner``, ``lease_until``) that a later claim takes
+over once expired; the output line is inserted only if none exists (one per
+recordId). The file is created on the first submit, so instances that never take a
+batch leave nothing behind. SQLite calls run in a thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import orjson
+
+from proxy.jobs.queue import BatchMeta, Claimed, DeadLetter, QueueUnavailable, Stream
+from proxy.jobs.records import Record
+
+T = TypeVar("T")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+  id TEXT PRIMARY KEY, workload TEXT, pool TEXT, model TEXT, inv TEXT, records INTEGER,
+  created INTEGER, ok INTEGER DEFAULT 0, err INTEGER DEFAULT 0, in_tok INTEGER DEFAULT 0,
+  out_tok INTEGER DEFAULT 0, status TEXT DEFAULT 'running');
+CREATE TABLE IF NOT EXISTS records (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, pool TEXT, workload TEXT, batch TEXT,
+  record_id TEXT, input BLOB, model TEXT, enq INTEGER, owner TEXT,
+  lease_until INTEGER DEFAULT 0, attempts INTEGER DEFAULT 0);
+CREATE INDEX IF NOT EXISTS records_stream ON records (pool, workload, seq);
+CREATE TABLE IF NOT EXISTS outputs (
+  batch TEXT, record_id TEXT, line BLOB, PRIMARY KEY (batch, record_id));
+CREATE TABLE IF NOT EXISTS dlq (id TEXT PRIMARY KEY, doc TEXT);
+CREATE TABLE IF NOT EXISTS rate (
+  pool TEXT, workload TEXT, bucket INTEGER, n INTEGER, PRIMARY KEY (pool, workload, bucket));
+"""
+_META_COLUMNS = "id, workload, pool, model, inv, records, created, ok, err, status, in_tok, out_tok"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _meta(row: tuple[Any, ...]) -> BatchMeta:
+    bid, workload, pool, model, inv, records, created, ok, err, status, in_tok, out_tok = row
+    return BatchMeta(
+        bid, workload, pool, model, "converse" if inv == "converse" else "invoke", records,
+        created, ok, err, status == "cancelled", in_tok, out_tok,
+    )  # fmt: skip
+
+
+class SqliteQueue:
+    """:class:`proxy.jobs.queue.JobQueue` in one SQLite file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    async def start(self) -> None:
+        """Open the file if a previous run created it (records survive restarts)."""
+        if await asyncio.to_thread(os.path.exists, self.path):
+            await self._run(lambda db: None)
+
+    async def close(self) -> None:
+        """Close the file."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _open(self) -> sqlite3.Connection:
+        if self._db is None:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            self._db = db
+        return self._db
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def work() -> T:
+            with self._lock:
+                db = self._open()
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(db)
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+                return result
+
+        try:
+            return await asyncio.to_thread(work)
+        except sqlite3.Error as exc:
+            raise QueueUnavailable(f"sqlite {self.path}: {exc}") from None
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T], empty: T) -> T:
+        """Reads answer ``empty`` while no batch ever created the file."""
+        if self._db is None and not await asyncio.to_thread(os.path.exists, self.path):
+            return empty
+        return await self._run(fn)
+
+    async def submit(self, meta: BatchMeta, records: list[Record]) -> None:
+        """One transaction: the batch row and every record."""
+        now = _now_ms()
+
+        def fn(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO batches (id, workload, pool, model, inv, records, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (meta.batch_id, meta.workload, meta.pool, meta.model, meta.invocation,
+                 meta.records, meta.created_ms),
+            )  # fmt: skip
+            db.executemany(
+                "INSERT INTO records (pool, workload, batch, record_id, input, enq) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(meta.pool, meta.workload, meta.batch_id, r.record_id, r.model_input, now)
+                 for r in records],
+            )  # fmt: skip
+
+        await self._run(fn)
+
+    async def streams(self) -> list[Stream]:
+        """Distinct (pool, workload) of every batch."""
+        rows: list[Any] = await self._read(
+            lambda db: db.execute("SELECT DISTINCT pool, workload FROM batches").fetchall(), []
+        )
+        return sorted(Stream(p, w) for p, w in rows)
+
+    async def claim(self, stream: Stream, consumer: str, lease_ms: int) -> Claimed | None:
+        """The first record not leased (or whose lease expired); counts the attempt."""
+
+        def fn(db: sqlite3.Connection) -> Claimed | None:
+            now = _now_ms()
+            row = db.execute(
+                "SELECT seq, batch, record_id, input, model, attempts FROM records "
+                "WHERE pool = ? AND workload = ? AND (owner IS NULL OR lease_until < ?) "
+                "ORDER BY seq LIMIT 1",
+                (stream.pool, stream.workload, now),
+            ).fetchone()
+            if row is None:
+                return None
+            seq, batch, record_id, data, model, attempts = row
+            db.execute(
+                "UPDATE records SET owner = ?, lease_until = ?, attempts = attempts + 1 "
+                "WHERE seq = ?",
+                (consumer, now + lease_ms, seq),
+            )
+            return Claimed(stream, str(seq), batch, record_id, bytes(data), model, attempts + 1)
+
+        return await self._read(fn, None)
+
+    async def has_work(self, stream: Stream, lease_ms: int) -> bool:
+        """A record not leased, or leased past its expiry."""
+
+        def fn(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT 1 FROM records WHERE pool = ? AND workload = ? "
+                "AND (owner IS NULL OR lease_until < ?) LIMIT 1",
+                (stream.pool, stream.workload, _now_ms()),
+            ).fetchone()
+            return row is not None
+
+        return await self._read(fn, False)
+
+    async def renew(
+        self, stream: Stream, consumer: str, entry_ids: list[str], lease_ms: int
+    ) -> list[str]:
+        """Push the lease of records this consumer still owns."""
+
+        def fn(db: sqlite3.Connection) -> list[str]:
+            kept = []
+            until = _now_ms() + lease_ms
+            for eid in entry_ids:
+                cur = db.execute(
+                    "UPDATE records SET lease_until = ? WHERE seq = ? AND owner = ?",
+                    (until, int(eid), consumer),
+                )
+                if cur.rowcount:
+                    kept.append(eid)
+            return kept
+
+        return await self._run(fn)
+
+    async def next_attempt(self, claimed: Claimed) -> int:
+        """Increment and return the record's attempts."""
+
+        def fn(db: sqlite3.Connection) -> int:
+            db.execute(
+                "UPDATE records SET attempts = attempts + 1 WHERE seq = ?", (int(claimed.entry_id),)
+            )
+            row = db.execute(
+                "SELECT attempts FROM records WHERE seq = ?", (int(claimed.entry_id),)
+            ).fetchone()
+            return int(row[0]) if row else claimed.attempts + 1
+
+        return await self._run(fn)
+
+    def _finish(
+        self,
+        db: sqlite3.Connection,
+        c: Claimed,
+        line: bytes | None,
+        ok: bool,
+        tokens: tuple[int, int],
+    ) -> bool:
+        new = False
+        if line is not None:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO outputs (batch, record_id, line) VALUES (?, ?, ?)",
+                (c.batch_id, c.record_id, line),
+            )
+            new = cur.rowcount == 1
+        if new:
+            column = "ok" if ok else "err"
+            db.execute(
+                f"UPDATE batches SET {column} = {column} + 1, in_tok = in_tok + ?, "
+                "out_tok = out_tok + ? WHERE id = ?",
+                (*tokens, c.batch_id),
+            )
+            db.execute(
+                "INSERT INTO rate (pool, workload, bucket, n) VALUES (?, ?, ?, 1) "
+                "ON CONFLICT (pool, workload, bucket) DO UPDATE SET n = n + 1",
+                (c.stream.pool, c.stream.workload, int(time.time()) // 10),
+            )
+        db.execute("DELETE FROM records WHERE seq = ?", (int(c.entry_id),))
+        return new
+
+    async def complete(
+        self, claimed: Claimed, line: bytes | None, ok: bool, tokens: tuple[int, int]
+    ) -> bool:
+        """Output line if none exists, counters, record deleted: one transaction."""
+        return await self._run(lambda db: self._finish(db, claimed, line, ok, tokens))
+
+    async def complete_and_claim(
+        self,
+        claimed: Claimed,
+        line: bytes,
+        tokens: tuple[int, int],
+        consumer: str,
+        lease_ms: int,
+    ) -> tuple[bool, Claimed | None]:
+        """:meth:`complete` then :meth:`claim` (one file, one process: no round trip to save)."""
+        new = await self.complete(claimed, line, True, tokens)
+        return new, await self.claim(claimed.stream, consumer, lease_ms)
+
+    async def dead_letter(self, claimed: Claimed, entry: DeadLetter, line: bytes) -> bool:
+        """The error line and the dead-letter row, one transaction."""
+
+        def fn(db: sqlite3.Connection) -> bool:
+            new = self._finish(db, claimed, line, False, (0, 0))
+            if new:
+                doc = orjson.dumps(entry.to_json()).decode()
+                db.execute("INSERT INTO dlq (id, doc) VALUES (?, ?)", (entry.dlq_id, doc))
+            return new
+
+        return await self._run(fn)
+
+    async def batch(self, batch_id: str) -> BatchMeta | None:
+        """The batch row."""
+
+        def fn(db: sqlite3.Connection) -> BatchMeta | None:
+            row = db.execute(
+                f"SELECT {_META_COLUMNS} FROM batches WHERE id = ?", (batch_id,)
+            ).fetchone()
+            return _meta(row) if row else None
+
+        return await self._read(fn, None)
+
+    async def batches(self, workload: str | None) -> list[BatchMeta]:
+        """Newest first."""
+
+        def fn(db: sqlite3.Connection) -> list[BatchMeta]:
+            rows = db.execute(
+                f"SELECT {_META_COLUMNS} FROM batches ORDER BY created DESC LIMIT 1000"
+            ).fetchall()
+            return [_meta(r) for r in rows if workload in (None, r[1])]
+
+        return await self._read(fn, [])
+
+    async def output(self, batch_id: str) -> AsyncIterator[bytes]:
+        """Output lines, in pages of 1,000."""
+        after = ""
+        while True:
+            rows: list[Any] = await self._read(
+                lambda db, a=after: db.execute(  # type: ignore[misc]
+                    "SELECT record_id, line FROM outputs WHERE batch = ? AND record_id > ? "
+                    "ORDER BY record_id LIMIT 1000",
+                    (batch_id, a),
+                ).fetchall(),
+                [],
+            )
+            for _, line in rows:
+                yield bytes(line)
+            if len(rows) < 1000:
+                return
+            after = rows[-1][0]
+
+    async def cancel(self, batch_id: str) -> BatchMeta | None:
+        """Mark cancelled and delete the waiting records."""
+
+        def fn(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE batches SET status = 'cancelled' WHERE id = ?", (batch_id,))
+            db.execute("DELETE FROM records WHERE batch = ? AND owner IS NULL", (batch_id,))
+
+        await self._read(fn, None)
+        return await self.batch(batch_id)
+
+    async def depth(self, stream: Stream) -> tuple[int, float]:
+        """Count and oldest enqueue time of the stream's records."""
+
+        def fn(db: sqlite3.Connection) -> tuple[int, float]:
+            n, oldest = db.execute(
+                "SELECT COUNT(*), MIN(enq) FROM records WHERE pool = ? AND workload = ?",
+                (stream.pool, stream.workload),
+            ).fetchone()
+            return int(n), (max(0.0, time.time() - oldest / 1000) if oldest else 0.0)
+
+        return await self._read(fn, (0, 0.0))
+
+    async def drain_rate(self, stream: Stream) -> float:
+        """The last six complete 10-second buckets, per second."""
+        current = int(time.time()) // 10
+
+        def fn(db: sqlite3.Connection) -> float:
+            (n,) = db.execute(
+                "SELECT COALESCE(SUM(n), 0) FROM rate WHERE pool = ? AND workload = ? "
+                "AND bucket >= ? AND bucket < ?",
+                (stream.pool, stream.workload, current - 6, current),
+            ).fetchone()
+            db.execute("DELETE FROM rate WHERE bucket < ?", (current - 60,))
+            return int(n) / 60.0
+
+        return await self._read(fn, 0.0)
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter, oldest first."""
+        rows: list[Any] = await self._read(
+            lambda db: db.execute("SELECT doc FROM dlq").fetchall(), []
+        )
+        return sorted((_dead_letter(r[0]) for r in rows), key=lambda d: d.at_ms)
+
+    async def dead_letter_by_id(self, dlq_id: str) -> DeadLetter | None:
+        """One dead letter."""
+        row = await self._read(
+            lambda db: db.execute("SELECT doc FROM dlq WHERE id = ?", (dlq_id,)).fetchone(), None
+        )
+        return _dead_letter(row[0]) if row else None
+
+    async def replay(self, entry: DeadLetter, model: str | None) -> bool:
+        """Drop the dead letter and its error line; queue the record again."""
+
+        def fn(db: sqlite3.Connection) -> bool:
+            if db.execute("DELETE FROM dlq WHERE id = ?", (entry.dlq_id,)).rowcount == 0:
+                return False
+            cur = db.execute(
+                "DELETE FROM outputs WHERE batch = ? AND record_id = ?",
+                (entry.batch_id, entry.record_id),
+            )
+            if cur.rowcount:
+                db.execute("UPDATE batches SET err = err - 1 WHERE id = ?", (entry.batch_id,))
+            db.execute(
+                "INSERT INTO records (pool, workload, batch, record_id, input, model, enq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (entry.pool, entry.workload, entry.batch_id, entry.record_id,
+                 entry.model_input, model, _now_ms()),
+            )  # fmt: skip
+            return True
+
+        return await self._run(fn)
+
+
+def _dead_letter(doc: str) -> DeadLetter:
+    return DeadLetter.from_json(orjson.loads(doc))

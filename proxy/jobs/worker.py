@@ -1,0 +1,358 @@
+"""Workers that drain the batch queue at the pace admission allows, in every instance.
+
+A slot asks admission first and only then claims a record, so records wait in the
+queue (not in a worker) while the batch class has no room: the queue-side twin of
+Lambda's MaximumConcurrency. Attempts are counted in the store, not inferred from
+redeliveries; a record's lease is renewed while it is processed or backing off; a
+retryable failure is retried with full-jitter backoff up to the workload's
+``batch.max_attempts``, a permanent one is dead-lettered at once with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections import defaultdict
+
+from proxy.admission.estimate import estimate, reservation, settled_tokens
+from proxy.admission.fit import reserve
+from proxy.errors import BedrockError
+from proxy.jobs.admit import Grant, RecordAdmission
+from proxy.jobs.call import Outcome, call_model
+from proxy.jobs.metrics import JobMetrics
+from proxy.jobs.queue import BatchMeta, Claimed, DeadLetter, JobQueue, QueueUnavailable, Stream
+from proxy.jobs.queue import new_id as _new_id
+from proxy.jobs.records import backoff_s, error_line, is_retryable, success_line
+from proxy.policy import CompiledPolicy, PolicyRef, PoolInfo
+from proxy.upstream import Upstream
+
+log = logging.getLogger("sluice.jobs")
+#: How often idle queues are looked at for new records, and gauges refreshed.
+POLL_S = 0.5
+GAUGES_S = 5.0
+_META_TTL_S = 2.0
+_ERROR_PAUSE_S = 1.0
+
+
+class Worker:
+    """``slots`` records at most in flight on this instance; admission decides the pace."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        policy: PolicyRef,
+        admission: RecordAdmission,
+        upstream: Upstream,
+        metrics: JobMetrics,
+        *,
+        slots: int,
+        lease_s: float,
+    ) -> None:
+        self.queue = queue
+        self._policy = policy
+        self.admission = admission
+        self.upstream = upstream
+        self.metrics = metrics
+        self.slots = slots
+        self.lease_ms = int(lease_s * 1000)
+        self.consumer = f"{uuid.uuid4().hex[:12]}"
+        self._rng = random.Random()
+        self._active: list[Stream] = []
+        self._known: set[Stream] = set()
+        self._ready = asyncio.Event()
+        self._turn = 0
+        self._held: dict[Stream, set[str]] = defaultdict(set)
+        self._metas: dict[str, tuple[float, BatchMeta]] = {}
+        self._estimates: dict[Stream, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start the slots, the lease heartbeat and the queue watcher."""
+        self._tasks = [asyncio.create_task(self._slot()) for _ in range(self.slots)]
+        self._tasks.append(asyncio.create_task(self._renew_loop()))
+        self._tasks.append(asyncio.create_task(self._watch_loop()))
+
+    async def close(self) -> None:
+        """Stop; records held now stay pending and are taken over after their lease."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def policy(self) -> CompiledPolicy:
+        """The policy in force (hot reload swaps it)."""
+        return self._policy.current
+
+    def wake(self, stream: Stream) -> None:
+        """A batch was just submitted here: start on it without waiting for the watcher."""
+        self._known.add(stream)
+        self._activate(stream)
+
+    def _activate(self, stream: Stream) -> None:
+        if stream not in self._active:
+            self._active.append(stream)
+        self._ready.set()
+
+    async def _pick(self) -> Stream:
+        while not self._active:
+            self._ready.clear()
+            await self._ready.wait()
+        self._turn = (self._turn + 1) % len(self._active)
+        return self._active[self._turn]
+
+    async def _slot(self) -> None:
+        while True:
+            stream = await self._pick()
+            try:
+                await self._one(stream)
+            except QueueUnavailable as exc:
+                log.warning("batch queue unavailable: %s", exc)
+                await asyncio.sleep(_ERROR_PAUSE_S)
+            except Exception:
+                log.exception("batch worker failed; the record is retried after its lease")
+                await asyncio.sleep(_ERROR_PAUSE_S)
+
+    def _stream_pool(self, stream: Stream) -> PoolInfo:
+        return self.policy.pools.get(stream.pool) or self.policy.resolve_pool(stream.pool)
+
+    async def _one(self, stream: Stream) -> None:
+        """Admission first, then a record; no record means the queue is idle for now."""
+        workload = self.policy.workloads.get(stream.workload)
+        if workload is None:
+            self._idle(stream)  # the policy no longer has this workload: leave its records
+            return
+        got = await self.admission.try_admit(workload, *self._stream_ask(stream))
+        if not isinstance(got, Grant):
+            await asyncio.sleep(got)
+            return
+        try:
+            claimed = await self.queue.claim(stream, self.consumer, self.lease_ms)
+        except BaseException:
+            self.admission.settle(got, 0)
+            raise
+        if claimed is None:
+            self.admission.settle(got, 0)
+            self._idle(stream)
+            return
+        held: tuple[Claimed, Grant] | None = (claimed, got)
+        while held is not None:
+            claimed, got = held
+            self._held[stream].add(claimed.entry_id)
+            try:
+                held = await self._process(claimed, got)
+            finally:
+                self._held[stream].discard(claimed.entry_id)
+
+    def _stream_ask(self, stream: Stream) -> tuple[PoolInfo, int]:
+        """The pool to admit a stream's next record on, and the tokens to reserve for it
+        (the last record's reservation; settle corrects it with the real usage)."""
+        pool = self._stream_pool(stream)
+        tokens = self._estimates.get(stream) or reservation(
+            0, pool.default_max_tokens, pool.output_weight
+        )
+        return pool, tokens
+
+    def _idle(self, stream: Stream) -> None:
+        if stream in self._active:
+            self._active.remove(stream)
+
+    async def _meta(self, batch_id: str) -> BatchMeta | None:
+        hit = self._metas.get(batch_id)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < _META_TTL_S:
+            return hit[1]
+        meta = await self.queue.batch(batch_id)
+        if meta is not None:
+            self._metas[batch_id] = (now, meta)
+        return meta
+
+    async def _process(self, c: Claimed, grant: Grant) -> tuple[Claimed, Grant] | None:
+        """Call, retry, finish or dead-letter one record; may hand back the next one, held."""
+        meta = await self._meta(c.batch_id)
+        if meta is None or meta.cancelled:
+            if meta is None:  # written before its records, so only a manual delete does this
+                log.warning(
+                    "batch record dropped: its batch no longer exists",
+                    extra={"fields": {"batch_id": c.batch_id, "record_id": c.record_id}},
+                )
+            self.admission.settle(grant, 0)
+            await self.queue.complete(c, None, False, (0, 0))
+            self.metrics.records.labels(c.stream.workload, "cancelled").inc()
+            return None
+        model = c.model or meta.model
+        workload = self.policy.workloads[c.stream.workload]
+        rule = self.policy.policy.workloads[workload.name].batch
+        try:
+            pool = self.policy.resolve_pool(model)
+            est = estimate(
+                "Converse" if meta.invocation == "converse" else "InvokeModel", c.model_input
+            )
+            # Capped like a live call's: one record with an absurd output cap must not
+            # reserve (and so lock) a pool's tokens/min; one that can never fit is permanent.
+            plan = self.policy.plan(workload, pool, workload.priority)
+            tokens = reserve(plan, pool, est.input_tokens, est)
+        except BedrockError as exc:
+            self.admission.settle(grant, 0)
+            await self._dead(
+                c, meta, model, exc.error_type, exc.error_type, exc.message, c.attempts
+            )
+            return None
+        self._estimates[c.stream] = tokens
+        if pool.name != grant.plan.pool:
+            # A replay moved the record to another model: admit it where it will run.
+            self.admission.settle(grant, 0)
+            grant = await self.admission.admit(workload, pool, tokens)
+        # A record claimed with attempts already counted was taken over from a worker that
+        # died or lost its lease mid-record.
+        attempts, reason = c.attempts, "first" if c.attempts == 1 else "redelivered"
+        while True:
+            self.metrics.attempts.labels(reason).inc()
+            try:
+                out = await call_model(self.upstream, model, meta.invocation, c.model_input)
+            except BaseException:
+                # Stopped mid-call (shutdown): free the slot now, keep the reservation (the
+                # call may have run); the record itself is retaken after its lease.
+                self.admission.settle(grant, grant.reserved)
+                raise
+            self._settle(grant, pool, out)
+            if out.status == 200:
+                line = success_line(c.record_id, c.model_input, out.body)
+                return await self._succeed(
+                    c, line, (out.usage.input_tokens, out.usage.output_tokens)
+                )
+            if not is_retryable(out.status, out.error_type):
+                await self._dead(c, meta, model, out.code, out.code, out.message, attempts)
+                return None
+            if attempts >= rule.max_attempts:
+                await self._dead(
+                    c, meta, model, "retries_exhausted", out.code, out.message, attempts
+                )
+                return None
+            await asyncio.sleep(
+                backoff_s(attempts, rule.base_backoff_ms, rule.max_backoff_ms, self._rng)
+            )
+            attempts, reason = await self.queue.next_attempt(c), out.code
+            grant = await self.admission.admit(workload, pool, tokens)
+
+    async def _succeed(
+        self, c: Claimed, line: bytes, used: tuple[int, int]
+    ) -> tuple[Claimed, Grant] | None:
+        """Write the line; when admission already says yes to the stream's next record, take
+        that record in the same round trip (finish + claim) and hand it back."""
+        workload = self.policy.workloads[c.stream.workload]
+        got = await self.admission.try_admit(workload, *self._stream_ask(c.stream))
+        nxt: Claimed | None = None
+        if not isinstance(got, Grant):
+            new = await self.queue.complete(c, line, True, used)
+        else:
+            try:
+                new, nxt = await self.queue.complete_and_claim(
+                    c, line, used, self.consumer, self.lease_ms
+                )
+            except BaseException:
+                self.admission.settle(got, 0)
+                raise
+            if nxt is None:
+                self.admission.settle(got, 0)
+                self._idle(c.stream)
+        if new:
+            self.metrics.records.labels(workload.name, "succeeded").inc()
+        return (nxt, got) if nxt is not None and isinstance(got, Grant) else None
+
+    def _settle(self, grant: Grant, pool: PoolInfo, out: Outcome) -> None:
+        u = out.usage
+        if u.known:
+            actual = settled_tokens(
+                u.input_tokens, u.output_tokens, u.cache_write_tokens, pool.output_weight
+            )
+        else:
+            actual = 0 if out.status != 200 else grant.reserved
+        self.admission.settle(grant, actual)
+        self.admission.observe(pool.name, grant.plan.priority, out.latency_ms, out.status)
+
+    async def _dead(
+        self,
+        c: Claimed,
+        meta: BatchMeta,
+        model: str,
+        reason: str,
+        code: str,
+        message: str,
+        attempts: int,
+    ) -> None:
+        entry = DeadLetter(
+            dlq_id=_new_id(c.stream.pool),
+            batch_id=c.batch_id,
+            record_id=c.record_id,
+            workload=c.stream.workload,
+            pool=c.stream.pool,
+            model=model,
+            reason=reason,
+            error_code=code,
+            message=message,
+            attempts=attempts,
+            model_input=c.model_input,
+            at_ms=int(time.time() * 1000),
+        )
+        line = error_line(c.record_id, c.model_input, code, message)
+        if await self.queue.dead_letter(c, entry, line):
+            self.metrics.records.labels(c.stream.workload, "dead_lettered").inc()
+            # Never prompt bodies in logs: ids, reason and the upstream error only.
+            log.warning(
+                "batch record dead-lettered",
+                extra={
+                    "fields": {
+                        "batch_id": c.batch_id,
+                        "record_id": c.record_id,
+                        "dlq_id": entry.dlq_id,
+                        "reason": reason,
+                        "error_code": code,
+                        "attempts": attempts,
+                    }
+                },
+            )
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            for stream, ids in list(self._held.items()):
+                if not ids:
+                    continue
+                try:
+                    await self.queue.renew(stream, self.consumer, sorted(ids), self.lease_ms)
+                except QueueUnavailable as exc:
+                    # The lease may lapse: the record is then redelivered, and its output
+                    # line is still written once. Worth a line, not a crash.
+                    log.warning("batch lease renewal failed: %s", exc)
+
+    async def _watch_loop(self) -> None:
+        last_gauges = 0.0
+        while True:
+            try:
+                await self._watch_once()
+                if time.monotonic() - last_gauges >= GAUGES_S:
+                    last_gauges = time.monotonic()
+                    await self.refresh_gauges()
+            except QueueUnavailable as exc:
+                log.warning("batch queue unavailable: %s", exc)
+            except Exception:
+                log.exception("batch queue watcher failed; it looks again shortly")
+            await asyncio.sleep(POLL_S)
+
+    async def _watch_once(self) -> None:
+        self._known.update(await self.queue.streams())
+        for stream in sorted(self._known):
+            if stream not in self._active and await self.queue.has_work(stream, self.lease_ms):
+                self._activate(stream)
+
+    async def refresh_gauges(self) -> None:
+        """Read depth, age and drain rate of every queue, and the dead letters, from the store."""
+        by_stream = {}
+        for stream in sorted(self._known):
+            n, age = await self.queue.depth(stream)
+            by_stream[stream] = (n, age, await self.queue.drain_rate(stream))
+        self.metrics.set_depth(by_stream)
+        self.metrics.set_dead_letters(await self.queue.dead_letters())

@@ -1,0 +1,90 @@
+"""Sluice's own operator endpoints: the policy in force, the fleet view, the dashboard.
+
+The dashboard is three static files shipped in the package (no CDN, no build step),
+read once at start-up; the page polls ``/sluice/v1/fleet`` every two seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from proxy.backend.client import redis_client
+from proxy.backend.versions import DEFAULT_FLEET
+from proxy.ops.fleetview import FleetBoard
+from proxy.ops.reload import RELOADER, Reloader
+from proxy.ops.snapshot import Snapshots
+
+BOARD = web.AppKey("fleet_board", FleetBoard)
+_STATIC = {
+    "dashboard.html": "text/html",
+    "dashboard.js": "text/javascript",
+    "dashboard.css": "text/css",
+}
+
+
+def open_board(
+    registry: CollectorRegistry, reloader: Reloader, redis_url: str | None, fleet: str | None
+) -> FleetBoard:
+    """This instance's fleet board (publishing to Redis when there is one)."""
+
+    def describe() -> dict[str, Any]:
+        loaded = reloader.loaded
+        return {
+            "version": loaded.version,
+            "sha": loaded.sha,
+            "author": loaded.author,
+            "source": loaded.source,
+        }
+
+    instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+    snapshots = Snapshots(registry, lambda: reloader.ref.current, describe, instance)
+    client = redis_client(redis_url, 1.0) if redis_url else None
+    return FleetBoard(snapshots, client, fleet or DEFAULT_FLEET)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the operator routes (before the catch-all Bedrock route)."""
+    files = resources.files("proxy.ops") / "static"
+    pages = {name: (files / name).read_bytes() for name in _STATIC}
+
+    async def static(request: web.Request) -> web.Response:
+        name = request.match_info.get("name", "dashboard.html")
+        if name not in pages:
+            raise web.HTTPNotFound()
+        return web.Response(
+            body=pages[name],
+            content_type=_STATIC[name],
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    app.router.add_get("/sluice/v1/policy", policy_view)
+    app.router.add_get("/sluice/v1/fleet", fleet_view)
+    app.router.add_get("/dashboard", static)
+    app.router.add_get("/dashboard/{name}", static)
+
+
+async def policy_view(request: web.Request) -> web.Response:
+    """Which policy this instance runs: version, hash, author, when it was loaded, from where."""
+    loaded = request.app[RELOADER].loaded
+    return web.json_response(
+        {
+            "version": loaded.version,
+            "sha": loaded.sha,
+            "author": loaded.author,
+            "loaded_at": loaded.loaded_at,
+            "source": loaded.source,
+        }
+    )
+
+
+async def fleet_view(request: web.Request) -> web.Response:
+    """The fleet's pools, classes, workloads and queues (JSON; the dashboard's data)."""
+    view = await request.app[BOARD].view()
+    return web.json_response(view.as_json())

@@ -1,0 +1,318 @@
+"""The forward stage: the upstream call, retries inside the deadline, the streaming relay.
+
+Returns the response to send (Bedrock's own bytes and status, annotated) or
+:class:`~proxy.pipeline.call.Refused` when Sluice itself must answer; never raises an
+HTTP error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.admission.estimate import parse_body
+from proxy.admission.gate import retry_headers
+from proxy.control.controller import Adaptivity
+from proxy.errors import BedrockError
+from proxy.eventstream import exception_frame
+from proxy.metrics import Metrics
+from proxy.pipeline.cache import CacheUnavailable, ResponseCache, cacheable
+from proxy.pipeline.call import THROTTLED, Call, Refused, Throttled
+from proxy.pipeline.respond import annotate, upstream_error_type
+from proxy.pipeline.retry import RetryBudget, next_delay, retryable
+from proxy.pipeline.tier_quota import TierQuotas, on_pool_quota
+from proxy.pipeline.tiers import apply_tier, served_tier
+from proxy.routes import Route
+from proxy.upstream import Upstream, returnable
+from proxy.usage import StreamUsage, from_body, from_headers
+
+log = logging.getLogger("sluice.request")
+
+#: Retry-After added to Bedrock's own throttles (it sends none).
+UPSTREAM_RETRY_AFTER_MS = 1000
+
+
+def _stream_failure(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "the upstream stopped sending within the upstream read timeout"
+    return f"the upstream stream failed: {type(exc).__name__}"
+
+
+class Forwarder:
+    """Sends admitted calls upstream and relays the answers."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        metrics: Metrics,
+        cache: ResponseCache,
+        adaptivity: Adaptivity | None,
+        tiers: TierQuotas,
+    ) -> None:
+        self.upstream = upstream
+        self.metrics = metrics
+        self.cache = cache
+        self.adaptivity = adaptivity
+        self.tiers = tiers
+        self._retry_budgets: dict[tuple[str, str], RetryBudget] = {}
+        self._rng = random.Random()
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def forward(
+        self, request: web.Request, call: Call, route: Route
+    ) -> web.StreamResponse | Refused | Throttled:
+        """Send ``call`` upstream and return the answer to relay (or the refusal to send);
+        :data:`THROTTLED` when a throttle that survived retries must go down the chain."""
+        if not route.metered and request.method == "POST":
+            try:
+                parse_body(call.body)  # Bedrock-shaped errors for malformed JSON on every op
+            except BedrockError as exc:
+                return Refused(exc)
+        sent = time.perf_counter()
+        try:
+            upstream = await self._send_with_retries(request, call, route)
+        except BedrockError as exc:  # the upstream cannot be reached (Upstream.send)
+            return Refused(exc)
+        try:
+            call.served_tier = served_tier(call.tier, upstream.headers)
+            call.upstream_status = upstream.status
+            if self._degradable(call, upstream.status):
+                pool = call.pool.name if call.pool else "-"
+                self.metrics.upstream_errors.labels(pool, "ThrottlingException").inc()
+                await upstream.read()  # then released below: the connection is reused
+                return THROTTLED
+            headers = returnable(upstream.headers)
+            annotate(headers, call)
+            if route.streaming and upstream.status == 200:
+                return await self._relay_stream(request, call, upstream, headers, sent)
+            data = await self._read_upstream(upstream)
+            if isinstance(data, Refused):
+                return data
+            call.upstream_s = time.perf_counter() - sent
+            self._account(call, upstream.status, headers, data)
+            call.status = upstream.status
+            if call.cache_key is not None and call.degraded is None:
+                self._cache_put(call, upstream.status, headers, data)
+            return web.Response(status=upstream.status, body=data, headers=headers)
+        finally:
+            if call.upstream_s == 0.0:
+                call.upstream_s = time.perf_counter() - sent
+            upstream.release()
+
+    async def _send_with_retries(
+        self, request: web.Request, call: Call, route: Route
+    ) -> aiohttp.ClientResponse:
+        """Send upstream; retry throttles and 503s while the caller's deadline and budget allow.
+
+        Retries happen only before any byte reaches the caller, so a streaming client
+        never sees a half-sent stream followed by a second one.
+        """
+        retry = call.policy.policy.server.retry
+        pool = call.pool.name if call.pool else "-"
+        priority = call.caller.priority if call.caller else "-"
+        key = (pool, priority)
+        budget = self._retry_budgets.get(key)
+        if budget is None:
+            budget = self._retry_budgets[key] = RetryBudget(retry.budget_ratio)
+        budget.on_first_attempt()
+        deadline = call.started + (
+            call.policy.policy.workloads[call.caller.workload.name].deadline_seconds
+            if call.caller
+            else 60.0
+        )
+        while True:
+            body, headers = apply_tier(route.operation, call.body, request.headers, call.tier)
+            upstream = await self.upstream.send(
+                request.method,
+                call.path or route.path,
+                route.query,
+                headers,
+                body,
+                read_timeout_s=call.read_timeout_s,
+            )
+            error_type = upstream_error_type(upstream.headers) if upstream.status != 200 else None
+            if not retryable(upstream.status, error_type):
+                return upstream
+            # Asked before a fallback moves the call: the quota this attempt ran on.
+            on_pool = on_pool_quota(call)
+            if await self.tiers.escalate(
+                call, upstream.status, error_type, deadline - time.perf_counter()
+            ):
+                delay: float | None = 0.0  # throttled on its tier: at once, on the fallback tier
+            elif on_pool and not await self._headroom(call, upstream.status):
+                return upstream
+            else:
+                remaining = deadline - time.perf_counter()  # after any wait for headroom
+                delay = next_delay(call.retries + 1, retry, remaining, budget, self._rng)
+            if delay is None:
+                if call.retries < retry.max_retries and budget.tokens < 1:
+                    self.metrics.retry_budget_exhausted.labels(pool).inc()
+                return upstream
+            await upstream.read()
+            upstream.release()
+            self._observe_retry(call, upstream.status, on_pool)
+            call.retries += 1
+            self.metrics.upstream_retries.labels(pool, error_type or str(upstream.status)).inc()
+            await asyncio.sleep(delay)
+
+    async def _headroom(self, call: Call, status: int) -> bool:
+        """A throttle on the pool's quota is retried only into headroom under its adaptive
+        limit; a class without a chain waits for some up to its ``max_wait_ms`` (one with a
+        chain degrades instead: :meth:`_degradable`)."""
+        a, pool, caller = self.adaptivity, call.pool, call.caller
+        if status != 429 or a is None or pool is None or caller is None:
+            return True
+        wl = call.policy.policy.workloads[caller.workload.name]
+        return await a.await_headroom(pool.name, 0 if wl.degrade else wl.max_wait_ms / 1000)
+
+    def _degradable(self, call: Call, status: int) -> bool:
+        """Does a throttle that survived retries send this call down its workload's chain?"""
+        caller = call.caller
+        if status != 429 or caller is None or call.pool is None or call.degraded:
+            return False
+        return bool(call.policy.policy.workloads[caller.workload.name].degrade)
+
+    def _observe_retry(self, call: Call, status: int, on_pool: bool) -> None:
+        if self.adaptivity is not None and call.pool is not None:
+            # Retries absorb throttles the caller never sees; the controller and the
+            # breaker must still count them (those of the pool's own quota: on_pool_quota).
+            self.adaptivity.observe(
+                call.pool.name,
+                call.caller.priority if call.caller else "-",
+                (time.perf_counter() - call.started) * 1000,
+                throttled=status == 429 and on_pool,
+                server_error=status >= 500,
+            )
+
+    def _cache_put(self, call: Call, status: int, headers: Any, data: bytes) -> None:
+        assert call.cache_key is not None and call.caller is not None
+        value = cacheable(status, headers, data, now=time.time())
+        rule = call.policy.policy.workloads[call.caller.workload.name].cache
+        if value is None or rule is None:
+            return
+        key, request_id = call.cache_key, call.request_id
+
+        async def put() -> None:
+            try:
+                await self.cache.put(key, value, rule.ttl_seconds)
+            except CacheUnavailable as exc:
+                log.warning(
+                    "cache put failed",
+                    extra={"fields": {"request_id": request_id, "error": str(exc)}},
+                )
+
+        task = asyncio.create_task(put())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Wait for background cache writes: nothing is lost."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _account(self, call: Call, status: int, headers: Any, data: bytes) -> None:
+        if status in (429, 503) and "retry-after" not in headers:
+            # Bedrock sends no Retry-After; Sluice has already spent its own retries, so
+            # tell the caller when trying again is worth it (boto3 and the Anthropic SDK
+            # read these three).
+            headers.update(retry_headers(UPSTREAM_RETRY_AFTER_MS))
+        if status == 200:
+            if not from_headers(headers, call.usage):
+                from_body(data, call.usage)
+        else:
+            call.error_type = upstream_error_type(headers)
+            self.metrics.upstream_errors.labels(
+                call.pool.name if call.pool else "-", call.error_type or str(status)
+            ).inc()
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        call: Call,
+        upstream: aiohttp.ClientResponse,
+        headers: Any,
+        sent: float,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers=headers)
+        await response.prepare(request)
+        call.status = 200
+        watcher = StreamUsage()
+        try:
+            # iter_any hands over whatever arrived: no waiting to fill a buffer, so
+            # the first event leaves as soon as it comes in.
+            async for chunk in upstream.content.iter_any():
+                watcher.feed(chunk)
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:
+            self._client_left(call, upstream)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            await self._end_stream(call, upstream, response, exc)
+        except asyncio.CancelledError:
+            self._client_left(call, upstream)
+            raise
+        finally:
+            call.upstream_s = time.perf_counter() - sent
+            if watcher.usage.known:
+                watcher.usage.input_tokens = watcher.usage.input_tokens or call.usage.input_tokens
+                call.usage = watcher.usage
+            call.usage.stream_error = watcher.usage.stream_error
+            call.error_type = watcher.usage.stream_error
+        return response
+
+    async def _end_stream(
+        self,
+        call: Call,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        exc: BaseException,
+    ) -> None:
+        # The stream is open, so an HTTP error is no longer possible: end it with an
+        # exception event, which boto3 raises as EventStreamError, never as truncation.
+        kind = (
+            "modelTimeoutException" if isinstance(exc, TimeoutError) else "internalServerException"
+        )
+        call.error_type = kind
+        self.metrics.upstream_errors.labels(call.pool.name if call.pool else "-", kind).inc()
+        upstream.close()
+        with contextlib.suppress(ConnectionResetError):
+            await response.write(exception_frame(kind, _stream_failure(exc)))
+            await response.write_eof()
+
+    async def _read_upstream(self, upstream: aiohttp.ClientResponse) -> bytes | Refused:
+        try:
+            return await upstream.read()
+        except TimeoutError:
+            return Refused(
+                BedrockError(
+                    "ModelTimeoutException",
+                    f"the upstream {self.upstream.base_url} did not finish the answer within "
+                    "the upstream read timeout",
+                    status=408,
+                )
+            )
+        except aiohttp.ClientError as exc:
+            return Refused(
+                BedrockError(
+                    "ServiceUnavailableException",
+                    f"the upstream {self.upstream.base_url} failed mid-answer: "
+                    f"{type(exc).__name__}",
+                    status=503,
+                )
+            )
+
+    def _client_left(self, call: Call, upstream: aiohttp.ClientResponse) -> None:
+        call.disconnected = True
+        call.status = 499
+        if call.pool is not None:
+            self.metrics.stream_disconnects.labels(call.pool.name).inc()
+        # Closing (not releasing) drops the upstream connection, which cancels the
+        # model call instead of letting it run on for nobody.
+        upstream.close()

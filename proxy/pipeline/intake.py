@@ -1,0 +1,59 @@
+"""The identify stage: which operation, which body, which caller → Caller | Refused."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.errors import BedrockError
+from proxy.pipeline.call import Call, Refused
+from proxy.pipeline.identify import Caller, identify
+from proxy.routes import Route, match
+
+
+async def identify_call(request: web.Request, call: Call) -> Caller | Refused:
+    """Match the route, read the body and identify the caller, recording each on ``call``."""
+    try:
+        route = call.route = match(request.method, request.raw_path)
+        call.headers = request.headers
+        body = call.body = await read_body(request, route, call.policy.policy.server.max_body_bytes)
+        call.caller = identify(
+            call.policy, request.method, request.host, request.raw_path, request.headers, body
+        )
+        return call.caller
+    except BedrockError as exc:
+        return Refused(exc)
+
+
+async def read_body(request: web.Request, route: Route, max_body: int) -> bytes:
+    """The request body, or raise the Bedrock-shaped 400/413 saying what is wrong with it."""
+    if request.method != "POST":
+        return b""
+    length = request.content_length
+    if length is not None and length > max_body:
+        raise _too_large(length, max_body)
+    content_type = request.headers.get("Content-Type")
+    # Bedrock treats a missing Content-Type as JSON (boto3's invoke_model sends none
+    # unless asked); anything else that is not JSON cannot be a Bedrock body.
+    if content_type is not None and "json" not in content_type and "*/*" not in content_type:
+        raise BedrockError(
+            "ValidationException",
+            f"{route.operation} takes a JSON body; Content-Type '{content_type[:80]}' "
+            "is not supported (use application/json)",
+        )
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(None, max_body) from None
+    if len(body) > max_body:
+        raise _too_large(len(body), max_body)
+    return body
+
+
+def _too_large(size: int | None, max_body: int) -> BedrockError:
+    got = f"{size} bytes" if size is not None else "larger than that"
+    return BedrockError(
+        "ValidationException",
+        f"Request body is {got}; this Sluice accepts at most {max_body} bytes "
+        "(server.max_body_bytes)",
+        status=413,
+    )

@@ -1,0 +1,132 @@
+"""The settle stage: real usage, the breaker/controller sample, the lease released.
+
+:meth:`Settler.settle` runs exactly once per call, from the ``finally`` of whoever
+runs it, so a failed or cancelled call releases its lease like a finished one. It
+queues the release (never awaits the store) and returns what to await when the
+caller must not see the answer before the slot is free (a grant near a cap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable
+
+from proxy.admission.estimate import settled_tokens
+from proxy.admission.gate import Gate
+from proxy.control.controller import Adaptivity
+from proxy.log import AccessLog
+from proxy.metrics import Metrics
+from proxy.pipeline.call import Call
+from proxy.pipeline.tier_quota import charge, on_pool_quota
+
+#: Longest an answer waits for its release to be confirmed (see :func:`confirmed`).
+CONFIRM_TIMEOUT_S = 0.5
+
+
+async def confirmed(released: Awaitable[None]) -> None:
+    """Hold the answer until ``released`` is done, for at most :data:`CONFIRM_TIMEOUT_S`.
+
+    Admitted near a concurrency cap: the caller may send its next call (to any
+    instance) the moment it has this answer, and that call must not find this one
+    still holding a slot. Bounded: a slow store must not hold the answer.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(CONFIRM_TIMEOUT_S):
+            await released
+
+
+class Settler:
+    """Settles calls (lease, usage, controller sample) and writes their access-log lines."""
+
+    def __init__(
+        self, gate: Gate, metrics: Metrics, access_log: AccessLog, adaptivity: Adaptivity | None
+    ) -> None:
+        self.gate = gate
+        self.metrics = metrics
+        self.access_log = access_log
+        self.adaptivity = adaptivity
+
+    def settle(self, call: Call) -> Awaitable[None] | None:
+        """Report ``call``'s upstream outcome and release the grant it holds, with real usage.
+
+        A grant is released once however often this runs (``Ticket.released``); a stage
+        that re-admits mid-call (a downgrade after an upstream throttle) settles, then
+        stores the new grant on the call, which this releases in turn.
+        """
+        status = call.upstream_status
+        if self.adaptivity is not None and status is not None and call.pool is not None:
+            self.adaptivity.observe(
+                call.pool.name,
+                call.caller.priority if call.caller else "-",
+                call.upstream_s * 1000,
+                throttled=status == 429 and on_pool_quota(call),
+                server_error=status >= 500,
+            )
+        ticket = call.ticket
+        if ticket is None or ticket.released or call.pool is None:
+            return None
+        self.metrics.in_flight_of(call.pool.name).dec()
+        return self.gate.settle(ticket, self._actual_tokens(call))
+
+    @staticmethod
+    def _actual_tokens(call: Call) -> int:
+        usage, pool, ticket = call.usage, call.pool, call.ticket
+        assert pool is not None and ticket is not None
+        if usage.known:
+            return settled_tokens(
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cache_write_tokens,
+                pool.output_weight,
+            )
+        if call.upstream_status is not None and call.upstream_status != 200:
+            return 0  # Bedrock charges nothing for a call it refused or failed
+        return ticket.reserved_tokens  # unknown usage: keep the reservation
+
+    def record(self, call: Call) -> None:
+        """Count ``call`` in the request metrics and write its access-log line."""
+        route = call.route
+        pool = call.pool.name if call.pool else "-"
+        workload = call.caller.workload.name if call.caller else "-"
+        operation = route.operation if route else "-"
+        metrics = self.metrics
+        metrics.requests_of(
+            operation, pool, workload, str(call.status), call.served_tier or "-"
+        ).inc()
+        charge(metrics, call, workload, pool)
+        if call.usage.known:
+            metrics.tokens_of(workload, pool, "input").inc(call.usage.input_tokens)
+            metrics.tokens_of(workload, pool, "output").inc(call.usage.output_tokens)
+        if call.upstream_status is not None and route is not None:
+            metrics.latency_of(pool, operation).observe(call.upstream_s)
+        if self.access_log.enabled:
+            self.access_log.write(self._line(call, operation, pool, workload))
+
+    @staticmethod
+    def _line(call: Call, operation: str, pool: str, workload: str) -> dict[str, object]:
+        total = time.perf_counter() - call.started
+        return {
+            "event": "request",
+            "request_id": call.request_id,
+            "operation": operation,
+            "model": call.route.model_id if call.route else None,
+            "pool": pool,
+            "workload": workload,
+            "priority": call.caller.priority if call.caller else None,
+            "via": call.caller.via if call.caller else None,
+            "status": call.status,
+            "error_type": call.error_type,
+            "input_tokens": call.usage.input_tokens,
+            "output_tokens": call.usage.output_tokens,
+            "usage_known": call.usage.known,
+            "upstream_ms": round(call.upstream_s * 1000, 2),
+            "overhead_ms": round(max(0.0, total - call.upstream_s) * 1000, 3),
+            "disconnected": call.disconnected,
+            "retries": call.retries,
+            "trimmed_messages": call.trimmed_messages,
+            "degraded": call.degraded.get("x-sluice-degraded") if call.degraded else None,
+            "coalesced": call.coalesced,
+            "service_tier": call.served_tier,
+        }

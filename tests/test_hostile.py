@@ -1,0 +1,329 @@
+"""Hostile input, slow clients and one-request lockouts, over raw sockets (issue 10).
+
+A real Sluice process on a real Redis in front of the simulator is sent what an
+attacker or a careless client sends. Every answer must be Bedrock-shaped and name the
+limit at fault, no connection may outlive its timeout, nothing Sluice logs may quote a
+prompt or a credential, and no lease may be left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.support.hostile import Answer, problems, run, send
+from tests.support.hostile_cases import (
+    FUZZ_KEY_ID,
+    FUZZ_SECRET_ENV,
+    HAIKU,
+    PROMPT_CANARY,
+    SECRET_CANARY,
+    SONNET,
+    Case,
+    converse_body,
+    fuzz_policy,
+    request,
+)
+from tests.support.processes import Simulator, Sluice, bedrock_client, metric_value
+from tests.support.redis_fixtures import RedisServerProcess
+
+FUZZ_SECRET = "fuzz-secret-" + SECRET_CANARY
+TIMEOUT_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def fuzz_redis() -> Iterator[RedisServerProcess]:
+    server = RedisServerProcess().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    simulator: Simulator, fuzz_redis: RedisServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Sluice]:
+    p = Sluice(
+        tmp_path_factory.mktemp("hostile"),
+        upstream=simulator.url,
+        policy=fuzz_policy(TIMEOUT_S),
+        redis_url=fuzz_redis.url,
+        env={FUZZ_SECRET_ENV: FUZZ_SECRET},
+    )
+    yield p
+    p.stop()
+
+
+def play(p: Sluice, case: Case, timeout_s: float = 10.0) -> Answer:
+    return asyncio.run(send("127.0.0.1", p.port, case, timeout_s, TIMEOUT_S * 3 + 5))
+
+
+def message(answer: Answer) -> str:
+    assert problems(answer, allow_5xx=True) == [], problems(answer, allow_5xx=True)
+    return str(json.loads(answer.body)["message"])
+
+
+def logs(p: Sluice) -> str:
+    return Path(p.stdout_path).read_text(errors="replace") + Path(p.stderr_path).read_text(
+        errors="replace"
+    )
+
+
+# --- the HTTP parser's rejections ------------------------------------------------------
+
+PARSER_CASES = [
+    (
+        request("GET", "/healthz", headers=[("X-Long", "a" * 9000)]),
+        "server.connections.max_header_line_bytes",
+    ),
+    (request("GET", "/" + "a" * 9000), "server.connections.max_header_line_bytes"),
+    (
+        request("GET", "/healthz", raw_headers=b"".join(b"X-%d: y\r\n" % i for i in range(10_000))),
+        "server.connections.max_headers",
+    ),
+    (
+        request("POST", f"/model/{HAIKU}/converse", b"{}", raw_headers=b"Content-Length: 3\r\n"),
+        "Content-Length",
+    ),
+    (b"G(ET / HTTP/1.1\r\nHost: x\r\n\r\n", "method"),
+    (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", "HTTP/1.0 or HTTP/1.1"),
+    (request("GET", "/healthz", raw_headers=b"X-A: a\x01b\r\n"), "header"),
+]
+
+
+@pytest.mark.parametrize(("data", "named"), PARSER_CASES)
+def test_parser_rejection_is_bedrock_shaped_and_names_the_limit(
+    proxy: Sluice, data: bytes, named: str
+) -> None:
+    answer = play(proxy, Case("parser", data))
+    assert answer.status == 400
+    assert answer.headers["x-amzn-errortype"].startswith("ValidationException:")
+    assert named in message(answer)
+    assert b"aaaa" not in answer.body  # the offending bytes are never echoed
+
+
+# --- Sluice's own former 5xx ---------------------------------------------------------
+
+
+def test_json_nested_past_the_estimator_is_a_400(proxy: Sluice) -> None:
+    nest = b"[" * 1000 + b"]" * 1000
+    body = b'{"messages":[{"role":"user","content":[{"text":"hi"}]}],"x":' + nest + b"}"
+    answer = play(proxy, Case("deep", request("POST", f"/model/{HAIKU}/converse", body)))
+    assert answer.status == 400
+    assert "nested" in message(answer)
+
+
+@pytest.mark.parametrize(
+    "header", ["x-sluice-workload", "x-sluice-priority", "X-Amzn-Bedrock-Trace", "x-other"]
+)
+def test_undecodable_header_bytes_are_a_400_naming_the_header(proxy: Sluice, header: str) -> None:
+    raw = header.encode() + b": \xff\xfe" + SECRET_CANARY.encode() + b"\r\n"
+    data = request(
+        "POST", f"/model/{HAIKU}/converse", converse_body(random.Random(1), 8), raw_headers=raw
+    )
+    answer = play(proxy, Case("bytes", data))
+    assert answer.status == 400
+    assert f"header '{header}' is not valid UTF-8" in message(answer)
+
+
+# --- slow and half-closed clients ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        (b"POST /model/x/converse HTTP/1.1\r\nHost: x\r\n", "header_timeout_seconds"),
+        (
+            request("POST", f"/model/{HAIKU}/converse", b'{"messages": []}')[:-4],
+            "body_timeout_seconds",
+        ),
+        (
+            request(
+                "POST",
+                f"/model/{HAIKU}/converse",
+                b"ffffffffffffffff\r\n{",
+                [("Transfer-Encoding", "chunked")],
+                length=False,
+            ),
+            "body_timeout_seconds",
+        ),
+    ],
+)
+def test_stalled_request_is_answered_408_and_closed_within_its_timeout(
+    proxy: Sluice, data: bytes, named: str
+) -> None:
+    answer = play(proxy, Case("slow", data, slow=True))
+    assert answer.status == 408
+    assert named in message(answer)
+    assert answer.closed_after is not None and answer.closed_after < TIMEOUT_S + 2
+
+
+def test_idle_connection_is_closed_after_the_keepalive_timeout(proxy: Sluice) -> None:
+    answer = play(proxy, Case("idle", b"", slow=True))
+    assert answer.error is None and answer.closed_after is not None
+    assert TIMEOUT_S * 2 - 0.2 < answer.closed_after < TIMEOUT_S * 2 + 2
+
+
+def test_half_closed_client_still_gets_its_answer(proxy: Sluice) -> None:
+    data = request("POST", f"/model/{HAIKU}/converse", converse_body(random.Random(2), 8))
+    answer = play(proxy, Case("half", data, half_close=True))
+    assert answer.status == 200, answer
+
+
+# --- caps on connections and unauthenticated requests ----------------------------------
+
+
+def test_connection_and_unauthenticated_caps_answer_503_naming_the_limit(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    policy = fuzz_policy(timeout_s=5.0, max_connections=20)
+    policy["server"]["connections"]["max_unauthenticated_requests"] = 3  # type: ignore[index]
+    p = Sluice(tmp_path, upstream=simulator.url, policy=policy, env={FUZZ_SECRET_ENV: "x"})
+    held: list[socket.socket] = []
+    try:
+        partial = request("POST", f"/model/{HAIKU}/converse", b'{"messages": []}')[:-4]
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", p.port))
+            s.sendall(partial)
+            held.append(s)
+        time.sleep(0.3)  # let the server parse the three heads
+        answer = play(p, Case("unauth", partial))
+        assert answer.status == 503
+        assert "server.connections.max_unauthenticated_requests" in message(answer)
+        while len(held) < 20:
+            held.append(socket.create_connection(("127.0.0.1", p.port)))
+        time.sleep(0.3)
+        answer = play(p, Case("conn", request("GET", "/healthz")))
+        assert answer.status == 503
+        assert "server.connections.max_connections" in message(answer)
+        for s in held:
+            s.close()
+        held.clear()
+        deadline = time.monotonic() + 5
+        while play(p, Case("ok", request("GET", "/healthz"))).status != 200:
+            assert time.monotonic() < deadline, "the cap did not lift when connections closed"
+            time.sleep(0.05)
+        text = urlopen_text(p.url + "/metrics")
+        assert metric_value(text, "sluice_client_refused_total", limit="max_connections") >= 1
+        assert (
+            metric_value(text, "sluice_client_refused_total", limit="max_unauthenticated_requests")
+            >= 1
+        )
+    finally:
+        for s in held:
+            s.close()
+        p.stop()
+
+
+def urlopen_text(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return str(resp.read().decode())
+
+
+# --- one request must never lock a pool ------------------------------------------------
+
+
+def lockout_policy() -> dict[str, Any]:
+    return {
+        "identity": {"header_mode": True, "default_workload": "anon"},
+        "server": {"retry": {"max_retries": 0}},
+        "models": {
+            # 60,000 tokens/min: a 10,000-token bucket refilling in 10 s.
+            "sonnet": {"ids": [SONNET], "tokens_per_minute": 60_000, "concurrency": 50},
+            "haiku": {"ids": [HAIKU], "tokens_per_minute": 60_000, "max_output_tokens": 2048},
+        },
+        "priorities": {"P0": {"share": 1.0}, "P2": {"share": 0.6}},
+        "workloads": {"anon": {"priority": "P2"}, "chat": {"priority": "P0"}},
+    }
+
+
+def test_an_absurd_output_cap_cannot_lock_p0_out_of_a_pool(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    p = Sluice(tmp_path, upstream=simulator.url, policy=lockout_policy())
+    rng = random.Random(3)
+    try:
+        for model in (SONNET, HAIKU):
+            # The anonymous, low-class caller asks for 2**62 output tokens, twice.
+            for _ in range(2):
+                body = converse_body(rng, 2**62)
+                answer = play(p, Case("huge", request("POST", f"/model/{model}/converse", body)))
+                assert answer.status == 400, answer
+                if model == SONNET:  # no declared ceiling: the reservation cannot ever fit
+                    text = message(answer)
+                    assert "pool.tokens_per_minute" in text
+                    assert "inferenceConfig.maxTokens" in text
+            # P0 is served at once, without waiting for any refill.
+            good = request(
+                "POST",
+                f"/model/{model}/converse",
+                converse_body(rng, 64),
+                [("x-sluice-workload", "chat")],
+            )
+            answer = play(p, Case("p0", good))
+            assert answer.status == 200, answer
+        # Filling the class's share the honest way (real usage is settled): the refusal's
+        # wait is at most the bucket's refill time (10 s), never the 86,400 s cap.
+        long_prompt = {"role": "user", "content": [{"text": "word " * 2400}]}  # ~3,000 tokens
+        for _ in range(20):
+            body = json.dumps({"messages": [long_prompt]}).encode()
+            answer = play(p, Case("big", request("POST", f"/model/{SONNET}/converse", body)))
+            if answer.status == 429:
+                assert 1 <= int(answer.headers["retry-after"]) <= 10, answer.headers
+                break
+        else:
+            pytest.fail("the class share never refused")
+    finally:
+        p.stop()
+
+
+# --- the seeded fuzz run ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_seeded_fuzz_run_leaves_no_5xx_hang_leak_or_logged_secret(
+    proxy: Sluice, fuzz_redis: RedisServerProcess, record_property: Any
+) -> None:
+    started = time.monotonic()
+    answers = asyncio.run(run("127.0.0.1", proxy.port, 3000, seed=10, timeout_s=TIMEOUT_S))
+    seconds = time.monotonic() - started
+    found = [msg for a in answers for msg in problems(a)]
+    kinds: dict[str, int] = {}
+    for a in answers:
+        kinds[a.case.kind] = kinds.get(a.case.kind, 0) + 1
+    record_property("fuzz_requests", len(answers))
+    record_property("fuzz_seconds", round(seconds, 1))
+    assert len(answers) == 3000
+    assert found == [], found[:20]
+    # A good, signed call still succeeds afterwards.
+    client = bedrock_client(proxy.url, key_id=FUZZ_KEY_ID, secret=FUZZ_SECRET)
+    reply = client.converse(
+        modelId=HAIKU, messages=[{"role": "user", "content": [{"text": "still there?"}]}]
+    )
+    assert reply["ResponseMetadata"]["HTTPHeaders"]["x-sluice-workload"] == "chat"
+    # Every lease was released (settles are asynchronous: give them a moment).
+    inspect = redis.Redis.from_url(fuzz_redis.url)
+    try:
+        deadline = time.monotonic() + 10
+        while (held := sum(int(inspect.zcard(k)) for k in inspect.scan_iter("sluice:*leases"))) > 0:
+            assert time.monotonic() < deadline, f"{held} leases left after the run"
+            time.sleep(0.1)
+    finally:
+        inspect.close()
+    text = logs(proxy)
+    assert PROMPT_CANARY not in text
+    assert SECRET_CANARY not in text
+    assert "Traceback" not in text
+    metrics = urlopen_text(proxy.url + "/metrics")
+    assert metric_value(metrics, "sluice_protocol_errors_total") > 0
+    assert metric_value(metrics, "sluice_client_timeouts_total") > 0

@@ -1,0 +1,157 @@
+"""Batch jobs without Redis: the embedded SQLite store, one instance, across a restart."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.jobs_helpers import (
+    HAIKU,
+    dead_letters,
+    jobs_policy,
+    jsonl,
+    output,
+    record,
+    status,
+    submit,
+    wait_done,
+)
+from tests.support.processes import ROOT, _env
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_store_keeps_accepted_records_across_a_restart(
+    tmp_path: Path, make_simulator: Any, make_sluice: Any
+) -> None:
+    sim = make_simulator({"latency_scale": 0.02})
+    db = tmp_path / "jobs.sqlite3"
+    records = [record(i) for i in range(30)]
+    # First life: no workers, so every record is still queued when the process dies.
+    first = make_sluice(
+        upstream=sim.url, policy=jobs_policy(jobs={"enabled": False, "sqlite_path": str(db)})
+    )
+    batch_id = submit(first.url, records)
+    first.kill(signal.SIGKILL)
+    second = make_sluice(upstream=sim.url, policy=jobs_policy(jobs={"sqlite_path": str(db)}))
+    done = wait_done(second.url, batch_id)
+    assert done["succeeded"] == 30 and done["failed"] == 0
+    assert sorted(line["recordId"] for line in output(second.url, batch_id)) == [
+        r["recordId"] for r in records
+    ]
+
+
+def test_embedded_store_dead_letters_and_replays(
+    tmp_path: Path, make_simulator: Any, make_sluice: Any
+) -> None:
+    sim = make_simulator({"latency_scale": 0.02})
+    policy = jobs_policy(jobs={"sqlite_path": str(tmp_path / "jobs.sqlite3")})
+    sluice = make_sluice(upstream=sim.url, policy=policy)
+    batch_id = submit(sluice.url, [record(i) for i in range(4)], model="anthropic.nope-v1:0")
+    assert wait_done(sluice.url, batch_id)["failed"] == 4
+    assert {d["reason"] for d in dead_letters(sluice.url)} == {"ValidationException"}
+    replay = subprocess.run(
+        [sys.executable, "-m", "proxy", "dlq", "replay", "--url", sluice.url,
+         "--workload", "enrich", "--model", HAIKU],
+        capture_output=True, env=_env(None), cwd=ROOT, timeout=30, check=True,
+    )  # fmt: skip
+    assert json.loads(replay.stdout) == {"replayed": 4}
+    done = wait_done(sluice.url, batch_id)
+    assert (done["succeeded"], done["failed"]) == (4, 0)
+    assert status(sluice.url, batch_id)["manifest"]["successRecordCount"] == 4
+
+
+def test_cli_submit_waits_and_fetches_output_and_manifest(
+    tmp_path: Path, make_simulator: Any, make_sluice: Any
+) -> None:
+    sim = make_simulator({"latency_scale": 0.02})
+    policy = jobs_policy(jobs={"sqlite_path": str(tmp_path / "jobs.sqlite3")})
+    sluice = make_sluice(upstream=sim.url, policy=policy)
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(jsonl([record(i) for i in range(12)]))
+    base = [sys.executable, "-m", "proxy", "batch"]
+    common = ["--url", sluice.url, "--workload", "enrich"]
+    run = subprocess.run(
+        [*base, "submit", str(src), "--model", HAIKU, "--wait", *common],
+        capture_output=True, env=_env(None), cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    batch_id = run.stdout.decode().strip()
+    assert "12/12 done, 0 failed" in run.stderr.decode()  # plain progress lines off a terminal
+    manifest = tmp_path / "manifest.json.out"
+    out = subprocess.run(
+        [*base, "output", batch_id, "--manifest", str(manifest), *common],
+        capture_output=True, env=_env(None), cwd=ROOT, timeout=30, check=True,
+    )  # fmt: skip
+    assert len(out.stdout.decode().splitlines()) == 12
+    counts = json.loads(manifest.read_text())
+    assert counts["totalRecordCount"] == counts["successRecordCount"] == 12
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"modelInput": {}}\n{"recordId": "x"}\n')
+    refused = subprocess.run(
+        [*base, "submit", str(bad), "--model", HAIKU, *common],
+        capture_output=True, env=_env(None), cwd=ROOT, timeout=30,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert "line 2: modelInput missing" in refused.stderr.decode()
+
+
+def test_cli_signs_with_a_sigv4_key_sluice_issued(
+    tmp_path: Path, make_simulator: Any, make_sluice: Any
+) -> None:
+    sim = make_simulator({"latency_scale": 0.02})
+    policy = jobs_policy(jobs={"sqlite_path": str(tmp_path / "jobs.sqlite3")})
+    policy["identity"] = {"header_mode": False}
+    policy["workloads"]["enrich"]["access_keys"] = [
+        {"access_key_id": "AKIDENRICH", "secret": {"env": "ENRICH_SECRET"}}
+    ]
+    sluice = make_sluice(upstream=sim.url, policy=policy, env={"ENRICH_SECRET": "s3cret"})
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(jsonl([record(i) for i in range(3)]))
+    cmd = [sys.executable, "-m", "proxy", "batch", "submit", str(src), "--model", HAIKU,
+           "--url", sluice.url, "--wait"]  # fmt: skip
+    signed = _env({"AWS_ACCESS_KEY_ID": "AKIDENRICH", "AWS_SECRET_ACCESS_KEY": "s3cret"})
+    run = subprocess.run(cmd, capture_output=True, env=signed, cwd=ROOT, timeout=60)
+    assert run.returncode == 0, run.stderr
+    wrong = _env({"AWS_ACCESS_KEY_ID": "AKIDENRICH", "AWS_SECRET_ACCESS_KEY": "nope"})
+    refused = subprocess.run(cmd, capture_output=True, env=wrong, cwd=ROOT, timeout=60)
+    assert refused.returncode == 1
+    assert "403 InvalidSignatureException" in refused.stderr.decode()
+
+
+def test_a_record_with_an_absurd_output_cap_is_dead_lettered_and_locks_nothing(
+    tmp_path: Path, make_simulator: Any, make_sluice: Any
+) -> None:
+    # The batch path reserves like a live call (fit.reserve): a record asking for 2**62 output
+    # tokens on a pool without a declared ceiling can never fit the tokens/min bucket, so it
+    # is a permanent ValidationException naming the limit; the records beside it, and P0
+    # afterwards, are served as if it had never come.
+    sim = make_simulator({"latency_scale": 0.02})
+    policy = jobs_policy(
+        jobs={"sqlite_path": str(tmp_path / "jobs.sqlite3")},
+        pool={"tokens_per_minute": 200_000},
+    )
+    sluice = make_sluice(upstream=sim.url, policy=policy)
+    records = [record(i) for i in range(6)] + [record(99, max_tokens=2**62)]
+    batch_id = submit(sluice.url, records)
+    done = wait_done(sluice.url, batch_id)
+    assert (done["succeeded"], done["failed"]) == (6, 1)
+    (dead,) = dead_letters(sluice.url)
+    assert dead["recordId"] == "rec-00099" and dead["reason"] == "ValidationException"
+    assert "tokens_per_minute" in json.dumps(dead) and "max_tokens" in json.dumps(dead)
+    # Nothing was left in debt: a live P0 call on the same pool is admitted at once.
+    req = urllib.request.Request(
+        f"{sluice.url}/model/{HAIKU}/invoke",
+        data=json.dumps(record(0)["modelInput"]).encode(),
+        method="POST",
+        headers={"x-sluice-workload": "checkout", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 200
