@@ -86,7 +86,8 @@ class Forwarder:
             if self._degradable(call, upstream.status):
                 pool = call.pool.name if call.pool else "-"
                 self.metrics.upstream_errors.labels(pool, "ThrottlingException").inc()
-                await upstream.read()  # then released below: the connection is reused
+                # Read (a failed read changes nothing: the chain serves) and released below.
+                await self._read_upstream(upstream)
                 return THROTTLED
             headers = returnable(upstream.headers)
             annotate(headers, call)
