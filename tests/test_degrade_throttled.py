@@ -29,7 +29,11 @@ def as_workload(url: str, workload: str) -> Any:
 
 
 @pytest.fixture
-def stack(redis_server: Any, sim: Simulator, make_sluice: Any) -> tuple[Sluice, Simulator, str]:
+def stack(
+    redis_server: Any, make_simulator: Any, make_sluice: Any
+) -> tuple[Sluice, Simulator, str]:
+    # A simulator of its own: the session one is shared, and its faults outlive a test.
+    sim = make_simulator({"models": {SONNET: {"faults": {"throttle_rate": 1.0}}}})
     tag = uuid.uuid4().hex[:8]
     policy = {
         "identity": {"header_mode": True},
@@ -40,7 +44,6 @@ def stack(redis_server: Any, sim: Simulator, make_sluice: Any) -> tuple[Sluice, 
         },
         "workloads": {"chat": {"degrade": [f"haiku{tag}"]}, "strict": {}},
     }
-    sim.configure({"models": {SONNET: {"faults": {"throttle_rate": 1.0}}}})
     return make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url), sim, tag
 
 
