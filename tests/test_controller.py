@@ -129,7 +129,8 @@ def test_next_limit_never_leaves_floor_and_ceiling(
         if learned is not None:  # an estimate never cuts more than half (or decrease)
             assert new >= min(current - 1, current // 2, int(current * decrease)) or new == lo
     if lo <= current <= hi and new > current:
-        assert stats.throttles == 0 and new <= 2 * current
+        assert stats.throttles == 0 and new <= current + max(increase, current)
+        assert known is None or current >= known or new <= known  # additive up to the quota
         assert learned is None or new <= max(learned, current)
 
 

@@ -181,9 +181,9 @@ def next_limit(
     # One slot above the old quota first, then half as far again above it as the limit
     # already is: each clean step is evidence of a raise, while each overshoot costs an
     # interval of throttles (and an excess slot churns: every caller it admits is refused).
-    step = cfg.increase
-    if known is not None and current >= known:
-        step = max(1, (current - known) // 2)
+    if known is not None and current < known:  # additive back up to the old quota first
+        return min(ceiling, current + cfg.increase, known), f"additive toward {known}: {why}"
+    step = cfg.increase if known is None else max(1, (current - known) // 2)
     return min(ceiling, current + step), f"probing above {known}: {why}"
 
 
