@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.backend.store import EmbeddedStore
+from proxy.backend.store import EmbeddedStore, RedisStore
 from proxy.config import Breaker, parse_policy
 from proxy.control.breaker import (
     CLOSED,
@@ -20,6 +20,7 @@ from proxy.control.breaker import (
     BreakerBoard,
     BreakerRecord,
     next_state,
+    next_state_cut,
 )
 from proxy.control.controller import Adaptivity
 from proxy.policy import CompiledPolicy
@@ -217,3 +218,86 @@ async def test_failed_probe_opens_the_breaker_again(fleet: Fleet) -> None:
     )
     assert reopened == 2
     assert not any(a.breaker_allows(pool) for a in instances)
+
+
+# --- a breaker that cuts the adaptive limit instead of refusing -----------------------------
+
+
+def test_cut_breaker_needs_volume_in_every_state() -> None:
+    """3 failures of 15 move nothing: min_requests is the evidence every state needs."""
+    closed, opened = BreakerRecord(), BreakerRecord(OPEN, 1, since_ms=0)
+    half = BreakerRecord(HALF_OPEN, 2, since_ms=0)
+    for rec in (closed, opened, half):
+        assert next_state_cut(rec, 15, 3, CFG, 60_000) is None
+    assert next_state_cut(closed, 30, 3, CFG, 0) == (OPEN, "3/30 failed (threshold 0.1)")
+
+
+def test_cut_breaker_stays_open_while_failing_and_for_open_seconds() -> None:
+    opened = BreakerRecord(OPEN, 1, since_ms=1_000)
+    assert next_state_cut(opened, 100, 0, CFG, 10_999) is None  # minimum open time
+    assert next_state_cut(opened, 100, 20, CFG, 60_000) is None  # still failing at the cut
+    assert next_state_cut(opened, 100, 5, CFG, 11_000) == (
+        HALF_OPEN,
+        "5/100 failed at the cut limit after 10.0 s open",
+    )
+
+
+def test_cut_breaker_closes_only_after_sustained_success() -> None:
+    half = BreakerRecord(HALF_OPEN, 2, since_ms=0)
+    assert next_state_cut(half, 100, 0, CFG, 9_999) is None  # not yet sustained
+    assert next_state_cut(half, 100, 6, CFG, 20_000) is None  # 6%: not failing, not healthy
+    assert next_state_cut(half, 100, 4, CFG, 20_000) == (
+        CLOSED,
+        "4/100 failed: sustained success for 20.0 s",
+    )
+    assert next_state_cut(half, 40, 4, CFG, 1_000) == (OPEN, "4/40 failed while half-open")
+
+
+def _cut_policy(pool: str) -> CompiledPolicy:
+    breaker = {"threshold": 0.1, "window_seconds": 1, "min_requests": 20, "open_seconds": 0.3}
+    adaptive = {"ceiling": 40, "initial": 40, "interval_seconds": 0.2, "decrease": 0.5}
+    model = {"ids": [f"anthropic.{pool}"], "concurrency": 40, "breaker": breaker}
+    return CompiledPolicy(
+        parse_policy(
+            {
+                "models": {pool: {**model, "adaptive": adaptive}},
+                "priorities": {"P0": {}},
+                "workloads": {"chat": {"priority": "P0"}},
+            }
+        ),
+        env={},
+    )
+
+
+async def test_open_breaker_cuts_the_limit_and_refuses_nobody(backend: Backend) -> None:
+    """Open means "stop hammering Bedrock": the limit is cut, P0 still gets through."""
+    pool, registry = new_pool(), CollectorRegistry()
+    store: Any = RedisStore(backend.url) if backend.url else EmbeddedStore()
+    await store.start()
+    a = Adaptivity(
+        _cut_policy(pool), store, backend.url, registry=registry, tick_s=0.05, bucket_s=0.05
+    )
+    await a.start()
+    try:
+        await until(lambda: a.limit(pool) == 40)
+        await asyncio.sleep(0.3)  # an interval after the last change: the breaker's to cut
+        await _trip(a, pool)
+        await until(lambda: state(registry, pool) == OPEN)
+        assert a.breaker_allows(pool)  # nobody is refused by the breaker itself
+        # Cut at once, not an interval later: 40 x 0.5 (no quota learned from these calls).
+        await until(lambda: (a.limit(pool) or 40) <= 20)
+        cut_to = a.limit(pool)
+        assert not a.retry_headroom(pool)  # and no retries while it is open
+        await asyncio.sleep(0.5)
+        assert state(registry, pool) == OPEN  # no evidence since opening: no move
+        for _ in range(40):
+            a.observe(pool, "P0", 100.0, False, False)  # healthy at the cut limit
+        await until(lambda: state(registry, pool) == HALF_OPEN)
+        for _ in range(40):
+            a.observe(pool, "P0", 100.0, False, False)
+        await until(lambda: state(registry, pool) == CLOSED, timeout_s=5.0)
+        # No demand: the limit holds under the cut (the throttled interval may take one more).
+        assert (a.limit(pool) or 0) <= (cut_to or 0) <= 20
+    finally:
+        await a.close()
+        await store.close()

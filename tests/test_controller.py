@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.backend.store import RedisStore
 from proxy.config import Adaptive, PauseRule, parse_policy
+from proxy.control.breaker import HALF_OPEN, OPEN
 from proxy.control.controller import (
     LEARN_INTERVALS,
     Adaptivity,
@@ -35,31 +36,51 @@ from proxy.policy import CompiledPolicy
 from tests.support.admission_helpers import new_pool
 
 INCIDENT3 = Adaptive(floor=4, ceiling=80, initial=15, target_p99_ms=1200, increase=2)
+SPAN_MS = 1000.0
 
 
 def busy(
-    limit: int, *, throttles: int = 0, p99: float = 600.0, requests: int = 100
+    limit: int,
+    *,
+    throttles: int = 0,
+    p99: float = 600.0,
+    requests: int = 100,
+    granted: float | None = None,
+    demand: int = 0,
 ) -> IntervalStats:
-    """An interval in which the pool filled its limit."""
-    return IntervalStats(requests, throttles, p99, limit)
+    """An interval in which the pool filled its limit (Bedrock granted ``granted``)."""
+    served = limit if granted is None else granted
+    return IntervalStats(requests, throttles, p99, limit, demand, served * SPAN_MS, SPAN_MS)
 
 
 def simulate(
-    cfg: Adaptive, configured: int | None, quota: Callable[[int], int], intervals: int
-) -> list[int]:
-    """Run the control law against a Bedrock that throttles whatever exceeds ``quota(i)``.
+    cfg: Adaptive,
+    configured: int | None,
+    quota: Callable[[int], int],
+    intervals: int,
+    *,
+    share: float = 1.0,
+) -> tuple[list[int], list[int]]:
+    """Drive the law as the runner does against a Bedrock with concurrency ``quota(i)``.
 
-    Demand always exceeds the limit (the pool is saturated), so in-flight == limit and the
-    share of calls throttled is (limit - quota) / limit.
+    Demand always exceeds the limit; callers hold ``share`` of it (a class share: the rest
+    is refused, and counted as demand). Bedrock grants min(in-flight, quota) and throttles
+    the share of calls above it. Returns the limits and the throttled share per interval.
     """
-    limit = start_limit(cfg, configured)
-    history = [limit]
+    limit, learned = start_limit(cfg, configured), LearnedQuota()
+    history, throttled = [limit], []
     for i in range(intervals):
-        over = max(0, limit - quota(i))
-        stats = IntervalStats(100, math.ceil(100 * over / limit), 600.0, limit)
-        limit, _ = next_limit(limit, stats, cfg, configured)
+        in_flight = math.ceil(share * limit)
+        over = max(0, in_flight - quota(i))
+        throttles = math.ceil(100 * over / in_flight)
+        granted = min(in_flight, quota(i))
+        at = quota(i) + 1 if over else None  # in flight when Bedrock refused: one too many
+        stats = IntervalStats(100, throttles, 600.0, in_flight, 50, granted * SPAN_MS, SPAN_MS, at)
+        fresh = learned.update("p", stats, 1.0, now=float(i))
+        limit, _ = next_limit(limit, stats, cfg, configured, fresh, known=learned.known("p"))
         history.append(limit)
-    return history
+        throttled.append(throttles)
+    return history, throttled
 
 
 def direction_changes(history: list[int]) -> int:
@@ -73,11 +94,14 @@ def direction_changes(history: list[int]) -> int:
     throttle_share=st.floats(0, 1),
     p99=st.none() | st.floats(0, 100_000),
     peak=st.integers(0, 1000),
+    demand=st.integers(0, 50),
     floor=st.integers(1, 50),
     ceiling=st.integers(1, 300),
     configured=st.none() | st.integers(1, 300),
     decrease=st.floats(0.05, 0.95),
     increase=st.integers(1, 50),
+    learned=st.none() | st.integers(1, 400),
+    known=st.none() | st.integers(1, 400),
 )
 def test_next_limit_never_leaves_floor_and_ceiling(
     current: int,
@@ -85,39 +109,88 @@ def test_next_limit_never_leaves_floor_and_ceiling(
     throttle_share: float,
     p99: float | None,
     peak: int,
+    demand: int,
     floor: int,
     ceiling: int,
     configured: int | None,
     decrease: float,
     increase: int,
+    learned: int | None,
+    known: int | None,
 ) -> None:
     cfg = Adaptive(floor=floor, ceiling=ceiling, decrease=decrease, increase=increase)
-    stats = IntervalStats(requests, int(requests * throttle_share), p99, peak)
+    stats = IntervalStats(requests, int(requests * throttle_share), p99, peak, demand)
     lo, hi = bounds(cfg, configured)
-    new, reason = next_limit(current, stats, cfg, configured)
+    new, reason = next_limit(current, stats, cfg, configured, learned, known=known)
     assert lo <= new <= hi and reason
     assert hi <= ceiling and (configured is None or hi <= configured)
     if stats.throttles and lo <= current <= hi:
         assert new < current or current == lo
+        if learned is not None:  # an estimate never cuts more than half (or decrease)
+            assert new >= min(current - 1, current // 2, int(current * decrease)) or new == lo
     if lo <= current <= hi and new > current:
-        assert new - current <= increase and stats.throttles == 0
+        assert stats.throttles == 0 and new <= current + max(increase, current)
+        assert known is None or current >= known or new <= known  # additive up to the quota
+        assert learned is None or new <= max(learned, current)
 
 
-def test_throttles_shrink_multiplicatively_and_calm_grows_additively() -> None:
+def test_throttles_cut_to_under_what_bedrock_granted() -> None:
     assert next_limit(50, busy(50, throttles=5), INCIDENT3, 80) == (40, "5/100 throttled")
-    assert next_limit(50, busy(50), INCIDENT3, 80)[0] == 52
+    # Half the calls throttled and Bedrock refused at ~30: a cut, settle at 90% of it.
+    assert next_limit(50, busy(50, throttles=50), INCIDENT3, 80, learned=30)[0] == 27
+    # 5% throttled says Bedrock served ~47: a sampled 30 alone does not cut deeper than x0.8.
+    assert next_limit(50, busy(50, throttles=5), INCIDENT3, 80, learned=30)[0] == 40
+    assert next_limit(50, busy(50, throttles=90), INCIDENT3, 80, learned=10)[0] == 25  # <= half
+    assert next_limit(50, busy(50, throttles=5), INCIDENT3, 80, learned=60)[0] == 40
     assert next_limit(5, busy(5, throttles=1), INCIDENT3, 80)[0] == 4  # at least one step
     assert next_limit(4, busy(4, throttles=1), INCIDENT3, 80)[0] == 4  # the floor holds
+
+
+def test_growth_doubles_then_is_additive_near_the_quota_then_probes() -> None:
+    # Never throttled: slow start doubles.
+    assert next_limit(20, busy(20), INCIDENT3, 80) == (
+        40,
+        "slow start: wanted 20 (0 refused), no throttles",
+    )
+    # A fresh learned quota: additive toward it, then hold there.
+    assert next_limit(30, busy(30), INCIDENT3, 80, learned=33)[0] == 32
+    assert next_limit(32, busy(32), INCIDENT3, 80, learned=33)[0] == 33
+    limit, reason = next_limit(33, busy(33), INCIDENT3, 80, learned=33)
+    assert limit == 33 and "throttled at ~33" in reason
+    # The estimate went stale: probe one slot above it, then half as far again each time.
+    assert next_limit(33, busy(33), INCIDENT3, 80, known=33)[0] == 34
+    assert next_limit(37, busy(37), INCIDENT3, 80, known=33)[0] == 39
+    assert next_limit(41, busy(41), INCIDENT3, 80, known=33)[0] == 45
+    # Half-open: additive only; open: the cut limit holds.
+    assert next_limit(20, busy(20), INCIDENT3, 80, breaker=HALF_OPEN)[0] == 22
+    # ...and never above the last quota learned: probing waits until the breaker closes.
+    assert next_limit(20, busy(20), INCIDENT3, 80, known=21, breaker=HALF_OPEN)[0] == 21
+    assert next_limit(21, busy(21), INCIDENT3, 80, known=21, breaker=HALF_OPEN)[0] == 21
+    assert next_limit(20, busy(20), INCIDENT3, 80, breaker=OPEN)[0] == 20
 
 
 def test_holds_when_slow_idle_or_at_the_ceiling() -> None:
     assert next_limit(50, busy(50, p99=1300), INCIDENT3, 80)[0] == 50
     idle = IntervalStats(100, 0, 600.0, peak_in_flight=20)
-    assert next_limit(50, idle, INCIDENT3, 80) == (50, "peak in-flight 20 well under limit 50")
+    assert next_limit(50, idle, INCIDENT3, 80) == (
+        50,
+        "callers wanted ~20 of limit 50",
+    )
     assert next_limit(50, IntervalStats(0, 0, None, 0), INCIDENT3, 80) == (50, "no requests")
     assert next_limit(80, busy(80), INCIDENT3, 80) == (80, "at ceiling 80")
     # The quota (configured concurrency) was lowered under the limit: follow it at once.
     assert next_limit(80, busy(80), INCIDENT3, 60) == (60, "above ceiling 60")
+
+
+def test_refused_demand_grows_a_pool_its_class_share_keeps_half_empty() -> None:
+    """Incident 3's P2-only pool: share 0.4 holds in-flight at 40% of the limit."""
+    capped = IntervalStats(100, 0, 600.0, peak_in_flight=6, demand=30)
+    assert next_limit(15, capped, INCIDENT3, 80)[0] == 30
+    # The alarm fires while such demand is refused and the limit does not move.
+    assert underutilised(15, capped, INCIDENT3, 80, next_value=15)
+    assert not underutilised(15, capped, INCIDENT3, 80, next_value=30)
+    # ...but not when the limit holds at the quota Bedrock granted (Bedrock binds there).
+    assert not underutilised(15, capped, INCIDENT3, 80, next_value=15, learned=15)
 
 
 def test_idle_pool_never_grows() -> None:
@@ -130,78 +203,75 @@ def test_idle_pool_never_grows() -> None:
 def test_incident3_grows_from_15_to_90_percent_of_80(record_property: Any) -> None:
     """Zero throttles, p99 600 ms against 1,200 ms: the pinned limit climbs to the quota."""
     figures = {}
-    for increase in (2, 5):
-        cfg = INCIDENT3.model_copy(update={"increase": increase})
-        history = simulate(cfg, 80, lambda i: 80, 60)
+    for share in (1.0, 0.4):  # every class, and a pool used only by a 40% class
+        history, _ = simulate(INCIDENT3, 80, lambda i: 80, 20, share=share)
         n = next(i for i, v in enumerate(history) if v >= 72)
-        assert n == math.ceil((72 - 15) / increase)
-        assert max(history) == 80 and history[-1] == 80
-        assert underutilised(80, busy(80, p99=500), cfg, 80)
-        assert not underutilised(80, busy(80, p99=700), cfg, 80)
-        assert not underutilised(70, busy(70, p99=500), cfg, 80)
-        figures[increase] = n
-    print(f"incident 3: intervals to >= 72 of 80 from 15: {figures}")
+        assert n == 3  # 15 -> 30 -> 60 -> 80: slow start
+        assert history[-1] == 80
+        figures[share] = n
+    assert underutilised(80, busy(80, p99=500), INCIDENT3, 80)
+    assert not underutilised(80, busy(80, p99=700), INCIDENT3, 80)
+    assert not underutilised(70, busy(70, p99=500), INCIDENT3, 80)
+    print(f"incident 3: intervals to >= 72 of 80 from 15, by class share: {figures}")
     record_property("incident3_intervals_to_90pct", figures)
 
 
 def test_step_in_throttling_converges_without_flapping(record_property: Any) -> None:
     """0% → 30% → 0% throttled: monotone within each phase, one turn per step."""
     cfg = Adaptive(floor=4, ceiling=80, initial=40, decrease=0.8, increase=2)
-    share = [0.0] * 5 + [0.3] * 4 + [0.0] * 12
+    share = [0.0] * 3 + [0.3] * 4 + [0.0] * 11
     limit, history = 40, [40]
     for s in share:
         stats = IntervalStats(100, round(100 * s), 600.0, limit)
-        limit, _ = next_limit(limit, stats, cfg, 80)
+        limit, _ = next_limit(limit, stats, cfg, 80, known=40)
         history.append(limit)
-    assert history[:6] == [40, 42, 44, 46, 48, 50]
-    assert history[6:10] == [40, 32, 25, 20]  # x0.8 per throttled interval
-    assert history[-1] == 20 + 2 * 12
+    assert history[:4] == [40, 41, 42, 43]  # a quota was known: probing, not slow start
+    assert history[4:8] == [34, 27, 21, 16]  # x0.8 per throttled interval (no fresh estimate)
+    assert history[8:] == list(range(18, 18 + 2 * 11, 2))  # additive under the known quota
     assert direction_changes(history) == 2  # one turn per input step, no flapping
     print(f"throttle step 0->30->0%: limits {history}")
     record_property("step_history", history)
 
 
-def test_quota_drop_settles_under_the_new_quota(record_property: Any) -> None:
-    """Bedrock's real quota drops 80 → 40 and later returns: AIMD settles in a few intervals."""
-    cfg = Adaptive(floor=4, ceiling=80, initial=80, decrease=0.8, increase=2)
-    history = simulate(cfg, 80, lambda i: 40 if 5 <= i < 45 else 80, 80)
-    first_ok = next(i for i, v in enumerate(history) if i > 5 and v <= 40)
-    settled = history[first_ok:46]
-    assert first_ok - 5 <= 4  # 80 → 64 → 51 → 40: three throttled intervals
-    assert min(settled) >= 0.8 * 40 * 0.8 and max(settled) <= 40 + cfg.increase
-    # Sawtooth, not flapping: each cut is followed by several intervals of growth.
-    cuts = [i for i in range(first_ok, 45) if history[i + 1] < history[i]]
-    assert all(b - a >= 4 for a, b in itertools.pairwise(cuts))
-    back = next(i for i, v in enumerate(history) if i > 45 and v >= 72)
+def test_quota_cut_settles_under_the_new_quota_at_once(record_property: Any) -> None:
+    """Bedrock's quota drops 80 → 32 (-60%) and later returns: settle, then find it again."""
+    cfg = Adaptive(floor=4, ceiling=100, initial=80, decrease=0.8, increase=2)
+    history, throttled = simulate(cfg, 100, lambda i: 32 if 10 <= i < 50 else 80, 80)
+    first_ok = next(i for i, v in enumerate(history) if i > 10 and v <= 32)
+    assert first_ok - 10 <= 3  # 80 -> 40 (half at most) -> 28: under the new quota
+    # From then on: throttled intervals only when the stale estimate is re-probed, rarely.
+    late = [i for i in range(first_ok, 50) if throttled[i]]
+    assert len(late) <= (50 - first_ok) // LEARN_INTERVALS + 1, late
+    assert min(history[first_ok:50]) >= 0.8 * 32
+    back = next(i for i, v in enumerate(history) if i > 50 and v >= 72)
     print(
-        f"quota 80->40 at interval 5: under quota after {first_ok - 5} intervals, "
-        f"band {min(settled)}..{max(settled)}, cuts every {cuts[1] - cuts[0]} intervals; "
-        f"back to 90% of 80 {back - 45} intervals after the quota returned"
+        f"quota 80->32 at interval 10: under quota after {first_ok - 10} intervals, "
+        f"band {min(history[first_ok:50])}..{max(history[first_ok:50])}, throttled intervals "
+        f"after settling {late}; back to 90% of 80 {back - 50} intervals after it returned"
     )
-    record_property("quota_drop_intervals", first_ok - 5)
+    assert back - 50 <= LEARN_INTERVALS + 6
+    record_property("quota_cut_intervals", first_ok - 10)
 
 
-def test_learned_quota_keeps_the_highest_throttled_peak_until_it_expires() -> None:
-    """Flash-sale replay: throttles at 13 in flight, then the cut's lagging throttles at 9."""
+def test_learned_quota_is_where_bedrock_throttled_and_is_forgotten_fast() -> None:
     learned, t = LearnedQuota(), 100.0
     assert learned.update("sonnet", busy(15), 2.0, now=t) is None  # no throttles: nothing known
-    assert learned.update("sonnet", IntervalStats(100, 9, 600.0, 13), 2.0, now=t) == 12
-    # A sampled peak only under-reads: a lower one must not teach a lower quota.
-    assert learned.update("sonnet", IntervalStats(100, 2, 600.0, 9), 2.0, now=t + 2) == 12
-    assert learned.update("sonnet", busy(11), 2.0, now=t + 4) == 12
-    # A higher throttled peak raises it and restarts the memory.
-    assert learned.update("sonnet", IntervalStats(100, 1, 600.0, 14), 2.0, now=t + 6) == 13
-    expiry = t + 6 + LEARN_INTERVALS * 2.0
-    assert learned.update("sonnet", busy(11), 2.0, now=expiry - 0.1) == 13
-    assert learned.update("sonnet", busy(11), 2.0, now=expiry) is None
+    # Bedrock throttled while 13 were in flight (the peak of the interval was 15).
+    at13 = IntervalStats(100, 9, 600.0, 15, 0, 11_600.0, 1000.0, throttled_peak=13)
+    assert learned.update("sonnet", at13, 2.0, now=t) == 12
+    # The quota was cut: the next throttled interval replaces the estimate at once.
+    at6 = IntervalStats(100, 30, 600.0, 12, 0, 5_200.0, 1000.0, throttled_peak=6)
+    assert learned.update("sonnet", at6, 2.0, now=t + 2) == 5
+    # What Bedrock served on average bounds the estimate from below.
+    served = IntervalStats(100, 30, 600.0, 12, 0, 9_400.0, 1000.0, throttled_peak=6)
+    assert served.quota_estimate() == 9
+    assert learned.update("sonnet", busy(5), 2.0, now=t + 4) == 5
+    expiry = t + 2 + LEARN_INTERVALS * 2.0
+    assert learned.update("sonnet", busy(5), 2.0, now=expiry - 0.1) == 5
+    assert learned.update("sonnet", busy(5), 2.0, now=expiry) is None
+    assert learned.known("sonnet") == 5  # stale, but growth now probes instead of doubling
     assert learned.update("haiku", busy(28), 2.0, now=t) is None  # per pool
-
-
-def test_next_limit_stops_growing_at_the_learned_quota() -> None:
-    cfg = Adaptive(floor=4, ceiling=15, initial=15, increase=1)
-    assert next_limit(10, busy(10), cfg, 15, learned=11)[0] == 11
-    limit, reason = next_limit(11, busy(11), cfg, 15, learned=11)
-    assert limit == 11 and "throttled above 11" in reason
+    assert learned.known("haiku") is None
 
 
 # --- pause ---------------------------------------------------------------------------------

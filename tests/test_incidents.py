@@ -108,7 +108,14 @@ async def test_incident_1_flash_sale_keeps_p0_answering(
     # After the controller settles, Bedrock (the simulator) throttles under 1%.
     assert settled_throttles <= 0.01 * settled_requests, (settled_throttles, settled_requests)
     assert mid["throttled"] > 0  # the configured limit really was above Bedrock's quota
-    assert gauge(proxies, "sluice_adaptive_limit", pool=f"sonnet{t}") <= 12
+    # The controller cut the limit it started above the quota at. (It used to have to end
+    # at <= 12; issue 9: refused demand now makes a pool probe for a raised quota, so the
+    # limit may sit above 12 while Bedrock's throttles, asserted above, stay under 1%.)
+    cuts = sum(
+        metric_value(p.metrics(), "sluice_adaptive_limit_changes_total", direction="down")
+        for p in proxies
+    )
+    assert cuts >= 1
     # P2 was downgraded or refused with Retry-After; never an unexplained error.
     kinds = p2.kinds()
     assert kinds["downgrade"] > 0

@@ -21,12 +21,14 @@ def add_policy(
     check.add_argument(
         "--strict",
         action="store_true",
-        help="also fail when a secret the policy names is not available here",
+        help="also fail when a secret the policy names is not available here, or when a "
+        "setting can never take effect (printed as warnings)",
     )
     return pol_sub
 
 
 def _policy_check(files: Sequence[str], *, strict: bool) -> int:
+    from proxy.control.checks import policy_warnings
     from proxy.policy import CompiledPolicy
 
     failed = False
@@ -37,6 +39,10 @@ def _policy_check(files: Sequence[str], *, strict: bool) -> int:
             print(exc, file=sys.stderr)
             failed = True
             continue
+        warnings = policy_warnings(policy)
+        for warning in warnings:
+            print(f"{path}: warning: {warning}", file=sys.stderr)
+        failed = failed or (strict and bool(warnings))
         note = ""
         try:
             CompiledPolicy(policy)

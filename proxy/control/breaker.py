@@ -6,10 +6,22 @@ every instance once per tick (:mod:`proxy.control.fleet`). The request path neve
 for Redis: :meth:`BreakerBoard.allow` reads the local copy and, while half-open, spends a
 probe token this instance claimed from the fleet-wide probe counter on its last tick.
 
-States: closed → open when (throttles + 5xx) / requests over the window reaches the
-threshold with at least ``min_requests``; open → half-open after ``open_seconds``;
-half-open → closed once ``half_open_probes`` probes succeeded (or every probe there was
-demand for, after ``open_seconds``), → open on a probe failure.
+Two ways to be open, chosen by whether the pool has an adaptive limit:
+
+* **Cut limit** (:func:`next_state_cut`, pools with ``adaptive``): open means "stop
+  hammering Bedrock", not "refuse everyone". The controller cuts the pool's limit when the
+  breaker opens and holds it while open; every call still goes through admission, so the
+  pool keeps serving at the cut limit, highest class first (class shares, waiters in
+  priority order), and classes with a degradation chain go down it when refused. Evidence
+  is the volume served since the last transition: each state needs ``min_requests``
+  outcomes before it may move, open lasts at least ``open_seconds``, and half-open closes
+  only after ``open_seconds`` more of sustained success (failures under half the
+  threshold), so a handful of calls can never flap it.
+* **Probes** (:func:`next_state`, pools without ``adaptive``: there is no limit to cut):
+  closed → open at the threshold with at least ``min_requests``; open refuses every call
+  for ``open_seconds``; half-open lets ``half_open_probes`` calls through and closes once
+  they succeeded (or every probe there was demand for, after ``open_seconds``), → open on
+  a probe failure.
 """
 
 from __future__ import annotations
@@ -90,6 +102,32 @@ def next_state(
         return CLOSED, f"{rec.ok} probe(s) succeeded, no demand for more"
     if elapsed_s >= max(STALL_MIN_S, 2 * cfg.open_seconds):
         return OPEN, "probes did not report back"
+    return None
+
+
+def next_state_cut(
+    rec: BreakerRecord, requests: int, failures: int, cfg: Breaker, now_ms: int
+) -> tuple[int, str] | None:
+    """The move of a cut-limit breaker (see the module docstring), or None to stay.
+
+    ``requests`` / ``failures`` are the fleet's outcomes since the last transition (at most
+    the window); the pool keeps serving while open, so every state has fresh evidence.
+    """
+    if requests < cfg.min_requests:
+        return None  # too little evidence to move in any direction
+    failing = failures >= cfg.threshold * requests
+    counts = f"{failures}/{requests} failed"
+    if rec.state == CLOSED:
+        return (OPEN, f"{counts} (threshold {cfg.threshold:g})") if failing else None
+    elapsed_s = (now_ms - rec.since_ms) / 1000.0
+    if rec.state == OPEN:
+        if elapsed_s >= cfg.open_seconds and not failing:
+            return HALF_OPEN, f"{counts} at the cut limit after {elapsed_s:.1f} s open"
+        return None
+    if failing:
+        return OPEN, f"{counts} while half-open"
+    if elapsed_s >= cfg.open_seconds and failures < cfg.threshold / 2 * requests:
+        return CLOSED, f"{counts}: sustained success for {elapsed_s:.1f} s"
     return None
 
 

@@ -1,15 +1,12 @@
-"""Adaptive concurrency per model pool (AIMD), and the runner that drives all of adaptivity.
+"""The runner that drives all of adaptivity: adaptive limits, breakers and batch pauses.
 
-:func:`next_limit` is the whole control law, pure: multiplicative decrease when Bedrock
-throttled in the interval, additive increase while p99 is under target with no throttles
-AND the pool actually used its limit, hold otherwise; always inside [floor, ceiling], the
-ceiling never above the pool's configured concurrency.
-
+The control law itself is pure and lives in :mod:`proxy.control.law` (re-exported here).
 :class:`Adaptivity` ticks in the background: it exchanges observations with the fleet
 (:mod:`proxy.control.fleet`), lets the interval's leader move the limit (at most one
 change per pool per interval fleet-wide: ``SET NX PX interval``), steps each pool's
-breaker (:mod:`proxy.control.breaker`) and the batch pauses (:mod:`proxy.control.pause`).
-The request path only calls its sync, in-memory methods.
+breaker (:mod:`proxy.control.breaker`; opening it cuts the limit at once) and the batch
+pauses (:mod:`proxy.control.pause`). The request path only calls its sync, in-memory
+methods.
 """
 
 from __future__ import annotations
@@ -17,200 +14,51 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import secrets
 import socket
 import time
-from dataclasses import dataclass
-from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from proxy.admission import Store, StoreUnavailable
-from proxy.config import Adaptive
-from proxy.control.breaker import CLOSED, STATE_NAMES, BreakerBoard, next_state
-from proxy.control.fleet import FleetStats, FleetUnavailable, PoolControl, PoolTick, Window
-from proxy.control.pause import PauseState, paused_workloads
+from proxy.control.breaker import (
+    CLOSED,
+    OPEN,
+    STATE_NAMES,
+    BreakerBoard,
+    next_state,
+    next_state_cut,
+)
+from proxy.control.fleet import FleetStats, FleetUnavailable, PoolControl, PoolTick
+from proxy.control.law import (
+    LEARN_INTERVALS,
+    IntervalStats,
+    LearnedQuota,
+    bounds,
+    cut,
+    for_concurrency,
+    next_limit,
+    start_limit,
+    underutilised,
+)
+from proxy.control.metrics import AdaptivityMetrics
+from proxy.control.pause import PauseState, step_pauses
+from proxy.errors import BedrockError
 from proxy.policy import CompiledPolicy
 
+__all__ = [
+    "LEARN_INTERVALS",
+    "Adaptivity",
+    "IntervalStats",
+    "LearnedQuota",
+    "bounds",
+    "next_limit",
+    "start_limit",
+    "underutilised",
+]
+
 log = logging.getLogger("sluice.adaptive")
-
-#: The pool counts as using its limit when its sampled peak in-flight reached this share.
-BUSY_FRACTION: Final = 0.8
-
-
-#: How long (in intervals) a limit that throttled stops increases just below it.
-LEARN_INTERVALS = 30
-
-
-@dataclass(frozen=True, slots=True)
-class IntervalStats:
-    """A pool's fleet-wide outcomes over one control interval."""
-
-    requests: int
-    throttles: int
-    p99_ms: float | None
-    #: Highest fleet in-flight sampled during the interval (every instance samples per tick).
-    peak_in_flight: int
-
-
-def bounds(cfg: Adaptive, configured: int | None) -> tuple[int, int]:
-    """(floor, ceiling): the ceiling is capped by the configured concurrency, the floor by it."""
-    ceiling = cfg.ceiling if configured is None else min(cfg.ceiling, configured)
-    return min(cfg.floor, ceiling), ceiling
-
-
-def start_limit(cfg: Adaptive, configured: int | None) -> int:
-    """Where the limit starts: ``cfg.initial``, else the configured concurrency, in bounds."""
-    floor, ceiling = bounds(cfg, configured)
-    return max(floor, min(ceiling, cfg.initial or configured or ceiling))
-
-
-def next_limit(
-    current: int,
-    stats: IntervalStats,
-    cfg: Adaptive,
-    configured: int | None,
-    learned: int | None = None,
-) -> tuple[int, str]:
-    """The limit for the next interval and why; the result is always within :func:`bounds`.
-
-    ``learned`` is the highest limit recently known not to throttle: increases stop
-    there, so AIMD does not re-probe a quota it has just found every few intervals.
-    """
-    floor, ceiling = bounds(cfg, configured)
-    if current > ceiling:
-        return ceiling, f"above ceiling {ceiling}"
-    if current < floor:
-        return floor, f"below floor {floor}"
-    if stats.throttles > 0:
-        # At least one step down, or a small limit would never shrink (int(3 x 0.8) == 2
-        # but int(1.6) could round back to where it was for other factors).
-        new = max(floor, min(current - 1, int(current * cfg.decrease)))
-        return new, f"{stats.throttles}/{stats.requests} throttled"
-    if stats.p99_ms is None:
-        return current, "no requests"
-    if stats.p99_ms >= cfg.target_p99_ms:
-        return current, f"p99 {stats.p99_ms:.0f} ms >= target {cfg.target_p99_ms:.0f} ms"
-    if stats.peak_in_flight < math.ceil(BUSY_FRACTION * current):
-        # An idle pool proves nothing about more concurrency: growing it would only arm a
-        # burst that the quota then throttles.
-        return current, f"peak in-flight {stats.peak_in_flight} well under limit {current}"
-    if current >= ceiling:
-        return current, f"at ceiling {ceiling}"
-    if learned is not None and current >= learned:
-        return current, f"holding at {current}: Bedrock throttled above {learned} recently"
-    new = min(ceiling, current + cfg.increase, learned if learned is not None else ceiling)
-    return new, f"p99 {stats.p99_ms:.0f} ms < {cfg.target_p99_ms:.0f} ms, no throttles, busy"
-
-
-class LearnedQuota:
-    """Per pool, the highest limit recently known not to throttle (kept LEARN_INTERVALS).
-
-    Every instance sees the same fleet window, so every instance learns the same value and
-    whichever one leads the next interval applies it.
-    """
-
-    def __init__(self) -> None:
-        self._seen: dict[str, tuple[int, float]] = {}
-
-    def update(
-        self, pool: str, stats: IntervalStats, interval_s: float, now: float | None = None
-    ) -> int | None:
-        """Take one interval's fleet stats; return what is known now (None: nothing)."""
-        now = time.monotonic() if now is None else now
-        kept = self._seen.get(pool)
-        value = kept[0] if kept is not None and now < kept[1] else None
-        # The evidence is the fleet's peak in-flight while Bedrock throttled: that is the
-        # concurrency it refused. The limit in force is not: throttles lag a cut by up to
-        # an interval and would teach a quota far below the real one. The peak is sampled
-        # per tick, so it can only under-read the true one; a later throttled interval with
-        # a lower sampled peak (the lagging throttles of a cut) must not lower what was
-        # learned, or the pool stays pinned far below its quota for LEARN_INTERVALS.
-        if stats.throttles > 0 and stats.peak_in_flight > 1:
-            seen = stats.peak_in_flight - 1
-            value = seen if value is None else max(seen, value)
-            self._seen[pool] = (value, now + LEARN_INTERVALS * interval_s)
-        return value
-
-
-def underutilised(limit: int, stats: IntervalStats, cfg: Adaptive, configured: int | None) -> bool:
-    """Incident 3's alarm: at the ceiling, traffic, no throttles, p99 under half the target."""
-    return (
-        limit >= bounds(cfg, configured)[1]
-        and stats.requests > 0
-        and stats.throttles == 0
-        and stats.p99_ms is not None
-        and stats.p99_ms < cfg.target_p99_ms / 2
-    )
-
-
-class AdaptivityMetrics:
-    """The adaptivity metrics, registered in the application's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.limit = Gauge(
-            "sluice_adaptive_limit",
-            "Fleet adaptive concurrency limit per pool.",
-            ["pool"],
-            registry=r,
-        )
-        self.underutilised = Gauge(
-            "sluice_adaptive_underutilised",
-            "1 when a pool sits at its ceiling with no throttles and p99 under half the target.",
-            ["pool"],
-            registry=r,
-        )
-        self.limit_changes = Counter(
-            "sluice_adaptive_limit_changes",
-            "Limit changes made by this instance as leader.",
-            ["pool", "direction"],
-            registry=r,
-        )
-        self.breaker_state = Gauge(
-            "sluice_breaker_state",
-            "Circuit state per pool: 0 closed, 1 half-open, 2 open.",
-            ["pool"],
-            registry=r,
-        )
-        self.breaker_transitions = Counter(
-            "sluice_breaker_transitions",
-            "Breaker transitions applied by this instance.",
-            ["pool", "to"],
-            registry=r,
-        )
-        self.breaker_refused = Counter(
-            "sluice_breaker_refused",
-            "Requests refused because the pool's breaker is open.",
-            ["pool"],
-            registry=r,
-        )
-        self.paused = Gauge(
-            "sluice_workload_paused",
-            "1 while a workload is paused for a real-time class.",
-            ["workload"],
-            registry=r,
-        )
-        self.fleet_p99 = Gauge(
-            "sluice_fleet_p99_seconds",
-            "Fleet upstream p99 latency per pool (pause window).",
-            ["pool"],
-            registry=r,
-        )
-        self.fleet_throttle_ratio = Gauge(
-            "sluice_fleet_throttle_ratio",
-            "Fleet share of upstream calls throttled (pause window).",
-            ["pool"],
-            registry=r,
-        )
-        self.errors = Counter(
-            "sluice_fleet_errors",
-            "Failures of the fleet exchange (tick, transition, set_limit, unexpected).",
-            ["operation"],
-            registry=r,
-        )
 
 
 def _event(level: int, event: str, message: str, **fields: object) -> None:
@@ -271,6 +119,11 @@ class Adaptivity:
         self.metrics = AdaptivityMetrics(registry or CollectorRegistry())
         self._limits: dict[str, int] = {}
         self._learned = LearnedQuota()
+        #: Fleet in-flight per pool as of the last tick (retries go only into headroom).
+        self._in_flight: dict[str, int] = {}
+        #: Fleet time (ms) of each pool's last tick, and of its last limit change.
+        self._now_ms: dict[str, int] = {}
+        self._changed_ms: dict[str, int] = {}
         self._pause = PauseState()
         self._last_ok = time.monotonic()
         self._task: asyncio.Task[None] | None = None
@@ -285,12 +138,41 @@ class Adaptivity:
         self.fleet.observe(pool, priority, latency_ms, throttled, server_error)
         self.breakers.outcome(pool, throttled or server_error)
 
+    def refused(self, pool: str, priority: str, refusal: BedrockError) -> None:
+        """Count a refusal as demand if more pool concurrency would have admitted the call
+        (pool or class concurrency, the queue); not a workload's own caps or rate buckets."""
+        if refusal.status == 429 and for_concurrency(refusal.headers, refusal.message):
+            self.fleet.observe_demand(pool, priority)
+
     def breaker_allows(self, pool: str) -> bool:
-        """May a call go to ``pool``? False while open, or half-open without a probe slot."""
-        if pool not in self._breakers or self.breakers.allow(pool):
+        """May a call go to ``pool``? False only for a breaker without a limit to cut.
+
+        A pool with an adaptive limit keeps serving while its breaker is open, at the cut
+        limit (admission sheds, highest class first); a pool without one can only refuse
+        while open and let probes through while half-open.
+        """
+        if pool not in self._breakers or pool in self._adaptive or self.breakers.allow(pool):
             return True
         self.metrics.breaker_refused.labels(pool).inc()
         return False
+
+    def retry_headroom(self, pool: str) -> bool:
+        """May a throttled call to ``pool`` be retried? Only into headroom under the limit
+        (a retry at a full limit is one more call at a quota Bedrock just said is spent)."""
+        limit = self._limits.get(pool)
+        if pool not in self._adaptive or limit is None:
+            return True
+        return self.breakers.state(pool) == CLOSED and self._in_flight.get(pool, 0) < limit
+
+    async def await_headroom(self, pool: str, wait_s: float) -> bool:
+        """:meth:`retry_headroom`, waiting up to ``wait_s`` for it (checked once per tick)."""
+        deadline = time.monotonic() + wait_s
+        while not self.retry_headroom(pool):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(left, self._tick_s))
+        return True
 
     def paused(self, workload: str) -> bool:
         """True while ``workload`` is paused for a real-time class (incident 4)."""
@@ -367,13 +249,15 @@ class Adaptivity:
                 await self._step_breaker(pool, t)
             if pool in self._adaptive:
                 await self._step_limit(pool, t)
-        self._step_pause(ticks)
+        self._pause = step_pauses(
+            ticks, self._pause_window_s, self._rules, self._targets, self._pause, self.metrics
+        )
 
     def _control(self, pool: str) -> PoolControl:
         adaptive, breaker = self._adaptive.get(pool), self._breakers.get(pool)
         px = round(adaptive.interval_seconds * 1000) if adaptive else 0
-        if breaker is None:
-            return PoolControl(leader_px=px)
+        if breaker is None or adaptive is not None:
+            return PoolControl(leader_px=px)  # a cut-limit breaker needs no probe slots
         op, gen, ok, fail = self.breakers.probe_request(pool)
         return PoolControl(px, op, gen, breaker.half_open_probes, ok, fail)
 
@@ -381,10 +265,13 @@ class Adaptivity:
         cfg = self._breakers[pool]
         rec = t.breaker
         self.breakers.update(pool, rec, t.probe_granted)
-        # Only outcomes since the breaker last closed count toward opening it again.
-        since = rec.since_ms if rec.state == CLOSED and rec.gen else None
+        cuts = pool in self._adaptive
+        # Only outcomes since the last transition count toward the next one (probe
+        # breakers count probes while open / half-open, so only closed looks back).
+        since = rec.since_ms if rec.gen and (cuts or rec.state == CLOSED) else None
         window = t.window(cfg.window_seconds, since_ms=since).total
-        move = next_state(rec, window.requests, window.failures, cfg, t.now_ms)
+        law = next_state_cut if cuts else next_state
+        move = law(rec, window.requests, window.failures, cfg, t.now_ms)
         if move is not None:
             state, reason = move
             try:
@@ -400,6 +287,8 @@ class Adaptivity:
                 )
                 return
             self.breakers.update(pool, after, False)
+            if applied and cuts and state == OPEN:
+                await self._cut_on_open(pool, t)
             if applied:
                 self.metrics.breaker_transitions.labels(pool, STATE_NAMES[state]).inc()
                 _event(
@@ -413,27 +302,72 @@ class Adaptivity:
                 )
         self.metrics.breaker_state.labels(pool).set(self.breakers.state(pool))
 
+    async def _cut_on_open(self, pool: str, t: PoolTick) -> None:
+        """The breaker just opened: cut the limit now, unless the controller just did (from
+        the limit read this tick: an older one could be above another instance's cut)."""
+        cfg, current = self._adaptive[pool], t.fleet_limit
+        recent = t.now_ms - self._changed_ms.get(pool, 0) < cfg.interval_seconds * 1000
+        if current is not None and not recent:
+            floor = bounds(cfg, self._configured[pool])[0]
+            new = max(floor, cut(current, cfg, self._learned.known(pool)))
+            if new < current:
+                await self._set_limit(pool, current, new, "breaker opened")
+
     async def _step_limit(self, pool: str, t: PoolTick) -> None:
         cfg, configured = self._adaptive[pool], self._configured[pool]
-        w = t.window(cfg.interval_seconds)
-        stats = IntervalStats(w.total.requests, w.total.throttles, w.total.p99_ms, w.peak_in_flight)
+        self._now_ms[pool] = t.now_ms
+        if t.fleet_limit is not None and t.fleet_limit != self._limits.get(pool):
+            self._changed_ms[pool] = t.now_ms  # another instance moved it
+        # Only outcomes under the limit in force count: throttles of calls admitted before a
+        # cut (and refusals before a raise) would move it again for what it already fixed.
+        since = self._changed_ms.get(pool)
+        w = t.window(cfg.interval_seconds, since_ms=since)
+        # Demand over one tick more: a leader change can skip a tick (throttles seen twice
+        # would cut twice, refusals seen twice only confirm the demand).
+        wide = t.window(cfg.interval_seconds + self._tick_s, since_ms=since)
+        total = w.total
+        stats = IntervalStats(
+            total.requests,
+            total.throttles,
+            total.p99_ms,
+            wide.peak_in_flight,
+            wide.total.demand,
+            float(total.busy_ms),
+            float(w.span_ms),
+            w.throttled_peak,
+            total.requests - total.failures,
+        )
+        self._in_flight[pool] = t.in_flight
         if t.fleet_limit is not None:
             self._limits[pool] = t.fleet_limit
         learned = self._learned.update(pool, stats, cfg.interval_seconds)
+        known = self._learned.known(pool)
+        current = self._limits.get(pool)
+        new, reason = (
+            (None, "")
+            if current is None
+            else next_limit(
+                current,
+                stats,
+                cfg,
+                configured,
+                learned,
+                known=known,
+                breaker=self.breakers.state(pool),
+            )
+        )
         if t.leader:
             if t.fleet_limit is None:
                 # First start, or Redis lost the limit: restore what this instance last saw.
                 floor, ceiling = bounds(cfg, configured)
-                new = self._limits.get(pool) or start_limit(cfg, configured)
-                new, reason = max(floor, min(ceiling, new)), "initial"
-            else:
-                new, reason = next_limit(t.fleet_limit, stats, cfg, configured, learned)
-            if new != t.fleet_limit:
+                first = self._limits.get(pool) or start_limit(cfg, configured)
+                await self._set_limit(pool, None, max(floor, min(ceiling, first)), "initial")
+            elif new is not None and new != t.fleet_limit:
                 await self._set_limit(pool, t.fleet_limit, new, reason)
-        current = self._limits.get(pool)
+        if pool in self._limits:
+            self.metrics.limit.labels(pool).set(self._limits[pool])
         if current is not None:
-            self.metrics.limit.labels(pool).set(current)
-            idle = underutilised(current, stats, cfg, configured)
+            idle = underutilised(current, stats, cfg, configured, new, learned)
             self.metrics.underutilised.labels(pool).set(int(idle))
 
     async def _set_limit(self, pool: str, old: int | None, new: int, reason: str) -> None:
@@ -450,6 +384,7 @@ class Adaptivity:
             )
             return
         self._limits[pool] = new
+        self._changed_ms[pool] = self._now_ms.get(pool, 0)
         direction = "up" if old is None or new > old else "down"
         self.metrics.limit_changes.labels(pool, direction).inc()
         shown = "none" if old is None else str(old)
@@ -462,34 +397,3 @@ class Adaptivity:
             new_limit=new,
             reason=reason,
         )
-
-    def _step_pause(self, ticks: dict[str, PoolTick]) -> None:
-        by_class: dict[str, Window] = {}
-        for pool, t in ticks.items():
-            w = t.window(self._pause_window_s)
-            if w.total.requests:
-                p99 = w.total.p99_ms or 0.0
-                self.metrics.fleet_p99.labels(pool).set(p99 / 1000.0)
-                ratio = w.total.throttles / w.total.requests
-                self.metrics.fleet_throttle_ratio.labels(pool).set(ratio)
-            for cls, cw in w.by_class.items():
-                by_class[cls] = by_class.get(cls, Window()) + cw
-        if not self._rules:
-            return
-        p99s = {cls: w.p99_ms for cls, w in by_class.items()}
-        before = self._pause.paused
-        self._pause = paused_workloads(p99s, self._rules, self._targets, self._pause)
-        for workload in before ^ self._pause.paused:
-            now_paused = workload in self._pause.paused
-            rule = self._rules[workload]
-            _event(
-                logging.WARNING,
-                "workload_pause",
-                f"pause {'on' if now_paused else 'off'} {workload}",
-                workload=workload,
-                paused=now_paused,
-                when_class=rule.when_class,
-                p99_ms=p99s.get(rule.when_class),
-            )
-        for workload in self._rules:
-            self.metrics.paused.labels(workload).set(int(workload in self._pause.paused))

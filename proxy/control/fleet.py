@@ -13,7 +13,9 @@ Key layout (all keys of a pool share the hash tag ``{<pool>}``, one slot per poo
     sluice:{<pool>}:fleet:<i>   hash  ring of time buckets: b = bucket number,
                                       p = peak fleet in-flight sampled in the bucket,
                                       n|<class>, t|<class>, e|<class>, h<j>|<class> = requests,
-                                      throttles, 5xx and latency-bucket-j counts
+                                      throttles, 5xx and latency-bucket-j counts,
+                                      d|<class> = calls refused for concurrency (demand),
+                                      s|<class> = ms spent in calls Bedrock answered 200
     sluice:{<pool>}:breaker     hash  the breaker record (see :mod:`proxy.control.breaker`)
     sluice:{<pool>}:leader      str   the controller's leader for the current interval
     sluice:{<pool>}:pool, :leases     read only: the store's dynamic limit and leases
@@ -46,6 +48,8 @@ log = logging.getLogger("sluice.fleet")
 BASE: Final = 1.25
 N_BUCKETS: Final = 60  # 1.25^59 ms ≈ 8.7 min: longer than any Bedrock call may run
 _LOG_BASE: Final = math.log(BASE)
+#: The per-class counters of a bucket, in the order a window row holds them.
+_KINDS: Final = "nteds"
 _FAILURES: Final = FAILURES
 #: Breaker records outlive any sensible open period but not an abandoned pool.
 BREAKER_TTL_MS: Final = 86_400_000
@@ -84,12 +88,19 @@ def quantile_ms(hist: Sequence[int], q: float) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """Fleet counts over a window: requests, throttles, 5xx and the latency histogram."""
+    """Fleet counts over a window: requests, throttles, 5xx and the latency histogram.
+
+    ``demand`` counts calls Sluice refused (or gave up queueing) for concurrency, which
+    never reach Bedrock; ``busy_ms`` is the time Bedrock spent on calls it served, whose
+    rate over the window is the concurrency Bedrock granted (Little's law).
+    """
 
     requests: int = 0
     throttles: int = 0
     errors: int = 0
     hist: tuple[int, ...] = (0,) * N_BUCKETS
+    demand: int = 0
+    busy_ms: int = 0
 
     @property
     def failures(self) -> int:
@@ -107,6 +118,8 @@ class Window:
             self.throttles + other.throttles,
             self.errors + other.errors,
             tuple(a + b for a, b in zip(self.hist, other.hist, strict=True)),
+            self.demand + other.demand,
+            self.busy_ms + other.busy_ms,
         )
 
 
@@ -117,6 +130,11 @@ class PoolWindow:
     total: Window
     by_class: Mapping[str, Window]
     peak_in_flight: int
+    #: How much time the window's data covers (its last bucket is still filling).
+    span_ms: int = 0
+    #: The highest peak in-flight of a bucket in which Bedrock throttled (None: none did):
+    #: each is sampled once per tick and can only read low.
+    throttled_peak: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,10 +161,14 @@ class PoolTick:
             # The bucket holding since_ms mixes outcomes from before it: leave it out.
             first = max(first, since_ms // self.bucket_ms + 1)
         acc: dict[str, list[int]] = {}
-        peak = 0
+        peak, oldest, at_throttle = 0, cur, None
         for b, fields in self.rows:
             if not first <= b <= cur:
                 continue
+            oldest = min(oldest, b)
+            p = fields.get("p", 0)
+            if p > 0 and any(v and k.startswith("t|") for k, v in fields.items()):
+                at_throttle = p if at_throttle is None else max(at_throttle, p)
             for name, value in fields.items():
                 kind, _, cls = name.partition("|")
                 if not cls:
@@ -155,13 +177,16 @@ class PoolTick:
                     continue
                 row = acc.get(cls)
                 if row is None:
-                    row = acc[cls] = [0] * (3 + N_BUCKETS)
+                    row = acc[cls] = [0] * (5 + N_BUCKETS)
                 if kind[0] == "h":
-                    row[3 + int(kind[1:])] += value
+                    row[5 + int(kind[1:])] += value
                 else:
-                    row["nte".index(kind)] += value
-        by_class = {c: Window(r[0], r[1], r[2], tuple(r[3:])) for c, r in acc.items()}
-        return PoolWindow(sum(by_class.values(), Window()), by_class, peak)
+                    row[_KINDS.index(kind)] += value
+        by_class = {c: Window(r[0], r[1], r[2], tuple(r[5:]), r[3], r[4]) for c, r in acc.items()}
+        # From the oldest bucket holding anything: a fleet that just started has no history.
+        span = (cur - oldest) * self.bucket_ms + self.now_ms % self.bucket_ms
+        total = sum(by_class.values(), Window())
+        return PoolWindow(total, by_class, peak, max(1, span), at_throttle)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,10 +209,11 @@ class FleetUnavailable(Exception):
 class _Acc:
     """This instance's counts for one (pool, class) since the last tick."""
 
-    __slots__ = ("errors", "hist", "requests", "throttles")
+    __slots__ = ("busy_ms", "demand", "errors", "hist", "requests", "throttles")
 
     def __init__(self) -> None:
-        self.requests = self.throttles = self.errors = 0
+        self.requests = self.throttles = self.errors = self.demand = 0
+        self.busy_ms = 0.0
         self.hist: dict[int, int] = {}
 
 
@@ -195,6 +221,7 @@ def _fields(accs: Mapping[str, _Acc]) -> list[tuple[str, int]]:
     out: list[tuple[str, int]] = []
     for cls, a in accs.items():
         out += ((f"n|{cls}", a.requests), (f"t|{cls}", a.throttles), (f"e|{cls}", a.errors))
+        out += ((f"d|{cls}", a.demand), (f"s|{cls}", round(a.busy_ms)))
         out += ((f"h{j}|{cls}", c) for j, c in a.hist.items())
     return [(k, v) for k, v in out if v]
 
@@ -470,21 +497,31 @@ class FleetStats:
         """Close the connections."""
         await self._exchange.close()
 
-    def observe(
-        self, pool: str, priority: str, latency_ms: float, throttled: bool, server_error: bool
-    ) -> None:
-        """Count one finished upstream call (in memory; sent with the next tick)."""
+    def _acc(self, pool: str, priority: str) -> _Acc:
         by_class = self._window.get(pool)
         if by_class is None:
             by_class = self._window[pool] = {}
         acc = by_class.get(priority)
         if acc is None:
             acc = by_class[priority] = _Acc()
+        return acc
+
+    def observe(
+        self, pool: str, priority: str, latency_ms: float, throttled: bool, server_error: bool
+    ) -> None:
+        """Count one finished upstream call (in memory; sent with the next tick)."""
+        acc = self._acc(pool, priority)
         acc.requests += 1
         acc.throttles += throttled
         acc.errors += server_error
+        if not (throttled or server_error):
+            acc.busy_ms += latency_ms
         j = bucket_index(latency_ms)
         acc.hist[j] = acc.hist.get(j, 0) + 1
+
+    def observe_demand(self, pool: str, priority: str) -> None:
+        """Count one call refused for concurrency: demand Bedrock never saw."""
+        self._acc(pool, priority).demand += 1
 
     async def exchange(self, controls: Mapping[str, PoolControl]) -> dict[str, PoolTick]:
         """Send this window (then forget it) plus ``controls``; return the fleet view per pool.

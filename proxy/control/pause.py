@@ -8,11 +8,16 @@ consecutive ticks, so a p99 hovering at the trip point does not flap the batch o
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
 from proxy.config import PauseRule
+from proxy.control.fleet import PoolTick, Window
+from proxy.control.metrics import AdaptivityMetrics
+
+log = logging.getLogger("sluice.adaptive")
 
 RESUME_FRACTION: Final = 0.8
 RESUME_TICKS: Final = 2
@@ -55,3 +60,40 @@ def paused_workloads(
                 paused.add(workload)
                 calm[workload] = ticks
     return PauseState(frozenset(paused), calm)
+
+
+def step_pauses(
+    ticks: Mapping[str, PoolTick],
+    window_s: float,
+    rules: Mapping[str, PauseRule],
+    targets: Mapping[str, float | None],
+    previous: PauseState,
+    metrics: AdaptivityMetrics,
+) -> PauseState:
+    """One tick: the fleet p99 / throttle gauges per pool, then the pauses, logged on change."""
+    by_class: dict[str, Window] = {}
+    for pool, t in ticks.items():
+        w = t.window(window_s)
+        if w.total.requests:
+            metrics.fleet_p99.labels(pool).set((w.total.p99_ms or 0.0) / 1000.0)
+            metrics.fleet_throttle_ratio.labels(pool).set(w.total.throttles / w.total.requests)
+        for cls, cw in w.by_class.items():
+            by_class[cls] = by_class.get(cls, Window()) + cw
+    if not rules:
+        return previous
+    p99s = {cls: w.p99_ms for cls, w in by_class.items()}
+    state = paused_workloads(p99s, rules, targets, previous)
+    for workload in previous.paused ^ state.paused:
+        now_paused = workload in state.paused
+        fields = {
+            "event": "workload_pause",
+            "workload": workload,
+            "paused": now_paused,
+            "when_class": rules[workload].when_class,
+            "p99_ms": p99s.get(rules[workload].when_class),
+        }
+        message = f"pause {'on' if now_paused else 'off'} {workload}"
+        log.warning(message, extra={"fields": fields})
+    for workload in rules:
+        metrics.paused.labels(workload).set(int(workload in state.paused))
+    return state

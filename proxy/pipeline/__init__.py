@@ -5,7 +5,9 @@ Where things are decided, one step each from :meth:`Pipeline.serve`:
 * who is calling — :func:`proxy.pipeline.intake.identify_call` (→ ``Caller | Refused``);
 * a concurrency or rate limit, the schedule, the breaker, a downgrade —
   :meth:`proxy.pipeline.admit.Admission.admit` (→ ``Admitted | Degraded | Refused``);
-* the upstream call and its retries — :meth:`proxy.pipeline.forward.Forwarder.forward`;
+* the upstream call and its retries — :meth:`proxy.pipeline.forward.Forwarder.forward`
+  (a throttle that survived them sends a class with a chain down it:
+  :meth:`proxy.pipeline.admit.Admission.after_throttle`);
 * the lease release — :meth:`proxy.pipeline.settle.Settler.settle`, from the ``finally``
   of whoever runs the call (:meth:`Pipeline.handle`, or the coalesced flight);
 * every answer Sluice makes itself — :mod:`proxy.pipeline.respond`.
@@ -31,7 +33,7 @@ from proxy.log import AccessLog
 from proxy.metrics import Metrics
 from proxy.pipeline.admit import Admission
 from proxy.pipeline.cache import CachedResponse, ResponseCache, cache_key, cache_operation
-from proxy.pipeline.call import Call, Refused
+from proxy.pipeline.call import ADMITTED, Admitted, Call, Degraded, Refused, Throttled
 from proxy.pipeline.coalesce import Coalescer
 from proxy.pipeline.degrade import Fallback
 from proxy.pipeline.forward import Forwarder
@@ -115,13 +117,23 @@ class Pipeline:
         self, request: web.Request, call: Call, route: Route, caller: Caller
     ) -> web.StreamResponse | Refused:
         """admit → forward: the upstream's answer, a fallback's, or the refusal."""
+        admitted: Admitted | Degraded | Refused = ADMITTED
         if isinstance(route, MeteredRoute):
             admitted = await self.admission.admit(call, route, caller)
+        while True:  # twice at most: a degraded call is never degraded again
             if isinstance(admitted, Refused):
                 return admitted
             if isinstance(admitted, Fallback):
                 return self.respond.fallback(call, admitted)
-        return await self.forwarder.forward(request, call, route)
+            outcome = await self.forwarder.forward(request, call, route)
+            if not isinstance(outcome, Throttled):
+                return outcome
+            assert isinstance(route, MeteredRoute)  # only a call with a pool degrades
+            # The throttled attempt is settled first (once: Ticket.released; Bedrock charged
+            # nothing), so it is not counted again when the degraded call settles.
+            self.settler.settle(call)
+            call.upstream_status = call.served_tier = None
+            admitted = await self.admission.after_throttle(call, route, caller)
 
     def _request_id(self) -> str:
         p, n = self._id_prefix, next(self._id_counter) & 0xFFFFFFFFFFFF

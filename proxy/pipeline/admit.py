@@ -21,9 +21,10 @@ from proxy.pipeline.budget import enforce_budget, upstream_timeout
 from proxy.pipeline.cache import ResponseCache
 from proxy.pipeline.call import ADMITTED, Admitted, Call, Degraded, Refused
 from proxy.pipeline.degrade import DegradeAsk, Degrader, Downgrade
+from proxy.pipeline.forward import UPSTREAM_RETRY_AFTER_MS
 from proxy.pipeline.identify import Caller
 from proxy.pipeline.schedule import cap_at, describe_next_change
-from proxy.pipeline.tier_quota import TierQuotas
+from proxy.pipeline.tier_quota import TierQuotas, on_pool_quota
 from proxy.policy import CompiledPolicy, PoolInfo, WorkloadInfo
 from proxy.routes import MeteredRoute, Route
 
@@ -95,6 +96,7 @@ class Admission:
             got = await self._take(call, caller, pool, plan, est)
             if got is None:
                 return ADMITTED
+            self._demand(call, got)
             if got.status != 429 or not wl_cfg.degrade:
                 return Refused(got)
             refused = got
@@ -117,6 +119,42 @@ class Admission:
         call.ticket = got
         self.metrics.in_flight_of(pool.name).inc()
         return None
+
+    def _demand(self, call: Call, refused: BedrockError) -> None:
+        """A refusal more pool concurrency would have admitted is demand the controller sees
+        (not one of a tier with its own quota: that says nothing about the pool's)."""
+        if self.adaptivity is not None and call.pool is not None and on_pool_quota(call):
+            priority = call.caller.priority if call.caller else "-"
+            self.adaptivity.refused(call.pool.name, priority, refused)
+
+    async def after_throttle(
+        self, call: Call, route: MeteredRoute, caller: Caller
+    ) -> Degraded | Refused:
+        """A Bedrock throttle that survived retries sends a class with a chain down it.
+
+        The throttled attempt is settled already (its grant released once: the settle
+        stage's ``Ticket.released``); a step that serves stores its own grant on the call.
+        If none can, the caller gets Sluice's 429 with Retry-After, never Bedrock's bare one.
+        """
+        pool = call.pool
+        assert pool is not None
+        refused = BedrockError(
+            "ThrottlingException",
+            f"Too many requests: Bedrock throttled model pool '{pool.name}' after "
+            f"{call.retries} retries and no step of the degradation chain could serve",
+            status=429,
+            headers=retry_headers(UPSTREAM_RETRY_AFTER_MS),
+        )
+        try:
+            cap = self._scheduled_cap(call.policy, caller.workload)
+            if isinstance(cap, BedrockError):
+                return Refused(cap)
+            est = estimate(route.operation, call.body)
+        except BedrockError as exc:
+            return Refused(exc)
+        tokens = call.usage.input_tokens or est.input_tokens
+        ask = DegradeAsk(call.policy, route, caller, pool, est, tokens, call.body, cap)
+        return self._degraded(call, await self.degrader.degrade(ask), refused)
 
     def _degraded(
         self, call: Call, found: Degraded | BedrockError | None, refused: BedrockError

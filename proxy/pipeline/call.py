@@ -80,5 +80,15 @@ class Refused:
     error: BedrockError
 
 
+class Throttled:
+    """Bedrock throttled a class with a chain past Sluice's retries: settle, then degrade."""
+
+    __slots__ = ()
+
+
+#: The one Throttled value (the throttled answer is read and released already).
+THROTTLED: Final = Throttled()
+
+
 #: The pool said no and a degradation step serves instead.
 Degraded = Downgrade | Fallback

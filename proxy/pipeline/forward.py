@@ -25,7 +25,7 @@ from proxy.eventstream import exception_frame
 from proxy.memory import BurstTrim
 from proxy.metrics import Metrics
 from proxy.pipeline.cache import CacheUnavailable, ResponseCache, cacheable
-from proxy.pipeline.call import Call, Refused
+from proxy.pipeline.call import THROTTLED, Call, Refused, Throttled
 from proxy.pipeline.respond import annotate, upstream_error_type
 from proxy.pipeline.retry import RetryBudget, next_delay, retryable
 from proxy.pipeline.tier_quota import TierQuotas, on_pool_quota
@@ -71,8 +71,9 @@ class Forwarder:
 
     async def forward(
         self, request: web.Request, call: Call, route: Route
-    ) -> web.StreamResponse | Refused:
-        """Send ``call`` upstream and return the answer to relay (or the refusal to send)."""
+    ) -> web.StreamResponse | Refused | Throttled:
+        """Send ``call`` upstream and return the answer to relay (or the refusal to send);
+        :data:`THROTTLED` when a throttle that survived retries must go down the chain."""
         if not route.metered and request.method == "POST":
             try:
                 parse_body(call.body)  # Bedrock-shaped errors for malformed JSON on every op
@@ -86,6 +87,12 @@ class Forwarder:
         try:
             call.served_tier = served_tier(call.tier, upstream.headers)
             call.upstream_status = upstream.status
+            if self._degradable(call, upstream.status):
+                pool = call.pool.name if call.pool else "-"
+                self.metrics.upstream_errors.labels(pool, "ThrottlingException").inc()
+                # Read (a failed read changes nothing: the chain serves) and released below.
+                await self._read_upstream(upstream)
+                return THROTTLED
             headers = returnable(upstream.headers)
             annotate(headers, call)
             if route.streaming and upstream.status == 200:
@@ -138,12 +145,16 @@ class Forwarder:
             error_type = upstream_error_type(upstream.headers) if upstream.status != 200 else None
             if not retryable(upstream.status, error_type):
                 return upstream
-            remaining = deadline - time.perf_counter()
             # Asked before a fallback moves the call: the quota this attempt ran on.
             on_pool = on_pool_quota(call)
-            if await self.tiers.escalate(call, upstream.status, error_type, remaining):
+            if await self.tiers.escalate(
+                call, upstream.status, error_type, deadline - time.perf_counter()
+            ):
                 delay: float | None = 0.0  # throttled on its tier: at once, on the fallback tier
+            elif on_pool and not await self._headroom(call, upstream.status):
+                return upstream
             else:
+                remaining = deadline - time.perf_counter()  # after any wait for headroom
                 delay = next_delay(call.retries + 1, retry, remaining, budget, self._rng)
             if delay is None:
                 if call.retries < retry.max_retries and budget.tokens < 1:
@@ -159,6 +170,23 @@ class Forwarder:
             call.retries += 1
             self.metrics.upstream_retries.labels(pool, error_type or str(upstream.status)).inc()
             await asyncio.sleep(delay)
+
+    async def _headroom(self, call: Call, status: int) -> bool:
+        """A throttle on the pool's quota is retried only into headroom under its adaptive
+        limit; a class without a chain waits for some up to its ``max_wait_ms`` (one with a
+        chain degrades instead: :meth:`_degradable`)."""
+        a, pool, caller = self.adaptivity, call.pool, call.caller
+        if status != 429 or a is None or pool is None or caller is None:
+            return True
+        wl = call.policy.policy.workloads[caller.workload.name]
+        return await a.await_headroom(pool.name, 0 if wl.degrade else wl.max_wait_ms / 1000)
+
+    def _degradable(self, call: Call, status: int) -> bool:
+        """Does a throttle that survived retries send this call down its workload's chain?"""
+        caller = call.caller
+        if status != 429 or caller is None or call.pool is None or call.degraded:
+            return False
+        return bool(call.policy.policy.workloads[caller.workload.name].degrade)
 
     def _observe_retry(self, call: Call, status: int, on_pool: bool) -> None:
         if self.adaptivity is not None and call.pool is not None:

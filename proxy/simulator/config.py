@@ -51,6 +51,8 @@ class QuotaConfig(_Strict):
     concurrency: Annotated[int | None, Field(ge=0)] = None
     requests_per_minute: Annotated[int | None, Field(ge=0)] = None
     tokens_per_minute: Annotated[int | None, Field(ge=0)] = None
+    #: Seconds of refill the per-minute buckets hold (Bedrock: 60; shorter for short runs).
+    burst_seconds: Annotated[float, Field(gt=0, le=60)] = 60.0
 
 
 class FaultConfig(_Strict):

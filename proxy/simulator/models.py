@@ -20,14 +20,17 @@ class TokenBucket:
     """A bucket of ``capacity`` that refills at ``capacity`` per minute, continuously.
 
     Takes are all-or-nothing; refunds never overfill. Time is a monotonic clock in seconds.
+    ``burst_s`` shrinks the bucket to that many seconds of refill (Bedrock's is a minute;
+    a shorter one makes a per-minute quota bind within a short benchmark run).
     """
 
-    __slots__ = ("capacity", "level", "rate", "updated")
+    __slots__ = ("burst_s", "capacity", "level", "rate", "updated")
 
-    def __init__(self, capacity: int, now: float) -> None:
-        self.capacity = float(capacity)
+    def __init__(self, capacity: int, now: float, burst_s: float = 60.0) -> None:
+        self.burst_s = burst_s
+        self.capacity = capacity * burst_s / 60.0
         self.rate = capacity / 60.0
-        self.level = float(capacity)
+        self.level = self.capacity
         self.updated = now
 
     def _refill(self, now: float) -> None:
@@ -53,7 +56,7 @@ class TokenBucket:
     def resize(self, capacity: int, now: float) -> None:
         """Change the quota, keeping what is left (capped at the new capacity)."""
         self._refill(now)
-        self.capacity = float(capacity)
+        self.capacity = capacity * self.burst_s / 60.0
         self.rate = capacity / 60.0
         self.level = min(self.level, self.capacity)
 
@@ -103,8 +106,9 @@ class ModelRuntime:
         self.config = config
         scale = config.latency.latency_scale
         self.latency_scale = global_scale if scale is None else scale
-        self.rpm = _rebucket(self.rpm, config.quotas.requests_per_minute, now)
-        self.tpm = _rebucket(self.tpm, config.quotas.tokens_per_minute, now)
+        burst = config.quotas.burst_seconds
+        self.rpm = _rebucket(self.rpm, config.quotas.requests_per_minute, now, burst)
+        self.tpm = _rebucket(self.tpm, config.quotas.tokens_per_minute, now, burst)
 
     def refill(self, now: float) -> None:
         """Fill the buckets to capacity (``POST /_sim/reset``)."""
@@ -170,10 +174,12 @@ class ModelRuntime:
                 self.tpm.take(-refund, now)
 
 
-def _rebucket(bucket: TokenBucket | None, capacity: int | None, now: float) -> TokenBucket | None:
+def _rebucket(
+    bucket: TokenBucket | None, capacity: int | None, now: float, burst_s: float
+) -> TokenBucket | None:
     if capacity is None:
         return None
-    if bucket is None:
-        return TokenBucket(capacity, now)
+    if bucket is None or bucket.burst_s != burst_s:
+        return TokenBucket(capacity, now, burst_s)
     bucket.resize(capacity, now)
     return bucket
