@@ -3,30 +3,30 @@
 :class:`RedisExchange` runs one ``EVALSHA`` of :data:`TICK_LUA` per pool, pipelined on
 one Redis, sent concurrently on a Cluster (redis-py refuses scripts in cluster
 pipelines; each pool is one slot, so each call is one master's round trip), and the
-breaker's compare-and-set. :class:`LocalExchange` is the embedded twin (one instance).
-The key layout is in :mod:`proxy.control.fleet`.
+breaker's compare-and-set, both through :class:`~proxy.backend.runner.ScriptRunner`
+(NOSCRIPT reload, timeouts, one :class:`~proxy.backend.BackendUnavailable`).
+:class:`LocalExchange` is the embedded twin (one instance). The key layout is in
+:mod:`proxy.control.fleet`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Protocol
 
-import orjson
-
 from proxy.admission import Store
 from proxy.admission.model import plan_keys
-from proxy.backend.client import FAILURES, NoScriptError, RedisCluster, redis_client
+from proxy.backend import BackendUnavailable
+from proxy.backend.client import redis_client
 from proxy.backend.lua import load_script
-from proxy.control.breaker import HALF_OPEN, TRANSITION_LUA, BreakerRecord
+from proxy.backend.runner import Arg, ScriptRunner
+from proxy.control.breaker import HALF_OPEN, BreakerRecord
 from proxy.control.window import PoolControl, PoolTick
 
 log = logging.getLogger("sluice.fleet")
 
-_FAILURES: Final = FAILURES
 #: Breaker records outlive any sensible open period but not an abandoned pool.
 BREAKER_TTL_MS: Final = 86_400_000
 
@@ -36,14 +36,16 @@ BREAKER_TTL_MS: Final = 86_400_000
 #: Returns {now ms, live leases, dynamic limit (-1 none), leader 0/1, probe granted 0/1,
 #: breaker HGETALL, ring HGETALLs of the last R-1 buckets}.
 TICK_LUA: Final = load_script("fleet_tick")
+#: The scripts one exchange runs (``proxy/backend/scripts/<name>.lua``).
+_SCRIPTS: Final = ("fleet_tick", "breaker_transition")
 
 
 #: Per pool: this tick's (field, delta) counts and what the instance asks of the fleet.
 Sends = Mapping[str, tuple[list[tuple[str, int]], PoolControl]]
 
 
-class FleetUnavailable(Exception):
-    """The fleet state could not be exchanged in time (error or timeout)."""
+#: The fleet state could not be exchanged in time: the backend's one failure.
+FleetUnavailable = BackendUnavailable
 
 
 class Exchange(Protocol):
@@ -66,11 +68,10 @@ class RedisExchange:
 
     def __init__(self, url: str, instance_id: str, bucket_ms: int, ring: int, timeout_s: float):
         self._client = redis_client(url, timeout_s)
+        self._runner = ScriptRunner(self._client, _SCRIPTS, timeout_s, log)
         self._instance = instance_id
         self._bucket_ms = bucket_ms
         self._ring = ring
-        self._timeout = timeout_s
-        self._sha: dict[str, str] = {}
         self._keys: dict[str, list[str]] = {}
 
     def _pool_keys(self, pool: str) -> list[str]:
@@ -84,70 +85,21 @@ class RedisExchange:
         return keys
 
     async def start(self) -> None:
-        await self._load()
+        await self._runner.start()
 
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def _load(self) -> None:
-        async with asyncio.timeout(max(self._timeout, 2.0)):
-            for name, text in (("tick", TICK_LUA), ("transition", TRANSITION_LUA)):
-                self._sha[name] = str(await self._client.script_load(text))
-
     async def tick(self, sends: Sends) -> dict[str, PoolTick]:
-        out: dict[str, PoolTick] = {}
-        try:
-            if not self._sha:  # Redis was down at start
-                await self._load()
-            failed = await self._pipeline(list(sends), sends, out)
-            if failed:
-                # NOSCRIPT (restart, failover, flush) ran nothing, so resending cannot
-                # double-count; a pipeline cannot recover it inline, so reload outside.
-                log.info(orjson.dumps({"event": "fleet_script_reload"}).decode())
-                await self._load()
-                if await self._pipeline(failed, sends, out):
-                    raise FleetUnavailable("tick script missing right after SCRIPT LOAD")
-        except _FAILURES as exc:
-            raise FleetUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        return out
-
-    async def _pipeline(
-        self,
-        pools: list[str],
-        sends: Sends,
-        out: dict[str, PoolTick],
-    ) -> list[str]:
-        calls: list[tuple[int, list[Any]]] = []
-        for pool in pools:
-            fields, c = sends[pool]
-            args: list[Any] = [self._bucket_ms, self._instance, c.leader_px, c.probe_op]
+        calls: list[tuple[list[str], list[Arg]]] = []
+        for pool, (fields, c) in sends.items():
+            args: list[Arg] = [self._bucket_ms, self._instance, c.leader_px, c.probe_op]
             args += [c.breaker_gen, c.probe_cap, c.probes_ok, c.probes_failed]
             for name, value in fields:
                 args += (name, value)
-            keys = self._pool_keys(pool)
-            calls.append((len(keys), [*keys, *args]))
-        sha = self._sha["tick"]
-        async with asyncio.timeout(self._timeout):
-            if isinstance(self._client, RedisCluster):
-                # redis-py refuses EVALSHA in cluster pipelines; concurrent calls cost the
-                # same one round trip of wall time (each pool is one slot on one master).
-                results: list[Any] = await asyncio.gather(
-                    *(self._client.evalsha(sha, n, *a) for n, a in calls), return_exceptions=True
-                )
-            else:
-                pipe = self._client.pipeline(transaction=False)
-                for n, a in calls:
-                    pipe.evalsha(sha, n, *a)
-                results = await pipe.execute(raise_on_error=False)
-        failed: list[str] = []
-        for pool, res in zip(pools, results, strict=True):
-            if isinstance(res, NoScriptError):
-                failed.append(pool)
-            elif isinstance(res, BaseException):
-                raise res
-            else:
-                out[pool] = self._parse(res)
-        return failed
+            calls.append((self._pool_keys(pool), args))
+        results = await self._runner.run_many("fleet_tick", calls)
+        return {pool: self._parse(res) for pool, res in zip(sends, results, strict=True)}
 
     def _parse(self, res: list[Any]) -> PoolTick:
         rows = []
@@ -169,19 +121,7 @@ class RedisExchange:
 
     async def transition(self, pool: str, gen: int, state: int) -> tuple[bool, BreakerRecord]:
         key = self._pool_keys(pool)[-2]
-        try:
-            async with asyncio.timeout(self._timeout):
-                try:
-                    res = await self._client.evalsha(
-                        self._sha["transition"], 1, key, gen, state, BREAKER_TTL_MS
-                    )
-                except NoScriptError:
-                    await self._load()
-                    res = await self._client.evalsha(
-                        self._sha["transition"], 1, key, gen, state, BREAKER_TTL_MS
-                    )
-        except _FAILURES as exc:
-            raise FleetUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        res = await self._runner.run("breaker_transition", [key], [gen, state, BREAKER_TTL_MS])
         return bool(res[0]), BreakerRecord.from_fields(_hash(res[1]))
 
 

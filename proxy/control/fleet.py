@@ -31,7 +31,6 @@ import math
 from collections.abc import Mapping
 
 from proxy.admission import Store
-from proxy.backend.client import FAILURES
 from proxy.control.breaker import BreakerRecord
 from proxy.control.exchange import (
     BREAKER_TTL_MS,
@@ -118,10 +117,7 @@ class FleetStats:
 
     async def start(self) -> None:
         """Load the scripts (raises :class:`FleetUnavailable` if Redis cannot be reached)."""
-        try:
-            await self._exchange.start()
-        except FAILURES as exc:
-            raise FleetUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        await self._exchange.start()
 
     async def close(self) -> None:
         """Close the connections."""
