@@ -12,7 +12,6 @@ methods.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -44,6 +43,7 @@ from proxy.control.law import (
 )
 from proxy.control.metrics import AdaptivityMetrics
 from proxy.control.pause import PauseState, step_pauses
+from proxy.control.tasks import STOP_TIMEOUT_S, stop_task
 from proxy.errors import BedrockError
 from proxy.policy import CompiledPolicy
 
@@ -200,15 +200,14 @@ class Adaptivity:
     async def close(self) -> None:
         """Stop ticking and close the fleet connections."""
         self._closing = True
-        if self._task is not None:
-            while not self._task.done():
-                # Re-sent because a cancel that races a Redis timeout can be swallowed on
-                # the way (seen with redis-py on 3.11); the flag then ends the loop anyway.
-                self._task.cancel()
-                await asyncio.wait({self._task}, timeout=0.1)
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None and not await stop_task(task):
+            # A reload awaits this: never hang it. The flag ends the loop at its next turn.
+            log.error(
+                "adaptivity tick did not stop within %.0f s; left to finish on its own",
+                STOP_TIMEOUT_S,
+                extra={"fields": {"event": "tick_stuck", "stack": repr(task.get_stack(limit=5))}},
+            )
         await self.fleet.close()
 
     def _failed(self, stage: str, event: str, msg: str, exc: Exception, **fields: object) -> None:
