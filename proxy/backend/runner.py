@@ -4,6 +4,7 @@ Scripts are files (``scripts/<name>.lua``, see :mod:`.lua`), loaded with ``SCRIP
 (on every primary of a cluster) and called by SHA. A ``NOSCRIPT`` reply (restart,
 failover, ``SCRIPT FLUSH``) reloads them all and retries once. Every call is bounded by
 the runner's timeout and any failure is one :class:`~proxy.backend.BackendUnavailable`.
+:meth:`ScriptRunner.run_many` sends one script for many key sets in one round trip.
 """
 
 from __future__ import annotations
@@ -91,6 +92,54 @@ class ScriptRunner:
             event(self._log, logging.INFO, "store_script_reload", script=name)
             await self._load()
             return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+
+    async def run_many(
+        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]
+    ) -> list[Any]:
+        """Run ``name`` once per ``(keys, args)`` in one round trip, in order; raises
+        :class:`BackendUnavailable` on any failure, like :meth:`run`.
+
+        NOSCRIPT ran nothing, so the calls it refused are resent (once) after a reload
+        without counting anything twice; a pipeline cannot reload inline.
+        """
+        try:
+            if name not in self._sha:  # Redis was down at start
+                async with asyncio.timeout(max(self._timeout, 2.0)):
+                    await self._load()
+            results = await self._round_trip(name, calls)
+            refused = [i for i, res in enumerate(results) if isinstance(res, NoScriptError)]
+            if refused:
+                event(self._log, logging.INFO, "store_script_reload", script=name)
+                async with asyncio.timeout(max(self._timeout, 2.0)):
+                    await self._load()
+                again = await self._round_trip(name, [calls[i] for i in refused])
+                for i, res in zip(refused, again, strict=True):
+                    results[i] = res
+            for res in results:
+                if isinstance(res, BaseException):
+                    raise res
+        except FAILURES as exc:
+            raise BackendUnavailable(f"redis {name} failed: {why(exc)}") from exc
+        return results
+
+    async def _round_trip(
+        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]
+    ) -> list[Any]:
+        sha = self._sha[name]
+        async with asyncio.timeout(self._timeout):
+            if isinstance(self._client, RedisCluster):
+                # redis-py refuses EVALSHA in cluster pipelines; concurrent calls cost the
+                # same one round trip of wall time when each call is one slot on one master.
+                return list(
+                    await asyncio.gather(
+                        *(self._client.evalsha(sha, len(k), *k, *a) for k, a in calls),
+                        return_exceptions=True,
+                    )
+                )
+            pipe = self._client.pipeline(transaction=False)
+            for k, a in calls:
+                pipe.evalsha(sha, len(k), *k, *a)
+            return list(await pipe.execute(raise_on_error=False))
 
     async def run(
         self,

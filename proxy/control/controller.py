@@ -12,7 +12,6 @@ methods.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -44,6 +43,7 @@ from proxy.control.law import (
 )
 from proxy.control.metrics import AdaptivityMetrics
 from proxy.control.pause import PauseState, step_pauses
+from proxy.control.tasks import STOP_TIMEOUT_S, stop_task
 from proxy.errors import BedrockError
 from proxy.policy import CompiledPolicy
 
@@ -88,17 +88,11 @@ class Adaptivity:
         instance_id: str | None = None,
     ) -> None:
         """``bucket_s`` (default: the tick, at most 1 s) is the fleet's time resolution."""
-        pol = policy.policy
         self._store = store
         self._tick_s = tick_s
         self._pause_window_s = pause_window_s
         self._stale_after_s = stale_after_s or max(5.0, 5 * tick_s)
-        self._adaptive = {n: p.adaptive for n, p in pol.models.items() if p.adaptive}
-        self._breakers = {n: p.breaker for n, p in pol.models.items() if p.breaker}
-        self._configured = {n: p.concurrency for n, p in pol.models.items()}
-        self._rules = {n: w.pause for n, w in pol.workloads.items() if w.pause}
-        self._targets = {n: c.target_p99_ms for n, c in pol.priorities.items()}
-        self._pools = list(pol.models)
+        self._read_policy(policy)
         longest = max(
             [pause_window_s, tick_s]
             + [b.window_seconds for b in self._breakers.values()]
@@ -128,6 +122,16 @@ class Adaptivity:
         self._last_ok = time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+
+    def _read_policy(self, policy: CompiledPolicy) -> None:
+        """What the ticks need from the policy, per pool / workload / class."""
+        pol = policy.policy
+        self._adaptive = {n: p.adaptive for n, p in pol.models.items() if p.adaptive}
+        self._breakers = {n: p.breaker for n, p in pol.models.items() if p.breaker}
+        self._configured = {n: p.concurrency for n, p in pol.models.items()}
+        self._rules = {n: w.pause for n, w in pol.workloads.items() if w.pause}
+        self._targets = {n: c.target_p99_ms for n, c in pol.priorities.items()}
+        self._pools = list(pol.models)
 
     # --- request path --------------------------------------------------------------------
 
@@ -189,26 +193,27 @@ class Adaptivity:
         try:
             await self.fleet.start()
         except FleetUnavailable as exc:
-            self.metrics.errors.labels("tick").inc()
-            _event(
-                logging.WARNING, "fleet_unavailable", "fleet unavailable at start", error=str(exc)
-            )
+            self._failed("tick", "fleet_unavailable", "fleet unavailable at start", exc)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
         """Stop ticking and close the fleet connections."""
         self._closing = True
-        if self._task is not None:
-            while not self._task.done():
-                # Re-sent because a cancel that races a Redis timeout can be swallowed on
-                # the way (seen with redis-py on 3.11); the flag then ends the loop anyway.
-                self._task.cancel()
-                await asyncio.wait({self._task}, timeout=0.1)
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None and not await stop_task(task):
+            # A reload awaits this: never hang it. The flag ends the loop at its next turn.
+            log.error(
+                "adaptivity tick did not stop within %.0f s; left to finish on its own",
+                STOP_TIMEOUT_S,
+                extra={"fields": {"event": "tick_stuck", "stack": repr(task.get_stack(limit=5))}},
+            )
         await self.fleet.close()
+
+    def _failed(self, stage: str, event: str, msg: str, exc: Exception, **fields: object) -> None:
+        """Count and log a failed Redis step; the next tick tries again (limiters fail open)."""
+        self.metrics.errors.labels(stage).inc()
+        _event(logging.WARNING, event, msg, **fields, error=str(exc))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -230,8 +235,7 @@ class Adaptivity:
         try:
             ticks = await self.fleet.exchange(controls)
         except FleetUnavailable as exc:
-            self.metrics.errors.labels("tick").inc()
-            _event(logging.WARNING, "fleet_unavailable", "fleet tick failed", error=str(exc))
+            self._failed("tick", "fleet_unavailable", "fleet tick failed", exc)
             if self.breakers.fresh and time.monotonic() - self._last_ok > self._stale_after_s:
                 # Limiters fail open: a breaker must not hold a pool shut on old news.
                 self.breakers.fresh = False
@@ -277,14 +281,8 @@ class Adaptivity:
             try:
                 applied, after = await self.fleet.transition(pool, rec.gen, state)
             except FleetUnavailable as exc:
-                self.metrics.errors.labels("transition").inc()
-                _event(
-                    logging.WARNING,
-                    "fleet_unavailable",
-                    "breaker transition failed",
-                    pool=pool,
-                    error=str(exc),
-                )
+                msg = "breaker transition failed"
+                self._failed("transition", "fleet_unavailable", msg, exc, pool=pool)
                 return
             self.breakers.update(pool, after, False)
             if applied and cuts and state == OPEN:
@@ -318,15 +316,39 @@ class Adaptivity:
         self._now_ms[pool] = t.now_ms
         if t.fleet_limit is not None and t.fleet_limit != self._limits.get(pool):
             self._changed_ms[pool] = t.now_ms  # another instance moved it
+        stats = self._interval_stats(pool, t)
+        self._in_flight[pool] = t.in_flight
+        if t.fleet_limit is not None:
+            self._limits[pool] = t.fleet_limit
+        learned = self._learned.update(pool, stats, cfg.interval_seconds)
+        known, state = self._learned.known(pool), self.breakers.state(pool)
+        current = self._limits.get(pool)
+        new: int | None = None
+        reason = ""
+        if current is not None:
+            new, reason = next_limit(
+                current, stats, cfg, configured, learned, known=known, breaker=state
+            )
+        if t.leader:
+            await self._lead(pool, t, new, reason)
+        if pool in self._limits:
+            self.metrics.limit.labels(pool).set(self._limits[pool])
+        if current is not None:
+            idle = underutilised(current, stats, cfg, configured, new, learned)
+            self.metrics.underutilised.labels(pool).set(int(idle))
+
+    def _interval_stats(self, pool: str, t: PoolTick) -> IntervalStats:
+        """The fleet's outcomes for ``pool`` over its interval, as the control law reads them."""
+        interval = self._adaptive[pool].interval_seconds
         # Only outcomes under the limit in force count: throttles of calls admitted before a
         # cut (and refusals before a raise) would move it again for what it already fixed.
         since = self._changed_ms.get(pool)
-        w = t.window(cfg.interval_seconds, since_ms=since)
+        w = t.window(interval, since_ms=since)
         # Demand over one tick more: a leader change can skip a tick (throttles seen twice
         # would cut twice, refusals seen twice only confirm the demand).
-        wide = t.window(cfg.interval_seconds + self._tick_s, since_ms=since)
+        wide = t.window(interval + self._tick_s, since_ms=since)
         total = w.total
-        stats = IntervalStats(
+        return IntervalStats(
             total.requests,
             total.throttles,
             total.p99_ms,
@@ -337,51 +359,24 @@ class Adaptivity:
             w.throttled_peak,
             total.requests - total.failures,
         )
-        self._in_flight[pool] = t.in_flight
-        if t.fleet_limit is not None:
-            self._limits[pool] = t.fleet_limit
-        learned = self._learned.update(pool, stats, cfg.interval_seconds)
-        known = self._learned.known(pool)
-        current = self._limits.get(pool)
-        new, reason = (
-            (None, "")
-            if current is None
-            else next_limit(
-                current,
-                stats,
-                cfg,
-                configured,
-                learned,
-                known=known,
-                breaker=self.breakers.state(pool),
-            )
-        )
-        if t.leader:
-            if t.fleet_limit is None:
-                # First start, or Redis lost the limit: restore what this instance last saw.
-                floor, ceiling = bounds(cfg, configured)
-                first = self._limits.get(pool) or start_limit(cfg, configured)
-                await self._set_limit(pool, None, max(floor, min(ceiling, first)), "initial")
-            elif new is not None and new != t.fleet_limit:
-                await self._set_limit(pool, t.fleet_limit, new, reason)
-        if pool in self._limits:
-            self.metrics.limit.labels(pool).set(self._limits[pool])
-        if current is not None:
-            idle = underutilised(current, stats, cfg, configured, new, learned)
-            self.metrics.underutilised.labels(pool).set(int(idle))
+
+    async def _lead(self, pool: str, t: PoolTick, new: int | None, reason: str) -> None:
+        """This instance leads the interval: write the limit the law chose (or the first)."""
+        if t.fleet_limit is None:
+            # First start, or Redis lost the limit: restore what this instance last saw.
+            cfg, configured = self._adaptive[pool], self._configured[pool]
+            floor, ceiling = bounds(cfg, configured)
+            first = self._limits.get(pool) or start_limit(cfg, configured)
+            await self._set_limit(pool, None, max(floor, min(ceiling, first)), "initial")
+        elif new is not None and new != t.fleet_limit:
+            await self._set_limit(pool, t.fleet_limit, new, reason)
 
     async def _set_limit(self, pool: str, old: int | None, new: int, reason: str) -> None:
         try:
             await self._store.set_pool_limit(pool, new)
         except StoreUnavailable as exc:
-            self.metrics.errors.labels("set_limit").inc()
-            _event(
-                logging.WARNING,
-                "store_unavailable",
-                "set_pool_limit failed",
-                pool=pool,
-                error=str(exc),
-            )
+            msg = "set_pool_limit failed"
+            self._failed("set_limit", "store_unavailable", msg, exc, pool=pool)
             return
         self._limits[pool] = new
         self._changed_ms[pool] = self._now_ms.get(pool, 0)
