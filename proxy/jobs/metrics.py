@@ -10,7 +10,7 @@ from collections import Counter as Tally
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from proxy.jobs.queue import DeadLetter, Stream
+from proxy.jobs.queue import DeadLetter, JobQueue, Stream
 
 
 class JobMetrics:
@@ -56,6 +56,15 @@ class JobMetrics:
             registry=registry,
         )
         self._dlq_seen: set[tuple[str, str]] = set()
+
+    async def refresh(self, queue: JobQueue, streams: set[Stream]) -> None:
+        """Read depth, age and drain rate of every queue, and the dead letters, from the store."""
+        by_stream = {}
+        for stream in sorted(streams):
+            n, age = await queue.depth(stream)
+            by_stream[stream] = (n, age, await queue.drain_rate(stream))
+        self.set_depth(by_stream)
+        self.set_dead_letters(await queue.dead_letters())
 
     def set_depth(self, by_stream: dict[Stream, tuple[int, float, float]]) -> None:
         """Sum queue depth and drain rate per workload; the oldest age is the maximum."""

@@ -384,7 +384,7 @@ class Worker:
                 await self._watch_once()
                 if time.monotonic() - last_gauges >= GAUGES_S:
                     last_gauges = time.monotonic()
-                    await self.refresh_gauges()
+                    await self.metrics.refresh(self.queue, self._known)
             except QueueUnavailable as exc:
                 log.warning("batch queue unavailable: %s", exc)
             except Exception:
@@ -396,12 +396,3 @@ class Worker:
         for stream in sorted(self._known):
             if stream not in self._active and await self.queue.has_work(stream, self.lease_ms):
                 self._activate(stream)
-
-    async def refresh_gauges(self) -> None:
-        """Read depth, age and drain rate of every queue, and the dead letters, from the store."""
-        by_stream = {}
-        for stream in sorted(self._known):
-            n, age = await self.queue.depth(stream)
-            by_stream[stream] = (n, age, await self.queue.drain_rate(stream))
-        self.metrics.set_depth(by_stream)
-        self.metrics.set_dead_letters(await self.queue.dead_letters())

@@ -121,12 +121,7 @@ class Forwarder:
         """
         retry = call.policy.policy.server.retry
         pool = call.pool.name if call.pool else "-"
-        priority = call.caller.priority if call.caller else "-"
-        key = (pool, priority)
-        budget = self._retry_budgets.get(key)
-        if budget is None:
-            budget = self._retry_budgets[key] = RetryBudget(retry.budget_ratio)
-        budget.on_first_attempt()
+        budget = self._budget(call, pool, retry.budget_ratio)
         deadline = call.started + (
             call.policy.policy.workloads[call.caller.workload.name].deadline_seconds
             if call.caller
@@ -160,16 +155,22 @@ class Forwarder:
                 if call.retries < retry.max_retries and budget.tokens < 1:
                     self.metrics.retry_budget_exhausted.labels(pool).inc()
                 return upstream
-            try:
-                await upstream.read()  # drained, so the connection is reused
-            except (aiohttp.ClientError, TimeoutError):
-                upstream.close()  # a torn answer to a call retried anyway: a fresh connection
-            else:
-                upstream.release()
+            await _drain(upstream)
             self._observe_retry(call, upstream.status, on_pool)
             call.retries += 1
             self.metrics.upstream_retries.labels(pool, error_type or str(upstream.status)).inc()
             await asyncio.sleep(delay)
+
+    def _budget(self, call: Call, pool: str, ratio: float) -> RetryBudget:
+        """The retry budget of the call's pool and class, charged for this first attempt."""
+        # One budget per pool and class: a flood of throttled batch calls must not use up
+        # the retries that keep real-time calls answering.
+        key = (pool, call.caller.priority if call.caller else "-")
+        budget = self._retry_budgets.get(key)
+        if budget is None:
+            budget = self._retry_budgets[key] = RetryBudget(ratio)
+        budget.on_first_attempt()
+        return budget
 
     async def _headroom(self, call: Call, status: int) -> bool:
         """A throttle on the pool's quota is retried only into headroom under its adaptive
@@ -327,3 +328,13 @@ class Forwarder:
         # Closing (not releasing) drops the upstream connection, which cancels the
         # model call instead of letting it run on for nobody.
         upstream.close()
+
+
+async def _drain(upstream: aiohttp.ClientResponse) -> None:
+    """Read an answer that is about to be retried, so its connection is reused."""
+    try:
+        await upstream.read()
+    except (aiohttp.ClientError, TimeoutError):
+        upstream.close()  # a torn answer to a call retried anyway: a fresh connection
+    else:
+        upstream.release()
