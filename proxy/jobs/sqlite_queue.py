@@ -61,6 +61,7 @@ class SqliteQueue:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
     async def start(self) -> None:
         """Open the file if a previous run created it (records survive restarts)."""
@@ -68,10 +69,17 @@ class SqliteQueue:
             await self._run(lambda db: None)
 
     async def close(self) -> None:
-        """Close the file."""
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        """Close the file once no query runs on it (a query may still run in a thread)."""
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        # Under the lock: closing a connection another thread is using crashes the process
+        # (seen as a segfault when an app shut down while a worker's claim was running).
+        with self._lock:
+            self._closed = True
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
@@ -85,6 +93,8 @@ class SqliteQueue:
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def work() -> T:
             with self._lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("the queue is closed (shutting down)")
                 db = self._open()
                 db.execute("BEGIN IMMEDIATE")
                 try:
