@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,7 +231,7 @@ class Sluice(Proc):
         if redis_url and not {"--fleet", "--no-fleet"} & set(cmd):
             # Tests share Redis servers across policies: each process follows a fleet of its
             # own unless the test joins several into one (--fleet NAME).
-            cmd += ["--fleet", f"test-{self.port}-{os.getpid()}"]
+            cmd += ["--fleet", f"test-{uuid.uuid4().hex}"]  # never reused: a port can be
         base_env = {
             "AWS_ACCESS_KEY_ID": UPSTREAM_KEY_ID,
             "AWS_SECRET_ACCESS_KEY": UPSTREAM_SECRET,
