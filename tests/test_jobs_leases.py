@@ -29,7 +29,7 @@ from tests.support.admission_helpers import Backend
 from tests.support.jobs_helpers import HAIKU, jobs_policy, jsonl, record
 
 # An error in teardown once in a loaded clean-clone run (passes alone): rerun while open.
-pytestmark = pytest.mark.flaky(reruns=2)
+pytestmark = [pytest.mark.flaky(reruns=2), pytest.mark.timeout(90)]
 
 
 @dataclass

