@@ -8,13 +8,13 @@ ever reads the latest frozen copy.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 from typing import Any
 
 from proxy.signing import Credentials
+from proxy.tasks import stop_tasks
 
 logger = logging.getLogger("sluice.credentials")
 
@@ -124,9 +124,7 @@ class CredentialSource:
         """Stop the background refresher (an in-flight executor read is left to finish)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_tasks([task], "credential refresher")
 
     def _seconds_to_advisory(self) -> float | None:
         # botocore exposes no public expiry accessor; these attributes are stable since 1.x.

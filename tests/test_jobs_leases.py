@@ -28,8 +28,9 @@ from proxy.policy import CompiledPolicy
 from tests.support.admission_helpers import Backend
 from tests.support.jobs_helpers import HAIKU, jobs_policy, jsonl, record
 
-# An error in teardown once in a loaded clean-clone run (passes alone): rerun while open.
-pytestmark = [pytest.mark.flaky(reruns=2), pytest.mark.timeout(90)]
+# Bounded: a cancel swallowed in the worker's Redis path once hung this app's shutdown
+# (proxy/tasks.py re-sends it now); a regression fails here, not at CI's deadline.
+pytestmark = [pytest.mark.timeout(90)]
 
 
 @dataclass

@@ -7,7 +7,6 @@ them; this is the Redis side: group-committed ``MGET`` lookups and bounded write
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Final
@@ -23,6 +22,7 @@ from proxy.pipeline.cache import (
     ResponseCache,
     check_put,
 )
+from proxy.tasks import stop_tasks
 
 log = logging.getLogger("sluice.cache")
 
@@ -121,9 +121,7 @@ class RedisResponseCache:
     async def close(self) -> None:
         """Answer queued lookups as misses, then close the client's connections."""
         if self._drainer is not None:
-            self._drainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drainer
+            await stop_tasks([self._drainer], "cache drainer")
         # A drainer cancelled before it first ran never reaches its ``finally``.
         self._drainer = None
         _as_misses(self._queue)

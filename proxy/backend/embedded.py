@@ -8,7 +8,6 @@ shared across processes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from proxy.admission.waitqueue import (
     queue_blocks,
     waiter_score,
 )
+from proxy.tasks import stop_tasks
 
 
 def _monotonic_ms() -> float:
@@ -126,9 +126,7 @@ class EmbeddedStore:
     async def close(self) -> None:
         """Stop the heartbeat."""
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+            await stop_tasks([self._heartbeat], "lease heartbeat")
             self._heartbeat = None
 
     async def admit(self, plan: AdmitPlan, tokens: int) -> Decision:

@@ -22,7 +22,6 @@ as the seed. In a cluster all keys of a pool share the hash tag ``{pool}``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -58,6 +57,7 @@ from proxy.backend.client import FAILURES, redis_client
 from proxy.backend.runner import ScriptRunner, event, why
 from proxy.backend.wakeups import WakeListener
 from proxy.metrics import Metrics
+from proxy.tasks import stop_tasks
 
 log = logging.getLogger("proxy.admission")
 
@@ -137,9 +137,7 @@ class RedisStore:
         await self.flush()
         self._closed = True
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+            await stop_tasks([self._heartbeat], "lease heartbeat")
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._runner.abandon()  # their leases expire with the TTL: no heartbeat renews them

@@ -24,6 +24,7 @@ import orjson
 
 from proxy.admission.model import plan_keys
 from proxy.backend.client import node_client
+from proxy.tasks import stop_tasks
 
 log = logging.getLogger("proxy.admission")
 
@@ -130,9 +131,7 @@ class WakeListener:
     async def close(self) -> None:
         """Stop listening and close the connection."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task], "wake-up listener")
             self._task = None
         if self._pubsub is not None:
             with contextlib.suppress(Exception):

@@ -43,9 +43,9 @@ from proxy.control.law import (
 )
 from proxy.control.metrics import AdaptivityMetrics
 from proxy.control.pause import PauseState, step_pauses
-from proxy.control.tasks import STOP_TIMEOUT_S, stop_task
 from proxy.errors import BedrockError
 from proxy.policy import CompiledPolicy
+from proxy.tasks import STOP_TIMEOUT_S, stop_task
 
 __all__ = [
     "LEARN_INTERVALS",

@@ -28,6 +28,7 @@ from proxy.jobs.queue import BatchMeta, Claimed, DeadLetter, JobQueue, QueueUnav
 from proxy.jobs.queue import new_id as _new_id
 from proxy.jobs.records import backoff_s, error_line, is_retryable, success_line
 from proxy.policy import CompiledPolicy, PolicyRef, PoolInfo, WorkloadInfo
+from proxy.tasks import stop_tasks
 from proxy.upstream import Upstream
 
 log = logging.getLogger("sluice.jobs")
@@ -78,9 +79,7 @@ class Worker:
 
     async def close(self) -> None:
         """Stop; records held now stay pending and are taken over after their lease."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks, "batch worker")
 
     @property
     def policy(self) -> CompiledPolicy:

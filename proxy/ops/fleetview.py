@@ -23,6 +23,7 @@ from proxy.backend.fleet_board import append_history, publish_snapshot, read_boa
 from proxy.control.fleet import N_BUCKETS, quantile_ms
 from proxy.ops.snapshot import Snapshots
 from proxy.ops.view import ClassView, FleetView, InstanceView, PoolView, WorkloadView
+from proxy.tasks import stop_tasks
 
 log = logging.getLogger("sluice.fleetview")
 
@@ -189,9 +190,7 @@ class FleetBoard:
     async def close(self) -> None:
         """Stop ticking and close the connection."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task], "fleet board")
         if self._client is not None:
             await self._client.aclose()
 

@@ -28,6 +28,7 @@ from proxy.backend.client import FAILURES, redis_client
 from proxy.backend.versions import PolicyVersions, Version, diff, parse_text, sha_of
 from proxy.config import DEFAULT_POLICY, PolicyError
 from proxy.policy import CompiledPolicy, PolicyRef
+from proxy.tasks import stop_tasks
 
 log = logging.getLogger("sluice.policy")
 
@@ -137,9 +138,7 @@ class Reloader:
         """Stop following; the policy in force stays."""
         with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks, "policy reloader")
         if self._client is not None:
             await self._client.aclose()
 

@@ -1,4 +1,4 @@
-"""Stopping the controllers' tick never hangs a reload (close() is awaited by LiveProxy.follow)."""
+"""Stopping a background task never hangs its caller (reloads and shutdowns await it)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from proxy.control import tasks
+from proxy import tasks
 
 
 async def test_a_task_that_stops_on_cancel_is_stopped_at_once() -> None:
