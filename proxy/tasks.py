@@ -24,38 +24,41 @@ _RECANCEL_S = 1.0
 async def stop_task(task: asyncio.Task[Any]) -> bool:
     """Cancel ``task`` and wait for it (True), at most ``STOP_TIMEOUT_S`` (False).
 
-    The cancel is re-sent once a second, not faster: a swallowed cancel is caught by the
-    next one, but one that lands while the task is still cleaning up after the previous
-    one only restarts that clean-up.
+    The cancel is sent at once (before this coroutine first yields) and re-sent once a
+    second, not faster: a swallowed cancel is caught by the next one, but one that lands
+    while the task is still cleaning up after the previous one only restarts that clean-up.
     """
+    return not await _stop([task])
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any] | None], what: str) -> None:
+    """Stop ``tasks`` together; one that will not stop is logged (with its stack) and left."""
+    for task in await _stop([t for t in tasks if t is not None]):
+        log.error(
+            "%s: a background task did not stop within %.0f s; left to finish on its own",
+            what,
+            STOP_TIMEOUT_S,
+            extra={
+                "fields": {
+                    "event": "task_stuck",
+                    "what": what,
+                    "stack": repr(task.get_stack(limit=5)),
+                }
+            },
+        )
+
+
+async def _stop(tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+    """Cancel ``tasks`` now, re-send to those still running each period; the ones left."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + STOP_TIMEOUT_S
-    while not task.done() and loop.time() < deadline:
-        task.cancel()
-        await asyncio.wait({task}, timeout=min(_RECANCEL_S, deadline - loop.time()))
-    if not task.done():
-        return False
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        # Closing goes on, but a loop that died of a bug is worth its traceback.
-        log.error("background task failed before it was stopped", exc_info=exc)
-    return True
-
-
-async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], what: str) -> None:
-    """Stop ``tasks`` together; one that will not stop is logged (with its stack) and left."""
-    tasks = [t for t in tasks if t is not None]
-    stopped = await asyncio.gather(*(stop_task(t) for t in tasks))
-    for task, ok in zip(tasks, stopped, strict=True):
-        if not ok:
-            log.error(
-                "%s: a background task did not stop within %.0f s; left to finish on its own",
-                what,
-                STOP_TIMEOUT_S,
-                extra={
-                    "fields": {
-                        "event": "task_stuck",
-                        "what": what,
-                        "stack": repr(task.get_stack(limit=5)),
-                    }
-                },
-            )
+    pending = {t for t in tasks if not t.done()}
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(_RECANCEL_S, deadline - loop.time()))
+    for task in tasks:
+        if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+            # Closing goes on, but a loop that died of a bug is worth its traceback.
+            log.error("background task failed before it was stopped", exc_info=exc)
+    return [t for t in tasks if not t.done()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -144,14 +145,14 @@ def test_scheduled_batch_is_refused_during_its_zero_window_and_capped_otherwise(
     assert "ok" in outcomes and "ThrottlingException" in outcomes
 
 
-# Failed in both loaded clean-clone runs of 2026-12-06, passes alone: rerun while that is open.
-@pytest.mark.flaky(reruns=2)
 def test_schedule_cap_binds_on_the_downgrade_pool_too(
     redis_server: Any, make_simulator: Any, make_sluice: Any
 ) -> None:
     # A scheduled workload refused by its pool is downgraded to another pool; the
     # schedule's cap must hold there too, or the workload escapes it on the fallback model.
-    sim: Simulator = make_simulator({"latency_scale": 1.0})
+    # Calls last over a second (latency_scale) and start together (a barrier), so the
+    # overlap the cap must refuse happens whatever the machine's load.
+    sim: Simulator = make_simulator({"latency_scale": 2.0})
     tag = uuid.uuid4().hex[:6]
     policy = {
         "identity": {"header_mode": True},
@@ -175,15 +176,25 @@ def test_schedule_cap_binds_on_the_downgrade_pool_too(
     )
     messages = [{"role": "user", "content": [{"text": "enrich title"}]}]
 
-    def call(_: int) -> str:
+    def call() -> str:
         try:
             reply = client.converse(modelId=SONNET, messages=messages)
             return str(reply["ResponseMetadata"]["HTTPHeaders"]["x-sluice-pool"])
         except ClientError as exc:
             return str(exc.response["Error"]["Code"])
 
-    with ThreadPoolExecutor(8) as pool:
-        outcomes = list(pool.map(call, range(16)))
-    assert f"haiku{tag}" in outcomes  # the downgrade did serve
-    assert "ThrottlingException" in outcomes  # ...and the cap refused the rest
+    # The first call takes Sonnet's one request of the minute.
+    assert call() == f"sonnet{tag}"
+    # Six at once: Sonnet refuses them all, Haiku takes them one at a time under the cap.
+    start = threading.Barrier(6)
+
+    def together(_: int) -> str:
+        start.wait(10)
+        return call()
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(together, range(6)))
+    assert f"haiku{tag}" in outcomes, outcomes  # the downgrade did serve
+    assert "ThrottlingException" in outcomes, outcomes  # ...and the cap refused the rest
+    assert set(outcomes) <= {f"haiku{tag}", "ThrottlingException"}, outcomes
     assert sim.stats()["models"][HAIKU]["peak_concurrency"] == 1

@@ -25,6 +25,8 @@ from proxy.pipeline.cache import (
 from proxy.tasks import stop_tasks
 
 log = logging.getLogger("sluice.cache")
+#: Longest the first call waits for a cluster client to learn the slot map.
+_INIT_TIMEOUT_S = 2.0
 
 _FORMAT: Final = 1
 _FAILURES: Final = FAILURES
@@ -111,8 +113,8 @@ class RedisResponseCache:
         raw = _encode(value)
         async with self._puts:
             try:
+                await self._ensure_ready()
                 async with asyncio.timeout(self._timeout):
-                    await self._ensure_ready()
                     await self._client.set(key, raw, px=max(1, round(ttl_s * 1000)))
             except _FAILURES as exc:
                 self._put_errors.inc()
@@ -146,8 +148,8 @@ class RedisResponseCache:
     async def _lookup(self, batch: list[tuple[str, asyncio.Future[bytes | None]]]) -> None:
         keys = [key for key, _ in batch]
         try:
+            await self._ensure_ready()
             async with asyncio.timeout(self._timeout):
-                await self._ensure_ready()
                 if isinstance(self._client, RedisCluster):
                     values = await self._client.mget_nonatomic(keys)
                 else:
@@ -166,9 +168,12 @@ class RedisResponseCache:
                 future.set_result(raw if isinstance(raw, bytes) or raw is None else None)
 
     async def _ensure_ready(self) -> None:
+        # A cluster client reads the slot map and connects to every master first: bounded
+        # like a connect, not like one lookup (0.25 s lost it on a loaded machine, and every
+        # lookup then started it again).
         if self._ready:
             return
-        async with self._init_lock:
+        async with self._init_lock, asyncio.timeout(max(self._timeout, _INIT_TIMEOUT_S)):
             if not self._ready and isinstance(self._client, RedisCluster):
                 await self._client.initialize()
             self._ready = True
