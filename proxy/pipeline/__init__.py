@@ -23,6 +23,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -47,6 +48,9 @@ from proxy.upstream import Upstream
 
 log = logging.getLogger("sluice.request")
 
+#: Sees each finished request: (workload, priority, seconds) — the fleet view's latencies.
+Tap = Callable[[str | None, str | None, float], None]
+
 
 class Pipeline:
     """The aiohttp handler for every bedrock-runtime path."""
@@ -69,6 +73,8 @@ class Pipeline:
         self.metrics = metrics
         self.access_log = access_log
         self.coalescer = Coalescer()
+        #: Set by the LiveProxy serving this pipeline (the fleet view's latencies).
+        self.tap: Tap | None = None
         # Request ids: a random per-process prefix and a counter, UUID-shaped, unique
         # without a syscall per request (uuid4 reads os.urandom each time).
         self._id_prefix = uuid.uuid4().hex[:20]
@@ -93,6 +99,13 @@ class Pipeline:
             self.settler.record(call)
         if released is not None:  # no coroutine made for the common case
             await confirmed(released)
+        if self.tap is not None:
+            headers = response.headers
+            self.tap(
+                headers.get("x-sluice-workload"),
+                headers.get("x-sluice-priority"),
+                time.perf_counter() - call.started,
+            )
         return response
 
     async def serve(self, request: web.Request, call: Call) -> web.StreamResponse:
