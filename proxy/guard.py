@@ -16,6 +16,7 @@ all from the policy's ``server.connections`` section:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,11 @@ class GuardedHandler(RequestHandler):
     async def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
+        # Raised by aiohttp itself (router, body size). An HTTPException is the one response
+        # that is an Exception: that check skips the ABC instance check on every answer.
+        if isinstance(resp, Exception):
+            assert isinstance(resp, web.HTTPException)
+            resp = self._from_http_exception(resp)
         try:
             return await super().finish_response(request, resp, start_time)
         finally:
@@ -196,15 +202,18 @@ class GuardedHandler(RequestHandler):
 
     # --- requests: the unauthenticated cap ---------------------------------------------
 
-    async def _guarded(self, request: BaseRequest) -> web.StreamResponse:
-        try:
-            if request.content.is_eof():  # the whole body is here: identified at once
-                return await self._inner(request)
-            return await self._capped(request)
-        except web.HTTPException as exc:  # raised by aiohttp itself (router, body size)
-            rejection = from_http_exception(exc)
-            self._guard.metrics.protocol_errors.labels(rejection.reason).inc()
-            return error_response(rejection.error_type, rejection.message, status=rejection.status)
+    def _guarded(self, request: BaseRequest) -> Awaitable[web.StreamResponse]:
+        # The handler's coroutine is returned, not awaited: no frame of ours for every
+        # resumption of the request. An HTTPException it raises reaches finish_response.
+        if request.content.is_eof():  # the whole body is here: identified at once
+            return self._inner(request)
+        return self._capped(request)
+
+    def _from_http_exception(self, exc: web.HTTPException) -> web.Response:
+        """aiohttp's own HTTP error (router, body size) in Bedrock's shape, counted."""
+        rejection = from_http_exception(exc)
+        self._guard.metrics.protocol_errors.labels(rejection.reason).inc()
+        return error_response(rejection.error_type, rejection.message, status=rejection.status)
 
     async def _capped(self, request: BaseRequest) -> web.StreamResponse:
         """A request still sending its body, within server.connections.max_unauthenticated."""
