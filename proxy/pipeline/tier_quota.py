@@ -34,7 +34,7 @@ from proxy.metrics import Metrics
 from proxy.pipeline.call import Call
 from proxy.pipeline.retry import MIN_CALL_S
 from proxy.pipeline.tiers import TierChoice, TierTable, escalation
-from proxy.policy import CompiledPolicy, PoolInfo
+from proxy.policy import PoolInfo
 
 __all__ = ["TierQuotas", "charge", "on_pool_quota"]
 
@@ -49,12 +49,6 @@ class TierQuotas:
         # a reload swaps the policy, so each call is decided under its own.
         self._table: TierTable | None = None
 
-    def _tiers(self, policy: CompiledPolicy) -> TierTable:
-        table = self._table
-        if table is None or table.policy is not policy.policy:
-            table = self._table = TierTable(policy.policy)
-        return table
-
     def choose(self, call: Call, pool: PoolInfo, *, shared: bool = False) -> TierChoice | None:
         """The tier ``call`` will be sent on to ``pool`` (None: an operation without tiers).
 
@@ -63,7 +57,10 @@ class TierQuotas:
         """
         caller, route = call.caller, call.route
         assert caller is not None and route is not None
-        choice = self._tiers(call.policy).for_call(
+        table = self._table
+        if table is None or table.policy is not call.policy.policy:
+            table = self._table = TierTable(call.policy.policy)
+        choice = table.for_call(
             route.operation,
             caller.workload.name,
             caller.priority,
