@@ -65,16 +65,16 @@ class Admission:
         workload = caller.workload
         wl_cfg = policy.policy.workloads[workload.name]
         server = policy.policy.server
-        refusal = self._forbidden(workload, pool) or self._paused(policy, workload)
-        cap = refusal or self._scheduled_cap(policy, workload)
+        cap = self._cap(policy, workload, pool)
         if isinstance(cap, BedrockError):
             return Refused(cap)
         # The tier first: a tier with a quota of its own is admitted against that quota.
-        call.tier = self.tiers.choose(call, pool)
-        plan = self.tiers.plan(call, pool, cap, call.tier)
+        choice = call.tier = self.tiers.choose(call, pool)
+        tier = None if choice is None else choice.tier
+        plan = policy.plan(workload, pool, caller.priority, cap, tier)
         unmetered = policy.unmetered(plan)
         # Asked once per request: in half-open state a True is a probe slot taken.
-        breaker_open = not self.breaker_allows(pool.name)
+        breaker_open = self.adaptivity is not None and not self.adaptivity.breaker_allows(pool.name)
         if (
             unmetered
             and not breaker_open
@@ -194,6 +194,20 @@ class Admission:
                 input_tokens, server.upstream_timeout, server.upstream_read_timeout_seconds
             )
         return est
+
+    def _cap(
+        self, policy: CompiledPolicy, workload: WorkloadInfo, pool: PoolInfo
+    ) -> int | BedrockError | None:
+        """The refusal before any limit (a pool not allowed, a paused workload), else the
+        schedule's concurrency cap; one call, the usual no-refusal case checked inline."""
+        if workload.allowed_pools is not None and pool.name not in workload.allowed_pools:
+            return self._forbidden(workload, pool)
+        paused = None if self.adaptivity is None else self._paused(policy, workload)
+        if paused is not None:
+            return paused
+        if policy.policy.workloads[workload.name].schedule is None:
+            return None
+        return self._scheduled_cap(policy, workload)
 
     @staticmethod
     def _forbidden(workload: WorkloadInfo, pool: PoolInfo) -> BedrockError | None:
