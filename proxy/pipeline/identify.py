@@ -137,4 +137,7 @@ def identify(
             "UnrecognizedClientException", "The security token included in the request is invalid."
         )
     workload, via = found
-    return Caller(workload, _priority(policy, workload, headers.get(PRIORITY_HEADER)), via)
+    requested = headers.get(PRIORITY_HEADER)
+    if requested is None:  # the usual case, without a call
+        return Caller(workload, workload.priority, via)
+    return Caller(workload, _priority(policy, workload, requested), via)
