@@ -97,6 +97,8 @@ class Snapshots:
         self._describe = describe
         self.instance_id = instance_id
         self._hists: dict[Key, list[int]] = {}  # cumulative, per class and workload
+        # The histograms a (workload, class) pair counts in, found with one lookup a request.
+        self._pairs: dict[tuple[str | None, str | None], tuple[list[int], ...]] = {}
         self._ring: deque[tuple[float, Totals, dict[Key, list[int]]]] = deque(
             [(time.monotonic(), {}, {})], maxlen=max(1, round(window_s / tick_s)) + 1
         )
@@ -104,12 +106,21 @@ class Snapshots:
     def tap(self, workload: str | None, priority: str | None, seconds: float) -> None:
         """Count one finished request's duration for its class and workload (event loop only)."""
         j = bucket_index(seconds * 1000)
+        hists = self._pairs.get((workload, priority))
+        if hists is None:
+            hists = self._pairs[workload, priority] = self._hists_of(workload, priority)
+        for hist in hists:
+            hist[j] += 1
+
+    def _hists_of(self, workload: str | None, priority: str | None) -> tuple[list[int], ...]:
+        out = []
         for kind, name in (("class", priority), ("workload", workload)):
             if name is not None:
                 hist = self._hists.get((kind, name))
                 if hist is None:
                     hist = self._hists[kind, name] = [0] * N_BUCKETS
-                hist[j] += 1
+                out.append(hist)
+        return tuple(out)
 
     def tick(self) -> dict[str, Any]:
         """Close one interval and return the snapshot of the window."""
