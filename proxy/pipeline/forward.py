@@ -87,7 +87,7 @@ class Forwarder:
         try:
             call.served_tier = served_tier(call.tier, upstream.headers)
             call.upstream_status = upstream.status
-            if self._degradable(call, upstream.status):
+            if upstream.status == 429 and self._degradable(call, upstream.status):
                 pool = call.pool.name if call.pool else "-"
                 self.metrics.upstream_errors.labels(pool, "ThrottlingException").inc()
                 # Read (a failed read changes nothing: the chain serves) and released below.
@@ -128,7 +128,12 @@ class Forwarder:
             else 60.0
         )
         while True:
-            body, headers = apply_tier(route.operation, call.body, request.headers, call.tier)
+            choice = call.tier  # (no apply_tier call for the usual call without a tier to set)
+            body, headers = (
+                (call.body, request.headers)
+                if choice is None or choice.tier is None
+                else apply_tier(route.operation, call.body, request.headers, choice)
+            )
             upstream = await self.upstream.send(
                 request.method,
                 call.path or route.path,
