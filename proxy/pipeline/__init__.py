@@ -1,6 +1,6 @@
 """The request path, one stage a module: identify → admit → forward → settle.
 
-Where things are decided, one step each from :meth:`Pipeline.serve`:
+Where things are decided, one step each from :meth:`Pipeline.handle`:
 
 * who is calling — :func:`proxy.pipeline.intake.identify_call` (→ ``Caller | Refused``);
 * a concurrency or rate limit, the schedule, the breaker, a downgrade —
@@ -23,7 +23,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -85,7 +85,14 @@ class Pipeline:
         # The policy is read once: a request is decided wholly under one policy.
         call = Call(self._request_id(), time.perf_counter(), self.policy.current)
         try:
-            response = await self.serve(request, call)
+            # identify → admit → forward: each stage returns a value, refusals included.
+            caller = await identify_call(request, call)
+            outcome = (
+                caller if isinstance(caller, Refused) else await self.serve(request, call, caller)
+            )
+            if isinstance(outcome, Refused):
+                outcome = self.respond.refused(call, outcome.error)
+            response = outcome
         except asyncio.CancelledError:
             call.disconnected = True
             call.status = 499
@@ -108,23 +115,21 @@ class Pipeline:
             )
         return response
 
-    async def serve(self, request: web.Request, call: Call) -> web.StreamResponse:
-        """identify → admit → forward; each stage returns a value, refusals included."""
-        caller = await identify_call(request, call)
-        if isinstance(caller, Refused):
-            return self.respond.refused(call, caller.error)
+    def serve(
+        self, request: web.Request, call: Call, caller: Caller
+    ) -> Awaitable[web.StreamResponse | Refused]:
+        """admit → forward for an identified call, or the coalesced flight of identical
+        cacheable calls. The coroutine is returned, not awaited: no frame of this one on
+        every resumption of the request."""
         route = call.route
         assert route is not None
         if isinstance(route, MeteredRoute):
             key = self._cache_key(call, route, caller)
             if isinstance(key, Refused):
-                return self.respond.refused(call, key.error)
+                return _ready(key)
             if key is not None:
-                return await self._coalesced(request, call, route, caller)
-        outcome = await self._run(request, call, route, caller)
-        if isinstance(outcome, Refused):
-            return self.respond.refused(call, outcome.error)
-        return outcome
+                return self._coalesced(request, call, route, caller)
+        return self._run(request, call, route, caller)
 
     async def _run(
         self, request: web.Request, call: Call, route: Route, caller: Caller
@@ -199,3 +204,7 @@ class Pipeline:
         """Wait for background cache writes and flush the access log: nothing is lost."""
         await self.forwarder.close()
         self.access_log.flush()
+
+
+async def _ready(refused: Refused) -> Refused:
+    return refused
