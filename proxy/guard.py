@@ -133,7 +133,7 @@ class GuardedHandler(RequestHandler):
         if phase == _BODY:
             self._last_read = self._loop.time()
         before = self._request_count
-        super().data_received(data)
+        RequestHandler.data_received(self, data)  # (no super object made per read)
         if self._request_count != before:
             # A head completed (the usual case: head and body in one read, no timer set).
             if phase == _HEAD:
@@ -143,15 +143,17 @@ class GuardedHandler(RequestHandler):
             if payload is not None and not payload.is_eof():
                 self._phase, self._body, self._last_read = _BODY, payload, self._loop.time()
                 payload.on_eof(self._body_done)
-                self._arm(self._guard.limits.body_timeout_seconds, self._body_expired)
+                if self._timer is None:  # else an earlier body's timer: it re-arms for the rest
+                    self._arm(self._guard.limits.body_timeout_seconds, self._body_expired)
         elif phase == _IDLE and data:
             self._phase = _HEAD  # the first bytes of a head that is not complete yet
             self._arm(self._guard.limits.header_timeout_seconds, self._head_expired)
 
     def _body_done(self) -> None:
         if self._phase == _BODY:
+            # The body timer stays armed: one that fires idle does nothing (_body_expired),
+            # which is cheaper than a cancel and a new timer for every request's body.
             self._phase, self._body = _IDLE, None
-            self._cancel_timer()
 
     def _head_expired(self) -> None:
         self._timer = None
