@@ -77,7 +77,8 @@ class Pipeline:
         self.tap: Tap | None = None
         # Request ids: a random per-process prefix and a counter, UUID-shaped, unique
         # without a syscall per request (uuid4 reads os.urandom each time).
-        self._id_prefix = uuid.uuid4().hex[:20]
+        p = uuid.uuid4().hex[:20]
+        self._id_prefix = f"{p[:8]}-{p[8:12]}-4{p[13:16]}-a{p[17:20]}-"  # sliced once
         self._id_counter = itertools.count()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -154,8 +155,7 @@ class Pipeline:
             admitted = await self.admission.after_throttle(call, route, caller)
 
     def _request_id(self) -> str:
-        p, n = self._id_prefix, next(self._id_counter) & 0xFFFFFFFFFFFF
-        return f"{p[:8]}-{p[8:12]}-4{p[13:16]}-a{p[17:20]}-{n:012x}"
+        return f"{self._id_prefix}{next(self._id_counter) & 0xFFFFFFFFFFFF:012x}"
 
     @staticmethod
     def _cache_key(call: Call, route: MeteredRoute, caller: Caller) -> str | Refused | None:
