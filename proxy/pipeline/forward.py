@@ -122,11 +122,6 @@ class Forwarder:
         retry = call.policy.policy.server.retry
         pool = call.pool.name if call.pool else "-"
         budget = self._budget(call, pool, retry.budget_ratio)
-        deadline = call.started + (
-            call.policy.policy.workloads[call.caller.workload.name].deadline_seconds
-            if call.caller
-            else 60.0
-        )
         while True:
             choice = call.tier  # (no apply_tier call for the usual call without a tier to set)
             body, headers = (
@@ -142,11 +137,14 @@ class Forwarder:
                 body,
                 read_timeout_s=call.read_timeout_s,
             )
-            error_type = upstream_error_type(upstream.headers) if upstream.status != 200 else None
+            if upstream.status == 200:  # never retried (checked first: the usual answer)
+                return upstream
+            error_type = upstream_error_type(upstream.headers)
             if not retryable(upstream.status, error_type):
                 return upstream
             # Asked before a fallback moves the call: the quota this attempt ran on.
             on_pool = on_pool_quota(call)
+            deadline = _deadline(call)
             if await self.tiers.escalate(
                 call, upstream.status, error_type, deadline - time.perf_counter()
             ):
@@ -343,3 +341,11 @@ async def _drain(upstream: aiohttp.ClientResponse) -> None:
         upstream.close()  # a torn answer to a call retried anyway: a fresh connection
     else:
         upstream.release()
+
+
+def _deadline(call: Call) -> float:
+    """When the caller stops waiting: its workload's deadline after the call started."""
+    workloads = call.policy.policy.workloads
+    return call.started + (
+        workloads[call.caller.workload.name].deadline_seconds if call.caller else 60.0
+    )
