@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -123,12 +124,10 @@ class Forwarder:
         pool = call.pool.name if call.pool else "-"
         budget = self._budget(call, pool, retry.budget_ratio)
         while True:
-            choice = call.tier  # (no apply_tier call for the usual call without a tier to set)
-            body, headers = (
-                (call.body, request.headers)
-                if choice is None or choice.tier is None
-                else apply_tier(route.operation, call.body, request.headers, choice)
-            )
+            body, choice = call.body, call.tier
+            headers: Mapping[str, str] = request.headers
+            if choice is not None and choice.tier is not None:  # else no apply_tier call
+                body, headers = apply_tier(route.operation, body, headers, choice)
             upstream = await self.upstream.send(
                 request.method,
                 call.path or route.path,
