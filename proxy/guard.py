@@ -16,6 +16,7 @@ all from the policy's ``server.connections`` section:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,11 @@ class GuardedHandler(RequestHandler):
     async def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
+        # Raised by aiohttp itself (router, body size). An HTTPException is the one response
+        # that is an Exception: that check skips the ABC instance check on every answer.
+        if isinstance(resp, Exception):
+            assert isinstance(resp, web.HTTPException)
+            resp = self._from_http_exception(resp)
         try:
             return await super().finish_response(request, resp, start_time)
         finally:
@@ -127,7 +133,7 @@ class GuardedHandler(RequestHandler):
         if phase == _BODY:
             self._last_read = self._loop.time()
         before = self._request_count
-        super().data_received(data)
+        RequestHandler.data_received(self, data)  # (no super object made per read)
         if self._request_count != before:
             # A head completed (the usual case: head and body in one read, no timer set).
             if phase == _HEAD:
@@ -137,15 +143,17 @@ class GuardedHandler(RequestHandler):
             if payload is not None and not payload.is_eof():
                 self._phase, self._body, self._last_read = _BODY, payload, self._loop.time()
                 payload.on_eof(self._body_done)
-                self._arm(self._guard.limits.body_timeout_seconds, self._body_expired)
+                if self._timer is None:  # else an earlier body's timer: it re-arms for the rest
+                    self._arm(self._guard.limits.body_timeout_seconds, self._body_expired)
         elif phase == _IDLE and data:
             self._phase = _HEAD  # the first bytes of a head that is not complete yet
             self._arm(self._guard.limits.header_timeout_seconds, self._head_expired)
 
     def _body_done(self) -> None:
         if self._phase == _BODY:
+            # The body timer stays armed: one that fires idle does nothing (_body_expired),
+            # which is cheaper than a cancel and a new timer for every request's body.
             self._phase, self._body = _IDLE, None
-            self._cancel_timer()
 
     def _head_expired(self) -> None:
         self._timer = None
@@ -196,15 +204,18 @@ class GuardedHandler(RequestHandler):
 
     # --- requests: the unauthenticated cap ---------------------------------------------
 
-    async def _guarded(self, request: BaseRequest) -> web.StreamResponse:
-        try:
-            if request.content.is_eof():  # the whole body is here: identified at once
-                return await self._inner(request)
-            return await self._capped(request)
-        except web.HTTPException as exc:  # raised by aiohttp itself (router, body size)
-            rejection = from_http_exception(exc)
-            self._guard.metrics.protocol_errors.labels(rejection.reason).inc()
-            return error_response(rejection.error_type, rejection.message, status=rejection.status)
+    def _guarded(self, request: BaseRequest) -> Awaitable[web.StreamResponse]:
+        # The handler's coroutine is returned, not awaited: no frame of ours for every
+        # resumption of the request. An HTTPException it raises reaches finish_response.
+        if request.content.is_eof():  # the whole body is here: identified at once
+            return self._inner(request)
+        return self._capped(request)
+
+    def _from_http_exception(self, exc: web.HTTPException) -> web.Response:
+        """aiohttp's own HTTP error (router, body size) in Bedrock's shape, counted."""
+        rejection = from_http_exception(exc)
+        self._guard.metrics.protocol_errors.labels(rejection.reason).inc()
+        return error_response(rejection.error_type, rejection.message, status=rejection.status)
 
     async def _capped(self, request: BaseRequest) -> web.StreamResponse:
         """A request still sending its body, within server.connections.max_unauthenticated."""

@@ -213,7 +213,7 @@ class CompiledPolicy:
         (``models.<pool>.tiers``), the plan's pool limits are that quota, kept in its own
         scope (:func:`proxy.admission.model.scope_name`).
         """
-        quota_tier = self.quota_tier(pool.name, tier)
+        quota_tier = None if tier is None else self.quota_tier(pool.name, tier)
         key = (workload.name, pool.name, priority, cap, quota_tier)
         cached = self._plans.get(key)
         if cached is not None:

@@ -166,6 +166,43 @@ def test_stalled_request_is_answered_408_and_closed_within_its_timeout(
     assert answer.closed_after is not None and answer.closed_after < TIMEOUT_S + 2
 
 
+def _read_status(sock: socket.socket) -> tuple[int, bytes]:
+    """One HTTP/1.1 answer's status and body, read off a raw socket (Content-Length framed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(
+        int(v) for k, _, v in (h.partition(": ") for h in lines) if k.lower() == "content-length"
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), body
+
+
+def test_stalled_body_of_a_later_request_on_the_connection_is_answered_408_on_time(
+    proxy: Sluice,
+) -> None:
+    # The first body arrives after its head, so its body timer is armed; it is left armed
+    # when the body completes, and must neither fire early nor late for the second body.
+    full = request("POST", f"/model/{HAIKU}/converse", converse_body(random.Random(3), 2))
+    cut = full.index(b"\r\n\r\n") + 4
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(full[:cut])
+        time.sleep(0.1)
+        sock.sendall(full[cut:])
+        assert _read_status(sock)[0] == 200
+        time.sleep(TIMEOUT_S / 2)
+        stalled = request("POST", f"/model/{HAIKU}/converse", b'{"messages": []}')[:-4]
+        started = time.monotonic()
+        sock.sendall(stalled)
+        status, body = _read_status(sock)
+        elapsed = time.monotonic() - started
+    assert status == 408 and b"body_timeout_seconds" in body
+    assert TIMEOUT_S - 0.1 < elapsed < TIMEOUT_S + 2
+
+
 def test_idle_connection_is_closed_after_the_keepalive_timeout(proxy: Sluice) -> None:
     answer = play(proxy, Case("idle", b"", slow=True))
     assert answer.error is None and answer.closed_after is not None

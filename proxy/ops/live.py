@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -20,14 +19,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 from proxy.control.controller import Adaptivity
-from proxy.pipeline import Pipeline
+from proxy.pipeline import Pipeline, Tap
 from proxy.policy import CompiledPolicy
 
 log = logging.getLogger("sluice.policy")
 
 ProxyFactory = Callable[[CompiledPolicy, Adaptivity | None], Pipeline]
-#: Sees each finished request: (workload, priority, seconds) — the fleet view's latencies.
-Tap = Callable[[str | None, str | None, float], None]
 AdaptivityFactory = Callable[[CompiledPolicy], Adaptivity | None]
 
 
@@ -59,20 +56,24 @@ class LiveProxy:
         self.adaptivity = make_adaptivity(policy)
         self.proxy = make_proxy(policy, self.adaptivity)
         self._retired: set[asyncio.Task[None]] = set()
-        self.tap: Tap | None = None
+        self._tap: Tap | None = None
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Serve one request on the handler in force when it arrived."""
-        started = time.perf_counter()
-        response = await self.proxy.handle(request)
-        if self.tap is not None:
-            headers = response.headers
-            self.tap(
-                headers.get("x-sluice-workload"),
-                headers.get("x-sluice-priority"),
-                time.perf_counter() - started,
-            )
-        return response
+    @property
+    def tap(self) -> Tap | None:
+        """Sees each finished request (the fleet view's latencies); every handler calls it."""
+        return self._tap
+
+    @tap.setter
+    def tap(self, tap: Tap | None) -> None:
+        self._tap = self.proxy.tap = tap
+
+    def handle(self, request: web.Request) -> Awaitable[web.StreamResponse]:
+        """Serve one request on the handler in force when it arrived.
+
+        The handler's own coroutine is returned, not awaited here: one frame less for every
+        resumption of the request (the handler calls :attr:`tap` itself).
+        """
+        return self.proxy.handle(request)
 
     async def start(self) -> None:
         """Start the background controllers, if the policy has any."""
@@ -97,6 +98,7 @@ class LiveProxy:
                 adaptivity = None
         # No await from here to the swap: the next request sees the new handler.
         self.proxy = self._make_proxy(new, adaptivity)
+        self.proxy.tap = self._tap
         self.adaptivity, self._policy = adaptivity, new
         if rebuild and old_adaptivity is not None:
             await old_adaptivity.close()

@@ -1,6 +1,6 @@
 """The request path, one stage a module: identify → admit → forward → settle.
 
-Where things are decided, one step each from :meth:`Pipeline.serve`:
+Where things are decided, one step each from :meth:`Pipeline.handle`:
 
 * who is calling — :func:`proxy.pipeline.intake.identify_call` (→ ``Caller | Refused``);
 * a concurrency or rate limit, the schedule, the breaker, a downgrade —
@@ -23,6 +23,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -47,6 +48,9 @@ from proxy.upstream import Upstream
 
 log = logging.getLogger("sluice.request")
 
+#: Sees each finished request: (workload, priority, seconds) — the fleet view's latencies.
+Tap = Callable[[str | None, str | None, float], None]
+
 
 class Pipeline:
     """The aiohttp handler for every bedrock-runtime path."""
@@ -69,9 +73,12 @@ class Pipeline:
         self.metrics = metrics
         self.access_log = access_log
         self.coalescer = Coalescer()
+        #: Set by the LiveProxy serving this pipeline (the fleet view's latencies).
+        self.tap: Tap | None = None
         # Request ids: a random per-process prefix and a counter, UUID-shaped, unique
         # without a syscall per request (uuid4 reads os.urandom each time).
-        self._id_prefix = uuid.uuid4().hex[:20]
+        p = uuid.uuid4().hex[:20]
+        self._id_prefix = f"{p[:8]}-{p[8:12]}-4{p[13:16]}-a{p[17:20]}-"  # sliced once
         self._id_counter = itertools.count()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -79,7 +86,14 @@ class Pipeline:
         # The policy is read once: a request is decided wholly under one policy.
         call = Call(self._request_id(), time.perf_counter(), self.policy.current)
         try:
-            response = await self.serve(request, call)
+            # identify → admit → forward: each stage returns a value, refusals included.
+            caller = await identify_call(request, call)
+            outcome = (
+                caller if isinstance(caller, Refused) else await self.serve(request, call, caller)
+            )
+            if isinstance(outcome, Refused):
+                outcome = self.respond.refused(call, outcome.error)
+            response = outcome
         except asyncio.CancelledError:
             call.disconnected = True
             call.status = 499
@@ -93,25 +107,30 @@ class Pipeline:
             self.settler.record(call)
         if released is not None:  # no coroutine made for the common case
             await confirmed(released)
+        if self.tap is not None:
+            headers = response.headers
+            self.tap(
+                headers.get("x-sluice-workload"),
+                headers.get("x-sluice-priority"),
+                time.perf_counter() - call.started,
+            )
         return response
 
-    async def serve(self, request: web.Request, call: Call) -> web.StreamResponse:
-        """identify → admit → forward; each stage returns a value, refusals included."""
-        caller = await identify_call(request, call)
-        if isinstance(caller, Refused):
-            return self.respond.refused(call, caller.error)
+    def serve(
+        self, request: web.Request, call: Call, caller: Caller
+    ) -> Awaitable[web.StreamResponse | Refused]:
+        """admit → forward for an identified call, or the coalesced flight of identical
+        cacheable calls. The coroutine is returned, not awaited: no frame of this one on
+        every resumption of the request."""
         route = call.route
         assert route is not None
         if isinstance(route, MeteredRoute):
             key = self._cache_key(call, route, caller)
             if isinstance(key, Refused):
-                return self.respond.refused(call, key.error)
+                return _ready(key)
             if key is not None:
-                return await self._coalesced(request, call, route, caller)
-        outcome = await self._run(request, call, route, caller)
-        if isinstance(outcome, Refused):
-            return self.respond.refused(call, outcome.error)
-        return outcome
+                return self._coalesced(request, call, route, caller)
+        return self._run(request, call, route, caller)
 
     async def _run(
         self, request: web.Request, call: Call, route: Route, caller: Caller
@@ -136,8 +155,7 @@ class Pipeline:
             admitted = await self.admission.after_throttle(call, route, caller)
 
     def _request_id(self) -> str:
-        p, n = self._id_prefix, next(self._id_counter) & 0xFFFFFFFFFFFF
-        return f"{p[:8]}-{p[8:12]}-4{p[13:16]}-a{p[17:20]}-{n:012x}"
+        return f"{self._id_prefix}{next(self._id_counter) & 0xFFFFFFFFFFFF:012x}"
 
     @staticmethod
     def _cache_key(call: Call, route: MeteredRoute, caller: Caller) -> str | Refused | None:
@@ -186,3 +204,7 @@ class Pipeline:
         """Wait for background cache writes and flush the access log: nothing is lost."""
         await self.forwarder.close()
         self.access_log.flush()
+
+
+async def _ready(refused: Refused) -> Refused:
+    return refused

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -87,7 +88,7 @@ class Forwarder:
         try:
             call.served_tier = served_tier(call.tier, upstream.headers)
             call.upstream_status = upstream.status
-            if self._degradable(call, upstream.status):
+            if upstream.status == 429 and self._degradable(call, upstream.status):
                 pool = call.pool.name if call.pool else "-"
                 self.metrics.upstream_errors.labels(pool, "ThrottlingException").inc()
                 # Read (a failed read changes nothing: the chain serves) and released below.
@@ -122,13 +123,11 @@ class Forwarder:
         retry = call.policy.policy.server.retry
         pool = call.pool.name if call.pool else "-"
         budget = self._budget(call, pool, retry.budget_ratio)
-        deadline = call.started + (
-            call.policy.policy.workloads[call.caller.workload.name].deadline_seconds
-            if call.caller
-            else 60.0
-        )
         while True:
-            body, headers = apply_tier(route.operation, call.body, request.headers, call.tier)
+            body, choice = call.body, call.tier
+            headers: Mapping[str, str] = request.headers
+            if choice is not None and choice.tier is not None:  # else no apply_tier call
+                body, headers = apply_tier(route.operation, body, headers, choice)
             upstream = await self.upstream.send(
                 request.method,
                 call.path or route.path,
@@ -137,11 +136,14 @@ class Forwarder:
                 body,
                 read_timeout_s=call.read_timeout_s,
             )
-            error_type = upstream_error_type(upstream.headers) if upstream.status != 200 else None
+            if upstream.status == 200:  # never retried (checked first: the usual answer)
+                return upstream
+            error_type = upstream_error_type(upstream.headers)
             if not retryable(upstream.status, error_type):
                 return upstream
             # Asked before a fallback moves the call: the quota this attempt ran on.
             on_pool = on_pool_quota(call)
+            deadline = _deadline(call)
             if await self.tiers.escalate(
                 call, upstream.status, error_type, deadline - time.perf_counter()
             ):
@@ -338,3 +340,11 @@ async def _drain(upstream: aiohttp.ClientResponse) -> None:
         upstream.close()  # a torn answer to a call retried anyway: a fresh connection
     else:
         upstream.release()
+
+
+def _deadline(call: Call) -> float:
+    """When the caller stops waiting: its workload's deadline after the call started."""
+    workloads = call.policy.policy.workloads
+    return call.started + (
+        workloads[call.caller.workload.name].deadline_seconds if call.caller else 60.0
+    )

@@ -36,6 +36,8 @@ def check_header_bytes(headers: Mapping[str, str]) -> None:
     aiohttp keeps undecodable bytes as lone surrogates; encoding one fails, so the
     header is named here with a 400 instead of failing later with a 500.
     """
+    if "".join(headers.values()).isascii():  # the usual case: one C call, no loop
+        return
     for name, value in headers.items():
         if value.isascii():
             continue
@@ -135,4 +137,7 @@ def identify(
             "UnrecognizedClientException", "The security token included in the request is invalid."
         )
     workload, via = found
-    return Caller(workload, _priority(policy, workload, headers.get(PRIORITY_HEADER)), via)
+    requested = headers.get(PRIORITY_HEADER)
+    if requested is None:  # the usual case, without a call
+        return Caller(workload, workload.priority, via)
+    return Caller(workload, _priority(policy, workload, requested), via)

@@ -12,22 +12,32 @@ from proxy.routes import Route, match
 
 async def identify_call(request: web.Request, call: Call) -> Caller | Refused:
     """Match the route, read the body and identify the caller, recording each on ``call``."""
+    max_body = call.policy.policy.server.max_body_bytes
     try:
         route = call.route = match(request.method, request.raw_path)
         call.headers = request.headers
-        body = call.body = await read_body(request, route, call.policy.policy.server.max_body_bytes)
+        body = b""
+        if has_body(request, route, max_body):
+            # Read here, not in a helper coroutine: one frame less per request.
+            body = await request.read()
+            if len(body) > max_body:
+                raise _too_large(len(body), max_body)
+        call.body = body
         call.caller = identify(
             call.policy, request.method, request.host, request.raw_path, request.headers, body
         )
         return call.caller
+    except web.HTTPRequestEntityTooLarge:
+        return Refused(_too_large(None, max_body))
     except BedrockError as exc:
         return Refused(exc)
 
 
-async def read_body(request: web.Request, route: Route, max_body: int) -> bytes:
-    """The request body, or raise the Bedrock-shaped 400/413 saying what is wrong with it."""
+def has_body(request: web.Request, route: Route, max_body: int) -> bool:
+    """True when the request has a body to read (a POST); raise the Bedrock-shaped 400/413
+    saying what is wrong with it when that can be told before reading it."""
     if request.method != "POST":
-        return b""
+        return False
     length = request.content_length
     if length is not None and length > max_body:
         raise _too_large(length, max_body)
@@ -40,13 +50,7 @@ async def read_body(request: web.Request, route: Route, max_body: int) -> bytes:
             f"{route.operation} takes a JSON body; Content-Type '{content_type[:80]}' "
             "is not supported (use application/json)",
         )
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(None, max_body) from None
-    if len(body) > max_body:
-        raise _too_large(len(body), max_body)
-    return body
+    return True
 
 
 def _too_large(size: int | None, max_body: int) -> BedrockError:

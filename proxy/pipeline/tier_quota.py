@@ -22,6 +22,7 @@ hot reload applies to the next call. Settled usage is priced per tier
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import cast
 
 from proxy.admission import AdmitPlan
@@ -34,7 +35,7 @@ from proxy.metrics import Metrics
 from proxy.pipeline.call import Call
 from proxy.pipeline.retry import MIN_CALL_S
 from proxy.pipeline.tiers import TierChoice, TierTable, escalation
-from proxy.policy import CompiledPolicy, PoolInfo
+from proxy.policy import PoolInfo
 
 __all__ = ["TierQuotas", "charge", "on_pool_quota"]
 
@@ -49,12 +50,6 @@ class TierQuotas:
         # a reload swaps the policy, so each call is decided under its own.
         self._table: TierTable | None = None
 
-    def _tiers(self, policy: CompiledPolicy) -> TierTable:
-        table = self._table
-        if table is None or table.policy is not policy.policy:
-            table = self._table = TierTable(policy.policy)
-        return table
-
     def choose(self, call: Call, pool: PoolInfo, *, shared: bool = False) -> TierChoice | None:
         """The tier ``call`` will be sent on to ``pool`` (None: an operation without tiers).
 
@@ -63,7 +58,10 @@ class TierQuotas:
         """
         caller, route = call.caller, call.route
         assert caller is not None and route is not None
-        choice = self._tiers(call.policy).for_call(
+        table = self._table
+        if table is None or table.policy is not call.policy.policy:
+            table = self._table = TierTable(call.policy.policy)
+        choice = table.for_call(
             route.operation,
             caller.workload.name,
             caller.priority,
@@ -85,22 +83,38 @@ class TierQuotas:
         tier = None if choice is None else choice.tier
         return call.policy.plan(caller.workload, pool, caller.priority, cap, tier)
 
-    async def admit(
+    def admit(
         self, call: Call, plan: AdmitPlan, tokens: int, est: RequestEstimate, max_wait_ms: int
-    ) -> Ticket | BedrockError:
+    ) -> Awaitable[Ticket | BedrockError]:
         """Admit ``call`` on ``plan`` (its tier's quota), or return the refusal to answer with.
 
         When that quota refuses and the policy names a fallback tier (``tier_on_throttle``)
         with another quota, the call is admitted there instead and will be sent on that
         tier: Sluice's quota stands for Bedrock's, so this is the throttle-then-fallback of
-        :func:`~proxy.pipeline.tiers.escalation` without the wasted call.
+        :func:`~proxy.pipeline.tiers.escalation` without the wasted call. Without a fallback
+        tier this is the gate's own coroutine: no frame of ours on its every resumption.
         """
         caller, pool, choice = call.caller, call.pool, call.tier
         assert caller is not None and pool is not None
-        got = await self.gate.admit(
+        got = self.gate.admit(
             caller.workload, caller.priority, pool, plan, tokens, max_wait_ms=max_wait_ms
         )
-        if not isinstance(got, BedrockError) or got.status != 429 or choice is None:
+        if choice is None or choice.on_throttle is None:
+            return got  # escalation() could give nothing to fall back on
+        return self._or_fallback(call, plan, got, est, choice)
+
+    async def _or_fallback(
+        self,
+        call: Call,
+        plan: AdmitPlan,
+        admitting: Awaitable[Ticket | BedrockError],
+        est: RequestEstimate,
+        choice: TierChoice,
+    ) -> Ticket | BedrockError:
+        got = await admitting
+        pool = call.pool
+        assert pool is not None
+        if not isinstance(got, BedrockError) or got.status != 429:
             return got
         better = escalation(choice, 429, "ThrottlingException")
         if better is None:
@@ -198,8 +212,8 @@ def charge(metrics: Metrics, call: Call, workload: str, pool: str) -> None:
     """Count a call's settled usage at its served tier's price (if the pool prices it)."""
     tier, usage = call.served_tier, call.usage
     pool_cfg = call.policy.policy.models.get(pool)
-    if tier is None or not usage.known or pool_cfg is None:
-        return
+    if tier is None or not usage.known or pool_cfg is None or not pool_cfg.prices:
+        return  # (the usual case: no prices, and no typing.cast call made per request)
     price = cast("dict[str, TierPrice]", pool_cfg.prices).get(tier)
     if price is None:
         return

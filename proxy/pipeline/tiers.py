@@ -102,7 +102,9 @@ class TierTable:
         """The tier for one call to ``pool`` (None for operations without tiers)."""
         if operation not in TIERED_OPERATIONS:
             return None
-        return self.choose(workload, priority, pool, caller_tier(operation, headers, body))
+        key = (workload, priority, pool, caller_tier(operation, headers, body))
+        hit = self._cache.get(key)  # choose()'s lookup, inline: every call comes here
+        return hit if hit is not None else self.choose(*key)
 
     def choose(self, workload: str, priority: str, pool: str, asked: str | None) -> TierChoice:
         """The tier for one call; ``asked`` is the caller's own (:func:`caller_tier`)."""
