@@ -34,11 +34,11 @@ def stream_policy(pool: str, workload_concurrency: int) -> dict[str, Any]:
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str) -> tuple[int, list[str]]:
-    """A ConverseStream of ~4 s; (status, event types in order)."""
+    """A ConverseStream of ~10 s (outlasts a policy apply on a loaded machine); (status, events)."""
     body = orjson.dumps(
         {
-            "messages": [{"role": "user", "content": [{"text": "[[sim:output_tokens=200]] go"}]}],
-            "inferenceConfig": {"maxTokens": 300},
+            "messages": [{"role": "user", "content": [{"text": "[[sim:output_tokens=500]] go"}]}],
+            "inferenceConfig": {"maxTokens": 600},
         }
     )
     headers = {"Content-Type": "application/json", "x-sluice-workload": "w"}

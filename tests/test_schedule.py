@@ -181,8 +181,10 @@ def test_schedule_cap_binds_on_the_downgrade_pool_too(
             reply = client.converse(modelId=SONNET, messages=messages)
             return str(reply["ResponseMetadata"]["HTTPHeaders"]["x-sluice-pool"])
         except ClientError as exc:
+            errors.append(str(exc.response["Error"]["Message"]))
             return str(exc.response["Error"]["Code"])
 
+    errors: list[str] = []
     # The first call takes Sonnet's one request of the minute.
     assert call() == f"sonnet{tag}"
     # Six at once: Sonnet refuses them all, Haiku takes them one at a time under the cap.
@@ -194,7 +196,7 @@ def test_schedule_cap_binds_on_the_downgrade_pool_too(
 
     with ThreadPoolExecutor(6) as pool:
         outcomes = list(pool.map(together, range(6)))
-    assert f"haiku{tag}" in outcomes, outcomes  # the downgrade did serve
+    assert f"haiku{tag}" in outcomes, errors  # the downgrade did serve
     assert "ThrottlingException" in outcomes, outcomes  # ...and the cap refused the rest
     assert set(outcomes) <= {f"haiku{tag}", "ThrottlingException"}, outcomes
     assert sim.stats()["models"][HAIKU]["peak_concurrency"] == 1
