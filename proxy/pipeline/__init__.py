@@ -63,7 +63,9 @@ class Pipeline:
     ) -> None:
         self.policy = policy
         self.admission = Admission(gate, cache, metrics, adaptivity)
-        self.forwarder = Forwarder(upstream, metrics, cache, adaptivity, self.admission.tiers)
+        self.forwarder = Forwarder(
+            upstream, metrics, cache, adaptivity, self.admission.tiers, self.requeue
+        )
         self.settler = Settler(gate, metrics, access_log, adaptivity)
         self.respond = Responder(metrics)
         self.metrics = metrics
@@ -134,6 +136,16 @@ class Pipeline:
             self.settler.settle(call)
             call.upstream_status = call.served_tier = None
             admitted = await self.admission.after_throttle(call, route, caller)
+
+    async def requeue(self, call: Call, delay_s: float, max_wait_ms: int) -> BedrockError | None:
+        """Release the grant of a call Bedrock throttled, back off ``delay_s`` without it, and
+        queue for a new one (the retry of a class without a chain: :meth:`Forwarder._requeue`).
+        """
+        released = self.settler.release(call, refused=True)
+        backoff = asyncio.sleep(delay_s)
+        # Our own slot is free (bounded wait) before we queue for one.
+        await (backoff if released is None else asyncio.gather(backoff, confirmed(released)))
+        return await self.admission.readmit(call, max_wait_ms)
 
     def _request_id(self) -> str:
         p, n = self._id_prefix, next(self._id_counter) & 0xFFFFFFFFFFFF
