@@ -253,6 +253,16 @@ def test_quota_cut_settles_under_the_new_quota_at_once(record_property: Any) -> 
     record_property("quota_cut_intervals", first_ok - 10)
 
 
+def test_served_concurrency_is_not_read_from_an_interval_shorter_than_a_call() -> None:
+    # 300 ms after a cut, 12 calls of ~1 s ended: admitted at the old limit, they say what
+    # Bedrock granted before the cut (40 "in flight"), not now.
+    short = IntervalStats(20, 2, 900.0, 9, 0, 12_000.0, 300.0, throttled_peak=9, served=12)
+    assert short.granted is None and short.quota_estimate() == 8
+    # Over an interval longer than a call, the same Little's law bound holds again.
+    long = IntervalStats(20, 2, 900.0, 9, 0, 9_000.0, 1500.0, throttled_peak=4, served=9)
+    assert long.granted == 6.0 and long.quota_estimate() == 6
+
+
 def test_learned_quota_is_where_bedrock_throttled_and_is_forgotten_fast() -> None:
     learned, t = LearnedQuota(), 100.0
     assert learned.update("sonnet", busy(15), 2.0, now=t) is None  # no throttles: nothing known

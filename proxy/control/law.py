@@ -77,8 +77,17 @@ class IntervalStats:
 
     @property
     def granted(self) -> float | None:
-        """Concurrency Bedrock served on average over the interval (Little's law)."""
-        return self.busy_ms / self.span_ms if self.span_ms > 0 else None
+        """Concurrency Bedrock served on average over the interval (Little's law).
+
+        None when the interval is shorter than a served call: the calls that ended in it
+        then ran mostly before it (right after a cut, at the old limit), and their rate
+        times their length reads the concurrency granted before, not now.
+        """
+        if self.span_ms <= 0:
+            return None
+        if self.served > 0 and self.span_ms < self.busy_ms / self.served:
+            return None
+        return self.busy_ms / self.span_ms
 
     def quota_estimate(self) -> int | None:
         """The concurrency Bedrock refused at in this interval (None: it did not throttle).
