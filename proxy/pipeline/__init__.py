@@ -23,6 +23,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 
 from aiohttp import web
 
@@ -137,15 +138,17 @@ class Pipeline:
             call.upstream_status = call.served_tier = None
             admitted = await self.admission.after_throttle(call, route, caller)
 
-    async def requeue(self, call: Call, delay_s: float, max_wait_ms: int) -> BedrockError | None:
-        """Release the grant of a call Bedrock throttled, back off ``delay_s`` without it, and
-        queue for a new one (the retry of a class without a chain: :meth:`Forwarder._requeue`).
-        """
+    async def requeue(
+        self, call: Call, backoff: Awaitable[None], until: float
+    ) -> BedrockError | None:
+        """Release the grant of a call Bedrock throttled, await ``backoff`` without it, and
+        queue for a new one until ``until`` (perf_counter; the retry of a class without a
+        chain: :meth:`Forwarder._requeue`)."""
         released = self.settler.release(call, refused=True)
-        backoff = asyncio.sleep(delay_s)
         # Our own slot is free (bounded wait) before we queue for one.
         await (backoff if released is None else asyncio.gather(backoff, confirmed(released)))
-        return await self.admission.readmit(call, max_wait_ms)
+        wait_ms = int((until - time.perf_counter()) * 1000)
+        return await self.admission.readmit(call, max(0, wait_ms))
 
     def _request_id(self) -> str:
         p, n = self._id_prefix, next(self._id_counter) & 0xFFFFFFFFFFFF

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -27,8 +26,9 @@ from proxy.memory import BurstTrim
 from proxy.metrics import Metrics
 from proxy.pipeline.cache import CacheUnavailable, ResponseCache, cacheable
 from proxy.pipeline.call import THROTTLED, Call, Refused, Throttled
+from proxy.pipeline.requeue import Requeue, requeue, requeues
 from proxy.pipeline.respond import annotate, upstream_error_type
-from proxy.pipeline.retry import MIN_CALL_S, RetryBudget, next_delay, retryable
+from proxy.pipeline.retry import RetryBudget, next_delay, retryable
 from proxy.pipeline.tier_quota import TierQuotas, on_pool_quota
 from proxy.pipeline.tiers import apply_tier, served_tier
 from proxy.routes import Route
@@ -39,11 +39,6 @@ log = logging.getLogger("sluice.request")
 
 #: Retry-After added to Bedrock's own throttles (it sends none).
 UPSTREAM_RETRY_AFTER_MS = 1000
-
-#: Gives up a throttled call's grant, sleeps the backoff (seconds), then queues it for a new
-#: grant for up to the given milliseconds: None once granted, else the refusal
-#: (:meth:`Pipeline.requeue`).
-Requeue = Callable[[Call, float, int], Awaitable[BedrockError | None]]
 
 
 def _stream_failure(exc: BaseException) -> str:
@@ -145,12 +140,12 @@ class Forwarder:
             if not retryable(upstream.status, error_type):
                 return upstream
             # Asked before a fallback moves the call: the quota this attempt ran on.
-            on_pool = requeue = on_pool_quota(call)
+            on_pool = queue_again = on_pool_quota(call)
             if await self.tiers.escalate(
                 call, upstream.status, error_type, deadline - time.perf_counter()
             ):
                 delay: float | None = 0.0  # throttled on its tier: at once, on the fallback tier
-                requeue = False
+                queue_again = False
             elif on_pool and not await self._headroom(call, upstream.status):
                 return upstream
             else:
@@ -162,7 +157,7 @@ class Forwarder:
                 return upstream
             await _drain(upstream)
             self._observe_retry(call, upstream.status, on_pool)
-            if requeue and self._requeues(call, upstream.status):
+            if queue_again and requeues(call, upstream.status, self.adaptivity, self.requeue):
                 await self._requeue(call, delay, deadline)  # raises when no slot came
             else:
                 await asyncio.sleep(delay)
@@ -187,42 +182,14 @@ class Forwarder:
         a, pool, caller = self.adaptivity, call.pool, call.caller
         if status != 429 or a is None or pool is None or caller is None:
             return True
-        if self._requeues(call, status):
+        if requeues(call, status, a, self.requeue):
             return True  # the retry waits for its slot in admission, after the backoff
         wl = call.policy.policy.workloads[caller.workload.name]
         return await a.await_headroom(pool.name, 0 if wl.degrade else wl.max_wait_ms / 1000)
 
-    def _requeues(self, call: Call, status: int) -> bool:
-        """Is a throttled call retried on a new grant? A class without a chain holding a grant
-        on a pool with an adaptive limit: the limit is being cut, so its old slot may be
-        one Bedrock no longer grants."""
-        a, pool, caller, ticket = self.adaptivity, call.pool, call.caller, call.ticket
-        if status != 429 or self.requeue is None or a is None or pool is None or caller is None:
-            return False
-        if ticket is None or ticket.released or a.limit(pool.name) is None:
-            return False
-        return not call.policy.policy.workloads[caller.workload.name].degrade
-
     async def _requeue(self, call: Call, delay: float, deadline: float) -> None:
-        """Give up the throttled call's slot for its backoff, then queue for one under the
-        pool's current (cut) limit, in priority order, for up to the workload's
-        ``max_wait_ms`` within the deadline: the highest class takes the slots lower classes
-        give up. Raises Sluice's 429 (with Retry-After) when none came."""
-        assert self.requeue is not None and call.caller is not None and call.pool is not None
-        wl = call.policy.policy.workloads[call.caller.workload.name]
-        left_ms = (deadline - time.perf_counter() - delay - MIN_CALL_S) * 1000
-        refused = await self.requeue(call, delay, max(0, int(min(wl.max_wait_ms, left_ms))))
-        if refused is None:
-            return
-        self.metrics.requeue_refused.labels(call.pool.name).inc()
-        raise BedrockError(
-            "ThrottlingException",
-            f"Too many requests: Bedrock throttled model pool '{call.pool.name}' and no slot "
-            f"under its adaptive limit freed within {wl.max_wait_ms} ms; retry in "
-            f"{UPSTREAM_RETRY_AFTER_MS / 1000:g} s",
-            status=429,
-            headers=retry_headers(UPSTREAM_RETRY_AFTER_MS),
-        )
+        assert self.adaptivity is not None and self.requeue is not None
+        await requeue(call, delay, deadline, self.adaptivity, self.requeue, self.metrics)
 
     def _degradable(self, call: Call, status: int) -> bool:
         """Does a throttle that survived retries send this call down its workload's chain?"""
