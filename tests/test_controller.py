@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.backend.store import RedisStore
 from proxy.config import Adaptive, PauseRule, parse_policy
-from proxy.control.breaker import HALF_OPEN, OPEN
+from proxy.control.breaker import HALF_OPEN, OPEN, BreakerRecord
 from proxy.control.controller import (
     LEARN_INTERVALS,
     Adaptivity,
@@ -32,6 +32,7 @@ from proxy.control.controller import (
     underutilised,
 )
 from proxy.control.pause import PauseState, paused_workloads
+from proxy.control.window import PoolTick
 from proxy.policy import CompiledPolicy
 from tests.support.admission_helpers import new_pool
 
@@ -261,6 +262,24 @@ def test_served_concurrency_is_not_read_from_an_interval_shorter_than_a_call() -
     # Over an interval longer than a call, the same Little's law bound holds again.
     long = IntervalStats(20, 2, 900.0, 9, 0, 9_000.0, 1500.0, throttled_peak=4, served=9)
     assert long.granted == 6.0 and long.quota_estimate() == 6
+
+
+def test_the_latest_throttled_bucket_is_found_whatever_limit_change_was_seen() -> None:
+    rows = ((10, {"p": 12, "t|P0": 3}), (11, {"p": 9, "r|P0": 4}), (12, {"p": 8, "t|P2": 1}))
+    tick = PoolTick(13_200, 1000, 7, 8, False, False, BreakerRecord(), rows)
+    assert tick.latest_throttle(3.0) == (12, 8)
+    assert tick.latest_throttle(1.0) is None  # bucket 12 is older than the last second
+
+
+def test_every_instance_learns_the_fleets_latest_throttle_once_and_in_order() -> None:
+    learned, calm = LearnedQuota(), busy(8, granted=4.0)
+    # An instance whose own window (since the cut it saw) holds no throttle still learns
+    # from the fleet's latest throttled bucket.
+    assert learned.update("p", calm, 1.0, now=0.0, throttled_at=(12, 8)) == 7
+    assert learned.update("p", calm, 1.0, now=0.5, throttled_at=(12, 8)) == 7
+    # A newer throttle replaces it (a cut learned at once); an older one never comes back.
+    assert learned.update("p", calm, 1.0, now=1.0, throttled_at=(14, 5)) == 4
+    assert learned.update("p", calm, 1.0, now=1.5, throttled_at=(13, 11)) == 4
 
 
 def test_learned_quota_is_where_bedrock_throttled_and_is_forgotten_fast() -> None:

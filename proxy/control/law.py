@@ -16,8 +16,8 @@ say its quota is lower (:func:`cut`) -- by at most half in one step. The learned
 comes from Bedrock's answers: the fleet in-flight at the moments Bedrock throttled
 (bounded below by what it served on average, Little's law), so it holds whichever quota
 binds (requests/min, tokens/min or concurrency: each refuses at some concurrency). The
-latest throttled interval replaces it, so a quota cut is learned on the next throttle
-instead of the highest value being remembered.
+fleet's latest throttle replaces it, so a quota cut is learned on the next throttle
+instead of the highest value being remembered, and every instance learns the same value.
 """
 
 from __future__ import annotations
@@ -225,23 +225,37 @@ def _hold_reason(
 
 
 class LearnedQuota:
-    """Per pool, the concurrency Bedrock throttled at in its last throttled interval.
+    """Per pool, the concurrency Bedrock throttled at in its latest throttled moment.
 
-    Re-estimated from every throttled interval (the latest replaces the earlier, so a quota
-    cut is learned at once), fresh for :data:`LEARN_INTERVALS`; the last estimate is kept
-    as ``known`` so growth after it expires probes rather than doubling. Every instance sees
-    the same fleet window, so every instance learns the same value.
+    Re-estimated from every throttle (the latest replaces the earlier, so a quota cut is
+    learned at once), fresh for :data:`LEARN_INTERVALS`; the last estimate is kept as
+    ``known`` so growth after it expires probes rather than doubling. Given the fleet's
+    latest throttled bucket (``throttled_at``), every instance learns the same value from
+    it: the leader of any interval then holds growth where the fleet last saw Bedrock
+    throttle, instead of probing above a quota only the instance that cut has learned.
     """
 
     def __init__(self) -> None:
         self._seen: dict[str, tuple[int, float]] = {}
+        self._bucket: dict[str, int] = {}
 
     def update(
-        self, pool: str, stats: IntervalStats, interval_s: float, now: float | None = None
+        self,
+        pool: str,
+        stats: IntervalStats,
+        interval_s: float,
+        now: float | None = None,
+        *,
+        throttled_at: tuple[int, int] | None = None,
     ) -> int | None:
-        """Take one interval's fleet stats; return the fresh estimate (None: none fresh)."""
+        """Take one interval's fleet stats (and the fleet's latest throttled bucket and its
+        peak in-flight); return the fresh estimate (None: none fresh)."""
         now = time.monotonic() if now is None else now
         estimate = stats.quota_estimate()
+        if throttled_at is not None and throttled_at[0] >= self._bucket.get(pool, -1):
+            bucket, peak = throttled_at
+            self._bucket[pool] = bucket
+            estimate = max(1, peak - 1, math.floor(stats.granted or 0.0))
         if estimate is not None:
             self._seen[pool] = (estimate, now + LEARN_INTERVALS * interval_s)
         kept = self._seen.get(pool)
