@@ -106,9 +106,10 @@ def run_one(system: str, inc: Incident, opts: argparse.Namespace) -> dict[str, A
 
 
 def _final_metrics(instances: list[str]) -> dict[str, float]:
-    """Fleet totals of the breaker transitions (also per state entered, ``...:open``) and
-    limit changes at the end of a run. Each transition is counted by the one instance that
-    applied it, so the sum over instances is the fleet's count."""
+    """Fleet totals at the end of a run: breaker transitions (also per state entered,
+    ``...:open``), limit changes, retries given up (no slot under the limit, budget empty).
+    Each transition is counted by the one instance that applied it, so the sum over
+    instances is the fleet's count."""
     totals: dict[str, float] = {}
     for base in instances:
         with contextlib.suppress(OSError):
@@ -117,6 +118,8 @@ def _final_metrics(instances: list[str]) -> dict[str, float]:
                 if name not in (
                     "sluice_breaker_transitions_total",
                     "sluice_adaptive_limit_changes_total",
+                    "sluice_upstream_retry_requeue_refused_total",
+                    "sluice_upstream_retry_budget_exhausted_total",
                 ):
                     continue
                 value = float(line.rpartition(" ")[2])

@@ -157,6 +157,11 @@ def check_seed(
         # 45 s run. Flapping shows as more than one open per incident.
         "breaker_opens": sluice["metrics"].get("sluice_breaker_transitions_total:open", 0.0),
         "limit_changes": sluice["metrics"].get("sluice_adaptive_limit_changes_total", 0.0),
+        # Why throttled calls without a chain were answered 429 (all classes, not only P0).
+        "retries_given_up": {
+            "no_slot": sluice["metrics"].get("sluice_upstream_retry_requeue_refused_total", 0.0),
+            "budget": sluice["metrics"].get("sluice_upstream_retry_budget_exhausted_total", 0.0),
+        },
         "p0_failed_at_s": [round(o.t, 1) for o in s_out if o.priority == "P0" and o.status != 200],
         "p0_errors": dict(
             Counter(
