@@ -168,6 +168,10 @@ def test_growth_doubles_then_is_additive_near_the_quota_then_probes() -> None:
     assert next_limit(20, busy(20), INCIDENT3, 80, known=21, breaker=HALF_OPEN)[0] == 21
     assert next_limit(21, busy(21), INCIDENT3, 80, known=21, breaker=HALF_OPEN)[0] == 21
     assert next_limit(20, busy(20), INCIDENT3, 80, breaker=OPEN)[0] == 20
+    assert next_limit(20, busy(20), INCIDENT3, 80, known=20, breaker=OPEN)[0] == 20
+    # Open, but cut under the quota Bedrock was granting: back toward it, never above.
+    assert next_limit(10, busy(10), INCIDENT3, 80, learned=11, breaker=OPEN)[0] == 11
+    assert next_limit(10, busy(10), INCIDENT3, 80, known=20, breaker=OPEN)[0] == 12
 
 
 def test_holds_when_slow_idle_or_at_the_ceiling() -> None:

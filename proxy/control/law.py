@@ -164,7 +164,8 @@ def next_limit(
 
     ``learned`` is the fresh quota estimate (growth stops there), ``known`` the last one
     ever made (None: Bedrock never throttled, so slow start); ``breaker`` the pool's
-    breaker state: open holds the limit, half-open grows additively only.
+    breaker state: open holds the limit at or above the last quota learned (below it,
+    grows back additively), half-open grows additively only.
     """
     floor, ceiling = bounds(cfg, configured)
     known = learned if known is None else known
@@ -209,7 +210,9 @@ def _hold_reason(
     learned: int | None,
     breaker: int,
 ) -> str | None:
-    if breaker == OPEN:
+    if breaker == OPEN and (learned is None or current >= learned):
+        # Below the quota Bedrock was last seen to grant, the cut limit only starves the
+        # classes admission serves first: grow back toward it (never above it) while open.
         return "breaker open: holding the cut limit"
     if stats.p99_ms is None and stats.demand == 0:
         return "no requests"
