@@ -106,17 +106,27 @@ def run_one(system: str, inc: Incident, opts: argparse.Namespace) -> dict[str, A
 
 
 def _final_metrics(instances: list[str]) -> dict[str, float]:
-    """Fleet totals of the breaker transitions and limit changes at the end of a run."""
+    """Fleet totals at the end of a run: breaker transitions (also per state entered,
+    ``...:open``), limit changes, retries given up (no slot under the limit, budget empty).
+    Each transition is counted by the one instance that applied it, so the sum over
+    instances is the fleet's count."""
     totals: dict[str, float] = {}
     for base in instances:
         with contextlib.suppress(OSError):
             for line in http_call("GET", base + "/metrics").decode().splitlines():
                 name = line.partition("{")[0].partition(" ")[0]
-                if name in (
+                if name not in (
                     "sluice_breaker_transitions_total",
                     "sluice_adaptive_limit_changes_total",
+                    "sluice_upstream_retry_requeue_refused_total",
+                    "sluice_upstream_retry_budget_exhausted_total",
                 ):
-                    totals[name] = totals.get(name, 0.0) + float(line.rpartition(" ")[2])
+                    continue
+                value = float(line.rpartition(" ")[2])
+                totals[name] = totals.get(name, 0.0) + value
+                to = line.partition('to="')[2].partition('"')[0]
+                if to:
+                    totals[f"{name}:{to}"] = totals.get(f"{name}:{to}", 0.0) + value
     return totals
 
 

@@ -153,7 +153,15 @@ def check_seed(
         "bare_errors": bare,
         "refusals_without_retry_after": no_hint,
         "breaker_transitions_per_min": round(transitions / (duration / 60.0), 2),
+        # One episode (closed -> open -> half-open -> closed) is 3 transitions: 4/min in a
+        # 45 s run. Flapping shows as more than one open per incident.
+        "breaker_opens": sluice["metrics"].get("sluice_breaker_transitions_total:open", 0.0),
         "limit_changes": sluice["metrics"].get("sluice_adaptive_limit_changes_total", 0.0),
+        # Why throttled calls without a chain were answered 429 (all classes, not only P0).
+        "retries_given_up": {
+            "no_slot": sluice["metrics"].get("sluice_upstream_retry_requeue_refused_total", 0.0),
+            "budget": sluice["metrics"].get("sluice_upstream_retry_budget_exhausted_total", 0.0),
+        },
         "p0_failed_at_s": [round(o.t, 1) for o in s_out if o.priority == "P0" and o.status != 200],
         "p0_errors": dict(
             Counter(
@@ -187,6 +195,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         "cut",
         "served S/D",
         "brk/min",
+        "opens",
     ]
     body = []
     for r in rows:
@@ -204,6 +213,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
                 "-" if r["cut_converge_s"] is None else f"{r['cut_converge_s']:.1f}s",
                 f"{r['served_sluice']}/{r['served_direct']}",
                 f"{r['breaker_transitions_per_min']:.1f}",
+                f"{r.get('breaker_opens', 0):.0f}",
             ]
         )
     return render_table(headers, body)

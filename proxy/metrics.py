@@ -170,6 +170,13 @@ class Metrics:
             ["pool"],
             registry=r,
         )
+        self.requeue_refused = Counter(
+            "sluice_upstream_retry_requeue_refused",
+            "Throttled calls of a class without a chain that found no slot under the "
+            "pool's adaptive limit within their wait (answered 429 with Retry-After).",
+            ["pool"],
+            registry=r,
+        )
         self.trimmed = Counter(
             "sluice_trimmed",
             "Requests whose conversation was trimmed to the input budget.",

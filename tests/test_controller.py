@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.backend.store import RedisStore
 from proxy.config import Adaptive, PauseRule, parse_policy
-from proxy.control.breaker import HALF_OPEN, OPEN
+from proxy.control.breaker import HALF_OPEN, OPEN, BreakerRecord
 from proxy.control.controller import (
     LEARN_INTERVALS,
     Adaptivity,
@@ -32,6 +32,7 @@ from proxy.control.controller import (
     underutilised,
 )
 from proxy.control.pause import PauseState, paused_workloads
+from proxy.control.window import PoolTick
 from proxy.policy import CompiledPolicy
 from tests.support.admission_helpers import new_pool
 
@@ -167,6 +168,10 @@ def test_growth_doubles_then_is_additive_near_the_quota_then_probes() -> None:
     assert next_limit(20, busy(20), INCIDENT3, 80, known=21, breaker=HALF_OPEN)[0] == 21
     assert next_limit(21, busy(21), INCIDENT3, 80, known=21, breaker=HALF_OPEN)[0] == 21
     assert next_limit(20, busy(20), INCIDENT3, 80, breaker=OPEN)[0] == 20
+    assert next_limit(20, busy(20), INCIDENT3, 80, known=20, breaker=OPEN)[0] == 20
+    # Open, but cut under the quota Bedrock was granting: back toward it, never above.
+    assert next_limit(10, busy(10), INCIDENT3, 80, learned=11, breaker=OPEN)[0] == 11
+    assert next_limit(10, busy(10), INCIDENT3, 80, known=20, breaker=OPEN)[0] == 12
 
 
 def test_holds_when_slow_idle_or_at_the_ceiling() -> None:
@@ -251,6 +256,34 @@ def test_quota_cut_settles_under_the_new_quota_at_once(record_property: Any) -> 
     )
     assert back - 50 <= LEARN_INTERVALS + 6
     record_property("quota_cut_intervals", first_ok - 10)
+
+
+def test_served_concurrency_is_not_read_from_an_interval_shorter_than_a_call() -> None:
+    # 300 ms after a cut, 12 calls of ~1 s ended: admitted at the old limit, they say what
+    # Bedrock granted before the cut (40 "in flight"), not now.
+    short = IntervalStats(20, 2, 900.0, 9, 0, 12_000.0, 300.0, throttled_peak=9, served=12)
+    assert short.granted is None and short.quota_estimate() == 8
+    # Over an interval longer than a call, the same Little's law bound holds again.
+    long = IntervalStats(20, 2, 900.0, 9, 0, 9_000.0, 1500.0, throttled_peak=4, served=9)
+    assert long.granted == 6.0 and long.quota_estimate() == 6
+
+
+def test_the_latest_throttled_bucket_is_found_whatever_limit_change_was_seen() -> None:
+    rows = ((10, {"p": 12, "t|P0": 3}), (11, {"p": 9, "r|P0": 4}), (12, {"p": 8, "t|P2": 1}))
+    tick = PoolTick(13_200, 1000, 7, 8, False, False, BreakerRecord(), rows)
+    assert tick.latest_throttle(3.0) == (12, 8)
+    assert tick.latest_throttle(1.0) is None  # bucket 12 is older than the last second
+
+
+def test_every_instance_learns_the_fleets_latest_throttle_once_and_in_order() -> None:
+    learned, calm = LearnedQuota(), busy(8, granted=4.0)
+    # An instance whose own window (since the cut it saw) holds no throttle still learns
+    # from the fleet's latest throttled bucket.
+    assert learned.update("p", calm, 1.0, now=0.0, throttled_at=(12, 8)) == 7
+    assert learned.update("p", calm, 1.0, now=0.5, throttled_at=(12, 8)) == 7
+    # A newer throttle replaces it (a cut learned at once); an older one never comes back.
+    assert learned.update("p", calm, 1.0, now=1.0, throttled_at=(14, 5)) == 4
+    assert learned.update("p", calm, 1.0, now=1.5, throttled_at=(13, 11)) == 4
 
 
 def test_learned_quota_is_where_bedrock_throttled_and_is_forgotten_fast() -> None:

@@ -10,7 +10,9 @@ Two ways to be open, chosen by whether the pool has an adaptive limit:
 
 * **Cut limit** (:func:`next_state_cut`, pools with ``adaptive``): open means "stop
   hammering Bedrock", not "refuse everyone". The controller cuts the pool's limit when the
-  breaker opens and holds it while open; every call still goes through admission, so the
+  breaker opens and holds it while open (at most back up to the quota last learned from
+  Bedrock's throttles: :func:`proxy.control.law.next_limit`); every call still goes
+  through admission, so the
   pool keeps serving at the cut limit, highest class first (class shares, waiters in
   priority order), and classes with a degradation chain go down it when refused. Evidence
   is the volume served since the last transition: each state needs ``min_requests``

@@ -320,8 +320,10 @@ class Adaptivity:
         self._in_flight[pool] = t.in_flight
         if t.fleet_limit is not None:
             self._limits[pool] = t.fleet_limit
-        learned = self._learned.update(pool, stats, cfg.interval_seconds)
+        recent = t.latest_throttle(cfg.interval_seconds + self._tick_s)
+        learned = self._learned.update(pool, stats, cfg.interval_seconds, throttled_at=recent)
         known, state = self._learned.known(pool), self.breakers.state(pool)
+        self.metrics.learned_quota.labels(pool).set(known or 0)
         current = self._limits.get(pool)
         new: int | None = None
         reason = ""

@@ -16,8 +16,8 @@ say its quota is lower (:func:`cut`) -- by at most half in one step. The learned
 comes from Bedrock's answers: the fleet in-flight at the moments Bedrock throttled
 (bounded below by what it served on average, Little's law), so it holds whichever quota
 binds (requests/min, tokens/min or concurrency: each refuses at some concurrency). The
-latest throttled interval replaces it, so a quota cut is learned on the next throttle
-instead of the highest value being remembered.
+fleet's latest throttle replaces it, so a quota cut is learned on the next throttle
+instead of the highest value being remembered, and every instance learns the same value.
 """
 
 from __future__ import annotations
@@ -77,8 +77,17 @@ class IntervalStats:
 
     @property
     def granted(self) -> float | None:
-        """Concurrency Bedrock served on average over the interval (Little's law)."""
-        return self.busy_ms / self.span_ms if self.span_ms > 0 else None
+        """Concurrency Bedrock served on average over the interval (Little's law).
+
+        None when the interval is shorter than a served call: the calls that ended in it
+        then ran mostly before it (right after a cut, at the old limit), and their rate
+        times their length reads the concurrency granted before, not now.
+        """
+        if self.span_ms <= 0:
+            return None
+        if self.served > 0 and self.span_ms < self.busy_ms / self.served:
+            return None
+        return self.busy_ms / self.span_ms
 
     def quota_estimate(self) -> int | None:
         """The concurrency Bedrock refused at in this interval (None: it did not throttle).
@@ -155,7 +164,8 @@ def next_limit(
 
     ``learned`` is the fresh quota estimate (growth stops there), ``known`` the last one
     ever made (None: Bedrock never throttled, so slow start); ``breaker`` the pool's
-    breaker state: open holds the limit, half-open grows additively only.
+    breaker state: open holds the limit at or above the last quota learned (below it,
+    grows back additively), half-open grows additively only.
     """
     floor, ceiling = bounds(cfg, configured)
     known = learned if known is None else known
@@ -200,7 +210,9 @@ def _hold_reason(
     learned: int | None,
     breaker: int,
 ) -> str | None:
-    if breaker == OPEN:
+    if breaker == OPEN and (learned is None or current >= learned):
+        # Below the quota Bedrock was last seen to grant, the cut limit only starves the
+        # classes admission serves first: grow back toward it (never above it) while open.
         return "breaker open: holding the cut limit"
     if stats.p99_ms is None and stats.demand == 0:
         return "no requests"
@@ -216,23 +228,37 @@ def _hold_reason(
 
 
 class LearnedQuota:
-    """Per pool, the concurrency Bedrock throttled at in its last throttled interval.
+    """Per pool, the concurrency Bedrock throttled at in its latest throttled moment.
 
-    Re-estimated from every throttled interval (the latest replaces the earlier, so a quota
-    cut is learned at once), fresh for :data:`LEARN_INTERVALS`; the last estimate is kept
-    as ``known`` so growth after it expires probes rather than doubling. Every instance sees
-    the same fleet window, so every instance learns the same value.
+    Re-estimated from every throttle (the latest replaces the earlier, so a quota cut is
+    learned at once), fresh for :data:`LEARN_INTERVALS`; the last estimate is kept as
+    ``known`` so growth after it expires probes rather than doubling. Given the fleet's
+    latest throttled bucket (``throttled_at``), every instance learns the same value from
+    it: the leader of any interval then holds growth where the fleet last saw Bedrock
+    throttle, instead of probing above a quota only the instance that cut has learned.
     """
 
     def __init__(self) -> None:
         self._seen: dict[str, tuple[int, float]] = {}
+        self._bucket: dict[str, int] = {}
 
     def update(
-        self, pool: str, stats: IntervalStats, interval_s: float, now: float | None = None
+        self,
+        pool: str,
+        stats: IntervalStats,
+        interval_s: float,
+        now: float | None = None,
+        *,
+        throttled_at: tuple[int, int] | None = None,
     ) -> int | None:
-        """Take one interval's fleet stats; return the fresh estimate (None: none fresh)."""
+        """Take one interval's fleet stats (and the fleet's latest throttled bucket and its
+        peak in-flight); return the fresh estimate (None: none fresh)."""
         now = time.monotonic() if now is None else now
         estimate = stats.quota_estimate()
+        if throttled_at is not None and throttled_at[0] >= self._bucket.get(pool, -1):
+            bucket, peak = throttled_at
+            self._bucket[pool] = bucket
+            estimate = max(1, peak - 1, math.floor(stats.granted or 0.0))
         if estimate is not None:
             self._seen[pool] = (estimate, now + LEARN_INTERVALS * interval_s)
         kept = self._seen.get(pool)

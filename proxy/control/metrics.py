@@ -16,6 +16,13 @@ class AdaptivityMetrics:
             ["pool"],
             registry=r,
         )
+        self.learned_quota = Gauge(
+            "sluice_adaptive_learned_quota",
+            "Concurrency at which Bedrock last throttled the pool, as the fleet learned it "
+            "(0: never; growth stops there while fresh, then probes above it).",
+            ["pool"],
+            registry=r,
+        )
         self.underutilised = Gauge(
             "sluice_adaptive_underutilised",
             "1 when a pool sits at its ceiling with no throttles and p99 under half the target.",

@@ -113,6 +113,21 @@ class PoolTick:
     #: (bucket number, fields) of the recent buckets, oldest bucket not guaranteed first.
     rows: tuple[tuple[int, Mapping[str, int]], ...]
 
+    def latest_throttle(self, seconds: float) -> tuple[int, int] | None:
+        """(bucket, peak in-flight) of the newest bucket of the last ``seconds`` in which
+        Bedrock throttled (None: none did). Every instance reads the same fleet buckets, so
+        every instance finds the same one, whichever limit change it saw last."""
+        cur = self.now_ms // self.bucket_ms
+        first = cur - max(1, math.ceil(seconds * 1000 / self.bucket_ms)) + 1
+        found: tuple[int, int] | None = None
+        for b, fields in self.rows:
+            if not first <= b <= cur or (found is not None and b < found[0]):
+                continue
+            p = fields.get("p", 0)
+            if p > 0 and any(v and k.startswith("t|") for k, v in fields.items()):
+                found = (b, p)
+        return found
+
     def window(self, seconds: float, *, since_ms: int | None = None) -> PoolWindow:
         """Fleet counts of the buckets overlapping the last ``seconds`` (and after ``since_ms``)."""
         cur = self.now_ms // self.bucket_ms

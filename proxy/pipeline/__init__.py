@@ -67,7 +67,9 @@ class Pipeline:
     ) -> None:
         self.policy = policy
         self.admission = Admission(gate, cache, metrics, adaptivity)
-        self.forwarder = Forwarder(upstream, metrics, cache, adaptivity, self.admission.tiers)
+        self.forwarder = Forwarder(
+            upstream, metrics, cache, adaptivity, self.admission.tiers, self.requeue
+        )
         self.settler = Settler(gate, metrics, access_log, adaptivity)
         self.respond = Responder(metrics)
         self.metrics = metrics
@@ -153,6 +155,18 @@ class Pipeline:
             self.settler.settle(call)
             call.upstream_status = call.served_tier = None
             admitted = await self.admission.after_throttle(call, route, caller)
+
+    async def requeue(
+        self, call: Call, backoff: Awaitable[None], until: float
+    ) -> BedrockError | None:
+        """Release the grant of a call Bedrock throttled, await ``backoff`` without it, and
+        queue for a new one until ``until`` (perf_counter; the retry of a class without a
+        chain: :meth:`Forwarder._requeue`)."""
+        released = self.settler.release(call, refused=True)
+        # Our own slot is free (bounded wait) before we queue for one.
+        await (backoff if released is None else asyncio.gather(backoff, confirmed(released)))
+        wait_ms = int((until - time.perf_counter()) * 1000)
+        return await self.admission.readmit(call, max(0, wait_ms))
 
     def _request_id(self) -> str:
         return f"{self._id_prefix}{next(self._id_counter) & 0xFFFFFFFFFFFF:012x}"

@@ -99,15 +99,22 @@ class Admission:
             return Refused(exc)
 
     async def _take(
-        self, call: Call, caller: Caller, pool: PoolInfo, plan: AdmitPlan, est: RequestEstimate
+        self,
+        call: Call,
+        caller: Caller,
+        pool: PoolInfo,
+        plan: AdmitPlan,
+        est: RequestEstimate,
+        max_wait_ms: int | None = None,
     ) -> BedrockError | None:
-        """Ask the gate for a grant; the call owns it from the step the gate returns it."""
-        workload = caller.workload
+        """Ask the gate for a grant; the call owns it from the step the gate returns it.
+        ``max_wait_ms`` defaults to the workload's."""
         try:
             tokens = reserve(plan, pool, call.usage.input_tokens, est)  # capped at the pool's max
         except BedrockError as exc:
             return exc  # an output cap no limit could ever hold: 400, never a lockout
-        max_wait_ms = call.policy.policy.workloads[workload.name].max_wait_ms
+        if max_wait_ms is None:
+            max_wait_ms = call.policy.policy.workloads[caller.workload.name].max_wait_ms
         got = await self.tiers.admit(call, plan, tokens, est, max_wait_ms)
         if isinstance(got, BedrockError):
             return got
@@ -121,6 +128,25 @@ class Admission:
         if self.adaptivity is not None and call.pool is not None and on_pool_quota(call):
             priority = call.caller.priority if call.caller else "-"
             self.adaptivity.refused(call.pool.name, priority, refused)
+
+    async def readmit(self, call: Call, max_wait_ms: int) -> BedrockError | None:
+        """Queue a call Bedrock throttled (its grant released) for a slot again, in priority
+        order under the pool's current limit, waiting up to ``max_wait_ms``; None: granted
+        (the new grant is on the call), else the refusal."""
+        pool, caller, route = call.pool, call.caller, call.route
+        assert pool is not None and caller is not None and route is not None
+        try:
+            cap = self._scheduled_cap(call.policy, caller.workload)
+            if isinstance(cap, BedrockError):
+                return cap
+            est = estimate(route.operation, call.body)
+        except BedrockError as exc:
+            return exc
+        plan = self.tiers.plan(call, pool, cap, call.tier)
+        got = await self._take(call, caller, pool, plan, est, max_wait_ms)
+        if got is not None:
+            self._demand(call, got)
+        return got
 
     async def after_throttle(
         self, call: Call, route: MeteredRoute, caller: Caller

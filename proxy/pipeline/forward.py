@@ -27,6 +27,7 @@ from proxy.memory import BurstTrim
 from proxy.metrics import Metrics
 from proxy.pipeline.cache import CacheUnavailable, ResponseCache, cacheable
 from proxy.pipeline.call import THROTTLED, Call, Refused, Throttled
+from proxy.pipeline.requeue import Requeue, requeue, requeues
 from proxy.pipeline.respond import annotate, upstream_error_type
 from proxy.pipeline.retry import RetryBudget, next_delay, retryable
 from proxy.pipeline.tier_quota import TierQuotas, on_pool_quota
@@ -57,8 +58,10 @@ class Forwarder:
         cache: ResponseCache,
         adaptivity: Adaptivity | None,
         tiers: TierQuotas,
+        requeue: Requeue | None = None,
     ) -> None:
         self.upstream = upstream
+        self.requeue = requeue
         self.metrics = metrics
         self.cache = cache
         self.adaptivity = adaptivity
@@ -142,12 +145,13 @@ class Forwarder:
             if not retryable(upstream.status, error_type):
                 return upstream
             # Asked before a fallback moves the call: the quota this attempt ran on.
-            on_pool = on_pool_quota(call)
+            on_pool = queue_again = on_pool_quota(call)
             deadline = _deadline(call)
             if await self.tiers.escalate(
                 call, upstream.status, error_type, deadline - time.perf_counter()
             ):
                 delay: float | None = 0.0  # throttled on its tier: at once, on the fallback tier
+                queue_again = False
             elif on_pool and not await self._headroom(call, upstream.status):
                 return upstream
             else:
@@ -159,9 +163,12 @@ class Forwarder:
                 return upstream
             await _drain(upstream)
             self._observe_retry(call, upstream.status, on_pool)
+            if queue_again and requeues(call, upstream.status, self.adaptivity, self.requeue):
+                await self._requeue(call, delay, deadline)  # raises when no slot came
+            else:
+                await asyncio.sleep(delay)
             call.retries += 1
             self.metrics.upstream_retries.labels(pool, error_type or str(upstream.status)).inc()
-            await asyncio.sleep(delay)
 
     def _budget(self, call: Call, pool: str, ratio: float) -> RetryBudget:
         """The retry budget of the call's pool and class, charged for this first attempt."""
@@ -176,13 +183,19 @@ class Forwarder:
 
     async def _headroom(self, call: Call, status: int) -> bool:
         """A throttle on the pool's quota is retried only into headroom under its adaptive
-        limit; a class without a chain waits for some up to its ``max_wait_ms`` (one with a
-        chain degrades instead: :meth:`_degradable`)."""
+        limit: a class with a chain retries only into headroom there is now (else it
+        degrades: :meth:`_degradable`); one without queues for a slot (:meth:`_requeue`)."""
         a, pool, caller = self.adaptivity, call.pool, call.caller
         if status != 429 or a is None or pool is None or caller is None:
             return True
+        if requeues(call, status, a, self.requeue):
+            return True  # the retry waits for its slot in admission, after the backoff
         wl = call.policy.policy.workloads[caller.workload.name]
         return await a.await_headroom(pool.name, 0 if wl.degrade else wl.max_wait_ms / 1000)
+
+    async def _requeue(self, call: Call, delay: float, deadline: float) -> None:
+        assert self.adaptivity is not None and self.requeue is not None
+        await requeue(call, delay, deadline, self.adaptivity, self.requeue, self.metrics)
 
     def _degradable(self, call: Call, status: int) -> bool:
         """Does a throttle that survived retries send this call down its workload's chain?"""
@@ -332,6 +345,13 @@ class Forwarder:
         upstream.close()
 
 
+def _deadline(call: Call) -> float:
+    """When the caller stops waiting (perf_counter clock): its workload's deadline."""
+    caller = call.caller
+    wl = call.policy.policy.workloads[caller.workload.name] if caller else None
+    return call.started + (wl.deadline_seconds if wl else 60.0)
+
+
 async def _drain(upstream: aiohttp.ClientResponse) -> None:
     """Read an answer that is about to be retried, so its connection is reused."""
     try:
@@ -341,10 +361,3 @@ async def _drain(upstream: aiohttp.ClientResponse) -> None:
     else:
         upstream.release()
 
-
-def _deadline(call: Call) -> float:
-    """When the caller stops waiting: its workload's deadline after the call started."""
-    workloads = call.policy.policy.workloads
-    return call.started + (
-        workloads[call.caller.workload.name].deadline_seconds if call.caller else 60.0
-    )

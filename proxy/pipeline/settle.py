@@ -64,11 +64,16 @@ class Settler:
                 throttled=status == 429 and on_pool_quota(call),
                 server_error=status >= 500,
             )
+        return self.release(call)
+
+    def release(self, call: Call, *, refused: bool = False) -> Awaitable[None] | None:
+        """Release the grant ``call`` holds (once), charging its real usage (nothing when
+        Bedrock ``refused`` the attempt); no outcome is reported here."""
         ticket = call.ticket
         if ticket is None or ticket.released or call.pool is None:
             return None
         self.metrics.in_flight_of(call.pool.name).dec()
-        return self.gate.settle(ticket, self._actual_tokens(call))
+        return self.gate.settle(ticket, 0 if refused else self._actual_tokens(call))
 
     @staticmethod
     def _actual_tokens(call: Call) -> int:

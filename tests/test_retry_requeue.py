@@ -1,0 +1,108 @@
+"""A throttled call of a class without a chain queues for a slot under the cut limit (issue 9).
+
+Bedrock (the simulator) grants one Sonnet call at a time while a long P0 call holds it.
+P2 calls (chain: Haiku) and a second P0 call then arrive together: Bedrock throttles them,
+the breaker opens and the adaptive limit is cut to Bedrock's one slot. Retrying "into
+headroom" would never happen now (no retries while the breaker is open, and the retried
+call's own slot fills the cut limit), so the P0 caller would get Bedrock's 429. Re-entering
+admission serves it: the throttled call gives its slot up, waits in priority order for one
+under the cut limit, and is sent again as soon as the long call ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from tests.support.processes import Simulator, Sluice, bedrock_client, metric_value
+
+SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
+HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
+
+
+def _client(url: str, workload: str) -> Any:
+    client = bedrock_client(url)
+    client.meta.events.register(
+        "before-sign.bedrock-runtime.*",
+        lambda request, **_: request.headers.__setitem__("x-sluice-workload", workload),
+    )
+    return client
+
+
+def _converse(url: str, workload: str, text: str) -> tuple[int, dict[str, str]]:
+    """(status, response headers) of one Converse call through Sluice."""
+    msgs = [{"role": "user", "content": [{"text": text}]}]
+    try:
+        reply = _client(url, workload).converse(modelId=SONNET, messages=msgs)
+    except ClientError as exc:
+        meta = exc.response["ResponseMetadata"]
+        return meta["HTTPStatusCode"], meta["HTTPHeaders"]
+    return 200, reply["ResponseMetadata"]["HTTPHeaders"]
+
+
+@pytest.fixture
+def stack(redis_server: Any, make_simulator: Any, make_sluice: Any) -> tuple[Sluice, str]:
+    sim: Simulator = make_simulator(
+        {"latency_scale": 1.0, "models": {SONNET: {"quotas": {"concurrency": 1}}}}
+    )
+    pool = f"sonnet{uuid.uuid4().hex[:8]}"
+    adaptive = {
+        "floor": 1,
+        "initial": 4,
+        "ceiling": 4,
+        "interval_seconds": 0.25,
+        "decrease": 0.5,
+        "target_p99_ms": 10000,
+    }
+    breaker = {"threshold": 0.5, "window_seconds": 2, "min_requests": 3, "open_seconds": 10}
+    policy = {
+        "identity": {"header_mode": True},
+        "server": {
+            "adaptivity": {"tick_seconds": 0.25},
+            "retry": {"max_retries": 5, "base_backoff_ms": 200, "max_backoff_ms": 2000},
+        },
+        "models": {
+            pool: {"ids": [SONNET], "concurrency": 4, "adaptive": adaptive, "breaker": breaker},
+            f"haiku{pool}": {"ids": [HAIKU], "concurrency": 10},
+        },
+        "priorities": {"P0": {"share": 1.0}, "P2": {"share": 1.0}},
+        "workloads": {
+            "orders": {"priority": "P0", "models": [pool], "max_wait_ms": 5000},
+            "browse": {"priority": "P2", "degrade": [f"haiku{pool}"]},
+        },
+    }
+    return make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url), pool
+
+
+async def test_throttled_call_without_a_chain_waits_for_a_slot_under_the_cut_limit(
+    stack: tuple[Sluice, str],
+) -> None:
+    proxy, pool = stack
+    # The first call holds Bedrock's only slot for about two seconds.
+    first = asyncio.create_task(
+        asyncio.to_thread(_converse, proxy.url, "orders", "long [[sim:output_tokens=80]]")
+    )
+    await asyncio.sleep(0.4)
+    started = time.monotonic()
+    browse = [asyncio.to_thread(_converse, proxy.url, "browse", f"b{i}") for i in range(4)]
+    *degraded, (status, headers) = await asyncio.gather(
+        *browse, asyncio.to_thread(_converse, proxy.url, "orders", "second")
+    )
+    took = time.monotonic() - started
+    assert (await first)[0] == 200
+    assert all(s == 200 and h["x-sluice-degraded"] == "downgrade" for s, h in degraded)
+    text = proxy.metrics()
+    # Bedrock's throttles opened the breaker and cut the limit (the situation under test)...
+    assert metric_value(text, "sluice_breaker_state", pool=pool) == 2
+    assert metric_value(text, "sluice_adaptive_limit", pool=pool) < 4
+    # ...and the throttled P0 call was served on a new slot, not answered with a 429.
+    assert status == 200, headers
+    assert int(headers["x-sluice-upstream-retries"]) >= 1
+    assert took < 6.0
+    assert metric_value(text, "sluice_upstream_retry_requeue_refused_total", pool=pool) == 0
+    assert metric_value(text, "sluice_in_flight", pool=pool) == 0  # every slot given back
