@@ -118,11 +118,8 @@ class Forwarder:
     async def _send_with_retries(
         self, request: web.Request, call: Call, route: Route
     ) -> aiohttp.ClientResponse:
-        """Send upstream; retry throttles and 503s while the caller's deadline and budget allow.
-
-        Retries happen only before any byte reaches the caller, so a streaming client
-        never sees a half-sent stream followed by a second one.
-        """
+        """Send upstream; retry throttles and 503s while the caller's deadline and budget allow
+        (only before any byte reaches the caller: never half a stream, then a second one)."""
         retry = call.policy.policy.server.retry
         pool = call.pool.name if call.pool else "-"
         budget = self._budget(call, pool, retry.budget_ratio)
@@ -360,4 +357,3 @@ async def _drain(upstream: aiohttp.ClientResponse) -> None:
         upstream.close()  # a torn answer to a call retried anyway: a fresh connection
     else:
         upstream.release()
-
