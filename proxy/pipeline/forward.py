@@ -155,8 +155,7 @@ class Forwarder:
                 remaining = deadline - time.perf_counter()  # after any wait for headroom
                 delay = next_delay(call.retries + 1, retry, remaining, budget, self._rng)
             if delay is None:
-                if call.retries < retry.max_retries and budget.tokens < 1:
-                    self.metrics.retry_budget_exhausted.labels(pool).inc()
+                self._gave_up(call, retry.max_retries, budget, pool)
                 return upstream
             await _drain(upstream)
             self._observe_retry(call, upstream.status, on_pool)
@@ -166,6 +165,11 @@ class Forwarder:
                 await asyncio.sleep(delay)
             call.retries += 1
             self.metrics.upstream_retries.labels(pool, error_type or str(upstream.status)).inc()
+
+    def _gave_up(self, call: Call, max_retries: int, budget: RetryBudget, pool: str) -> None:
+        """Count a retry the budget (not the retry count or the deadline) refused."""
+        if call.retries < max_retries and budget.tokens < 1:
+            self.metrics.retry_budget_exhausted.labels(pool).inc()
 
     def _budget(self, call: Call, pool: str, ratio: float) -> RetryBudget:
         """The retry budget of the call's pool and class, charged for this first attempt."""
