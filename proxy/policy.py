@@ -146,6 +146,8 @@ class CompiledPolicy:
             for name, p in policy.models.items()
         }
         self._other = PoolInfo(OTHER_POOL, 1.0, 4096)
+        #: Pools with prices: only their calls are priced into sluice_cost_usd at settlement.
+        self.priced = frozenset(name for name, p in policy.models.items() if p.prices)
         self._by_id: dict[str, PoolInfo] = {}
         for name, pool in policy.models.items():
             for model_id in pool.ids:
