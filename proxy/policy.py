@@ -146,6 +146,10 @@ class CompiledPolicy:
             for name, p in policy.models.items()
         }
         self._other = PoolInfo(OTHER_POOL, 1.0, 4096)
+        #: Workloads with a response cache rule: only their calls are given a cache key.
+        self.caching = frozenset(n for n, wl in policy.workloads.items() if wl.cache is not None)
+        #: Pools with prices: only their calls are priced into sluice_cost_usd at settlement.
+        self.priced = frozenset(name for name, p in policy.models.items() if p.prices)
         self._by_id: dict[str, PoolInfo] = {}
         for name, pool in policy.models.items():
             for model_id in pool.ids:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -28,6 +30,7 @@ from proxy.control.fleet import (
     bucket_index,
     quantile_ms,
 )
+from proxy.control.window import BUCKET_BOUNDS_MS
 from proxy.policy import CompiledPolicy
 from tests.support.admission_helpers import Backend, new_pool, plan
 from tests.support.redis_fixtures import RedisServerProcess
@@ -65,6 +68,14 @@ def test_bucket_index_is_monotonic_and_bounded() -> None:
     assert idx == sorted(idx)
     assert idx[0] == idx[2] == 0 and idx[3] == idx[4] == 1 and idx[5] == 2
     assert idx[-1] == N_BUCKETS - 1
+
+
+def test_bisecting_the_bucket_bounds_gives_bucket_index_even_at_the_edges() -> None:
+    # The dashboard tap buckets with bisect_left over BUCKET_BOUNDS_MS instead of a call.
+    edges = [v for b in BUCKET_BOUNDS_MS for v in (b, math.nextafter(b, 0), math.nextafter(b, 1e9))]
+    rng = random.Random(7)
+    values = [0.0, 0.5, 1.0, 1e12, *edges, *(10 ** rng.uniform(-3, 7) for _ in range(20_000))]
+    assert [bisect_left(BUCKET_BOUNDS_MS, v) for v in values] == [bucket_index(v) for v in values]
 
 
 def test_p99_of_a_histogram_is_within_a_bucket_of_the_exact_value() -> None:

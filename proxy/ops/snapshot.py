@@ -9,6 +9,7 @@ A snapshot is plain JSON: :mod:`proxy.ops.fleetview` sums the fleet's snapshots.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -16,7 +17,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Metric
 
-from proxy.control.fleet import N_BUCKETS, bucket_index
+from proxy.control.fleet import N_BUCKETS
+from proxy.control.window import BUCKET_BOUNDS_MS
 from proxy.pipeline.schedule import cap_at
 from proxy.policy import CompiledPolicy
 
@@ -109,36 +111,38 @@ class Snapshots:
         self._policy = policy
         self._describe = describe
         self.instance_id = instance_id
-        self._hists: dict[Key, list[int]] = {}  # cumulative, per class and workload
-        # The histograms a (workload, class) pair counts in, found with one lookup a request.
-        self._pairs: dict[tuple[str | None, str | None], tuple[list[int], ...]] = {}
+        # Cumulative latency histograms per (workload, class) pair: one lookup and one C
+        # bisect a request; the tick sums them per class and per workload.
+        self._pairs: dict[tuple[str | None, str | None], list[int]] = {}
         self._ring: deque[tuple[float, Totals, dict[Key, list[int]]]] = deque(
             [(time.monotonic(), {}, {})], maxlen=max(1, round(window_s / tick_s)) + 1
         )
 
     def tap(self, workload: str | None, priority: str | None, seconds: float) -> None:
         """Count one finished request's duration for its class and workload (event loop only)."""
-        j = bucket_index(seconds * 1000)
-        hists = self._pairs.get((workload, priority))
-        if hists is None:
-            hists = self._pairs[workload, priority] = self._hists_of(workload, priority)
-        for hist in hists:
-            hist[j] += 1
+        hist = self._pairs.get((workload, priority))
+        if hist is None:
+            hist = self._pairs[workload, priority] = [0] * N_BUCKETS
+        hist[bisect_left(BUCKET_BOUNDS_MS, seconds * 1000)] += 1  # bucket_index, in C
 
-    def _hists_of(self, workload: str | None, priority: str | None) -> tuple[list[int], ...]:
-        out = []
-        for kind, name in (("class", priority), ("workload", workload)):
-            if name is not None:
-                hist = self._hists.get((kind, name))
-                if hist is None:
-                    hist = self._hists[kind, name] = [0] * N_BUCKETS
-                out.append(hist)
-        return tuple(out)
+    def _hists(self) -> dict[Key, list[int]]:
+        """Cumulative histograms per class and per workload (in the order first seen)."""
+        out: dict[Key, list[int]] = {}
+        for (workload, priority), hist in self._pairs.items():
+            for kind, name in (("class", priority), ("workload", workload)):
+                if name is not None:
+                    have = out.get((kind, name))
+                    out[kind, name] = (
+                        hist.copy()
+                        if have is None
+                        else [a + b for a, b in zip(have, hist, strict=True)]
+                    )
+        return out
 
     def tick(self) -> dict[str, Any]:
         """Close one interval and return the snapshot of the window."""
         totals, gauges = read_registry(self._registry)
-        hists = {key: hist.copy() for key, hist in self._hists.items()}
+        hists = self._hists()
         self._ring.append((time.monotonic(), totals, hists))
         then, old_totals, old_hists = self._ring[0]
         groups: dict[str, dict[str, dict[str, Any]]] = {"pool": {}, "class": {}, "workload": {}}

@@ -126,7 +126,8 @@ class Pipeline:
         every resumption of the request."""
         route = call.route
         assert route is not None
-        if isinstance(route, MeteredRoute):
+        # (CompiledPolicy.caching: no _cache_key call for the workloads that cache nothing)
+        if isinstance(route, MeteredRoute) and caller.workload.name in call.policy.caching:
             key = self._cache_key(call, route, caller)
             if isinstance(key, Refused):
                 return _ready(key)

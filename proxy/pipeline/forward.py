@@ -31,7 +31,7 @@ from proxy.pipeline.requeue import Requeue, requeue, requeues
 from proxy.pipeline.respond import annotate, upstream_error_type
 from proxy.pipeline.retry import RetryBudget, next_delay, retryable
 from proxy.pipeline.tier_quota import TierQuotas, on_pool_quota
-from proxy.pipeline.tiers import apply_tier, served_tier
+from proxy.pipeline.tiers import TIER_HEADER, apply_tier
 from proxy.routes import Route
 from proxy.upstream import KEEPALIVE_S, Upstream, returnable
 from proxy.usage import StreamUsage, from_body, from_headers
@@ -89,7 +89,13 @@ class Forwarder:
         except BedrockError as exc:  # the upstream cannot be reached (Upstream.send)
             return Refused(exc)
         try:
-            call.served_tier = served_tier(call.tier, upstream.headers)
+            # tiers.served_tier, inline (a call a request): Bedrock's echo, else what was sent.
+            tier = call.tier
+            call.served_tier = (
+                None
+                if tier is None
+                else upstream.headers.get(TIER_HEADER) or tier.tier or "default"
+            )
             call.upstream_status = upstream.status
             if upstream.status == 429 and self._degradable(call, upstream.status):
                 pool = call.pool.name if call.pool else "-"

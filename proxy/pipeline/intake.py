@@ -17,8 +17,20 @@ async def identify_call(request: web.Request, call: Call) -> Caller | Refused:
         route = call.route = match(request.method, request.raw_path)
         call.headers = request.headers
         body = b""
-        if has_body(request, route, max_body):
-            # Read here, not in a helper coroutine: one frame less per request.
+        if request.method == "POST":
+            # Checked and read here, not in helpers: no call made for them per request.
+            length = request.content_length
+            if length is not None and length > max_body:
+                raise _too_large(length, max_body)
+            content_type = request.headers.get("Content-Type")
+            # Bedrock treats a missing Content-Type as JSON (boto3's invoke_model sends none
+            # unless asked); anything else that is not JSON cannot be a Bedrock body.
+            if (
+                content_type is not None
+                and "json" not in content_type
+                and "*/*" not in content_type
+            ):
+                raise _not_json(route, content_type)
             body = await request.read()
             if len(body) > max_body:
                 raise _too_large(len(body), max_body)
@@ -33,24 +45,12 @@ async def identify_call(request: web.Request, call: Call) -> Caller | Refused:
         return Refused(exc)
 
 
-def has_body(request: web.Request, route: Route, max_body: int) -> bool:
-    """True when the request has a body to read (a POST); raise the Bedrock-shaped 400/413
-    saying what is wrong with it when that can be told before reading it."""
-    if request.method != "POST":
-        return False
-    length = request.content_length
-    if length is not None and length > max_body:
-        raise _too_large(length, max_body)
-    content_type = request.headers.get("Content-Type")
-    # Bedrock treats a missing Content-Type as JSON (boto3's invoke_model sends none
-    # unless asked); anything else that is not JSON cannot be a Bedrock body.
-    if content_type is not None and "json" not in content_type and "*/*" not in content_type:
-        raise BedrockError(
-            "ValidationException",
-            f"{route.operation} takes a JSON body; Content-Type '{content_type[:80]}' "
-            "is not supported (use application/json)",
-        )
-    return True
+def _not_json(route: Route, content_type: str) -> BedrockError:
+    return BedrockError(
+        "ValidationException",
+        f"{route.operation} takes a JSON body; Content-Type '{content_type[:80]}' "
+        "is not supported (use application/json)",
+    )
 
 
 def _too_large(size: int | None, max_body: int) -> BedrockError:

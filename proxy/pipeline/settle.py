@@ -100,7 +100,8 @@ class Settler:
         metrics.requests_of(
             operation, pool, workload, str(call.status), call.served_tier or "-"
         ).inc()
-        charge(metrics, call, workload, pool)
+        if pool in call.policy.priced:  # (no call made for a pool without prices)
+            charge(metrics, call, workload, pool)
         if call.usage.known:
             metrics.tokens_of(workload, pool, "input").inc(call.usage.input_tokens)
             metrics.tokens_of(workload, pool, "output").inc(call.usage.output_tokens)

@@ -34,7 +34,14 @@ from proxy.errors import BedrockError
 from proxy.metrics import Metrics
 from proxy.pipeline.call import Call
 from proxy.pipeline.retry import MIN_CALL_S
-from proxy.pipeline.tiers import TierChoice, TierTable, escalation
+from proxy.pipeline.tiers import (
+    NO_TIER,
+    TIERED_OPERATIONS,
+    TierChoice,
+    TierTable,
+    caller_tier,
+    escalation,
+)
 from proxy.policy import PoolInfo
 
 __all__ = ["TierQuotas", "charge", "on_pool_quota"]
@@ -61,6 +68,12 @@ class TierQuotas:
         table = self._table
         if table is None or table.policy is not call.policy.policy:
             table = self._table = TierTable(call.policy.policy)
+        if pool.name in table.untiered:  # the usual case, without for_call's key and look-up
+            operation = route.operation
+            if operation not in TIERED_OPERATIONS:
+                return None
+            if caller_tier(operation, call.headers or {}, call.body) is None:
+                return NO_TIER  # (tier None: never a quota of its own, shared or not)
         choice = table.for_call(
             route.operation,
             caller.workload.name,

@@ -27,7 +27,9 @@ from multidict import CIMultiDict
 from proxy.config import Policy
 
 __all__ = [
+    "NO_TIER",
     "SERVED_HEADER",
+    "TIERED_OPERATIONS",
     "TIER_HEADER",
     "TierChoice",
     "TierTable",
@@ -54,6 +56,10 @@ class TierChoice:
 
     tier: str | None
     on_throttle: str | None = None
+
+
+#: The choice on a pool where nothing names a tier: the request goes as the caller wrote it.
+NO_TIER: Final = TierChoice(None)
 
 
 def caller_tier(operation: str, headers: Mapping[str, str], body: bytes) -> str | None:
@@ -94,6 +100,14 @@ class TierTable:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._cache: dict[tuple[str, str, str, str | None], TierChoice] = {}
+        # Pools on which the policy names no tier for anyone: there a call whose caller asked
+        # for none goes as written (NO_TIER, what _decide gives) without a key or a look-up.
+        untiered = all(w.tier is None for w in policy.workloads.values()) and all(
+            c.tier is None and c.tier_on_throttle is None for c in policy.priorities.values()
+        )
+        self.untiered = frozenset(
+            name for name, pool in policy.models.items() if untiered and not pool.class_tiers
+        )
 
     def for_call(
         self, operation: str, workload: str, priority: str, pool: str,
