@@ -19,7 +19,6 @@ from proxy.pipeline.tiers import (
     apply_tier,
     caller_tier,
     escalation,
-    served_tier,
 )
 from proxy.policy import CompiledPolicy
 from tests.support.processes import Simulator, Sluice, bedrock_client, metric_value
@@ -116,8 +115,6 @@ def test_escalation_only_after_a_throttle_and_only_once() -> None:
     assert escalation(None, 429, "ThrottlingException") is None
     again = escalation(choice, 429, "ThrottlingException")
     assert again == TierChoice("default") and escalation(again, 429, "ThrottlingException") is None
-    assert served_tier(again, {}) == "default"
-    assert served_tier(TierChoice(None), {"X-Amzn-Bedrock-Service-Tier": "flex"}) == "flex"
 
 
 def test_class_tiers_must_name_declared_classes() -> None:

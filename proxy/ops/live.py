@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -66,14 +66,6 @@ class LiveProxy:
     @tap.setter
     def tap(self, tap: Tap | None) -> None:
         self._tap = self.proxy.tap = tap
-
-    def handle(self, request: web.Request) -> Awaitable[web.StreamResponse]:
-        """Serve one request on the handler in force when it arrived.
-
-        The handler's own coroutine is returned, not awaited here: one frame less for every
-        resumption of the request (the handler calls :attr:`tap` itself).
-        """
-        return self.proxy.handle(request)
 
     async def start(self) -> None:
         """Start the background controllers, if the policy has any."""

@@ -89,7 +89,8 @@ class Forwarder:
         except BedrockError as exc:  # the upstream cannot be reached (Upstream.send)
             return Refused(exc)
         try:
-            # tiers.served_tier, inline (a call a request): Bedrock's echo, else what was sent.
+            # The tier the answer ran on: Bedrock's echo, else what was sent (Bedrock does not
+            # move a call to another tier on its own; it throttles instead).
             tier = call.tier
             call.served_tier = (
                 None

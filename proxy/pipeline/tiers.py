@@ -36,7 +36,6 @@ __all__ = [
     "apply_tier",
     "caller_tier",
     "escalation",
-    "served_tier",
 ]
 
 TIER_HEADER: Final = "X-Amzn-Bedrock-Service-Tier"
@@ -172,14 +171,3 @@ def apply_tier(
         return body, headers
     doc["serviceTier"] = {"type": tier}
     return orjson.dumps(doc), headers
-
-
-def served_tier(choice: TierChoice | None, response_headers: Mapping[str, str]) -> str | None:
-    """The tier the answer ran on: Bedrock's echo, else what was sent, else ``default``.
-
-    None for operations without tiers. Bedrock does not move a call to another tier on its
-    own (it throttles instead), so what was sent is what ran when it echoes nothing.
-    """
-    if choice is None:
-        return None
-    return response_headers.get(TIER_HEADER) or choice.tier or "default"
