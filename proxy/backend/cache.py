@@ -171,9 +171,11 @@ class RedisResponseCache:
         # A cluster client reads the slot map and connects to every master first: bounded
         # like a connect, not like one lookup (0.25 s lost it on a loaded machine, and every
         # lookup then started it again).
+        # The wait for the lock is bounded too: a call queued behind another's attempt must
+        # not wait out every attempt ahead of it in turn.
         if self._ready:
             return
-        async with self._init_lock, asyncio.timeout(max(self._timeout, _INIT_TIMEOUT_S)):
+        async with asyncio.timeout(max(self._timeout, _INIT_TIMEOUT_S)), self._init_lock:
             if not self._ready and isinstance(self._client, RedisCluster):
                 await self._client.initialize()
             self._ready = True

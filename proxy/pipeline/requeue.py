@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from proxy.admission.gate import retry_headers
 from proxy.control.controller import Adaptivity
+from proxy.control.law import for_concurrency
 from proxy.errors import BedrockError
 from proxy.metrics import Metrics
 from proxy.pipeline.call import Call
@@ -53,8 +54,11 @@ async def requeue(
     now = time.perf_counter()
     until = min(now + wl.max_wait_ms / 1000, deadline - MIN_CALL_S)
     backoff = _backoff(delay, await_reaction(call, a, a.limit(pool.name), until - now))
-    if await readmit(call, backoff, until) is None:
+    refused = await readmit(call, backoff, until)
+    if refused is None:
         return
+    if refused.status != 429 or not for_concurrency(refused.headers, refused.message):
+        raise refused  # not a slot that did not free (a store outage, a rate, a schedule)
     metrics.requeue_refused.labels(pool.name).inc()
     raise BedrockError(
         "ThrottlingException",
