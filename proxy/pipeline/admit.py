@@ -8,6 +8,7 @@ cancellation at any later point finds it there and the settle stage releases it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from proxy.admission import AdmitPlan
@@ -136,16 +137,23 @@ class Admission:
         pool, caller, route = call.pool, call.caller, call.route
         assert pool is not None and caller is not None and route is not None
         try:
-            cap = self._scheduled_cap(call.policy, caller.workload)
+            cap = self._cap(call.policy, caller.workload, pool)  # paused, scheduled
             if isinstance(cap, BedrockError):
                 return cap
             est = estimate(route.operation, call.body)
         except BedrockError as exc:
             return exc
         plan = self.tiers.plan(call, pool, cap, call.tier)
-        got = await self._take(call, caller, pool, plan, est, max_wait_ms)
+        # The first grant paid the call's request, and its tokens settle when it ends: ask
+        # for a slot only, so a retry never costs the caller's requests/min twice.
+        slot = replace(plan, pool_requests=None, pool_tokens=None,
+                       workload_requests=None, workload_tokens=None)  # fmt: skip
+        got = await self._take(call, caller, pool, slot, est, max_wait_ms)
         if got is not None:
             self._demand(call, got)
+        elif call.ticket is not None and call.ticket.plan is slot:
+            # Settled on the full plan: the tokens used are charged there (none reserved).
+            call.ticket.plan, call.ticket.reserved_tokens = plan, 0
         return got
 
     async def after_throttle(

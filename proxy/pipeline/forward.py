@@ -167,7 +167,7 @@ class Forwarder:
             await _drain(upstream)
             self._observe_retry(call, upstream.status, on_pool)
             if queue_again and requeues(call, upstream.status, self.adaptivity, self.requeue):
-                await self._requeue(call, delay, deadline)  # raises when no slot came
+                await self._requeue(call, delay, deadline, upstream.status)  # raises: no slot
             else:
                 await asyncio.sleep(delay)
             call.retries += 1
@@ -201,8 +201,11 @@ class Forwarder:
         wl = call.policy.policy.workloads[caller.workload.name]
         return await a.await_headroom(pool.name, 0 if wl.degrade else wl.max_wait_ms / 1000)
 
-    async def _requeue(self, call: Call, delay: float, deadline: float) -> None:
+    async def _requeue(self, call: Call, delay: float, deadline: float, status: int) -> None:
         assert self.adaptivity is not None and self.requeue is not None
+        # Bedrock answered this attempt: a refusal raised from here still logs and counts it.
+        call.upstream_status = status
+        call.upstream_s = time.perf_counter() - call.started
         await requeue(call, delay, deadline, self.adaptivity, self.requeue, self.metrics)
 
     def _degradable(self, call: Call, status: int) -> bool:

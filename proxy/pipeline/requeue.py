@@ -78,8 +78,8 @@ async def await_reaction(call: Call, a: Adaptivity, limit: int | None, wait_s: f
     policy = call.policy.policy
     adaptive = policy.models[call.pool.name].adaptive
     tick = policy.server.adaptivity.tick_seconds
-    if adaptive is None:
-        return
+    if adaptive is None or limit is None or limit <= adaptive.floor:
+        return  # no cut can come: queue for a slot now
     end = time.monotonic() + min(wait_s, adaptive.interval_seconds + tick)
     while a.limit(call.pool.name) == limit:
         if (left := end - time.monotonic()) <= 0:
