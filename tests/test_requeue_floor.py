@@ -1,4 +1,4 @@
-"""Review: a throttled call is retried once capacity frees, not after a limit change that
+"""a throttled call is retried once capacity frees, not after a limit change that
 cannot come.
 
 ``await_reaction`` keeps a requeued call out of admission until the pool's fleet limit

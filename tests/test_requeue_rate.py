@@ -1,4 +1,4 @@
-"""Review: a requeued retry must not charge the workload's requests/min a second time.
+"""a requeued retry must not charge the workload's requests/min a second time.
 
 A caller that sends two calls under a workload limit of 2 requests/min must get both
 served. Before the requeue change a throttled call retried on its own grant (one request
