@@ -1,4 +1,4 @@
-"""a cache lookup stays bounded while a cluster cannot be initialised.
+"""A cache lookup stays bounded while a cluster cannot be initialised.
 
 ``_ensure_ready`` enters the init lock before its timeout, so the time spent waiting for
 the lock is unbounded: with puts queued on the lock against an unresponsive cluster, each

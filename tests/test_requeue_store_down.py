@@ -1,4 +1,4 @@
-"""a requeued retry that meets a store outage is answered as the outage, not as a
+"""A requeued retry that meets a store outage is answered as the outage, not as a
 slot that did not free.
 
 ``requeue`` turns every refusal of the re-admission into the same 429 "no slot under its
