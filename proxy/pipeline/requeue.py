@@ -37,9 +37,16 @@ def requeues(call: Call, status: int, a: Adaptivity | None, readmit: Requeue | N
     pool, caller, ticket = call.pool, call.caller, call.ticket
     if status != 429 or readmit is None or a is None or pool is None or caller is None:
         return False
-    if ticket is None or ticket.released or a.limit(pool.name) is None:
+    limit = a.limit(pool.name)
+    if ticket is None or ticket.released or limit is None:
         return False
-    return not call.policy.policy.workloads[caller.workload.name].degrade
+    policy = call.policy.policy
+    adaptive = policy.models[pool.name].adaptive
+    if adaptive is not None and limit <= adaptive.floor:
+        # No cut can come: giving the slot up would only take it straight back and send
+        # again into the throttle. Wait for headroom under the limit, as any retry does.
+        return False
+    return not policy.workloads[caller.workload.name].degrade
 
 
 async def requeue(
@@ -78,8 +85,8 @@ async def await_reaction(call: Call, a: Adaptivity, limit: int | None, wait_s: f
     policy = call.policy.policy
     adaptive = policy.models[call.pool.name].adaptive
     tick = policy.server.adaptivity.tick_seconds
-    if adaptive is None or limit is None or limit <= adaptive.floor:
-        return  # no cut can come: queue for a slot now
+    if adaptive is None:
+        return
     end = time.monotonic() + min(wait_s, adaptive.interval_seconds + tick)
     while a.limit(call.pool.name) == limit:
         if (left := end - time.monotonic()) <= 0:
