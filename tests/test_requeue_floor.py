@@ -16,18 +16,9 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from tests.support.processes import Sluice, bedrock_client
+from tests.support.processes import Sluice, workload_client
 
 SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
-
-
-def _client(url: str, workload: str) -> Any:
-    client = bedrock_client(url)
-    client.meta.events.register(
-        "before-sign.bedrock-runtime.*",
-        lambda request, **_: request.headers.__setitem__("x-sluice-workload", workload),
-    )
-    return client
 
 
 def _converse(client: Any, text: str) -> int:
@@ -60,7 +51,7 @@ async def test_throttled_call_at_the_floor_is_retried_once_bedrock_frees(
         },
     }
     proxy: Sluice = make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url)
-    hold, orders = _client(proxy.url, "hold"), _client(proxy.url, "orders")
+    hold, orders = workload_client(proxy.url, "hold"), workload_client(proxy.url, "orders")
     holder = asyncio.create_task(asyncio.to_thread(_converse, hold, "[[sim:output_tokens=20]]"))
     await asyncio.sleep(0.3)
     started = time.monotonic()

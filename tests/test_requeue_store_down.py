@@ -16,18 +16,9 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from tests.support.processes import Sluice, bedrock_client
+from tests.support.processes import Sluice, workload_client
 
 SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
-
-
-def _client(url: str, workload: str) -> Any:
-    client = bedrock_client(url)  # one attempt: the answer Sluice gave
-    client.meta.events.register(
-        "before-sign.bedrock-runtime.*",
-        lambda request, **_: request.headers.__setitem__("x-sluice-workload", workload),
-    )
-    return client
 
 
 def _converse(client: Any, text: str) -> tuple[int, str, str]:
@@ -63,7 +54,7 @@ async def _throttled_then_store_lost(
         },
     }
     proxy: Sluice = make_sluice(upstream=sim.url, policy=policy, redis_url=redis.url)
-    hold, orders = _client(proxy.url, "hold"), _client(proxy.url, "orders")
+    hold, orders = workload_client(proxy.url, "hold"), workload_client(proxy.url, "orders")
     holder = asyncio.create_task(
         asyncio.to_thread(_converse, hold, "long [[sim:output_tokens=120]]")
     )

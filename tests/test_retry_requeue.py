@@ -19,26 +19,17 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.support.processes import Simulator, Sluice, bedrock_client, metric_value
+from tests.support.processes import Simulator, Sluice, metric_value, workload_client
 
 SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
-
-
-def _client(url: str, workload: str) -> Any:
-    client = bedrock_client(url)
-    client.meta.events.register(
-        "before-sign.bedrock-runtime.*",
-        lambda request, **_: request.headers.__setitem__("x-sluice-workload", workload),
-    )
-    return client
 
 
 def _converse(url: str, workload: str, text: str) -> tuple[int, dict[str, str]]:
     """(status, response headers) of one Converse call through Sluice."""
     msgs = [{"role": "user", "content": [{"text": text}]}]
     try:
-        reply = _client(url, workload).converse(modelId=SONNET, messages=msgs)
+        reply = workload_client(url, workload).converse(modelId=SONNET, messages=msgs)
     except ClientError as exc:
         meta = exc.response["ResponseMetadata"]
         return meta["HTTPStatusCode"], meta["HTTPHeaders"]

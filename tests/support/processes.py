@@ -305,3 +305,13 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def workload_client(url: str, workload: str) -> Any:
+    """:func:`bedrock_client` whose every call names ``workload`` (x-sluice-workload)."""
+    client = bedrock_client(url)
+    client.meta.events.register(
+        "before-sign.bedrock-runtime.*",
+        lambda request, **_: request.headers.__setitem__("x-sluice-workload", workload),
+    )
+    return client
