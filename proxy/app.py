@@ -186,7 +186,7 @@ def build_app(
             await app[SIMULATOR].cleanup()
 
     app.cleanup_ctx.append(lifecycle)
-    install_jobs(app, settings.redis_url)  # batch routes + workers (proxy/jobs)
+    install_jobs(app, settings.redis_url, settings.fleet)  # batch routes + workers (proxy/jobs)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

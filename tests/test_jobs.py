@@ -24,6 +24,7 @@ from tests.support.jobs_helpers import (
     dead_letters,
     jobs_policy,
     jsonl,
+    one_fleet,
     output,
     record,
     status,
@@ -57,8 +58,11 @@ async def test_batch_drains_exactly_once_through_throttling_while_p0_keeps_answe
     sim = make_simulator(
         {"latency_scale": 0.02, "models": {HAIKU: {"faults": {"throttle_rate": 0.3}}}}
     )
-    policy = jobs_policy()
-    fleet = [make_sluice(upstream=sim.url, policy=policy, redis_url=redis.url) for _ in range(3)]
+    policy, joined = jobs_policy(), one_fleet()
+    fleet = [
+        make_sluice(upstream=sim.url, policy=policy, redis_url=redis.url, extra_args=joined)
+        for _ in range(3)
+    ]
     records = [record(i) for i in range(300)]
     batch_id = await asyncio.to_thread(submit, fleet[0].url, records)
     p0 = Results()
@@ -88,8 +92,11 @@ def test_worker_takes_records_only_within_the_workload_concurrency(
 ) -> None:
     redis = redis_factory()
     sim = make_simulator({"latency_scale": 0.2})
-    policy = jobs_policy(enrich_limits={"concurrency": 2})
-    fleet = [make_sluice(upstream=sim.url, policy=policy, redis_url=redis.url) for _ in range(2)]
+    policy, joined = jobs_policy(enrich_limits={"concurrency": 2}), one_fleet()
+    fleet = [
+        make_sluice(upstream=sim.url, policy=policy, redis_url=redis.url, extra_args=joined)
+        for _ in range(2)
+    ]
     records = [record(i) for i in range(24)]
     batch_id = submit(fleet[0].url, records)
     done = wait_done(fleet[0].url, batch_id)
@@ -106,9 +113,10 @@ def test_kill_9_mid_batch_loses_nothing_and_writes_each_line_once(
 ) -> None:
     redis = redis_factory()
     sim = make_simulator({"latency_scale": 0.1})
-    policy = jobs_policy()
+    policy, joined = jobs_policy(), one_fleet()
     victim, survivor = (
-        make_sluice(upstream=sim.url, policy=policy, redis_url=redis.url) for _ in range(2)
+        make_sluice(upstream=sim.url, policy=policy, redis_url=redis.url, extra_args=joined)
+        for _ in range(2)
     )
     records = [record(i) for i in range(200)]
     batch_id = submit(victim.url, records)
@@ -269,7 +277,9 @@ def test_schedule_holds_records_in_the_queue_and_sluice_worker_drains_alone(
     closed["workloads"]["enrich"]["schedule"] = {
         "windows": [{"start": "00:00", "end": "24:00", "concurrency": 0}]
     }
-    held = make_sluice(upstream=sim.url, policy=closed, redis_url=redis.url)
+    # Outside any fleet (--no-fleet) each process runs its own file on the default queue.
+    alone = ["--no-fleet"]
+    held = make_sluice(upstream=sim.url, policy=closed, redis_url=redis.url, extra_args=alone)
     batch_id = submit(held.url, [record(i) for i in range(20)])
     wait_until(
         lambda: metric_value(held.metrics(), "sluice_refused_total", limit="schedule") >= 5, 10
@@ -294,7 +304,7 @@ def test_schedule_holds_records_in_the_queue_and_sluice_worker_drains_alone(
         )
         assert worker.popen.poll() is None, worker.stderr()
         reader = make_sluice(upstream=sim.url, policy=jobs_policy(jobs={"enabled": False}),
-                             redis_url=redis.url)  # fmt: skip
+                             redis_url=redis.url, extra_args=alone)  # fmt: skip
         assert wait_done(reader.url, batch_id)["succeeded"] == 20
     finally:
         worker.stop()
@@ -314,3 +324,40 @@ def test_submit_while_redis_is_down_answers_a_bedrock_shaped_503(
     assert headers["x-amzn-ErrorType"].startswith("ServiceUnavailableException")
     assert headers["Retry-After"] == "1"
     assert "batch queue store is unreachable" in json.loads(raw)["message"]
+
+
+def test_fleets_sharing_one_redis_never_take_each_others_records(
+    redis_factory: Any, make_simulator: Any, make_sluice: Any
+) -> None:
+    # Same pool, model and workload in both fleets: only the fleet tells the queues apart.
+    redis = redis_factory()
+    sim_a, sim_b = make_simulator({"latency_scale": 0.02}), make_simulator({"latency_scale": 0.02})
+    policy = jobs_policy()
+    a = make_sluice(upstream=sim_a.url, policy=policy, redis_url=redis.url, extra_args=one_fleet())
+    b = make_sluice(upstream=sim_b.url, policy=policy, redis_url=redis.url, extra_args=one_fleet())
+    records = [record(i) for i in range(30)]
+    batch_id = submit(a.url, records)
+    assert wait_done(a.url, batch_id)["succeeded"] == 30
+    assert_exactly_once(output(a.url, batch_id), records)
+    # Fleet b's workers drained nothing of it, and its API does not know the batch.
+    assert sim_a.stats()["models"][HAIKU]["requests"] == 30
+    assert sim_b.stats()["models"].get(HAIKU, {}).get("requests", 0) == 0
+    code, _, raw = call(b.url, "GET", f"/batches/{batch_id}")
+    assert code == 404, raw
+    code, _, raw = call(b.url, "GET", "/batches")
+    assert code == 200 and batch_id not in raw.decode()
+
+
+def test_the_default_fleet_keeps_the_original_key_names() -> None:
+    # Records queued before fleets had queues of their own still drain after an upgrade.
+    from proxy.backend.job_queue import _Keys
+    from proxy.jobs.queue import Stream
+
+    for fleet in (None, "default"):
+        keys = _Keys(fleet)
+        assert keys.stream(Stream("haiku", "enrich")) == "sluice:{haiku}:jobs:enrich"
+        assert keys.batch("haiku", "haiku:1") == "sluice:{haiku}:batch:haiku:1"
+        assert (keys.streams, keys.batches) == ("sluice:jobs:streams", "sluice:jobs:batches")
+    other = _Keys("eu")
+    assert other.stream(Stream("haiku", "enrich")) == "sluice:{haiku}:fleet:eu:jobs:enrich"
+    assert other.streams == "sluice:fleet:eu:jobs:streams"

@@ -15,6 +15,7 @@ from tests.support.jobs_helpers import (
     call,
     dead_letters,
     jobs_policy,
+    one_fleet,
     output,
     record,
     submit,
@@ -35,8 +36,10 @@ def test_batch_drains_dead_letters_and_replays_on_a_cluster(
     # The session cluster is shared: a pool name of its own keeps this test's keys apart.
     pool = f"haiku{uuid.uuid4().hex[:6]}"
     policy["models"] = {pool: policy["models"]["haiku"]}
+    joined = one_fleet()
     fleet = [
-        make_sluice(upstream=sim.url, policy=policy, redis_url=redis_cluster.url) for _ in range(2)
+        make_sluice(upstream=sim.url, policy=policy, redis_url=redis_cluster.url, extra_args=joined)
+        for _ in range(2)
     ]
     records = [record(i) for i in range(80)]
     batch_id = submit(fleet[0].url, records)
@@ -60,8 +63,10 @@ def test_kill_9_mid_batch_on_a_cluster_loses_nothing(
     policy = jobs_policy()
     pool = f"haiku{uuid.uuid4().hex[:6]}"
     policy["models"] = {pool: policy["models"]["haiku"]}
+    joined = one_fleet()
     victim, survivor = (
-        make_sluice(upstream=sim.url, policy=policy, redis_url=redis_cluster.url) for _ in range(2)
+        make_sluice(upstream=sim.url, policy=policy, redis_url=redis_cluster.url, extra_args=joined)
+        for _ in range(2)
     )
     records = [record(i) for i in range(120)]
     batch_id = submit(victim.url, records)

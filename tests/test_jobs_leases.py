@@ -65,7 +65,8 @@ async def rig(backend: Backend, tmp_path: Path) -> AsyncIterator[Rig]:
     policy = jobs_policy(jobs={"workers": 1, "sqlite_path": str(tmp_path / "jobs.sqlite3")})
     policy["models"] = {pool: policy["models"].pop("haiku")}
     app = build_app(
-        Policy.model_validate(policy), Settings(upstream="simulator", redis_url=backend.url)
+        Policy.model_validate(policy),
+        Settings(upstream="simulator", redis_url=backend.url, fleet=f"test-{uuid.uuid4().hex}"),
     )
     server = TestServer(app)
     await server.start_server()

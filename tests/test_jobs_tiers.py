@@ -43,7 +43,12 @@ async def test_batch_records_are_admitted_on_their_tiers_own_quota(
             },
         }
     )
-    server = TestServer(build_app(policy, Settings(upstream="simulator", redis_url=backend.url)))
+    server = TestServer(
+        build_app(
+            policy,
+            Settings(upstream="simulator", redis_url=backend.url, fleet=f"test-{uuid.uuid4().hex}"),
+        )
+    )
     await server.start_server()
     headers = {"x-sluice-workload": "nightly"}
     try:

@@ -164,10 +164,6 @@ def _sluice(
     return make_sluice(upstream=sim.url, policy=policy, redis_url=backend.url), name
 
 
-# Open defect, not a load flake: in 3 of 6 whole-suite runs on 2026-12-06 (one on a quiet
-# machine) the FIRST flex call was refused by its own flex quota (burst 1), i.e. something
-# admitted on it before; never reproduced alone. Rerun until found (see the closing note).
-@pytest.mark.flaky(reruns=2)
 def test_a_flex_call_is_admitted_on_flex_quota_and_priced_at_flex(
     backend: Backend,
     make_simulator: Callable[..., Simulator],

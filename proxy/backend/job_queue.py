@@ -2,15 +2,19 @@
 
 Key layout (``{<pool>}`` is the Cluster hash tag, so each script touches one slot)::
 
-    sluice:{<pool>}:jobs:<workload>        stream  b=batch r=recordId i=modelInput [m=model]
-    sluice:{<pool>}:jobs:<workload>:att    hash    entry id -> attempts (counted by Sluice)
-    sluice:{<pool>}:jobs:<workload>:rate   hash    10-second bucket -> records finished
-    sluice:{<pool>}:batch:<id>             hash    meta and counters
-    sluice:{<pool>}:batch:<id>:out         hash    recordId -> output line (HSETNX: one each)
-    sluice:{<pool>}:dlq                    hash    dead-letter id -> entry (JSON)
-    sluice:{<pool>}:dlq:n                  hash    "<workload>\\t<reason>" -> count
-    sluice:jobs:streams                    set     "<pool>\\t<workload>" of every stream
-    sluice:jobs:batches                    zset    batch id -> created ms (listing)
+    sluice:{<pool>}<F>:jobs:<workload>        stream  b=batch r=recordId i=modelInput [m=model]
+    sluice:{<pool>}<F>:jobs:<workload>:att    hash    entry id -> attempts (counted by Sluice)
+    sluice:{<pool>}<F>:jobs:<workload>:rate   hash    10-second bucket -> records finished
+    sluice:{<pool>}<F>:batch:<id>             hash    meta and counters
+    sluice:{<pool>}<F>:batch:<id>:out         hash    recordId -> output line (HSETNX: one each)
+    sluice:{<pool>}<F>:dlq                    hash    dead-letter id -> entry (JSON)
+    sluice:{<pool>}<F>:dlq:n                  hash    "<workload>\\t<reason>" -> count
+    sluice<F>:jobs:streams                    set     "<pool>\\t<workload>" of every stream
+    sluice<F>:jobs:batches                    zset    batch id -> created ms (listing)
+
+``<F>`` is empty for the default fleet and ``:fleet:<name>`` for any other
+(:func:`~proxy.backend.keys.job_fleet_segment`): a fleet drains, lists and replays only
+what was submitted to it, whatever other fleets share the Redis.
 
 A record costs one claim script (XPENDING/XCLAIM or XREADGROUP, plus the attempt
 count) and one completion script (HSETNX the line, counters, XACK, XDEL) besides its
@@ -29,7 +33,7 @@ from typing import Any, TypeVar
 import orjson
 
 from proxy.backend.client import FAILURES, ResponseError, redis_client
-from proxy.backend.keys import JOB_BATCHES, JOB_STREAMS, pool_tag
+from proxy.backend.keys import KEY_PREFIX, job_fleet_segment, pool_tag
 from proxy.backend.runner import ScriptRunner
 from proxy.jobs.queue import GROUP, BatchMeta, Claimed, DeadLetter, QueueUnavailable, Stream
 from proxy.jobs.queue import pool_of as _pool_of
@@ -37,21 +41,26 @@ from proxy.jobs.records import Record
 
 log = logging.getLogger("sluice.jobs")
 T = TypeVar("T")
-_STREAMS = JOB_STREAMS
-_BATCHES = JOB_BATCHES
 _CHUNK = 2000
 _SCRIPTS = ("job_claim", "job_has_work", "job_renew", "job_finish", "job_finish_next", "job_replay")
 
 
-_tag = pool_tag
+class _Keys:
+    """The key names of one fleet's queue (see the module docstring)."""
 
+    def __init__(self, fleet: str | None) -> None:
+        self._fleet = job_fleet_segment(fleet)
+        self.streams = f"{KEY_PREFIX}{self._fleet}:jobs:streams"
+        self.batches = f"{KEY_PREFIX}{self._fleet}:jobs:batches"
 
-def _stream_key(s: Stream) -> str:
-    return f"{_tag(s.pool)}:jobs:{s.workload}"
+    def tag(self, pool: str) -> str:
+        return pool_tag(pool) + self._fleet
 
+    def stream(self, s: Stream) -> str:
+        return f"{self.tag(s.pool)}:jobs:{s.workload}"
 
-def _batch_key(pool: str, batch_id: str) -> str:
-    return f"{_tag(pool)}:batch:{batch_id}"
+    def batch(self, pool: str, batch_id: str) -> str:
+        return f"{self.tag(pool)}:batch:{batch_id}"
 
 
 def _text(value: Any) -> str:
@@ -101,7 +110,8 @@ def _dead_letter(raw: bytes | str) -> DeadLetter:
 class RedisQueue:
     """:class:`proxy.jobs.queue.JobQueue` on Redis or Redis Cluster."""
 
-    def __init__(self, url: str, *, timeout_s: float = 2.0) -> None:
+    def __init__(self, url: str, *, fleet: str | None = None, timeout_s: float = 2.0) -> None:
+        self._keys = _Keys(fleet)
         # Typed loosely: redis-py's stubs cannot express replies of our own scripts.
         self._client: Any = redis_client(url, timeout_s)
         self._timeout_s = timeout_s
@@ -137,7 +147,7 @@ class RedisQueue:
 
     async def submit(self, meta: BatchMeta, records: list[Record]) -> None:
         """Meta, consumer group and every record, pipelined in chunks; durable on return."""
-        stream = _stream_key(meta.stream)
+        stream = self._keys.stream(meta.stream)
         mapping = {
             "workload": meta.workload,
             "pool": meta.pool,
@@ -148,7 +158,7 @@ class RedisQueue:
             "status": "running",
         }
         await self._call(
-            self._client.hset(_batch_key(meta.pool, meta.batch_id), mapping=mapping), "submit"
+            self._client.hset(self._keys.batch(meta.pool, meta.batch_id), mapping=mapping), "submit"
         )
         try:
             await self._call(
@@ -163,18 +173,22 @@ class RedisQueue:
                 fields = {"b": meta.batch_id, "r": r.record_id, "i": r.model_input}
                 pipe.xadd(stream, fields)
             await self._call(pipe.execute(), "submit")
-        await self._call(self._client.sadd(_STREAMS, f"{meta.pool}\t{meta.workload}"), "submit")
-        await self._call(self._client.zadd(_BATCHES, {meta.batch_id: meta.created_ms}), "submit")
+        await self._call(
+            self._client.sadd(self._keys.streams, f"{meta.pool}\t{meta.workload}"), "submit"
+        )
+        await self._call(
+            self._client.zadd(self._keys.batches, {meta.batch_id: meta.created_ms}), "submit"
+        )
 
     async def streams(self) -> list[Stream]:
         """Every (pool, workload) a batch was submitted to."""
-        members = await self._call(self._client.smembers(_STREAMS), "streams")
+        members = await self._call(self._client.smembers(self._keys.streams), "streams")
         out = [Stream(*_text(m).split("\t", 1)) for m in members]
         return sorted(out)
 
     async def claim(self, stream: Stream, consumer: str, lease_ms: int) -> Claimed | None:
         """Expired lease first, else the next new record; the attempt is counted here."""
-        key = _stream_key(stream)
+        key = self._keys.stream(stream)
         res = await self._script("claim", [key, key + ":att"], [GROUP, consumer, lease_ms])
         return _claimed(stream, res)
 
@@ -193,24 +207,26 @@ class RedisQueue:
 
     async def has_work(self, stream: Stream, lease_ms: int) -> bool:
         """Undelivered entries after the group's last-delivered id, or an expired lease."""
-        res = await self._script("has_work", [_stream_key(stream)], [GROUP, lease_ms])
+        res = await self._script("has_work", [self._keys.stream(stream)], [GROUP, lease_ms])
         return bool(res)
 
     async def renew(
         self, stream: Stream, consumer: str, entry_ids: list[str], lease_ms: int
     ) -> list[str]:
         """Reset the idle time of the entries this consumer still owns."""
-        kept = await self._script("renew", [_stream_key(stream)], [GROUP, consumer, *entry_ids])
+        kept = await self._script(
+            "renew", [self._keys.stream(stream)], [GROUP, consumer, *entry_ids]
+        )
         return [_text(k) for k in kept]
 
     async def next_attempt(self, claimed: Claimed) -> int:
         """HINCRBY the entry's attempt count."""
-        key = _stream_key(claimed.stream) + ":att"
+        key = self._keys.stream(claimed.stream) + ":att"
         return int(await self._call(self._client.hincrby(key, claimed.entry_id, 1), "attempt"))
 
     def _finish_keys(self, c: Claimed) -> list[str]:
-        key = _stream_key(c.stream)
-        batch = _batch_key(c.stream.pool, c.batch_id)
+        key = self._keys.stream(c.stream)
+        batch = self._keys.batch(c.stream.pool, c.batch_id)
         return [key, key + ":att", batch, batch + ":out", key + ":rate"]
 
     async def complete(
@@ -224,7 +240,7 @@ class RedisQueue:
 
     async def dead_letter(self, claimed: Claimed, entry: DeadLetter, line: bytes) -> bool:
         """The error line plus the dead-letter entry, in the same script."""
-        tag = _tag(claimed.stream.pool)
+        tag = self._keys.tag(claimed.stream.pool)
         args = [
             GROUP, claimed.entry_id, claimed.record_id, line, "err", 0, 0,
             entry.dlq_id, orjson.dumps(entry.to_json()), f"{entry.workload}\t{entry.reason}",
@@ -237,12 +253,12 @@ class RedisQueue:
         pool = _pool_of(batch_id)
         if pool is None:
             return None
-        h = await self._call(self._client.hgetall(_batch_key(pool, batch_id)), "batch")
+        h = await self._call(self._client.hgetall(self._keys.batch(pool, batch_id)), "batch")
         return _meta(batch_id, h) if h else None
 
     async def batches(self, workload: str | None) -> list[BatchMeta]:
         """Newest first (at most 1,000)."""
-        ids = await self._call(self._client.zrevrange(_BATCHES, 0, 999), "batches")
+        ids = await self._call(self._client.zrevrange(self._keys.batches, 0, 999), "batches")
         metas = [await self.batch(_text(i)) for i in ids]
         return [m for m in metas if m is not None and workload in (None, m.workload)]
 
@@ -251,7 +267,7 @@ class RedisQueue:
         pool = _pool_of(batch_id)
         if pool is None:
             return
-        key = _batch_key(pool, batch_id) + ":out"
+        key = self._keys.batch(pool, batch_id) + ":out"
         cursor = 0
         while True:
             cursor, chunk = await self._call(self._client.hscan(key, cursor, count=1000), "output")
@@ -266,9 +282,10 @@ class RedisQueue:
         if meta is None:
             return None
         await self._call(
-            self._client.hset(_batch_key(meta.pool, batch_id), "status", "cancelled"), "cancel"
+            self._client.hset(self._keys.batch(meta.pool, batch_id), "status", "cancelled"),
+            "cancel",
         )
-        key = _stream_key(meta.stream)
+        key = self._keys.stream(meta.stream)
         start = "-"
         while True:
             entries = await self._call(self._client.xrange(key, start, "+", count=1000), "cancel")
@@ -284,7 +301,7 @@ class RedisQueue:
 
     async def depth(self, stream: Stream) -> tuple[int, float]:
         """XLEN, and the age of the first entry from its id's milliseconds."""
-        key = _stream_key(stream)
+        key = self._keys.stream(stream)
         length = await self._call(self._client.xlen(key), "depth")
         if not length:
             return 0, 0.0
@@ -296,7 +313,7 @@ class RedisQueue:
 
     async def drain_rate(self, stream: Stream) -> float:
         """The last six complete 10-second buckets, per second (Redis's clock)."""
-        key = _stream_key(stream) + ":rate"
+        key = self._keys.stream(stream) + ":rate"
         now_s, _ = await self._call(self._client.time(), "rate")
         current = int(now_s) // 10
         h = await self._call(self._client.hgetall(key), "rate")
@@ -308,7 +325,7 @@ class RedisQueue:
         pools = sorted({s.pool for s in await self.streams()})
         out: list[DeadLetter] = []
         for pool in pools:
-            raw = await self._call(self._client.hvals(f"{_tag(pool)}:dlq"), "dlq")
+            raw = await self._call(self._client.hvals(f"{self._keys.tag(pool)}:dlq"), "dlq")
             out.extend(_dead_letter(r) for r in raw)
         return sorted(out, key=lambda d: d.at_ms)
 
@@ -317,14 +334,14 @@ class RedisQueue:
         pool = _pool_of(dlq_id)
         if pool is None:
             return None
-        raw = await self._call(self._client.hget(f"{_tag(pool)}:dlq", dlq_id), "dlq")
+        raw = await self._call(self._client.hget(f"{self._keys.tag(pool)}:dlq", dlq_id), "dlq")
         return _dead_letter(raw) if raw else None
 
     async def replay(self, entry: DeadLetter, model: str | None) -> bool:
         """One script: drop the entry and its error line, XADD the record again."""
-        tag = _tag(entry.pool)
-        batch = _batch_key(entry.pool, entry.batch_id)
-        stream = _stream_key(Stream(entry.pool, entry.workload))
+        tag = self._keys.tag(entry.pool)
+        batch = self._keys.batch(entry.pool, entry.batch_id)
+        stream = self._keys.stream(Stream(entry.pool, entry.workload))
         fields: list[Any] = ["b", entry.batch_id, "r", entry.record_id, "i", entry.model_input]
         if model:
             fields += ["m", model]

@@ -40,6 +40,8 @@ TIER_SCOPE: Final = ":tier:"
 #: Every stream of the batch queue, and every batch (listing); not under any pool's tag.
 JOB_STREAMS: Final = f"{KEY_PREFIX}:jobs:streams"
 JOB_BATCHES: Final = f"{KEY_PREFIX}:jobs:batches"
+#: The fleet an instance with Redis follows unless ``--fleet`` names another.
+DEFAULT_FLEET: Final = "default"
 
 
 class PlanKeys(NamedTuple):
@@ -58,6 +60,19 @@ class PlanKeys(NamedTuple):
 def pool_tag(pool: str) -> str:
     """``sluice:{<pool>}``: the start of every key of one pool (its cluster slot)."""
     return f"{KEY_PREFIX}:{{{pool}}}"
+
+
+def job_fleet_segment(fleet: str | None) -> str:
+    """What a fleet's batch keys add after the pool tag (and after ``sluice``).
+
+    Batch records are drained by the fleet they were submitted to, under its policy: two
+    fleets on one Redis must never take each other's records. The default fleet (and an
+    instance outside any fleet) keeps the original layout, so records queued before fleets
+    had queues of their own still drain after an upgrade.
+    """
+    if fleet is None or fleet == DEFAULT_FLEET:
+        return ""
+    return f":fleet:{fleet}"
 
 
 def scope_name(pool: str, tier: str | None) -> str:

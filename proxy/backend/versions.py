@@ -20,11 +20,9 @@ from typing import Any
 import yaml
 
 from proxy.backend.client import FAILURES, Redis, RedisCluster
-from proxy.backend.keys import policy_keys
+from proxy.backend.keys import DEFAULT_FLEET, policy_keys
 from proxy.backend.lua import load_script
 from proxy.config import Policy, PolicyError, parse_policy
-
-DEFAULT_FLEET = "default"
 
 
 def sha_of(text: str) -> str:

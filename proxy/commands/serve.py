@@ -10,7 +10,7 @@ import asyncio
 import ssl
 import sys
 
-from proxy.backend.versions import DEFAULT_FLEET
+from proxy.backend.keys import DEFAULT_FLEET
 from proxy.banner import banner as serve_banner
 from proxy.commands import env
 from proxy.commands.site import TLSError, install_uvloop, run_site, tls_context

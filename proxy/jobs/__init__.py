@@ -15,8 +15,9 @@ from proxy.jobs.runtime import JOBS, Jobs, lifecycle
 __all__ = ["JOBS", "Jobs", "install_jobs"]
 
 
-def install_jobs(app: web.Application, redis_url: str | None) -> None:
+def install_jobs(app: web.Application, redis_url: str | None, fleet: str | None) -> None:
     """Mount the batch routes and run the queue and workers with the app (call before the
-    Bedrock catch-all route is added, after the app's own cleanup context)."""
+    Bedrock catch-all route is added, after the app's own cleanup context); with Redis the
+    queue is ``fleet``'s own."""
     add_routes(app)
-    app.cleanup_ctx.append(lifecycle(redis_url))
+    app.cleanup_ctx.append(lifecycle(redis_url, fleet))

@@ -75,6 +75,12 @@ def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     w = sub.add_parser("worker", help="drain batch queues without serving Bedrock calls")
     w.add_argument("--config", default=os.environ.get("SLUICE_CONFIG"))
     w.add_argument("--redis-url", default=os.environ.get("SLUICE_REDIS_URL"))
+    w.add_argument(
+        "--fleet",
+        default=os.environ.get("SLUICE_FLEET"),
+        help="with --redis-url: drain this fleet's queue under its stored policy "
+        "(SLUICE_FLEET); without it, the default fleet's queue under --config",
+    )
     w.add_argument("--upstream", default=os.environ.get("SLUICE_UPSTREAM"))
     w.add_argument("--region", default=os.environ.get("SLUICE_REGION"))
     w.add_argument("--log-level", default=os.environ.get("SLUICE_LOG_LEVEL", "INFO"))
@@ -172,7 +178,10 @@ def _worker(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 2
-    settings = Settings(upstream=args.upstream, redis_url=args.redis_url, region=args.region)
+    fleet = args.fleet if args.redis_url else None
+    settings = Settings(
+        upstream=args.upstream, redis_url=args.redis_url, region=args.region, fleet=fleet
+    )
 
     async def run() -> None:
         runner = web.AppRunner(build_app(policy, settings))

@@ -47,12 +47,12 @@ class Jobs:
 JOBS = web.AppKey("jobs", Jobs)
 
 
-def open_queue(redis_url: str | None, sqlite_path: str) -> JobQueue:
-    """Redis Streams with ``--redis-url``, else the embedded SQLite file."""
+def open_queue(redis_url: str | None, sqlite_path: str, fleet: str | None = None) -> JobQueue:
+    """Redis Streams with ``--redis-url`` (``fleet``'s own keys), else the embedded SQLite file."""
     if redis_url:
         from proxy.backend.job_queue import RedisQueue
 
-        return RedisQueue(redis_url)
+        return RedisQueue(redis_url, fleet=fleet)
     from proxy.jobs.sqlite_queue import SqliteQueue
 
     return SqliteQueue(sqlite_path)
@@ -60,6 +60,7 @@ def open_queue(redis_url: str | None, sqlite_path: str) -> JobQueue:
 
 def lifecycle(
     redis_url: str | None,
+    fleet: str | None,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context that runs after the app's own (store, upstream, adaptivity)."""
 
@@ -70,7 +71,7 @@ def lifecycle(
         ref, metrics = app[POLICY_REF], app[METRICS]
         policy = ref.current
         cfg = policy.policy.server.jobs
-        queue = open_queue(redis_url, cfg.sqlite_path)
+        queue = open_queue(redis_url, cfg.sqlite_path, fleet)
         await queue.start()
         job_metrics = JobMetrics(metrics.registry)
         worker = None

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from proxy.backend.client import FAILURES, redis_client
-from proxy.backend.versions import DEFAULT_FLEET, PolicyVersions, Version, diff, parse_text
+from proxy.backend.keys import DEFAULT_FLEET
+from proxy.backend.versions import PolicyVersions, Version, diff, parse_text
 from proxy.config import PolicyError
 from proxy.ops.fleetview import read_fleet
 from proxy.ops.reload import author

@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.backend.client import redis_client
-from proxy.backend.versions import DEFAULT_FLEET
+from proxy.backend.keys import DEFAULT_FLEET
 from proxy.errors import error_response
 from proxy.ops.fleetview import FleetBoard
 from proxy.ops.reload import RELOADER, Reloader

@@ -6,6 +6,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -148,3 +149,8 @@ def wait_until(
 def wait_succeeded(base: str, batch_id: str, at_least: int, **kw: Any) -> None:
     """Block until at least ``at_least`` records of the batch succeeded (mid-batch faults)."""
     wait_until(lambda: status(base, batch_id, **kw)["succeeded"] >= at_least, 60)
+
+
+def one_fleet() -> list[str]:
+    """``--fleet`` args that put several Sluice processes in one fleet: one batch queue."""
+    return ["--fleet", f"jobs-{uuid.uuid4().hex}"]
