@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Final
+from typing import Any, Final
 
 import msgpack
 
@@ -88,7 +88,7 @@ class RedisResponseCache:
         # redis-py 8.1's async cluster client breaks ("'NoneType' object has no attribute
         # 'writelines'") when several commands race its lazy initialisation; do it once.
         self._ready = not isinstance(client, RedisCluster)
-        self._init_lock = asyncio.Lock()
+        self._init: asyncio.Task[Any] | None = None
         self._last_log = -_LOG_EVERY_S
         self._unlogged = 0
 
@@ -98,7 +98,13 @@ class RedisResponseCache:
         self._queue.append((key, future))
         if self._drainer is None:
             self._drainer = asyncio.create_task(self._drain(), name="sluice-cache-mget")
-        raw = await future
+        # Bounded here too, whatever the drainer's Redis calls do: a lookup on the request
+        # path is a miss after one initialisation and one lookup's time, never a hang.
+        done, _ = await asyncio.wait({future}, timeout=self._timeout + _INIT_TIMEOUT_S)
+        if not done:
+            self._get_failed(key, TimeoutError("cache lookup did not finish in time"))
+            return None
+        raw = future.result()
         if raw is None:
             return None
         try:
@@ -124,6 +130,8 @@ class RedisResponseCache:
         """Answer queued lookups as misses, then close the client's connections."""
         if self._drainer is not None:
             await stop_tasks([self._drainer], "cache drainer")
+        if self._init is not None:
+            await stop_tasks([self._init], "cache cluster initialisation")
         # A drainer cancelled before it first ran never reaches its ``finally``.
         self._drainer = None
         _as_misses(self._queue)
@@ -170,15 +178,27 @@ class RedisResponseCache:
     async def _ensure_ready(self) -> None:
         # A cluster client reads the slot map and connects to every master first: bounded
         # like a connect, not like one lookup (0.25 s lost it on a loaded machine, and every
-        # lookup then started it again).
-        # The wait for the lock is bounded too: a call queued behind another's attempt must
-        # not wait out every attempt ahead of it in turn.
+        # lookup then started it again). One attempt at a time, shared by every caller, each
+        # waiting for it at most the bound. The bound does not rely on cancellation: redis-py
+        # 8.2 once swallowed the cancel of asyncio.timeout inside initialize() (a lookup took
+        # 7.3 s), so an attempt past the bound is abandoned (cancelled, not awaited) instead.
         if self._ready:
             return
-        async with asyncio.timeout(max(self._timeout, _INIT_TIMEOUT_S)), self._init_lock:
-            if not self._ready and isinstance(self._client, RedisCluster):
-                await self._client.initialize()
-            self._ready = True
+        attempt = self._init
+        if attempt is None or attempt.done():
+            attempt = self._init = asyncio.create_task(
+                self._client.initialize(), name="sluice-cache-init"
+            )
+            attempt.add_done_callback(_retrieved)
+        bound = max(self._timeout, _INIT_TIMEOUT_S)
+        done, _ = await asyncio.wait({attempt}, timeout=bound)
+        if not done:
+            if self._init is attempt:
+                self._init = None
+                attempt.cancel()
+            raise TimeoutError(f"cluster initialisation took over {bound:g} s")
+        attempt.result()  # its failure is this call's failure; the next call tries again
+        self._ready = True
 
     def _get_failed(self, key: str, exc: BaseException) -> None:
         self._get_errors.inc()
@@ -227,3 +247,10 @@ def open_cache(
     return RedisResponseCache(
         redis_client(redis_url, timeout_s), metrics=metrics, timeout_s=timeout_s
     )
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """Read an abandoned attempt's failure (it is the next attempt's to report), so asyncio
+    does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
