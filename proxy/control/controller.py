@@ -30,6 +30,7 @@ from proxy.control.breaker import (
     next_state_cut,
 )
 from proxy.control.fleet import FleetStats, FleetUnavailable, PoolControl, PoolTick
+from proxy.control.hold import HOLD_TICKS, PriorityHold, poll_until
 from proxy.control.law import (
     LEARN_INTERVALS,
     IntervalStats,
@@ -37,6 +38,7 @@ from proxy.control.law import (
     bounds,
     cut,
     for_concurrency,
+    interval_stats,
     next_limit,
     start_limit,
     underutilised,
@@ -110,6 +112,7 @@ class Adaptivity:
             timeout_s=timeout_s,
         )
         self.breakers = BreakerBoard()
+        self.hold = PriorityHold(HOLD_TICKS * tick_s)
         self.metrics = AdaptivityMetrics(registry or CollectorRegistry())
         self._limits: dict[str, int] = {}
         self._learned = LearnedQuota()
@@ -132,6 +135,9 @@ class Adaptivity:
         self._rules = {n: w.pause for n, w in pol.workloads.items() if w.pause}
         self._targets = {n: c.target_p99_ms for n, c in pol.priorities.items()}
         self._pools = list(pol.models)
+        self._shedding = set(self._adaptive) | set(self._breakers)
+        self._ranks = dict(policy.ranks)
+        self._by_rank = {rank: name for name, rank in policy.ranks.items()}
 
     # --- request path --------------------------------------------------------------------
 
@@ -141,6 +147,8 @@ class Adaptivity:
         """Count one finished upstream call (throttled: Bedrock 429; server_error: 5xx)."""
         self.fleet.observe(pool, priority, latency_ms, throttled, server_error)
         self.breakers.outcome(pool, throttled or server_error)
+        if throttled and pool in self._shedding and priority in self._ranks:
+            self.hold.throttled(pool, self._ranks[priority])
 
     def refused(self, pool: str, priority: str, refusal: BedrockError) -> None:
         """Count a refusal as demand if more pool concurrency would have admitted the call
@@ -170,13 +178,17 @@ class Adaptivity:
 
     async def await_headroom(self, pool: str, wait_s: float) -> bool:
         """:meth:`retry_headroom`, waiting up to ``wait_s`` for it (checked once per tick)."""
-        deadline = time.monotonic() + wait_s
-        while not self.retry_headroom(pool):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            await asyncio.sleep(min(left, self._tick_s))
-        return True
+        return await poll_until(lambda: self.retry_headroom(pool), wait_s, self._tick_s)
+
+    def held_by(self, pool: str, priority: str) -> str | None:
+        """The class whose Bedrock throttles hold ``priority`` back on ``pool`` (or None)."""
+        rank = self._ranks.get(priority)
+        held = None if rank is None else self.hold.holder(pool, rank)
+        return None if held is None else self._by_rank[held]
+
+    async def await_release(self, pool: str, priority: str, wait_s: float) -> bool:
+        """Wait up to ``wait_s`` for the hold on ``priority`` to end (checked each tick)."""
+        return await poll_until(lambda: not self.held_by(pool, priority), wait_s, self._tick_s)
 
     def paused(self, workload: str) -> bool:
         """True while ``workload`` is paused for a real-time class (incident 4)."""
@@ -248,7 +260,10 @@ class Adaptivity:
             return
         self._last_ok = time.monotonic()
         self.breakers.fresh = True
+        self.hold.prune()
         for pool, t in ticks.items():
+            if pool in self._shedding:
+                self.hold.hear(pool, t.window(self._tick_s), self._ranks)
             if pool in self._breakers:
                 await self._step_breaker(pool, t)
             if pool in self._adaptive:
@@ -342,25 +357,7 @@ class Adaptivity:
     def _interval_stats(self, pool: str, t: PoolTick) -> IntervalStats:
         """The fleet's outcomes for ``pool`` over its interval, as the control law reads them."""
         interval = self._adaptive[pool].interval_seconds
-        # Only outcomes under the limit in force count: throttles of calls admitted before a
-        # cut (and refusals before a raise) would move it again for what it already fixed.
-        since = self._changed_ms.get(pool)
-        w = t.window(interval, since_ms=since)
-        # Demand over one tick more: a leader change can skip a tick (throttles seen twice
-        # would cut twice, refusals seen twice only confirm the demand).
-        wide = t.window(interval + self._tick_s, since_ms=since)
-        total = w.total
-        return IntervalStats(
-            total.requests,
-            total.throttles,
-            total.p99_ms,
-            wide.peak_in_flight,
-            wide.total.demand,
-            float(total.busy_ms),
-            float(w.span_ms),
-            w.throttled_peak,
-            total.requests - total.failures,
-        )
+        return interval_stats(t, interval, self._changed_ms.get(pool), self._tick_s)
 
     async def _lead(self, pool: str, t: PoolTick, new: int | None, reason: str) -> None:
         """This instance leads the interval: write the limit the law chose (or the first)."""

@@ -30,6 +30,7 @@ from typing import Final
 
 from proxy.config import Adaptive
 from proxy.control.breaker import CLOSED, OPEN
+from proxy.control.window import PoolTick
 
 #: The pool counts as using its limit when its sampled peak in-flight reached this share.
 BUSY_FRACTION: Final = 0.8
@@ -293,3 +294,27 @@ def underutilised(
         stuck = next_value is not None and next_value <= limit
         return stats.demand > 0 and stuck and not at_quota
     return stats.requests > 0 and stats.p99_ms is not None and stats.p99_ms < cfg.target_p99_ms / 2
+
+
+def interval_stats(
+    t: PoolTick, interval_s: float, since: int | None, tick_s: float
+) -> IntervalStats:
+    """A pool's fleet outcomes over its interval (after the last limit change, ``since``)."""
+    # Only outcomes under the limit in force count: throttles of calls admitted before a
+    # cut (and refusals before a raise) would move it again for what it already fixed.
+    w = t.window(interval_s, since_ms=since)
+    # Demand over one tick more: a leader change can skip a tick (throttles seen twice
+    # would cut twice, refusals seen twice only confirm the demand).
+    wide = t.window(interval_s + tick_s, since_ms=since)
+    total = w.total
+    return IntervalStats(
+        total.requests,
+        total.throttles,
+        total.p99_ms,
+        wide.peak_in_flight,
+        wide.total.demand,
+        float(total.busy_ms),
+        float(w.span_ms),
+        w.throttled_peak,
+        total.requests - total.failures,
+    )

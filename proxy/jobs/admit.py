@@ -24,6 +24,8 @@ from proxy.pipeline.tiers import TierTable
 from proxy.policy import CompiledPolicy, PolicyRef, PoolInfo, WorkloadInfo
 
 log = logging.getLogger("sluice.jobs")
+#: How often a priority hold is looked at again (it ends within ticks of the last throttle).
+HOLD_RECHECK_S = 0.5
 #: How often a paused workload or an open breaker is looked at again.
 RECHECK_S = 1.0
 #: Longest a worker sleeps on one refusal (a schedule window may last hours).
@@ -85,8 +87,12 @@ class RecordAdmission:
         if cap is not None and cap.concurrency == 0:
             wait_s = min(cap.seconds_left, MAX_WAIT_S)
             return self._held_back(workload, "-", "schedule", wait_s), None
-        if self.adaptivity is not None and not self.adaptivity.breaker_allows(pool.name):
+        a = self.adaptivity
+        if a is not None and not a.breaker_allows(pool.name):
             return self._held_back(workload, pool.name, "breaker", RECHECK_S), None
+        if a is not None and a.held_by(pool.name, workload.priority) is not None:
+            # A higher class is being throttled here: records wait in the queue meanwhile.
+            return self._held_back(workload, pool.name, "priority_hold", HOLD_RECHECK_S), None
         return 0.0, cap.concurrency if cap is not None else None
 
     def _held_back(self, workload: WorkloadInfo, pool: str, why: str, wait_s: float) -> float:

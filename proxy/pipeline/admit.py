@@ -23,6 +23,7 @@ from proxy.pipeline.cache import ResponseCache
 from proxy.pipeline.call import ADMITTED, Admitted, Call, Degraded, Refused
 from proxy.pipeline.degrade import DegradeAsk, Degrader, Downgrade
 from proxy.pipeline.forward import UPSTREAM_RETRY_AFTER_MS
+from proxy.pipeline.hold import Held, hold_back
 from proxy.pipeline.identify import Caller
 from proxy.pipeline.schedule import cap_at, describe_next_change
 from proxy.pipeline.tier_quota import TierQuotas, on_pool_quota
@@ -56,7 +57,7 @@ class Admission:
         try:  # (one coroutine, not a wrapper around another: a frame less per request)
             policy = call.policy
             pool = call.pool = policy.resolve_pool(route.model_id)
-            workload, a = caller.workload, self.adaptivity
+            workload = caller.workload
             wl_cfg = policy.policy.workloads[workload.name]
             cap = self._cap(policy, workload, pool)
             if isinstance(cap, BedrockError):
@@ -66,11 +67,13 @@ class Admission:
             tier = None if choice is None else choice.tier
             plan = policy.plan(workload, pool, caller.priority, cap, tier)
             unmetered = policy.unmetered(plan)
-            # Asked once per request: in half-open state a True is a probe slot taken.
-            breaker_open = a is not None and not a.breaker_allows(pool.name)
+            blocked, held, wait_ms = self._blocked(policy, pool, caller)
+            if held is not None:  # a class without a chain waits for the hold to end
+                chain, m = bool(wl_cfg.degrade), self.metrics
+                blocked, wait_ms = await hold_back(held, pool, caller, wait_ms, chain, m)
             if (
                 unmetered
-                and not breaker_open
+                and blocked is None
                 and wl_cfg.input_budget is None
                 and policy.policy.server.upstream_timeout is None
             ):
@@ -78,26 +81,40 @@ class Admission:
                 parse_body(call.body)
                 return ADMITTED
             est = self._estimate(call, route, workload)
-            if breaker_open:
-                refused = self._breaker_open(policy, pool)
+            if blocked is not None:
+                refused = blocked
                 if not wl_cfg.degrade:
                     return Refused(refused)
             elif unmetered:
                 return ADMITTED
             else:
-                got = await self._take(call, caller, pool, plan, est)
+                got = await self._take(call, caller, pool, plan, est, wait_ms)
                 if got is None:
                     return ADMITTED
                 self._demand(call, got)
                 if got.status != 429 or not wl_cfg.degrade:
                     return Refused(got)
                 refused = got
-            ask = DegradeAsk(
-                policy, route, caller, pool, est, call.usage.input_tokens, call.body, cap
-            )
+            tokens = call.usage.input_tokens
+            ask = DegradeAsk(policy, route, caller, pool, est, tokens, call.body, cap)
             return self._degraded(call, await self.degrader.degrade(ask), refused)
         except BedrockError as exc:  # unknown model, malformed body, input budget
             return Refused(exc)
+
+    def _blocked(
+        self, policy: CompiledPolicy, pool: PoolInfo, caller: Caller
+    ) -> tuple[BedrockError | None, Held | None, int]:
+        """The open breaker's refusal, or the priority hold on the caller's class; and the
+        wait the caller allows for a grant."""
+        wait_ms = policy.policy.workloads[caller.workload.name].max_wait_ms
+        a = self.adaptivity
+        if a is None:
+            return None, None, wait_ms
+        # Asked once per request: in half-open state a True is a probe slot taken.
+        if not a.breaker_allows(pool.name):
+            return self._breaker_open(policy, pool), None, wait_ms
+        holder = a.held_by(pool.name, caller.priority)
+        return None, (None if holder is None else Held(a, holder)), wait_ms
 
     async def _take(
         self,
@@ -143,6 +160,15 @@ class Admission:
             est = estimate(route.operation, call.body)
         except BedrockError as exc:
             return exc
+        a = self.adaptivity
+        holder = None if a is None else a.held_by(pool.name, caller.priority)
+        if a is not None and holder is not None:
+            held = Held(a, holder)
+            blocked, max_wait_ms = await hold_back(
+                held, pool, caller, max_wait_ms, False, self.metrics
+            )
+            if blocked is not None:
+                return blocked
         plan = self.tiers.plan(call, pool, cap, call.tier)
         # The first grant paid the call's request, and its tokens settle when it ends: ask
         # for a slot only, so a retry never costs the caller's requests/min twice.
