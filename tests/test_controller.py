@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -524,3 +525,24 @@ async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
+
+
+def test_probing_above_an_old_quota_steps_only_on_levels_calls_filled() -> None:
+    # Known quota 5 (stale), refused demand everywhere: a class share keeps the calls in
+    # flight at 5, so nothing above 5 was ever served. Growing on anyway left the limit at
+    # 13 against a cut quota of 5 (sweep seed 1); it holds until calls fill the level.
+    refused_only = IntervalStats(100, 0, 600.0, 5, 40, 5 * SPAN_MS, SPAN_MS)
+    assert next_limit(5, refused_only, INCIDENT3, 80, known=5)[0] == 6  # the first slot
+    limit, reason = next_limit(7, refused_only, INCIDENT3, 80, known=5)
+    assert limit == 7 and "until calls fill it" in reason
+    # Calls filled 7 without a throttle: evidence of a raise, so probing goes on.
+    assert next_limit(7, busy(7, demand=40), INCIDENT3, 80, known=5)[0] == 8
+    # Any interval: above the old quota the limit grows only on a level calls filled.
+    rng = random.Random(5)
+    for _ in range(300):
+        current, known = rng.randint(6, 60), rng.randint(4, 30)
+        peak = rng.randint(0, current)
+        stats = IntervalStats(100, 0, 600.0, peak, rng.randint(0, 50), peak * SPAN_MS, SPAN_MS)
+        new, _ = next_limit(current, stats, INCIDENT3, 80, known=known)
+        if current > known and new > current:
+            assert peak >= math.ceil(0.8 * current)

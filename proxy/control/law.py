@@ -8,8 +8,9 @@ under target and Bedrock does not throttle, the limit grows:
 * **slow start** (doubling) until Bedrock throttles for the first time or the ceiling;
 * **additive** (``increase``) up to a quota learned from Bedrock's answers;
 * **probing** above a quota learned earlier but no longer fresh: one slot, then half as
-  far again above the old quota each interval, so a raised quota is found in a few
-  intervals while a quota that did not move costs one small overshoot.
+  far again above the old quota each interval in which calls filled the limit without a
+  throttle (refused demand alone proves nothing above a quota), so a raised quota is
+  found in a few intervals while a quota that did not move costs one small overshoot.
 
 A throttled interval cuts the limit by ``decrease``, and further when Bedrock's answers
 say its quota is lower (:func:`cut`) -- by at most half in one step. The learned quota
@@ -194,8 +195,20 @@ def next_limit(
     # interval of throttles (and an excess slot churns: every caller it admits is refused).
     if known is not None and current < known:  # additive back up to the old quota first
         return min(ceiling, current + cfg.increase, known), f"additive toward {known}: {why}"
+    if known is not None and current > known and not _filled(stats, current):
+        # Refused demand alone (a class share, say) proves nothing above the old quota:
+        # only calls Bedrock served at this level without a throttle do. Growing on
+        # without them left the limit at 2.6x a cut quota, thrown at Bedrock at once
+        # when demand rose (sweep seed 1).
+        peak = stats.peak_in_flight
+        return current, f"probing above {known}: holding at {current} until calls fill it ({peak})"
     step = cfg.increase if known is None else max(1, (current - known) // 2)
     return min(ceiling, current + step), f"probing above {known}: {why}"
+
+
+def _filled(stats: IntervalStats, current: int) -> bool:
+    """Did the calls in flight reach (about) ``current``, Bedrock throttling none?"""
+    return stats.peak_in_flight >= math.ceil(BUSY_FRACTION * current)
 
 
 def _probe_cap(known: int | None, breaker: int) -> int | None:
