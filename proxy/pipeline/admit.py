@@ -65,7 +65,7 @@ class Admission:
             choice = call.tier = self.tiers.choose(call, pool)
             tier = None if choice is None else choice.tier
             plan = policy.plan(workload, pool, caller.priority, cap, tier)
-            unmetered = policy.unmetered(plan)
+            unmetered = plan.unmetered  # (fixed when the plan is built: no call)
             # Asked once per request: in half-open state a True is a probe slot taken.
             breaker_open = a is not None and not a.breaker_allows(pool.name)
             if (
