@@ -39,7 +39,7 @@ from proxy.credentials import (
     static,
 )
 from proxy.signing import Credentials, SigV4Signer, canonical_uri
-from proxy.upstream import forwarded
+from proxy.upstream import forwarded, returnable
 from proxy.verification import VerifyResult, parse_authorization, verify
 
 AKID, SECRET = "AKIDSLUICETEST000001", "s3cr3t/SLUICE+test/key0000000000000000000"
@@ -232,6 +232,30 @@ def test_upstream_signs_exactly_the_headers_it_forwards() -> None:
         "User-Agent": "u",
         "X-Amzn-Bedrock-Trace": "ENABLED",
     }
+
+
+def test_upstream_answers_lose_only_their_hop_by_hop_headers() -> None:
+    got = CIMultiDict(
+        [
+            ("Content-Type", "application/json"),
+            ("Date", "d"),
+            ("x-amzn-RequestId", "r"),
+            ("Set-Cookie", "a"),
+            ("connection", "keep-alive"),
+            ("Set-Cookie", "b"),
+            ("SERVER", "s"),
+            ("Content-Length", "2"),
+        ]
+    )
+    for _ in range(2):  # worked out, then from the cache
+        kept = returnable(CIMultiDictProxy(got))
+        assert list(kept.items()) == [
+            ("Content-Type", "application/json"),
+            ("x-amzn-RequestId", "r"),
+            ("Set-Cookie", "a"),
+            ("Set-Cookie", "b"),
+        ]
+    assert list(returnable(CIMultiDictProxy(CIMultiDict(a="1"))).items()) == [("a", "1")]
 
 
 def test_sign_encodes_percent_encoded_model_id_again() -> None:
