@@ -300,6 +300,25 @@ async def test_oversized_body_names_the_limit(simulator: Simulator, make_sluice:
     _assert_error(*got, 413, "ValidationException", "at most 1000 bytes (server.max_body_bytes)")
 
 
+async def test_oversized_chunked_body_is_refused_as_it_arrives(
+    simulator: Simulator, make_sluice: Any
+) -> None:
+    # No Content-Length: the size is known once read (aiohttp's own cap is the limit + 1).
+    policy = {"server": {"max_body_bytes": 1000}, "identity": {"default_workload": "w"}}
+    p = make_sluice(upstream=simulator.url, policy={**policy, "workloads": {"w": {}}})
+    for size, words in ((1001, "is 1001 bytes"), (5000, "is larger than that")):
+
+        async def chunks(n: int = size) -> Any:
+            yield b"x" * n
+
+        async with aiohttp.ClientSession() as session:
+            url = f"{p.url}/model/{HAIKU}/invoke"
+            json_type = {"Content-Type": "application/json"}
+            async with session.post(url, data=chunks(), headers=json_type) as resp:
+                got = resp.status, dict(resp.headers), await resp.json()
+        _assert_error(*got, 413, "ValidationException", words)
+
+
 async def test_unknown_route_is_a_bedrock_error_not_html(proxy: Sluice) -> None:
     got = await _post(proxy.url, "/no/such/thing", b"{}")
     _assert_error(*got, 404, "UnknownOperationException", "/no/such/thing")
