@@ -8,10 +8,12 @@ header except the hop-by-hop ones.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Final
+from collections.abc import Iterable, Mapping
+from typing import ClassVar, Final
 
 import aiohttp
+from aiohttp import hdrs
+from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -127,6 +129,7 @@ class Upstream:
             timeout=self._timeout,
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            request_class=_UpstreamRequest,
         )
 
     async def close(self) -> None:
@@ -231,3 +234,31 @@ class Upstream:
             f"the upstream {self.base_url} failed: {type(exc).__name__}: {exc}",
             status=503,
         )
+
+
+class _UpstreamRequest(aiohttp.ClientRequest):
+    """aiohttp's client request, with the session's skip list turned into a CIMultiDict once.
+
+    ``ClientRequest.update_auto_headers`` sorts the list into a new CIMultiDict and copies the
+    request's headers to check them against it, every request; the list is the session's and
+    never changes, so this does that once and adds the same defaults (the same headers go on
+    the wire: tests/test_passthrough.py::test_upstream_gets_no_header_the_client_did_not_send).
+    """
+
+    _skip_source: ClassVar[object] = None
+    _skip_made: ClassVar[CIMultiDict[None] | None] = None
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        cls = _UpstreamRequest
+        if skip_auto_headers is None or skip_auto_headers is not cls._skip_source:
+            super().update_auto_headers(skip_auto_headers)
+            cls._skip_source, cls._skip_made = skip_auto_headers, self._skip_auto_headers
+            return
+        skipped = self._skip_auto_headers = cls._skip_made
+        assert skipped is not None
+        headers = self.headers
+        for name, value in self.DEFAULT_HEADERS.items():
+            if name not in headers and name not in skipped:
+                headers[name] = value
+        if hdrs.USER_AGENT not in headers and hdrs.USER_AGENT not in skipped:
+            headers[hdrs.USER_AGENT] = SERVER_SOFTWARE

@@ -280,6 +280,24 @@ async def test_missing_content_type_means_json_as_on_bedrock(proxy: Sluice) -> N
     assert status == 200 and doc["type"] == "message"
 
 
+async def test_upstream_gets_no_header_the_client_did_not_send(
+    proxy: Sluice, sim: Simulator
+) -> None:
+    # aiohttp would add a User-Agent, an Accept-Encoding and a Content-Type of its own:
+    # Bedrock sees only what the client sent, re-signed (plus aiohttp's Accept: */*).
+    body = anthropic_body("x")
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"POST /model/{HAIKU}/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    writer.write(head.encode() + body)
+    status = await reader.readline()
+    writer.close()
+    assert b" 200 " in status
+    seen = sim.stats()["requests"][-1]["headers"]
+    assert sorted(seen) == ["accept", "authorization", "content-length", "host", "x-amz-date"]
+    assert seen["accept"] == "*/*"
+
+
 async def test_non_json_content_type_is_a_validation_error(proxy: Sluice) -> None:
     got = await _post(
         proxy.url, f"/model/{HAIKU}/invoke", b"hello", headers={"Content-Type": "text/plain"}
