@@ -202,6 +202,30 @@ def test_snapshot_reads_the_registry_as_collect_would() -> None:
                                         "sluice_dlq_records"}  # fmt: skip
 
 
+def test_request_path_metric_updates_equal_prometheus_own() -> None:
+    # Children.inc / observe skip prometheus_client's per-call wrappers: same exposition.
+    from prometheus_client import generate_latest
+
+    from proxy.metrics import Metrics
+
+    ours, theirs = Metrics(), Metrics()
+    for n, seconds in ((3, 0.004), (0, 0.1), (7, 0.1), (2, 75.0), (1, float("nan"))):
+        ours.tokens_of.inc(("w", "haiku", "input"), n)
+        theirs.tokens_of("w", "haiku", "input").inc(n)
+        ours.requests_of.inc(("InvokeModel", "haiku", "w", "200", "-"))
+        theirs.requests_of("InvokeModel", "haiku", "w", "200", "-").inc()
+        ours.latency_of.observe(("haiku", "InvokeModel"), seconds)
+        theirs.latency_of("haiku", "InvokeModel").observe(seconds)
+    with pytest.raises(ValueError, match="non-negative"):
+        ours.tokens_of.inc(("w", "haiku", "input"), -1)
+
+    def exposition(m: Metrics) -> list[str]:
+        text = generate_latest(m.registry).decode()
+        return [line for line in text.splitlines() if "_created" not in line]
+
+    assert exposition(ours) == exposition(theirs)
+
+
 def test_status_watch_redraws_until_interrupted(fleet: Fleet) -> None:
     import signal
     import subprocess

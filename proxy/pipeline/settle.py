@@ -97,16 +97,16 @@ class Settler:
         workload = call.caller.workload.name if call.caller else "-"
         operation = route.operation if route else "-"
         metrics = self.metrics
-        metrics.requests_of(
-            operation, pool, workload, str(call.status), call.served_tier or "-"
-        ).inc()
+        metrics.requests_of.inc(
+            (operation, pool, workload, str(call.status), call.served_tier or "-")
+        )
         if pool in call.policy.priced:  # (no call made for a pool without prices)
             charge(metrics, call, workload, pool)
         if call.usage.known:
-            metrics.tokens_of(workload, pool, "input").inc(call.usage.input_tokens)
-            metrics.tokens_of(workload, pool, "output").inc(call.usage.output_tokens)
+            metrics.tokens_of.inc((workload, pool, "input"), call.usage.input_tokens)
+            metrics.tokens_of.inc((workload, pool, "output"), call.usage.output_tokens)
         if call.upstream_status is not None and route is not None:
-            metrics.latency_of(pool, operation).observe(call.upstream_s)
+            metrics.latency_of.observe((pool, operation), call.upstream_s)
         if self.access_log.enabled:
             self.access_log.write(self._line(call, operation, pool, workload))
 
