@@ -6,6 +6,7 @@ process — tests, the embedded simulator — never share counters.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
@@ -38,11 +39,13 @@ class Children:
     lock-free (:class:`_LoopValue`): use them from the event loop only.
     """
 
-    __slots__ = ("_cache", "_metric")
+    __slots__ = ("_cache", "_hists", "_metric", "_values")
 
     def __init__(self, metric: Any) -> None:
         self._metric = metric
         self._cache: dict[tuple[str, ...], Any] = {}
+        self._values: dict[tuple[str, ...], Any] = {}
+        self._hists: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
 
     def __call__(self, *labels: str) -> Any:
         child = self._cache.get(labels)
@@ -54,6 +57,31 @@ class Children:
             finally:
                 values.ValueClass = saved
         return child
+
+    # The request path's own updates: one call each, where ``self(*labels).inc(n)`` is three
+    # (Children, Counter.inc and its value's inc) and an observe four, and no per-call
+    # checks a child of ours never needs (observable, exemplars). Same values as those.
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        """``self(*labels).inc(amount)`` of a Counter."""
+        value = self._values.get(labels)
+        if value is None:
+            value = self._values[labels] = self(*labels)._value
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        value._value += amount
+
+    def observe(self, labels: tuple[str, ...], amount: float) -> None:
+        """``self(*labels).observe(amount)`` of a Histogram."""
+        hist = self._hists.get(labels)
+        if hist is None:
+            child = self(*labels)
+            hist = self._hists[labels] = (child._upper_bounds, child._buckets, child._sum)
+        bounds, buckets, total = hist
+        total._value += amount
+        i = bisect_left(bounds, amount)  # the first bound >= amount (the last is +Inf)
+        if amount <= bounds[i]:  # (False only for NaN, which no bucket counts)
+            buckets[i]._value += 1
 
 
 class Metrics:

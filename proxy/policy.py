@@ -267,14 +267,7 @@ class CompiledPolicy:
 
     def unmetered(self, plan: AdmitPlan) -> bool:
         """True when no limit applies, so admission can skip the store entirely."""
-        return (
-            plan.pool_requests is None
-            and plan.pool_tokens is None
-            and plan.pool_concurrency is None
-            and plan.workload_requests is None
-            and plan.workload_tokens is None
-            and plan.workload_concurrency is None
-        )
+        return plan.unmetered
 
 
 class PolicyRef:

@@ -53,7 +53,7 @@ _HOP_BY_HOP = frozenset(
 # sign() owns these: host comes from its own argument, the rest are (re)generated like
 # botocore's _modify_request_before_signing.  ``date`` is dropped because botocore would switch
 # to Date-based signing if it were present; the caller must not forward a client's Date.
-_NOT_SIGNED = _HOP_BY_HOP | {"host", "authorization", "x-amz-date", "x-amz-security-token", "date"}
+NOT_SIGNED = _HOP_BY_HOP | {"host", "authorization", "x-amz-date", "x-amz-security-token", "date"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,20 +197,34 @@ class SigV4Signer:
         Authorization, X-Amz-Date, X-Amz-Security-Token and Date in ``headers`` are ignored
         (replaced, as botocore does); don't send them alongside the returned headers.
         """
-        if amz_date is None:
-            amz_date = self._now()
         items = []
         for key, value in headers.items():
             name = key.lower()
-            if name not in _NOT_SIGNED:
+            if name not in NOT_SIGNED:
                 items.append((name, value))
-        items.append(("host", host))
-        items.append(("x-amz-date", amz_date))
+        return self.sign_items(method, host, raw_path, query, items, body, creds, amz_date)
+
+    def sign_items(
+        self,
+        method: str,
+        host: str,
+        raw_path: str,
+        query: str,
+        items: list[tuple[str, str]],
+        body: bytes,
+        creds: Credentials,
+        amz_date: str | None = None,
+    ) -> dict[str, str]:
+        """:meth:`sign` for headers already as ``(lowercase name, value)`` pairs, none of them
+        in :data:`NOT_SIGNED` (the upstream path lower-cases each name once, for both its
+        allow-list and this)."""
+        if amz_date is None:
+            amz_date = self._now()
         token = creds.session_token
-        if token:
-            items.append(("x-amz-security-token", token))
-        canonical, signed = _canonical_headers(items)
-        cr = canonical_request(method, raw_path, query, canonical, signed, body)
+        key = tuple(items)
+        template = _header_template if len(key) <= _TEMPLATE_ITEMS else _build_template
+        head, tail, signed = template(key, host, token)
+        cr = canonical_request(method, raw_path, query, head + amz_date + tail, signed, body)
         scope = amz_date[:8] + self._scope_tail
         sig = signature(creds.secret_access_key, amz_date, scope, self._region, self._service, cr)
         out = {
@@ -225,8 +239,34 @@ class SigV4Signer:
         return out
 
 
-def _canonical_headers(items: list[tuple[str, str]]) -> tuple[str, str]:
-    """SigV4's canonical header block and signed-header list of ``(lowercase name, value)``."""
+def _build_template(
+    items: tuple[tuple[str, str], ...], host: str, token: str | None
+) -> tuple[str, str, str]:
+    """The canonical header block around the X-Amz-Date value, and the signed-header list.
+
+    Cached: a client sends the same signed headers (content-type, accept) call after call,
+    and only the date changes, so the sort and trim run once per distinct header set.
+    ``x-amz-date`` is always present exactly once (sign() owns it), so its line is one
+    ``head`` ending in ``x-amz-date:`` and the ``tail`` after it.
+    """
+    full = [*items, ("host", host), ("x-amz-date", "")]
+    if token:
+        full.append(("x-amz-security-token", token))
+    lines, names = _header_lines(full)
+    at = names.index("x-amz-date") + 1
+    head = "\n".join(lines[:at])
+    tail = "".join("\n" + line for line in lines[at:])
+    return head, tail, ";".join(names)
+
+
+#: Header sets of at most this many signed headers are cached (a client's usual few), which
+#: bounds what the cache can hold when clients send large values: 64 x 6 header lines.
+_TEMPLATE_ITEMS = 6
+_header_template = functools.lru_cache(maxsize=64)(_build_template)
+
+
+def _header_lines(items: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """The canonical header lines (``name:value``, sorted) and their distinct names."""
     # Stable sort keeps repeated names in send order, as botocore's get_all() does.
     items.sort(key=_first)
     lines: list[str] = []
@@ -238,7 +278,7 @@ def _canonical_headers(items: list[tuple[str, str]]) -> tuple[str, str]:
         else:
             names.append(name)
             lines.append(f"{name}:{value}")
-    return "\n".join(lines), ";".join(names)
+    return lines, names
 
 
 def _first(item: tuple[str, str]) -> str:

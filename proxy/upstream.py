@@ -8,16 +8,18 @@ header except the hop-by-hop ones.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Final
+from collections.abc import Iterable, Mapping
+from typing import ClassVar, Final
 
 import aiohttp
+from aiohttp import hdrs
+from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.credentials import CredentialSource
 from proxy.errors import BedrockError
-from proxy.signing import SigV4Signer
+from proxy.signing import NOT_SIGNED, SigV4Signer
 
 _FORWARD_EXACT: Final = frozenset({"content-type", "accept", "accept-encoding", "user-agent"})
 _FORWARD_PREFIX: Final = "x-amzn-bedrock-"
@@ -46,22 +48,46 @@ def bedrock_url(region: str) -> str:
     return f"https://bedrock-runtime.{region}.amazonaws.com"
 
 
-def forwardable(headers: Mapping[str, str]) -> dict[str, str]:
-    """The request headers Bedrock needs, and nothing that identifies the client to it."""
+#: Each request header name seen (as sent) → its lower-case form when it goes upstream, ""
+#: when it does not; and whether it is signed. Clients send the same few names every call,
+#: so each is lower-cased and checked once; bounded (:data:`_NAMES_MAX`) against junk names.
+_names: dict[str, tuple[str, bool]] = {}
+_NAMES_MAX: Final = 1024
+
+
+def _forward_name(name: str) -> tuple[str, bool]:
+    lower = name.lower()
+    forward = lower in _FORWARD_EXACT or lower.startswith(_FORWARD_PREFIX)
+    entry = (lower, lower not in NOT_SIGNED) if forward else ("", False)
+    if len(_names) < _NAMES_MAX:
+        _names[name] = entry
+    return entry
+
+
+def forwarded(headers: Mapping[str, str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """The request headers Bedrock needs, and nothing that identifies the client to it; with
+    those of them SigV4 signs as ``(lowercase name, value)`` (:meth:`SigV4Signer.sign_items`)."""
     out: dict[str, str] = {}
+    signed: list[tuple[str, str]] = []
+    names, kept = _names, 0
     for name, value in headers.items():
-        lower = name.lower()
-        if lower in _FORWARD_EXACT or lower.startswith(_FORWARD_PREFIX):
+        lower, signs = names.get(name) or _forward_name(name)
+        if lower:
             out[name] = value
-    return out
+            kept += 1
+            if signs:
+                signed.append((lower, value))
+    if kept != len(out):  # a name sent twice: only its last value goes, so only that is signed
+        signed = [(n.lower(), v) for n, v in out.items() if n.lower() not in NOT_SIGNED]
+    return out, signed
 
 
 def returnable(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Upstream response headers minus the hop-by-hop ones."""
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name.lower() not in _DROP_RESPONSE:
-            out.add(name, value)
+    # A copy and ten deletions run in C: cheaper than a Python loop over every header.
+    out = CIMultiDict(headers)
+    for name in _DROP_RESPONSE:
+        out.popall(name, None)
     return out
 
 
@@ -103,6 +129,7 @@ class Upstream:
             timeout=self._timeout,
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            request_class=_UpstreamRequest,
         )
 
     async def close(self) -> None:
@@ -135,15 +162,16 @@ class Upstream:
             return False
 
     def _signed_headers(
-        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+        self, method: str, path: str, query: str, client_headers: Mapping[str, str], body: bytes
     ) -> dict[str, str]:
+        headers, signed = forwarded(client_headers)
         if self._bearer is not None:
             headers["Authorization"] = self._bearer
             return headers
         assert self._credentials is not None
         headers.update(
-            self._signer.sign(
-                method, self.host, path, query, headers, body, self._credentials.current()
+            self._signer.sign_items(
+                method, self.host, path, query, signed, body, self._credentials.current()
             )
         )
         return headers
@@ -164,7 +192,7 @@ class Upstream:
         caller answers in Bedrock's shape and boto3 retries it.
         """
         assert self._session is not None, "Upstream.start() was not awaited"
-        headers = self._signed_headers(method, path, query, forwardable(client_headers), body)
+        headers = self._signed_headers(method, path, query, client_headers, body)
         headers["Host"] = self.host
         target = self.base_url + path + ("?" + query if query else "")
         timeout = (
@@ -206,3 +234,31 @@ class Upstream:
             f"the upstream {self.base_url} failed: {type(exc).__name__}: {exc}",
             status=503,
         )
+
+
+class _UpstreamRequest(aiohttp.ClientRequest):
+    """aiohttp's client request, with the session's skip list turned into a CIMultiDict once.
+
+    ``ClientRequest.update_auto_headers`` sorts the list into a new CIMultiDict and copies the
+    request's headers to check them against it, every request; the list is the session's and
+    never changes, so this does that once and adds the same defaults (the same headers go on
+    the wire: tests/test_passthrough.py::test_upstream_gets_no_header_the_client_did_not_send).
+    """
+
+    _skip_source: ClassVar[object] = None
+    _skip_made: ClassVar[CIMultiDict[None] | None] = None
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        cls = _UpstreamRequest
+        if skip_auto_headers is None or skip_auto_headers is not cls._skip_source:
+            super().update_auto_headers(skip_auto_headers)
+            cls._skip_source, cls._skip_made = skip_auto_headers, self._skip_auto_headers
+            return
+        skipped = self._skip_auto_headers = cls._skip_made
+        assert skipped is not None
+        headers = self.headers
+        for name, value in self.DEFAULT_HEADERS.items():
+            if name not in headers and name not in skipped:
+                headers[name] = value
+        if hdrs.USER_AGENT not in headers and hdrs.USER_AGENT not in skipped:
+            headers[hdrs.USER_AGENT] = SERVER_SOFTWARE

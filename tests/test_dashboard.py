@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -164,6 +165,65 @@ def test_snapshot_counts_only_its_window() -> None:
     assert third["workloads"]["w"]["admitted"] == 3  # the first tick left the window
     assert sum(third["workloads"]["w"]["hist"]) == 0
     assert third["classes"]["default"]["share"] == 1.0
+
+
+def test_snapshot_reads_the_registry_as_collect_would() -> None:
+    # read_registry reads metric children directly (not collect()); every number it keeps
+    # must be what collect() reports, function gauges and histogram counts included.
+    from prometheus_client import Gauge
+
+    from proxy.metrics import Metrics
+    from proxy.ops import snapshot
+
+    metrics = Metrics()
+    metrics.requests_of("InvokeModel", "haiku", "w", "200", "-").inc(5)
+    metrics.requests_of("Converse", "-", "-", "404", "-").inc()
+    metrics.tokens_of("w", "haiku", "input").inc(40)
+    for seconds in (0.003, 0.2, 70.0):
+        metrics.latency_of("haiku", "InvokeModel").observe(seconds)
+    metrics.admitted_of("w", "haiku", "P0").inc(3)
+    metrics.in_flight_of("haiku").inc(2)
+    metrics.pool_limit.labels("haiku").set_function(lambda: 12.0)
+    metrics.upstream_errors.labels("haiku", "ThrottlingException").inc(4)
+    metrics.upstream_errors.labels("haiku", "ModelTimeoutException").inc()
+    Gauge("sluice_dlq_records", "unlabelled", registry=metrics.registry).set(9)
+
+    def collected(registry: Any) -> Any:  # read_registry's loop over collect()'s samples
+        return [s for family in registry.collect() for s in family.samples]
+
+    totals, gauges = snapshot.read_registry(metrics.registry)
+    reference = mock.patch.object(snapshot, "_collectors", lambda r: [r])
+    with reference, mock.patch.object(snapshot, "_samples", collected):
+        want_totals, want_gauges = snapshot.read_registry(metrics.registry)
+    assert totals == want_totals and totals["pool", "haiku"]["upstream"] == 3
+    assert totals["pool", "haiku"]["throttled"] == 4
+    assert [g[:3] for g in gauges] == [g[:3] for g in want_gauges]
+    assert {g.name for g in gauges} == {"sluice_in_flight", "sluice_pool_concurrency_limit",
+                                        "sluice_dlq_records"}  # fmt: skip
+
+
+def test_request_path_metric_updates_equal_prometheus_own() -> None:
+    # Children.inc / observe skip prometheus_client's per-call wrappers: same exposition.
+    from prometheus_client import generate_latest
+
+    from proxy.metrics import Metrics
+
+    ours, theirs = Metrics(), Metrics()
+    for n, seconds in ((3, 0.004), (0, 0.1), (7, 0.1), (2, 75.0), (1, float("nan"))):
+        ours.tokens_of.inc(("w", "haiku", "input"), n)
+        theirs.tokens_of("w", "haiku", "input").inc(n)
+        ours.requests_of.inc(("InvokeModel", "haiku", "w", "200", "-"))
+        theirs.requests_of("InvokeModel", "haiku", "w", "200", "-").inc()
+        ours.latency_of.observe(("haiku", "InvokeModel"), seconds)
+        theirs.latency_of("haiku", "InvokeModel").observe(seconds)
+    with pytest.raises(ValueError, match="non-negative"):
+        ours.tokens_of.inc(("w", "haiku", "input"), -1)
+
+    def exposition(m: Metrics) -> list[str]:
+        text = generate_latest(m.registry).decode()
+        return [line for line in text.splitlines() if "_created" not in line]
+
+    assert exposition(ours) == exposition(theirs)
 
 
 def test_status_watch_redraws_until_interrupted(fleet: Fleet) -> None:

@@ -280,6 +280,24 @@ async def test_missing_content_type_means_json_as_on_bedrock(proxy: Sluice) -> N
     assert status == 200 and doc["type"] == "message"
 
 
+async def test_upstream_gets_no_header_the_client_did_not_send(
+    proxy: Sluice, sim: Simulator
+) -> None:
+    # aiohttp would add a User-Agent, an Accept-Encoding and a Content-Type of its own:
+    # Bedrock sees only what the client sent, re-signed (plus aiohttp's Accept: */*).
+    body = anthropic_body("x")
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"POST /model/{HAIKU}/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    writer.write(head.encode() + body)
+    status = await reader.readline()
+    writer.close()
+    assert b" 200 " in status
+    seen = sim.stats()["requests"][-1]["headers"]
+    assert sorted(seen) == ["accept", "authorization", "content-length", "host", "x-amz-date"]
+    assert seen["accept"] == "*/*"
+
+
 async def test_non_json_content_type_is_a_validation_error(proxy: Sluice) -> None:
     got = await _post(
         proxy.url, f"/model/{HAIKU}/invoke", b"hello", headers={"Content-Type": "text/plain"}
@@ -298,6 +316,25 @@ async def test_oversized_body_names_the_limit(simulator: Simulator, make_sluice:
     )
     got = await _post(p.url, f"/model/{HAIKU}/invoke", anthropic_body("x" * 2000))
     _assert_error(*got, 413, "ValidationException", "at most 1000 bytes (server.max_body_bytes)")
+
+
+async def test_oversized_chunked_body_is_refused_as_it_arrives(
+    simulator: Simulator, make_sluice: Any
+) -> None:
+    # No Content-Length: the size is known once read (aiohttp's own cap is the limit + 1).
+    policy = {"server": {"max_body_bytes": 1000}, "identity": {"default_workload": "w"}}
+    p = make_sluice(upstream=simulator.url, policy={**policy, "workloads": {"w": {}}})
+    for size, words in ((1001, "is 1001 bytes"), (5000, "is larger than that")):
+
+        async def chunks(n: int = size) -> Any:
+            yield b"x" * n
+
+        async with aiohttp.ClientSession() as session:
+            url = f"{p.url}/model/{HAIKU}/invoke"
+            json_type = {"Content-Type": "application/json"}
+            async with session.post(url, data=chunks(), headers=json_type) as resp:
+                got = resp.status, dict(resp.headers), await resp.json()
+        _assert_error(*got, 413, "ValidationException", words)
 
 
 async def test_unknown_route_is_a_bedrock_error_not_html(proxy: Sluice) -> None:

@@ -39,6 +39,7 @@ from proxy.credentials import (
     static,
 )
 from proxy.signing import Credentials, SigV4Signer, canonical_uri
+from proxy.upstream import forwarded, returnable
 from proxy.verification import VerifyResult, parse_authorization, verify
 
 AKID, SECRET = "AKIDSLUICETEST000001", "s3cr3t/SLUICE+test/key0000000000000000000"
@@ -201,6 +202,60 @@ def test_sign_is_byte_identical_to_botocore(
     assert ours["X-Amz-Date"] == theirs.headers["X-Amz-Date"]
     assert ours.get("X-Amz-Security-Token") == theirs.headers.get("X-Amz-Security-Token")
     assert set(ours) <= {"Authorization", "X-Amz-Date", "X-Amz-Security-Token"}
+
+
+def test_upstream_signs_exactly_the_headers_it_forwards() -> None:
+    # A repeated name goes upstream once (its last value), so only that value is signed;
+    # sign_items over the pairs forwarded() gives equals sign() over what is sent.
+    sent = CIMultiDict(
+        [
+            ("Accept", "a"),
+            ("accept", "b"),
+            ("Accept", "c"),
+            ("User-Agent", "u"),
+            ("X-Amzn-Bedrock-Trace", "ENABLED"),
+            ("Authorization", "x"),
+            ("Host", "h"),
+            ("x-junk", "j"),
+        ]
+    )
+    for headers in (sent, CIMultiDict([("Content-Type", "application/json"), ("Accept", "*/*")])):
+        out, signed = forwarded(CIMultiDictProxy(headers))
+        signer, creds = SigV4Signer("bedrock", "us-east-1"), Credentials("A", "S", "T")
+        args = ("POST", "h", "/model/m/invoke", "")
+        ours = signer.sign_items(*args, signed, b"{}", creds, "20261206T000000Z")
+        assert ours == signer.sign(*args, out, b"{}", creds, "20261206T000000Z")
+    assert out == {"Content-Type": "application/json", "Accept": "*/*"}
+    assert forwarded(CIMultiDictProxy(sent))[0] == {
+        "Accept": "c",
+        "accept": "b",
+        "User-Agent": "u",
+        "X-Amzn-Bedrock-Trace": "ENABLED",
+    }
+
+
+def test_upstream_answers_lose_only_their_hop_by_hop_headers() -> None:
+    got = CIMultiDict(
+        [
+            ("Content-Type", "application/json"),
+            ("Date", "d"),
+            ("x-amzn-RequestId", "r"),
+            ("Set-Cookie", "a"),
+            ("connection", "keep-alive"),
+            ("Set-Cookie", "b"),
+            ("SERVER", "s"),
+            ("Content-Length", "2"),
+        ]
+    )
+    for _ in range(2):  # worked out, then from the cache
+        kept = returnable(CIMultiDictProxy(got))
+        assert list(kept.items()) == [
+            ("Content-Type", "application/json"),
+            ("x-amzn-RequestId", "r"),
+            ("Set-Cookie", "a"),
+            ("Set-Cookie", "b"),
+        ]
+    assert list(returnable(CIMultiDictProxy(CIMultiDict(a="1"))).items()) == [("a", "1")]
 
 
 def test_sign_encodes_percent_encoded_model_id_again() -> None:

@@ -162,8 +162,8 @@ class Gate:
                 status=429,
                 headers=headers,
             )
-        self.metrics.admitted_of(workload.name, pool.name, priority).inc()
-        self.metrics.reserved_of(workload.name, pool.name).inc(tokens)
+        self.metrics.admitted_of.inc((workload.name, pool.name, priority))
+        self.metrics.reserved_of.inc((workload.name, pool.name), tokens)
         return Ticket(plan, decision.lease, tokens, headers, decision.tight)
 
     def settle(self, ticket: Ticket, actual_tokens: int) -> Awaitable[None] | None:
@@ -175,7 +175,7 @@ class Gate:
             return None
         ticket.released = True
         plan = ticket.plan
-        self.metrics.settled_of(plan.workload, plan.pool).inc(actual_tokens)
+        self.metrics.settled_of.inc((plan.workload, plan.pool), actual_tokens)
         if ticket.lease is None:
             return None
         return self.store.settle(

@@ -139,6 +139,8 @@ class AdmitPlan:
     #: everything (buckets, leases, waiters, batches) by scope, so a tier's own quota is
     #: decided by the same one atomic script, apart from the pool's.
     scope: str = field(init=False, repr=False, compare=False)
+    #: No limit applies, so admission can skip the store entirely (read on every request).
+    unmetered: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.share <= 1.0:
@@ -166,6 +168,10 @@ class AdmitPlan:
         )
         object.__setattr__(self, "params", p)
         object.__setattr__(self, "scope", scope_name(self.pool, self.tier))
+        pool_limits = (self.pool_requests, self.pool_tokens, self.pool_concurrency)
+        wl_limits = (self.workload_requests, self.workload_tokens, self.workload_concurrency)
+        unmetered = all(limit is None for limit in (*pool_limits, *wl_limits))
+        object.__setattr__(self, "unmetered", unmetered)
         object.__setattr__(self, "keys", plan_keys(self.scope, self.workload))
         # Packed doubles: Lua reads the very same numbers, and unpacking is one C call
         # where parsing text would cost more than the rest of the decision.

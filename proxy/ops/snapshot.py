@@ -15,7 +15,10 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Metric
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from proxy.control.fleet import N_BUCKETS
 from proxy.control.window import BUCKET_BOUNDS_MS
@@ -58,25 +61,54 @@ _THROTTLES = "sluice_upstream_errors_total"
 _WANTED = frozenset(_BY_NAME) | _KEPT | {_THROTTLES}
 
 
-def _families(registry: CollectorRegistry) -> Iterator[Metric]:
-    """``registry.collect()`` in its order, less the collectors whose samples read_registry
+def _collectors(registry: CollectorRegistry) -> list[Collector]:
+    """The registry's collectors in its order, less those whose samples read_registry
     would skip: collecting those (the bulk of the registry) was most of a tick's cost."""
     with registry._lock:
-        collectors = [
+        return [
             c
             for c, names in registry._collector_to_names.items()
             if not names or not _WANTED.isdisjoint(names)
         ]
-    for collector in collectors:
-        yield from collector.collect()
+
+
+def _samples(collector: Collector) -> Iterator[Sample]:
+    """What ``collector.collect()`` would give, less what read_registry never reads.
+
+    A labelled metric's children are read directly: no Metric per family, no name check
+    per sample (as collect() makes), and of a histogram only its ``_count`` (read_registry
+    wants no bucket or sum; formatting every bucket's ``le`` label once a second was most
+    of an idle instance's work). Anything else is collected as Prometheus would.
+    """
+    # (a metric without labels, a child, a custom collector: collected as Prometheus does)
+    labelled = isinstance(collector, MetricWrapperBase) and bool(collector._labelnames)
+    if labelled and isinstance(collector, MetricWrapperBase) and not collector._labelvalues:
+        yield from _children(collector)
+        return
+    for family in collector.collect():
+        yield from family.samples
+
+
+def _children(metric: MetricWrapperBase) -> Iterator[Sample]:
+    with metric._lock:
+        children = metric._metrics.copy()
+    name, label_names = metric._name, metric._labelnames
+    for values, child in children.items():
+        labels = dict(zip(label_names, values, strict=True))
+        if isinstance(child, Histogram):
+            yield Sample(name + "_count", labels, sum(b.get() for b in child._buckets))
+            continue
+        for sample in child._child_samples():
+            extra = sample.labels
+            yield Sample(name + sample.name, {**labels, **extra} if extra else labels, sample.value)
 
 
 def read_registry(registry: CollectorRegistry) -> tuple[Totals, list[Any]]:
     """Cumulative counters grouped per (kind, name), and the raw gauge samples."""
     totals: Totals = defaultdict(lambda: defaultdict(float))
     gauges: list[Any] = []
-    for family in _families(registry):
-        for s in family.samples:
+    for collector in _collectors(registry):
+        for s in _samples(collector):
             wanted = _BY_NAME.get(s.name)
             if wanted is not None:
                 for label, field in wanted:

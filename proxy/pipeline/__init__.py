@@ -38,7 +38,7 @@ from proxy.pipeline.call import ADMITTED, Admitted, Call, Degraded, Refused, Thr
 from proxy.pipeline.coalesce import Coalescer
 from proxy.pipeline.degrade import Fallback
 from proxy.pipeline.forward import Forwarder
-from proxy.pipeline.identify import Caller
+from proxy.pipeline.identify import PRIORITY_HEADER, WORKLOAD_HEADER, Caller
 from proxy.pipeline.intake import identify_call
 from proxy.pipeline.respond import Responder, internal_error
 from proxy.pipeline.settle import Settler, confirmed
@@ -109,13 +109,13 @@ class Pipeline:
             self.settler.record(call)
         if released is not None:  # no coroutine made for the common case
             await confirmed(released)
-        if self.tap is not None:
-            headers = response.headers
-            self.tap(
-                headers.get("x-sluice-workload"),
-                headers.get("x-sluice-priority"),
-                time.perf_counter() - call.started,
-            )
+        if self.tap is not None:  # the workload and class the answer names, and its time
+            who, took = call.caller, time.perf_counter() - call.started
+            if who is not None and not call.coalesced:  # annotate() wrote the caller's
+                self.tap(who.workload.name, who.priority, took)
+            else:  # no caller: what a refusal carried; a coalesced follower: its leader's
+                headers = response.headers
+                self.tap(headers.get(WORKLOAD_HEADER), headers.get(PRIORITY_HEADER), took)
         return response
 
     def serve(

@@ -66,7 +66,7 @@ class Admission:
             choice = call.tier = self.tiers.choose(call, pool)
             tier = None if choice is None else choice.tier
             plan = policy.plan(workload, pool, caller.priority, cap, tier)
-            unmetered = policy.unmetered(plan)
+            unmetered = plan.unmetered  # (fixed when the plan is built: no call)
             blocked, held, wait_ms = self._blocked(policy, pool, caller)
             if held is not None:  # a class without a chain waits for the hold to end
                 chain, m = bool(wl_cfg.degrade), self.metrics

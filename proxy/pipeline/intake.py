@@ -31,7 +31,16 @@ async def identify_call(request: web.Request, call: Call) -> Caller | Refused:
                 and "*/*" not in content_type
             ):
                 raise _not_json(route, content_type)
-            body = await request.read()
+            content = request.content
+            if content.is_eof():
+                # The whole body is buffered already (the usual case: the guard starts the
+                # handler once it is in): take it in one read, without read()'s coroutines
+                # and copies; over aiohttp's client_max_size is refused as read() would be.
+                body = content.read_nowait()
+                if request.client_max_size and len(body) > request.client_max_size:
+                    return Refused(_too_large(None, max_body))
+            else:
+                body = await request.read()
             if len(body) > max_body:
                 raise _too_large(len(body), max_body)
         call.body = body

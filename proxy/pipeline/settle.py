@@ -97,22 +97,24 @@ class Settler:
         workload = call.caller.workload.name if call.caller else "-"
         operation = route.operation if route else "-"
         metrics = self.metrics
-        metrics.requests_of(
-            operation, pool, workload, str(call.status), call.served_tier or "-"
-        ).inc()
+        metrics.requests_of.inc(
+            (operation, pool, workload, str(call.status), call.served_tier or "-")
+        )
         if pool in call.policy.priced:  # (no call made for a pool without prices)
             charge(metrics, call, workload, pool)
         if call.usage.known:
-            metrics.tokens_of(workload, pool, "input").inc(call.usage.input_tokens)
-            metrics.tokens_of(workload, pool, "output").inc(call.usage.output_tokens)
+            metrics.tokens_of.inc((workload, pool, "input"), call.usage.input_tokens)
+            metrics.tokens_of.inc((workload, pool, "output"), call.usage.output_tokens)
         if call.upstream_status is not None and route is not None:
-            metrics.latency_of(pool, operation).observe(call.upstream_s)
+            metrics.latency_of.observe((pool, operation), call.upstream_s)
         if self.access_log.enabled:
             self.access_log.write(self._line(call, operation, pool, workload))
 
     @staticmethod
     def _line(call: Call, operation: str, pool: str, workload: str) -> dict[str, object]:
         total = time.perf_counter() - call.started
+        caller, usage, degraded = call.caller, call.usage, call.degraded
+        upstream_s = call.upstream_s
         return {
             "event": "request",
             "request_id": call.request_id,
@@ -120,19 +122,19 @@ class Settler:
             "model": call.route.model_id if call.route else None,
             "pool": pool,
             "workload": workload,
-            "priority": call.caller.priority if call.caller else None,
-            "via": call.caller.via if call.caller else None,
+            "priority": caller.priority if caller else None,
+            "via": caller.via if caller else None,
             "status": call.status,
             "error_type": call.error_type,
-            "input_tokens": call.usage.input_tokens,
-            "output_tokens": call.usage.output_tokens,
-            "usage_known": call.usage.known,
-            "upstream_ms": round(call.upstream_s * 1000, 2),
-            "overhead_ms": round(max(0.0, total - call.upstream_s) * 1000, 3),
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "usage_known": usage.known,
+            "upstream_ms": round(upstream_s * 1000, 2),
+            "overhead_ms": round(max(0.0, total - upstream_s) * 1000, 3),
             "disconnected": call.disconnected,
             "retries": call.retries,
             "trimmed_messages": call.trimmed_messages,
-            "degraded": call.degraded.get("x-sluice-degraded") if call.degraded else None,
+            "degraded": degraded.get("x-sluice-degraded") if degraded else None,
             "coalesced": call.coalesced,
             "service_tier": call.served_tier,
         }
