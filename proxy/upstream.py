@@ -56,9 +56,11 @@ def forwardable(headers: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def returnable(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """Upstream response headers minus the hop-by-hop ones."""
-    out: CIMultiDict[str] = CIMultiDict()
+def returnable(
+    headers: CIMultiDictProxy[str], into: CIMultiDict[str] | None = None
+) -> CIMultiDict[str]:
+    """Upstream response headers minus the hop-by-hop ones (added to ``into`` if given)."""
+    out: CIMultiDict[str] = CIMultiDict() if into is None else into
     for name, value in headers.items():
         if name.lower() not in _DROP_RESPONSE:
             out.add(name, value)

@@ -105,10 +105,10 @@ class Forwarder:
                 # Read (a failed read changes nothing: the chain serves) and released below.
                 await self._read_upstream(upstream)
                 return THROTTLED
+            if route.streaming and upstream.status == 200:
+                return await self._relay_stream(request, call, upstream, sent)
             headers = returnable(upstream.headers)
             annotate(headers, call)
-            if route.streaming and upstream.status == 200:
-                return await self._relay_stream(request, call, upstream, headers, sent)
             data = await self._read_upstream(upstream)
             if isinstance(data, Refused):
                 return data
@@ -274,10 +274,11 @@ class Forwarder:
         request: web.Request,
         call: Call,
         upstream: aiohttp.ClientResponse,
-        headers: Any,
         sent: float,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=200, headers=headers)
+        # The headers go straight into the response's own: a held stream keeps one copy.
+        response = web.StreamResponse(status=200)
+        annotate(returnable(upstream.headers, into=response.headers), call)
         await response.prepare(request)
         call.status = 200
         _release_request(request, call, upstream)
