@@ -254,8 +254,13 @@ def measure(args: argparse.Namespace, system: str, n: int, workdir: Path) -> Run
         run.after_rss = rss_bytes(sluice.pid)
         if args.tracemalloc:  # FILE.<N>.3: what the burst left behind
             _traced_dump(sluice.pid, Path(f"{args.tracemalloc}.{n}.3"))
+    return _tally(run, results)
+
+
+def _tally(run: Run, results: list[StreamResult]) -> Run:
+    """Count the intact streams of ``run`` and each reason the others were not."""
     for r in results:
-        if r.intact(deltas):
+        if r.intact(run.deltas):
             run.intact += 1
         else:
             key = r.error or f"status {r.status} events {sorted(r.events.items())}"
@@ -294,7 +299,7 @@ class _NoPin:
 _NO_PIN: Any = _NoPin()
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--streams", default="1000,5000,10000", help="comma-separated stream counts")
     p.add_argument("--system", default="sluice", choices=[s for s in SYSTEMS if s != "direct"])
@@ -308,7 +313,11 @@ def main() -> int:
         help="run Sluice traced; write FILE.<N>.1/.2/.3 at idle, all open, after",
     )
     p.add_argument("--after-s", type=float, default=60.0, help="wait before the 'after' RSS")
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = _parser().parse_args()
     install_cleanup()
     limit = raise_fd_limit()
     counts = [int(x) for x in args.streams.split(",")]
