@@ -59,9 +59,16 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from proxy.eventstream import EventStreamDecoder, EventStreamError
 
 STREAM_PATH = "/model/" + MODEL_ID.replace(":", "%3A") + "/converse-stream"
-STREAM_BODY = json.dumps(
-    {"messages": [{"role": "user", "content": [{"text": "Tell me about Mushishi."}]}]}
-).encode()
+
+
+def stream_body(kb: float = 0.0) -> bytes:
+    """The ConverseStream request; ``kb`` > 0 pads its text to about that many KB (a long
+    conversation, which a held stream must not keep)."""
+    text = "Tell me about Mushishi." + " Mushishi." * round(kb * 1024 / 10)
+    return json.dumps({"messages": [{"role": "user", "content": [{"text": text}]}]}).encode()
+
+
+STREAM_BODY = stream_body()
 TOKENS_PER_DELTA = 3
 FD_LIMIT = 65536
 
@@ -117,13 +124,18 @@ class StreamResult:
 
 
 async def one_stream(
-    session: aiohttp.ClientSession, url: str, opened: asyncio.Event, counter: list[int], n: int
+    session: aiohttp.ClientSession,
+    url: str,
+    opened: asyncio.Event,
+    counter: list[int],
+    n: int,
+    body: bytes,
 ) -> StreamResult:
     out = StreamResult()
     decoder = EventStreamDecoder()
     first = True
     try:
-        async with session.post(url, data=STREAM_BODY, headers=_headers()) as resp:
+        async with session.post(url, data=body, headers=_headers()) as resp:
             out.status = resp.status
             if resp.status != 200:
                 out.error = f"HTTP {resp.status}: {(await resp.read())[:200]!r}"
@@ -155,7 +167,9 @@ def _headers() -> dict[str, str]:
     return {"Content-Type": "application/json", "Accept": "application/vnd.amazon.eventstream"}
 
 
-async def drive(url: str, n: int, open_rate: float, pid: int, on_open: Any) -> list[StreamResult]:
+async def drive(
+    url: str, n: int, open_rate: float, on_open: Any, body: bytes = STREAM_BODY
+) -> list[StreamResult]:
     """Open n streams at open_rate/s; call on_open() once all have their first event."""
     opened = asyncio.Event()
     counter = [0]
@@ -164,7 +178,7 @@ async def drive(url: str, n: int, open_rate: float, pid: int, on_open: Any) -> l
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         tasks = []
         for i in range(n):
-            tasks.append(asyncio.create_task(one_stream(session, url, opened, counter, n)))
+            tasks.append(asyncio.create_task(one_stream(session, url, opened, counter, n, body)))
             if i % 50 == 49:
                 await asyncio.sleep(50 / open_rate)
         await opened.wait()
@@ -218,9 +232,12 @@ def measure(args: argparse.Namespace, system: str, n: int, workdir: Path) -> Run
         procs.append(sluice)
         sluice.wait_http(f"http://127.0.0.1:{port}{spec.health_path}", timeout=120)
         url = f"http://127.0.0.1:{port}{STREAM_PATH}"
-        asyncio.run(drive(url, 20, 1000, sluice.pid, _noop))  # warm-up: every code path once
+        body = stream_body(args.body_kb)
+        asyncio.run(drive(url, 20, 1000, _noop, body))  # warm-up: every code path once
         time.sleep(1.0)
         run.idle_rss = rss_bytes(sluice.pid)
+        if args.tracemalloc:  # FILE.<N>.1: the idle heap the next dumps are compared with
+            _traced_dump(sluice.pid, Path(f"{args.tracemalloc}.{n}.1"))
         started = time.monotonic()
 
         async def on_open() -> None:
@@ -231,17 +248,32 @@ def measure(args: argparse.Namespace, system: str, n: int, workdir: Path) -> Run
                 os.kill(sluice.pid, signal.SIGUSR1)
             log(f"{n} streams open after {run.open_s:.1f}s: RSS {run.held_rss / 2**20:.0f} MB")
 
-        results = asyncio.run(drive(url, n, args.open_rate, sluice.pid, on_open))
+        results = asyncio.run(drive(url, n, args.open_rate, on_open, body))
         run.end_rss = rss_bytes(sluice.pid)
         time.sleep(args.after_s)
         run.after_rss = rss_bytes(sluice.pid)
+        if args.tracemalloc:  # FILE.<N>.3: what the burst left behind
+            _traced_dump(sluice.pid, Path(f"{args.tracemalloc}.{n}.3"))
+    return _tally(run, results)
+
+
+def _tally(run: Run, results: list[StreamResult]) -> Run:
+    """Count the intact streams of ``run`` and each reason the others were not."""
     for r in results:
-        if r.intact(deltas):
+        if r.intact(run.deltas):
             run.intact += 1
         else:
             key = r.error or f"status {r.status} events {sorted(r.events.items())}"
             run.failures[key] = run.failures.get(key, 0) + 1
     return run
+
+
+def _traced_dump(pid: int, out: Path, timeout_s: float = 300.0) -> None:
+    """Have traced_serve.py write ``out`` and wait until it has: the dump stalls its loop."""
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout_s
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _with_connection_cap(argv: list[str], cap: int, workdir: Path) -> list[str]:
@@ -267,18 +299,25 @@ class _NoPin:
 _NO_PIN: Any = _NoPin()
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--streams", default="1000,5000,10000", help="comma-separated stream counts")
     p.add_argument("--system", default="sluice", choices=[s for s in SYSTEMS if s != "direct"])
     p.add_argument("--open-rate", type=float, default=1000.0, help="new streams per second")
     p.add_argument("--delta-s", type=float, default=3.0, help="seconds between stream events")
+    p.add_argument("--body-kb", type=float, default=0.0, help="pad each request to ~N KB")
     p.add_argument("--hold-s", type=float, default=12.0, help="stream life beyond the ramp")
     p.add_argument(
-        "--tracemalloc", metavar="FILE", help="run Sluice traced; write FILE.<N> when all are open"
+        "--tracemalloc",
+        metavar="FILE",
+        help="run Sluice traced; write FILE.<N>.1/.2/.3 at idle, all open, after",
     )
     p.add_argument("--after-s", type=float, default=60.0, help="wait before the 'after' RSS")
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = _parser().parse_args()
     install_cleanup()
     limit = raise_fd_limit()
     counts = [int(x) for x in args.streams.split(",")]

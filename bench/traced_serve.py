@@ -3,7 +3,8 @@
 
     python bench/traced_serve.py /tmp/snap.txt serve --config ...   (used by held_streams.py)
 
-Where held memory goes, by line and by call stack, at the moment the signal arrives.
+Where held memory goes, by line and by call stack, at the moment the signal arrives, and
+live objects by type (FILE.<k>.types; with SLUICE_TRACEMALLOC=0 only those, at full speed).
 SIGUSR2 toggles cProfile (the second writes FILE.calls): Python calls per request are
 counted, not timed, so a busy machine does not change them. SLUICE_TRACEMALLOC=0 skips
 tracemalloc (its overhead) when only the call counts are wanted.
@@ -11,7 +12,9 @@ tracemalloc (its overhead) when only the call counts are wanted.
 
 from __future__ import annotations
 
+import collections
 import cProfile
+import gc
 import io
 import os
 import pstats
@@ -25,22 +28,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 _snapshots: list[tracemalloc.Snapshot] = []
+_dumps = [0]
 
 
 def _dump(out: Path) -> None:
+    _dumps[0] += 1
+    out = out.with_name(f"{out.name}.{_dumps[0]}")
+    # Live objects by type (what holds a stream's bytes, countable per stream); the
+    # collector's view only, so str and bytes are not in it.
+    types = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+    with_types = out.with_name(out.name + ".types")
+    with_types.write_text("".join(f"{n} {t}\n" for t, n in types.most_common()))
+    _malloc_stats(out.with_name(out.name + ".pymalloc"))
+    if not tracemalloc.is_tracing():
+        out.write_text(f"object counts in {with_types.name}\n")
+        return
     snap = tracemalloc.take_snapshot()
     lines = [f"total traced: {sum(s.size for s in snap.statistics('filename'))}"]
     if _snapshots:  # what grew since the previous signal
         lines.append("growth since the previous snapshot:")
         lines += [str(d) for d in snap.compare_to(_snapshots[-1], "lineno")[:40]]
     _snapshots.append(snap)
-    out = out.with_name(f"{out.name}.{len(_snapshots)}")
+    snap.dump(str(out) + ".snap")  # for offline comparisons (tracemalloc.Snapshot.load)
     lines += [str(stat) for stat in snap.statistics("lineno")[:60]]
     lines.append("\nby call stack:")
     for stat in snap.statistics("traceback")[:30]:
         lines.append(f"{stat.size} B in {stat.count} blocks")
         lines += stat.traceback.format()[-16:]
     out.write_text("\n".join(lines) + "\n")
+
+
+def _malloc_stats(out: Path) -> None:
+    """pymalloc's arenas, pools and blocks (``sys._debugmallocstats`` writes to fd 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with out.open("wb") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 _profile: list[cProfile.Profile] = []

@@ -58,6 +58,18 @@ class BodyTimeout(BedrockError):
 class GuardedHandler(RequestHandler):
     """One client connection with Sluice's protections (see the module docstring)."""
 
+    # One per open connection, so per held stream: slots, not a per-instance dict.
+    __slots__ = (
+        "_answered",
+        "_body",
+        "_counted",
+        "_guard",
+        "_inner",
+        "_last_read",
+        "_phase",
+        "_timer",
+    )
+
     def __init__(self, manager: web.Server, *, guard: GuardState, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
