@@ -7,6 +7,7 @@ runners (``passthrough.py``, later ``scenarios.py``) only iterate over them.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -52,12 +53,16 @@ class SystemSpec:
     health_path: str = "/healthz"
 
 
-def _sluice(config: Path, *, redis: bool) -> Callable[[ProxyContext], list[str]]:
+def _sluice(
+    config: Path, *, redis: bool, tree: Path | None = None
+) -> Callable[[ProxyContext], list[str]]:
+    # Another checkout's Sluice (``tree``) runs its own package: put it first on sys.path.
+    run = ["-m", "proxy"] if tree is None else ["-c", _FROM_TREE.format(tree=str(tree))]
+
     def argv(ctx: ProxyContext) -> list[str]:
         cmd = [
             PY,
-            "-m",
-            "proxy",
+            *run,
             "serve",
             "--host",
             "127.0.0.1",
@@ -87,7 +92,35 @@ def _forwarder(ctx: ProxyContext) -> list[str]:
     ]
 
 
+_FROM_TREE = (
+    "import runpy, sys; sys.path.insert(0, {tree!r}); "
+    "runpy.run_module('proxy', run_name='__main__', alter_sys=True)"
+)
+
+
+def _old_tree_systems(tree: Path) -> tuple[SystemSpec, ...]:
+    """``sluice@old`` and ``sluice+redis@old``: the same two systems from another checkout
+    (``SLUICE_BENCH_OLD_TREE``, its own policy files), measured in the same interleaved run."""
+    policies = tree / "bench" / "policies"
+    return (
+        SystemSpec(
+            "sluice@old",
+            f"Sluice pass-through from {tree}",
+            _sluice(policies / "passthrough.yaml", redis=False, tree=tree),
+            env=AWS_ENV,
+        ),
+        SystemSpec(
+            "sluice+redis@old",
+            f"Sluice with Redis quotas from {tree}",
+            _sluice(policies / "quotas.yaml", redis=True, tree=tree),
+            needs_redis=True,
+            env=AWS_ENV,
+        ),
+    )
+
+
 POLICIES = BENCH_DIR / "policies"
+_OLD = os.environ.get("SLUICE_BENCH_OLD_TREE")
 SYSTEMS: dict[str, SystemSpec] = {
     s.name: s
     for s in (
@@ -108,6 +141,7 @@ SYSTEMS: dict[str, SystemSpec] = {
             needs_redis=True,
             env=AWS_ENV,
         ),
+        *(_old_tree_systems(Path(_OLD)) if _OLD else ()),
     )
 }
 

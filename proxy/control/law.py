@@ -190,9 +190,19 @@ def next_limit(
         return min(ceiling, current + cfg.increase, stop), f"additive toward {stop}: {why}"
     if known is None and breaker == CLOSED:
         return min(ceiling, 2 * current), f"slow start: {why}"
-    # One slot above the old quota first, then half as far again above it as the limit
-    # already is: each clean step is evidence of a raise, while each overshoot costs an
-    # interval of throttles (and an excess slot churns: every caller it admits is refused).
+    return _probe(current, stats, cfg, ceiling, known, why)
+
+
+def _probe(
+    current: int, stats: IntervalStats, cfg: Adaptive, ceiling: int, known: int | None, why: str
+) -> tuple[int, str]:
+    """Growth above a quota learned earlier that is no longer fresh (or with none known
+    while the breaker is not closed).
+
+    One slot above the old quota first, then half as far again above it as the limit
+    already is: each clean step is evidence of a raise, while each overshoot costs an
+    interval of throttles (and an excess slot churns: every caller it admits is refused).
+    """
     if known is not None and current < known:  # additive back up to the old quota first
         return min(ceiling, current + cfg.increase, known), f"additive toward {known}: {why}"
     if known is not None and current > known and not _filled(stats, current):
