@@ -15,7 +15,7 @@ import time
 from redis.asyncio.cluster import RedisCluster
 
 from proxy.backend.cache import RedisResponseCache
-from proxy.pipeline.cache import CachedResponse
+from proxy.pipeline.cache import CachedResponse, CacheUnavailable
 
 
 async def test_lookup_is_bounded_while_the_cluster_does_not_answer() -> None:
@@ -66,6 +66,24 @@ async def test_lookup_is_bounded_when_the_cluster_client_swallows_a_cancel() -> 
             assert await cache.get("k") is None
             took = time.monotonic() - started
             assert took < 3.0, f"lookup took {took:.1f} s"
+    finally:
+        server.close()
+        await asyncio.wait_for(cache.close(), 10)
+
+
+async def test_an_initialisation_given_up_by_one_caller_is_a_timeout_for_the_others() -> None:
+    # The first put gives the shared attempt up at its bound and cancels it; a put that
+    # joined it later must get the cache's failure, not a CancelledError nobody sent it.
+    server = await asyncio.start_server(lambda _r, _w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cache = RedisResponseCache(RedisCluster(host="127.0.0.1", port=port), timeout_s=0.25)
+    value = CachedResponse(200, (("content-type", "application/json"),), b"{}", time.time())
+    try:
+        first = asyncio.create_task(cache.put("a", value, 60.0))
+        await asyncio.sleep(1.0)
+        second = asyncio.create_task(cache.put("b", value, 60.0))
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        assert all(isinstance(r, CacheUnavailable) for r in results), results
     finally:
         server.close()
         await asyncio.wait_for(cache.close(), 10)

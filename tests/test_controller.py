@@ -537,6 +537,10 @@ def test_probing_above_an_old_quota_steps_only_on_levels_calls_filled() -> None:
     assert limit == 7 and "until calls fill it" in reason
     # Calls filled 7 without a throttle: evidence of a raise, so probing goes on.
     assert next_limit(7, busy(7, demand=40), INCIDENT3, 80, known=5)[0] == 8
+    # Only a 0.4-share class asks: it can hold 0.4 of the limit, and filled that, so the
+    # pool still grows (a pool used by P2 alone must never be stuck: incident 3).
+    p2_only = IntervalStats(100, 0, 600.0, 3, 40, 3 * SPAN_MS, SPAN_MS, reach=0.4)
+    assert next_limit(7, p2_only, INCIDENT3, 80, known=5)[0] == 8
     # Any interval: above the old quota the limit grows only on a level calls filled.
     rng = random.Random(5)
     for _ in range(300):

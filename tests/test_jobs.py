@@ -361,3 +361,38 @@ def test_the_default_fleet_keeps_the_original_key_names() -> None:
     other = _Keys("eu")
     assert other.stream(Stream("haiku", "enrich")) == "sluice:{haiku}:fleet:eu:jobs:enrich"
     assert other.streams == "sluice:fleet:eu:jobs:streams"
+
+
+def test_a_worker_first_in_its_fleet_publishes_its_own_file(
+    tmp_path: Any, redis_factory: Any, make_simulator: Any
+) -> None:
+    # Before the fix `sluice worker --fleet` published the demo default policy as the
+    # fleet's, which every later `serve` of that fleet then adopted.
+    import asyncio as aio
+
+    from proxy.backend.client import redis_client
+    from proxy.backend.versions import PolicyVersions, sha_of
+
+    redis = redis_factory()
+    sim = make_simulator({"latency_scale": 0.02})
+    policy_file = tmp_path / "mine.yaml"
+    policy_file.write_text(json.dumps(jobs_policy()))
+    env = _env({"AWS_ACCESS_KEY_ID": UPSTREAM_KEY_ID, "AWS_SECRET_ACCESS_KEY": UPSTREAM_SECRET})
+    cmd = [sys.executable, "-m", "proxy", "worker", "--config", str(policy_file),
+           "--redis-url", redis.url, "--upstream", sim.url, "--fleet", "eu"]  # fmt: skip
+    worker = Proc("worker", cmd, tmp_path, env)
+
+    async def stored() -> str | None:
+        client = redis_client(redis.url, 1.0)
+        try:
+            version = await PolicyVersions(client, "eu").current()
+            return None if version is None else version.sha
+        finally:
+            await client.aclose()
+
+    try:
+        wait_until(lambda: aio.run(stored()) is not None or worker.popen.poll() is not None, 20)
+        assert worker.popen.poll() is None, worker.stderr()
+        assert aio.run(stored()) == sha_of(policy_file.read_text())
+    finally:
+        worker.stop()

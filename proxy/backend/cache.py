@@ -89,6 +89,7 @@ class RedisResponseCache:
         # 'writelines'") when several commands race its lazy initialisation; do it once.
         self._ready = not isinstance(client, RedisCluster)
         self._init: asyncio.Task[Any] | None = None
+        self._abandoned: set[asyncio.Task[Any]] = set()
         self._last_log = -_LOG_EVERY_S
         self._unlogged = 0
 
@@ -100,7 +101,11 @@ class RedisResponseCache:
             self._drainer = asyncio.create_task(self._drain(), name="sluice-cache-mget")
         # Bounded here too, whatever the drainer's Redis calls do: a lookup on the request
         # path is a miss after one initialisation and one lookup's time, never a hang.
-        done, _ = await asyncio.wait({future}, timeout=self._timeout + _INIT_TIMEOUT_S)
+        try:
+            done, _ = await asyncio.wait({future}, timeout=self._timeout + _INIT_TIMEOUT_S)
+        finally:
+            if not future.done():
+                future.cancel()  # the drainer skips it: no MGET for a lookup nobody awaits
         if not done:
             self._get_failed(key, TimeoutError("cache lookup did not finish in time"))
             return None
@@ -130,8 +135,9 @@ class RedisResponseCache:
         """Answer queued lookups as misses, then close the client's connections."""
         if self._drainer is not None:
             await stop_tasks([self._drainer], "cache drainer")
-        if self._init is not None:
-            await stop_tasks([self._init], "cache cluster initialisation")
+        attempts = [t for t in (self._init, *self._abandoned) if t is not None]
+        if attempts:
+            await stop_tasks(attempts, "cache cluster initialisation")
         # A drainer cancelled before it first ran never reaches its ``finally``.
         self._drainer = None
         _as_misses(self._queue)
@@ -195,7 +201,11 @@ class RedisResponseCache:
         if not done:
             if self._init is attempt:
                 self._init = None
+                self._abandoned.add(attempt)  # stopped in close() if the cancel is swallowed
+                attempt.add_done_callback(self._abandoned.discard)
                 attempt.cancel()
+            raise TimeoutError(f"cluster initialisation took over {bound:g} s")
+        if attempt.cancelled():  # another caller gave it up: a timeout here, not our cancel
             raise TimeoutError(f"cluster initialisation took over {bound:g} s")
         attempt.result()  # its failure is this call's failure; the next call tries again
         self._ready = True

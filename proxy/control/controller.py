@@ -4,9 +4,8 @@ The control law itself is pure and lives in :mod:`proxy.control.law` (re-exporte
 :class:`Adaptivity` ticks in the background: it exchanges observations with the fleet
 (:mod:`proxy.control.fleet`), lets the interval's leader move the limit (at most one
 change per pool per interval fleet-wide: ``SET NX PX interval``), steps each pool's
-breaker (:mod:`proxy.control.breaker`; opening it cuts the limit at once) and the batch
-pauses (:mod:`proxy.control.pause`). The request path only calls its sync, in-memory
-methods.
+breaker (:mod:`proxy.control.breaker`; opening it cuts the limit at once), the priority
+hold (:mod:`proxy.control.hold`) and the batch pauses (:mod:`proxy.control.pause`).
 """
 
 from __future__ import annotations
@@ -137,6 +136,7 @@ class Adaptivity:
         self._pools = list(pol.models)
         self._shedding = set(self._adaptive) | set(self._breakers)
         self._ranks = dict(policy.ranks)
+        self._shares = {n: c.share for n, c in pol.priorities.items()}
         self._by_rank = {rank: name for name, rank in policy.ranks.items()}
 
     # --- request path --------------------------------------------------------------------
@@ -263,7 +263,9 @@ class Adaptivity:
         self.hold.prune()
         for pool, t in ticks.items():
             if pool in self._shedding:
-                self.hold.hear(pool, t.window(self._tick_s), self._ranks)
+                # And the bucket before: another instance may write it after this one read it.
+                self.hold.hear(pool, t.window(self._tick_s + t.bucket_ms / 1000), self._ranks)
+                self._show_hold(pool)
             if pool in self._breakers:
                 await self._step_breaker(pool, t)
             if pool in self._adaptive:
@@ -271,6 +273,11 @@ class Adaptivity:
         self._pause = step_pauses(
             ticks, self._pause_window_s, self._rules, self._targets, self._pause, self.metrics
         )
+
+    def _show_hold(self, pool: str) -> None:
+        holding = self.hold.holding(pool)
+        for name, rank in self._ranks.items():
+            self.metrics.holding.labels(pool, name).set(int(rank in holding))
 
     def _control(self, pool: str) -> PoolControl:
         adaptive, breaker = self._adaptive.get(pool), self._breakers.get(pool)
@@ -356,8 +363,8 @@ class Adaptivity:
 
     def _interval_stats(self, pool: str, t: PoolTick) -> IntervalStats:
         """The fleet's outcomes for ``pool`` over its interval, as the control law reads them."""
-        interval = self._adaptive[pool].interval_seconds
-        return interval_stats(t, interval, self._changed_ms.get(pool), self._tick_s)
+        interval, since = self._adaptive[pool].interval_seconds, self._changed_ms.get(pool)
+        return interval_stats(t, interval, since, self._tick_s, self._shares)
 
     async def _lead(self, pool: str, t: PoolTick, new: int | None, reason: str) -> None:
         """This instance leads the interval: write the limit the law chose (or the first)."""

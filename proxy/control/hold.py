@@ -8,9 +8,11 @@ class there: those with a degradation chain go down it, those without wait (up t
 ``max_wait_ms``) or are refused with Retry-After. Calls already in flight finish.
 
 The hold is the fleet's: an instance holds on its own throttles at once and on any
-other instance's within a tick (the fleet exchange carries throttles per class). It ends
-:data:`HOLD_TICKS` ticks after the higher class's last throttle, so it lasts as long as
-Bedrock keeps throttling that class and no longer. Only throttles of the pool's own
+other instance's within a tick or two (the fleet exchange carries throttles per class; each
+tick reads the current bucket and the one before, which another instance may have written
+after this one read it). It ends :data:`HOLD_TICKS` ticks after the higher class's last
+throttle was heard (so up to a tick more after the throttle itself), as long as Bedrock
+keeps throttling that class and no longer. Only throttles of the pool's own
 quota count (a tier with a quota of its own says nothing about it), and only on pools
 that shed (an adaptive limit or a breaker).
 """
@@ -58,6 +60,11 @@ class PriorityHold:
         now = time.monotonic() if now is None else now
         held = [r for r, until in ranks.items() if r < rank and until > now]
         return min(held) if held else None
+
+    def holding(self, pool: str, now: float | None = None) -> set[int]:
+        """The ranks holding the classes below them on ``pool`` now."""
+        now = time.monotonic() if now is None else now
+        return {r for r, until in self._until.get(pool, {}).items() if until > now}
 
     def prune(self, now: float | None = None) -> None:
         """Forget holds that ended (so an idle pool's check is one empty dict read)."""

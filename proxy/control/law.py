@@ -62,6 +62,9 @@ class IntervalStats:
     throttled_peak: int | None = None
     #: Served calls that ended in the interval (what ``busy_ms`` was spent on).
     served: int = 0
+    #: The share of the limit the classes that asked can hold together (their class
+    #: shares, at most 1): a pool only a 0.4-share class uses is full at 0.4 of its limit.
+    reach: float = 1.0
 
     @property
     def wanted(self) -> float:
@@ -217,8 +220,9 @@ def _probe(
 
 
 def _filled(stats: IntervalStats, current: int) -> bool:
-    """Did the calls in flight reach (about) ``current``, Bedrock throttling none?"""
-    return stats.peak_in_flight >= math.ceil(BUSY_FRACTION * current)
+    """Did the calls in flight reach (about) what the classes that asked can hold of
+    ``current`` (all of it once a class with share 1 asks), Bedrock throttling none?"""
+    return stats.peak_in_flight >= math.ceil(BUSY_FRACTION * stats.reach * current)
 
 
 def _probe_cap(known: int | None, breaker: int) -> int | None:
@@ -320,9 +324,10 @@ def underutilised(
 
 
 def interval_stats(
-    t: PoolTick, interval_s: float, since: int | None, tick_s: float
+    t: PoolTick, interval_s: float, since: int | None, tick_s: float, shares: Mapping[str, float]
 ) -> IntervalStats:
-    """A pool's fleet outcomes over its interval (after the last limit change, ``since``)."""
+    """A pool's fleet outcomes over its interval (after the last limit change, ``since``);
+    ``shares`` are the classes' shares of a pool limit."""
     # Only outcomes under the limit in force count: throttles of calls admitted before a
     # cut (and refusals before a raise) would move it again for what it already fixed.
     w = t.window(interval_s, since_ms=since)
@@ -340,4 +345,7 @@ def interval_stats(
         float(w.span_ms),
         w.throttled_peak,
         total.requests - total.failures,
+        min(
+            1.0, sum(shares.get(c, 1.0) for c, n in wide.by_class.items() if n.requests or n.demand)
+        ),
     )

@@ -23,6 +23,12 @@ class AdaptivityMetrics:
             ["pool"],
             registry=r,
         )
+        self.holding = Gauge(
+            "sluice_priority_holding",
+            "1 while Bedrock's throttles of this class hold every lower class back on the pool.",
+            ["pool", "priority"],
+            registry=r,
+        )
         self.underutilised = Gauge(
             "sluice_adaptive_underutilised",
             "1 when a pool sits at its ceiling with no throttles and p99 under half the target.",

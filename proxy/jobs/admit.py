@@ -88,11 +88,12 @@ class RecordAdmission:
             wait_s = min(cap.seconds_left, MAX_WAIT_S)
             return self._held_back(workload, "-", "schedule", wait_s), None
         a = self.adaptivity
+        if a is not None and a.held_by(pool.name, workload.priority) is not None:
+            # A higher class is being throttled here: records wait in the queue meanwhile
+            # (asked before the breaker, whose half-open True is a probe slot taken).
+            return self._held_back(workload, pool.name, "priority_hold", HOLD_RECHECK_S), None
         if a is not None and not a.breaker_allows(pool.name):
             return self._held_back(workload, pool.name, "breaker", RECHECK_S), None
-        if a is not None and a.held_by(pool.name, workload.priority) is not None:
-            # A higher class is being throttled here: records wait in the queue meanwhile.
-            return self._held_back(workload, pool.name, "priority_hold", HOLD_RECHECK_S), None
         return 0.0, cap.concurrency if cap is not None else None
 
     def _held_back(self, workload: WorkloadInfo, pool: str, why: str, wait_s: float) -> float:

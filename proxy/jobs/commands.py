@@ -178,9 +178,15 @@ def _worker(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 2
-    fleet = args.fleet if args.redis_url else None
+    fleet = (args.fleet or None) if args.redis_url else None
+    # The file goes with the settings too: a worker that is the first of its fleet publishes
+    # it (without it, the demo default policy would become the fleet's).
     settings = Settings(
-        upstream=args.upstream, redis_url=args.redis_url, region=args.region, fleet=fleet
+        upstream=args.upstream,
+        redis_url=args.redis_url,
+        region=args.region,
+        fleet=fleet,
+        config=args.config,
     )
 
     async def run() -> None:

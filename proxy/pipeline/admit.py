@@ -110,11 +110,14 @@ class Admission:
         a = self.adaptivity
         if a is None:
             return None, None, wait_ms
-        # Asked once per request: in half-open state a True is a probe slot taken.
+        # The hold first: it has no side effect, while a half-open breaker's True is a
+        # probe slot taken, which a held call would then never use.
+        holder = a.held_by(pool.name, caller.priority)
+        if holder is not None:
+            return None, Held(a, holder), wait_ms
         if not a.breaker_allows(pool.name):
             return self._breaker_open(policy, pool), None, wait_ms
-        holder = a.held_by(pool.name, caller.priority)
-        return None, (None if holder is None else Held(a, holder)), wait_ms
+        return None, None, wait_ms
 
     async def _take(
         self,

@@ -1,8 +1,7 @@
 """The forward stage: the upstream call, retries inside the deadline, the streaming relay.
 
 Returns the response to send (Bedrock's own bytes and status, annotated) or
-:class:`~proxy.pipeline.call.Refused` when Sluice itself must answer; never raises an
-HTTP error.
+:class:`~proxy.pipeline.call.Refused` when Sluice itself must answer; never an HTTP error.
 """
 
 from __future__ import annotations
@@ -191,16 +190,17 @@ class Forwarder:
         return budget
 
     async def _headroom(self, call: Call, status: int) -> bool:
-        """A throttle on the pool's quota is retried only into headroom under its adaptive
-        limit: a class with a chain retries only into headroom there is now (else it
-        degrades: :meth:`_degradable`); one without queues for a slot (:meth:`_requeue`)."""
+        """A throttle on the pool's quota is retried only into headroom under its adaptive limit
+        (a class with a chain: headroom now, never under a hold; else down its chain)."""
         a, pool, caller = self.adaptivity, call.pool, call.caller
         if status != 429 or a is None or pool is None or caller is None:
             return True
         if requeues(call, status, a, self.requeue):
             return True  # the retry waits for its slot in admission, after the backoff
         wl = call.policy.policy.workloads[caller.workload.name]
-        return await a.await_headroom(pool.name, 0 if wl.degrade else wl.max_wait_ms / 1000)
+        if wl.degrade:
+            return a.held_by(pool.name, caller.priority) is None and a.retry_headroom(pool.name)
+        return await a.await_headroom(pool.name, wl.max_wait_ms / 1000)
 
     async def _requeue(self, call: Call, delay: float, deadline: float, status: int) -> None:
         assert self.adaptivity is not None and self.requeue is not None
