@@ -125,7 +125,10 @@ class RedisResponseCache:
         async with self._puts:
             try:
                 await self._ensure_ready()
-                async with asyncio.timeout(self._timeout):
+                # No caller waits on a put (it runs after the answer, or in `cache warm`):
+                # bounded like a connect, not like a lookup. The lookup's 0.25 s lost the
+                # first put of a warm run on a loaded machine (a new connection's set-up).
+                async with asyncio.timeout(max(self._timeout, _INIT_TIMEOUT_S)):
                     await self._client.set(key, raw, px=max(1, round(ttl_s * 1000)))
             except _FAILURES as exc:
                 self._put_errors.inc()
