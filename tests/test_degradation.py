@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.support.processes import ROOT, Simulator, Sluice, bedrock_client, metric_value
+from tests.support.processes import ROOT, Simulator, Sluice, metric_value, workload_client
 
 SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -52,15 +52,6 @@ def stack(redis_server: Any, sim: Simulator, make_sluice: Any) -> tuple[Sluice, 
     return make_sluice(upstream=sim.url, policy=policy(tag), redis_url=redis_server.url), tag
 
 
-def as_workload(url: str, workload: str) -> Any:
-    client = bedrock_client(url)
-    client.meta.events.register(
-        "before-sign.bedrock-runtime.*",
-        lambda request, **_: request.headers.__setitem__("x-sluice-workload", workload),
-    )
-    return client
-
-
 def msgs(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"text": text}]}]
 
@@ -69,7 +60,7 @@ def test_refused_sonnet_call_is_served_by_haiku_when_allowed(
     stack: tuple[Sluice, str], sim: Simulator
 ) -> None:
     proxy, tag = stack
-    client = as_workload(proxy.url, "chat")
+    client = workload_client(proxy.url, "chat")
     first = client.converse(modelId="us." + SONNET, messages=msgs("hi"))
     assert "x-sluice-degraded" not in first["ResponseMetadata"]["HTTPHeaders"]
     second = client.converse(modelId="us." + SONNET, messages=msgs("hi again"))
@@ -89,7 +80,7 @@ def test_workload_without_a_chain_is_refused_not_downgraded(
     stack: tuple[Sluice, str], sim: Simulator
 ) -> None:
     proxy, _ = stack
-    client = as_workload(proxy.url, "strict")
+    client = workload_client(proxy.url, "strict")
     client.converse(modelId=SONNET, messages=msgs("hi"))
     with pytest.raises(ClientError) as err:
         client.converse(modelId=SONNET, messages=msgs("hi"))
@@ -99,7 +90,7 @@ def test_workload_without_a_chain_is_refused_not_downgraded(
 
 def test_cached_answer_then_template_when_the_pool_refuses(stack: tuple[Sluice, str]) -> None:
     proxy, _ = stack
-    client = as_workload(proxy.url, "faq")
+    client = workload_client(proxy.url, "faq")
     fresh = client.converse(modelId=SONNET, messages=msgs("store hours?"))
     text = fresh["output"]["message"]["content"][0]["text"]
     cached = client.converse(modelId=SONNET, messages=msgs("store hours?"))
@@ -137,7 +128,7 @@ def test_identical_cacheable_requests_in_flight_make_one_upstream_call(
     sim = make_simulator({"latency_scale": 1.0})
     tag = uuid.uuid4().hex[:8]
     proxy = make_sluice(upstream=sim.url, policy=policy(tag), redis_url=redis_server.url)
-    client = as_workload(proxy.url, "faq")
+    client = workload_client(proxy.url, "faq")
     with ThreadPoolExecutor(12) as pool:
         results = list(
             pool.map(
@@ -212,7 +203,7 @@ def test_cache_warm_prefills_answers_served_under_pressure(
     assert "1 of 3 lines stored" in out.stdout
     assert f"{warm_file}:2:" in out.stderr and f"{warm_file}:3:" in out.stderr
     proxy = make_sluice(upstream=sim.url, policy=pol, redis_url=redis_server.url)
-    client = as_workload(proxy.url, "faq")
+    client = workload_client(proxy.url, "faq")
     client.converse(modelId=SONNET, messages=msgs("use up the quota"))
     served = client.converse(modelId=SONNET, messages=msgs("is the sale on?"))
     assert served["ResponseMetadata"]["HTTPHeaders"]["x-sluice-degraded"] == "cache"

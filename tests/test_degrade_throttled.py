@@ -13,19 +13,10 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.support.processes import Simulator, Sluice, bedrock_client, metric_value
+from tests.support.processes import Simulator, Sluice, metric_value, workload_client
 
 SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
-
-
-def as_workload(url: str, workload: str) -> Any:
-    client = bedrock_client(url)
-    client.meta.events.register(
-        "before-sign.bedrock-runtime.*",
-        lambda request, **_: request.headers.__setitem__("x-sluice-workload", workload),
-    )
-    return client
 
 
 @pytest.fixture
@@ -52,13 +43,13 @@ def test_exhausted_throttle_degrades_instead_of_a_429(
 ) -> None:
     proxy, sim, tag = stack
     msgs = [{"role": "user", "content": [{"text": "hi"}]}]
-    reply = as_workload(proxy.url, "chat").converse(modelId=SONNET, messages=msgs)
+    reply = workload_client(proxy.url, "chat").converse(modelId=SONNET, messages=msgs)
     h = reply["ResponseMetadata"]["HTTPHeaders"]
     assert h["x-sluice-degraded"] == "downgrade" and h["x-sluice-pool"] == f"haiku{tag}"
     models = sim.stats()["models"]
     assert models[SONNET]["throttled"] >= 1 and models[HAIKU]["requests"] == 1
     with pytest.raises(ClientError) as info:
-        as_workload(proxy.url, "strict").converse(modelId=SONNET, messages=msgs)
+        workload_client(proxy.url, "strict").converse(modelId=SONNET, messages=msgs)
     err = info.value.response
     assert err["Error"]["Code"] == "ThrottlingException"
     assert "retry-after" in err["ResponseMetadata"]["HTTPHeaders"]

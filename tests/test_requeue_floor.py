@@ -17,8 +17,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from tests.support.processes import Sluice, workload_client
-
-SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
+from tests.support.requeue import SONNET, hold_and_orders, one_slot_sonnet
 
 
 def _converse(client: Any, text: str) -> int:
@@ -33,23 +32,13 @@ def _converse(client: Any, text: str) -> int:
 async def test_throttled_call_at_the_floor_is_retried_once_bedrock_frees(
     redis_server: Any, make_simulator: Any, make_sluice: Any
 ) -> None:
-    sim = make_simulator({"latency_scale": 1.0, "models": {SONNET: {"quotas": {"concurrency": 1}}}})
+    sim = one_slot_sonnet(make_simulator)
     pool = f"sonnet{uuid.uuid4().hex[:8]}"
     # The limit sits at its floor: Bedrock's throttles cannot cut it further.
     adaptive = {"floor": 2, "initial": 2, "ceiling": 2, "interval_seconds": 4.0,
                 "target_p99_ms": 10000}  # fmt: skip
-    policy = {
-        "identity": {"header_mode": True},
-        "server": {
-            "adaptivity": {"tick_seconds": 0.25},
-            "retry": {"max_retries": 5, "base_backoff_ms": 100, "max_backoff_ms": 300},
-        },
-        "models": {pool: {"ids": [SONNET], "concurrency": 2, "adaptive": adaptive}},
-        "workloads": {
-            "hold": {"models": [pool]},
-            "orders": {"models": [pool], "max_wait_ms": 6000},
-        },
-    }
+    retry = {"max_retries": 5, "base_backoff_ms": 100, "max_backoff_ms": 300}
+    policy = hold_and_orders(pool, 2, adaptive, retry, {"max_wait_ms": 6000})
     proxy: Sluice = make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url)
     hold, orders = workload_client(proxy.url, "hold"), workload_client(proxy.url, "orders")
     holder = asyncio.create_task(asyncio.to_thread(_converse, hold, "[[sim:output_tokens=20]]"))

@@ -16,8 +16,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from tests.support.processes import Sluice, bedrock_client
-
-SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
+from tests.support.requeue import SONNET, hold_and_orders, one_slot_sonnet
 
 
 def _converse(url: str, workload: str, text: str) -> tuple[int, str, dict[str, str]]:
@@ -38,7 +37,7 @@ def _converse(url: str, workload: str, text: str) -> tuple[int, str, dict[str, s
 async def test_requeued_retry_does_not_charge_the_workload_rate_twice(
     redis_server: Any, make_simulator: Any, make_sluice: Any
 ) -> None:
-    sim = make_simulator({"latency_scale": 1.0, "models": {SONNET: {"quotas": {"concurrency": 1}}}})
+    sim = one_slot_sonnet(make_simulator)
     pool = f"sonnet{uuid.uuid4().hex[:8]}"
     adaptive = {
         "floor": 1,
@@ -48,22 +47,12 @@ async def test_requeued_retry_does_not_charge_the_workload_rate_twice(
         "decrease": 0.5,
         "target_p99_ms": 10000,
     }
-    policy = {
-        "identity": {"header_mode": True},
-        "server": {
-            "adaptivity": {"tick_seconds": 0.25},
-            "retry": {"max_retries": 5, "base_backoff_ms": 200, "max_backoff_ms": 2000},
-        },
-        "models": {pool: {"ids": [SONNET], "concurrency": 4, "adaptive": adaptive}},
-        "workloads": {
-            "hold": {"models": [pool]},
-            "orders": {
-                "models": [pool],
-                "max_wait_ms": 5000,
-                "limits": {pool: {"requests_per_minute": 2, "burst_requests": 2}},
-            },
-        },
+    retry = {"max_retries": 5, "base_backoff_ms": 200, "max_backoff_ms": 2000}
+    orders = {
+        "max_wait_ms": 5000,
+        "limits": {pool: {"requests_per_minute": 2, "burst_requests": 2}},
     }
+    policy = hold_and_orders(pool, 4, adaptive, retry, orders)
     proxy: Sluice = make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url)
     # Another workload holds Bedrock's only slot for about two seconds.
     holder = asyncio.create_task(

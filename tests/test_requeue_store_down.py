@@ -17,8 +17,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from tests.support.processes import Sluice, workload_client
-
-SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
+from tests.support.requeue import SONNET, hold_and_orders, one_slot_sonnet
 
 
 def _converse(client: Any, text: str) -> tuple[int, str, str]:
@@ -37,22 +36,12 @@ async def _throttled_then_store_lost(
     """A fail-closed call Bedrock throttles; the store dies while it waits to requeue.
     (the proxy, that call's answer, the answer of the workload's next call)."""
     redis = redis_factory()
-    sim = make_simulator({"latency_scale": 1.0, "models": {SONNET: {"quotas": {"concurrency": 1}}}})
+    sim = one_slot_sonnet(make_simulator)
     pool = f"sonnet{uuid.uuid4().hex[:8]}"
     adaptive = {"floor": 1, "initial": 4, "ceiling": 4, "interval_seconds": 1.0,
                 "target_p99_ms": 10000}  # fmt: skip
-    policy = {
-        "identity": {"header_mode": True},
-        "server": {
-            "adaptivity": {"tick_seconds": 0.25},
-            "retry": {"max_retries": 5, "base_backoff_ms": 200, "max_backoff_ms": 400},
-        },
-        "models": {pool: {"ids": [SONNET], "concurrency": 4, "adaptive": adaptive}},
-        "workloads": {
-            "hold": {"models": [pool]},
-            "orders": {"models": [pool], "max_wait_ms": 3000},
-        },
-    }
+    retry = {"max_retries": 5, "base_backoff_ms": 200, "max_backoff_ms": 400}
+    policy = hold_and_orders(pool, 4, adaptive, retry, {"max_wait_ms": 3000})
     proxy: Sluice = make_sluice(upstream=sim.url, policy=policy, redis_url=redis.url)
     hold, orders = workload_client(proxy.url, "hold"), workload_client(proxy.url, "orders")
     holder = asyncio.create_task(

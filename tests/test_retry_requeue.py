@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.support.processes import Simulator, Sluice, metric_value, workload_client
+from tests.support.processes import Sluice, metric_value, workload_client
+from tests.support.requeue import SONNET, one_slot_sonnet
 
-SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 
 
@@ -38,9 +38,7 @@ def _converse(url: str, workload: str, text: str) -> tuple[int, dict[str, str]]:
 
 @pytest.fixture
 def stack(redis_server: Any, make_simulator: Any, make_sluice: Any) -> tuple[Sluice, str]:
-    sim: Simulator = make_simulator(
-        {"latency_scale": 1.0, "models": {SONNET: {"quotas": {"concurrency": 1}}}}
-    )
+    sim = one_slot_sonnet(make_simulator)
     pool = f"sonnet{uuid.uuid4().hex[:8]}"
     adaptive = {
         "floor": 1,

@@ -21,7 +21,7 @@ persists (it holds the dynamic limit); lease zsets expire with their last lease.
 
 Elsewhere: the fleet control loops ``sluice:{<pool>}:fleet:<i>``, ``:breaker``, ``:leader``
 (:mod:`proxy.control.fleet`); batch jobs ``sluice:{<pool>}:jobs:…``, ``:batch:…``, ``:dlq…``
-and ``sluice:jobs:streams|batches`` (:mod:`.job_queue`); the response cache
+and ``sluice[:fleet:<name>]:jobs:streams|batches`` (:mod:`.job_queue`); the response cache
 ``sluice:{cache:<workload>}:<digest>`` (:mod:`proxy.pipeline.cache`); policy versions
 ``sluice:{policy:<fleet>}:…`` (:mod:`.versions`); the fleet board ``sluice:{ops:<fleet>}:…``
 (:mod:`.fleet_board`).
@@ -37,9 +37,6 @@ KEY_PREFIX: Final = "sluice"
 #: buckets and leases. A pool's own quota is the scope ``<pool>``; a tier with its own quota
 #: (Bedrock accounts tiers separately) is ``<pool>:tier:<tier>``. Pool names hold no colon.
 TIER_SCOPE: Final = ":tier:"
-#: Every stream of the batch queue, and every batch (listing); not under any pool's tag.
-JOB_STREAMS: Final = f"{KEY_PREFIX}:jobs:streams"
-JOB_BATCHES: Final = f"{KEY_PREFIX}:jobs:batches"
 #: The fleet an instance with Redis follows unless ``--fleet`` names another.
 DEFAULT_FLEET: Final = "default"
 

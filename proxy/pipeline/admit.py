@@ -112,12 +112,18 @@ class Admission:
             return None, None, wait_ms
         # The hold first: it has no side effect, while a half-open breaker's True is a
         # probe slot taken, which a held call would then never use.
-        holder = a.held_by(pool.name, caller.priority)
-        if holder is not None:
-            return None, Held(a, holder), wait_ms
+        held = self._held(pool, caller)
+        if held is not None:
+            return None, held, wait_ms
         if not a.breaker_allows(pool.name):
             return self._breaker_open(policy, pool), None, wait_ms
         return None, None, wait_ms
+
+    def _held(self, pool: PoolInfo, caller: Caller) -> Held | None:
+        """The priority hold on the caller's class on ``pool``, if one is on."""
+        a = self.adaptivity
+        holder = None if a is None else a.held_by(pool.name, caller.priority)
+        return None if a is None or holder is None else Held(a, holder)
 
     async def _take(
         self,
@@ -163,10 +169,8 @@ class Admission:
             est = estimate(route.operation, call.body)
         except BedrockError as exc:
             return exc
-        a = self.adaptivity
-        holder = None if a is None else a.held_by(pool.name, caller.priority)
-        if a is not None and holder is not None:
-            held = Held(a, holder)
+        held = self._held(pool, caller)
+        if held is not None:
             blocked, max_wait_ms = await hold_back(
                 held, pool, caller, max_wait_ms, False, self.metrics
             )
