@@ -95,6 +95,8 @@ def run_one(system: str, inc: Incident, opts: argparse.Namespace) -> dict[str, A
         log(f"seed {inc.seed} / {system}: {opts.duration:g} s, {inc.describe()}")
         samples, changed = asyncio.run(_drive(driver, sim_url, instances, inc))
         metrics = _final_metrics(instances)
+        if opts.keep:
+            _write_timeline(workdir / "timeline.tsv", samples, inc.model)
     return {
         "system": system,
         "outcomes": driver.outcomes,
@@ -103,6 +105,21 @@ def run_one(system: str, inc: Incident, opts: argparse.Namespace) -> dict[str, A
         "dropped": driver.dropped,
         "metrics": metrics,
     }
+
+
+def _write_timeline(path: Path, samples: list[Sample], model: str) -> None:
+    """Per sample: Bedrock's in-flight, calls and throttles so far, and the fleet limit."""
+    lines = ["t\tin_flight\trequests\tthrottled\tlimit"]
+    for s in samples:
+        sim = s.sim.get(model, {})
+        limits = [
+            g["sluice_adaptive_limit"].get("sonnet", 0)
+            for g in s.gauges
+            if "sluice_adaptive_limit" in g
+        ]
+        cells = (sim.get("in_flight", ""), sim.get("requests", ""), sim.get("throttled", ""))
+        lines.append(f"{s.t:.2f}\t" + "\t".join(map(str, cells)) + f"\t{max(limits, default='')}")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _final_metrics(instances: list[str]) -> dict[str, float]:

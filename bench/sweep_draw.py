@@ -21,8 +21,11 @@ SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 #: Mean Sonnet call at latency_scale 0.3 with ~260 prompt and 40 output tokens (measured).
 CALL_S = 0.5
-#: Tokens/min one such call uses once settled (input + output x weight 1), roughly.
-TOKENS_PER_CALL = 300
+#: Tokens/min one such call uses once settled: ~29 input tokens as the simulator counts
+#: them (system prompt and question) + 40 output tokens x weight 1. (Bedrock reserves
+#: max_tokens, 256, at admission and refunds the rest at the end: the reservation bounds
+#: the burst, the settled use the rate.) 300 here left every tokens/min quota 4x too big.
+TOKENS_PER_CALL = 70
 #: Seconds of refill Bedrock's per-minute buckets hold in the sweep (Bedrock: 60).
 BURST_S = 5.0
 #: The surge starts between these fractions of the run and lasts SURGE_LEN of it.

@@ -1,6 +1,6 @@
 """The runner that drives all of adaptivity: adaptive limits, breakers and batch pauses.
 
-The control law itself is pure and lives in :mod:`proxy.control.law` (re-exported here).
+The control law itself is pure and lives in :mod:`proxy.control.law`.
 :class:`Adaptivity` ticks in the background: it exchanges observations with the fleet
 (:mod:`proxy.control.fleet`), lets the interval's leader move the limit (at most one
 change per pool per interval fleet-wide: ``SET NX PX interval``), steps each pool's
@@ -28,10 +28,10 @@ from proxy.control.breaker import (
     next_state,
     next_state_cut,
 )
+from proxy.control.exchange import Reflexed
 from proxy.control.fleet import FleetStats, FleetUnavailable, PoolControl, PoolTick
 from proxy.control.hold import HOLD_TICKS, PriorityHold, poll_until
 from proxy.control.law import (
-    LEARN_INTERVALS,
     IntervalStats,
     LearnedQuota,
     bounds,
@@ -44,22 +44,14 @@ from proxy.control.law import (
 )
 from proxy.control.metrics import AdaptivityMetrics
 from proxy.control.pause import PauseState, step_pauses
+from proxy.control.reflex import ThrottleReflex, limit_event
 from proxy.errors import BedrockError
 from proxy.policy import CompiledPolicy
 from proxy.tasks import STOP_TIMEOUT_S, stop_task
 
-__all__ = [
-    "LEARN_INTERVALS",
-    "Adaptivity",
-    "IntervalStats",
-    "LearnedQuota",
-    "bounds",
-    "next_limit",
-    "start_limit",
-    "underutilised",
-]
-
 log = logging.getLogger("sluice.adaptive")
+#: ``_changed_ms`` of a pool whose limit this instance's reflex moved since its last tick.
+REFLEXED = -1
 
 
 def _event(level: int, event: str, message: str, **fields: object) -> None:
@@ -113,6 +105,8 @@ class Adaptivity:
         self.breakers = BreakerBoard()
         self.hold = PriorityHold(HOLD_TICKS * tick_s)
         self.metrics = AdaptivityMetrics(registry or CollectorRegistry())
+        floors = {n: bounds(a, self._configured[n])[0] for n, a in self._adaptive.items()}
+        self.reflex = ThrottleReflex(self.fleet, self.metrics, floors, self._reflexed)
         self._limits: dict[str, int] = {}
         self._learned = LearnedQuota()
         #: Fleet in-flight per pool as of the last tick (retries go only into headroom).
@@ -149,6 +143,18 @@ class Adaptivity:
         self.breakers.outcome(pool, throttled or server_error)
         if throttled and pool in self._shedding and priority in self._ranks:
             self.hold.throttled(pool, self._ranks[priority])
+        if throttled:
+            self.reflex.fire(pool)
+
+    def _reflexed(self, pool: str, result: Reflexed) -> None:
+        """Act on the reflex before the next tick: a retry looks for headroom under the
+        lowered limit. The throttles before it, sent with the next tick, must not cut it
+        a second time: the change counts from that tick, as another instance's does."""
+        live, before, after, _ = result
+        self._in_flight[pool] = live
+        if after is not None and before is not None and after < before:
+            self._limits[pool] = after
+            self._changed_ms[pool] = REFLEXED
 
     def refused(self, pool: str, priority: str, refusal: BedrockError) -> None:
         """Count a refusal as demand if more pool concurrency would have admitted the call
@@ -220,6 +226,7 @@ class Adaptivity:
                 STOP_TIMEOUT_S,
                 extra={"fields": {"event": "tick_stuck", "stack": repr(task.get_stack(limit=5))}},
             )
+        await self.reflex.close()
         await self.fleet.close()
 
     def _failed(self, stage: str, event: str, msg: str, exc: Exception, **fields: object) -> None:
@@ -265,7 +272,7 @@ class Adaptivity:
             if pool in self._shedding:
                 # And the bucket before: another instance may write it after this one read it.
                 self.hold.hear(pool, t.window(self._tick_s + t.bucket_ms / 1000), self._ranks)
-                self._show_hold(pool)
+                self.hold.show(pool, self._ranks, self.metrics.holding)
             if pool in self._breakers:
                 await self._step_breaker(pool, t)
             if pool in self._adaptive:
@@ -273,11 +280,6 @@ class Adaptivity:
         self._pause = step_pauses(
             ticks, self._pause_window_s, self._rules, self._targets, self._pause, self.metrics
         )
-
-    def _show_hold(self, pool: str) -> None:
-        holding = self.hold.holding(pool)
-        for name, rank in self._ranks.items():
-            self.metrics.holding.labels(pool, name).set(int(rank in holding))
 
     def _control(self, pool: str) -> PoolControl:
         adaptive, breaker = self._adaptive.get(pool), self._breakers.get(pool)
@@ -326,7 +328,8 @@ class Adaptivity:
         """The breaker just opened: cut the limit now, unless the controller just did (from
         the limit read this tick: an older one could be above another instance's cut)."""
         cfg, current = self._adaptive[pool], t.fleet_limit
-        recent = t.now_ms - self._changed_ms.get(pool, 0) < cfg.interval_seconds * 1000
+        since = self._changed_ms.get(pool, 0)
+        recent = since == REFLEXED or t.now_ms - since < cfg.interval_seconds * 1000
         if current is not None and not recent:
             floor = bounds(cfg, self._configured[pool])[0]
             new = max(floor, cut(current, cfg, self._learned.known(pool)))
@@ -336,14 +339,19 @@ class Adaptivity:
     async def _step_limit(self, pool: str, t: PoolTick) -> None:
         cfg, configured = self._adaptive[pool], self._configured[pool]
         self._now_ms[pool] = t.now_ms
-        if t.fleet_limit is not None and t.fleet_limit != self._limits.get(pool):
-            self._changed_ms[pool] = t.now_ms  # another instance moved it
+        moved = t.fleet_limit is not None and t.fleet_limit != self._limits.get(pool)
+        if moved or self._changed_ms.get(pool) == REFLEXED:
+            self._changed_ms[pool] = t.now_ms  # another instance (or a reflex) moved it
         stats = self._interval_stats(pool, t)
         self._in_flight[pool] = t.in_flight
         if t.fleet_limit is not None:
             self._limits[pool] = t.fleet_limit
+        self.reflex.granted[pool] = stats.granted or 0.0
         recent = t.latest_throttle(cfg.interval_seconds + self._tick_s)
-        learned = self._learned.update(pool, stats, cfg.interval_seconds, throttled_at=recent)
+        calls = self._learned.count_calls(pool, t)
+        learned = self._learned.update(
+            pool, stats, cfg.interval_seconds, throttled_at=recent, calls=calls
+        )
         known, state = self._learned.known(pool), self.breakers.state(pool)
         self.metrics.learned_quota.labels(pool).set(known or 0)
         current = self._limits.get(pool)
@@ -386,15 +394,4 @@ class Adaptivity:
             return
         self._limits[pool] = new
         self._changed_ms[pool] = self._now_ms.get(pool, 0)
-        direction = "up" if old is None or new > old else "down"
-        self.metrics.limit_changes.labels(pool, direction).inc()
-        shown = "none" if old is None else str(old)
-        _event(
-            logging.INFO,
-            "adaptive_limit",
-            f"limit {shown} -> {new} ({reason})",
-            pool=pool,
-            old_limit=old,
-            new_limit=new,
-            reason=reason,
-        )
+        limit_event(self.metrics, pool, old, new, reason)

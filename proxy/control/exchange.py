@@ -37,7 +37,11 @@ BREAKER_TTL_MS: Final = 86_400_000
 #: breaker HGETALL, ring HGETALLs of the last R-1 buckets}.
 TICK_LUA: Final = load_script("fleet_tick")
 #: The scripts one exchange runs (``proxy/backend/scripts/<name>.lua``).
-_SCRIPTS: Final = ("fleet_tick", "breaker_transition")
+_SCRIPTS: Final = ("fleet_tick", "breaker_transition", "fleet_reflex")
+
+#: What a throttle reflex read and did: (live leases, limit before, limit after (None: no
+#: dynamic limit set), the fleet's time in ms).
+Reflexed = tuple[int, int | None, int | None, int]
 
 
 #: Per pool: this tick's (field, delta) counts and what the instance asks of the fleet.
@@ -53,10 +57,16 @@ class Exchange(Protocol):
     async def close(self) -> None: ...
     async def tick(self, sends: Sends) -> dict[str, PoolTick]: ...
     async def transition(self, pool: str, gen: int, state: int) -> tuple[bool, BreakerRecord]: ...
+    async def reflex(self, pool: str, lowest: int) -> Reflexed: ...
 
 
 def _hash(flat: Sequence[Any]) -> dict[str, str]:
     return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _limit(v: Any) -> int | None:
+    lim = int(v)
+    return None if lim < 0 else lim
 
 
 def _s(v: Any) -> str:
@@ -124,6 +134,11 @@ class RedisExchange:
         res = await self._runner.run("breaker_transition", [key], [gen, state, BREAKER_TTL_MS])
         return bool(res[0]), BreakerRecord.from_fields(_hash(res[1]))
 
+    async def reflex(self, pool: str, lowest: int) -> Reflexed:
+        keys = self._pool_keys(pool)
+        res = await self._runner.run("fleet_reflex", [keys[-4], keys[-3]], [lowest])
+        return int(res[0]), _limit(res[1]), _limit(res[2]), int(res[3])
+
 
 class _LocalPool:
     __slots__ = ("breaker", "leader_until", "rows")
@@ -166,7 +181,10 @@ class LocalExchange:
             live = int(stats.get("in_flight", 0))
             row["p"] = max(row.get("p", 0), live)
             for name, value in fields:
-                row[name] = row.get(name, 0) + value
+                # q is a level (in flight at a throttle): the bucket keeps its lowest.
+                row[name] = (
+                    min(row.get(name, value), value) if name == "q" else row.get(name, 0) + value
+                )
             for b in [b for b in p.rows if b <= cur - self._ring + 1]:
                 del p.rows[b]
             leader = c.leader_px > 0 and now >= p.leader_until
@@ -210,3 +228,13 @@ class LocalExchange:
             return False, p.breaker
         p.breaker = BreakerRecord(state, gen + 1, int(time.monotonic() * 1000))
         return True, p.breaker
+
+    async def reflex(self, pool: str, lowest: int) -> Reflexed:
+        stats = await self._store.pool_stats(pool)
+        now = int(time.monotonic() * 1000)
+        live, lim = int(stats.get("in_flight", 0)), _limit(stats.get("dynamic_limit", -1))
+        target = max(lowest, live - 1)
+        if lim is None or target >= lim:
+            return live, lim, lim, now
+        await self._store.set_pool_limit(pool, target)
+        return live, lim, target, now

@@ -13,6 +13,7 @@ Key layout (all keys of a pool share the hash tag ``{<pool>}``, one slot per poo
 
     sluice:{<pool>}:fleet:<i>   hash  ring of time buckets: b = bucket number,
                                       p = peak fleet in-flight sampled in the bucket,
+                                      q = fleet in-flight read when Bedrock throttled,
                                       n|<class>, t|<class>, e|<class>, h<j>|<class> = requests,
                                       throttles, 5xx and latency-bucket-j counts,
                                       d|<class> = calls refused for concurrency (demand),
@@ -39,6 +40,7 @@ from proxy.control.exchange import (
     FleetUnavailable,
     LocalExchange,
     RedisExchange,
+    Reflexed,
 )
 from proxy.control.window import (
     BASE,
@@ -114,6 +116,8 @@ class FleetStats:
             else LocalExchange(store, bucket_ms, ring)
         )
         self._window: dict[str, dict[str, _Acc]] = {}
+        #: Per pool: the lowest fleet in-flight read at a throttle since the last tick.
+        self._levels: dict[str, int] = {}
 
     async def start(self) -> None:
         """Load the scripts (raises :class:`FleetUnavailable` if Redis cannot be reached)."""
@@ -149,6 +153,19 @@ class FleetStats:
         """Count one call refused for concurrency: demand Bedrock never saw."""
         self._acc(pool, priority).demand += 1
 
+    def observe_level(self, pool: str, in_flight: int) -> None:
+        """Record the fleet in-flight read the moment Bedrock throttled (sent as ``q``).
+
+        Calls Bedrock just refused may still hold their leases when it is read, so each
+        read bounds Bedrock's in-flight from above: the lowest read is the closest."""
+        if in_flight > 0:  # every refused call already gone: says nothing
+            self._levels[pool] = min(in_flight, self._levels.get(pool, in_flight))
+
+    async def reflex(self, pool: str, lowest: int) -> Reflexed:
+        """Lower the fleet limit of ``pool`` to what is in flight now minus one (see
+        :mod:`proxy.control.reflex`); raises :class:`FleetUnavailable`."""
+        return await self._exchange.reflex(pool, lowest)
+
     async def exchange(self, controls: Mapping[str, PoolControl]) -> dict[str, PoolTick]:
         """Send this window (then forget it) plus ``controls``; return the fleet view per pool.
 
@@ -156,11 +173,15 @@ class FleetStats:
         been applied, and double counts could open a breaker that should stay closed.
         """
         window, self._window = self._window, {}
+        levels, self._levels = self._levels, {}
         sends = {
             pool: (_fields(window.get(pool, {})), control) for pool, control in controls.items()
         }
         for pool in window.keys() - controls.keys():
             sends[pool] = (_fields(window[pool]), PoolControl())
+        for pool, level in levels.items():
+            if pool in sends:
+                sends[pool][0].append(("q", level))
         return await self._exchange.tick(sends)
 
     async def transition(self, pool: str, gen: int, state: int) -> tuple[bool, BreakerRecord]:

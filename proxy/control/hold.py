@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Final
 
+from prometheus_client import Gauge
+
 from proxy.control.window import PoolWindow
 
 #: Ticks a hold outlives the last throttle of the class holding: one for the fleet to
@@ -65,6 +67,12 @@ class PriorityHold:
         """The ranks holding the classes below them on ``pool`` now."""
         now = time.monotonic() if now is None else now
         return {r for r, until in self._until.get(pool, {}).items() if until > now}
+
+    def show(self, pool: str, ranks: Mapping[str, int], gauge: Gauge) -> None:
+        """Set ``gauge`` (labels pool, class) to 1 for each class holding others now."""
+        holding = self.holding(pool)
+        for name, rank in ranks.items():
+            gauge.labels(pool, name).set(int(rank in holding))
 
     def prune(self, now: float | None = None) -> None:
         """Forget holds that ended (so an idle pool's check is one empty dict read)."""

@@ -7,18 +7,20 @@ under target and Bedrock does not throttle, the limit grows:
 
 * **slow start** (doubling) until Bedrock throttles for the first time or the ceiling;
 * **additive** (``increase``) up to a quota learned from Bedrock's answers;
-* **probing** above a quota learned earlier but no longer fresh: one slot, then half as
-  far again above the old quota each interval in which calls filled the limit without a
+* **probing** above a quota learned earlier but no longer fresh: one slot, then twice as
+  far above the old quota each interval in which calls filled the limit without a
   throttle (refused demand alone proves nothing above a quota), so a raised quota is
-  found in a few intervals while a quota that did not move costs one small overshoot.
+  found in a few intervals while a quota that did not move costs one small overshoot
+  (which the throttle reflex takes back at the first throttle).
 
 A throttled interval cuts the limit by ``decrease``, and further when Bedrock's answers
 say its quota is lower (:func:`cut`) -- by at most half in one step. The learned quota
-comes from Bedrock's answers: the fleet in-flight at the moments Bedrock throttled
-(bounded below by what it served on average, Little's law), so it holds whichever quota
-binds (requests/min, tokens/min or concurrency: each refuses at some concurrency). The
-fleet's latest throttle replaces it, so a quota cut is learned on the next throttle
-instead of the highest value being remembered, and every instance learns the same value.
+comes from Bedrock's answers: the fleet in-flight at the moments Bedrock throttled (read
+at the throttle itself by the reflex, :mod:`proxy.control.reflex`; bounded below by what it
+served on average, Little's law), so it holds whichever quota binds (requests/min,
+tokens/min or concurrency: each refuses at some concurrency). The fleet's latest throttle
+replaces it, so a quota cut is learned on the next throttle instead of the highest value
+being remembered, and every instance learns the same value.
 """
 
 from __future__ import annotations
@@ -35,8 +37,18 @@ from proxy.control.window import PoolTick
 
 #: The pool counts as using its limit when its sampled peak in-flight reached this share.
 BUSY_FRACTION: Final = 0.8
-#: How long (in intervals) a learned quota stops growth at it; then growth probes above.
-LEARN_INTERVALS: Final = 15
+#: How long (in intervals) a learned quota stops growth at it at most (a pool with too few
+#: calls to reach :data:`PROBE_CALLS`); then growth probes above it.
+LEARN_INTERVALS: Final = 60
+#: ... and at least (with :data:`PROBE_CALLS`): a busy pool probes sooner, a raise is found
+#: sooner, and each probe still comes after enough calls to pay for itself.
+MIN_FRESH_INTERVALS: Final = 3
+#: Upstream calls after which a learned quota may be probed again. A failed probe costs
+#: about one throttle (the reflex reverts it at once), so probing at most once per this
+#: many calls keeps probing's throttles under half a percent of the pool's calls, on a
+#: small quota or a large one alike (a fixed time would not: 15 s is 75 calls at 5 in
+#: flight, 700 at 24).
+PROBE_CALLS: Final = 200
 #: A throttled interval settles the limit at this share of the concurrency Bedrock granted.
 SETTLE: Final = 0.9
 #: One throttled interval never cuts more than this share of the limit.
@@ -84,15 +96,18 @@ class IntervalStats:
     def granted(self) -> float | None:
         """Concurrency Bedrock served on average over the interval (Little's law).
 
-        None when the interval is shorter than a served call: the calls that ended in it
-        then ran mostly before it (right after a cut, at the old limit), and their rate
-        times their length reads the concurrency granted before, not now.
+        A lower bound: the calls that ended in the interval began up to a call's length
+        before it, so their time is spread over the interval plus a mean call (in a steady
+        state that reads low by span / (span + call); right after a cut, when those calls
+        ran at the old, higher level, it still does not read high). None when the interval
+        is shorter than a served call: the calls that ended in it ran mostly before it.
         """
         if self.span_ms <= 0:
             return None
-        if self.served > 0 and self.span_ms < self.busy_ms / self.served:
+        mean = self.busy_ms / self.served if self.served > 0 else 0.0
+        if self.span_ms < mean:
             return None
-        return self.busy_ms / self.span_ms
+        return self.busy_ms / (self.span_ms + mean)
 
     def quota_estimate(self) -> int | None:
         """The concurrency Bedrock refused at in this interval (None: it did not throttle).
@@ -202,9 +217,9 @@ def _probe(
     """Growth above a quota learned earlier that is no longer fresh (or with none known
     while the breaker is not closed).
 
-    One slot above the old quota first, then half as far again above it as the limit
-    already is: each clean step is evidence of a raise, while each overshoot costs an
-    interval of throttles (and an excess slot churns: every caller it admits is refused).
+    One slot above the old quota first, then twice as far above it as the limit already
+    is: each clean step is evidence of a raise, and an overshoot costs about one throttle
+    (the reflex lowers the limit to what is in flight at the first).
     """
     if known is not None and current < known:  # additive back up to the old quota first
         return min(ceiling, current + cfg.increase, known), f"additive toward {known}: {why}"
@@ -215,7 +230,7 @@ def _probe(
         # when demand rose (sweep seed 1).
         peak = stats.peak_in_flight
         return current, f"probing above {known}: holding at {current} until calls fill it ({peak})"
-    step = cfg.increase if known is None else max(1, (current - known) // 2)
+    step = cfg.increase if known is None else max(1, current - known)
     return min(ceiling, current + step), f"probing above {known}: {why}"
 
 
@@ -259,7 +274,8 @@ class LearnedQuota:
     """Per pool, the concurrency Bedrock throttled at in its latest throttled moment.
 
     Re-estimated from every throttle (the latest replaces the earlier, so a quota cut is
-    learned at once), fresh for :data:`LEARN_INTERVALS`; the last estimate is kept as
+    learned at once), fresh until :data:`PROBE_CALLS` calls went by (and at least
+    :data:`MIN_FRESH_INTERVALS`, at most :data:`LEARN_INTERVALS`); the last estimate is kept as
     ``known`` so growth after it expires probes rather than doubling. Given the fleet's
     latest throttled bucket (``throttled_at``), every instance learns the same value from
     it: the leader of any interval then holds growth where the fleet last saw Bedrock
@@ -267,8 +283,17 @@ class LearnedQuota:
     """
 
     def __init__(self) -> None:
-        self._seen: dict[str, tuple[int, float]] = {}
+        #: Per pool: [estimate, when it was made, upstream calls since].
+        self._seen: dict[str, list[float]] = {}
         self._bucket: dict[str, int] = {}
+        self._counted: dict[str, int] = {}
+
+    def count_calls(self, pool: str, tick: PoolTick) -> int:
+        """Upstream calls of ``pool`` in the fleet buckets completed since the last count."""
+        after = self._counted.get(pool)
+        calls, newest = tick.finished_requests(after)
+        self._counted[pool] = newest
+        return calls
 
     def update(
         self,
@@ -278,24 +303,35 @@ class LearnedQuota:
         now: float | None = None,
         *,
         throttled_at: tuple[int, int] | None = None,
+        calls: int = 0,
     ) -> int | None:
         """Take one interval's fleet stats (and the fleet's latest throttled bucket and its
-        peak in-flight); return the fresh estimate (None: none fresh)."""
+        in-flight, and the upstream calls since the last update); return the fresh estimate
+        (None: none fresh): for :data:`MIN_FRESH_INTERVALS` and :data:`PROBE_CALLS` calls,
+        or :data:`LEARN_INTERVALS` at most."""
         now = time.monotonic() if now is None else now
-        estimate = stats.quota_estimate()
+        estimate = stats.quota_estimate() if throttled_at is None else None
         if throttled_at is not None and throttled_at[0] >= self._bucket.get(pool, -1):
+            # The fleet's latest throttled bucket, the same for every instance (its own
+            # window, since the limit change it saw, is not: never mix the two).
             bucket, peak = throttled_at
             self._bucket[pool] = bucket
             estimate = max(1, peak - 1, math.floor(stats.granted or 0.0))
         if estimate is not None:
-            self._seen[pool] = (estimate, now + LEARN_INTERVALS * interval_s)
+            self._seen[pool] = [estimate, now, 0]
+            calls = 0  # calls of this tick ran before (or at) the throttle
         kept = self._seen.get(pool)
-        return kept[0] if kept is not None and now < kept[1] else None
+        if kept is None:
+            return None
+        kept[2] += calls
+        age = (now - kept[1]) / interval_s
+        probed = kept[2] >= PROBE_CALLS and age >= MIN_FRESH_INTERVALS
+        return None if probed or age >= LEARN_INTERVALS else int(kept[0])
 
     def known(self, pool: str) -> int | None:
         """The last estimate made for ``pool``, fresh or not (None: never throttled)."""
         kept = self._seen.get(pool)
-        return None if kept is None else kept[0]
+        return None if kept is None else int(kept[0])
 
 
 def underutilised(

@@ -37,8 +37,14 @@ class AdaptivityMetrics:
         )
         self.limit_changes = Counter(
             "sluice_adaptive_limit_changes",
-            "Limit changes made by this instance as leader.",
+            "Limit changes made by this instance (as leader, or by its throttle reflex).",
             ["pool", "direction"],
+            registry=r,
+        )
+        self.reflexes = Counter(
+            "sluice_adaptive_reflexes",
+            "Limit cuts made at a throttle by this instance's reflex (also in limit_changes).",
+            ["pool"],
             registry=r,
         )
         self.breaker_state = Gauge(
@@ -79,7 +85,7 @@ class AdaptivityMetrics:
         )
         self.errors = Counter(
             "sluice_fleet_errors",
-            "Failures of the fleet exchange (tick, transition, set_limit, unexpected).",
+            "Failures of the fleet exchange (tick, transition, set_limit, reflex, unexpected).",
             ["operation"],
             registry=r,
         )

@@ -105,6 +105,20 @@ class Window:
         )
 
 
+def throttled_level(fields: Mapping[str, int]) -> int | None:
+    """The fleet in-flight of a bucket in which Bedrock throttled (None: it did not).
+
+    Read at the throttle itself (``q``, by the reflex) where one was; otherwise the peak
+    sampled once per tick (``p``), which can only read low.
+    """
+    if fields.get("q", 0) > 0:
+        return fields["q"]
+    p = fields.get("p", 0)
+    if p > 0 and any(v and k.startswith("t|") for k, v in fields.items()):
+        return p
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class PoolWindow:
     """A pool's fleet window: all classes, each class, and the peak in-flight sampled."""
@@ -114,8 +128,8 @@ class PoolWindow:
     peak_in_flight: int
     #: How much time the window's data covers (its last bucket is still filling).
     span_ms: int = 0
-    #: The highest peak in-flight of a bucket in which Bedrock throttled (None: none did):
-    #: each is sampled once per tick and can only read low.
+    #: The highest in-flight of a bucket in which Bedrock throttled (None: none did), as
+    #: :func:`throttled_level` reads it.
     throttled_peak: int | None = None
 
 
@@ -145,10 +159,25 @@ class PoolTick:
         for b, fields in self.rows:
             if not first <= b <= cur or (found is not None and b < found[0]):
                 continue
-            p = fields.get("p", 0)
-            if p > 0 and any(v and k.startswith("t|") for k, v in fields.items()):
-                found = (b, p)
+            level = throttled_level(fields)
+            if level is not None:
+                found = (b, level)
         return found
+
+    def finished_requests(self, after: int | None) -> tuple[int, int]:
+        """(upstream calls in the complete buckets after bucket ``after``, the newest
+        complete bucket); with ``after`` None, none are counted yet."""
+        newest = self.now_ms // self.bucket_ms - 1
+        if after is None:
+            return 0, newest
+        calls = sum(
+            v
+            for b, fields in self.rows
+            if after < b <= newest
+            for k, v in fields.items()
+            if k.startswith("n|")
+        )
+        return calls, max(after, newest)
 
     def window(self, seconds: float, *, since_ms: int | None = None) -> PoolWindow:
         """Fleet counts of the buckets overlapping the last ``seconds`` (and after ``since_ms``)."""
@@ -163,9 +192,9 @@ class PoolTick:
             if not first <= b <= cur:
                 continue
             oldest = min(oldest, b)
-            p = fields.get("p", 0)
-            if p > 0 and any(v and k.startswith("t|") for k, v in fields.items()):
-                at_throttle = p if at_throttle is None else max(at_throttle, p)
+            level = throttled_level(fields)
+            if level is not None:
+                at_throttle = level if at_throttle is None else max(at_throttle, level)
             for name, value in fields.items():
                 kind, _, cls = name.partition("|")
                 if not cls:

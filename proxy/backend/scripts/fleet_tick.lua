@@ -1,6 +1,7 @@
 -- KEYS: 1..R ring hashes, R+1 pool hash, R+2 pool leases, R+3 breaker hash, R+4 leader.
 -- ARGV: 1 bucket ms, 2 instance id, 3 leader px (0: no claim), 4 probe op (1 claim,
--- -1 release), 5 breaker gen, 6 probe cap, 7 probes ok, 8 probes failed, 9.. field, delta.
+-- -1 release), 5 breaker gen, 6 probe cap, 7 probes ok, 8 probes failed, 9.. field, delta
+-- (field q: a level, kept as the bucket's lowest, not added).
 -- Returns {now ms, live leases, dynamic limit (-1 none), leader 0/1, probe granted 0/1,
 -- breaker HGETALL, ring HGETALLs of the last R-1 buckets}.
 local R = #KEYS - 4
@@ -16,7 +17,16 @@ end
 redis.call('PEXPIRE', key, R * bms)
 local live = redis.call('ZCOUNT', KEYS[R + 2], '(' .. now, '+inf')
 if live > (tonumber(redis.call('HGET', key, 'p')) or 0) then redis.call('HSET', key, 'p', live) end
-for i = 9, #ARGV, 2 do redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1]) end
+for i = 9, #ARGV, 2 do
+  if ARGV[i] == 'q' then
+    -- In flight when Bedrock throttled (read by a reflex; the refused calls may still be
+    -- counted, so each read is an upper bound): the bucket keeps the lowest.
+    local q = tonumber(redis.call('HGET', key, 'q'))
+    if not q or tonumber(ARGV[i + 1]) < q then redis.call('HSET', key, 'q', ARGV[i + 1]) end
+  else
+    redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
+  end
+end
 local lim = tonumber(redis.call('HGET', KEYS[R + 1], 'lim')) or -1
 local leader = 0
 if tonumber(ARGV[3]) > 0 and redis.call('SET', KEYS[R + 4], ARGV[2], 'NX', 'PX', ARGV[3]) then

@@ -1,0 +1,110 @@
+"""The throttle reflex: Bedrock's first throttle stops the fleet admitting past what is in
+flight, at once instead of at the next control interval.
+
+Why: a limit above Bedrock's quota does not cost one throttle, it churns. Bedrock refuses
+in milliseconds, so the excess slot frees at once and the next caller admitted into it is
+refused too, at the arrival rate, until the interval's controller cuts (up to an interval
+plus a tick later). A probe one slot above a learned quota, or a start limit above a quota
+nobody knew, cost 2-6 throttles per episode in the sweep that way.
+
+So the instance that sees a throttle lowers the fleet limit to the calls in flight right
+now minus the one refused, read and written in one step (``fleet_reflex.lua``), and
+records that level for the fleet (``q``) so every instance learns the quota from the
+throttle itself rather than from a count sampled once per tick. It only lowers, never
+below the floor nor below what Bedrock served on average over the last interval (a
+per-minute quota can throttle while few calls are in flight). Each throttle may fire it,
+one at a time per pool and instance and at most every :data:`GAP_S`: a burst sent at once
+is read with the calls Bedrock is refusing still in flight, so the next throttle reads
+again, lower. The controller still cuts by its law.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from proxy.control.exchange import Reflexed
+from proxy.control.fleet import FleetStats, FleetUnavailable
+from proxy.control.metrics import AdaptivityMetrics
+from proxy.tasks import stop_tasks
+
+log = logging.getLogger("sluice.adaptive")
+
+#: Least time between two reflexes of one instance on one pool: in a throttling storm,
+#: at most 20 small scripts a second per pool and instance.
+GAP_S: Final = 0.05
+
+
+class ThrottleReflex:
+    """Fires the reflex for a pool on a throttle, in the background."""
+
+    def __init__(
+        self,
+        fleet: FleetStats,
+        metrics: AdaptivityMetrics,
+        floors: dict[str, int],
+        applied: Callable[[str, Reflexed], None],
+    ) -> None:
+        """``floors``: each adaptive pool's floor;
+        ``applied(pool, result)``: told what the reflex read and did, so the instance acts
+        on it before its next tick (a retry looks for headroom under the lowered limit)."""
+        self._fleet = fleet
+        self._metrics = metrics
+        self._floors = floors
+        #: Per pool: what Bedrock served on average over the last interval (Little's law),
+        #: set by the controller each tick. The reflex never cuts below it.
+        self.granted: dict[str, float] = {}
+        self._applied = applied
+        self._next: dict[str, float] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def fire(self, pool: str) -> None:
+        """Bedrock throttled a call of ``pool`` (request path: sync, never raises)."""
+        if pool not in self._floors or pool in self._tasks:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if loop.time() < self._next.get(pool, 0.0):
+            return
+        self._next[pool] = loop.time() + GAP_S
+        task = loop.create_task(self._run(pool))
+        self._tasks[pool] = task
+        task.add_done_callback(lambda _: self._tasks.pop(pool, None))
+
+    async def _run(self, pool: str) -> None:
+        try:
+            lowest = max(self._floors[pool], int(self.granted.get(pool, 0.0)))
+            result = await self._fleet.reflex(pool, lowest)
+        except FleetUnavailable as exc:
+            self._metrics.errors.labels("reflex").inc()
+            log.warning(
+                "throttle reflex failed",
+                extra={"fields": {"event": "fleet_unavailable", "pool": pool, "error": str(exc)}},
+            )
+            return
+        live, before, after, _ = result
+        self._fleet.observe_level(pool, live)
+        self._applied(pool, result)
+        if before is not None and after is not None and after < before:
+            self._metrics.reflexes.labels(pool).inc()
+            reason = f"throttle reflex: Bedrock throttled with {live} in flight"
+            limit_event(self._metrics, pool, before, after, reason)
+
+    async def close(self) -> None:
+        """Stop any reflex still running."""
+        await stop_tasks(list(self._tasks.values()), "throttle reflex")
+
+
+def limit_event(
+    metrics: AdaptivityMetrics, pool: str, old: int | None, new: int, reason: str
+) -> None:
+    """Count and log one change of a pool's fleet limit (``limit A -> B (reason)``)."""
+    direction = "up" if old is None or new > old else "down"
+    metrics.limit_changes.labels(pool, direction).inc()
+    shown = "none" if old is None else str(old)
+    fields = {"event": "adaptive_limit", "pool": pool, "old_limit": old, "new_limit": new}
+    log.info(f"limit {shown} -> {new} ({reason})", extra={"fields": {**fields, "reason": reason}})

@@ -1,0 +1,160 @@
+"""The throttle reflex (issue 9): Bedrock's first throttle stops the fleet admitting past
+what is in flight at once, and every instance learns the level it throttled at.
+
+Store level: the reflex's one atomic step on the embedded store, one Redis and a 3-master
+cluster (real leases, real scripts). End to end: three Sluice processes on one Redis, a
+pool limit far above the simulator's concurrency quota, many clients at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from proxy.backend.store import EmbeddedStore, RedisStore
+from proxy.control.breaker import BreakerRecord
+from proxy.control.fleet import FleetStats, PoolControl
+from proxy.control.law import (
+    LEARN_INTERVALS,
+    MIN_FRESH_INTERVALS,
+    PROBE_CALLS,
+    IntervalStats,
+    LearnedQuota,
+)
+from proxy.control.window import PoolTick, throttled_level
+from tests.support.admission_helpers import Backend, new_pool, plan
+from tests.support.load import Results, drive
+from tests.support.processes import metric_value
+
+SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
+
+
+async def test_the_reflex_lowers_the_limit_to_what_is_in_flight_and_never_raises_it(
+    backend: Backend,
+) -> None:
+    pool = new_pool()
+    store = RedisStore(backend.url) if backend.url else EmbeddedStore()
+    await store.start()
+    fleet = FleetStats(
+        backend.url, store, instance_id="x", longest_window_s=1.0, bucket_s=0.1, timeout_s=2.0
+    )
+    await fleet.start()
+    try:
+        # No dynamic limit (a pool that is not adaptive): nothing to lower.
+        assert (await fleet.reflex(pool, 1))[:3] == (0, None, None)
+        await store.set_pool_limit(pool, 30)
+        p = plan(pool, pool_concurrency=40)
+        leases = [(await store.admit(p, 0)).lease for _ in range(7)]
+        # 7 in flight, one of them the refused call: Bedrock grants 6.
+        assert (await fleet.reflex(pool, 1))[:3] == (7, 30, 6)
+        assert (await store.pool_stats(pool))["dynamic_limit"] == 6
+        assert (await fleet.reflex(pool, 1))[:3] == (7, 6, 6)  # never raised back
+        assert (await fleet.reflex(pool, 9))[:3] == (7, 6, 6)  # a floor above it: left alone
+        await store.set_pool_limit(pool, 30)
+        assert (await fleet.reflex(pool, 12))[:3] == (7, 30, 12)  # never below the floor given
+        for lease in leases:
+            assert lease is not None
+            store.settle(p, lease, 0, 0)
+        await store.flush()
+        assert (await fleet.reflex(pool, 1))[0] == 0
+        # The level read is sent with the next tick, as the bucket's lowest (not a sum): a
+        # read may count calls Bedrock refused that have not yet left.
+        fleet.observe_level(pool, 5)
+        fleet.observe_level(pool, 9)
+        fleet.observe_level(pool, 3)
+        tick = (await fleet.exchange({pool: PoolControl()}))[pool]
+        levels = [f.get("q") for _, f in tick.rows if "q" in f]
+        assert levels == [3]
+    finally:
+        await fleet.close()
+        await store.close()
+
+
+def test_a_throttled_bucket_is_read_at_the_level_the_reflex_saw() -> None:
+    assert throttled_level({"p": 4, "n|P0": 3}) is None  # no throttle
+    assert throttled_level({"p": 4, "t|P0": 1}) == 4  # the sampled peak, as before
+    assert throttled_level({"p": 4, "t|P0": 1, "q": 9}) == 9  # read at the throttle itself
+    assert throttled_level({"q": 9}) == 9  # the read landed after the tick with the throttle
+    rows = ((10, {"p": 3, "t|P0": 2, "q": 13}), (11, {"p": 20, "n|P0": 9}))
+    tick = PoolTick(11_500, 1000, 7, 12, False, False, BreakerRecord(), rows)
+    assert tick.latest_throttle(3.0) == (10, 13)
+    assert tick.window(3.0).throttled_peak == 13
+
+
+def _tick(now_ms: int, rows: tuple[tuple[int, dict[str, int]], ...]) -> PoolTick:
+    return PoolTick(now_ms, 1000, 0, 10, False, False, BreakerRecord(), rows)
+
+
+def test_a_learned_quota_is_probed_after_enough_calls_not_after_a_fixed_time() -> None:
+    quiet = IntervalStats(100, 0, 600.0, 5, 0, 5000.0, 1000.0, served=100)
+    throttled = IntervalStats(100, 3, 600.0, 5, 0, 5000.0, 1000.0, throttled_peak=6, served=97)
+    # A busy pool: enough calls after MIN_FRESH_INTERVALS: stale, so growth probes again.
+    busy = LearnedQuota()
+    assert busy.update("p", throttled, 1.0, now=0.0) == 5
+    assert busy.update("p", quiet, 1.0, now=1.0, calls=PROBE_CALLS) == 5  # too soon
+    assert busy.update("p", quiet, 1.0, now=MIN_FRESH_INTERVALS) is None
+    assert busy.known("p") == 5
+    # A quiet pool: few calls, so the estimate stays until LEARN_INTERVALS (at most).
+    idle = LearnedQuota()
+    assert idle.update("p", throttled, 1.0, now=0.0) == 5
+    assert idle.update("p", quiet, 1.0, now=10.0, calls=PROBE_CALLS - 1) == 5
+    assert idle.update("p", quiet, 1.0, now=LEARN_INTERVALS - 0.5, calls=0) == 5
+    assert idle.update("p", quiet, 1.0, now=LEARN_INTERVALS, calls=0) is None
+    # Calls are counted once per complete fleet bucket, whichever tick reads them.
+    counter = LearnedQuota()
+    rows = ((3, {"n|P0": 40, "n|P2": 10}), (4, {"n|P0": 7}), (5, {"n|P0": 99}))
+    assert counter.count_calls("p", _tick(4_100, rows)) == 0  # the first read counts nothing
+    assert counter.count_calls("p", _tick(5_200, rows)) == 7  # bucket 4 completed
+    assert counter.count_calls("p", _tick(5_700, rows)) == 0  # nothing new completed
+    assert counter.count_calls("p", _tick(6_000, rows)) == 99
+
+
+async def test_a_limit_far_above_the_quota_stops_throttling_at_the_first_throttle(
+    redis_server: Any, make_simulator: Any, make_sluice: Any
+) -> None:
+    """Three instances, a limit of 24 against Bedrock's 4: the churn above the quota ends at
+    the first throttle, not at the next control interval, and the fleet learns 4."""
+    quota = 4
+    sim = make_simulator(
+        {"latency_scale": 0.5, "models": {SONNET: {"quotas": {"concurrency": quota}}}}
+    )
+    pool = f"sonnet{uuid.uuid4().hex[:8]}"
+    # A long interval: without the reflex, the limit stays at 24 for 3 s of churn.
+    adaptive = {"initial": 24, "ceiling": 24, "interval_seconds": 3, "target_p99_ms": 10000}
+    policy = {
+        "identity": {"header_mode": True},
+        "server": {"adaptivity": {"tick_seconds": 0.25}, "retry": {"max_retries": 0}},
+        "models": {pool: {"ids": [SONNET], "concurrency": 24, "adaptive": adaptive}},
+        "workloads": {"chat": {"max_wait_ms": 3000}},
+    }
+    fleet = ["--fleet", f"reflex-{uuid.uuid4().hex}"]
+    proxies = [
+        make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url, extra_args=fleet)
+        for _ in range(3)
+    ]
+    load = asyncio.ensure_future(
+        drive([p.url for p in proxies], "chat", SONNET, clients=16, seconds=5, results=Results())
+    )
+    # The first wave is sent at once into a limit of 24: Bedrock refuses 12 of 16 before
+    # anything is known. From the second second on, only what the reflex left over.
+    await asyncio.sleep(1.0)
+    early = sim.stats()["models"][SONNET]["throttled"]
+    await load
+    await asyncio.sleep(1.0)  # a few ticks: every instance has read the last fleet buckets
+    stats = sim.stats()["models"][SONNET]
+    texts = [p.metrics() for p in proxies]
+    reflexes = sum(metric_value(t, "sluice_adaptive_reflexes_total", pool=pool) for t in texts)
+    learned = [metric_value(t, "sluice_adaptive_learned_quota", pool=pool) for t in texts]
+    limits = [metric_value(t, "sluice_adaptive_limit", pool=pool) for t in texts]
+    late = stats["throttled"] - early
+    print(
+        f"throttled {early} in the first second, {late} after, of {stats['requests']} calls; "
+        f"reflexes {reflexes}, learned {learned}, limits {limits}"
+    )
+    assert early > 0 and reflexes >= 1
+    # Without the reflex the limit stays at 24 until the interval ends (3 s): the excess
+    # slots churn, every caller admitted into one refused (hundreds of throttles).
+    assert late <= 2, stats
+    assert len(set(learned)) == 1 and quota - 1 <= learned[0] <= quota + 1, learned
+    assert all(limit <= quota + 1 for limit in limits), limits
