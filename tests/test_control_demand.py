@@ -110,10 +110,19 @@ async def test_class_share_refusals_grow_the_pool(setup: Setup) -> None:
     refusal = await _refusal(gate, policy, "browse")  # 1 slot of 4
     assert refusal.headers["RateLimit-Policy"].startswith('"class.concurrency"')
     a.refused(pool, "P2", refusal)
-    for _ in range(4):  # the callers keep coming: 1 in flight + 5 refused want more than 4
-        a.refused(pool, "P2", await _refusal(gate, policy, "browse"))
-    # Slow start: doubled within an interval or two, though in-flight is 1 of 4.
-    await until(lambda: (a.limit(pool) or 0) >= 8, timeout_s=3.0)
+
+    async def keep_coming() -> None:  # 1 in flight + 5 refused a tick want more than 4
+        while True:
+            for _ in range(5):
+                a.refused(pool, "P2", await _refusal(gate, policy, "browse"))
+            await asyncio.sleep(0.05)
+
+    callers = asyncio.create_task(keep_coming())
+    try:
+        # Slow start: doubled within an interval or two, though in-flight is 1 of 4.
+        await until(lambda: (a.limit(pool) or 0) >= 8, timeout_s=3.0)
+    finally:
+        callers.cancel()
     assert a.metrics.underutilised.labels(pool)._value.get() == 0  # it moved: no alarm
 
 

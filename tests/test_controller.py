@@ -381,20 +381,17 @@ def _policy(pool: str, **adaptive: Any) -> CompiledPolicy:
     )
 
 
-class RecordingStore:
-    """A RedisStore that remembers when each instance changed the pool limit."""
-
-    def __init__(self, inner: RedisStore, log: list[tuple[float, int]]) -> None:
-        self._inner = inner
-        self._log = log
-
-    async def set_pool_limit(self, pool: str, limit: int | None) -> None:
-        assert limit is not None
-        self._log.append((time.monotonic(), limit))
-        await self._inner.set_pool_limit(pool, limit)
-
-    async def pool_stats(self, pool: str) -> dict[str, float]:
-        return await self._inner.pool_stats(pool)
+async def _record_changes(
+    client: redis.Redis, pool: str, log: list[tuple[float, int]], stop: asyncio.Event
+) -> None:
+    """Every change of the pool's fleet limit, at its fleet time (lim_ms, s), as written."""
+    seen = None
+    while not stop.is_set():
+        lim, at = client.hmget(f"sluice:{{{pool}}}:pool", "lim", "lim_ms")
+        if lim is not None and at is not None and at != seen:
+            seen = at
+            log.append((int(at) / 1000, int(lim)))
+        await asyncio.sleep(0.002)
 
 
 @pytest.fixture
@@ -409,7 +406,7 @@ async def fleet_of_three(
         await store.start()
         a = Adaptivity(
             _policy(pool, interval_seconds=0.25, increase=5),
-            RecordingStore(store, changes),  # type: ignore[arg-type]
+            store,
             redis_server.url,
             registry=CollectorRegistry(),
             tick_s=0.05,
@@ -422,9 +419,13 @@ async def fleet_of_three(
     # A saturated pool: 200 live leases (fleet in-flight) for the whole test.
     expiry = (time.time() + 600) * 1000
     client.zadd(f"sluice:{{{pool}}}:leases", {f"fake{i}": expiry for i in range(200)})
+    stop = asyncio.Event()
+    recorder = asyncio.create_task(_record_changes(client, pool, changes, stop))
     try:
         yield pool, instances, changes, client
     finally:
+        stop.set()
+        await recorder
         for a in instances:
             await a.close()
         for store in stores:
@@ -559,3 +560,16 @@ def test_probing_above_an_old_quota_steps_only_on_levels_calls_filled() -> None:
         new, _ = next_limit(current, stats, INCIDENT3, 80, known=known)
         if current > known and new > current:
             assert peak >= math.ceil(0.8 * current)
+
+
+def test_a_learned_quota_stops_growth_where_the_asking_classes_reach_it() -> None:
+    # Bedrock grants 8; only a 0.4-share class asks: it holds 0.4 of the pool limit, so
+    # the limit that lets it reach 8 is 20. Holding at 8 left it 4 (incident 3 again).
+    p2_only = IntervalStats(100, 0, 600.0, 4, 40, 4 * SPAN_MS, SPAN_MS, served=8, reach=0.4)
+    new, reason = next_limit(8, p2_only, INCIDENT3, 80, learned=8)
+    assert new == 10 and "toward 20" in reason, reason
+    assert next_limit(20, p2_only, INCIDENT3, 80, learned=8)[0] == 20
+    # Every class asks: the quota itself stops growth.
+    everyone = IntervalStats(100, 0, 600.0, 8, 40, 8 * SPAN_MS, SPAN_MS, served=16)
+    new, reason = next_limit(8, everyone, INCIDENT3, 80, learned=8)
+    assert new == 8 and "throttled at ~8" in reason, reason

@@ -108,7 +108,8 @@ async def test_incident_1_flash_sale_keeps_p0_answering(
     # After the controller settles, Bedrock (the simulator) throttles under 1%.
     assert settled_throttles <= 0.01 * settled_requests, (settled_throttles, settled_requests)
     assert mid["throttled"] > 0  # the configured limit really was above Bedrock's quota
-    # The controller cut the limit it started above the quota at. (It used to have to end
+    # The limit it started above the quota at was cut (by the throttle reflex or the
+    # controller: both count in limit_changes). (It used to have to end
     # at <= 12; issue 9: refused demand now makes a pool probe for a raised quota, so the
     # limit may sit above 12 while Bedrock's throttles, asserted above, stay under 1%.)
     cuts = sum(

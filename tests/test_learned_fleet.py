@@ -14,7 +14,7 @@ import asyncio
 import uuid
 from typing import Any
 
-from tests.support.load import Results, drive
+from tests.support.load import Results, adaptive_fleet, drive
 from tests.support.processes import metric_value
 
 SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
@@ -29,17 +29,7 @@ async def test_every_instance_learns_the_quota_the_fleet_was_throttled_at(
     )
     pool = f"sonnet{uuid.uuid4().hex[:8]}"
     adaptive = {"initial": 16, "ceiling": 16, "interval_seconds": 0.5, "target_p99_ms": 10000}
-    policy = {
-        "identity": {"header_mode": True},
-        "server": {"adaptivity": {"tick_seconds": 0.25}, "retry": {"max_retries": 0}},
-        "models": {pool: {"ids": [SONNET], "concurrency": 16, "adaptive": adaptive}},
-        "workloads": {"chat": {"max_wait_ms": 1000}},
-    }
-    fleet = ["--fleet", f"learn-{uuid.uuid4().hex}"]
-    proxies = [
-        make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url, extra_args=fleet)
-        for _ in range(3)
-    ]
+    proxies = adaptive_fleet(make_sluice, sim.url, redis_server.url, pool, SONNET, adaptive)
     await drive([p.url for p in proxies], "chat", SONNET, clients=16, seconds=5, results=Results())
     await asyncio.sleep(1.0)  # a few ticks: every instance has read the last fleet buckets
     name = "sluice_adaptive_learned_quota"

@@ -65,3 +65,6 @@ class Store(Protocol):
 
     async def pool_stats(self, pool: str) -> dict[str, float]:
         """in_flight, dynamic_limit (-1 = none) and held_here (this instance's) of a pool."""
+
+    async def holds_lease(self, pool: str, lease: str) -> bool:
+        """Is ``lease`` still held on ``pool`` (not yet released or expired)?"""

@@ -269,6 +269,11 @@ class EmbeddedStore:
         """Set or clear the dynamic concurrency limit."""
         self._pool(pool).dyn = limit
 
+    async def holds_lease(self, pool: str, lease: str) -> bool:
+        """See :meth:`Store.holds_lease`."""
+        expiry = self._pool(pool).leases.by_id.get(lease)
+        return expiry is not None and expiry > self._now()
+
     async def pool_stats(self, pool: str) -> dict[str, float]:
         """See :meth:`Store.pool_stats`."""
         now = self._now()

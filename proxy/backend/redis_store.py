@@ -380,6 +380,16 @@ class RedisStore:
             self._errors["control"].inc()
             raise StoreUnavailable(f"redis set_pool_limit failed: {why(exc)}") from exc
 
+    async def holds_lease(self, pool: str, lease: str) -> bool:
+        """See :meth:`Store.holds_lease`."""
+        key = plan_keys(pool, "").pool_leases
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._client.zscore(key, lease) is not None
+        except FAILURES as exc:
+            self._errors["control"].inc()
+            raise StoreUnavailable(f"redis holds_lease failed: {why(exc)}") from exc
+
     async def pool_stats(self, pool: str) -> dict[str, float]:
         """See :meth:`Store.pool_stats`."""
         k = plan_keys(pool, "")

@@ -19,7 +19,7 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from proxy.admission import Store, StoreUnavailable
+from proxy.admission import Store
 from proxy.control.breaker import (
     CLOSED,
     OPEN,
@@ -28,7 +28,6 @@ from proxy.control.breaker import (
     next_state,
     next_state_cut,
 )
-from proxy.control.exchange import Reflexed
 from proxy.control.fleet import FleetStats, FleetUnavailable, PoolControl, PoolTick
 from proxy.control.hold import HOLD_TICKS, PriorityHold, poll_until
 from proxy.control.law import (
@@ -42,16 +41,15 @@ from proxy.control.law import (
     start_limit,
     underutilised,
 )
+from proxy.control.limits import FleetLimits
 from proxy.control.metrics import AdaptivityMetrics
 from proxy.control.pause import PauseState, step_pauses
-from proxy.control.reflex import ThrottleReflex, limit_event
+from proxy.control.reflex import ThrottleReflex
 from proxy.errors import BedrockError
 from proxy.policy import CompiledPolicy
 from proxy.tasks import STOP_TIMEOUT_S, stop_task
 
 log = logging.getLogger("sluice.adaptive")
-#: ``_changed_ms`` of a pool whose limit this instance's reflex moved since its last tick.
-REFLEXED = -1
 
 
 def _event(level: int, event: str, message: str, **fields: object) -> None:
@@ -81,7 +79,6 @@ class Adaptivity:
         instance_id: str | None = None,
     ) -> None:
         """``bucket_s`` (default: the tick, at most 1 s) is the fleet's time resolution."""
-        self._store = store
         self._tick_s = tick_s
         self._pause_window_s = pause_window_s
         self._stale_after_s = stale_after_s or max(5.0, 5 * tick_s)
@@ -106,14 +103,9 @@ class Adaptivity:
         self.hold = PriorityHold(HOLD_TICKS * tick_s)
         self.metrics = AdaptivityMetrics(registry or CollectorRegistry())
         floors = {n: bounds(a, self._configured[n])[0] for n, a in self._adaptive.items()}
-        self.reflex = ThrottleReflex(self.fleet, self.metrics, floors, self._reflexed)
-        self._limits: dict[str, int] = {}
+        self.limits = FleetLimits(self.fleet, self.metrics, tick_s)
+        self.reflex = ThrottleReflex(self.fleet, self.metrics, floors, self.limits.reflexed)
         self._learned = LearnedQuota()
-        #: Fleet in-flight per pool as of the last tick (retries go only into headroom).
-        self._in_flight: dict[str, int] = {}
-        #: Fleet time (ms) of each pool's last tick, and of its last limit change.
-        self._now_ms: dict[str, int] = {}
-        self._changed_ms: dict[str, int] = {}
         self._pause = PauseState()
         self._last_ok = time.monotonic()
         self._task: asyncio.Task[None] | None = None
@@ -136,25 +128,22 @@ class Adaptivity:
     # --- request path --------------------------------------------------------------------
 
     def observe(
-        self, pool: str, priority: str, latency_ms: float, throttled: bool, server_error: bool
+        self,
+        pool: str,
+        priority: str,
+        latency_ms: float,
+        throttled: bool,
+        server_error: bool,
+        lease: str | None = None,
     ) -> None:
-        """Count one finished upstream call (throttled: Bedrock 429; server_error: 5xx)."""
+        """Count one finished upstream call (throttled: Bedrock 429; server_error: 5xx;
+        ``lease``: the call's pool lease, for the throttle reflex)."""
         self.fleet.observe(pool, priority, latency_ms, throttled, server_error)
         self.breakers.outcome(pool, throttled or server_error)
         if throttled and pool in self._shedding and priority in self._ranks:
             self.hold.throttled(pool, self._ranks[priority])
         if throttled:
-            self.reflex.fire(pool)
-
-    def _reflexed(self, pool: str, result: Reflexed) -> None:
-        """Act on the reflex before the next tick: a retry looks for headroom under the
-        lowered limit. The throttles before it, sent with the next tick, must not cut it
-        a second time: the change counts from that tick, as another instance's does."""
-        live, before, after, _ = result
-        self._in_flight[pool] = live
-        if after is not None and before is not None and after < before:
-            self._limits[pool] = after
-            self._changed_ms[pool] = REFLEXED
+            self.reflex.fire(pool, lease)
 
     def refused(self, pool: str, priority: str, refusal: BedrockError) -> None:
         """Count a refusal as demand if more pool concurrency would have admitted the call
@@ -177,10 +166,10 @@ class Adaptivity:
     def retry_headroom(self, pool: str) -> bool:
         """May a throttled call to ``pool`` be retried? Only into headroom under the limit
         (a retry at a full limit is one more call at a quota Bedrock just said is spent)."""
-        limit = self._limits.get(pool)
+        limit = self.limits.limits.get(pool)
         if pool not in self._adaptive or limit is None:
             return True
-        return self.breakers.state(pool) == CLOSED and self._in_flight.get(pool, 0) < limit
+        return self.breakers.state(pool) == CLOSED and self.limits.in_flight.get(pool, 0) < limit
 
     async def await_headroom(self, pool: str, wait_s: float) -> bool:
         """:meth:`retry_headroom`, waiting up to ``wait_s`` for it (checked once per tick)."""
@@ -202,7 +191,7 @@ class Adaptivity:
 
     def limit(self, pool: str) -> int | None:
         """The fleet's adaptive limit of ``pool`` as last seen (None: not adaptive / unknown)."""
-        return self._limits.get(pool)
+        return self.limits.limits.get(pool)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -273,6 +262,9 @@ class Adaptivity:
                 # And the bucket before: another instance may write it after this one read it.
                 self.hold.hear(pool, t.window(self._tick_s + t.bucket_ms / 1000), self._ranks)
                 self.hold.show(pool, self._ranks, self.metrics.holding)
+            if pool in self._adaptive:
+                self.limits.note(pool, t)
+                self._note_granted(pool, t)
             if pool in self._breakers:
                 await self._step_breaker(pool, t)
             if pool in self._adaptive:
@@ -328,25 +320,23 @@ class Adaptivity:
         """The breaker just opened: cut the limit now, unless the controller just did (from
         the limit read this tick: an older one could be above another instance's cut)."""
         cfg, current = self._adaptive[pool], t.fleet_limit
-        since = self._changed_ms.get(pool, 0)
-        recent = since == REFLEXED or t.now_ms - since < cfg.interval_seconds * 1000
+        recent = t.now_ms - self.limits.since_ms.get(pool, 0) < cfg.interval_seconds * 1000
         if current is not None and not recent:
             floor = bounds(cfg, self._configured[pool])[0]
             new = max(floor, cut(current, cfg, self._learned.known(pool)))
             if new < current:
-                await self._set_limit(pool, current, new, "breaker opened")
+                await self.limits.set(pool, current, new, "breaker opened")
+
+    def _note_granted(self, pool: str, t: PoolTick) -> None:
+        """The reflex's floor: over the whole interval, not since the last change (right
+        after one that window is empty)."""
+        full = interval_stats(t, self._adaptive[pool].interval_seconds, None, self._tick_s, {})
+        if full.granted is not None:
+            self.reflex.granted[pool] = full.granted
 
     async def _step_limit(self, pool: str, t: PoolTick) -> None:
         cfg, configured = self._adaptive[pool], self._configured[pool]
-        self._now_ms[pool] = t.now_ms
-        moved = t.fleet_limit is not None and t.fleet_limit != self._limits.get(pool)
-        if moved or self._changed_ms.get(pool) == REFLEXED:
-            self._changed_ms[pool] = t.now_ms  # another instance (or a reflex) moved it
         stats = self._interval_stats(pool, t)
-        self._in_flight[pool] = t.in_flight
-        if t.fleet_limit is not None:
-            self._limits[pool] = t.fleet_limit
-        self.reflex.granted[pool] = stats.granted or 0.0
         recent = t.latest_throttle(cfg.interval_seconds + self._tick_s)
         calls = self._learned.count_calls(pool, t)
         learned = self._learned.update(
@@ -354,7 +344,7 @@ class Adaptivity:
         )
         known, state = self._learned.known(pool), self.breakers.state(pool)
         self.metrics.learned_quota.labels(pool).set(known or 0)
-        current = self._limits.get(pool)
+        current = self.limits.limits.get(pool)
         new: int | None = None
         reason = ""
         if current is not None:
@@ -363,15 +353,15 @@ class Adaptivity:
             )
         if t.leader:
             await self._lead(pool, t, new, reason)
-        if pool in self._limits:
-            self.metrics.limit.labels(pool).set(self._limits[pool])
+        if pool in self.limits.limits:
+            self.metrics.limit.labels(pool).set(self.limits.limits[pool])
         if current is not None:
             idle = underutilised(current, stats, cfg, configured, new, learned)
             self.metrics.underutilised.labels(pool).set(int(idle))
 
     def _interval_stats(self, pool: str, t: PoolTick) -> IntervalStats:
         """The fleet's outcomes for ``pool`` over its interval, as the control law reads them."""
-        interval, since = self._adaptive[pool].interval_seconds, self._changed_ms.get(pool)
+        interval, since = self._adaptive[pool].interval_seconds, self.limits.since_ms.get(pool)
         return interval_stats(t, interval, since, self._tick_s, self._shares)
 
     async def _lead(self, pool: str, t: PoolTick, new: int | None, reason: str) -> None:
@@ -380,18 +370,7 @@ class Adaptivity:
             # First start, or Redis lost the limit: restore what this instance last saw.
             cfg, configured = self._adaptive[pool], self._configured[pool]
             floor, ceiling = bounds(cfg, configured)
-            first = self._limits.get(pool) or start_limit(cfg, configured)
-            await self._set_limit(pool, None, max(floor, min(ceiling, first)), "initial")
+            first = self.limits.limits.get(pool) or start_limit(cfg, configured)
+            await self.limits.set(pool, None, max(floor, min(ceiling, first)), "initial")
         elif new is not None and new != t.fleet_limit:
-            await self._set_limit(pool, t.fleet_limit, new, reason)
-
-    async def _set_limit(self, pool: str, old: int | None, new: int, reason: str) -> None:
-        try:
-            await self._store.set_pool_limit(pool, new)
-        except StoreUnavailable as exc:
-            msg = "set_pool_limit failed"
-            self._failed("set_limit", "store_unavailable", msg, exc, pool=pool)
-            return
-        self._limits[pool] = new
-        self._changed_ms[pool] = self._now_ms.get(pool, 0)
-        limit_event(self.metrics, pool, old, new, reason)
+            await self.limits.set(pool, t.fleet_limit, new, reason)

@@ -34,14 +34,17 @@ BREAKER_TTL_MS: Final = 86_400_000
 #: ARGV: 1 bucket ms, 2 instance id, 3 leader px (0: no claim), 4 probe op (1 claim,
 #: -1 release), 5 breaker gen, 6 probe cap, 7 probes ok, 8 probes failed, 9.. field, delta.
 #: Returns {now ms, live leases, dynamic limit (-1 none), leader 0/1, probe granted 0/1,
-#: breaker HGETALL, ring HGETALLs of the last R-1 buckets}.
+#: breaker HGETALL, ring HGETALLs of the last R-1 buckets, the limit's change time}.
 TICK_LUA: Final = load_script("fleet_tick")
 #: The scripts one exchange runs (``proxy/backend/scripts/<name>.lua``).
-_SCRIPTS: Final = ("fleet_tick", "breaker_transition", "fleet_reflex")
+_SCRIPTS: Final = ("fleet_tick", "breaker_transition", "fleet_reflex", "fleet_set_limit")
 
 #: What a throttle reflex read and did: (live leases, limit before, limit after (None: no
 #: dynamic limit set), the fleet's time in ms).
 Reflexed = tuple[int, int | None, int | None, int]
+#: A compare-and-set of the limit: (applied, the limit now (None: none), its change time
+#: in fleet ms (None: unknown)).
+LimitSet = tuple[bool, int | None, int | None]
 
 
 #: Per pool: this tick's (field, delta) counts and what the instance asks of the fleet.
@@ -57,7 +60,8 @@ class Exchange(Protocol):
     async def close(self) -> None: ...
     async def tick(self, sends: Sends) -> dict[str, PoolTick]: ...
     async def transition(self, pool: str, gen: int, state: int) -> tuple[bool, BreakerRecord]: ...
-    async def reflex(self, pool: str, lowest: int) -> Reflexed: ...
+    async def reflex(self, pool: str, lowest: int, lease: str | None) -> Reflexed: ...
+    async def set_limit(self, pool: str, expected: int | None, new: int) -> LimitSet: ...
 
 
 def _hash(flat: Sequence[Any]) -> dict[str, str]:
@@ -127,6 +131,7 @@ class RedisExchange:
             bool(res[4]),
             BreakerRecord.from_fields(_hash(res[5])),
             tuple(rows),
+            _limit(res[7]),
         )
 
     async def transition(self, pool: str, gen: int, state: int) -> tuple[bool, BreakerRecord]:
@@ -134,19 +139,27 @@ class RedisExchange:
         res = await self._runner.run("breaker_transition", [key], [gen, state, BREAKER_TTL_MS])
         return bool(res[0]), BreakerRecord.from_fields(_hash(res[1]))
 
-    async def reflex(self, pool: str, lowest: int) -> Reflexed:
+    async def reflex(self, pool: str, lowest: int, lease: str | None) -> Reflexed:
         keys = self._pool_keys(pool)
-        res = await self._runner.run("fleet_reflex", [keys[-4], keys[-3]], [lowest])
+        args: list[Arg] = [lowest, lease or ""]
+        res = await self._runner.run("fleet_reflex", [keys[-4], keys[-3]], args)
         return int(res[0]), _limit(res[1]), _limit(res[2]), int(res[3])
+
+    async def set_limit(self, pool: str, expected: int | None, new: int) -> LimitSet:
+        key = self._pool_keys(pool)[-4]
+        old = -1 if expected is None else expected
+        res = await self._runner.run("fleet_set_limit", [key], [old, new])
+        return bool(res[0]), _limit(res[1]), _limit(res[2])
 
 
 class _LocalPool:
-    __slots__ = ("breaker", "leader_until", "rows")
+    __slots__ = ("breaker", "leader_until", "limit_ms", "rows")
 
     def __init__(self) -> None:
         self.rows: dict[int, dict[str, int]] = {}
         self.leader_until = 0
         self.breaker = BreakerRecord()
+        self.limit_ms: int | None = None
 
 
 class LocalExchange:
@@ -202,6 +215,7 @@ class LocalExchange:
                 granted,
                 p.breaker,
                 rows,
+                p.limit_ms,
             )
         return out
 
@@ -229,12 +243,25 @@ class LocalExchange:
         p.breaker = BreakerRecord(state, gen + 1, int(time.monotonic() * 1000))
         return True, p.breaker
 
-    async def reflex(self, pool: str, lowest: int) -> Reflexed:
+    async def reflex(self, pool: str, lowest: int, lease: str | None) -> Reflexed:
+        # The embedded store never yields inside these calls: read and write are one step.
         stats = await self._store.pool_stats(pool)
         now = int(time.monotonic() * 1000)
         live, lim = int(stats.get("in_flight", 0)), _limit(stats.get("dynamic_limit", -1))
+        if lease and not await self._store.holds_lease(pool, lease):
+            live += 1  # the refused call's release ran first: it was in flight all the same
         target = max(lowest, live - 1)
         if lim is None or target >= lim:
             return live, lim, lim, now
         await self._store.set_pool_limit(pool, target)
+        self._pool(pool).limit_ms = now
         return live, lim, target, now
+
+    async def set_limit(self, pool: str, expected: int | None, new: int) -> LimitSet:
+        stats = await self._store.pool_stats(pool)
+        cur, p = _limit(stats.get("dynamic_limit", -1)), self._pool(pool)
+        if cur != expected:
+            return False, cur, p.limit_ms
+        await self._store.set_pool_limit(pool, new)
+        p.limit_ms = int(time.monotonic() * 1000)
+        return True, new, p.limit_ms

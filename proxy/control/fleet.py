@@ -13,14 +13,16 @@ Key layout (all keys of a pool share the hash tag ``{<pool>}``, one slot per poo
 
     sluice:{<pool>}:fleet:<i>   hash  ring of time buckets: b = bucket number,
                                       p = peak fleet in-flight sampled in the bucket,
-                                      q = fleet in-flight read when Bedrock throttled,
+                                      q = lowest fleet in-flight read when Bedrock
+                                      throttled (by the reflex),
                                       n|<class>, t|<class>, e|<class>, h<j>|<class> = requests,
                                       throttles, 5xx and latency-bucket-j counts,
                                       d|<class> = calls refused for concurrency (demand),
                                       s|<class> = ms spent in calls Bedrock answered 200
     sluice:{<pool>}:breaker     hash  the breaker record (see :mod:`proxy.control.breaker`)
     sluice:{<pool>}:leader      str   the controller's leader for the current interval
-    sluice:{<pool>}:pool, :leases     read only: the store's dynamic limit and leases
+    sluice:{<pool>}:pool, :leases     the store's dynamic limit (``lim``, written here
+                                      with its change time ``lim_ms``) and leases
 
 A ring key is reset when its slot is reused and expires after one ring turn, so a dead
 instance's counts age out with the buckets they went into. Time is Redis ``TIME``.
@@ -38,6 +40,7 @@ from proxy.control.exchange import (
     TICK_LUA,
     Exchange,
     FleetUnavailable,
+    LimitSet,
     LocalExchange,
     RedisExchange,
     Reflexed,
@@ -161,10 +164,16 @@ class FleetStats:
         if in_flight > 0:  # every refused call already gone: says nothing
             self._levels[pool] = min(in_flight, self._levels.get(pool, in_flight))
 
-    async def reflex(self, pool: str, lowest: int) -> Reflexed:
-        """Lower the fleet limit of ``pool`` to what is in flight now minus one (see
-        :mod:`proxy.control.reflex`); raises :class:`FleetUnavailable`."""
-        return await self._exchange.reflex(pool, lowest)
+    async def reflex(self, pool: str, lowest: int, lease: str | None = None) -> Reflexed:
+        """Lower the fleet limit of ``pool`` to what is in flight now minus the refused call
+        (``lease``: its lease; see :mod:`proxy.control.reflex`); raises
+        :class:`FleetUnavailable`."""
+        return await self._exchange.reflex(pool, lowest, lease)
+
+    async def set_limit(self, pool: str, expected: int | None, new: int) -> LimitSet:
+        """Set the fleet limit of ``pool`` to ``new`` if it is still ``expected`` (None:
+        none set); raises :class:`FleetUnavailable`."""
+        return await self._exchange.set_limit(pool, expected, new)
 
     async def exchange(self, controls: Mapping[str, PoolControl]) -> dict[str, PoolTick]:
         """Send this window (then forget it) plus ``controls``; return the fleet view per pool.

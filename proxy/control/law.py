@@ -199,6 +199,10 @@ def next_limit(
         return max(floor, cut(current, cfg, learned, share)), (
             f"{stats.throttles}/{stats.requests} throttled{est}"
         )
+    # Growth stops at the quota as the asking classes can use it: together they hold only
+    # ``reach`` of the pool limit (their shares), so a pool that only a 0.4-share class
+    # uses reaches a quota of 8 at a limit of 20, not 8 (incident 3).
+    learned, known = _for_reach(learned, stats.reach), _for_reach(known, stats.reach)
     stop = learned if learned is not None else _probe_cap(known, breaker)
     hold = _hold_reason(current, stats, cfg, ceiling, stop, breaker)
     if hold is not None:
@@ -218,8 +222,9 @@ def _probe(
     while the breaker is not closed).
 
     One slot above the old quota first, then twice as far above it as the limit already
-    is: each clean step is evidence of a raise, and an overshoot costs about one throttle
-    (the reflex lowers the limit to what is in flight at the first).
+    is: each clean step is evidence of a raise. On a concurrency quota an overshoot costs
+    about one throttle (the reflex lowers the limit to what is in flight at the first); on
+    a per-minute quota Bedrock's burst hides it for a while, and the law's cut answers it.
     """
     if known is not None and current < known:  # additive back up to the old quota first
         return min(ceiling, current + cfg.increase, known), f"additive toward {known}: {why}"
@@ -232,6 +237,11 @@ def _probe(
         return current, f"probing above {known}: holding at {current} until calls fill it ({peak})"
     step = cfg.increase if known is None else max(1, current - known)
     return min(ceiling, current + step), f"probing above {known}: {why}"
+
+
+def _for_reach(quota: int | None, reach: float) -> int | None:
+    """The pool limit at which classes holding ``reach`` of it reach ``quota``."""
+    return quota if quota is None or reach >= 1 else math.ceil(quota / max(reach, 0.01))
 
 
 def _filled(stats: IntervalStats, current: int) -> bool:
@@ -285,7 +295,7 @@ class LearnedQuota:
     def __init__(self) -> None:
         #: Per pool: [estimate, when it was made, upstream calls since].
         self._seen: dict[str, list[float]] = {}
-        self._bucket: dict[str, int] = {}
+        self._bucket: dict[str, tuple[int, int]] = {}
         self._counted: dict[str, int] = {}
 
     def count_calls(self, pool: str, tick: PoolTick) -> int:
@@ -311,12 +321,14 @@ class LearnedQuota:
         or :data:`LEARN_INTERVALS` at most."""
         now = time.monotonic() if now is None else now
         estimate = stats.quota_estimate() if throttled_at is None else None
-        if throttled_at is not None and throttled_at[0] >= self._bucket.get(pool, -1):
+        last = self._bucket.get(pool, (-1, 0))
+        if throttled_at is not None and throttled_at[0] >= last[0] and throttled_at != last:
             # The fleet's latest throttled bucket, the same for every instance (its own
-            # window, since the limit change it saw, is not: never mix the two).
-            bucket, peak = throttled_at
-            self._bucket[pool] = bucket
-            estimate = max(1, peak - 1, math.floor(stats.granted or 0.0))
+            # window, since the limit change it saw, is not: never mix the two). Learned
+            # once per bucket (or again when its level changed), so the estimate's age
+            # and its calls count from the throttle, not from the last tick that saw it.
+            self._bucket[pool] = throttled_at
+            estimate = max(1, throttled_at[1] - 1, math.floor(stats.granted or 0.0))
         if estimate is not None:
             self._seen[pool] = [estimate, now, 0]
             calls = 0  # calls of this tick ran before (or at) the throttle

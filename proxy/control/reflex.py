@@ -27,6 +27,7 @@ from typing import Final
 
 from proxy.control.exchange import Reflexed
 from proxy.control.fleet import FleetStats, FleetUnavailable
+from proxy.control.limits import limit_event
 from proxy.control.metrics import AdaptivityMetrics
 from proxy.tasks import stop_tasks
 
@@ -35,6 +36,9 @@ log = logging.getLogger("sluice.adaptive")
 #: Least time between two reflexes of one instance on one pool: in a throttling storm,
 #: at most 20 small scripts a second per pool and instance.
 GAP_S: Final = 0.05
+#: After a failed reflex (Redis unreachable), the next waits this long: an outage during
+#: a storm costs one warning a second per pool, not one per throttle.
+FAILED_GAP_S: Final = 1.0
 
 
 class ThrottleReflex:
@@ -53,16 +57,19 @@ class ThrottleReflex:
         self._fleet = fleet
         self._metrics = metrics
         self._floors = floors
-        #: Per pool: what Bedrock served on average over the last interval (Little's law),
-        #: set by the controller each tick. The reflex never cuts below it.
+        #: Per pool: what Bedrock served on average over the last full interval (a lower
+        #: bound, Little's law), set by the controller each tick. The reflex never cuts
+        #: below it: a per-minute quota can throttle while few calls are in flight.
         self.granted: dict[str, float] = {}
         self._applied = applied
         self._next: dict[str, float] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._closed = False
 
-    def fire(self, pool: str) -> None:
-        """Bedrock throttled a call of ``pool`` (request path: sync, never raises)."""
-        if pool not in self._floors or pool in self._tasks:
+    def fire(self, pool: str, lease: str | None = None) -> None:
+        """Bedrock throttled a call of ``pool`` holding ``lease`` (request path: sync,
+        never raises)."""
+        if self._closed or pool not in self._floors or pool in self._tasks:
             return
         try:
             loop = asyncio.get_running_loop()
@@ -71,19 +78,23 @@ class ThrottleReflex:
         if loop.time() < self._next.get(pool, 0.0):
             return
         self._next[pool] = loop.time() + GAP_S
-        task = loop.create_task(self._run(pool))
+        task = loop.create_task(self._run(pool, lease))
         self._tasks[pool] = task
         task.add_done_callback(lambda _: self._tasks.pop(pool, None))
 
-    async def _run(self, pool: str) -> None:
+    async def _run(self, pool: str, lease: str | None) -> None:
         try:
             lowest = max(self._floors[pool], int(self.granted.get(pool, 0.0)))
-            result = await self._fleet.reflex(pool, lowest)
-        except FleetUnavailable as exc:
+            result = await self._fleet.reflex(pool, lowest, lease)
+        except Exception as exc:  # FleetUnavailable, or a bug: never lost, never fatal
             self._metrics.errors.labels("reflex").inc()
-            log.warning(
+            self._next[pool] = asyncio.get_running_loop().time() + FAILED_GAP_S
+            unexpected = not isinstance(exc, FleetUnavailable)
+            log.log(
+                logging.ERROR if unexpected else logging.WARNING,
                 "throttle reflex failed",
-                extra={"fields": {"event": "fleet_unavailable", "pool": pool, "error": str(exc)}},
+                exc_info=unexpected,
+                extra={"fields": {"event": "reflex_failed", "pool": pool, "error": str(exc)}},
             )
             return
         live, before, after, _ = result
@@ -95,16 +106,6 @@ class ThrottleReflex:
             limit_event(self._metrics, pool, before, after, reason)
 
     async def close(self) -> None:
-        """Stop any reflex still running."""
+        """Stop any reflex still running; none starts after this."""
+        self._closed = True
         await stop_tasks(list(self._tasks.values()), "throttle reflex")
-
-
-def limit_event(
-    metrics: AdaptivityMetrics, pool: str, old: int | None, new: int, reason: str
-) -> None:
-    """Count and log one change of a pool's fleet limit (``limit A -> B (reason)``)."""
-    direction = "up" if old is None or new > old else "down"
-    metrics.limit_changes.labels(pool, direction).inc()
-    shown = "none" if old is None else str(old)
-    fields = {"event": "adaptive_limit", "pool": pool, "old_limit": old, "new_limit": new}
-    log.info(f"limit {shown} -> {new} ({reason})", extra={"fields": {**fields, "reason": reason}})

@@ -148,11 +148,14 @@ class PoolTick:
     breaker: BreakerRecord
     #: (bucket number, fields) of the recent buckets, oldest bucket not guaranteed first.
     rows: tuple[tuple[int, Mapping[str, int]], ...]
+    #: When the fleet limit was last changed (fleet ms; None: not known).
+    limit_ms: int | None = None
 
     def latest_throttle(self, seconds: float) -> tuple[int, int] | None:
-        """(bucket, peak in-flight) of the newest bucket of the last ``seconds`` in which
-        Bedrock throttled (None: none did). Every instance reads the same fleet buckets, so
-        every instance finds the same one, whichever limit change it saw last."""
+        """(bucket, in-flight as :func:`throttled_level` reads it) of the newest bucket of
+        the last ``seconds`` in which Bedrock throttled (None: none did). Every instance
+        reads the same fleet buckets, so every instance finds the same one, whichever limit
+        change it saw last."""
         cur = self.now_ms // self.bucket_ms
         first = cur - max(1, math.ceil(seconds * 1000 / self.bucket_ms)) + 1
         found: tuple[int, int] | None = None

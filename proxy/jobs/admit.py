@@ -143,10 +143,18 @@ class RecordAdmission:
         self.store.settle(plan, grant.lease, grant.reserved, actual)
 
     def observe(
-        self, pool: str, priority: str, latency_ms: float, status: int, *, on_pool: bool = True
+        self,
+        pool: str,
+        priority: str,
+        latency_ms: float,
+        status: int,
+        *,
+        on_pool: bool = True,
+        lease: str | None = None,
     ) -> None:
         """Feed the adaptive controller and the breaker, as live calls do (throttles on a
-        tier with a quota of its own, ``on_pool`` False, are not the pool's)."""
+        tier with a quota of its own, ``on_pool`` False, are not the pool's; ``lease``: the
+        record's pool lease, for the throttle reflex)."""
         if self.adaptivity is not None:
             self.adaptivity.observe(
                 pool,
@@ -154,4 +162,5 @@ class RecordAdmission:
                 latency_ms,
                 throttled=status == 429 and on_pool,
                 server_error=status >= 500,
+                lease=lease,
             )

@@ -319,6 +319,7 @@ class Worker:
             out.latency_ms,
             out.status,
             on_pool=grant.plan.tier is None,
+            lease=grant.lease,
         )
 
     async def _dead(

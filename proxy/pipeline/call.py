@@ -62,6 +62,11 @@ class Call:
     tier: TierChoice | None = None
     served_tier: str | None = None
 
+    @property
+    def lease(self) -> str | None:
+        """The pool lease the call holds (None: no concurrency limit applied)."""
+        return self.ticket.lease if self.ticket else None
+
 
 class Admitted:
     """Admission said yes; the grant (if any limit applied) is in ``call.ticket``."""

@@ -1,8 +1,7 @@
 """The forward stage: the upstream call, retries inside the deadline, the streaming relay.
 
 Returns the response to send (Bedrock's own bytes and status, annotated) or
-:class:`~proxy.pipeline.call.Refused` when Sluice itself must answer; never an HTTP error.
-"""
+:class:`~proxy.pipeline.call.Refused` when Sluice itself must answer, never an HTTP error."""
 
 from __future__ import annotations
 
@@ -195,6 +194,7 @@ class Forwarder:
         a, pool, caller = self.adaptivity, call.pool, call.caller
         if status != 429 or a is None or pool is None or caller is None:
             return True
+        a.reflex.fire(pool.name, call.lease)  # at the throttle, not after a wait below
         if requeues(call, status, a, self.requeue):
             return True  # the retry waits for its slot in admission, after the backoff
         wl = call.policy.policy.workloads[caller.workload.name]
@@ -218,14 +218,14 @@ class Forwarder:
 
     def _observe_retry(self, call: Call, status: int, on_pool: bool) -> None:
         if self.adaptivity is not None and call.pool is not None:
-            # Retries absorb throttles the caller never sees; the controller and the
-            # breaker must still count them (those of the pool's own quota: on_pool_quota).
+            # Retries absorb throttles the caller never sees: count them (the pool's own).
             self.adaptivity.observe(
                 call.pool.name,
                 call.caller.priority if call.caller else "-",
                 (time.perf_counter() - call.started) * 1000,
                 throttled=status == 429 and on_pool,
                 server_error=status >= 500,
+                lease=call.lease,
             )
 
     def _cache_put(self, call: Call, status: int, headers: Any, data: bytes) -> None:

@@ -63,6 +63,7 @@ class Settler:
                 call.upstream_s * 1000,
                 throttled=status == 429 and on_pool_quota(call),
                 server_error=status >= 500,
+                lease=call.lease,
             )
         return self.release(call)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -105,3 +107,32 @@ async def drive(
                     await asyncio.sleep(min(0.5, int(retry_after or 100) / 1000))
 
         await asyncio.gather(*(caller(i) for i in range(clients)))
+
+
+def adaptive_fleet(
+    make_sluice: Any,
+    upstream: str,
+    redis_url: str,
+    pool: str,
+    model_id: str,
+    adaptive: dict[str, Any],
+    *,
+    instances: int = 3,
+    max_wait_ms: int = 1000,
+) -> list[Any]:
+    """``instances`` Sluice processes of one fleet on one Redis, one adaptive pool serving
+    ``model_id`` (concurrency = the adaptive ceiling), workload ``chat``, no upstream
+    retries, a 0.25 s tick."""
+    policy = {
+        "identity": {"header_mode": True},
+        "server": {"adaptivity": {"tick_seconds": 0.25}, "retry": {"max_retries": 0}},
+        "models": {
+            pool: {"ids": [model_id], "concurrency": adaptive["ceiling"], "adaptive": adaptive}
+        },
+        "workloads": {"chat": {"max_wait_ms": max_wait_ms}},
+    }
+    fleet = ["--fleet", f"fleet-{uuid.uuid4().hex}"]
+    return [
+        make_sluice(upstream=upstream, policy=policy, redis_url=redis_url, extra_args=fleet)
+        for _ in range(instances)
+    ]

@@ -1,18 +1,21 @@
 -- KEYS: 1 pool hash, 2 pool leases zset.
--- ARGV: 1 the lowest limit the reflex may set.
+-- ARGV: 1 the lowest limit the reflex may set, 2 the refused call's lease ('' none).
 -- Bedrock just throttled a call of this pool: lower the fleet's dynamic limit to the calls
 -- in flight now minus the one refused (never below ARGV[1], never raising it, and only
--- where a dynamic limit is set), in the same step as the count it is read from.
+-- where a dynamic limit is set), in the same step as the count it is read from. The
+-- refused call is counted whether or not its lease is still there (its release may have
+-- run first), so the reading is what Bedrock held, not one less.
 -- Returns {live leases, limit before (-1 none), limit after (-1 none), now ms}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local live = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
+if ARGV[2] ~= '' and not redis.call('ZSCORE', KEYS[2], ARGV[2]) then live = live + 1 end
 local lim = tonumber(redis.call('HGET', KEYS[1], 'lim')) or -1
 local new = lim
 if lim >= 0 then
   local target = math.max(tonumber(ARGV[1]), live - 1)
   if target < lim then
-    redis.call('HSET', KEYS[1], 'lim', target)
+    redis.call('HSET', KEYS[1], 'lim', target, 'lim_ms', now)
     new = target
   end
 end

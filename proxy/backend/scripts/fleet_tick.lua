@@ -3,7 +3,7 @@
 -- -1 release), 5 breaker gen, 6 probe cap, 7 probes ok, 8 probes failed, 9.. field, delta
 -- (field q: a level, kept as the bucket's lowest, not added).
 -- Returns {now ms, live leases, dynamic limit (-1 none), leader 0/1, probe granted 0/1,
--- breaker HGETALL, ring HGETALLs of the last R-1 buckets}.
+-- breaker HGETALL, ring HGETALLs of the last R-1 buckets, the limit's change time ms (-1)}.
 local R = #KEYS - 4
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -53,4 +53,5 @@ for i = 1, R do
   local b = tonumber(redis.call('HGET', KEYS[i], 'b'))
   if b and b > cur - R + 1 and b <= cur then rows[#rows + 1] = redis.call('HGETALL', KEYS[i]) end
 end
-return { now, live, lim, leader, granted, redis.call('HGETALL', bk), rows }
+local lim_ms = tonumber(redis.call('HGET', KEYS[R + 1], 'lim_ms')) or -1
+return { now, live, lim, leader, granted, redis.call('HGETALL', bk), rows, lim_ms }

@@ -1,0 +1,90 @@
+"""This instance's view of the fleet's adaptive limits, and the one way it writes them.
+
+Three things move a pool's limit: the interval's leader (the control law), a breaker that
+opens (a cut) and the throttle reflex (:mod:`proxy.control.reflex`). Each write is a
+compare-and-set against the limit it was computed from (``fleet_set_limit.lua``; the
+reflex only ever lowers, in its own script), so a reflex that lands between a tick's read
+and the leader's write is never overwritten by a value computed from the old limit. Every
+write stamps its fleet time (``lim_ms``), which every tick reads back: all instances then
+count outcomes from the same moment, a tick after the change (throttles seen before it
+reach the fleet with the next tick of whichever instance saw them, and must not cut a
+second time).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from proxy.control.exchange import Reflexed
+from proxy.control.fleet import FleetStats, FleetUnavailable, PoolTick
+from proxy.control.metrics import AdaptivityMetrics
+
+log = logging.getLogger("sluice.adaptive")
+
+
+class FleetLimits:
+    """Per pool: the fleet limit last seen, the fleet in-flight, and when outcomes count
+    from; :meth:`set` writes a change."""
+
+    def __init__(self, fleet: FleetStats, metrics: AdaptivityMetrics, tick_s: float) -> None:
+        self._fleet = fleet
+        self._metrics = metrics
+        self._tick_ms = round(tick_s * 1000)
+        self.limits: dict[str, int] = {}
+        #: Fleet in-flight per pool as of the last tick or reflex (retries go only into
+        #: headroom).
+        self.in_flight: dict[str, int] = {}
+        #: Fleet time (ms) from which each pool's outcomes count.
+        self.since_ms: dict[str, int] = {}
+
+    def _changed(self, pool: str, at_ms: int) -> None:
+        self.since_ms[pool] = at_ms + self._tick_ms
+
+    def note(self, pool: str, t: PoolTick) -> None:
+        """What a tick read: the limit, its change time, the fleet in-flight."""
+        if t.limit_ms is not None:
+            self._changed(pool, t.limit_ms)
+        elif t.fleet_limit is not None and t.fleet_limit != self.limits.get(pool):
+            self.since_ms[pool] = t.now_ms  # moved, change time unknown (an older Sluice)
+        self.in_flight[pool] = t.in_flight
+        if t.fleet_limit is not None:
+            self.limits[pool] = t.fleet_limit
+
+    def reflexed(self, pool: str, result: Reflexed) -> None:
+        """What a reflex read and did, acted on before the next tick."""
+        live, before, after, at_ms = result
+        self.in_flight[pool] = live
+        if after is not None and before is not None and after < before:
+            self.limits[pool] = after
+            self._changed(pool, at_ms)
+
+    async def set(self, pool: str, old: int | None, new: int, reason: str) -> bool:
+        """Write ``new`` if the fleet limit is still ``old`` (None: none set); True if
+        written. Logged and counted; a Redis failure is logged and the next tick retries."""
+        try:
+            applied, now_limit, at_ms = await self._fleet.set_limit(pool, old, new)
+        except FleetUnavailable as exc:
+            self._metrics.errors.labels("set_limit").inc()
+            log.warning(
+                "set_limit failed",
+                extra={"fields": {"event": "fleet_unavailable", "pool": pool, "error": str(exc)}},
+            )
+            return False
+        if now_limit is not None:
+            self.limits[pool] = now_limit
+        if at_ms is not None:
+            self._changed(pool, at_ms)
+        if applied:
+            limit_event(self._metrics, pool, old, new, reason)
+        return applied
+
+
+def limit_event(
+    metrics: AdaptivityMetrics, pool: str, old: int | None, new: int, reason: str
+) -> None:
+    """Count and log one change of a pool's fleet limit (``limit A -> B (reason)``)."""
+    direction = "up" if old is None or new > old else "down"
+    metrics.limit_changes.labels(pool, direction).inc()
+    shown = "none" if old is None else str(old)
+    fields = {"event": "adaptive_limit", "pool": pool, "old_limit": old, "new_limit": new}
+    log.info(f"limit {shown} -> {new} ({reason})", extra={"fields": {**fields, "reason": reason}})
