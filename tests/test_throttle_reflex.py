@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+from prometheus_client import CollectorRegistry
+
 from proxy.backend.store import EmbeddedStore, RedisStore
+from proxy.config import parse_policy
 from proxy.control.breaker import BreakerRecord
+from proxy.control.controller import Adaptivity
 from proxy.control.fleet import FleetStats, PoolControl
 from proxy.control.law import (
     LEARN_INTERVALS,
@@ -21,99 +27,101 @@ from proxy.control.law import (
     PROBE_CALLS,
     IntervalStats,
     LearnedQuota,
+    interval_stats,
 )
+from proxy.control.limits import FleetLimits
+from proxy.control.metrics import AdaptivityMetrics
 from proxy.control.window import PoolTick, throttled_level
+from proxy.policy import CompiledPolicy
 from tests.support.admission_helpers import Backend, new_pool, plan
 from tests.support.load import Results, adaptive_fleet, drive
 from tests.support.processes import metric_value
 
 SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
+Pooled = tuple[str, RedisStore | EmbeddedStore, FleetStats]
+
+
+@pytest.fixture
+async def pooled(backend: Backend) -> AsyncIterator[Pooled]:
+    """A new pool, a started store and one instance's fleet exchange on ``backend``."""
+    store = RedisStore(backend.url) if backend.url else EmbeddedStore()
+    await store.start()
+    fleet = FleetStats(
+        backend.url, store, instance_id="x", longest_window_s=1.0, bucket_s=0.1, timeout_s=2.0
+    )
+    await fleet.start()
+    try:
+        yield new_pool(), store, fleet
+    finally:
+        await fleet.close()
+        await store.close()
 
 
 async def test_the_reflex_lowers_the_limit_to_what_is_in_flight_and_never_raises_it(
-    backend: Backend,
+    pooled: Pooled,
 ) -> None:
-    pool = new_pool()
-    store = RedisStore(backend.url) if backend.url else EmbeddedStore()
-    await store.start()
-    fleet = FleetStats(
-        backend.url, store, instance_id="x", longest_window_s=1.0, bucket_s=0.1, timeout_s=2.0
-    )
-    await fleet.start()
-    try:
-        # No dynamic limit (a pool that is not adaptive): nothing to lower.
-        assert (await fleet.reflex(pool, 1))[:3] == (0, None, None)
-        await store.set_pool_limit(pool, 30)
-        p = plan(pool, pool_concurrency=40)
-        leases = [(await store.admit(p, 0)).lease for _ in range(7)]
-        # 7 in flight, one of them the refused call: Bedrock grants 6.
-        assert (await fleet.reflex(pool, 1))[:3] == (7, 30, 6)
-        assert (await store.pool_stats(pool))["dynamic_limit"] == 6
-        assert (await fleet.reflex(pool, 1))[:3] == (7, 6, 6)  # never raised back
-        assert (await fleet.reflex(pool, 9))[:3] == (7, 6, 6)  # a floor above it: left alone
-        await store.set_pool_limit(pool, 30)
-        assert (await fleet.reflex(pool, 12))[:3] == (7, 30, 12)  # never below the floor given
-        # The refused call's release may run before the reflex reads: it is counted all the
-        # same (its lease named), so the reading is what Bedrock held, not one less.
-        refused = leases.pop()
-        assert refused is not None
-        store.settle(p, refused, 0, 0)
-        await store.flush()
-        await store.set_pool_limit(pool, 30)
-        assert (await fleet.reflex(pool, 1, refused))[:3] == (7, 30, 6)
-        assert (await fleet.reflex(pool, 1, leases[0]))[:3] == (6, 6, 5)  # still held: as is
-        for lease in leases:
-            assert lease is not None
-            store.settle(p, lease, 0, 0)
-        await store.flush()
-        assert (await fleet.reflex(pool, 1))[0] == 0
-        # The level read is sent with the next tick, as the bucket's lowest (not a sum): a
-        # read may count calls Bedrock refused that have not yet left.
-        fleet.observe_level(pool, 5)
-        fleet.observe_level(pool, 9)
-        fleet.observe_level(pool, 3)
-        tick = (await fleet.exchange({pool: PoolControl()}))[pool]
-        levels = [f.get("q") for _, f in tick.rows if "q" in f]
-        assert levels == [3]
-    finally:
-        await fleet.close()
-        await store.close()
+    pool, store, fleet = pooled
+    # No dynamic limit (a pool that is not adaptive): nothing to lower.
+    assert (await fleet.reflex(pool, 1))[:3] == (0, None, None)
+    await store.set_pool_limit(pool, 30)
+    p = plan(pool, pool_concurrency=40)
+    leases = [(await store.admit(p, 0)).lease for _ in range(7)]
+    # 7 in flight, one of them the refused call: Bedrock grants 6.
+    assert (await fleet.reflex(pool, 1))[:3] == (7, 30, 6)
+    assert (await store.pool_stats(pool))["dynamic_limit"] == 6
+    assert (await fleet.reflex(pool, 1))[:3] == (7, 6, 6)  # never raised back
+    assert (await fleet.reflex(pool, 9))[:3] == (7, 6, 6)  # a floor above it: left alone
+    await store.set_pool_limit(pool, 30)
+    assert (await fleet.reflex(pool, 12))[:3] == (7, 30, 12)  # never below the floor given
+    # The refused call's release may run before the reflex reads: it is counted all the
+    # same (its lease named), so the reading is what Bedrock held, not one less.
+    refused = leases.pop()
+    assert refused is not None
+    store.settle(p, refused, 0, 0)
+    await store.flush()
+    await store.set_pool_limit(pool, 30)
+    assert (await fleet.reflex(pool, 1, refused))[:3] == (7, 30, 6)
+    assert (await fleet.reflex(pool, 1, leases[0]))[:3] == (6, 6, 5)  # still held: as is
+    assert await store.holds_lease(pool, leases[0]) and not await store.holds_lease(pool, refused)
+    for lease in leases:
+        assert lease is not None
+        store.settle(p, lease, 0, 0)
+    await store.flush()
+    assert (await fleet.reflex(pool, 1))[0] == 0
+    # The level read is sent with the next tick, as the bucket's lowest (not a sum): a
+    # read may count calls Bedrock refused that have not yet left.
+    fleet.observe_level(pool, 5)
+    fleet.observe_level(pool, 9)
+    fleet.observe_level(pool, 3)
+    tick = (await fleet.exchange({pool: PoolControl()}))[pool]
+    levels = [f.get("q") for _, f in tick.rows if "q" in f]
+    assert levels == [3]
 
 
 async def test_limit_writes_are_compare_and_set_and_carry_the_fleets_change_time(
-    backend: Backend,
+    pooled: Pooled,
 ) -> None:
     """A reflex that lands between a tick's read and the leader's write wins; every write
     stamps the fleet time every instance counts outcomes from."""
-    pool = new_pool()
-    store = RedisStore(backend.url) if backend.url else EmbeddedStore()
-    await store.start()
-    fleet = FleetStats(
-        backend.url, store, instance_id="x", longest_window_s=1.0, bucket_s=0.1, timeout_s=2.0
-    )
-    await fleet.start()
-    try:
-        applied, now, at = await fleet.set_limit(pool, None, 24)  # the first: none was set
-        assert applied and now == 24 and at is not None
-        assert (await fleet.set_limit(pool, None, 30))[:2] == (False, 24)
-        tick = (await fleet.exchange({pool: PoolControl()}))[pool]
-        assert tick.fleet_limit == 24 and tick.limit_ms == at
-        # The leader computed 16 from the 24 it read; a reflex cut to 4 in between.
-        p = plan(pool, pool_concurrency=40)
-        leases = [(await store.admit(p, 0)).lease for _ in range(5)]
-        live, before, after, reflexed_at = await fleet.reflex(pool, 1)
-        assert (live, before, after) == (5, 24, 4)
-        assert (await fleet.set_limit(pool, 24, 16))[:2] == (False, 4)
-        assert (await store.pool_stats(pool))["dynamic_limit"] == 4
-        tick = (await fleet.exchange({pool: PoolControl()}))[pool]
-        assert tick.fleet_limit == 4 and tick.limit_ms == reflexed_at >= at
-        assert (await fleet.set_limit(pool, 4, 5))[:2] == (True, 5)
-        for lease in leases:
-            assert lease is not None
-            store.settle(p, lease, 0, 0)
-    finally:
-        await fleet.close()
-        await store.close()
+    pool, store, fleet = pooled
+    applied, now, at = await fleet.set_limit(pool, None, 24)  # the first: none was set
+    assert applied and now == 24 and at is not None
+    assert (await fleet.set_limit(pool, None, 30))[:2] == (False, 24)
+    tick = (await fleet.exchange({pool: PoolControl()}))[pool]
+    assert tick.fleet_limit == 24 and tick.limit_ms == at
+    # The leader computed 16 from the 24 it read; a reflex cut to 4 in between.
+    p = plan(pool, pool_concurrency=40)
+    leases = [(await store.admit(p, 0)).lease for _ in range(5)]
+    live, before, after, reflexed_at = await fleet.reflex(pool, 1)
+    assert (live, before, after) == (5, 24, 4)
+    assert (await fleet.set_limit(pool, 24, 16))[:2] == (False, 4)
+    assert (await store.pool_stats(pool))["dynamic_limit"] == 4
+    tick = (await fleet.exchange({pool: PoolControl()}))[pool]
+    assert tick.fleet_limit == 4 and tick.limit_ms == reflexed_at >= at
+    assert (await fleet.set_limit(pool, 4, 5))[:2] == (True, 5)
+    for lease in leases:
+        assert lease is not None
+        store.settle(p, lease, 0, 0)
 
 
 def test_a_throttled_bucket_is_read_at_the_level_the_reflex_saw() -> None:
@@ -196,3 +204,102 @@ async def test_a_limit_far_above_the_quota_stops_throttling_at_the_first_throttl
     assert len(set(learned)) == 1 and quota - 1 <= learned[0] <= quota + 1, learned
     # The reading counts the refused call even after its release: not one slot below.
     assert all(quota - 1 <= limit <= quota + 1 for limit in limits), limits
+
+
+def _pool_tick(now_ms: int, limit: int | None, limit_ms: int | None) -> PoolTick:
+    return PoolTick(now_ms, 100, 0, limit, False, False, BreakerRecord(), (), limit_ms)
+
+
+def test_outcomes_count_from_a_tick_after_each_change_stamped_or_not() -> None:
+    limits = FleetLimits(
+        FleetStats(None, EmbeddedStore(), instance_id="x", longest_window_s=1.0),
+        AdaptivityMetrics(CollectorRegistry()),
+        tick_s=0.1,
+    )
+    limits.note("p", _pool_tick(1_000, 30, 900))  # a stamped change: from its time + a tick
+    assert limits.since_ms["p"] == 1_000 and limits.limits["p"] == 30
+    limits.note("p", _pool_tick(1_500, 30, 900))  # nothing new
+    assert limits.since_ms["p"] == 1_000
+    # Written without a stamp (an older Sluice, the store's own write; the old stamp
+    # stays behind): still a change, counted from this tick on.
+    limits.note("p", _pool_tick(2_000, 12, 900))
+    assert limits.since_ms["p"] == 2_100 and limits.limits["p"] == 12
+    limits.note("p", _pool_tick(2_500, 14, 2_400))
+    assert limits.since_ms["p"] == 2_500
+    # A reflex (this instance's) is acted on before the next tick, from its own time.
+    limits.reflexed("p", (9, 14, 8, 2_600))
+    assert limits.limits["p"] == 8 and limits.since_ms["p"] == 2_700
+    limits.note("p", _pool_tick(2_800, 8, 2_600))  # the same change read back: nothing new
+    assert limits.since_ms["p"] == 2_700
+    assert limits.highest_since("p", 1_900) == 14 and limits.highest_since("p", 0) == 30
+    assert limits.highest_since("q", 0) is None
+
+
+def test_reach_is_the_largest_share_among_the_classes_that_asked() -> None:
+    # A class ceiling counts the pool's whole in-flight: P1 (0.7) and P2 (0.4) together
+    # fill 0.7 of the limit, not 1.1 (capped to 1: never "full" at 0.8).
+    rows = ((9, {"n|P1": 5, "n|P2": 3, "d|P2": 4}),)
+    tick = PoolTick(10_050, 1000, 0, 10, False, False, BreakerRecord(), rows)
+    shares = {"P0": 1.0, "P1": 0.7, "P2": 0.4}
+    assert interval_stats(tick, 3.0, None, 0.5, shares).reach == 0.7
+    only_p2 = ((9, {"d|P2": 4}),)
+    tick = PoolTick(10_050, 1000, 0, 10, False, False, BreakerRecord(), only_p2)
+    assert interval_stats(tick, 3.0, None, 0.5, shares).reach == 0.4
+
+
+async def test_a_throttle_fires_the_reflex_once_and_a_closed_reflex_never(pooled: Pooled) -> None:
+    pool, store, _ = pooled
+    a = Adaptivity(_policy(pool), store, None, registry=CollectorRegistry())
+    try:
+        a.observe(pool, "P0", 5.0, True, False, reflex=False)  # fired already, at the 429
+        assert a.reflex.pending() == set()
+        a.observe(pool, "P0", 5.0, True, False)
+        assert a.reflex.pending() == {pool}
+        a.observe(pool, "P0", 5.0, True, False)  # one at a time per pool
+        assert a.reflex.pending() == {pool}
+    finally:
+        await a.close()
+    a.observe(pool, "P0", 5.0, True, False)
+    assert a.reflex.pending() == set()
+
+
+async def test_a_breaker_that_opens_after_a_reflex_still_cuts(pooled: Pooled) -> None:
+    """The breaker's cut is from the highest limit of the interval: a reflex that took one
+    slot does not stand in for it, a leader's cut for the same throttles does."""
+    pool, store, _ = pooled
+    a = Adaptivity(_policy(pool), store, None, registry=CollectorRegistry())
+    try:
+        await store.set_pool_limit(pool, 30)
+        tick = (await a.fleet.exchange({pool: PoolControl()}))[pool]
+        a.limits.note(pool, tick)
+        await store.set_pool_limit(pool, 29)  # a reflex took one slot
+        tick = (await a.fleet.exchange({pool: PoolControl()}))[pool]
+        a.limits.note(pool, tick)
+        await a._cut_on_open(pool, tick)
+        assert a.limit(pool) == 21  # 30 x 0.7, not 29 x 0.7
+        tick = (await a.fleet.exchange({pool: PoolControl()}))[pool]
+        a.limits.note(pool, tick)
+        await a._cut_on_open(pool, tick)  # opened again in the interval: already that low
+        assert a.limit(pool) == 21
+    finally:
+        await a.close()
+
+
+def _policy(pool: str) -> CompiledPolicy:
+    adaptive = {"ceiling": 40, "initial": 30, "decrease": 0.7, "interval_seconds": 5}
+    return CompiledPolicy(
+        parse_policy(
+            {
+                "models": {
+                    pool: {
+                        "ids": [f"anthropic.{pool}"],
+                        "concurrency": 40,
+                        "adaptive": adaptive,
+                        "breaker": {"window_seconds": 10, "min_requests": 5},
+                    }
+                },
+                "workloads": {"chat": {}},
+            }
+        ),
+        env={},
+    )

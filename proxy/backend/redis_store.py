@@ -372,10 +372,12 @@ class RedisStore:
         key = plan_keys(pool, "").pool
         try:
             async with asyncio.timeout(self._timeout):
+                # Without the controller's change time: its ticks see a move, time unknown.
                 if limit is None:
-                    await self._client.hdel(key, "lim")
+                    await self._client.hdel(key, "lim", "lim_ms")
                 else:
                     await self._client.hset(key, "lim", int(limit))
+                    await self._client.hdel(key, "lim_ms")
         except FAILURES as exc:
             self._errors["control"].inc()
             raise StoreUnavailable(f"redis set_pool_limit failed: {why(exc)}") from exc

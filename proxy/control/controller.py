@@ -3,9 +3,11 @@
 The control law itself is pure and lives in :mod:`proxy.control.law`.
 :class:`Adaptivity` ticks in the background: it exchanges observations with the fleet
 (:mod:`proxy.control.fleet`), lets the interval's leader move the limit (at most one
-change per pool per interval fleet-wide: ``SET NX PX interval``), steps each pool's
+law change per pool per interval fleet-wide: ``SET NX PX interval``), steps each pool's
 breaker (:mod:`proxy.control.breaker`; opening it cuts the limit at once), the priority
 hold (:mod:`proxy.control.hold`) and the batch pauses (:mod:`proxy.control.pause`).
+Between ticks, a throttle lowers the limit at once (:mod:`proxy.control.reflex`); every
+write goes through :mod:`proxy.control.limits`.
 """
 
 from __future__ import annotations
@@ -135,14 +137,16 @@ class Adaptivity:
         throttled: bool,
         server_error: bool,
         lease: str | None = None,
+        reflex: bool = True,
     ) -> None:
         """Count one finished upstream call (throttled: Bedrock 429; server_error: 5xx;
-        ``lease``: the call's pool lease, for the throttle reflex)."""
+        ``lease``: the call's pool lease, for the throttle reflex; ``reflex`` False: this
+        throttle already fired it, when it arrived)."""
         self.fleet.observe(pool, priority, latency_ms, throttled, server_error)
         self.breakers.outcome(pool, throttled or server_error)
         if throttled and pool in self._shedding and priority in self._ranks:
             self.hold.throttled(pool, self._ranks[priority])
-        if throttled:
+        if throttled and reflex:
             self.reflex.fire(pool, lease)
 
     def refused(self, pool: str, priority: str, refusal: BedrockError) -> None:
@@ -317,21 +321,28 @@ class Adaptivity:
         self.metrics.breaker_state.labels(pool).set(self.breakers.state(pool))
 
     async def _cut_on_open(self, pool: str, t: PoolTick) -> None:
-        """The breaker just opened: cut the limit now, unless the controller just did (from
-        the limit read this tick: an older one could be above another instance's cut)."""
+        """The breaker just opened: cut from the highest limit of the last interval, unless
+        the limit already fell that far since (the leader's cut for the same throttles, not
+        a second one); a write that lost to another is retried once from what won."""
         cfg, current = self._adaptive[pool], t.fleet_limit
-        recent = t.now_ms - self.limits.since_ms.get(pool, 0) < cfg.interval_seconds * 1000
-        if current is not None and not recent:
-            floor = bounds(cfg, self._configured[pool])[0]
-            new = max(floor, cut(current, cfg, self._learned.known(pool)))
-            if new < current:
-                await self.limits.set(pool, current, new, "breaker opened")
+        if current is None:
+            return
+        interval_ms = round(cfg.interval_seconds * 1000)
+        before = self.limits.highest_since(pool, t.now_ms - interval_ms) or current
+        floor = bounds(cfg, self._configured[pool])[0]
+        new = max(floor, cut(before, cfg, self._learned.known(pool)))
+        for _ in range(2):
+            if new >= current or await self.limits.set(pool, current, new, "breaker opened"):
+                return
+            current = self.limits.limits.get(pool, new)
 
     def _note_granted(self, pool: str, t: PoolTick) -> None:
         """The reflex's floor: over the whole interval, not since the last change (right
         after one that window is empty)."""
         full = interval_stats(t, self._adaptive[pool].interval_seconds, None, self._tick_s, {})
-        if full.granted is not None:
+        if full.granted is None:
+            self.reflex.granted.pop(pool, None)  # nothing to go by: not an old, higher level
+        else:
             self.reflex.granted[pool] = full.granted
 
     async def _step_limit(self, pool: str, t: PoolTick) -> None:

@@ -74,8 +74,9 @@ class IntervalStats:
     throttled_peak: int | None = None
     #: Served calls that ended in the interval (what ``busy_ms`` was spent on).
     served: int = 0
-    #: The share of the limit the classes that asked can hold together (their class
-    #: shares, at most 1): a pool only a 0.4-share class uses is full at 0.4 of its limit.
+    #: The share of the limit the classes that asked can fill: the largest of their class
+    #: shares (at most 1), since a class ceiling counts the whole pool's in-flight. A pool
+    #: only 0.4- and 0.3-share classes use is full at 0.4 of its limit.
     reach: float = 1.0
 
     @property
@@ -199,10 +200,6 @@ def next_limit(
         return max(floor, cut(current, cfg, learned, share)), (
             f"{stats.throttles}/{stats.requests} throttled{est}"
         )
-    # Growth stops at the quota as the asking classes can use it: together they hold only
-    # ``reach`` of the pool limit (their shares), so a pool that only a 0.4-share class
-    # uses reaches a quota of 8 at a limit of 20, not 8 (incident 3).
-    learned, known = _for_reach(learned, stats.reach), _for_reach(known, stats.reach)
     stop = learned if learned is not None else _probe_cap(known, breaker)
     hold = _hold_reason(current, stats, cfg, ceiling, stop, breaker)
     if hold is not None:
@@ -237,11 +234,6 @@ def _probe(
         return current, f"probing above {known}: holding at {current} until calls fill it ({peak})"
     step = cfg.increase if known is None else max(1, current - known)
     return min(ceiling, current + step), f"probing above {known}: {why}"
-
-
-def _for_reach(quota: int | None, reach: float) -> int | None:
-    """The pool limit at which classes holding ``reach`` of it reach ``quota``."""
-    return quota if quota is None or reach >= 1 else math.ceil(quota / max(reach, 0.01))
 
 
 def _filled(stats: IntervalStats, current: int) -> bool:
@@ -393,7 +385,13 @@ def interval_stats(
         float(w.span_ms),
         w.throttled_peak,
         total.requests - total.failures,
+        # A class ceiling counts the pool's whole in-flight, not the class's own, so the
+        # classes that asked reach no further together than the largest share among them.
         min(
-            1.0, sum(shares.get(c, 1.0) for c, n in wide.by_class.items() if n.requests or n.demand)
+            1.0,
+            max(
+                (shares.get(c, 1.0) for c, n in wide.by_class.items() if n.requests or n.demand),
+                default=1.0,
+            ),
         ),
     )

@@ -14,6 +14,7 @@ second time).
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 from proxy.control.exchange import Reflexed
 from proxy.control.fleet import FleetStats, FleetUnavailable, PoolTick
@@ -36,19 +37,32 @@ class FleetLimits:
         self.in_flight: dict[str, int] = {}
         #: Fleet time (ms) from which each pool's outcomes count.
         self.since_ms: dict[str, int] = {}
+        #: The change time last seen per pool (a new one is a change to count from).
+        self._stamps: dict[str, int] = {}
+        #: Per pool: (fleet ms, limit) of the recent ticks.
+        self._history: dict[str, deque[tuple[int, int]]] = {}
 
     def _changed(self, pool: str, at_ms: int) -> None:
+        self._stamps[pool] = at_ms
         self.since_ms[pool] = at_ms + self._tick_ms
 
     def note(self, pool: str, t: PoolTick) -> None:
         """What a tick read: the limit, its change time, the fleet in-flight."""
-        if t.limit_ms is not None:
+        if t.limit_ms is not None and t.limit_ms != self._stamps.get(pool):
             self._changed(pool, t.limit_ms)
         elif t.fleet_limit is not None and t.fleet_limit != self.limits.get(pool):
-            self.since_ms[pool] = t.now_ms  # moved, change time unknown (an older Sluice)
+            # Written without a change time (an older Sluice, or the store's own write):
+            # counted as a change now.
+            self.since_ms[pool] = t.now_ms + self._tick_ms
         self.in_flight[pool] = t.in_flight
         if t.fleet_limit is not None:
             self.limits[pool] = t.fleet_limit
+            self._history.setdefault(pool, deque(maxlen=64)).append((t.now_ms, t.fleet_limit))
+
+    def highest_since(self, pool: str, since_ms: int) -> int | None:
+        """The highest fleet limit the ticks read since ``since_ms`` (None: none read)."""
+        seen = [v for at, v in self._history.get(pool, ()) if at >= since_ms]
+        return max(seen, default=None)
 
     def reflexed(self, pool: str, result: Reflexed) -> None:
         """What a reflex read and did, acted on before the next tick."""

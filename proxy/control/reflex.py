@@ -105,6 +105,10 @@ class ThrottleReflex:
             reason = f"throttle reflex: Bedrock throttled with {live} in flight"
             limit_event(self._metrics, pool, before, after, reason)
 
+    def pending(self) -> set[str]:
+        """The pools with a reflex running now."""
+        return set(self._tasks)
+
     async def close(self) -> None:
         """Stop any reflex still running; none starts after this."""
         self._closed = True

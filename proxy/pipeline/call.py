@@ -61,6 +61,8 @@ class Call:
     #: The service tier chosen for the call (None: an operation without tiers), and served.
     tier: TierChoice | None = None
     served_tier: str | None = None
+    #: The attempt (``retries``) whose throttle already fired the throttle reflex (-1: none).
+    reflexed: int = -1
 
     @property
     def lease(self) -> str | None:

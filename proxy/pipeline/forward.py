@@ -29,6 +29,7 @@ from proxy.pipeline.call import THROTTLED, Call, Refused, Throttled
 from proxy.pipeline.requeue import Requeue, requeue, requeues
 from proxy.pipeline.respond import annotate, upstream_error_type
 from proxy.pipeline.retry import RetryBudget, next_delay, retryable
+from proxy.pipeline.settle import observe_attempt
 from proxy.pipeline.tier_quota import TierQuotas, on_pool_quota
 from proxy.pipeline.tiers import TIER_HEADER, apply_tier
 from proxy.routes import Route
@@ -164,7 +165,8 @@ class Forwarder:
                 self._gave_up(call, retry.max_retries, budget, pool)
                 return upstream
             await _drain(upstream)
-            self._observe_retry(call, upstream.status, on_pool)
+            # Retries absorb throttles the caller never sees: count them (the pool's own).
+            observe_attempt(self.adaptivity, call, upstream.status, on_pool, call.started)
             if queue_again and requeues(call, upstream.status, self.adaptivity, self.requeue):
                 await self._requeue(call, delay, deadline, upstream.status)  # raises: no slot
             else:
@@ -195,6 +197,7 @@ class Forwarder:
         if status != 429 or a is None or pool is None or caller is None:
             return True
         a.reflex.fire(pool.name, call.lease)  # at the throttle, not after a wait below
+        call.reflexed = call.retries
         if requeues(call, status, a, self.requeue):
             return True  # the retry waits for its slot in admission, after the backoff
         wl = call.policy.policy.workloads[caller.workload.name]
@@ -215,18 +218,6 @@ class Forwarder:
         if status != 429 or caller is None or call.pool is None or call.degraded:
             return False
         return bool(call.policy.policy.workloads[caller.workload.name].degrade)
-
-    def _observe_retry(self, call: Call, status: int, on_pool: bool) -> None:
-        if self.adaptivity is not None and call.pool is not None:
-            # Retries absorb throttles the caller never sees: count them (the pool's own).
-            self.adaptivity.observe(
-                call.pool.name,
-                call.caller.priority if call.caller else "-",
-                (time.perf_counter() - call.started) * 1000,
-                throttled=status == 429 and on_pool,
-                server_error=status >= 500,
-                lease=call.lease,
-            )
 
     def _cache_put(self, call: Call, status: int, headers: Any, data: bytes) -> None:
         assert call.cache_key is not None and call.caller is not None

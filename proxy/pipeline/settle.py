@@ -21,6 +21,31 @@ from proxy.metrics import Metrics
 from proxy.pipeline.call import Call
 from proxy.pipeline.tier_quota import charge, on_pool_quota
 
+
+def observe_attempt(
+    adaptivity: Adaptivity | None,
+    call: Call,
+    status: int,
+    on_pool: bool,
+    since: float | None = None,
+) -> None:
+    """Report one upstream attempt of ``call`` to the controller and the breaker (its
+    latency: ``call.upstream_s``, or since ``since`` for an attempt about to be retried);
+    ``on_pool``: answered on the pool's own quota (not a tier's)."""
+    if adaptivity is None or call.pool is None:
+        return
+    seconds = call.upstream_s if since is None else time.perf_counter() - since
+    adaptivity.observe(
+        call.pool.name,
+        call.caller.priority if call.caller else "-",
+        seconds * 1000,
+        throttled=status == 429 and on_pool,
+        server_error=status >= 500,
+        lease=call.lease,
+        reflex=call.reflexed != call.retries,  # not twice for one throttle (see forward)
+    )
+
+
 #: Longest an answer waits for its release to be confirmed (see :func:`confirmed`).
 CONFIRM_TIMEOUT_S = 0.5
 
@@ -56,15 +81,8 @@ class Settler:
         stores the new grant on the call, which this releases in turn.
         """
         status = call.upstream_status
-        if self.adaptivity is not None and status is not None and call.pool is not None:
-            self.adaptivity.observe(
-                call.pool.name,
-                call.caller.priority if call.caller else "-",
-                call.upstream_s * 1000,
-                throttled=status == 429 and on_pool_quota(call),
-                server_error=status >= 500,
-                lease=call.lease,
-            )
+        if status is not None:
+            observe_attempt(self.adaptivity, call, status, on_pool_quota(call))
         return self.release(call)
 
     def release(self, call: Call, *, refused: bool = False) -> Awaitable[None] | None:

@@ -9,7 +9,10 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local live = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
-if ARGV[2] ~= '' and not redis.call('ZSCORE', KEYS[2], ARGV[2]) then live = live + 1 end
+if ARGV[2] ~= '' then
+  local expiry = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
+  if not expiry or expiry <= now then live = live + 1 end  -- released (or expired): uncounted
+end
 local lim = tonumber(redis.call('HGET', KEYS[1], 'lim')) or -1
 local new = lim
 if lim >= 0 then
