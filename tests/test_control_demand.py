@@ -17,37 +17,26 @@ from prometheus_client import CollectorRegistry
 
 from proxy.admission.gate import Gate
 from proxy.backend.store import RedisStore
-from proxy.config import parse_policy
 from proxy.control.breaker import OPEN
 from proxy.control.controller import Adaptivity
 from proxy.errors import BedrockError
 from proxy.metrics import Metrics
 from proxy.policy import CompiledPolicy
-from tests.support.admission_helpers import new_pool
+from tests.support.admission_helpers import new_pool, shedding_policy
 
 
 def _policy(pool: str) -> CompiledPolicy:
     adaptive = {"ceiling": 40, "initial": 4, "interval_seconds": 0.25, "target_p99_ms": 5000}
     breaker = {"window_seconds": 1, "min_requests": 20, "open_seconds": 5}
-    return CompiledPolicy(
-        parse_policy(
-            {
-                "models": {
-                    pool: {
-                        "ids": [f"anthropic.{pool}"],
-                        "concurrency": 40,
-                        "adaptive": adaptive,
-                        "breaker": breaker,
-                    }
-                },
-                "priorities": {"P0": {"share": 1.0}, "P2": {"share": 0.25}},
-                "workloads": {
-                    "chat": {"priority": "P0", "limits": {pool: {"concurrency": 1}}},
-                    "browse": {"priority": "P2"},
-                },
-            }
-        ),
-        env={},
+    return shedding_policy(
+        pool,
+        adaptive,
+        breaker,
+        priorities={"P0": {"share": 1.0}, "P2": {"share": 0.25}},
+        workloads={
+            "chat": {"priority": "P0", "limits": {pool: {"concurrency": 1}}},
+            "browse": {"priority": "P2"},
+        },
     )
 
 

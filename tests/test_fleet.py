@@ -20,7 +20,6 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from proxy.backend.store import EmbeddedStore, RedisStore
-from proxy.config import parse_policy
 from proxy.control.controller import Adaptivity
 from proxy.control.fleet import (
     N_BUCKETS,
@@ -32,7 +31,7 @@ from proxy.control.fleet import (
 )
 from proxy.control.window import BUCKET_BOUNDS_MS
 from proxy.policy import CompiledPolicy
-from tests.support.admission_helpers import Backend, new_pool, plan
+from tests.support.admission_helpers import Backend, new_pool, plan, shedding_policy
 from tests.support.redis_fixtures import RedisServerProcess
 
 FleetFactory = Callable[..., Any]
@@ -186,25 +185,15 @@ async def test_exchange_survives_a_script_flush(redis_server: RedisServerProcess
 
 
 def _policy(pool: str) -> CompiledPolicy:
-    return CompiledPolicy(
-        parse_policy(
-            {
-                "models": {
-                    pool: {
-                        "ids": [f"anthropic.{pool}"],
-                        "concurrency": 40,
-                        "adaptive": {"ceiling": 40, "interval_seconds": 0.2},
-                        "breaker": {"window_seconds": 1, "min_requests": 5},
-                    }
-                },
-                "priorities": {"P0": {"target_p99_ms": 1000}, "batch": {}},
-                "workloads": {
-                    "chat": {"priority": "P0"},
-                    "enrich": {"priority": "batch", "pause": {"when_class": "P0"}},
-                },
-            }
-        ),
-        env={},
+    return shedding_policy(
+        pool,
+        {"ceiling": 40, "interval_seconds": 0.2},
+        {"window_seconds": 1, "min_requests": 5},
+        priorities={"P0": {"target_p99_ms": 1000}, "batch": {}},
+        workloads={
+            "chat": {"priority": "P0"},
+            "enrich": {"priority": "batch", "pause": {"when_class": "P0"}},
+        },
     )
 
 

@@ -17,7 +17,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.backend.store import EmbeddedStore, RedisStore
-from proxy.config import parse_policy
 from proxy.control.breaker import BreakerRecord
 from proxy.control.controller import Adaptivity
 from proxy.control.fleet import FleetStats, PoolControl
@@ -33,7 +32,7 @@ from proxy.control.limits import FleetLimits
 from proxy.control.metrics import AdaptivityMetrics
 from proxy.control.window import PoolTick, throttled_level
 from proxy.policy import CompiledPolicy
-from tests.support.admission_helpers import Backend, new_pool, plan
+from tests.support.admission_helpers import Backend, new_pool, plan, shedding_policy
 from tests.support.load import Results, adaptive_fleet, drive
 from tests.support.processes import metric_value
 
@@ -287,19 +286,5 @@ async def test_a_breaker_that_opens_after_a_reflex_still_cuts(pooled: Pooled) ->
 
 def _policy(pool: str) -> CompiledPolicy:
     adaptive = {"ceiling": 40, "initial": 30, "decrease": 0.7, "interval_seconds": 5}
-    return CompiledPolicy(
-        parse_policy(
-            {
-                "models": {
-                    pool: {
-                        "ids": [f"anthropic.{pool}"],
-                        "concurrency": 40,
-                        "adaptive": adaptive,
-                        "breaker": {"window_seconds": 10, "min_requests": 5},
-                    }
-                },
-                "workloads": {"chat": {}},
-            }
-        ),
-        env={},
-    )
+    breaker = {"window_seconds": 10, "min_requests": 5}
+    return shedding_policy(pool, adaptive, breaker, workloads={"chat": {}})

@@ -15,6 +15,8 @@ import redis.cluster
 from proxy.admission import AdmitPlan, Bucket
 from proxy.admission.model import KEY_PREFIX
 from proxy.backend.store import EmbeddedStore
+from proxy.config import parse_policy
+from proxy.policy import CompiledPolicy
 
 
 def new_pool() -> str:
@@ -123,3 +125,14 @@ async def eventually(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         await asyncio.sleep(0.002)
+
+
+def shedding_policy(
+    pool: str, adaptive: dict[str, Any], breaker: dict[str, Any], **rest: Any
+) -> CompiledPolicy:
+    """A policy with one pool of concurrency 40 that sheds (``adaptive`` and ``breaker``),
+    plus the other top-level sections given (``priorities``, ``workloads``...)."""
+    model = {"ids": [f"anthropic.{pool}"], "concurrency": 40, "adaptive": adaptive}
+    return CompiledPolicy(
+        parse_policy({"models": {pool: {**model, "breaker": breaker}}, **rest}), env={}
+    )
