@@ -36,10 +36,9 @@ def _converse(url: str, workload: str, text: str) -> tuple[int, dict[str, str]]:
     return 200, reply["ResponseMetadata"]["HTTPHeaders"]
 
 
-@pytest.fixture
-def stack(redis_server: Any, make_simulator: Any, make_sluice: Any) -> tuple[Sluice, str]:
-    sim = one_slot_sonnet(make_simulator)
-    pool = f"sonnet{uuid.uuid4().hex[:8]}"
+def _policy(pool: str, breaker: dict[str, Any] | None, max_wait_ms: int) -> dict[str, Any]:
+    """A Sonnet pool adaptive from 4 (``breaker``: with one), a Haiku pool, ``orders``
+    (P0, no chain) and ``browse`` (P2, down to Haiku)."""
     adaptive = {
         "floor": 1,
         "initial": 4,
@@ -48,23 +47,30 @@ def stack(redis_server: Any, make_simulator: Any, make_sluice: Any) -> tuple[Slu
         "decrease": 0.5,
         "target_p99_ms": 10000,
     }
-    breaker = {"threshold": 0.5, "window_seconds": 2, "min_requests": 3, "open_seconds": 10}
-    policy = {
+    sonnet: dict[str, Any] = {"ids": [SONNET], "concurrency": 4, "adaptive": adaptive}
+    if breaker is not None:
+        sonnet["breaker"] = breaker
+    return {
         "identity": {"header_mode": True},
         "server": {
             "adaptivity": {"tick_seconds": 0.25},
             "retry": {"max_retries": 5, "base_backoff_ms": 200, "max_backoff_ms": 2000},
         },
-        "models": {
-            pool: {"ids": [SONNET], "concurrency": 4, "adaptive": adaptive, "breaker": breaker},
-            f"haiku{pool}": {"ids": [HAIKU], "concurrency": 10},
-        },
+        "models": {pool: sonnet, f"haiku{pool}": {"ids": [HAIKU], "concurrency": 10}},
         "priorities": {"P0": {"share": 1.0}, "P2": {"share": 1.0}},
         "workloads": {
-            "orders": {"priority": "P0", "models": [pool], "max_wait_ms": 5000},
+            "orders": {"priority": "P0", "models": [pool], "max_wait_ms": max_wait_ms},
             "browse": {"priority": "P2", "degrade": [f"haiku{pool}"]},
         },
     }
+
+
+@pytest.fixture
+def stack(redis_server: Any, make_simulator: Any, make_sluice: Any) -> tuple[Sluice, str]:
+    sim = one_slot_sonnet(make_simulator)
+    pool = f"sonnet{uuid.uuid4().hex[:8]}"
+    breaker = {"threshold": 0.5, "window_seconds": 2, "min_requests": 2, "open_seconds": 10}
+    policy = _policy(pool, breaker, max_wait_ms=5000)
     return make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url), pool
 
 
@@ -98,3 +104,35 @@ async def test_throttled_call_without_a_chain_waits_for_a_slot_under_the_cut_lim
     assert took < 6.0
     assert metric_value(text, "sluice_upstream_retry_requeue_refused_total", pool=pool) == 0
     assert metric_value(text, "sluice_in_flight", pool=pool) == 0  # every slot given back
+
+
+@pytest.fixture
+def chain_stack(
+    redis_server: Any, make_simulator: Any, make_sluice: Any
+) -> tuple[Sluice, Any, str]:
+    sim = one_slot_sonnet(make_simulator)
+    pool = f"sonnet{uuid.uuid4().hex[:8]}"
+    policy = _policy(pool, None, max_wait_ms=0)
+    return make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url), sim, pool
+
+
+async def test_a_throttle_is_not_retried_into_the_limit_the_reflex_just_lowered(
+    chain_stack: tuple[Sluice, Any, str],
+) -> None:
+    """A class with a chain, throttled on a limit above Bedrock's quota, goes down its chain
+    after the backoff instead of retrying into the same throttle: its headroom is judged
+    under the limit the throttle reflex lowered, not the one the call was admitted under
+    (before, the retry was judged at the 429 and cost Bedrock a second throttle)."""
+    proxy, sim, pool = chain_stack
+    # One call holds Bedrock's only Sonnet slot for about two seconds, under a limit of 4.
+    first = asyncio.create_task(
+        asyncio.to_thread(_converse, proxy.url, "orders", "long [[sim:output_tokens=80]]")
+    )
+    await asyncio.sleep(0.6)  # a tick or two: the fleet in-flight read is 1, the limit 4
+    status, headers = await asyncio.to_thread(_converse, proxy.url, "browse", "b")
+    assert status == 200 and headers["x-sluice-degraded"] == "downgrade", headers
+    assert (await first)[0] == 200
+    assert sim.stats()["models"][SONNET]["throttled"] == 1  # the browse call's one attempt
+    text = proxy.metrics()
+    assert metric_value(text, "sluice_upstream_retries_total", pool=pool) == 0
+    assert metric_value(text, "sluice_adaptive_limit", pool=pool) == 1  # the reflex's cut

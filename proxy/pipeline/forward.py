@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -24,13 +23,13 @@ from proxy.errors import BedrockError
 from proxy.eventstream import exception_frame
 from proxy.memory import BurstTrim
 from proxy.metrics import Metrics
+from proxy.pipeline.backoff import Backoff
 from proxy.pipeline.cache import CacheUnavailable, ResponseCache, cacheable
 from proxy.pipeline.call import THROTTLED, Call, Refused, Throttled
-from proxy.pipeline.requeue import Requeue, requeue, requeues
+from proxy.pipeline.requeue import Requeue
 from proxy.pipeline.respond import annotate, upstream_error_type
-from proxy.pipeline.retry import RetryBudget, next_delay, retryable
-from proxy.pipeline.settle import observe_attempt
-from proxy.pipeline.tier_quota import TierQuotas, on_pool_quota
+from proxy.pipeline.retry import retryable
+from proxy.pipeline.tier_quota import TierQuotas
 from proxy.pipeline.tiers import TIER_HEADER, apply_tier
 from proxy.routes import Route
 from proxy.upstream import KEEPALIVE_S, Upstream, returnable
@@ -66,8 +65,7 @@ class Forwarder:
         self.cache = cache
         self.adaptivity = adaptivity
         self.tiers = tiers
-        self._retry_budgets: dict[tuple[str, str], RetryBudget] = {}
-        self._rng = random.Random()
+        self.backoff = Backoff(metrics, adaptivity, tiers, requeue)
         self._background: set[asyncio.Task[None]] = set()
         # RSS back to idle once a burst of held streams ends: after the idle upstream
         # connections it leaves in the pool have timed out, else they keep their pages.
@@ -127,9 +125,8 @@ class Forwarder:
     ) -> aiohttp.ClientResponse:
         """Send upstream; retry throttles and 503s while the caller's deadline and budget allow
         (only before any byte reaches the caller: never half a stream, then a second one)."""
-        retry = call.policy.policy.server.retry
         pool = call.pool.name if call.pool else "-"
-        budget = self._budget(call, pool, retry.budget_ratio)
+        budget = self.backoff.budget(call)
         while True:
             body, choice = call.body, call.tier
             headers: Mapping[str, str] = request.headers
@@ -148,69 +145,10 @@ class Forwarder:
             error_type = upstream_error_type(upstream.headers)
             if not retryable(upstream.status, error_type):
                 return upstream
-            # Asked before a fallback moves the call: the quota this attempt ran on.
-            on_pool = queue_again = on_pool_quota(call)
-            deadline = _deadline(call)
-            if await self.tiers.escalate(
-                call, upstream.status, error_type, deadline - time.perf_counter()
-            ):
-                delay: float | None = 0.0  # throttled on its tier: at once, on the fallback tier
-                queue_again = False
-            elif on_pool and not await self._headroom(call, upstream.status):
+            if not await self.backoff.again(call, upstream, error_type, budget):
                 return upstream
-            else:
-                remaining = deadline - time.perf_counter()  # after any wait for headroom
-                delay = next_delay(call.retries + 1, retry, remaining, budget, self._rng)
-            if delay is None:
-                self._gave_up(call, retry.max_retries, budget, pool)
-                return upstream
-            await _drain(upstream)
-            # Retries absorb throttles the caller never sees: count them (the pool's own).
-            observe_attempt(self.adaptivity, call, upstream.status, on_pool, call.started)
-            if queue_again and requeues(call, upstream.status, self.adaptivity, self.requeue):
-                await self._requeue(call, delay, deadline, upstream.status)  # raises: no slot
-            else:
-                await asyncio.sleep(delay)
             call.retries += 1
             self.metrics.upstream_retries.labels(pool, error_type or str(upstream.status)).inc()
-
-    def _gave_up(self, call: Call, max_retries: int, budget: RetryBudget, pool: str) -> None:
-        """Count a retry the budget (not the retry count or the deadline) refused."""
-        if call.retries < max_retries and budget.tokens < 1:
-            self.metrics.retry_budget_exhausted.labels(pool).inc()
-
-    def _budget(self, call: Call, pool: str, ratio: float) -> RetryBudget:
-        """The retry budget of the call's pool and class, charged for this first attempt."""
-        # One budget per pool and class: a flood of throttled batch calls must not use up
-        # the retries that keep real-time calls answering.
-        key = (pool, call.caller.priority if call.caller else "-")
-        budget = self._retry_budgets.get(key)
-        if budget is None:
-            budget = self._retry_budgets[key] = RetryBudget(ratio)
-        budget.on_first_attempt()
-        return budget
-
-    async def _headroom(self, call: Call, status: int) -> bool:
-        """A throttle on the pool's quota is retried only into headroom under its adaptive limit
-        (a class with a chain: headroom now, never under a hold; else down its chain)."""
-        a, pool, caller = self.adaptivity, call.pool, call.caller
-        if status != 429 or a is None or pool is None or caller is None:
-            return True
-        a.reflex.fire(pool.name, call.lease)  # at the throttle, not after a wait below
-        call.reflexed = call.retries
-        if requeues(call, status, a, self.requeue):
-            return True  # the retry waits for its slot in admission, after the backoff
-        wl = call.policy.policy.workloads[caller.workload.name]
-        if wl.degrade:
-            return a.held_by(pool.name, caller.priority) is None and a.retry_headroom(pool.name)
-        return await a.await_headroom(pool.name, wl.max_wait_ms / 1000)
-
-    async def _requeue(self, call: Call, delay: float, deadline: float, status: int) -> None:
-        assert self.adaptivity is not None and self.requeue is not None
-        # Bedrock answered this attempt: a refusal raised from here still logs and counts it.
-        call.upstream_status = status
-        call.upstream_s = time.perf_counter() - call.started
-        await requeue(call, delay, deadline, self.adaptivity, self.requeue, self.metrics)
 
     def _degradable(self, call: Call, status: int) -> bool:
         """Does a throttle that survived retries send this call down its workload's chain?"""
@@ -372,20 +310,3 @@ def _release_request(request: web.Request, call: Call, upstream: aiohttp.ClientR
     upstream._headers = _NO_HEADERS
     upstream._raw_headers = ()
     upstream._cache.pop("headers", None)  # reify's copy of the parsed headers
-
-
-def _deadline(call: Call) -> float:
-    """When the caller stops waiting (perf_counter clock): its workload's deadline."""
-    caller = call.caller
-    wl = call.policy.policy.workloads[caller.workload.name] if caller else None
-    return call.started + (wl.deadline_seconds if wl else 60.0)
-
-
-async def _drain(upstream: aiohttp.ClientResponse) -> None:
-    """Read an answer that is about to be retried, so its connection is reused."""
-    try:
-        await upstream.read()
-    except (aiohttp.ClientError, TimeoutError):
-        upstream.close()  # a torn answer to a call retried anyway: a fresh connection
-    else:
-        upstream.release()
