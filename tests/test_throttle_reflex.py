@@ -262,6 +262,28 @@ async def test_a_throttle_fires_the_reflex_once_and_a_closed_reflex_never(pooled
     assert a.reflex.pending() == set()
 
 
+async def test_a_retry_judged_after_the_reflex_landed_sees_the_limit_it_set(
+    pooled: Pooled,
+) -> None:
+    """``landed`` waits for the reflex running for the pool: the retry that judges its
+    headroom after it sees the lowered limit and the live in-flight, not the tick's."""
+    pool, store, _ = pooled
+    a = Adaptivity(_policy(pool), store, None, registry=CollectorRegistry())
+    try:
+        await a.reflex.landed(pool, 1.0)  # none running: returns at once
+        await store.set_pool_limit(pool, 30)
+        a.limits.note(pool, (await a.fleet.exchange({pool: PoolControl()}))[pool])
+        leases = [(await store.admit(plan(pool, pool_concurrency=40), 0)).lease for _ in range(7)]
+        assert a.limit(pool) == 30 and a.retry_headroom(pool)  # as the last tick read it
+        a.reflex.fire(pool, leases[0])
+        await a.reflex.landed(pool, 5.0)
+        assert a.reflex.pending() == set()
+        assert a.limit(pool) == 6  # 7 in flight, the refused one among them
+        assert not a.retry_headroom(pool)
+    finally:
+        await a.close()
+
+
 async def test_a_breaker_that_opens_after_a_reflex_still_cuts(pooled: Pooled) -> None:
     """The breaker's cut is from the highest limit of the interval: a reflex that took one
     slot does not stand in for it, a leader's cut for the same throttles does."""

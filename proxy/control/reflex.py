@@ -105,6 +105,13 @@ class ThrottleReflex:
             reason = f"throttle reflex: Bedrock throttled with {live} in flight"
             limit_event(self._metrics, pool, before, after, reason)
 
+    async def landed(self, pool: str, timeout_s: float) -> None:
+        """Wait (up to ``timeout_s``) for the reflex running for ``pool``, if one is: a retry
+        judged after it sees the limit it set. Never raises (but for its own cancellation)."""
+        task = self._tasks.get(pool)
+        if task is not None and timeout_s > 0:
+            await asyncio.wait({task}, timeout=timeout_s)
+
     def pending(self) -> set[str]:
         """The pools with a reflex running now."""
         return set(self._tasks)

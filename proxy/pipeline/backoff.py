@@ -81,14 +81,16 @@ class Backoff:
             return False
         await _drain(upstream)  # its body stays readable: it is the answer if no retry
         if judge:
-            # Headroom is judged after the backoff, not at the throttle: by then the reflex
-            # has lowered the limit to what Bedrock grants. Judged at the 429, against the
-            # limit before it, the retry went straight into the same throttle (sweep seed
-            # 15: two throttles at first contact where one was inevitable).
-            await asyncio.sleep(delay)
-            delay = 0.0
+            # Headroom is judged once the reflex has answered, not at the throttle: judged
+            # at the 429, against the limit before the reflex lowered it to what Bedrock
+            # grants, the retry went straight into the same throttle (sweep seed 15: two
+            # throttles at first contact where one was inevitable).
+            assert self.adaptivity is not None and call.pool is not None
+            started = time.perf_counter()
+            await self.adaptivity.reflex.landed(call.pool.name, delay)
             if not await self._headroom(call, deadline):
                 return False
+            delay = max(0.0, delay - (time.perf_counter() - started))
         # Retries absorb throttles the caller never sees: count them (the pool's own).
         observe_attempt(self.adaptivity, call, status, on_pool, call.started)
         if queue_again and requeues(call, status, self.adaptivity, self.requeue):
