@@ -82,6 +82,11 @@ async def test_the_reflex_lowers_the_limit_to_what_is_in_flight_and_never_raises
     assert (await fleet.reflex(pool, 1, refused))[:3] == (7, 30, 6)
     assert (await fleet.reflex(pool, 1, leases[0]))[:3] == (6, 6, 5)  # still held: as is
     assert await store.holds_lease(pool, leases[0]) and not await store.holds_lease(pool, refused)
+    # Other calls Bedrock refused in the same burst are not at Bedrock while their leases
+    # still count: left out (one already given back changes nothing).
+    await store.set_pool_limit(pool, 30)
+    others = [leases[1], leases[2], refused]
+    assert (await fleet.reflex(pool, 1, leases[0], others))[:3] == (4, 30, 3)
     for lease in leases:
         assert lease is not None
         store.settle(p, lease, 0, 0)
@@ -198,8 +203,12 @@ async def test_a_limit_far_above_the_quota_stops_throttling_at_the_first_throttl
     )
     assert early > 0 and reflexes >= 1
     # Without the reflex the limit stays at 24 until the interval ends (3 s): the excess
-    # slots churn, every caller admitted into one refused (hundreds of throttles).
-    assert late <= 2, stats
+    # slots churn, every caller admitted into one refused (96 throttles after the first
+    # second). With it, 0-4 in 30 runs: the first wave reaches the three instances' 429s
+    # within a millisecond, each reads before the others' refused calls gave their leases
+    # back (it leaves out only its own), so it can take the requeued wave 0.5 s later
+    # to read Bedrock's 4 exactly.
+    assert late <= 6, stats
     assert len(set(learned)) == 1 and quota - 1 <= learned[0] <= quota + 1, learned
     # The reading counts the refused call even after its release: not one slot below.
     assert all(quota - 1 <= limit <= quota + 1 for limit in limits), limits
@@ -280,6 +289,28 @@ async def test_a_retry_judged_after_the_reflex_landed_sees_the_limit_it_set(
         assert a.reflex.pending() == set()
         assert a.limit(pool) == 6  # 7 in flight, the refused one among them
         assert not a.retry_headroom(pool)
+    finally:
+        await a.close()
+
+
+async def test_a_burst_refused_at_once_is_read_without_the_refused_calls(
+    pooled: Pooled,
+) -> None:
+    """Every refused call is remembered (fired for or not) until it is sent again: the
+    reading leaves out the others still holding a lease, not the one it fires for."""
+    pool, store, _ = pooled
+    a = Adaptivity(_policy(pool), store, None, registry=CollectorRegistry())
+    try:
+        await store.set_pool_limit(pool, 30)
+        a.limits.note(pool, (await a.fleet.exchange({pool: PoolControl()}))[pool])
+        p = plan(pool, pool_concurrency=40)
+        leases = [(await store.admit(p, 0)).lease for _ in range(7)]
+        a.reflex.fire(pool, leases[0])
+        a.reflex.fire(pool, leases[1])  # one reflex at a time: not fired, remembered
+        a.reflex.fire(pool, leases[2])
+        a.reflex.resent(pool, leases[2])  # sent again: at Bedrock, counted
+        await a.reflex.landed(pool, 5.0)
+        assert a.limit(pool) == 5  # 7 leases, one refused and still held: Bedrock held 6
     finally:
         await a.close()
 

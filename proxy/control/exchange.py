@@ -60,7 +60,9 @@ class Exchange(Protocol):
     async def close(self) -> None: ...
     async def tick(self, sends: Sends) -> dict[str, PoolTick]: ...
     async def transition(self, pool: str, gen: int, state: int) -> tuple[bool, BreakerRecord]: ...
-    async def reflex(self, pool: str, lowest: int, lease: str | None) -> Reflexed: ...
+    async def reflex(
+        self, pool: str, lowest: int, lease: str | None, others: Sequence[str] = ()
+    ) -> Reflexed: ...
     async def set_limit(self, pool: str, expected: int | None, new: int) -> LimitSet: ...
 
 
@@ -139,9 +141,11 @@ class RedisExchange:
         res = await self._runner.run("breaker_transition", [key], [gen, state, BREAKER_TTL_MS])
         return bool(res[0]), BreakerRecord.from_fields(_hash(res[1]))
 
-    async def reflex(self, pool: str, lowest: int, lease: str | None) -> Reflexed:
+    async def reflex(
+        self, pool: str, lowest: int, lease: str | None, others: Sequence[str] = ()
+    ) -> Reflexed:
         keys = self._pool_keys(pool)
-        args: list[Arg] = [lowest, lease or ""]
+        args: list[Arg] = [lowest, lease or "", *others]
         res = await self._runner.run("fleet_reflex", [keys[-4], keys[-3]], args)
         return int(res[0]), _limit(res[1]), _limit(res[2]), int(res[3])
 
@@ -243,13 +247,17 @@ class LocalExchange:
         p.breaker = BreakerRecord(state, gen + 1, int(time.monotonic() * 1000))
         return True, p.breaker
 
-    async def reflex(self, pool: str, lowest: int, lease: str | None) -> Reflexed:
+    async def reflex(
+        self, pool: str, lowest: int, lease: str | None, others: Sequence[str] = ()
+    ) -> Reflexed:
         # The embedded store never yields inside these calls: read and write are one step.
         stats = await self._store.pool_stats(pool)
         now = int(time.monotonic() * 1000)
         live, lim = int(stats.get("in_flight", 0)), _limit(stats.get("dynamic_limit", -1))
         if lease and not await self._store.holds_lease(pool, lease):
             live += 1  # the refused call's release ran first: it was in flight all the same
+        for other in others:  # refused too, lease not yet given back: not at Bedrock
+            live -= int(await self._store.holds_lease(pool, other))
         target = max(lowest, live - 1)
         if lim is None or target >= lim:
             return live, lim, lim, now

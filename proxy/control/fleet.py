@@ -31,7 +31,7 @@ instance's counts age out with the buckets they went into. Time is Redis ``TIME`
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from proxy.admission import Store
 from proxy.control.breaker import BreakerRecord
@@ -164,11 +164,13 @@ class FleetStats:
         if in_flight > 0:  # every refused call already gone: says nothing
             self._levels[pool] = min(in_flight, self._levels.get(pool, in_flight))
 
-    async def reflex(self, pool: str, lowest: int, lease: str | None = None) -> Reflexed:
+    async def reflex(
+        self, pool: str, lowest: int, lease: str | None = None, others: Sequence[str] = ()
+    ) -> Reflexed:
         """Lower the fleet limit of ``pool`` to what is in flight now minus the refused call
-        (``lease``: its lease; see :mod:`proxy.control.reflex`); raises
-        :class:`FleetUnavailable`."""
-        return await self._exchange.reflex(pool, lowest, lease)
+        (``lease``: its lease; ``others``: leases of calls Bedrock refused moments before,
+        not counted; see :mod:`proxy.control.reflex`); raises :class:`FleetUnavailable`."""
+        return await self._exchange.reflex(pool, lowest, lease, others)
 
     async def set_limit(self, pool: str, expected: int | None, new: int) -> LimitSet:
         """Set the fleet limit of ``pool`` to ``new`` if it is still ``expected`` (None:

@@ -39,6 +39,11 @@ GAP_S: Final = 0.05
 #: After a failed reflex (Redis unreachable), the next waits this long: an outage during
 #: a storm costs one warning a second per pool, not one per throttle.
 FAILED_GAP_S: Final = 1.0
+#: A refused call's lease is left out of the reading for this long at most (it is given
+#: back, or sent again, well within it: then it is forgotten at once).
+REFUSED_S: Final = 10.0
+#: ... and at most this many of them per reading (the script checks each).
+MAX_OTHERS: Final = 64
 
 
 class ThrottleReflex:
@@ -64,28 +69,56 @@ class ThrottleReflex:
         self._applied = applied
         self._next: dict[str, float] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: Per pool: leases of calls Bedrock refused, not sent again yet (lease -> when).
+        self._refused: dict[str, dict[str, float]] = {}
         self._closed = False
 
     def fire(self, pool: str, lease: str | None = None) -> None:
         """Bedrock throttled a call of ``pool`` holding ``lease`` (request path: sync,
         never raises)."""
-        if self._closed or pool not in self._floors or pool in self._tasks:
+        if self._closed or pool not in self._floors:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        if loop.time() < self._next.get(pool, 0.0):
+        if lease is not None:
+            # Every refused call is remembered, fired for or not: a burst Bedrock refused
+            # at once is read without the calls it refused that still hold their lease.
+            refused = self._refused.setdefault(pool, {})
+            refused[lease] = loop.time()
+            if len(refused) > MAX_OTHERS:
+                self._forget_old(refused, loop.time())
+        if pool in self._tasks or loop.time() < self._next.get(pool, 0.0):
             return
         self._next[pool] = loop.time() + GAP_S
         task = loop.create_task(self._run(pool, lease))
         self._tasks[pool] = task
         task.add_done_callback(lambda _: self._tasks.pop(pool, None))
 
+    def resent(self, pool: str, lease: str | None) -> None:
+        """The refused call holding ``lease`` is sent again (or gave its lease up): it
+        counts in readings again."""
+        refused = self._refused.get(pool)
+        if refused is not None and lease is not None:
+            refused.pop(lease, None)
+
+    @staticmethod
+    def _forget_old(refused: dict[str, float], now: float) -> None:
+        for lease, at in list(refused.items()):
+            if now - at > REFUSED_S:
+                del refused[lease]
+        while len(refused) > MAX_OTHERS:  # oldest first (insertion order)
+            del refused[next(iter(refused))]
+
     async def _run(self, pool: str, lease: str | None) -> None:
         try:
             lowest = max(self._floors[pool], int(self.granted.get(pool, 0.0)))
-            result = await self._fleet.reflex(pool, lowest, lease)
+            # Read when the script is sent: throttles that arrived since the fire count too.
+            refused = self._refused.get(pool, {})
+            self._forget_old(refused, asyncio.get_running_loop().time())
+            others = [other for other in refused if other != lease]
+            result = await self._fleet.reflex(pool, lowest, lease, others)
         except Exception as exc:  # FleetUnavailable, or a bug: never lost, never fatal
             self._metrics.errors.labels("reflex").inc()
             self._next[pool] = asyncio.get_running_loop().time() + FAILED_GAP_S

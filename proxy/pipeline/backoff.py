@@ -63,7 +63,7 @@ class Backoff:
     ) -> bool:
         """Wait out the backoff after the retryable answer ``upstream``; True: send again
         (its body was read and its connection released), False: it is the answer."""
-        status = upstream.status
+        status, lease = upstream.status, call.lease
         # Asked before a fallback moves the call: the quota this attempt ran on.
         on_pool = queue_again = on_pool_quota(call)
         deadline = _deadline(call)
@@ -97,6 +97,8 @@ class Backoff:
             await self._requeue(call, delay, deadline, status)  # raises: no slot
         elif delay > 0:
             await asyncio.sleep(delay)
+        if status == 429 and self.adaptivity is not None and call.pool is not None:
+            self.adaptivity.reflex.resent(call.pool.name, lease)  # at Bedrock again
         return True
 
     def _throttled(self, call: Call, status: int) -> bool:
