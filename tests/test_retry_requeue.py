@@ -19,7 +19,14 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.support.processes import Sluice, metric_value, workload_client
+from tests.support.processes import (
+    UPSTREAM_KEY_ID,
+    UPSTREAM_SECRET,
+    Sluice,
+    bedrock_client,
+    metric_value,
+    workload_client,
+)
 from tests.support.requeue import SONNET, one_slot_sonnet
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -69,7 +76,8 @@ def _policy(pool: str, breaker: dict[str, Any] | None, max_wait_ms: int) -> dict
 def stack(redis_server: Any, make_simulator: Any, make_sluice: Any) -> tuple[Sluice, str]:
     sim = one_slot_sonnet(make_simulator)
     pool = f"sonnet{uuid.uuid4().hex[:8]}"
-    breaker = {"threshold": 0.5, "window_seconds": 2, "min_requests": 2, "open_seconds": 10}
+    # One throttle opens it: with the reflex, the first throttle may be the only one.
+    breaker = {"threshold": 0.5, "window_seconds": 2, "min_requests": 1, "open_seconds": 10}
     policy = _policy(pool, breaker, max_wait_ms=5000)
     return make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url), pool
 
@@ -106,24 +114,26 @@ async def test_throttled_call_without_a_chain_waits_for_a_slot_under_the_cut_lim
     assert metric_value(text, "sluice_in_flight", pool=pool) == 0  # every slot given back
 
 
-@pytest.fixture
-def chain_stack(
-    redis_server: Any, make_simulator: Any, make_sluice: Any
+def _one_slot_stack(
+    redis_server: Any, make_simulator: Any, make_sluice: Any, max_wait_ms: int, initial: int
 ) -> tuple[Sluice, Any, str]:
+    """Sluice (no breaker, the adaptive limit starting at ``initial``) on a one-slot Sonnet."""
     sim = one_slot_sonnet(make_simulator)
     pool = f"sonnet{uuid.uuid4().hex[:8]}"
-    policy = _policy(pool, None, max_wait_ms=0)
-    return make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url), sim, pool
+    policy = _policy(pool, None, max_wait_ms=max_wait_ms)
+    policy["models"][pool]["adaptive"]["initial"] = initial
+    proxy = make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url)
+    return proxy, sim, pool
 
 
 async def test_a_throttle_is_not_retried_into_the_limit_the_reflex_just_lowered(
-    chain_stack: tuple[Sluice, Any, str],
+    redis_server: Any, make_simulator: Any, make_sluice: Any
 ) -> None:
     """A class with a chain, throttled on a limit above Bedrock's quota, goes down its chain
-    after the backoff instead of retrying into the same throttle: its headroom is judged
-    under the limit the throttle reflex lowered, not the one the call was admitted under
-    (before, the retry was judged at the 429 and cost Bedrock a second throttle)."""
-    proxy, sim, pool = chain_stack
+    instead of retrying into the same throttle: its headroom is judged once the throttle
+    reflex has lowered the limit, not under the one the call was admitted under (before,
+    the retry was judged at the 429 and cost Bedrock a second throttle)."""
+    proxy, sim, pool = _one_slot_stack(redis_server, make_simulator, make_sluice, 0, initial=4)
     # One call holds Bedrock's only Sonnet slot for about two seconds, under a limit of 4.
     first = asyncio.create_task(
         asyncio.to_thread(_converse, proxy.url, "orders", "long [[sim:output_tokens=80]]")
@@ -136,3 +146,26 @@ async def test_a_throttle_is_not_retried_into_the_limit_the_reflex_just_lowered(
     text = proxy.metrics()
     assert metric_value(text, "sluice_upstream_retries_total", pool=pool) == 0
     assert metric_value(text, "sluice_adaptive_limit", pool=pool) == 1  # the reflex's cut
+
+
+async def test_a_throttle_that_finds_no_headroom_is_answered_with_bedrocks_429(
+    redis_server: Any, make_simulator: Any, make_sluice: Any
+) -> None:
+    """A class without a chain at the floor waits for headroom (up to its ``max_wait_ms``);
+    none comes while a client that bypasses Sluice holds Bedrock's only slot, so the caller
+    gets Bedrock's throttle with Retry-After -- the answer read before the wait, not a 503
+    (a released answer cannot be read again)."""
+    # At its floor: a throttled call of a class without a chain waits instead of requeueing.
+    proxy, sim, pool = _one_slot_stack(redis_server, make_simulator, make_sluice, 300, initial=1)
+    direct = bedrock_client(sim.url, key_id=UPSTREAM_KEY_ID, secret=UPSTREAM_SECRET)
+    msgs = [{"role": "user", "content": [{"text": "long [[sim:output_tokens=80]]"}]}]
+    first = asyncio.create_task(asyncio.to_thread(direct.converse, modelId=SONNET, messages=msgs))
+    await asyncio.sleep(0.6)
+    status, headers = await asyncio.to_thread(_converse, proxy.url, "orders", "o")
+    assert (await first)["ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert status == 429, headers
+    assert headers["x-amzn-errortype"].startswith("ThrottlingException"), headers
+    assert "retry-after" in headers, headers
+    assert sim.stats()["models"][SONNET]["throttled"] == 1  # judged, never retried into it
+    text = proxy.metrics()
+    assert metric_value(text, "sluice_upstream_retries_total", pool=pool) == 0

@@ -41,7 +41,9 @@ _SCRIPTS: Final = ("fleet_tick", "breaker_transition", "fleet_reflex", "fleet_se
 
 #: What a throttle reflex read and did: (live leases, limit before, limit after (None: no
 #: dynamic limit set), the fleet's time in ms).
-Reflexed = tuple[int, int | None, int | None, int]
+#: What a reflex read and did: (what Bedrock held: the reading, limit before, limit after,
+#: when (ms), slots held: the reading plus other refused calls still holding a lease).
+Reflexed = tuple[int, int | None, int | None, int, int]
 #: A compare-and-set of the limit: (applied, the limit now (None: none), its change time
 #: in fleet ms (None: unknown)).
 LimitSet = tuple[bool, int | None, int | None]
@@ -147,7 +149,7 @@ class RedisExchange:
         keys = self._pool_keys(pool)
         args: list[Arg] = [lowest, lease or "", *others]
         res = await self._runner.run("fleet_reflex", [keys[-4], keys[-3]], args)
-        return int(res[0]), _limit(res[1]), _limit(res[2]), int(res[3])
+        return int(res[0]), _limit(res[1]), _limit(res[2]), int(res[3]), int(res[4])
 
     async def set_limit(self, pool: str, expected: int | None, new: int) -> LimitSet:
         key = self._pool_keys(pool)[-4]
@@ -256,14 +258,15 @@ class LocalExchange:
         live, lim = int(stats.get("in_flight", 0)), _limit(stats.get("dynamic_limit", -1))
         if lease and not await self._store.holds_lease(pool, lease):
             live += 1  # the refused call's release ran first: it was in flight all the same
+        held = live
         for other in others:  # refused too, lease not yet given back: not at Bedrock
             live -= int(await self._store.holds_lease(pool, other))
         target = max(lowest, live - 1)
         if lim is None or target >= lim:
-            return live, lim, lim, now
+            return live, lim, lim, now, held
         await self._store.set_pool_limit(pool, target)
         self._pool(pool).limit_ms = now
-        return live, lim, target, now
+        return live, lim, target, now, held
 
     async def set_limit(self, pool: str, expected: int | None, new: int) -> LimitSet:
         stats = await self._store.pool_stats(pool)

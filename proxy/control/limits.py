@@ -66,8 +66,8 @@ class FleetLimits:
 
     def reflexed(self, pool: str, result: Reflexed) -> None:
         """What a reflex read and did, acted on before the next tick."""
-        live, before, after, at_ms = result
-        self.in_flight[pool] = live
+        _, before, after, at_ms, held = result
+        self.in_flight[pool] = held  # slots, as admission counts them (not the reading)
         if after is not None and before is not None and after < before:
             self.limits[pool] = after
             self._changed(pool, at_ms)

@@ -130,7 +130,7 @@ class ThrottleReflex:
                 extra={"fields": {"event": "reflex_failed", "pool": pool, "error": str(exc)}},
             )
             return
-        live, before, after, _ = result
+        live, before, after, *_ = result
         self._fleet.observe_level(pool, live)
         self._applied(pool, result)
         if before is not None and after is not None and after < before:

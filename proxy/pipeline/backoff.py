@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from typing import Final
 
 import aiohttp
 
@@ -19,9 +20,14 @@ from proxy.control.controller import Adaptivity
 from proxy.metrics import Metrics
 from proxy.pipeline.call import Call
 from proxy.pipeline.requeue import Requeue, requeue, requeues
-from proxy.pipeline.retry import RetryBudget, next_delay
+from proxy.pipeline.retry import MIN_CALL_S, RetryBudget, next_delay
 from proxy.pipeline.settle import observe_attempt
 from proxy.pipeline.tier_quota import TierQuotas, on_pool_quota
+
+#: Longest a throttled retry waits for the reflex's answer before it judges its headroom
+#: against the limit it has (the reflex is one Redis round trip, ~1 ms; slower, Redis is in
+#: trouble and the limit read at the last tick is all there is).
+REFLEX_WAIT_S: Final = 0.25
 
 
 class Backoff:
@@ -61,41 +67,37 @@ class Backoff:
         error_type: str | None,
         budget: RetryBudget,
     ) -> bool:
-        """Wait out the backoff after the retryable answer ``upstream``; True: send again
-        (its body was read and its connection released), False: it is the answer."""
+        """Wait out the backoff after the retryable answer ``upstream``; True: send again,
+        False: it is the answer (its body stays readable either way)."""
         status, lease = upstream.status, call.lease
         # Asked before a fallback moves the call: the quota this attempt ran on.
         on_pool = queue_again = on_pool_quota(call)
         deadline = _deadline(call)
-        judge = False
+        waited = 0.0
         if await self.tiers.escalate(call, status, error_type, deadline - time.perf_counter()):
             delay: float | None = 0.0  # throttled on its tier: at once, on the fallback tier
             queue_again = False
         else:
-            judge = on_pool and self._throttled(call, status)
+            if on_pool and self._throttled(call, status):
+                queue_again = False  # judged here: never a second wait in admission
+                started = time.perf_counter()
+                await _drain(upstream)  # before any wait: the connection goes back now
+                if not await self._headroom(call, deadline):
+                    return False
+                waited = time.perf_counter() - started
             retry = call.policy.policy.server.retry
-            remaining = deadline - time.perf_counter()
+            remaining = deadline - time.perf_counter()  # after any wait for headroom
             delay = next_delay(call.retries + 1, retry, remaining, budget, self._rng)
         if delay is None:
             self._gave_up(call, budget)
             return False
-        await _drain(upstream)  # its body stays readable: it is the answer if no retry
-        if judge:
-            # Headroom is judged once the reflex has answered, not at the throttle: judged
-            # at the 429, against the limit before the reflex lowered it to what Bedrock
-            # grants, the retry went straight into the same throttle (sweep seed 15: two
-            # throttles at first contact where one was inevitable).
-            assert self.adaptivity is not None and call.pool is not None
-            started = time.perf_counter()
-            await self.adaptivity.reflex.landed(call.pool.name, delay)
-            if not await self._headroom(call, deadline):
-                return False
-            delay = max(0.0, delay - (time.perf_counter() - started))
-        # Retries absorb throttles the caller never sees: count them (the pool's own).
-        observe_attempt(self.adaptivity, call, status, on_pool, call.started)
+        await _drain(upstream)
+        # Retries absorb throttles the caller never sees: count them (the pool's own), with
+        # the attempt's own latency (not the wait for headroom).
+        observe_attempt(self.adaptivity, call, status, on_pool, call.started + waited)
         if queue_again and requeues(call, status, self.adaptivity, self.requeue):
             await self._requeue(call, delay, deadline, status)  # raises: no slot
-        elif delay > 0:
+        else:
             await asyncio.sleep(delay)
         if status == 429 and self.adaptivity is not None and call.pool is not None:
             self.adaptivity.reflex.resent(call.pool.name, lease)  # at Bedrock again
@@ -113,16 +115,21 @@ class Backoff:
         return not requeues(call, status, a, self.requeue)
 
     async def _headroom(self, call: Call, deadline: float) -> bool:
-        """Headroom under the pool's adaptive limit for the retry: a class with a chain needs
-        it now and no hold on it (else it goes down its chain); one without waits for it up
-        to its ``max_wait_ms``, within the deadline."""
+        """Headroom under the pool's adaptive limit for the retry, judged once the throttle
+        reflex has answered: judged at the 429, against the limit from before it, the retry
+        went straight into the same throttle (sweep seed 15: two throttles at first contact
+        where one was inevitable). A class with a chain needs it now and no hold on it
+        (else it goes down its chain); one without waits for it up to its ``max_wait_ms``.
+        Every wait leaves the call the time it needs before its deadline."""
         a, pool, caller = self.adaptivity, call.pool, call.caller
         assert a is not None and pool is not None and caller is not None
+        spare = deadline - MIN_CALL_S - time.perf_counter()
+        await a.reflex.landed(pool.name, min(REFLEX_WAIT_S, max(0.0, spare)))
         wl = call.policy.policy.workloads[caller.workload.name]
         if wl.degrade:
             return a.held_by(pool.name, caller.priority) is None and a.retry_headroom(pool.name)
-        wait_s = min(wl.max_wait_ms / 1000, deadline - time.perf_counter())
-        return await a.await_headroom(pool.name, max(0.0, wait_s))
+        spare = deadline - MIN_CALL_S - time.perf_counter()
+        return await a.await_headroom(pool.name, max(0.0, min(wl.max_wait_ms / 1000, spare)))
 
     async def _requeue(self, call: Call, delay: float, deadline: float, status: int) -> None:
         assert self.adaptivity is not None and self.requeue is not None
@@ -146,11 +153,12 @@ def _deadline(call: Call) -> float:
 
 
 async def _drain(upstream: aiohttp.ClientResponse) -> None:
-    """Read an answer that may be retried, so its connection is reused (the body stays
-    readable: ``read()`` returns it again)."""
+    """Read an answer that may be retried: its connection goes back to the pool at the end
+    of the body, and ``read()`` returns the body again if it is the answer after all (never
+    ``release()`` it: a released response's ``read()`` raises)."""
+    if upstream.closed:
+        return  # read already (or torn)
     try:
         await upstream.read()
     except (aiohttp.ClientError, TimeoutError):
         upstream.close()  # a torn answer to a call retried anyway: a fresh connection
-    else:
-        upstream.release()

@@ -9,7 +9,8 @@
 -- run first), so the reading is what Bedrock held, not one less; the other refused calls
 -- still holding a lease are not counted, so a burst Bedrock refused all at once is read
 -- as what it held, not as what was sent.
--- Returns {live leases, limit before (-1 none), limit after (-1 none), now ms}.
+-- Returns {what Bedrock held (the reading), limit before (-1 none), limit after (-1 none),
+--          now ms, slots held (the reading plus the other refused calls still holding one)}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local live = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
@@ -17,6 +18,7 @@ if ARGV[2] ~= '' then
   local expiry = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
   if not expiry or expiry <= now then live = live + 1 end  -- released (or expired): uncounted
 end
+local held = live
 for i = 3, #ARGV do
   local expiry = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]))
   if expiry and expiry > now then live = live - 1 end
@@ -30,4 +32,4 @@ if lim >= 0 then
     new = target
   end
 end
-return { live, lim, new, now }
+return { live, lim, new, now, held }
