@@ -39,10 +39,8 @@ TICK_LUA: Final = load_script("fleet_tick")
 #: The scripts one exchange runs (``proxy/backend/scripts/<name>.lua``).
 _SCRIPTS: Final = ("fleet_tick", "breaker_transition", "fleet_reflex", "fleet_set_limit")
 
-#: What a throttle reflex read and did: (live leases, limit before, limit after (None: no
-#: dynamic limit set), the fleet's time in ms).
-#: What a reflex read and did: (what Bedrock held: the reading, limit before, limit after,
-#: when (ms), slots held: the reading plus other refused calls still holding a lease).
+#: What a throttle reflex read and did: (what Bedrock held: the reading, limit before,
+#: limit after (None: no dynamic limit set), the fleet's time in ms, the slots held now).
 Reflexed = tuple[int, int | None, int | None, int, int]
 #: A compare-and-set of the limit: (applied, the limit now (None: none), its change time
 #: in fleet ms (None: unknown)).
@@ -256,9 +254,9 @@ class LocalExchange:
         stats = await self._store.pool_stats(pool)
         now = int(time.monotonic() * 1000)
         live, lim = int(stats.get("in_flight", 0)), _limit(stats.get("dynamic_limit", -1))
+        held = live
         if lease and not await self._store.holds_lease(pool, lease):
             live += 1  # the refused call's release ran first: it was in flight all the same
-        held = live
         for other in others:  # refused too, lease not yet given back: not at Bedrock
             live -= int(await self._store.holds_lease(pool, other))
         target = max(lowest, live - 1)

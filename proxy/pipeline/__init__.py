@@ -162,7 +162,7 @@ class Pipeline:
     ) -> BedrockError | None:
         """Release the grant of a call Bedrock throttled, await ``backoff`` without it, and
         queue for a new one until ``until`` (perf_counter; the retry of a class without a
-        chain: :meth:`Forwarder._requeue`)."""
+        chain: :meth:`Backoff._requeue`)."""
         released = self.settler.release(call, refused=True)
         # Our own slot is free (bounded wait) before we queue for one.
         await (backoff if released is None else asyncio.gather(backoff, confirmed(released)))

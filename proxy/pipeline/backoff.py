@@ -66,25 +66,27 @@ class Backoff:
         upstream: aiohttp.ClientResponse,
         error_type: str | None,
         budget: RetryBudget,
+        sent: float,
     ) -> bool:
-        """Wait out the backoff after the retryable answer ``upstream``; True: send again,
-        False: it is the answer (its body stays readable either way)."""
+        """Wait out the backoff after the retryable answer ``upstream`` to the attempt sent
+        at ``sent`` (perf_counter); True: send again, False: it is the answer (its body
+        stays readable either way)."""
+        took = time.perf_counter() - sent  # the attempt's own latency, for the controller
         status, lease = upstream.status, call.lease
         # Asked before a fallback moves the call: the quota this attempt ran on.
-        on_pool = queue_again = on_pool_quota(call)
+        on_pool = on_pool_quota(call)
         deadline = _deadline(call)
-        waited = 0.0
+        requeue_now = False
         if await self.tiers.escalate(call, status, error_type, deadline - time.perf_counter()):
             delay: float | None = 0.0  # throttled on its tier: at once, on the fallback tier
-            queue_again = False
         else:
-            if on_pool and self._throttled(call, status):
-                queue_again = False  # judged here: never a second wait in admission
-                started = time.perf_counter()
+            # Asked once: a class without a chain gives its slot up and queues again (it finds
+            # headroom in admission); any other throttled retry is judged here, never both.
+            requeue_now = on_pool and requeues(call, status, self.adaptivity, self.requeue)
+            if on_pool and self._fire(call, status) and not requeue_now:
                 await _drain(upstream)  # before any wait: the connection goes back now
                 if not await self._headroom(call, deadline):
                     return False
-                waited = time.perf_counter() - started
             retry = call.policy.policy.server.retry
             remaining = deadline - time.perf_counter()  # after any wait for headroom
             delay = next_delay(call.retries + 1, retry, remaining, budget, self._rng)
@@ -92,10 +94,13 @@ class Backoff:
             self._gave_up(call, budget)
             return False
         await _drain(upstream)
-        # Retries absorb throttles the caller never sees: count them (the pool's own), with
-        # the attempt's own latency (not the wait for headroom).
-        observe_attempt(self.adaptivity, call, status, on_pool, call.started + waited)
-        if queue_again and requeues(call, status, self.adaptivity, self.requeue):
+        # Retries absorb throttles the caller never sees: count them (the pool's own),
+        # with the attempt's own latency and the lease it ran on (a tier's fallback moves
+        # the call to another before this).
+        observe_attempt(
+            self.adaptivity, call, status, on_pool, time.perf_counter() - took, lease=lease
+        )
+        if requeue_now:
             await self._requeue(call, delay, deadline, status)  # raises: no slot
         else:
             await asyncio.sleep(delay)
@@ -103,16 +108,15 @@ class Backoff:
             self.adaptivity.reflex.resent(call.pool.name, lease)  # at Bedrock again
         return True
 
-    def _throttled(self, call: Call, status: int) -> bool:
-        """On a 429 of the pool's quota, fire the throttle reflex (at the throttle, before
-        any wait). True when the retry must then find headroom under the adaptive limit (a
-        class that gives its slot up and queues again finds it in admission instead)."""
+    def _fire(self, call: Call, status: int) -> bool:
+        """A 429 of the pool's quota: fire the throttle reflex (at the throttle, before any
+        wait) and say True (the retry must then find headroom under the adaptive limit)."""
         a, pool, caller = self.adaptivity, call.pool, call.caller
         if status != 429 or a is None or pool is None or caller is None:
             return False
         a.reflex.fire(pool.name, call.lease)
         call.reflexed = call.retries
-        return not requeues(call, status, a, self.requeue)
+        return True
 
     async def _headroom(self, call: Call, deadline: float) -> bool:
         """Headroom under the pool's adaptive limit for the retry, judged once the throttle

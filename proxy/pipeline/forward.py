@@ -132,6 +132,7 @@ class Forwarder:
             headers: Mapping[str, str] = request.headers
             if choice is not None and choice.tier is not None:  # else no apply_tier call
                 body, headers = apply_tier(route.operation, body, headers, choice)
+            attempt_sent = time.perf_counter()
             upstream = await self.upstream.send(
                 request.method,
                 call.path or route.path,
@@ -145,7 +146,7 @@ class Forwarder:
             error_type = upstream_error_type(upstream.headers)
             if not retryable(upstream.status, error_type):
                 return upstream
-            if not await self.backoff.again(call, upstream, error_type, budget):
+            if not await self.backoff.again(call, upstream, error_type, budget, attempt_sent):
                 return upstream
             call.retries += 1
             self.metrics.upstream_retries.labels(pool, error_type or str(upstream.status)).inc()

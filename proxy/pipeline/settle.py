@@ -28,10 +28,13 @@ def observe_attempt(
     status: int,
     on_pool: bool,
     since: float | None = None,
+    *,
+    lease: str | None = None,
 ) -> None:
     """Report one upstream attempt of ``call`` to the controller and the breaker (its
     latency: ``call.upstream_s``, or since ``since`` for an attempt about to be retried);
-    ``on_pool``: answered on the pool's own quota (not a tier's)."""
+    ``on_pool``: answered on the pool's own quota (not a tier's); ``lease``: the one the
+    attempt ran on, when the call holds another now."""
     if adaptivity is None or call.pool is None:
         return
     seconds = call.upstream_s if since is None else time.perf_counter() - since
@@ -41,8 +44,8 @@ def observe_attempt(
         seconds * 1000,
         throttled=status == 429 and on_pool,
         server_error=status >= 500,
-        lease=call.lease,
-        reflex=call.reflexed != call.retries,  # not twice for one throttle (see forward)
+        lease=call.lease if lease is None else lease,
+        reflex=call.reflexed != call.retries,  # not twice for one throttle (see backoff)
     )
 
 

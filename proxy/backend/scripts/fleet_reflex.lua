@@ -10,15 +10,15 @@
 -- still holding a lease are not counted, so a burst Bedrock refused all at once is read
 -- as what it held, not as what was sent.
 -- Returns {what Bedrock held (the reading), limit before (-1 none), limit after (-1 none),
---          now ms, slots held (the reading plus the other refused calls still holding one)}.
+--          now ms, slots held now (the leases counted, as admission counts them)}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local live = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
+local held = live
 if ARGV[2] ~= '' then
   local expiry = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
   if not expiry or expiry <= now then live = live + 1 end  -- released (or expired): uncounted
 end
-local held = live
 for i = 3, #ARGV do
   local expiry = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]))
   if expiry and expiry > now then live = live - 1 end
