@@ -73,6 +73,9 @@ class Backoff:
         stays readable either way)."""
         took = time.perf_counter() - sent  # the attempt's own latency, for the controller
         status, lease = upstream.status, call.lease
+        # Read first, whatever comes next: the connection goes back before any wait, and
+        # the body stays readable if this is the answer after all.
+        await _drain(upstream)
         # Asked before a fallback moves the call: the quota this attempt ran on.
         on_pool = on_pool_quota(call)
         deadline = _deadline(call)
@@ -83,17 +86,15 @@ class Backoff:
             # Asked once: a class without a chain gives its slot up and queues again (it finds
             # headroom in admission); any other throttled retry is judged here, never both.
             requeue_now = on_pool and requeues(call, status, self.adaptivity, self.requeue)
-            if on_pool and self._fire(call, status) and not requeue_now:
-                await _drain(upstream)  # before any wait: the connection goes back now
-                if not await self._headroom(call, deadline):
-                    return False
+            judged = on_pool and self._fire(call, status) and not requeue_now
+            if judged and not await self._headroom(call, deadline):
+                return False
             retry = call.policy.policy.server.retry
             remaining = deadline - time.perf_counter()  # after any wait for headroom
             delay = next_delay(call.retries + 1, retry, remaining, budget, self._rng)
         if delay is None:
             self._gave_up(call, budget)
             return False
-        await _drain(upstream)
         # Retries absorb throttles the caller never sees: count them (the pool's own),
         # with the attempt's own latency and the lease it ran on (a tier's fallback moves
         # the call to another before this).
@@ -160,8 +161,6 @@ async def _drain(upstream: aiohttp.ClientResponse) -> None:
     """Read an answer that may be retried: its connection goes back to the pool at the end
     of the body, and ``read()`` returns the body again if it is the answer after all (never
     ``release()`` it: a released response's ``read()`` raises)."""
-    if upstream.closed:
-        return  # read already (or torn)
     try:
         await upstream.read()
     except (aiohttp.ClientError, TimeoutError):
