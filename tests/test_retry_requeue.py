@@ -169,3 +169,32 @@ async def test_a_throttle_that_finds_no_headroom_is_answered_with_bedrocks_429(
     assert sim.stats()["models"][SONNET]["throttled"] == 1  # judged, never retried into it
     text = proxy.metrics()
     assert metric_value(text, "sluice_upstream_retries_total", pool=pool) == 0
+
+
+async def test_a_caller_that_leaves_during_the_wait_for_headroom_leaves_nothing_behind(
+    redis_server: Any, make_simulator: Any, make_sluice: Any
+) -> None:
+    """The caller hangs up while its throttled call waits for headroom. aiohttp does not
+    cancel a handler whose client left, so the wait runs out (``max_wait_ms``) with no
+    headroom come: no retry goes to Bedrock, the slot is given back, and the next call is
+    served once Bedrock's slot frees."""
+    proxy, sim, pool = _one_slot_stack(redis_server, make_simulator, make_sluice, 600, initial=1)
+    direct = bedrock_client(sim.url, key_id=UPSTREAM_KEY_ID, secret=UPSTREAM_SECRET)
+    msgs = [{"role": "user", "content": [{"text": "long [[sim:output_tokens=80]]"}]}]
+    first = asyncio.create_task(asyncio.to_thread(direct.converse, modelId=SONNET, messages=msgs))
+    await asyncio.sleep(0.6)
+    impatient = bedrock_client(proxy.url, read_timeout=0.3)
+    impatient.meta.events.register(
+        "before-sign.bedrock-runtime.*",
+        lambda request, **_: request.headers.__setitem__("x-sluice-workload", "orders"),
+    )
+    one = [{"role": "user", "content": [{"text": "o"}]}]
+    with pytest.raises(Exception, match=r"(?i)timeout|timed out"):
+        await asyncio.to_thread(impatient.converse, modelId=SONNET, messages=one)
+    assert (await first)["ResponseMetadata"]["HTTPStatusCode"] == 200
+    await asyncio.sleep(0.5)  # a tick: the fleet has read the released slot
+    assert sim.stats()["models"][SONNET]["throttled"] == 1
+    text = proxy.metrics()
+    assert metric_value(text, "sluice_upstream_retries_total", pool=pool) == 0
+    assert metric_value(text, "sluice_in_flight", pool=pool) == 0  # its slot given back
+    assert (await asyncio.to_thread(_converse, proxy.url, "orders", "after"))[0] == 200

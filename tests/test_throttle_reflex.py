@@ -322,6 +322,35 @@ async def test_a_burst_refused_at_once_is_read_without_the_refused_calls(
         await a.close()
 
 
+async def test_a_reflex_with_redis_killed_is_counted_backs_off_and_blocks_nobody(
+    redis_factory: Any,
+) -> None:
+    """Redis dies under a throttle: the reflex fails within the fleet's timeout (a retry
+    waiting for it is not held longer), is counted, leaves the limit as the last tick read
+    it, and the next throttle within a second does not try again."""
+    redis = redis_factory()
+    pool, registry = new_pool(), CollectorRegistry()
+    store = RedisStore(redis.url)
+    await store.start()
+    a = Adaptivity(_policy(pool), store, redis.url, registry=registry)
+    try:
+        await store.set_pool_limit(pool, 30)
+        a.limits.note(pool, (await a.fleet.exchange({pool: PoolControl()}))[pool])
+        lease = (await store.admit(plan(pool, pool_concurrency=40), 0)).lease
+        redis.kill()
+        a.reflex.fire(pool, lease)
+        await a.reflex.landed(pool, 10.0)
+        assert a.reflex.pending() == set()
+        failed = registry.get_sample_value("sluice_fleet_errors_total", {"operation": "reflex"})
+        assert failed == 1
+        assert a.limit(pool) == 30
+        a.reflex.fire(pool, lease)  # within the 1 s back-off: not fired
+        assert a.reflex.pending() == set()
+    finally:
+        await a.close()
+        await store.close()
+
+
 async def test_a_breaker_that_opens_after_a_reflex_still_cuts(pooled: Pooled) -> None:
     """The breaker's cut is from the highest limit of the interval: a reflex that took one
     slot does not stand in for it, a leader's cut for the same throttles does."""
