@@ -153,6 +153,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--first-seed", type=int, default=1)
     p.add_argument("--duration", type=float, default=45.0, help="seconds of load per system")
     p.add_argument("--instances", type=int, default=3)
+    p.add_argument(
+        "--vary-policy",
+        action="store_true",
+        help="draw the policy's control settings too (interval, cut, tick, breaker, shares)",
+    )
     p.add_argument("--pin", action="store_true", help="pin processes to CPUs (default: not)")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default: bench/results)")
     p.add_argument("--keep", type=Path, default=None, help="keep every process log under DIR")
@@ -164,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     install_cleanup()
     rows: list[dict[str, Any]] = []
     for seed in range(opts.first_seed, opts.first_seed + opts.seeds):
-        inc = draw(seed, opts.duration)
+        inc = draw(seed, opts.duration, vary_policy=opts.vary_policy)
+        if inc.variant:
+            log(f"seed {seed} policy: {inc.variant}")
         started = time.monotonic()
         runs = {system: run_one(system, inc, opts) for system in ("sluice", "direct")}
         row = check_seed(inc, runs["sluice"], runs["direct"], opts.duration)

@@ -135,6 +135,7 @@ def check_seed(
     return {
         "seed": inc.seed,
         "drawn": inc.describe(),
+        "policy_variant": inc.variant,
         "p0_fits": inc.p0_fits(),
         "invariants": inv,
         "pass": all(inv.values()),

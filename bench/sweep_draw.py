@@ -65,6 +65,8 @@ class Incident:
     policy: dict[str, Any] = field(repr=False)
     sim: dict[str, Any] = field(repr=False)
     scenario: SweepScenario = field(repr=False)
+    #: What ``--vary-policy`` drew instead of the template's settings ("" when it did not).
+    variant: str = field(default="", repr=False)
 
     def placed(self, workdir: Path) -> Incident:
         sc = replace(
@@ -101,7 +103,9 @@ def _quota(kind: str, eq: float) -> dict[str, float]:
     return {"tokens_per_minute": round(per_min * TOKENS_PER_CALL), "burst_seconds": BURST_S}
 
 
-def draw(seed: int, duration: float) -> Incident:
+def draw(seed: int, duration: float, *, vary_policy: bool = False) -> Incident:
+    """The seed's incident; with ``vary_policy`` the policy's control settings are drawn
+    too (from a second generator, so the incident itself is the same seed's)."""
     rng = random.Random(seed)
     kind = rng.choice(["concurrency", "concurrency", "requests_per_minute", "tokens_per_minute"])
     quota = float(rng.randint(8, 24))
@@ -116,6 +120,7 @@ def draw(seed: int, duration: float) -> Incident:
     change_at = rng.uniform(0.3, 0.55) * duration
     ceiling = math.ceil(3 * max(quota, after))
     policy = _policy(initial, max(ceiling, initial))
+    variant = _vary(policy, random.Random(f"policy-{seed}")) if vary_policy else ""
     sim = {
         "latency_scale": 0.3,
         "records_kept": 0,
@@ -149,6 +154,42 @@ def draw(seed: int, duration: float) -> Incident:
         policy,
         sim,
         scenario,
+        variant,
+    )
+
+
+def _vary(policy: dict[str, Any], rng: random.Random) -> str:
+    """Draw the settings a user tunes (control interval and cut, tick, breaker, class shares,
+    P0's wait) over what the policy check accepts; returns them in one short line."""
+    tick = rng.choice([0.25, 0.5, 1.0])
+    interval = rng.choice([x for x in (0.5, 1.0, 2.0, 3.0) if x >= tick])
+    adaptive = policy["models"]["sonnet"]["adaptive"]
+    adaptive.update(
+        interval_seconds=interval,
+        decrease=round(rng.uniform(0.5, 0.9), 2),
+        floor=rng.choice([1, 2, 4]),
+        target_p99_ms=rng.choice([2000, 3000, 5000]),
+    )
+    breaker = {
+        "threshold": round(rng.uniform(0.05, 0.3), 2),
+        "window_seconds": rng.choice([w for w in (5, 10, 20, 30) if w >= 2 * interval]),
+        "min_requests": rng.choice([5, 10, 20, 50]),
+        "open_seconds": rng.choice([2, 5, 10, 15]),
+    }
+    policy["models"]["sonnet"]["breaker"] = breaker
+    policy["server"]["adaptivity"]["tick_seconds"] = tick
+    prio = policy["priorities"]
+    prio["P1"]["share"] = round(rng.uniform(0.5, 0.9), 2)
+    prio["P2"]["share"] = round(rng.uniform(0.2, 0.6), 2)
+    prio["batch"]["share"] = round(rng.uniform(0.1, 0.4), 2)
+    wait = rng.choice([500, 1000, 2000, 5000])
+    policy["workloads"]["orders"]["max_wait_ms"] = wait
+    return (
+        f"tick {tick} interval {interval} decrease {adaptive['decrease']} floor "
+        f"{adaptive['floor']} p99 {adaptive['target_p99_ms']}; breaker {breaker['threshold']}/"
+        f"{breaker['window_seconds']}s/{breaker['min_requests']}/{breaker['open_seconds']}s; "
+        f"shares {prio['P1']['share']}/{prio['P2']['share']}/{prio['batch']['share']}; "
+        f"P0 wait {wait} ms"
     )
 
 
@@ -168,7 +209,6 @@ def _policy(initial: int, ceiling: int) -> dict[str, Any]:
             "sonnet": {
                 "ids": [SONNET],
                 "concurrency": ceiling,
-                "downgrade_to": "haiku",
                 "adaptive": {
                     "floor": 2,
                     "ceiling": ceiling,
