@@ -337,13 +337,24 @@ class Adaptivity:
             current = self.limits.limits.get(pool, new)
 
     def _note_granted(self, pool: str, t: PoolTick) -> None:
-        """The reflex's floor: over the whole interval, not since the last change (right
-        after one that window is empty)."""
-        full = interval_stats(t, self._adaptive[pool].interval_seconds, None, self._tick_s, {})
-        if full.granted is None:
+        """The reflex's floor: what Bedrock served over the whole interval, or over the last
+        two mean calls (at least a tick) where that is lower, not only since the last change
+        (right after one that window is empty). Over a whole long interval alone it is the
+        level from before a quota cut: with a 3 s interval the reflex could not follow a cut
+        for 3 s, and calls admitted one slot above the new quota were throttled again and
+        again. Never above the whole interval's: one long call ending in a short window
+        would read high."""
+        interval = self._adaptive[pool].interval_seconds
+        full = interval_stats(t, interval, None, self._tick_s, {})
+        granted = full.granted
+        if granted is not None and full.served > 0:
+            window = min(interval, max(self._tick_s, 2.0 * full.busy_ms / full.served / 1000))
+            short = interval_stats(t, window, None, self._tick_s, {}).granted
+            granted = granted if short is None else min(granted, short)
+        if granted is None:
             self.reflex.granted.pop(pool, None)  # nothing to go by: not an old, higher level
         else:
-            self.reflex.granted[pool] = full.granted
+            self.reflex.granted[pool] = granted
 
     async def _step_limit(self, pool: str, t: PoolTick) -> None:
         cfg, configured = self._adaptive[pool], self._configured[pool]

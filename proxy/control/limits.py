@@ -14,6 +14,7 @@ second time).
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 
 from proxy.control.exchange import Reflexed
@@ -41,15 +42,30 @@ class FleetLimits:
         self._stamps: dict[str, int] = {}
         #: Per pool: (fleet ms, limit) of the recent ticks.
         self._history: dict[str, deque[tuple[int, int]]] = {}
+        #: Per pool: when this instance learned of the last cut (perf_counter): a throttled
+        #: call waits for a cut after its own send (the fleet's answer to its throttle), not
+        #: for any change. Raises, the first limit and writes that lost do not count.
+        self.cut_at: dict[str, float] = {}
+        self._cut_stamps: dict[str, int] = {}
 
     def _changed(self, pool: str, at_ms: int) -> None:
         self._stamps[pool] = at_ms
         self.since_ms[pool] = at_ms + self._tick_ms
 
+    def _cut(self, pool: str, at_ms: int, before: int | None, after: int | None) -> None:
+        """A change stamped ``at_ms`` took the limit from ``before`` to ``after``: a cut
+        newer than the last one seen is an answer to the throttles before it."""
+        if before is None or after is None or after >= before:
+            return
+        if at_ms > self._cut_stamps.get(pool, -1):
+            self._cut_stamps[pool] = at_ms
+            self.cut_at[pool] = time.perf_counter()
+
     def note(self, pool: str, t: PoolTick) -> None:
         """What a tick read: the limit, its change time, the fleet in-flight."""
         if t.limit_ms is not None and t.limit_ms != self._stamps.get(pool):
             self._changed(pool, t.limit_ms)
+            self._cut(pool, t.limit_ms, self.limits.get(pool), t.fleet_limit)
         elif t.fleet_limit is not None and t.fleet_limit != self.limits.get(pool):
             # Written without a change time (an older Sluice, or the store's own write):
             # counted as a change now.
@@ -71,6 +87,7 @@ class FleetLimits:
         if after is not None and before is not None and after < before:
             self.limits[pool] = after
             self._changed(pool, at_ms)
+            self._cut(pool, at_ms, before, after)
 
     async def set(self, pool: str, old: int | None, new: int, reason: str) -> bool:
         """Write ``new`` if the fleet limit is still ``old`` (None: none set); True if
@@ -88,6 +105,8 @@ class FleetLimits:
             self.limits[pool] = now_limit
         if at_ms is not None:
             self._changed(pool, at_ms)
+            if applied:
+                self._cut(pool, at_ms, old, new)
         if applied:
             limit_event(self._metrics, pool, old, new, reason)
         return applied

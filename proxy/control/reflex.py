@@ -11,7 +11,8 @@ So the instance that sees a throttle lowers the fleet limit to the calls in flig
 now minus the one refused, read and written in one step (``fleet_reflex.lua``), and
 records that level for the fleet (``q``) so every instance learns the quota from the
 throttle itself rather than from a count sampled once per tick. It only lowers, never
-below the floor nor below what Bedrock served on average over the last interval (a
+below the floor nor below what Bedrock served on average lately (the interval's, or the
+last two mean calls' where lower, so a cut is followed; a
 per-minute quota can throttle while few calls are in flight). Each throttle may fire it,
 one at a time per pool and instance and at most every :data:`GAP_S`: a burst sent at once
 is read with the calls Bedrock is refusing still in flight, so the next throttle reads
@@ -62,7 +63,8 @@ class ThrottleReflex:
         self._fleet = fleet
         self._metrics = metrics
         self._floors = floors
-        #: Per pool: what Bedrock served on average over the last full interval (a lower
+        #: Per pool: what Bedrock served on average lately (the interval, or two mean calls
+        #: where lower; a lower
         #: bound, Little's law), set by the controller each tick. The reflex never cuts
         #: below it: a per-minute quota can throttle while few calls are in flight.
         self.granted: dict[str, float] = {}

@@ -102,7 +102,7 @@ class Backoff:
             self.adaptivity, call, status, on_pool, time.perf_counter() - took, lease=lease
         )
         if requeue_now:
-            await self._requeue(call, delay, deadline, status)  # raises: no slot
+            await self._requeue(call, delay, deadline, status, sent)  # raises: no slot
         else:
             await asyncio.sleep(delay)
         if status == 429 and self.adaptivity is not None and call.pool is not None:
@@ -136,12 +136,15 @@ class Backoff:
         spare = deadline - MIN_CALL_S - time.perf_counter()
         return await a.await_headroom(pool.name, max(0.0, min(wl.max_wait_ms / 1000, spare)))
 
-    async def _requeue(self, call: Call, delay: float, deadline: float, status: int) -> None:
+    async def _requeue(
+        self, call: Call, delay: float, deadline: float, status: int, sent: float
+    ) -> None:
         assert self.adaptivity is not None and self.requeue is not None
         # Bedrock answered this attempt: a refusal raised from here still logs and counts it.
         call.upstream_status = status
         call.upstream_s = time.perf_counter() - call.started
-        await requeue(call, delay, deadline, self.adaptivity, self.requeue, self.metrics)
+        a, metrics = self.adaptivity, self.metrics
+        await requeue(call, delay, deadline, a, self.requeue, metrics, sent)
 
     def _gave_up(self, call: Call, budget: RetryBudget) -> None:
         """Count a retry the budget (not the retry count or the deadline) refused."""

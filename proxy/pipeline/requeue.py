@@ -50,17 +50,24 @@ def requeues(call: Call, status: int, a: Adaptivity | None, readmit: Requeue | N
 
 
 async def requeue(
-    call: Call, delay: float, deadline: float, a: Adaptivity, readmit: Requeue, metrics: Metrics
+    call: Call,
+    delay: float,
+    deadline: float,
+    a: Adaptivity,
+    readmit: Requeue,
+    metrics: Metrics,
+    sent: float,
 ) -> None:
     """Give up the throttled call's slot for its backoff and until the fleet answered the
-    throttle, then queue for a slot; all waits stay within the workload's ``max_wait_ms``
-    and the deadline. Raises Sluice's 429 (with Retry-After) when no slot came."""
+    throttle to the attempt sent at ``sent`` (perf_counter), then queue for a slot; all
+    waits stay within the workload's ``max_wait_ms`` and the deadline. Raises Sluice's 429
+    (with Retry-After) when no slot came."""
     pool, caller = call.pool, call.caller
     assert pool is not None and caller is not None
     wl = call.policy.policy.workloads[caller.workload.name]
     now = time.perf_counter()
     until = min(now + wl.max_wait_ms / 1000, deadline - MIN_CALL_S)
-    backoff = _backoff(delay, await_reaction(call, a, a.limit(pool.name), until - now))
+    backoff = _backoff(delay, await_reaction(call, a, sent, until - now))
     refused = await readmit(call, backoff, until)
     if refused is None:
         return
@@ -77,19 +84,25 @@ async def requeue(
     )
 
 
-async def await_reaction(call: Call, a: Adaptivity, limit: int | None, wait_s: float) -> None:
-    """Wait until the pool's fleet limit is no longer ``limit``: the controller's answer to
-    a throttle (it cuts after a throttled interval). At most one interval and one tick
-    (a limit at its floor is not cut again), and ``wait_s``."""
+async def await_reaction(call: Call, a: Adaptivity, sent: float, wait_s: float) -> None:
+    """Wait until the pool's fleet limit was cut after ``sent`` (perf_counter, the throttled
+    attempt's send): the fleet's answer to its throttle, the reflex's (at once; one that
+    landed while the attempt was out read it in flight already) or the controller's (it
+    cuts after a throttled interval). A raise is no answer. Waiting for a change from the
+    limit as it is now instead sat out a whole interval whenever the reflex had already
+    answered (a policy with a 3 s interval and 0.5 s of waiting lost P0 calls to it). At
+    most one interval and one tick (a limit at its floor is not cut again), and ``wait_s``."""
     assert call.pool is not None
+    pool = call.pool.name
     policy = call.policy.policy
-    adaptive = policy.models[call.pool.name].adaptive
+    adaptive = policy.models[pool].adaptive
     tick = policy.server.adaptivity.tick_seconds
     if adaptive is None:
         return
-    end = time.monotonic() + min(wait_s, adaptive.interval_seconds + tick)
-    while a.limit(call.pool.name) == limit:
-        if (left := end - time.monotonic()) <= 0:
+    end = time.perf_counter() + min(wait_s, adaptive.interval_seconds + tick)
+    await a.reflex.landed(pool, max(0.0, end - time.perf_counter()))
+    while a.limits.cut_at.get(pool, float("-inf")) <= sent:
+        if (left := end - time.perf_counter()) <= 0:
             return
         await asyncio.sleep(min(left, tick / 2))
 
