@@ -2,9 +2,10 @@
 cannot come.
 
 ``await_reaction`` keeps a requeued call out of admission until the pool's fleet limit
-*changes* (up to an interval and a tick). A limit at its floor is never cut again, so the
-call sits out the whole wait without a slot and outside the queue although Bedrock's slot
-freed long before. Before the change it was retried as soon as there was headroom.
+is *cut* after the throttled attempt's send (up to an interval and a tick). A limit at its
+floor is never cut again, so the call sits out the whole wait without a slot and outside
+the queue although Bedrock's slot freed long before. Before the change it was retried as
+soon as there was headroom.
 """
 
 from __future__ import annotations

@@ -101,12 +101,14 @@ class FleetLimits:
                 extra={"fields": {"event": "fleet_unavailable", "pool": pool, "error": str(exc)}},
             )
             return False
+        seen = self.limits.get(pool)
         if now_limit is not None:
             self.limits[pool] = now_limit
         if at_ms is not None:
             self._changed(pool, at_ms)
-            if applied:
-                self._cut(pool, at_ms, old, new)
+            # A write that lost tells of the one that won (another instance's reflex, say):
+            # a cut from what this instance had seen is an answer too.
+            self._cut(pool, at_ms, old if applied else seen, new if applied else now_limit)
         if applied:
             limit_event(self._metrics, pool, old, new, reason)
         return applied
