@@ -17,6 +17,7 @@ import uuid
 from typing import Any
 
 import pytest
+import redis
 from botocore.exceptions import ClientError
 
 from tests.support.processes import (
@@ -198,3 +199,39 @@ async def test_a_caller_that_leaves_during_the_wait_for_headroom_leaves_nothing_
     assert metric_value(text, "sluice_upstream_retries_total", pool=pool) == 0
     assert metric_value(text, "sluice_in_flight", pool=pool) == 0  # its slot given back
     assert (await asyncio.to_thread(_converse, proxy.url, "orders", "after"))[0] == 200
+
+
+def _fleet_throttles(redis_url: str, pool: str) -> int:
+    """Throttles the fleet's control loops counted for ``pool`` (every class, every bucket)."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return sum(
+            int(v)
+            for key in r.scan_iter(f"sluice:{{{pool}}}:fleet:*")
+            for k, v in r.hgetall(key).items()
+            if k.startswith("t|")
+        )
+    finally:
+        r.close()
+
+
+async def test_a_requeue_that_finds_no_slot_reports_its_throttle_once(
+    redis_server: Any, make_simulator: Any, make_sluice: Any
+) -> None:
+    """The throttle was reported when the call gave its slot up; reported again when the
+    call settled with no slot found, it reached the controller and the breaker twice, the
+    second time up to ``max_wait_ms`` late, in a bucket whose in-flight had long fallen
+    (sweep seed 6: a quota learned as 3 where Bedrock granted 10, held for 22 s)."""
+    proxy, sim, pool = _one_slot_stack(redis_server, make_simulator, make_sluice, 300, initial=4)
+    first = asyncio.create_task(
+        asyncio.to_thread(_converse, proxy.url, "orders", "long [[sim:output_tokens=80]]")
+    )
+    await asyncio.sleep(0.6)  # the long call holds Bedrock's only slot, under a limit of 4
+    status, headers = await asyncio.to_thread(_converse, proxy.url, "orders", "o")
+    assert status == 429 and headers.get("retry-after")
+    assert (await first)[0] == 200
+    await asyncio.sleep(0.8)  # a few ticks: every instance's counts are in the fleet buckets
+    text = proxy.metrics()
+    assert metric_value(text, "sluice_upstream_retry_requeue_refused_total", pool=pool) == 1
+    assert sim.stats()["models"][SONNET]["throttled"] == 1
+    assert _fleet_throttles(redis_server.url, pool) == 1

@@ -101,6 +101,7 @@ class Backoff:
         observe_attempt(
             self.adaptivity, call, status, on_pool, time.perf_counter() - took, lease=lease
         )
+        call.observed = call.retries
         if requeue_now:
             await self._requeue(call, delay, deadline, status, sent)  # raises: no slot
         else:

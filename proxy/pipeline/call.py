@@ -63,6 +63,10 @@ class Call:
     served_tier: str | None = None
     #: The attempt (``retries``) whose throttle already fired the throttle reflex (-1: none).
     reflexed: int = -1
+    #: The attempt (``retries``) already reported to the controller when it was retried
+    #: (-1: none): a requeue that finds no slot must not report its throttle a second
+    #: time, late, when the call settles.
+    observed: int = -1
 
     @property
     def lease(self) -> str | None:

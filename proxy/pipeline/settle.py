@@ -84,7 +84,7 @@ class Settler:
         stores the new grant on the call, which this releases in turn.
         """
         status = call.upstream_status
-        if status is not None:
+        if status is not None and call.observed != call.retries:
             observe_attempt(self.adaptivity, call, status, on_pool_quota(call))
         return self.release(call)
 
