@@ -98,9 +98,7 @@ class Backoff:
         # Retries absorb throttles the caller never sees: count them (the pool's own),
         # with the attempt's own latency and the lease it ran on (a tier's fallback moves
         # the call to another before this).
-        observe_attempt(
-            self.adaptivity, call, status, on_pool, time.perf_counter() - took, lease=lease
-        )
+        observe_attempt(self.adaptivity, call, status, on_pool, took, lease=lease)
         call.observed = call.retries
         if requeue_now:
             await self._requeue(call, delay, deadline, status, sent)  # raises: no slot

@@ -27,17 +27,18 @@ def observe_attempt(
     call: Call,
     status: int,
     on_pool: bool,
-    since: float | None = None,
+    seconds: float | None = None,
     *,
     lease: str | None = None,
 ) -> None:
     """Report one upstream attempt of ``call`` to the controller and the breaker (its
-    latency: ``call.upstream_s``, or since ``since`` for an attempt about to be retried);
+    latency: ``call.upstream_s``, or ``seconds`` for an attempt about to be retried);
     ``on_pool``: answered on the pool's own quota (not a tier's); ``lease``: the one the
     attempt ran on, when the call holds another now."""
     if adaptivity is None or call.pool is None:
         return
-    seconds = call.upstream_s if since is None else time.perf_counter() - since
+    if seconds is None:
+        seconds = call.upstream_s
     adaptivity.observe(
         call.pool.name,
         call.caller.priority if call.caller else "-",
