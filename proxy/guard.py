@@ -10,7 +10,8 @@ all from the policy's ``server.connections`` section:
   requests still sending their body — the ones nobody has identified yet;
 * parser rejections (bad method, oversized lines, too many headers, ...) answered in
   Bedrock's shape and logged as one rate-limited structured warning, no traceback;
-* a client that half-closes (``SHUT_WR``) after a full request still gets its answer.
+* a client that half-closes (``SHUT_WR``) after a full request still gets its answer,
+  while one that closed its socket has its call cancelled (``_probe``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.http_writer import StreamWriter
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -37,6 +40,11 @@ from proxy.guard_errors import (
 )
 
 _IDLE, _HEAD, _BODY = 0, 1, 2
+#: The probe of a client that sent FIN while its request is served (GuardedHandler._probe).
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: When it is repeated: a reset takes one round trip to come back (µs on a sidecar's
+#: loopback, up to seconds across a bad network).
+_PROBE_AFTER_S = (0.05, 0.25, 1.0, 4.0)
 _PREFIX = "server.connections."
 
 
@@ -67,6 +75,7 @@ class GuardedHandler(RequestHandler):
         "_inner",
         "_last_read",
         "_phase",
+        "_probe_timer",
         "_timer",
     )
 
@@ -77,6 +86,7 @@ class GuardedHandler(RequestHandler):
         self._request_handler = self._guarded
         self._phase = _IDLE
         self._timer: asyncio.TimerHandle | None = None
+        self._probe_timer: asyncio.TimerHandle | None = None
         self._body: Any = None
         self._last_read = 0.0
         self._counted = False
@@ -105,6 +115,9 @@ class GuardedHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_timer()
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
         if self._counted:
             self._counted = False
             self._guard.connections -= 1
@@ -116,8 +129,35 @@ class GuardedHandler(RequestHandler):
         # answer: keep our side open until it is sent, then close.
         if self._phase == _IDLE and self._request_count > self._answered:
             self.close()
+            self._probe(0)
             return True
         return False
+
+    def _probe(self, n: int) -> None:
+        """Tell a client that left from one that only shut its write side: both send the
+        same FIN. A closed socket answers bytes with a reset, which fails our next write
+        and cancels the handler (a gone caller's call is not sent again, nor its upstream
+        call kept running); a half-closed client skips the interim ``100 Continue`` as
+        every HTTP/1.1 client must. Repeated after one round trip and more, then no more;
+        never once the answer started or to an HTTP/1.0 client (no 1xx for it)."""
+        self._probe_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._answer_started():
+            return
+        transport.write(_CONTINUE)
+        if n < len(_PROBE_AFTER_S):
+            self._probe_timer = self._loop.call_later(_PROBE_AFTER_S[n], self._probe, n + 1)
+
+    def _answer_started(self) -> bool:
+        """Has an answer begun (or can none be probed: HTTP/1.0)?"""
+        request = self._current_request
+        if request is None:  # parsed, not handled yet (a parser error is answered, not probed)
+            head = self._messages[0][0] if self._messages else None
+            return not isinstance(head, RawRequestMessage) or head.version < HttpVersion11
+        writer = request._payload_writer
+        if request.version < HttpVersion11 or not isinstance(writer, StreamWriter):
+            return True
+        return bool(writer._headers_written or writer._headers_buf or writer.output_size)
 
     async def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None

@@ -33,7 +33,7 @@ from tests.support.hostile_cases import (
     fuzz_policy,
     request,
 )
-from tests.support.processes import Simulator, Sluice, bedrock_client, metric_value
+from tests.support.processes import Simulator, Sluice, bedrock_client, http_json, metric_value
 from tests.support.redis_fixtures import RedisServerProcess
 
 FUZZ_SECRET = "fuzz-secret-" + SECRET_CANARY
@@ -213,6 +213,73 @@ def test_half_closed_client_still_gets_its_answer(proxy: Sluice) -> None:
     data = request("POST", f"/model/{HAIKU}/converse", converse_body(random.Random(2), 8))
     answer = play(proxy, Case("half", data, half_close=True))
     assert answer.status == 200, answer
+
+
+@pytest.fixture
+def slow_sim(simulator: Simulator) -> Iterator[Simulator]:
+    """The session simulator at full latency (about 25 ms a token); reset afterwards."""
+    simulator.reset()
+    before = http_json("GET", simulator.url + "/_sim/config")["latency_scale"]
+    simulator.configure({"latency_scale": 1.0})
+    yield simulator
+    simulator.configure({"latency_scale": before})  # (a reset keeps the config)
+    simulator.reset()
+
+
+def _slow_converse(version: str = "HTTP/1.1") -> bytes:
+    """A Converse call the simulator answers in about a second (40 tokens at its pace)."""
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": [{"text": "s [[sim:output_tokens=40]]"}]}]}
+    )
+    data = request("POST", f"/model/{SONNET}/converse", body.encode())
+    return data.replace(b"HTTP/1.1", version.encode(), 1)
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+def test_half_closed_client_of_a_slow_call_gets_its_answer_through_the_probes(
+    proxy: Sluice, slow_sim: Simulator, version: str
+) -> None:
+    """Its FIN is probed with interim ``100 Continue`` answers (a closed socket would answer
+    them with a reset): it skips them and reads its answer. An HTTP/1.0 client is never sent
+    a 1xx, so it is never probed."""
+    answer = play(proxy, Case("half", _slow_converse(version), half_close=True))
+    assert answer.status == 200, answer
+    assert json.loads(answer.body)["usage"]["outputTokens"] == 40
+    if version == "HTTP/1.1":
+        assert answer.interim >= 3, answer  # at its FIN, then 50 ms and 250 ms later
+    else:
+        assert answer.interim == 0, answer
+
+
+def test_a_client_that_closes_its_socket_has_its_call_cancelled_upstream(
+    proxy: Sluice, slow_sim: Simulator
+) -> None:
+    """A caller that gives up (a client timeout closes the socket) sends the same FIN as a
+    half-close: the probe's reset tells them apart. Its upstream call is cancelled at once,
+    not run to the end on the quota, and the access log records a 499."""
+    simulator = slow_sim
+    before = simulator.stats()["models"][SONNET]
+
+    async def leave() -> float:
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(_slow_converse())
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the call is out at the simulator
+        writer.close()  # no unread byte: a FIN, not a reset
+        await writer.wait_closed()
+        return time.monotonic()
+
+    left = asyncio.run(leave())
+    while simulator.stats()["models"][SONNET]["cancelled"] == before["cancelled"]:
+        assert time.monotonic() - left < 0.7, "the upstream call ran on after the caller left"
+        time.sleep(0.02)
+    after = simulator.stats()["models"][SONNET]
+    assert after["requests"] == before["requests"] + 1
+    assert after["output_tokens"] == before["output_tokens"]  # nothing generated for nobody
+    deadline = time.monotonic() + 3
+    while not [r for r in proxy.access_log() if r.get("status") == 499]:
+        assert time.monotonic() < deadline, "no 499 in the access log"
+        time.sleep(0.05)
 
 
 # --- caps on connections and unauthenticated requests ----------------------------------

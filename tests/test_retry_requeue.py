@@ -175,10 +175,9 @@ async def test_a_throttle_that_finds_no_headroom_is_answered_with_bedrocks_429(
 async def test_a_caller_that_leaves_during_the_wait_for_headroom_leaves_nothing_behind(
     redis_server: Any, make_simulator: Any, make_sluice: Any
 ) -> None:
-    """The caller hangs up while its throttled call waits for headroom. aiohttp does not
-    cancel a handler whose client left, so the wait runs out (``max_wait_ms``) with no
-    headroom come: no retry goes to Bedrock, the slot is given back, and the next call is
-    served once Bedrock's slot frees."""
+    """The caller hangs up while its throttled call waits for headroom: no retry goes to
+    Bedrock, the slot is given back, and the next call is served once Bedrock's slot
+    frees."""
     proxy, sim, pool = _one_slot_stack(redis_server, make_simulator, make_sluice, 600, initial=1)
     direct = bedrock_client(sim.url, key_id=UPSTREAM_KEY_ID, secret=UPSTREAM_SECRET)
     msgs = [{"role": "user", "content": [{"text": "long [[sim:output_tokens=80]]"}]}]
@@ -198,6 +197,45 @@ async def test_a_caller_that_leaves_during_the_wait_for_headroom_leaves_nothing_
     text = proxy.metrics()
     assert metric_value(text, "sluice_upstream_retries_total", pool=pool) == 0
     assert metric_value(text, "sluice_in_flight", pool=pool) == 0  # its slot given back
+    assert (await asyncio.to_thread(_converse, proxy.url, "orders", "after"))[0] == 200
+
+
+def _impatient_orders(url: str) -> Any:
+    """A boto3 client of ``orders`` that gives up after 0.5 s (and closes its socket)."""
+    client = bedrock_client(url, read_timeout=0.5)
+    client.meta.events.register(
+        "before-sign.bedrock-runtime.*",
+        lambda request, **_: request.headers.__setitem__("x-sluice-workload", "orders"),
+    )
+    return client
+
+
+async def test_a_caller_that_leaves_during_the_requeue_is_not_sent_again(
+    redis_server: Any, make_simulator: Any, make_sluice: Any
+) -> None:
+    """Its throttled call gave its slot up and queues for a new one under the cut limit;
+    the caller's client times out and closes its socket. Its FIN looks like a half-close
+    until Sluice's probe draws a reset: the handler is cancelled, so no retry goes to
+    Bedrock when the long call frees the slot (before, it was sent for nobody), and the
+    access log says 499."""
+    proxy, sim, pool = _one_slot_stack(redis_server, make_simulator, make_sluice, 3000, initial=4)
+    first = asyncio.create_task(
+        asyncio.to_thread(_converse, proxy.url, "orders", "long [[sim:output_tokens=80]]")
+    )
+    await asyncio.sleep(0.6)  # the long call holds Bedrock's only slot, under a limit of 4
+    impatient = _impatient_orders(proxy.url)
+    one = [{"role": "user", "content": [{"text": "o"}]}]
+    with pytest.raises(Exception, match=r"(?i)timeout|timed out"):
+        await asyncio.to_thread(impatient.converse, modelId=SONNET, messages=one)
+    impatient.close()
+    assert (await first)[0] == 200
+    await asyncio.sleep(1.0)  # the slot it queued for has been free for a while
+    stats = sim.stats()["models"][SONNET]
+    assert (stats["requests"], stats["throttled"]) == (2, 1)  # the long call, the throttle
+    gone = [r for r in proxy.access_log() if r.get("status") == 499]
+    assert len(gone) == 1 and gone[0]["disconnected"] is True, proxy.access_log()
+    text = proxy.metrics()
+    assert metric_value(text, "sluice_in_flight", pool=pool) == 0
     assert (await asyncio.to_thread(_converse, proxy.url, "orders", "after"))[0] == 200
 
 

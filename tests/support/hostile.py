@@ -28,11 +28,16 @@ class Answer:
     #: Seconds until the server closed the connection after a slow case (None: not waited).
     closed_after: float | None = None
     error: str | None = None
+    #: Interim (1xx) answers read before it.
+    interim: int = 0
 
 
 async def _read_answer(reader: asyncio.StreamReader, answer: Answer) -> None:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
+    lines = ["HTTP/1.1 100 -"]
+    while 100 <= int(lines[0].split(" ")[1]) < 200:  # interim answers, skipped as by any client
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        answer.interim += int(lines[0].split(" ")[1]) < 200
     answer.status = int(lines[0].split(" ")[1])
     for line in lines[1:]:
         if ":" in line:
