@@ -8,7 +8,7 @@ LOG    := $(VENV)/install.log
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 QUIET  = >>$(LOG) 2>&1 || { tail -n 20 $(LOG); exit 1; }
 
-.PHONY: run test lint bench redis-server clean
+.PHONY: run test test-all lint bench redis-server clean
 
 $(BIN)/python:
 	@echo "make: creating $(VENV) with $(PYTHON)"
@@ -32,9 +32,14 @@ run: $(VENV)/.installed
 	@echo "make: starting Sluice on port $(PORT); Ctrl-C stops it"
 	@$(BIN)/sluice serve --upstream simulator --port $(PORT)
 
-## test: the whole suite (starts its own redis-server processes and cluster)
+## test: the suite but its `long` runs (starts its own redis-server processes and cluster)
 test: $(VENV)/.installed-dev redis-server
-	@echo "make: running the test suite"
+	@echo "make: running the test suite (without the long runs: make test-all)"
+	@$(BIN)/python -m pytest -q -m "not long"
+
+## test-all: the whole suite, the long runs included (sweep seed, kill -9, incidents)
+test-all: $(VENV)/.installed-dev redis-server
+	@echo "make: running the whole test suite"
 	@$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-dev

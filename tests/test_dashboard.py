@@ -70,6 +70,7 @@ def pool_row(view: dict[str, Any], pool: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 async def test_fleet_view_sums_every_instance_from_redis(fleet: Fleet) -> None:
     traffic = Traffic()
     driver = asyncio.create_task(load(fleet.instances, traffic))

@@ -44,6 +44,7 @@ def gauge(proxies: list[Sluice], name: str, **labels: str) -> float:
     return max(metric_value(p.metrics(), name, **labels) for p in proxies)
 
 
+@pytest.mark.long
 async def test_incident_1_flash_sale_keeps_p0_answering(
     redis_server: Any, make_simulator: Any, make_sluice: Any
 ) -> None:
@@ -185,6 +186,7 @@ async def test_callers_exactly_at_the_concurrency_cap_are_never_refused(
     assert sim.stats()["models"][HAIKU]["peak_concurrency"] <= 4
 
 
+@pytest.mark.long
 async def test_incident_3_limits_set_too_low_grow_to_the_quota(
     redis_server: Any, make_simulator: Any, make_sluice: Any
 ) -> None:
@@ -221,6 +223,7 @@ async def test_incident_3_limits_set_too_low_grow_to_the_quota(
     assert stats["throttled"] <= 0.01 * stats["requests"]
 
 
+@pytest.mark.long
 async def test_incident_4_batch_pauses_while_real_time_is_slow_and_resumes(
     redis_server: Any, make_simulator: Any, make_sluice: Any
 ) -> None:

@@ -108,6 +108,7 @@ def test_worker_takes_records_only_within_the_workload_concurrency(
     assert refused > 0  # the slots asked and waited; they never sent a record past the cap
 
 
+@pytest.mark.long
 def test_kill_9_mid_batch_loses_nothing_and_writes_each_line_once(
     redis_factory: Any, make_simulator: Any, make_sluice: Any
 ) -> None:

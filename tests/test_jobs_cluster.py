@@ -56,6 +56,7 @@ def test_batch_drains_dead_letters_and_replays_on_a_cluster(
     assert wait_done(fleet[0].url, bad_id)["succeeded"] == 3
 
 
+@pytest.mark.long
 def test_kill_9_mid_batch_on_a_cluster_loses_nothing(
     redis_cluster: Any, make_simulator: Any, make_sluice: Any
 ) -> None:

@@ -14,6 +14,8 @@ import asyncio
 import uuid
 from typing import Any
 
+import pytest
+
 from tests.support.load import Results, adaptive_fleet, drive
 from tests.support.processes import metric_value
 
@@ -21,6 +23,7 @@ SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
 QUOTA = 4
 
 
+@pytest.mark.long
 async def test_every_instance_learns_the_quota_the_fleet_was_throttled_at(
     redis_server: Any, make_simulator: Any, make_sluice: Any
 ) -> None:

@@ -23,6 +23,7 @@ from botocore.exceptions import ClientError
 from tests.support.processes import Simulator, Sluice, bedrock_client, metric_value
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
+LONG = pytest.mark.long  # boto3's own backoff between attempts: ~12 s a mode
 _names = itertools.count()
 
 
@@ -109,6 +110,7 @@ def start_fleet(
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_request_rate_holds_across_four_instances(
     store_url: str, sim: Simulator, make_sluice: Callable[..., Sluice]
 ) -> None:
@@ -276,7 +278,10 @@ def test_refusal_is_actionable_backpressure(
     assert int(h["retry-after"]) >= reset >= 0
 
 
-@pytest.mark.parametrize("mode", ["legacy", "standard", "adaptive"])
+@pytest.mark.parametrize(
+    "mode",
+    ["legacy", pytest.param("standard", marks=LONG), pytest.param("adaptive", marks=LONG)],
+)
 def test_boto3_retries_a_sluice_refusal_in_every_retry_mode(
     mode: str, redis_server: Any, sim: Simulator, make_sluice: Callable[..., Sluice]
 ) -> None:

@@ -166,6 +166,7 @@ def _write(name: str, doc: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_propagation_p99_across_three_instances_is_under_a_second(fleet: Fleet) -> None:
     lags: list[float] = []
     for n in range(15):
