@@ -21,9 +21,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import HttpVersion11, web
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.http_writer import StreamWriter
+from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -38,13 +36,18 @@ from proxy.guard_errors import (
     from_http_exception,
     raw_response,
 )
+from proxy.guard_probe import (
+    CONTINUE,
+    NEVER,
+    PROBE_AFTER_S,
+    PROBING,
+    READY,
+    TLS,
+    answer_started,
+    probe_safe,
+)
 
 _IDLE, _HEAD, _BODY = 0, 1, 2
-#: The probe of a client that sent FIN while its request is served (GuardedHandler._probe).
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-#: When it is repeated: a reset takes one round trip to come back (µs on a sidecar's
-#: loopback, up to seconds across a bad network).
-_PROBE_AFTER_S = (0.05, 0.25, 1.0, 4.0)
 _PREFIX = "server.connections."
 
 
@@ -69,6 +72,7 @@ class GuardedHandler(RequestHandler):
     # One per open connection, so per held stream: slots, not a per-instance dict.
     __slots__ = (
         "_answered",
+        "_answering",
         "_body",
         "_counted",
         "_guard",
@@ -76,6 +80,7 @@ class GuardedHandler(RequestHandler):
         "_last_read",
         "_phase",
         "_probe_timer",
+        "_probes",
         "_timer",
     )
 
@@ -87,6 +92,8 @@ class GuardedHandler(RequestHandler):
         self._phase = _IDLE
         self._timer: asyncio.TimerHandle | None = None
         self._probe_timer: asyncio.TimerHandle | None = None
+        self._probes = READY
+        self._answering = False
         self._body: Any = None
         self._last_read = 0.0
         self._counted = False
@@ -96,6 +103,8 @@ class GuardedHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if transport.get_extra_info("sslcontext") is not None:
+            self._probes = TLS
         guard = self._guard
         guard.connections += 1
         self._counted = True
@@ -126,38 +135,30 @@ class GuardedHandler(RequestHandler):
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio reads the bool
         # A client that shut its write side after a whole request still reads the
-        # answer: keep our side open until it is sent, then close.
-        if self._phase == _IDLE and self._request_count > self._answered:
+        # answer: keep our side open until it is sent, then close. (TLS has no half-close
+        # here: its transport ignores True, so a FIN ends the call at once.)
+        if self._probes != TLS and self._phase == _IDLE and self._request_count > self._answered:
             self.close()
-            self._probe(0)
+            if self._probes == READY:  # once per connection (uvloop may call this again)
+                self._probes = PROBING
+                self._probe(0)
             return True
         return False
 
     def _probe(self, n: int) -> None:
-        """Tell a client that left from one that only shut its write side: both send the
-        same FIN. A closed socket answers bytes with a reset, which fails our next write
-        and cancels the handler (a gone caller's call is not sent again, nor its upstream
-        call kept running); a half-closed client skips the interim ``100 Continue`` as
-        every HTTP/1.1 client must. Repeated after one round trip and more, then no more;
-        never once the answer started or to an HTTP/1.0 client (no 1xx for it)."""
+        """Probe a FIN'd connection (:mod:`proxy.guard_probe`): probe ``n``, then the next
+        after a wait; never once the answer started (the bytes would land after it)."""
         self._probe_timer = None
         transport = self.transport
-        if transport is None or transport.is_closing() or self._answer_started():
+        if (
+            transport is None
+            or transport.is_closing()
+            or answer_started(self._answering, self._current_request)
+        ):
             return
-        transport.write(_CONTINUE)
-        if n < len(_PROBE_AFTER_S):
-            self._probe_timer = self._loop.call_later(_PROBE_AFTER_S[n], self._probe, n + 1)
-
-    def _answer_started(self) -> bool:
-        """Has an answer begun (or can none be probed: HTTP/1.0)?"""
-        request = self._current_request
-        if request is None:  # parsed, not handled yet (a parser error is answered, not probed)
-            head = self._messages[0][0] if self._messages else None
-            return not isinstance(head, RawRequestMessage) or head.version < HttpVersion11
-        writer = request._payload_writer
-        if request.version < HttpVersion11 or not isinstance(writer, StreamWriter):
-            return True
-        return bool(writer._headers_written or writer._headers_buf or writer.output_size)
+        transport.write(CONTINUE)
+        if n < len(PROBE_AFTER_S):
+            self._probe_timer = self._loop.call_later(PROBE_AFTER_S[n], self._probe, n + 1)
 
     async def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
@@ -167,9 +168,11 @@ class GuardedHandler(RequestHandler):
         if isinstance(resp, Exception):
             assert isinstance(resp, web.HTTPException)
             resp = self._from_http_exception(resp)
+        self._answering = True
         try:
             return await super().finish_response(request, resp, start_time)
         finally:
+            self._answering = False
             self._answered += 1
 
     def _process_keepalive(self) -> None:
@@ -186,10 +189,12 @@ class GuardedHandler(RequestHandler):
             self._last_read = self._loop.time()
         before = self._request_count
         RequestHandler.data_received(self, data)  # (no super object made per read)
-        if self._request_count != before:
+        if (added := self._request_count - before) != 0:
             # A head completed (the usual case: head and body in one read, no timer set).
             if phase == _HEAD:
                 self._cancel_timer()
+            if self._probes == READY and not probe_safe(self._messages, added):
+                self._probes = NEVER
             self._phase = _IDLE
             payload = self._messages[-1][1] if self._messages else None
             if payload is not None and not payload.is_eof():

@@ -97,6 +97,10 @@ def problems(answer: Answer, *, allow_5xx: bool = False) -> list[str]:
     if answer.status is None:
         return [] if not answer.case.data else [f"{kind}: no answer"]
     out = []
+    # Interim 100s are Sluice's probes of a FIN (at most five), or the answer to an Expect.
+    probed = answer.case.half_close or b"\r\nexpect:" in answer.case.data.lower()
+    if answer.interim > (5 if probed else 0):
+        out.append(f"{kind}: {answer.interim} interim answers")
     if answer.status >= 500 and not allow_5xx:
         out.append(f"{kind}: status {answer.status}: {answer.body[:200]!r}")
     if answer.status >= 300:
