@@ -48,17 +48,19 @@ def fuzz_redis() -> Iterator[RedisServerProcess]:
     server.cleanup()
 
 
+def _hostile_proxy(simulator: Simulator, redis_url: str, workdir: Path, **env: str) -> Sluice:
+    """Sluice on the fuzz policy and a real Redis (``env``: more of its environment)."""
+    env = {FUZZ_SECRET_ENV: FUZZ_SECRET, **env}
+    return Sluice(
+        workdir, upstream=simulator.url, policy=fuzz_policy(TIMEOUT_S), redis_url=redis_url, env=env
+    )
+
+
 @pytest.fixture(scope="module")
 def proxy(
     simulator: Simulator, fuzz_redis: RedisServerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Sluice]:
-    p = Sluice(
-        tmp_path_factory.mktemp("hostile"),
-        upstream=simulator.url,
-        policy=fuzz_policy(TIMEOUT_S),
-        redis_url=fuzz_redis.url,
-        env={FUZZ_SECRET_ENV: FUZZ_SECRET},
-    )
+    p = _hostile_proxy(simulator, fuzz_redis.url, tmp_path_factory.mktemp("hostile"))
     yield p
     p.stop()
 
@@ -241,13 +243,8 @@ def asyncio_proxy(
     simulator: Simulator, fuzz_redis: RedisServerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Sluice]:
     """The same Sluice on asyncio's own event loop instead of uvloop."""
-    p = Sluice(
-        tmp_path_factory.mktemp("hostile-asyncio"),
-        upstream=simulator.url,
-        policy=fuzz_policy(TIMEOUT_S),
-        redis_url=fuzz_redis.url,
-        env={FUZZ_SECRET_ENV: FUZZ_SECRET, "SLUICE_EVENT_LOOP": "asyncio"},
-    )
+    workdir = tmp_path_factory.mktemp("hostile-asyncio")
+    p = _hostile_proxy(simulator, fuzz_redis.url, workdir, SLUICE_EVENT_LOOP="asyncio")
     yield p
     p.stop()
 
