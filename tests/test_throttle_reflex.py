@@ -9,6 +9,7 @@ pool limit far above the simulator's concurrency quota, many clients at once.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -246,6 +247,35 @@ def test_outcomes_count_from_a_tick_after_each_change_stamped_or_not() -> None:
     assert limits.since_ms["p"] == 2_700
     assert limits.highest_since("p", 1_900) == 14 and limits.highest_since("p", 0) == 30
     assert limits.highest_since("q", 0) is None
+
+
+def test_a_reply_older_than_a_change_learned_since_puts_no_limit_back() -> None:
+    """A tick's, a reflex's and a compare-and-set's replies are handled in any order (the
+    tick steps its pools with awaits between them): a reply read before a change this
+    instance has learned since must not put the old limit back until the next tick (calls
+    were admitted above a cut). A reply to a call sent after the learning is the fleet's
+    word, even with an older stamp (a failover)."""
+    limits = FleetLimits(
+        FleetStats(None, EmbeddedStore(), instance_id="x", longest_window_s=1.0),
+        AdaptivityMetrics(CollectorRegistry()),
+        tick_s=0.1,
+    )
+    limits.note("p", _pool_tick(1_000, 30, 900), sent=time.perf_counter())
+    tick_sent = time.perf_counter()  # a tick goes out; a reflex's reply comes back first
+    limits.reflexed("p", (9, 30, 8, 2_600, 9), sent=time.perf_counter())
+    cut_at = limits.cut_at["p"]
+    assert limits.limits["p"] == 8 and limits.since_ms["p"] == 2_700
+    limits.note("p", _pool_tick(2_550, 30, 900), sent=tick_sent)  # read before the cut
+    assert limits.limits["p"] == 8 and limits.since_ms["p"] == 2_700
+    assert limits.in_flight["p"] == 9  # the reflex's count, not the stale reading's
+    # A reflex sent before a raise learned since: its older cut is not applied either.
+    reflex_sent = time.perf_counter()
+    limits.note("p", _pool_tick(3_000, 12, 2_900), sent=time.perf_counter())
+    limits.reflexed("p", (9, 14, 10, 2_800, 9), sent=reflex_sent)
+    assert limits.limits["p"] == 12 and limits.cut_at["p"] == cut_at
+    # Sent after the learning: the fleet's word, whatever its stamp.
+    limits.note("p", _pool_tick(3_500, 20, 2_000), sent=time.perf_counter())
+    assert limits.limits["p"] == 20 and limits.since_ms["p"] == 2_100
 
 
 def test_reach_is_the_largest_share_among_the_classes_that_asked() -> None:

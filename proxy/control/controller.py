@@ -244,6 +244,7 @@ class Adaptivity:
     async def tick(self) -> None:
         """Exchange with the fleet, then step every breaker, controller and pause."""
         controls = {pool: self._control(pool) for pool in self._pools}
+        sent = time.perf_counter()
         try:
             ticks = await self.fleet.exchange(controls)
         except FleetUnavailable as exc:
@@ -267,7 +268,7 @@ class Adaptivity:
                 self.hold.hear(pool, t.window(self._tick_s + t.bucket_ms / 1000), self._ranks)
                 self.hold.show(pool, self._ranks, self.metrics.holding)
             if pool in self._adaptive:
-                self.limits.note(pool, t)
+                self.limits.note(pool, t, sent)
                 self._note_granted(pool, t)
             if pool in self._breakers:
                 await self._step_breaker(pool, t)

@@ -47,10 +47,27 @@ class FleetLimits:
         #: for any change. Raises, the first limit and writes that lost do not count.
         self.cut_at: dict[str, float] = {}
         self._cut_stamps: dict[str, int] = {}
+        #: Per pool: when this instance last learned a change from a reply (perf_counter).
+        self._learned_at: dict[str, float] = {}
+
+    def _stale(self, pool: str, at_ms: int | None, sent: float) -> bool:
+        """Is a reply stamped ``at_ms`` to a call sent at ``sent`` (perf_counter) older
+        news than a change learned since? Replies of concurrent calls (a tick, a reflex, a
+        compare-and-set) are handled in any order: the older one must not put a limit back
+        that the fleet has since changed. (A reply to a call sent after the learning is
+        the fleet's word whatever its stamp: a failover may bring older stamps.)"""
+        stamp = self._stamps.get(pool)
+        return (
+            at_ms is not None
+            and stamp is not None
+            and at_ms < stamp
+            and sent < self._learned_at.get(pool, float("-inf"))
+        )
 
     def _changed(self, pool: str, at_ms: int) -> None:
         self._stamps[pool] = at_ms
         self.since_ms[pool] = at_ms + self._tick_ms
+        self._learned_at[pool] = time.perf_counter()
 
     def _cut(self, pool: str, at_ms: int, before: int | None, after: int | None) -> None:
         """A change stamped ``at_ms`` took the limit from ``before`` to ``after``: a cut
@@ -61,8 +78,11 @@ class FleetLimits:
             self._cut_stamps[pool] = at_ms
             self.cut_at[pool] = time.perf_counter()
 
-    def note(self, pool: str, t: PoolTick) -> None:
-        """What a tick read: the limit, its change time, the fleet in-flight."""
+    def note(self, pool: str, t: PoolTick, sent: float = float("inf")) -> None:
+        """What a tick sent at ``sent`` (perf_counter) read: the limit, its change time,
+        the fleet in-flight."""
+        if self._stale(pool, t.limit_ms, sent):
+            return
         if t.limit_ms is not None and t.limit_ms != self._stamps.get(pool):
             self._changed(pool, t.limit_ms)
             self._cut(pool, t.limit_ms, self.limits.get(pool), t.fleet_limit)
@@ -80,9 +100,12 @@ class FleetLimits:
         seen = [v for at, v in self._history.get(pool, ()) if at >= since_ms]
         return max(seen, default=None)
 
-    def reflexed(self, pool: str, result: Reflexed) -> None:
-        """What a reflex read and did, acted on before the next tick."""
+    def reflexed(self, pool: str, result: Reflexed, sent: float = float("inf")) -> None:
+        """What a reflex sent at ``sent`` (perf_counter) read and did, acted on before the
+        next tick."""
         _, before, after, at_ms, held = result
+        if self._stale(pool, at_ms, sent):
+            return
         self.in_flight[pool] = held  # slots, as admission counts them (not the reading)
         if after is not None and before is not None and after < before:
             self.limits[pool] = after
@@ -92,6 +115,7 @@ class FleetLimits:
     async def set(self, pool: str, old: int | None, new: int, reason: str) -> bool:
         """Write ``new`` if the fleet limit is still ``old`` (None: none set); True if
         written. Logged and counted; a Redis failure is logged and the next tick retries."""
+        sent = time.perf_counter()
         try:
             applied, now_limit, at_ms = await self._fleet.set_limit(pool, old, new)
         except FleetUnavailable as exc:
@@ -102,6 +126,10 @@ class FleetLimits:
             )
             return False
         seen = self.limits.get(pool)
+        if applied:
+            limit_event(self._metrics, pool, old, new, reason)
+        if self._stale(pool, at_ms, sent):
+            return applied
         if now_limit is not None:
             self.limits[pool] = now_limit
         if at_ms is not None:
@@ -109,8 +137,6 @@ class FleetLimits:
             # A write that lost tells of the one that won (another instance's reflex, say):
             # a cut from what this instance had seen is an answer too.
             self._cut(pool, at_ms, old if applied else seen, new if applied else now_limit)
-        if applied:
-            limit_event(self._metrics, pool, old, new, reason)
         return applied
 
 

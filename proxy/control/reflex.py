@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -55,11 +56,12 @@ class ThrottleReflex:
         fleet: FleetStats,
         metrics: AdaptivityMetrics,
         floors: dict[str, int],
-        applied: Callable[[str, Reflexed], None],
+        applied: Callable[[str, Reflexed, float], None],
     ) -> None:
         """``floors``: each adaptive pool's floor;
-        ``applied(pool, result)``: told what the reflex read and did, so the instance acts
-        on it before its next tick (a retry looks for headroom under the lowered limit)."""
+        ``applied(pool, result, sent)``: told what the reflex sent at ``sent`` read and did,
+        so the instance acts on it before its next tick (a retry looks for headroom under
+        the lowered limit)."""
         self._fleet = fleet
         self._metrics = metrics
         self._floors = floors
@@ -120,6 +122,7 @@ class ThrottleReflex:
             refused = self._refused.get(pool, {})
             self._forget_old(refused, asyncio.get_running_loop().time())
             others = [other for other in refused if other != lease]
+            sent = time.perf_counter()
             result = await self._fleet.reflex(pool, lowest, lease, others)
         except Exception as exc:  # FleetUnavailable, or a bug: never lost, never fatal
             self._metrics.errors.labels("reflex").inc()
@@ -134,7 +137,7 @@ class ThrottleReflex:
             return
         live, before, after, *_ = result
         self._fleet.observe_level(pool, live)
-        self._applied(pool, result)
+        self._applied(pool, result, sent)
         if before is not None and after is not None and after < before:
             self._metrics.reflexes.labels(pool).inc()
             reason = f"throttle reflex: Bedrock throttled with {live} in flight"
