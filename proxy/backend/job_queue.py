@@ -142,8 +142,8 @@ class RedisQueue:
             )
 
     async def close(self) -> None:
-        """Close the connection pool."""
-        await self._client.aclose()
+        """Close the connection pool and the script runner's connections."""
+        await self._runner.aclose()
 
     async def submit(self, meta: BatchMeta, records: list[Record]) -> None:
         """Meta, consumer group and every record, pipelined in chunks; durable on return."""

@@ -142,7 +142,7 @@ class RedisStore:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._runner.abandon()  # their leases expire with the TTL: no heartbeat renews them
         await self._wakeups.close()
-        await self._client.aclose()
+        await self._runner.aclose()
 
     def _spawn(self, coro: Any) -> None:
         assert self._loop is not None

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
 
 from proxy.backend import BackendUnavailable
 from proxy.backend.client import FAILURES, NoScriptError, Redis, RedisCluster
+from proxy.backend.direct import DirectCalls
 from proxy.backend.late import outlive
 from proxy.backend.lua import load_script
 
@@ -55,6 +56,8 @@ class ScriptRunner:
         self._sha: dict[str, str] = {}
         #: Timed-out calls still waiting for Redis's reply (see :meth:`run` with ``late``).
         self.late: set[asyncio.Task[Any]] = set()
+        # One server: EVALSHA without redis-py's per-command machinery (a cluster routes).
+        self._direct = DirectCalls(client) if isinstance(client, Redis) else None
 
     async def start(self) -> None:
         """Load every script; a cluster reads its slot map first, so allow at least 2 s."""
@@ -63,6 +66,12 @@ class ScriptRunner:
                 await self._load()
         except FAILURES as exc:
             raise BackendUnavailable(f"cannot load scripts: {why(exc)}") from exc
+
+    async def aclose(self) -> None:
+        """Close the client and the runner's own connections."""
+        if self._direct is not None:
+            await self._direct.aclose()
+        await self._client.aclose()
 
     def abandon(self) -> None:
         """Stop waiting for late replies (on close: what they granted expires with its TTL)."""
@@ -87,11 +96,16 @@ class ScriptRunner:
         if name not in self._sha:  # not started: load on first use (the job queue does)
             await self._load()
         try:
-            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+            return await self._evalsha(self._sha[name], keys, args)
         except NoScriptError:
             event(self._log, logging.INFO, "store_script_reload", script=name)
             await self._load()
-            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+            return await self._evalsha(self._sha[name], keys, args)
+
+    def _evalsha(self, sha: str, keys: Sequence[str], args: Sequence[Arg]) -> Awaitable[Any]:
+        if self._direct is not None:
+            return self._direct.evalsha(sha, keys, args)
+        return self._client.evalsha(sha, len(keys), *keys, *args)
 
     async def run_many(
         self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]

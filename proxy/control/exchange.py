@@ -104,7 +104,7 @@ class RedisExchange:
         await self._runner.start()
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._runner.aclose()
 
     async def tick(self, sends: Sends) -> dict[str, PoolTick]:
         calls: list[tuple[list[str], list[Arg]]] = []
