@@ -89,8 +89,8 @@ async def test_a_call_cancelled_before_its_reply_leaves_no_reply_for_the_next(
     as the answer to the next call."""
     slow, echo = await client.script_load(SLOW), await client.script_load(ECHO)
     direct = DirectCalls(client)
-    task = asyncio.create_task(direct.evalsha(slow, [], [30_000_000]))
-    await asyncio.sleep(0.05)  # written; Redis is busy running it
+    task = asyncio.create_task(direct.evalsha(slow, [], [3_000_000]))
+    await asyncio.sleep(0.01)  # written; Redis is busy running it
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -38,16 +38,25 @@ class DirectCalls:
         self._make = client.connection_pool.make_connection
         self._idle: list[AbstractConnection] = []
         self._closed = False
+        self._read_timeout: float | None = None
+
+    def _new(self) -> AbstractConnection:
+        conn: AbstractConnection = self._make()  # type: ignore[no-untyped-call]
+        # Replies stay bounded by the pool's socket timeout (a stalled server's late reply
+        # ends); the write of one small command is not: bounding it costs a task per call
+        # (asyncio.wait_for) and the kernel's buffer takes it at once.
+        self._read_timeout, conn.socket_timeout = conn.socket_timeout, None
+        return conn
 
     async def evalsha(self, sha: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """The script's reply; raises its error (``NoScriptError`` included) or, after one
         retry on a new connection, the connection's."""
         packed = pack_command(("EVALSHA", sha, len(keys), *keys, *args))
         for attempt in (1, 2):
-            conn = self._idle.pop() if self._idle else self._make()  # type: ignore[no-untyped-call]
+            conn = self._idle.pop() if self._idle else self._new()
             try:
                 await conn.send_packed_command(packed, check_health=False)
-                reply = await conn.read_response()
+                reply = await conn.read_response(timeout=self._read_timeout)
             except ResponseError:
                 await self._put_back(conn)  # the script's own error: the connection is fine
                 raise
