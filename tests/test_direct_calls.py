@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.backend.direct import MAX_IDLE, DirectCalls
 from tests.support.redis_fixtures import RedisServerProcess
@@ -98,26 +99,82 @@ async def test_a_call_cancelled_before_its_reply_leaves_no_reply_for_the_next(
     await direct.aclose()
 
 
+async def _idle_connections(direct: DirectCalls, client: Redis, n: int) -> str:
+    """Leave ``n`` idle connections in ``direct`` (``n`` calls at once); the echo's sha."""
+    sha: str = await client.script_load(ECHO)
+    await asyncio.gather(*(direct.evalsha(sha, ["k"], [i, 0]) for i in range(n)))
+    return sha
+
+
 async def test_a_restarted_server_is_reached_on_a_new_connection(
     redis_factory: Callable[..., RedisServerProcess],
 ) -> None:
-    """An idle connection to a server that restarted since is dropped and the call sent
-    again on a new one (what redis-py's one retry did): the restarted server answers, here
-    NOSCRIPT (its scripts are gone), which the script runner reloads on."""
+    """Idle connections to a server that restarted since are dropped, all of them, and the
+    call sent again on a new one (what redis-py's pool and one retry did): the restarted
+    server answers, here NOSCRIPT (its scripts are gone; the runner reloads on it), and no
+    call fails on a dead connection."""
     server = redis_factory()
     client = Redis.from_url(server.url)
     try:
         direct = DirectCalls(client)
-        sha = await client.script_load(ECHO)
-        assert await direct.evalsha(sha, ["k"], [1, 2]) == [b"k", b"1", b"2"]
+        sha = await _idle_connections(direct, client, 4)
         await asyncio.to_thread(server.restart)
         with pytest.raises(NoScriptError):
             await direct.evalsha(sha, ["k"], [1, 2])
         assert await client.script_load(ECHO) == sha
-        assert await direct.evalsha(sha, ["k"], [3, 4]) == [b"k", b"3", b"4"]
+        for i in range(4):
+            assert await direct.evalsha(sha, ["k"], [i, 4]) == [b"k", str(i).encode(), b"4"]
         await direct.aclose()
     finally:
         await client.aclose()
+
+
+async def test_connections_the_server_closed_when_idle_are_replaced(
+    redis_factory: Callable[..., RedisServerProcess],
+) -> None:
+    server = redis_factory("--timeout", "1")  # Redis closes connections idle for 1 s
+    client = Redis.from_url(server.url)
+    try:
+        direct = DirectCalls(client)
+        sha = await _idle_connections(direct, client, 4)
+        await asyncio.sleep(2.5)
+        for i in range(4):
+            assert await direct.evalsha(sha, ["k"], [i, 5]) == [b"k", str(i).encode(), b"5"]
+        await direct.aclose()
+    finally:
+        await client.aclose()
+
+
+async def test_a_reply_that_times_out_is_never_sent_again_nor_read_by_the_next_call(
+    redis_factory: Callable[..., RedisServerProcess],
+) -> None:
+    """No reply within the socket timeout: the call raises and its connection is dropped,
+    so the late reply cannot shift every later reply by one (it did when the read was
+    given an explicit timeout: redis-py then returns None and keeps the connection)."""
+    server = redis_factory()
+    client = Redis.from_url(server.url + "?socket_timeout=0.3")
+    admin = Redis.from_url(server.url)
+    try:
+        direct = DirectCalls(client)
+        busy_incr = "local i = 0 while i < tonumber(ARGV[1]) do i = i + 1 end"
+        incr = await client.script_load(busy_incr + " return redis.call('INCR', KEYS[1])")
+        echo = await client.script_load(ECHO)
+        with pytest.raises(RedisTimeoutError):
+            await direct.evalsha(incr, ["n"], [3_000_000])  # ~0.7 s of work: no reply in time
+        await asyncio.sleep(1.5)  # it has run (once) and its reply arrived, for nobody
+        assert await direct.evalsha(echo, ["k"], ["b", "c"]) == [b"k", b"b", b"c"]
+        assert await admin.get("n") == b"1"
+        await direct.aclose()
+    finally:
+        await admin.aclose()
+        await client.aclose()
+
+
+async def test_an_argument_redis_cannot_take_is_a_redis_error(client: Redis) -> None:
+    direct = DirectCalls(client)
+    with pytest.raises(DataError):
+        await direct.evalsha("0" * 40, [], [True])
+    await direct.aclose()
 
 
 async def test_idle_connections_are_capped(client: Redis) -> None:
@@ -126,6 +183,7 @@ async def test_idle_connections_are_capped(client: Redis) -> None:
     count = _clients(client)
     before = await count()
     await asyncio.gather(*(direct.evalsha(sha, [], [1]) for _ in range(MAX_IDLE + 4)))
-    assert await count() == before + MAX_IDLE  # the extra ones were closed after their call
+    await asyncio.sleep(0.1)  # the extra ones were closed after their call
+    assert await count() == before + MAX_IDLE
     await direct.aclose()
     assert await count() == before

@@ -268,11 +268,15 @@ def test_a_reply_older_than_a_change_learned_since_puts_no_limit_back() -> None:
     limits.note("p", _pool_tick(2_550, 30, 900), sent=tick_sent)  # read before the cut
     assert limits.limits["p"] == 8 and limits.since_ms["p"] == 2_700
     assert limits.in_flight["p"] == 9  # the reflex's count, not the stale reading's
-    # A reflex sent before a raise learned since: its older cut is not applied either.
+    # Unstamped (an older Sluice's write), read before the cut: stale too.
+    limits.note("p", _pool_tick(2_650, 30, None), sent=tick_sent)
+    assert limits.limits["p"] == 8 and limits.since_ms["p"] == 2_700
+    # A reflex sent before a raise learned since: its older cut is not applied, but it
+    # happened: a call throttled before it has its answer.
     reflex_sent = time.perf_counter()
     limits.note("p", _pool_tick(3_000, 12, 2_900), sent=time.perf_counter())
     limits.reflexed("p", (9, 14, 10, 2_800, 9), sent=reflex_sent)
-    assert limits.limits["p"] == 12 and limits.cut_at["p"] == cut_at
+    assert limits.limits["p"] == 12 and limits.cut_at["p"] > cut_at
     # Sent after the learning: the fleet's word, whatever its stamp.
     limits.note("p", _pool_tick(3_500, 20, 2_000), sent=time.perf_counter())
     assert limits.limits["p"] == 20 and limits.since_ms["p"] == 2_100

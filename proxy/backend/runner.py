@@ -69,9 +69,11 @@ class ScriptRunner:
 
     async def aclose(self) -> None:
         """Close the client and the runner's own connections."""
-        if self._direct is not None:
-            await self._direct.aclose()
-        await self._client.aclose()
+        try:
+            if self._direct is not None:
+                await self._direct.aclose()
+        finally:
+            await self._client.aclose()
 
     def abandon(self) -> None:
         """Stop waiting for late replies (on close: what they granted expires with its TTL)."""

@@ -58,9 +58,8 @@ class FleetLimits:
         the fleet's word whatever its stamp: a failover may bring older stamps.)"""
         stamp = self._stamps.get(pool)
         return (
-            at_ms is not None
-            and stamp is not None
-            and at_ms < stamp
+            stamp is not None
+            and (at_ms is None or at_ms < stamp)  # unstamped: an older Sluice's write
             and sent < self._learned_at.get(pool, float("-inf"))
         )
 
@@ -105,6 +104,7 @@ class FleetLimits:
         next tick."""
         _, before, after, at_ms, held = result
         if self._stale(pool, at_ms, sent):
+            self._cut(pool, at_ms, before, after)  # it happened, before the change since
             return
         self.in_flight[pool] = held  # slots, as admission counts them (not the reading)
         if after is not None and before is not None and after < before:
@@ -129,6 +129,8 @@ class FleetLimits:
         if applied:
             limit_event(self._metrics, pool, old, new, reason)
         if self._stale(pool, at_ms, sent):
+            if at_ms is not None:  # it happened, before the change learned since
+                self._cut(pool, at_ms, old if applied else seen, new if applied else now_limit)
             return applied
         if now_limit is not None:
             self.limits[pool] = now_limit
