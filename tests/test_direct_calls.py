@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -187,3 +188,45 @@ async def test_idle_connections_are_capped(client: Redis) -> None:
     assert await count() == before + MAX_IDLE
     await direct.aclose()
     assert await count() == before
+
+
+async def test_a_call_whose_write_went_out_is_never_sent_again(
+    redis_factory: Callable[..., RedisServerProcess],
+) -> None:
+    """A connection lost after Redis ran the script but before its reply came back (a
+    proxy in between cuts it): the call fails, it is not resent -- the counter the
+    script increments is 1, not 2 (redis-py's one retry made it 2)."""
+    server = redis_factory()
+
+    async def relay_then_cut(
+        client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+    ) -> None:
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            while data := await client_r.read(65536):
+                redis_w.write(data)
+                await redis_w.drain()
+                reply = await redis_r.read(65536)
+                if b"EVALSHA" in data:
+                    break  # ran at Redis; the reply is dropped with the connection
+                client_w.write(reply)
+                await client_w.drain()
+        finally:
+            client_w.transport.abort()
+            redis_w.close()
+
+    proxy = await asyncio.start_server(relay_then_cut, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    client = Redis.from_url(f"redis://127.0.0.1:{port}/0?protocol=2")
+    admin = Redis.from_url(server.url)
+    try:
+        direct = DirectCalls(client)
+        sha = await admin.script_load("return redis.call('INCR', KEYS[1])")
+        with pytest.raises(RedisConnectionError):
+            await direct.evalsha(sha, ["n"], [])
+        assert await admin.get("n") == b"1"
+        await direct.aclose()
+    finally:
+        proxy.close()
+        await client.aclose()
+        await admin.aclose()

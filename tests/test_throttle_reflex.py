@@ -12,7 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -280,6 +280,33 @@ def test_a_reply_older_than_a_change_learned_since_puts_no_limit_back() -> None:
     # Sent after the learning: the fleet's word, whatever its stamp.
     limits.note("p", _pool_tick(3_500, 20, 2_000), sent=time.perf_counter())
     assert limits.limits["p"] == 20 and limits.since_ms["p"] == 2_100
+
+
+class _LostWrite:
+    """A fleet whose compare-and-set loses to another instance's raise (20 -> 22 at fleet
+    time 100) while a tick reads a later raise (22 -> 40 at 200) before the reply."""
+
+    def __init__(self) -> None:
+        self.limits: FleetLimits | None = None
+
+    async def set_limit(self, pool: str, old: int | None, new: int) -> tuple[bool, int, int]:
+        assert self.limits is not None
+        self.limits.note(pool, _pool_tick(3_000, 40, 200), sent=time.perf_counter())
+        return False, 22, 100
+
+
+async def test_a_lost_write_answered_late_records_no_cut_that_never_happened() -> None:
+    """The fleet only went up (20, 22, 40): nothing may tell a throttled call that the
+    fleet cut the limit (it would be sent again at once, into the same throttle)."""
+    fleet = _LostWrite()
+    limits = FleetLimits(
+        cast(FleetStats, fleet), AdaptivityMetrics(CollectorRegistry()), tick_s=0.1
+    )
+    fleet.limits = limits
+    limits.note("p", _pool_tick(1_000, 20, 50), sent=time.perf_counter())
+    assert await limits.set("p", 20, 25, "probe") is False
+    assert limits.limits["p"] == 40 and limits.since_ms["p"] == 300
+    assert "p" not in limits.cut_at
 
 
 def test_reach_is_the_largest_share_among_the_classes_that_asked() -> None:

@@ -8,16 +8,18 @@ Here a call packs its arguments in C (hiredis, byte-identical to redis-py's enco
 by ``repr``), takes an idle connection of its own (made from the client pool's own settings:
 TLS, password, db, unix sockets), writes, reads the reply and puts the connection back.
 
-What redis-py's retry and pool gave is kept: a connection that fails (a server restarted
-since it was last used, or its idle timeout closed it) is dropped with every idle one, and
-the call is sent once more on a new connection -- but never after a timeout, when the
-script may have run (redis-py's retry resent those too). A call cancelled or failed between
-its write and its reply drops its connection: a late reply must never be read as the
-answer to the next call. A Redis Cluster keeps redis-py's client.
+What redis-py's pool and retry gave is kept where it is safe: an idle connection the server
+closed (a restart, its idle timeout) is dropped with every idle one before the write, and a
+write that fails goes once more to a new connection. A call whose write went out is never
+sent again (redis-py's retry resent those, after timeouts too): the script may have run. A
+call cancelled or failed between its write and its reply drops its connection: a late reply
+must never be read as the answer to the next call. A Redis Cluster keeps redis-py's client.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -43,32 +45,16 @@ class DirectCalls:
         self._closed = False
 
     async def evalsha(self, sha: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """The script's reply; raises its error (``NoScriptError`` included) or, after one
-        retry on a new connection, the connection's."""
+        """The script's reply; raises its error (``NoScriptError`` included) or the
+        connection's."""
         try:
             packed = pack_command(("EVALSHA", sha, len(keys), *keys, *args))
-        except TypeError as exc:  # a bool or None: redis-py's encoder raised DataError
+        except TypeError as exc:  # e.g. a bool or None: redis-py's encoder raised DataError
             raise DataError(f"cannot send an argument of EVALSHA: {exc}") from exc
-        conn = self._idle.pop() if self._idle else self._new()
-        try:
-            return await self._call(conn, packed)
-        except (RedisTimeoutError, TimeoutError):
-            raise  # no reply in time: the script may have run, so it is never sent twice
-        except _BROKEN:
-            # Closed (a restart, the server's idle timeout): the idle ones most likely too.
-            await self._drop_idle()
-        return await self._call(self._new(), packed)
-
-    def _new(self) -> AbstractConnection:
-        conn: AbstractConnection = self._make()  # type: ignore[no-untyped-call]
-        return conn
-
-    async def _call(self, conn: AbstractConnection, packed: bytes) -> Any:
-        """One write and its reply on ``conn``, put back after it (dropped on failure)."""
+        conn = await self._sent(packed)
         try:
             # Bounded by the connection's socket timeout (and the runner's timeout): a
             # timed-out read raises and disconnects, never leaves a reply behind.
-            await conn.send_packed_command(packed, check_health=False)
             reply = await conn.read_response()
         except ResponseError:
             await self._put_back(conn)  # the script's own error: the connection is fine
@@ -79,10 +65,40 @@ class DirectCalls:
         await self._put_back(conn)
         return reply
 
+    async def _sent(self, packed: bytes) -> AbstractConnection:
+        """A connection ``packed`` was written to. An idle one the server closed (a
+        restart, its idle timeout) is dropped with every idle one before the write; one
+        whose write fails is too, and the call goes once more to a new connection. A call
+        whose write went out is never sent again: the script may have run."""
+        conn = self._idle.pop() if self._idle else None
+        if conn is not None and _closed(conn):
+            await conn.disconnect(nowait=True)
+            await self._drop_idle()
+            conn = None
+        while True:
+            fresh, conn = conn is None, conn or self._new()
+            try:
+                await conn.send_packed_command(packed, check_health=False)
+                return conn
+            except (RedisTimeoutError, TimeoutError):
+                await conn.disconnect(nowait=True)
+                raise  # Redis is stalled: no second try
+            except _BROKEN:
+                await conn.disconnect(nowait=True)
+                if fresh:
+                    raise  # a new connection failed: Redis is down
+                await self._drop_idle()
+                conn = None
+            except BaseException:
+                await conn.disconnect(nowait=True)
+                raise
+
+    def _new(self) -> AbstractConnection:
+        conn: AbstractConnection = self._make()  # type: ignore[no-untyped-call]
+        return conn
+
     async def _put_back(self, conn: AbstractConnection) -> None:
-        # should_reconnect: the server announced a move (maintenance notifications).
-        moved = getattr(conn, "should_reconnect", lambda: False)()
-        if self._closed or moved or len(self._idle) >= MAX_IDLE:
+        if self._closed or len(self._idle) >= MAX_IDLE:
             await conn.disconnect(nowait=True)
         else:
             self._idle.append(conn)
@@ -90,9 +106,18 @@ class DirectCalls:
     async def _drop_idle(self) -> None:
         idle, self._idle = self._idle, []
         for conn in idle:
-            await conn.disconnect(nowait=True)
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
 
     async def aclose(self) -> None:
         """Close the idle connections; one in use closes when its call ends."""
         self._closed = True
         await self._drop_idle()
+
+
+def _closed(conn: AbstractConnection) -> bool:
+    """Has the server closed ``conn`` (read by the loop while it was idle)?"""
+    reader = getattr(conn, "_reader", None)  # redis-py's asyncio.StreamReader
+    return isinstance(reader, asyncio.StreamReader) and (
+        reader.at_eof() or reader.exception() is not None
+    )

@@ -125,20 +125,19 @@ class FleetLimits:
                 extra={"fields": {"event": "fleet_unavailable", "pool": pool, "error": str(exc)}},
             )
             return False
-        seen = self.limits.get(pool)
         if applied:
             limit_event(self._metrics, pool, old, new, reason)
+        if at_ms is not None:
+            # A write that lost tells of the one that won (another instance's reflex, say):
+            # a cut from the limit this write was computed from is an answer too, also when
+            # a newer change has been learned since (it happened before that one).
+            self._cut(pool, at_ms, old, new if applied else now_limit)
         if self._stale(pool, at_ms, sent):
-            if at_ms is not None:  # it happened, before the change learned since
-                self._cut(pool, at_ms, old if applied else seen, new if applied else now_limit)
             return applied
         if now_limit is not None:
             self.limits[pool] = now_limit
         if at_ms is not None:
             self._changed(pool, at_ms)
-            # A write that lost tells of the one that won (another instance's reflex, say):
-            # a cut from what this instance had seen is an answer too.
-            self._cut(pool, at_ms, old if applied else seen, new if applied else now_limit)
         return applied
 
 
