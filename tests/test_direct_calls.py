@@ -5,6 +5,7 @@ call handled as redis-py's client handles them, no reply read as another call's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -100,6 +101,18 @@ async def test_a_call_cancelled_before_its_reply_leaves_no_reply_for_the_next(
     await direct.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _direct_on(url: str) -> AsyncIterator[tuple[Redis, DirectCalls]]:
+    """A client of ``url`` and direct calls on it; both closed afterwards."""
+    client = Redis.from_url(url)
+    direct = DirectCalls(client)
+    try:
+        yield client, direct
+    finally:
+        await direct.aclose()
+        await client.aclose()
+
+
 async def _idle_connections(direct: DirectCalls, client: Redis, n: int) -> str:
     """Leave ``n`` idle connections in ``direct`` (``n`` calls at once); the echo's sha."""
     sha: str = await client.script_load(ECHO)
@@ -115,9 +128,7 @@ async def test_a_restarted_server_is_reached_on_a_new_connection(
     server answers, here NOSCRIPT (its scripts are gone; the runner reloads on it), and no
     call fails on a dead connection."""
     server = redis_factory()
-    client = Redis.from_url(server.url)
-    try:
-        direct = DirectCalls(client)
+    async with _direct_on(server.url) as (client, direct):
         sha = await _idle_connections(direct, client, 4)
         await asyncio.to_thread(server.restart)
         with pytest.raises(NoScriptError):
@@ -125,25 +136,17 @@ async def test_a_restarted_server_is_reached_on_a_new_connection(
         assert await client.script_load(ECHO) == sha
         for i in range(4):
             assert await direct.evalsha(sha, ["k"], [i, 4]) == [b"k", str(i).encode(), b"4"]
-        await direct.aclose()
-    finally:
-        await client.aclose()
 
 
 async def test_connections_the_server_closed_when_idle_are_replaced(
     redis_factory: Callable[..., RedisServerProcess],
 ) -> None:
     server = redis_factory("--timeout", "1")  # Redis closes connections idle for 1 s
-    client = Redis.from_url(server.url)
-    try:
-        direct = DirectCalls(client)
+    async with _direct_on(server.url) as (client, direct):
         sha = await _idle_connections(direct, client, 4)
         await asyncio.sleep(2.5)
         for i in range(4):
             assert await direct.evalsha(sha, ["k"], [i, 5]) == [b"k", str(i).encode(), b"5"]
-        await direct.aclose()
-    finally:
-        await client.aclose()
 
 
 async def test_a_reply_that_times_out_is_never_sent_again_nor_read_by_the_next_call(
@@ -153,22 +156,19 @@ async def test_a_reply_that_times_out_is_never_sent_again_nor_read_by_the_next_c
     so the late reply cannot shift every later reply by one (it did when the read was
     given an explicit timeout: redis-py then returns None and keeps the connection)."""
     server = redis_factory()
-    client = Redis.from_url(server.url + "?socket_timeout=0.3")
     admin = Redis.from_url(server.url)
     try:
-        direct = DirectCalls(client)
-        busy_incr = "local i = 0 while i < tonumber(ARGV[1]) do i = i + 1 end"
-        incr = await client.script_load(busy_incr + " return redis.call('INCR', KEYS[1])")
-        echo = await client.script_load(ECHO)
-        with pytest.raises(RedisTimeoutError):
-            await direct.evalsha(incr, ["n"], [3_000_000])  # ~0.7 s of work: no reply in time
-        await asyncio.sleep(1.5)  # it has run (once) and its reply arrived, for nobody
-        assert await direct.evalsha(echo, ["k"], ["b", "c"]) == [b"k", b"b", b"c"]
-        assert await admin.get("n") == b"1"
-        await direct.aclose()
+        async with _direct_on(server.url + "?socket_timeout=0.3") as (client, direct):
+            busy_incr = "local i = 0 while i < tonumber(ARGV[1]) do i = i + 1 end"
+            incr = await client.script_load(busy_incr + " return redis.call('INCR', KEYS[1])")
+            echo = await client.script_load(ECHO)
+            with pytest.raises(RedisTimeoutError):
+                await direct.evalsha(incr, ["n"], [3_000_000])  # ~0.7 s of work: no reply in time
+            await asyncio.sleep(1.5)  # it has run (once) and its reply arrived, for nobody
+            assert await direct.evalsha(echo, ["k"], ["b", "c"]) == [b"k", b"b", b"c"]
+            assert await admin.get("n") == b"1"
     finally:
         await admin.aclose()
-        await client.aclose()
 
 
 async def test_an_argument_redis_cannot_take_is_a_redis_error(client: Redis) -> None:
@@ -217,16 +217,13 @@ async def test_a_call_whose_write_went_out_is_never_sent_again(
 
     proxy = await asyncio.start_server(relay_then_cut, "127.0.0.1", 0)
     port = proxy.sockets[0].getsockname()[1]
-    client = Redis.from_url(f"redis://127.0.0.1:{port}/0?protocol=2")
     admin = Redis.from_url(server.url)
     try:
-        direct = DirectCalls(client)
-        sha = await admin.script_load("return redis.call('INCR', KEYS[1])")
-        with pytest.raises(RedisConnectionError):
-            await direct.evalsha(sha, ["n"], [])
-        assert await admin.get("n") == b"1"
-        await direct.aclose()
+        async with _direct_on(f"redis://127.0.0.1:{port}/0?protocol=2") as (_, direct):
+            sha = await admin.script_load("return redis.call('INCR', KEYS[1])")
+            with pytest.raises(RedisConnectionError):
+                await direct.evalsha(sha, ["n"], [])
+            assert await admin.get("n") == b"1"
     finally:
         proxy.close()
-        await client.aclose()
         await admin.aclose()

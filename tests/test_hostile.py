@@ -48,11 +48,15 @@ def fuzz_redis() -> Iterator[RedisServerProcess]:
     server.cleanup()
 
 
-def _hostile_proxy(simulator: Simulator, redis_url: str, workdir: Path, **env: str) -> Sluice:
-    """Sluice on the fuzz policy and a real Redis (``env``: more of its environment)."""
+def _hostile_proxy(
+    simulator: Simulator, redis_url: str, workdir: Path, tls: Any = None, **env: str
+) -> Sluice:
+    """Sluice on the fuzz policy and a real Redis (``env``: more of its environment;
+    ``tls``: served over HTTPS with these files)."""
     env = {FUZZ_SECRET_ENV: FUZZ_SECRET, **env}
+    policy = fuzz_policy(TIMEOUT_S)
     return Sluice(
-        workdir, upstream=simulator.url, policy=fuzz_policy(TIMEOUT_S), redis_url=redis_url, env=env
+        workdir, upstream=simulator.url, policy=policy, redis_url=redis_url, env=env, tls=tls
     )
 
 
@@ -318,14 +322,7 @@ def test_a_tls_client_that_closes_its_socket_has_its_call_cancelled(
     generated for nobody, and no probe bytes are written into the TLS stream."""
     import ssl
 
-    p = Sluice(
-        tmp_path,
-        upstream=slow_sim.url,
-        policy=fuzz_policy(TIMEOUT_S),
-        redis_url=fuzz_redis.url,
-        env={FUZZ_SECRET_ENV: FUZZ_SECRET},
-        tls=tls_files,
-    )
+    p = _hostile_proxy(slow_sim, fuzz_redis.url, tmp_path, tls=tls_files)
     try:
         before = slow_sim.stats()["models"][SONNET]
 

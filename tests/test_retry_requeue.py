@@ -172,6 +172,17 @@ async def test_a_throttle_that_finds_no_headroom_is_answered_with_bedrocks_429(
     assert metric_value(text, "sluice_upstream_retries_total", pool=pool) == 0
 
 
+def _impatient_orders(url: str, read_timeout: float = 0.5) -> Any:
+    """A boto3 client of ``orders`` that gives up after ``read_timeout`` (and closes its
+    socket)."""
+    client = bedrock_client(url, read_timeout=read_timeout)
+    client.meta.events.register(
+        "before-sign.bedrock-runtime.*",
+        lambda request, **_: request.headers.__setitem__("x-sluice-workload", "orders"),
+    )
+    return client
+
+
 async def test_a_caller_that_leaves_during_the_wait_for_headroom_leaves_nothing_behind(
     redis_server: Any, make_simulator: Any, make_sluice: Any
 ) -> None:
@@ -183,11 +194,7 @@ async def test_a_caller_that_leaves_during_the_wait_for_headroom_leaves_nothing_
     msgs = [{"role": "user", "content": [{"text": "long [[sim:output_tokens=80]]"}]}]
     first = asyncio.create_task(asyncio.to_thread(direct.converse, modelId=SONNET, messages=msgs))
     await asyncio.sleep(0.6)
-    impatient = bedrock_client(proxy.url, read_timeout=0.3)
-    impatient.meta.events.register(
-        "before-sign.bedrock-runtime.*",
-        lambda request, **_: request.headers.__setitem__("x-sluice-workload", "orders"),
-    )
+    impatient = _impatient_orders(proxy.url, read_timeout=0.3)
     one = [{"role": "user", "content": [{"text": "o"}]}]
     with pytest.raises(Exception, match=r"(?i)timeout|timed out"):
         await asyncio.to_thread(impatient.converse, modelId=SONNET, messages=one)
@@ -198,16 +205,6 @@ async def test_a_caller_that_leaves_during_the_wait_for_headroom_leaves_nothing_
     assert metric_value(text, "sluice_upstream_retries_total", pool=pool) == 0
     assert metric_value(text, "sluice_in_flight", pool=pool) == 0  # its slot given back
     assert (await asyncio.to_thread(_converse, proxy.url, "orders", "after"))[0] == 200
-
-
-def _impatient_orders(url: str) -> Any:
-    """A boto3 client of ``orders`` that gives up after 0.5 s (and closes its socket)."""
-    client = bedrock_client(url, read_timeout=0.5)
-    client.meta.events.register(
-        "before-sign.bedrock-runtime.*",
-        lambda request, **_: request.headers.__setitem__("x-sluice-workload", "orders"),
-    )
-    return client
 
 
 async def test_a_caller_that_leaves_during_the_requeue_is_not_sent_again(

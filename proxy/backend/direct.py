@@ -72,26 +72,20 @@ class DirectCalls:
         whose write went out is never sent again: the script may have run."""
         conn = self._idle.pop() if self._idle else None
         if conn is not None and _closed(conn):
-            await conn.disconnect(nowait=True)
-            await self._drop_idle()
+            self._idle.append(conn)
+            await self._drop_idle()  # a restart closed every one of them
             conn = None
-        while True:
-            fresh, conn = conn is None, conn or self._new()
+        if conn is not None:
             try:
-                await conn.send_packed_command(packed, check_health=False)
+                await _write(conn, packed)
                 return conn
             except (RedisTimeoutError, TimeoutError):
-                await conn.disconnect(nowait=True)
                 raise  # Redis is stalled: no second try
             except _BROKEN:
-                await conn.disconnect(nowait=True)
-                if fresh:
-                    raise  # a new connection failed: Redis is down
-                await self._drop_idle()
-                conn = None
-            except BaseException:
-                await conn.disconnect(nowait=True)
-                raise
+                await self._drop_idle()  # closed under us: the others likely too
+        conn = self._new()
+        await _write(conn, packed)  # a new connection that fails: Redis is down
+        return conn
 
     def _new(self) -> AbstractConnection:
         conn: AbstractConnection = self._make()  # type: ignore[no-untyped-call]
@@ -113,6 +107,15 @@ class DirectCalls:
         """Close the idle connections; one in use closes when its call ends."""
         self._closed = True
         await self._drop_idle()
+
+
+async def _write(conn: AbstractConnection, packed: bytes) -> None:
+    """Send ``packed`` on ``conn``; a connection that fails to take it is dropped."""
+    try:
+        await conn.send_packed_command(packed, check_health=False)
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
 
 
 def _closed(conn: AbstractConnection) -> bool:
