@@ -5,16 +5,23 @@ body, forward the request with the same path and headers (minus hop-by-hop), ret
 headers and body. No signing, no admission, no logging. Whatever Sluice costs beyond this is
 Sluice's own doing; this is the "minimal forwarder" of /work/shared/baselines.md.
 
+With ``--redis-url`` it is issue 12's second baseline, "forwarder + 1 Redis Lua call per
+request": before forwarding, one unbatched ``EVALSHA`` of a small counter script through
+redis-py's asyncio client, awaited on the request path -- the least a Redis-backed limiter can
+add, and so the floor for what Sluice's quotas add to latency on the same machine.
+
     python bench/forwarder.py --port 8082 --upstream http://127.0.0.1:8081
+    python bench/forwarder.py --port 8082 --upstream http://127.0.0.1:8081 --redis-url redis://127.0.0.1:6379
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp
+import redis.asyncio as redis
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -38,6 +45,13 @@ _HOP_BY_HOP = frozenset(
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
+# A fixed-window counter: one key read and written per call, as cheap as a Lua limiter gets.
+_COUNT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return n
+"""
+
 
 def _filter(headers: Mapping[str, str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
@@ -47,9 +61,11 @@ def _filter(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return out
 
 
-def build_app(upstream: str) -> web.Application:
-    """A forwarder app sending everything except ``GET /healthz`` to ``upstream``."""
+def build_app(upstream: str, redis_url: str | None = None) -> web.Application:
+    """A forwarder app sending everything except ``GET /healthz`` to ``upstream``; with
+    ``redis_url``, one Redis script call per request before it is forwarded."""
     base = upstream.rstrip("/")
+    count: Callable[[], Awaitable[object]] | None = None
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # limit=0: never queue in the client pool; a queue there would be the forwarder's
@@ -59,10 +75,25 @@ def build_app(upstream: str) -> web.Application:
             connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
         ) as session:
             app[SESSION] = session
-            yield
+            if redis_url is None:
+                yield
+                return
+            nonlocal count
+            client = redis.Redis.from_url(redis_url)
+            sha = await client.script_load(_COUNT)
+
+            def count() -> Awaitable[object]:
+                return client.evalsha(sha, 1, "forwarder:count", 60_000)
+
+            try:
+                yield
+            finally:
+                await client.aclose()
 
     async def forward(request: web.Request) -> web.Response:
         body = await request.read()
+        if count is not None:
+            await count()
         # raw_path keeps "%3A" as the client sent it; encoded=True stops yarl re-quoting it.
         url = URL(base + request.raw_path, encoded=True)
         async with request.app[SESSION].request(
@@ -86,9 +117,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="e.g. http://127.0.0.1:8081")
+    parser.add_argument("--redis-url", help="one EVALSHA per request against this Redis")
     args = parser.parse_args()
     web.run_app(
-        build_app(args.upstream),
+        build_app(args.upstream, args.redis_url),
         host=args.host,
         port=args.port,
         access_log=None,

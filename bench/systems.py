@@ -82,14 +82,9 @@ def _sluice(
 
 
 def _forwarder(ctx: ProxyContext) -> list[str]:
-    return [
-        PY,
-        str(BENCH_DIR / "forwarder.py"),
-        "--port",
-        str(ctx.port),
-        "--upstream",
-        ctx.upstream_url,
-    ]
+    cmd = [PY, str(BENCH_DIR / "forwarder.py"), "--port", str(ctx.port)]
+    cmd += ["--upstream", ctx.upstream_url]
+    return cmd + (["--redis-url", ctx.redis_url] if ctx.redis_url else [])
 
 
 _FROM_TREE = (
@@ -127,6 +122,12 @@ SYSTEMS: dict[str, SystemSpec] = {
         SystemSpec("direct", "client -> upstream, no proxy", None),
         SystemSpec(
             "forwarder", "minimal aiohttp+uvloop forwarder (bench/forwarder.py)", _forwarder
+        ),
+        SystemSpec(
+            "forwarder+redis",
+            "the forwarder + one unbatched Redis EVALSHA per request (issue 12's baseline)",
+            _forwarder,
+            needs_redis=True,
         ),
         SystemSpec(
             "sluice",

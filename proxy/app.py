@@ -172,6 +172,9 @@ def build_app(
         backend = await _open_backend(app, settings)
         upstream = app[UPSTREAM] = await _make_upstream(app, settings, region)
         await upstream.start()
+        gauge, pool = app[METRICS].upstream_connections, upstream.pool
+        gauge.labels("idle").set_function(lambda: pool.idle)
+        gauge.labels("busy").set_function(lambda: pool.open - pool.idle)
         live = await _start_live(app, backend, upstream, logs)
         reloader, board = await _start_ops(app, settings, live, backend.store)
         fields = {"upstream": upstream.base_url, "region": region, "store": backend.kind}

@@ -173,6 +173,12 @@ class Metrics:
             ["pool"],
             registry=r,
         )
+        self.upstream_connections = Gauge(
+            "sluice_upstream_connections",
+            "Connections to the upstream: idle (pooled) or busy (carrying a call).",
+            ["state"],
+            registry=r,
+        )
         self.upstream_latency = Histogram(
             "sluice_upstream_latency_seconds",
             "Time from sending upstream to the last byte.",

@@ -8,18 +8,19 @@ header except the hop-by-hop ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import ClassVar, Final
+import asyncio
+import ssl
+from collections.abc import Mapping
+from typing import Final
 
 import aiohttp
-from aiohttp import hdrs
-from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.credentials import CredentialSource
 from proxy.errors import BedrockError
 from proxy.signing import NOT_SIGNED, SigV4Signer
+from proxy.upstream_http import UpstreamConnectError, UpstreamPool, UpstreamReply
 
 _FORWARD_EXACT: Final = frozenset({"content-type", "accept", "accept-encoding", "user-agent"})
 _FORWARD_PREFIX: Final = "x-amzn-bedrock-"
@@ -97,7 +98,7 @@ def returnable(
 
 
 class Upstream:
-    """One pooled, keep-alive client session to the upstream (Bedrock or the simulator)."""
+    """The pooled keep-alive connections to the upstream (Bedrock or the simulator)."""
 
     def __init__(
         self,
@@ -108,6 +109,7 @@ class Upstream:
         bearer_token: str | None = None,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 300.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if credentials is None and bearer_token is None:
             raise ValueError("upstream needs SigV4 credentials or a Bedrock API key")
@@ -121,48 +123,41 @@ class Upstream:
         self._credentials = credentials
         self._bearer = f"Bearer {bearer_token}" if bearer_token else None
         self._signer = SigV4Signer("bedrock", region)
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=connect_timeout_s, sock_read=read_timeout_s
+        self._read_timeout_s = read_timeout_s
+        self._pool = UpstreamPool(
+            self.base_url,
+            connect_timeout_s=connect_timeout_s,
+            keepalive_s=KEEPALIVE_S,
+            ssl_context=ssl_context,
         )
-        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def pool(self) -> UpstreamPool:
+        """The connections (for their counts)."""
+        return self._pool
 
     async def start(self) -> None:
-        """Open the connection pool."""
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            request_class=_UpstreamRequest,
-        )
+        """Nothing to open ahead: connections are made on first use and kept."""
 
     async def close(self) -> None:
         """Close the pool."""
-        if self._session is not None:
-            await self._session.close()
+        await self._pool.close()
 
     def expire_idle(self) -> None:
-        """Close pooled connections idle for longer than :data:`KEEPALIVE_S` now.
-
-        aiohttp checks the pool only once per keep-alive period, so a burst's idle
-        connections (and their buffers) could linger up to twice that; this runs the
-        same check at once (a private aiohttp method: skipped if a version lacks it).
-        """
-        connector = self._session.connector if self._session is not None else None
-        cleanup = getattr(connector, "_cleanup", None)
-        if callable(cleanup):
-            cleanup()
+        """Close pooled connections idle for :data:`KEEPALIVE_S` or longer, now (the pool's
+        own check runs every half period)."""
+        self._pool.expire_idle()
 
     async def probe(self) -> bool:
         """True when the upstream answers HTTP at all (any status): it is reachable."""
-        assert self._session is not None
         try:
-            async with self._session.get(
-                self.base_url + "/", timeout=aiohttp.ClientTimeout(total=2)
-            ) as response:
-                await response.read()
-                return True
+            async with asyncio.timeout(2):
+                reply = await self._pool.request("GET", "/", {"Host": self.host}, b"", 2.0)
+                try:
+                    await reply.read()
+                finally:
+                    reply.release()
+            return True
         except (aiohttp.ClientError, TimeoutError):
             return False
 
@@ -190,39 +185,25 @@ class Upstream:
         body: bytes,
         *,
         read_timeout_s: float | None = None,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamReply:
         """Send one re-signed request; the caller must release the response.
 
         Raises :class:`BedrockError` (503) when the upstream cannot be reached, so the
         caller answers in Bedrock's shape and boto3 retries it.
         """
-        assert self._session is not None, "Upstream.start() was not awaited"
         headers = self._signed_headers(method, path, query, client_headers, body)
         headers["Host"] = self.host
-        target = self.base_url + path + ("?" + query if query else "")
-        timeout = (
-            aiohttp.ClientTimeout(
-                total=None, connect=self._timeout.connect, sock_read=read_timeout_s
-            )
-            if read_timeout_s is not None
-            else None
-        )
+        target = path + ("?" + query if query else "")
+        timeout = self._read_timeout_s if read_timeout_s is None else read_timeout_s
         try:
-            return await self._session.request(
-                method,
-                URL(target, encoded=True),
-                data=body if body else None,
-                headers=headers,
-                timeout=timeout or self._timeout,
-                allow_redirects=False,
-            )
+            return await self._pool.request(method, target, headers, body, timeout)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._failure(exc) from None
 
     def _failure(self, exc: aiohttp.ClientError | TimeoutError) -> BedrockError:
         """The Bedrock-shaped error for a request that got no answer (one mapping, here)."""
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            reason = exc.os_error.strerror or str(exc)
+        if isinstance(exc, UpstreamConnectError):
+            reason = exc.reason
             return BedrockError(
                 "ServiceUnavailableException",
                 f"Sluice could not reach the upstream {self.base_url}: {reason}",
@@ -239,31 +220,3 @@ class Upstream:
             f"the upstream {self.base_url} failed: {type(exc).__name__}: {exc}",
             status=503,
         )
-
-
-class _UpstreamRequest(aiohttp.ClientRequest):
-    """aiohttp's client request, with the session's skip list turned into a CIMultiDict once.
-
-    ``ClientRequest.update_auto_headers`` sorts the list into a new CIMultiDict and copies the
-    request's headers to check them against it, every request; the list is the session's and
-    never changes, so this does that once and adds the same defaults (the same headers go on
-    the wire: tests/test_passthrough.py::test_upstream_gets_no_header_the_client_did_not_send).
-    """
-
-    _skip_source: ClassVar[object] = None
-    _skip_made: ClassVar[CIMultiDict[None] | None] = None
-
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        cls = _UpstreamRequest
-        if skip_auto_headers is None or skip_auto_headers is not cls._skip_source:
-            super().update_auto_headers(skip_auto_headers)
-            cls._skip_source, cls._skip_made = skip_auto_headers, self._skip_auto_headers
-            return
-        skipped = self._skip_auto_headers = cls._skip_made
-        assert skipped is not None
-        headers = self.headers
-        for name, value in self.DEFAULT_HEADERS.items():
-            if name not in headers and name not in skipped:
-                headers[name] = value
-        if hdrs.USER_AGENT not in headers and hdrs.USER_AGENT not in skipped:
-            headers[hdrs.USER_AGENT] = SERVER_SOFTWARE

@@ -283,8 +283,8 @@ async def test_missing_content_type_means_json_as_on_bedrock(proxy: Sluice) -> N
 async def test_upstream_gets_no_header_the_client_did_not_send(
     proxy: Sluice, sim: Simulator
 ) -> None:
-    # aiohttp would add a User-Agent, an Accept-Encoding and a Content-Type of its own:
-    # Bedrock sees only what the client sent, re-signed (plus aiohttp's Accept: */*).
+    # An HTTP client library would add a User-Agent, an Accept, an Accept-Encoding or a
+    # Content-Type of its own: Bedrock sees only what the client sent, re-signed.
     body = anthropic_body("x")
     host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -294,8 +294,7 @@ async def test_upstream_gets_no_header_the_client_did_not_send(
     writer.close()
     assert b" 200 " in status
     seen = sim.stats()["requests"][-1]["headers"]
-    assert sorted(seen) == ["accept", "authorization", "content-length", "host", "x-amz-date"]
-    assert seen["accept"] == "*/*"
+    assert sorted(seen) == ["authorization", "content-length", "host", "x-amz-date"]
 
 
 async def test_non_json_content_type_is_a_validation_error(proxy: Sluice) -> None:
@@ -405,3 +404,16 @@ def test_anthropic_sdk_style_literal_colon_path(proxy: Sluice) -> None:
     )
     with urllib.request.urlopen(req) as resp:
         assert json.loads(resp.read())["type"] == "message"
+
+
+async def test_upstream_connections_are_reused_and_counted(
+    simulator: Simulator, make_sluice: Any
+) -> None:
+    p = make_sluice(upstream=simulator.url, policy={"identity": {"default_workload": "w"},
+                                                     "workloads": {"w": {}}})  # fmt: skip
+    for _ in range(3):  # one after another: the same kept-alive connection each time
+        status, _, _ = await _post(p.url, f"/model/{HAIKU}/invoke", anthropic_body("x"))
+        assert status == 200
+    text = p.metrics()
+    assert metric_value(text, "sluice_upstream_connections", state="idle") == 1
+    assert metric_value(text, "sluice_upstream_connections", state="busy") == 0

@@ -23,6 +23,7 @@ from proxy.pipeline.requeue import Requeue, requeue, requeues
 from proxy.pipeline.retry import MIN_CALL_S, RetryBudget, next_delay
 from proxy.pipeline.settle import observe_attempt
 from proxy.pipeline.tier_quota import TierQuotas, on_pool_quota
+from proxy.upstream_http import UpstreamReply
 
 #: Longest a throttled retry waits for the reflex's answer before it judges its headroom
 #: against the limit it has (the reflex is one Redis round trip, ~1 ms; slower, Redis is in
@@ -63,7 +64,7 @@ class Backoff:
     async def again(
         self,
         call: Call,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamReply,
         error_type: str | None,
         budget: RetryBudget,
         sent: float,
@@ -159,7 +160,7 @@ def _deadline(call: Call) -> float:
     return call.started + (wl.deadline_seconds if wl else 60.0)
 
 
-async def _drain(upstream: aiohttp.ClientResponse) -> None:
+async def _drain(upstream: UpstreamReply) -> None:
     """Read an answer that may be retried: its connection goes back to the pool at the end
     of the body, and ``read()`` returns the body again if it is the answer after all (never
     ``release()`` it: a released response's ``read()`` raises)."""

@@ -14,7 +14,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.admission.estimate import parse_body
 from proxy.admission.gate import retry_headers
@@ -33,6 +32,7 @@ from proxy.pipeline.tier_quota import TierQuotas
 from proxy.pipeline.tiers import TIER_HEADER, apply_tier
 from proxy.routes import Route
 from proxy.upstream import KEEPALIVE_S, Upstream, returnable
+from proxy.upstream_http import UpstreamReply
 from proxy.usage import StreamUsage, from_body, from_headers
 
 log = logging.getLogger("sluice.request")
@@ -122,7 +122,7 @@ class Forwarder:
 
     async def _send_with_retries(
         self, request: web.Request, call: Call, route: Route
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamReply:
         """Send upstream; retry throttles and 503s while the caller's deadline and budget allow
         (only before any byte reaches the caller: never half a stream, then a second one)."""
         pool = call.pool.name if call.pool else "-"
@@ -203,7 +203,7 @@ class Forwarder:
         self,
         request: web.Request,
         call: Call,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamReply,
         sent: float,
     ) -> web.StreamResponse:
         # The headers go straight into the response's own: a held stream keeps one copy.
@@ -241,7 +241,7 @@ class Forwarder:
     async def _end_stream(
         self,
         call: Call,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamReply,
         response: web.StreamResponse,
         exc: BaseException,
     ) -> None:
@@ -257,7 +257,7 @@ class Forwarder:
             await response.write(exception_frame(kind, _stream_failure(exc)))
             await response.write_eof()
 
-    async def _read_upstream(self, upstream: aiohttp.ClientResponse) -> bytes | Refused:
+    async def _read_upstream(self, upstream: UpstreamReply) -> bytes | Refused:
         try:
             return await upstream.read()
         except TimeoutError:
@@ -279,7 +279,7 @@ class Forwarder:
                 )
             )
 
-    def _client_left(self, call: Call, upstream: aiohttp.ClientResponse) -> None:
+    def _client_left(self, call: Call, upstream: UpstreamReply) -> None:
         call.disconnected = True
         call.status = 499
         if call.pool is not None:
@@ -289,25 +289,12 @@ class Forwarder:
         upstream.close()
 
 
-#: What a held stream's upstream response keeps instead of headers it has passed on.
-_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
-
-
-def _release_request(request: web.Request, call: Call, upstream: aiohttp.ClientResponse) -> None:
+def _release_request(request: web.Request, call: Call, upstream: UpstreamReply) -> None:
     """Let go of what a held stream would keep for its whole life but never reads again once
     its answer streams (no retry or fallback follows the first byte; usage comes from the
-    events): ~0.9 KB a stream against the simulator (more against Bedrock), plus the body.
-
-    * the body: ``call.body`` and the copy aiohttp caches for ``request.read()`` (often tens
-      of KB of conversation);
-    * the signed headers aiohttp keeps in ``upstream.request_info`` (the SigV4
-      ``Authorization``; read only by ``raise_for_status``, never here);
-    * the upstream's response headers, parsed and raw: in the caller's response already.
+    events): the body, ``call.body`` and the copy aiohttp caches for ``request.read()`` (often
+    tens of KB of conversation), and the upstream's headers, in the caller's response already.
     """
     call.body = b""
     request._read_bytes = None
-    info = upstream._request_info
-    upstream._request_info = aiohttp.RequestInfo(info.url, info.method, _NO_HEADERS, info.real_url)
-    upstream._headers = _NO_HEADERS
-    upstream._raw_headers = ()
-    upstream._cache.pop("headers", None)  # reify's copy of the parsed headers
+    upstream.forget_headers()
