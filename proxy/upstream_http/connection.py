@@ -43,6 +43,7 @@ class Connection(asyncio.Protocol):
         "_unparsed",
         "got_bytes",
         "idle_since",
+        "loop",
         "parser",
         "pool",
         "read_timeout_s",
@@ -52,6 +53,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         # As lenient as aiohttp's own response parser (a bare LF, spaces after a chunk size).
@@ -82,10 +84,15 @@ class Connection(asyncio.Protocol):
         return None if ref is None else ref()
 
     def _dropped(self, ref: weakref.ref[UpstreamReply]) -> None:
-        if ref is self._reply_ref:
+        # The collector may run in any thread (botocore's, a to_thread): hand over to the
+        # loop's, which alone may touch the transport and the pool.
+        with contextlib.suppress(RuntimeError):  # the loop is closed: so is the socket
+            self.loop.call_soon_threadsafe(self._orphaned, ref)
+
+    def _orphaned(self, ref: weakref.ref[UpstreamReply]) -> None:
+        if ref is self._reply_ref:  # (not an answer since ended, or a later request's)
             self._reply_ref = None
-            with contextlib.suppress(RuntimeError):  # the loop is closed: so is the socket
-                self.abort()
+            self.abort()
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -161,7 +168,8 @@ class Connection(asyncio.Protocol):
             return
         headers = CIMultiDict(self._raw)
         self._raw = []
-        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        codings = headers.getall("transfer-encoding", ())  # (one header or several lines)
+        chunked = any("chunked" in coding.lower() for coding in codings)
         self._framed = chunked or "content-length" in headers
         reply = UpstreamReply(self, status, headers)
         self._reply_ref = weakref.ref(reply, self._dropped)

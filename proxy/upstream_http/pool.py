@@ -129,6 +129,7 @@ class UpstreamPool:
             raise aiohttp.ClientConnectionError("the upstream pool is closed")
         loop = asyncio.get_running_loop()
         address = f"{self.host}:{self.port}"
+        infos = None
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 infos = await self._resolver.addresses()
@@ -149,7 +150,12 @@ class UpstreamPool:
                 )
         except TimeoutError:
             # Unreachable, not slow: a 503 the caller may retry, never a model timeout.
-            why = TimeoutError(errno.ETIMEDOUT, f"no connection within {self._connect_timeout_s} s")
+            within = f"within {self._connect_timeout_s} s"
+            if infos is None:
+                why = TimeoutError(errno.ETIMEDOUT, f"no DNS answer for {self.host} {within}")
+            else:
+                self._resolver.failed()  # its addresses may have moved: look up again
+                why = TimeoutError(errno.ETIMEDOUT, f"no connection {within}")
             raise UpstreamConnectError(address, why) from None
         except OSError as exc:  # refused, unreachable, DNS (gaierror), TLS (SSLError)
             raise UpstreamConnectError(address, exc) from None

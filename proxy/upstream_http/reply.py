@@ -33,7 +33,9 @@ class UpstreamConnectError(aiohttp.ClientConnectionError):
         """Why, in words: "Connection refused", "Name or service not known", a TLS
         verification failure (asyncio's own text for a refusal names only the address)."""
         err = self.os_error
-        if isinstance(err, ssl.SSLError | socket.gaierror) or not err.errno or err.errno < 0:
+        if isinstance(err, ssl.SSLError | socket.gaierror | TimeoutError):
+            return err.strerror or str(err)
+        if not err.errno or err.errno < 0:
             return err.strerror or str(err)
         return os.strerror(err.errno)
 
@@ -140,7 +142,8 @@ class UpstreamReply:
             self._abandon(exc)
             raise
         if self._error is not None:
-            raise self._error
+            # (the traceback dropped: a re-read would grow it, holding the frames' parts)
+            raise self._error.with_traceback(None)
         self._body = parts[0] if len(parts) == 1 else b"".join(parts)
         return self._body
 
@@ -161,7 +164,7 @@ class UpstreamReply:
             self._abandon(exc)
             raise
         if self._error is not None:
-            raise self._error
+            raise self._error.with_traceback(None)
 
     def _abandon(self, exc: BaseException) -> None:
         """A read failed or was cancelled: drop the connection, and have a later read raise

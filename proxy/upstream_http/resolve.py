@@ -31,27 +31,37 @@ class Resolver:
         self._until = 0.0  # when the next lookup is due (monotonic)
         self._error: OSError | None = None
         self._turn = 0
+        self._suspect = False  # the known addresses all failed: wait for the next lookup
         self._lookup: asyncio.Future[None] | None = None
 
     async def addresses(self) -> list[AddrInfo]:
-        """The addresses, the next one first each call."""
+        """The addresses, the next one first each call. Once some are known a refresh runs
+        in the background: a slow resolver never holds a connection up."""
         if time.monotonic() >= self._until:
             if self._lookup is None or self._lookup.done():
                 self._lookup = asyncio.ensure_future(self._refresh())
-            # shield: one waiter's cancellation must not cancel the lookup the others share
-            await asyncio.shield(self._lookup)
+            if not self._infos or self._suspect:
+                # shield: one waiter's cancellation must not cancel the shared lookup
+                await asyncio.shield(self._lookup)
         if not self._infos:
             assert self._error is not None
-            raise self._error
+            # (the traceback dropped: each raise would grow the cached error's)
+            raise self._error.with_traceback(None)
         infos, turn = self._infos, self._turn % len(self._infos)
         self._turn += 1
         return infos[turn:] + infos[:turn]
 
     def failed(self) -> None:
-        """Every address failed to connect: look the host up again on the next connection."""
-        self._until = 0.0
+        """Every address failed to connect: the next connection waits for a new lookup."""
+        self._until, self._suspect = 0.0, True
 
     async def _refresh(self) -> None:
+        try:
+            await self._look_up()
+        finally:
+            self._suspect = False  # one lookup answers the doubt, whatever it finds
+
+    async def _look_up(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             found = await loop.getaddrinfo(

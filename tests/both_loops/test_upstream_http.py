@@ -10,7 +10,8 @@ import itertools
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -629,7 +630,31 @@ async def test_a_reply_dropped_unreleased_closes_its_connection(
     await pool.close()
 
 
-def _dead_listener() -> tuple[socket.socket, list[socket.socket]]:
+def _resolving(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch, answer: Callable[[], Any]
+) -> list[str]:
+    """Have ``upstream.test`` resolve to ``answer()`` (awaited if a coroutine); returns the
+    list of lookups made."""
+    lookups: list[str] = []
+    lookup = loop.getaddrinfo
+
+    async def patched(host: Any, *args: Any, **kw: Any) -> Any:
+        if host != "upstream.test":
+            return await lookup(host, *args, **kw)
+        lookups.append(host)
+        got = answer()
+        return await got if asyncio.iscoroutine(got) else got
+
+    monkeypatch.setattr(loop, "getaddrinfo", patched)
+    return lookups
+
+
+def _info(address: tuple[str, int]) -> Any:
+    return (socket.AF_INET, socket.SOCK_STREAM, 6, "", address)
+
+
+@pytest.fixture
+def dead_address() -> Iterator[tuple[str, int]]:
     """A port whose accept queue is full: its SYNs go unanswered, like a dead address."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -641,33 +666,20 @@ def _dead_listener() -> tuple[socket.socket, list[socket.socket]]:
         with contextlib.suppress(BlockingIOError):
             s.connect(listener.getsockname())
         fillers.append(s)
-    return listener, fillers
+    yield listener.getsockname()
+    listener.close()
+    for s in fillers:
+        s.close()
 
 
 async def test_a_dead_address_costs_a_connection_its_happy_eyeballs_delay_not_a_failure(
-    serve: Callable[[Script], Awaitable[RawServer]], monkeypatch: pytest.MonkeyPatch
+    serve_pool: ServePool, monkeypatch: pytest.MonkeyPatch, dead_address: tuple[str, int]
 ) -> None:
-    script = _answers(_answer(b"ok"))
-
-    raw = await serve(script)
+    raw, _ = await serve_pool(_answers(_answer(b"ok")))
     port = int(raw.url.rsplit(":", 1)[1])
-    listener, fillers = _dead_listener()
-    dead = listener.getsockname()
     loop = asyncio.get_running_loop()
-    lookup = loop.getaddrinfo
-
-    async def two_addresses(host: Any, *args: Any, **kw: Any) -> Any:
-        if host != "upstream.test":
-            return await lookup(host, *args, **kw)
-        # The dead one first; both on the port asked for (the dead one's port differs, so
-        # "connected to it" shows in which port the server saw)
-        tcp = socket.SOCK_STREAM
-        return [
-            (socket.AF_INET, tcp, 6, "", (dead[0], dead[1])),
-            (socket.AF_INET, tcp, 6, "", ("127.0.0.1", port)),
-        ]
-
-    monkeypatch.setattr(loop, "getaddrinfo", two_addresses)
+    # The dead address first, then the live one.
+    _resolving(loop, monkeypatch, lambda: [_info(dead_address), _info(("127.0.0.1", port))])
     pool = UpstreamPool(f"http://upstream.test:{port}", connect_timeout_s=3, keepalive_s=30)
     try:
         started = loop.time()
@@ -685,9 +697,6 @@ async def test_a_dead_address_costs_a_connection_its_happy_eyeballs_delay_not_a_
         assert raw.connections == 2
     finally:
         await pool.close()
-        listener.close()
-        for s in fillers:
-            s.close()
 
 
 async def test_closing_the_pool_while_a_request_connects_sends_nothing(
@@ -753,3 +762,101 @@ async def test_an_unframed_answer_cut_by_a_reset_is_an_error(
     reply = await pool.request("POST", "/", HEADERS, b"", 5.0)
     with pytest.raises(aiohttp.ClientError):
         await reply.read()  # a reset is no answer's end
+
+
+async def test_a_connect_timeout_names_itself_and_looks_the_host_up_again(
+    serve_pool: ServePool, monkeypatch: pytest.MonkeyPatch, dead_address: tuple[str, int]
+) -> None:
+    raw, _ = await serve_pool(_answers(_answer(b"ok")))
+    live = ("127.0.0.1", int(raw.url.rsplit(":", 1)[1]))
+    where = [dead_address]  # the host's one address: dead, then moved
+    lookups = _resolving(asyncio.get_running_loop(), monkeypatch, lambda: [_info(where[0])])
+    pool = UpstreamPool(f"http://upstream.test:{live[1]}", connect_timeout_s=0.5, keepalive_s=30)
+    try:
+        with pytest.raises(UpstreamConnectError) as got:
+            await pool.request("POST", "/", HEADERS, b"", 5.0)
+        assert got.value.reason == "no connection within 0.5 s"
+        where[0] = live  # the address moved: the next connection asks again at once
+        reply = await pool.request("POST", "/", HEADERS, b"", 5.0)
+        assert await reply.read() == b"ok"
+        assert len(lookups) == 2
+    finally:
+        await pool.close()
+
+
+async def test_a_slow_dns_refresh_holds_no_connection_up(
+    serve_pool: ServePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.upstream_http import resolve
+
+    raw, _ = await serve_pool(_answers(_answer(b"ok")))
+    live = ("127.0.0.1", int(raw.url.rsplit(":", 1)[1]))
+    slow = [False]
+
+    async def answer() -> list[Any]:
+        if slow[0]:
+            await asyncio.sleep(3.0)  # a resolver that stopped answering
+        return [_info(live)]
+
+    lookups = _resolving(asyncio.get_running_loop(), monkeypatch, answer)
+    monkeypatch.setattr(resolve, "DNS_TTL_S", 0.1)
+    pool = UpstreamPool(f"http://upstream.test:{live[1]}", connect_timeout_s=1.0, keepalive_s=30)
+    try:
+        first = await pool.request("POST", "/", HEADERS, b"", 5.0)
+        await asyncio.sleep(0.2)  # the answer expired; the next lookup hangs
+        slow[0] = True
+        second = await asyncio.gather(
+            *(pool.request("POST", "/", HEADERS, b"", 5.0) for _ in range(2))
+        )  # one reuses the first connection, one connects: on the addresses known
+        assert [await r.read() for r in (first, *second)] == [b"ok"] * 3
+        assert len(lookups) == 2
+    finally:
+        await pool.close()
+
+
+async def test_a_reply_collected_in_another_thread_still_closes_its_connection(
+    serve_pool: ServePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw, pool = await serve_pool(
+        _answers(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", hold=True)
+    )
+    threads: list[int] = []  # where the transport was touched: the loop's thread only
+    abort = Connection.abort
+
+    def recorded(conn: Connection) -> None:
+        threads.append(threading.get_ident())
+        abort(conn)
+
+    monkeypatch.setattr(Connection, "abort", recorded)
+    reply = await pool.request("POST", "/", HEADERS, b"", 5.0)
+    gc.collect()
+    gc.disable()  # so only the worker thread's collection can free the cycle below
+    try:
+        cycle: list[Any] = [reply]
+        cycle.append(cycle)
+        del reply, cycle
+        await asyncio.to_thread(gc.collect)  # botocore's or sqlite's thread, in production
+    finally:
+        gc.enable()
+    await _until(lambda: raw.closed == 1)
+    assert raw.closed == 1
+    assert pool.open == 0
+    assert threads and set(threads) == {threading.get_ident()}
+
+
+async def test_chunked_named_on_a_second_transfer_encoding_line_still_frames_the_answer(
+    serve_pool: ServePool,
+) -> None:
+    async def script(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> None:
+        w.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n"
+        )
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.close()  # a clean close before the last chunk: torn, not the answer's end
+
+    _, pool = await serve_pool(script)
+    reply = await pool.request("POST", "/", HEADERS, b"", 5.0)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await reply.read()
