@@ -171,7 +171,6 @@ def build_app(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         backend = await _open_backend(app, settings)
         upstream = app[UPSTREAM] = await _make_upstream(app, settings, region)
-        await upstream.start()
         gauge, pool = app[METRICS].upstream_connections, upstream.pool
         gauge.labels("idle").set_function(lambda: pool.idle)
         gauge.labels("busy").set_function(lambda: pool.open - pool.idle)

@@ -136,9 +136,6 @@ class Upstream:
         """The connections (for their counts)."""
         return self._pool
 
-    async def start(self) -> None:
-        """Nothing to open ahead: connections are made on first use and kept."""
-
     async def close(self) -> None:
         """Close the pool."""
         await self._pool.close()

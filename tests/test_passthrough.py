@@ -26,6 +26,7 @@ from tests.support.processes import (
     free_port,
     metric_value,
 )
+from tests.support.sockets import dead_address
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
@@ -417,3 +418,31 @@ async def test_upstream_connections_are_reused_and_counted(
     text = p.metrics()
     assert metric_value(text, "sluice_upstream_connections", state="idle") == 1
     assert metric_value(text, "sluice_upstream_connections", state="busy") == 0
+
+
+async def test_an_upstream_that_never_accepts_is_a_503_naming_the_connect_timeout(
+    make_sluice: Any,
+) -> None:
+    with dead_address() as (host, port):
+        policy = {"server": {"upstream_connect_timeout_seconds": 0.5},
+                  "identity": {"default_workload": "w"}, "workloads": {"w": {}}}  # fmt: skip
+        p = make_sluice(upstream=f"http://{host}:{port}", policy=policy)
+        got = await _post(p.url, f"/model/{HAIKU}/invoke", anthropic_body("x"))
+        _assert_error(*got, 503, "ServiceUnavailableException", "no connection within 0.5 s")
+
+
+async def test_an_upstream_answer_that_is_not_http_is_a_503_naming_it(make_sluice: Any) -> None:
+    async def garble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SMTP ready\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garble, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        p = make_sluice(upstream=f"http://127.0.0.1:{port}")
+        got = await _post(p.url, f"/model/{HAIKU}/invoke", anthropic_body("x"))
+        _assert_error(*got, 503, "ServiceUnavailableException", "bad answer from upstream")
+    finally:
+        server.close()

@@ -4,7 +4,6 @@ of connections whose answer ended cleanly; timeouts, cancellation, a torn or hos
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import itertools
 import socket
@@ -26,6 +25,7 @@ from proxy.upstream_http import UpstreamConnectError, UpstreamPool
 from proxy.upstream_http.connection import MAX_HEAD_BYTES, Connection
 from proxy.upstream_http.reply import HIGH_WATER
 from tests.support.processes import TLSFiles
+from tests.support.sockets import dead_address
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[None]]
 ServePool = Callable[[Script], Awaitable[tuple["RawServer", UpstreamPool]]]
@@ -42,10 +42,13 @@ class RawServer:
     server: asyncio.Server | None = None
 
     @property
-    def url(self) -> str:
+    def port(self) -> int:
         assert self.server is not None
-        port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        return int(self.server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -653,34 +656,21 @@ def _info(address: tuple[str, int]) -> Any:
     return (socket.AF_INET, socket.SOCK_STREAM, 6, "", address)
 
 
-@pytest.fixture
-def dead_address() -> Iterator[tuple[str, int]]:
-    """A port whose accept queue is full: its SYNs go unanswered, like a dead address."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    fillers = []
-    for _ in range(4):
-        s = socket.socket()
-        s.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            s.connect(listener.getsockname())
-        fillers.append(s)
-    yield listener.getsockname()
-    listener.close()
-    for s in fillers:
-        s.close()
+@pytest.fixture(name="dead_address")
+def _dead_address() -> Iterator[tuple[str, int]]:
+    with dead_address() as address:
+        yield address
 
 
 async def test_a_dead_address_costs_a_connection_its_happy_eyeballs_delay_not_a_failure(
     serve_pool: ServePool, monkeypatch: pytest.MonkeyPatch, dead_address: tuple[str, int]
 ) -> None:
     raw, _ = await serve_pool(_answers(_answer(b"ok")))
-    port = int(raw.url.rsplit(":", 1)[1])
+    port = raw.port
     loop = asyncio.get_running_loop()
     # The dead address first, then the live one.
     _resolving(loop, monkeypatch, lambda: [_info(dead_address), _info(("127.0.0.1", port))])
-    pool = UpstreamPool(f"http://upstream.test:{port}", connect_timeout_s=3, keepalive_s=30)
+    pool = _pool(f"http://upstream.test:{port}", connect=3)
     try:
         started = loop.time()
         first = await pool.request("POST", "/", HEADERS, b"", 5.0)
@@ -768,10 +758,10 @@ async def test_a_connect_timeout_names_itself_and_looks_the_host_up_again(
     serve_pool: ServePool, monkeypatch: pytest.MonkeyPatch, dead_address: tuple[str, int]
 ) -> None:
     raw, _ = await serve_pool(_answers(_answer(b"ok")))
-    live = ("127.0.0.1", int(raw.url.rsplit(":", 1)[1]))
+    live = ("127.0.0.1", raw.port)
     where = [dead_address]  # the host's one address: dead, then moved
     lookups = _resolving(asyncio.get_running_loop(), monkeypatch, lambda: [_info(where[0])])
-    pool = UpstreamPool(f"http://upstream.test:{live[1]}", connect_timeout_s=0.5, keepalive_s=30)
+    pool = _pool(f"http://upstream.test:{live[1]}", connect=0.5)
     try:
         with pytest.raises(UpstreamConnectError) as got:
             await pool.request("POST", "/", HEADERS, b"", 5.0)
@@ -790,7 +780,7 @@ async def test_a_slow_dns_refresh_holds_no_connection_up(
     from proxy.upstream_http import resolve
 
     raw, _ = await serve_pool(_answers(_answer(b"ok")))
-    live = ("127.0.0.1", int(raw.url.rsplit(":", 1)[1]))
+    live = ("127.0.0.1", raw.port)
     slow = [False]
 
     async def answer() -> list[Any]:
@@ -800,7 +790,7 @@ async def test_a_slow_dns_refresh_holds_no_connection_up(
 
     lookups = _resolving(asyncio.get_running_loop(), monkeypatch, answer)
     monkeypatch.setattr(resolve, "DNS_TTL_S", 0.1)
-    pool = UpstreamPool(f"http://upstream.test:{live[1]}", connect_timeout_s=1.0, keepalive_s=30)
+    pool = _pool(f"http://upstream.test:{live[1]}", connect=1.0)
     try:
         first = await pool.request("POST", "/", HEADERS, b"", 5.0)
         await asyncio.sleep(0.2)  # the answer expired; the next lookup hangs
