@@ -142,6 +142,13 @@ SYSTEMS: dict[str, SystemSpec] = {
             needs_redis=True,
             env=AWS_ENV,
         ),
+        SystemSpec(
+            "sluice+redis-ahead",
+            "sluice+redis with server.grants_ahead: 2 (bench/policies/quotas-ahead.yaml)",
+            _sluice(POLICIES / "quotas-ahead.yaml", redis=True),
+            needs_redis=True,
+            env=AWS_ENV,
+        ),
         *(_old_tree_systems(Path(_OLD)) if _OLD else ()),
     )
 }

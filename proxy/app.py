@@ -200,8 +200,11 @@ def build_app(
 
 async def _open_backend(app: web.Application, settings: Settings) -> Backend:
     """The one Backend of this process (app[BACKEND]; its store is also app[STORE])."""
-    timeout_s = app[POLICY].policy.server.store_timeout_ms / 1000
-    backend = app[BACKEND] = Backend.open(settings.redis_url, app[METRICS], timeout_s)
+    server = app[POLICY].policy.server
+    timeout_s = server.store_timeout_ms / 1000
+    backend = app[BACKEND] = Backend.open(
+        settings.redis_url, app[METRICS], timeout_s, server.grants_ahead
+    )
     app[STORE] = backend.store
     await backend.start()
     return backend

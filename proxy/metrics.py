@@ -137,6 +137,14 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.grants_ahead = Counter(
+            "sluice_grants_ahead",
+            "Grants held ahead of demand (Redis store, server.grants_ahead), by what became of "
+            "them: kept, used by a request, returned unused, declined (granted during "
+            "contention, given back at once), refused by Redis, lost (the ask failed).",
+            ["outcome"],
+            registry=r,
+        )
         self.fail_open = Counter(
             "sluice_fail_open",
             "Requests admitted without a store decision because the store failed.",

@@ -263,6 +263,7 @@ class CompiledPolicy:
             lease_ttl_ms=self.lease_ttl_ms,
             rank=self.ranks[priority],
             tier=tier,
+            hold_ahead=pool_cfg is None or pool_cfg.adaptive is None,
         )
 
     def unmetered(self, plan: AdmitPlan) -> bool:

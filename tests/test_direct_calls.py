@@ -159,11 +159,17 @@ async def test_a_reply_that_times_out_is_never_sent_again_nor_read_by_the_next_c
     admin = Redis.from_url(server.url)
     try:
         async with _direct_on(server.url + "?socket_timeout=0.3") as (client, direct):
-            busy_incr = "local i = 0 while i < tonumber(ARGV[1]) do i = i + 1 end"
-            incr = await client.script_load(busy_incr + " return redis.call('INCR', KEYS[1])")
+            # Busy for ARGV[1] ms by Redis's own clock, however fast this machine is (a loop
+            # of fixed length finished inside the timeout on a fast one).
+            busy = (
+                "local function ms() local t = redis.call('TIME')"
+                " return t[1] * 1000 + t[2] / 1000 end"
+                " local stop = ms() + tonumber(ARGV[1]) while ms() < stop do end"
+            )
+            incr = await client.script_load(busy + " return redis.call('INCR', KEYS[1])")
             echo = await client.script_load(ECHO)
             with pytest.raises(RedisTimeoutError):
-                await direct.evalsha(incr, ["n"], [3_000_000])  # ~0.7 s of work: no reply in time
+                await direct.evalsha(incr, ["n"], [700])  # 0.7 s of work: no reply in time
             await asyncio.sleep(1.5)  # it has run (once) and its reply arrived, for nobody
             assert await direct.evalsha(echo, ["k"], ["b", "c"]) == [b"k", b"b", b"c"]
             assert await admin.get("n") == b"1"

@@ -145,3 +145,19 @@ def make_decision(
         None if rem_tok == math.inf else max(0, math.floor(rem_tok + EPS)),
         tight and code == 0,
     )
+
+
+def roomy(plan: AdmitPlan, s: Snapshot, tokens: int, more: int) -> bool:
+    """True when every limit of ``plan`` in ``s`` keeps at least half of its capacity free
+    after ``more`` further grants of ``tokens`` each (see :mod:`proxy.backend.ahead`).
+
+    Capacity is a bucket's burst (its class's part of it) or a concurrency limit; a
+    limit in debt or at zero is never roomy.
+    """
+    for code, _quota, remaining, fraction, _reset in _candidates(plan, s):
+        if fraction <= 0.0:
+            return False
+        cost = tokens if code % 3 == 2 else 1
+        if remaining - more * cost < 0.5 * (remaining / fraction):
+            return False
+    return True

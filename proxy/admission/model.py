@@ -135,6 +135,10 @@ class AdmitPlan:
     rank: int = 0
     #: The service tier whose own quota the pool limits are (None: the pool's own quota).
     tier: str | None = None
+    #: Grants may be held ahead of demand for this plan (:mod:`proxy.backend.ahead`). False
+    #: on a pool with adaptive concurrency (its control law and throttle reflex read its
+    #: in-flight count, which unused grants would inflate) and for a retry's slot-only plan.
+    hold_ahead: bool = True
     #: Where the pool-level state lives: :func:`scope_name` of pool and tier. Stores key
     #: everything (buckets, leases, waiters, batches) by scope, so a tier's own quota is
     #: decided by the same one atomic script, apart from the pool's.

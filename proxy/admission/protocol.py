@@ -60,6 +60,10 @@ class Store(Protocol):
     async def ping(self) -> bool:
         """True when the store answers within its timeout (readiness)."""
 
+    def shed_ahead(self, pool: str) -> None:
+        """Give back at once every grant held ahead of demand on ``pool`` (a sign of
+        contention there: a throttle, say); a store that holds none does nothing."""
+
     async def set_pool_limit(self, pool: str, limit: int | None) -> None:
         """Set the pool's dynamic concurrency limit (``None`` clears it) for every instance."""
 

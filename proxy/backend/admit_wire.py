@@ -19,21 +19,35 @@ from proxy.backend.runner import Arg
 MAX_BATCH: Final = 256
 #: Integers the admit script returns per request.
 STRIDE: Final = 11
-#: A queued admit: plan, tokens, lease id, waiter ticket, the caller's future.
-Admit = tuple[AdmitPlan, int, str, WaitTicket | None, "asyncio.Future[Decision]"]
-#: A queued settle: plan, lease id, tokens to give back.
-Settle = tuple[AdmitPlan, str, int]
+#: A queued admit: plan, tokens, lease id, waiter ticket, the caller's future (None: a
+#: grant asked for ahead of demand, see :mod:`.ahead`).
+Admit = tuple[AdmitPlan, int, str, WaitTicket | None, "asyncio.Future[Decision] | None"]
+#: A queued settle: plan, lease id, tokens to give back, requests to give back (1 for an
+#: unused grant ahead, else 0).
+Settle = tuple[AdmitPlan, str, int, int]
 Call = tuple[list[str], list[Arg]]
 
 
 class Queue:
     """Pending work of one pool, with a flag per kind: a call is in flight or scheduled."""
 
-    __slots__ = ("admit_busy", "admits", "confirms", "keys", "settle_busy", "settles", "withdraws")
+    __slots__ = (
+        "admit_busy",
+        "admits",
+        "ahead",
+        "confirms",
+        "keys",
+        "settle_busy",
+        "settles",
+        "withdraws",
+    )
 
     def __init__(self, pool: str) -> None:
         self.keys = plan_keys(pool, "")
         self.admits: list[Admit] = []
+        #: Grants asked for ahead of demand: they go out behind every request queued with
+        #: them, so a grant nobody uses yet never takes the room a request needed.
+        self.ahead: list[Admit] = []
         self.settles: list[Settle] = []
         #: Callers waiting for the settles queued so far to land (see ``confirm``).
         self.confirms: list[asyncio.Future[None]] = []
@@ -81,18 +95,19 @@ def granted(res: list[int]) -> int:
 def settle_call(q: Queue, batch: list[Settle], gone: list[str]) -> Call:
     """``settle.lua``'s KEYS and ARGV: refunds and leases grouped per plan, withdrawn waiters."""
     groups: dict[int, tuple[AdmitPlan, list[int], list[str]]] = {}
-    for plan, lease, amount in batch:
+    for plan, lease, amount, back in batch:
         g = groups.get(id(plan))
         if g is None:
-            g = groups[id(plan)] = (plan, [0], [])
+            g = groups[id(plan)] = (plan, [0, 0], [])
         g[1][0] += amount
+        g[1][1] += back
         g[2].append(lease)
     k = q.keys
     keys = [k.pool, k.pool_leases, k.waiters, k.waiters_exp]
     args: list[Arg] = [len(groups), k.channel, len(gone), *gone]
     for plan, total, leases in groups.values():
         keys.append(plan.keys.workload_leases)
-        args += (plan.arg, plan.workload, total[0], len(leases), *leases)
+        args += (plan.arg, plan.workload, total[0], total[1], len(leases), *leases)
     return keys, args
 
 

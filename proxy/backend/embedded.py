@@ -265,6 +265,9 @@ class EmbeddedStore:
         """Always ready."""
         return True
 
+    def shed_ahead(self, pool: str) -> None:
+        """Nothing to give back: this store decides in-process, with no grant held ahead."""
+
     async def set_pool_limit(self, pool: str, limit: int | None) -> None:
         """Set or clear the dynamic concurrency limit."""
         self._pool(pool).dyn = limit

@@ -6,6 +6,8 @@ Round trips are the cost (see ``/work/shared/baselines.md``), so requests are co
   ``admit.lua``; while that call is in flight, new arrivals queue and go out together as
   soon as it returns (group commit: at most one admit call in flight per pool);
 * settles are never awaited by the request path: they queue and go out the same way;
+* while a plan is far from its limits, a few grants are taken ahead of demand, so most
+  requests are admitted with no round trip on their path (:mod:`.ahead`);
 * the heartbeat extends all of this instance's leases of a pool in one call per TTL/3;
 * waiting (:meth:`RedisStore.admit_waiting`) costs no extra call: a waiter's attempts
   ride in the admit batches (the script enlists it in the pool's queue), its withdrawal
@@ -30,10 +32,12 @@ import socket
 from functools import partial
 from typing import Any, Final
 
-from proxy.admission.decision import make_decision
+from proxy.admission.decision import Snapshot, make_decision
 from proxy.admission.leases import Group, LeaseBook
 from proxy.admission.model import (
+    WAIT_LOCAL,
     WAIT_NO,
+    WL_CONC,
     AdmitPlan,
     Decision,
     plan_keys,
@@ -53,6 +57,7 @@ from proxy.backend.admit_wire import (
     settle_call,
     snapshot_at,
 )
+from proxy.backend.ahead import Ahead, AheadDesk
 from proxy.backend.client import FAILURES, redis_client
 from proxy.backend.runner import ScriptRunner, event, why
 from proxy.backend.wakeups import WakeListener
@@ -60,6 +65,12 @@ from proxy.metrics import Metrics
 from proxy.tasks import stop_tasks
 
 log = logging.getLogger("proxy.admission")
+
+
+def _first_try(ticket: WaitTicket | None) -> bool:
+    """A request's first attempt (it may wait if refused, but has not been refused yet)."""
+    return ticket is None or (ticket.arrival == 0 and not ticket.listed)
+
 
 _SCRIPT_NAMES: Final = ("admit", "settle", "extend", "stats")
 
@@ -77,13 +88,19 @@ class RedisStore:
         wait_metrics: WaitMetrics | None = None,
         max_waiters: int = 1000,
         wait_safety_s: float = 2.0,
+        ahead: Ahead | None = None,
     ) -> None:
         """``max_waiters`` bounds the waiters per pool on this instance; ``wait_safety_s``
-        is the mean interval at which a waiter re-checks without a wake-up message."""
+        is the mean interval at which a waiter re-checks without a wake-up message;
+        ``ahead`` holds grants taken ahead of demand (None: every request asks Redis)."""
         self._client = redis_client(url, timeout_s)
         self._timeout = timeout_s
         self._runner = ScriptRunner(self._client, _SCRIPT_NAMES, timeout_s, log)
         metrics = metrics or Metrics()
+        self._desk = None if ahead is None else AheadDesk(ahead, metrics, self._ask, self._give)
+        #: Tokens a request's grant ahead reserved beyond its own estimate, by lease: its
+        #: settle gives them back too.
+        self._extra: dict[str, int] = {}
         self._errors = {
             op: metrics.store_errors.labels(operation=op)
             for op in ("admit", "settle", "heartbeat", "control", "wakeup")
@@ -134,6 +151,11 @@ class RedisStore:
         """Apply queued settles, stop the heartbeat, close the connections."""
         if self._closed:
             return
+        desk, self._desk = self._desk, None  # grants answered from now on go straight back
+        if desk is not None:
+            desk.close()
+            for q in self._queues.values():
+                q.ahead.clear()  # not sent yet: nothing was debited
         await self.flush()
         self._closed = True
         if self._heartbeat is not None:
@@ -175,6 +197,10 @@ class RedisStore:
         loop = self._loop
         if loop is None or self._closed:
             raise StoreUnavailable("store is not started" if loop is None else "store is closed")
+        if self._desk is not None:
+            held = self._from_ahead(plan, tokens, ticket)
+            if held is not None:
+                return held
         q = self._queues.get(plan.scope) or self._queue(plan.scope)
         fut: asyncio.Future[Decision] = loop.create_future()
         q.admits.append((plan, tokens, self._lease_prefix + str(next(self._seq)), ticket, fut))
@@ -194,11 +220,15 @@ class RedisStore:
             raise
 
     def _send_admits(self, q: Queue) -> None:
-        if not q.admits:
+        if not q.admits and not q.ahead:
             q.admit_busy = False
             return
         batch = q.admits[:MAX_BATCH]
         del q.admits[:MAX_BATCH]
+        if q.ahead and len(batch) < MAX_BATCH:
+            room = MAX_BATCH - len(batch)
+            batch += q.ahead[:room]
+            del q.ahead[:room]
         self._spawn(self._admit_batch(q, batch))
 
     async def _admit_batch(self, q: Queue, batch: list[Admit]) -> None:
@@ -208,9 +238,13 @@ class RedisStore:
                 "admit", keys, args, late=partial(self._admitted_late, batch)
             )
         except StoreUnavailable as exc:
-            self._failed("admit", batch[0][0].scope, exc, len(batch), requests=len(batch))
-            for *_, fut in batch:
-                if not fut.done():
+            asked = sum(1 for *_, fut in batch if fut is not None)
+            self._failed("admit", batch[0][0].scope, exc, asked, requests=asked)
+            for plan, *_, fut in batch:
+                if fut is None:
+                    if self._desk is not None:
+                        self._desk.lost(plan)
+                elif not fut.done():
                     fut.set_exception(exc)
         else:
             self._deliver(batch, res)
@@ -225,13 +259,20 @@ class RedisStore:
         event(
             log, logging.WARNING, "store_late_admit", pool=batch[0][0].pool, released=granted(res)
         )
-        self._deliver(batch, res)
+        self._deliver(batch, res, late=True)
 
-    def _deliver(self, batch: list[Admit], res: list[int]) -> None:
+    def _deliver(self, batch: list[Admit], res: list[int], late: bool = False) -> None:
+        """Answer each request of ``batch`` from the script's reply ``res``; ``late``: the
+        batch timed out (its callers were answered, its grants ahead counted as lost)."""
         b = 0
         for plan, tokens, lease, ticket, fut in batch:
             code = res[b]
-            decision = make_decision(plan, code, res[b + 1], lease, snapshot_at(res, b))
+            snap = snapshot_at(res, b)
+            if fut is None:  # asked for ahead of demand
+                b += STRIDE
+                self._answered_ahead(plan, tokens, lease, code, snap, late)
+                continue
+            decision = make_decision(plan, code, res[b + 1], lease, snap)
             if ticket is not None:
                 ticket.verdict, arrival = res[b + 9], res[b + 10]
                 ticket.arrival = arrival or ticket.arrival
@@ -245,8 +286,62 @@ class RedisStore:
                     # The caller was cancelled while we decided: give the slot straight back.
                     self.settle(plan, lease, tokens, 0)
                     continue
+                if self._desk is not None and _first_try(ticket):
+                    self._desk.granted(plan, tokens, snap)
+            elif self._desk is not None:
+                self._desk.refused(plan, code)  # near a limit: nothing may sit held ahead
             if not fut.done():
                 fut.set_result(decision)
+
+    # --- grants ahead of demand (see proxy.backend.ahead) ------------------------------
+
+    def _from_ahead(
+        self, plan: AdmitPlan, tokens: int, ticket: WaitTicket | None
+    ) -> Decision | None:
+        """A grant held ahead for a first attempt; a waiter's later attempt sheds instead."""
+        assert self._desk is not None
+        if _first_try(ticket):
+            spare = self._desk.use(plan, tokens)
+            if spare is None:
+                return None
+            if spare.tokens > tokens:
+                self._extra[spare.lease] = spare.tokens - tokens
+            return spare.decision
+        if ticket is not None and ticket.verdict == WAIT_LOCAL:
+            self._desk.refused(plan, WL_CONC)  # waiting on its workload's own limit
+        else:  # someone waits for room in the pool: nothing may sit in an unused grant
+            self._desk.shed(plan.pool)
+        return None
+
+    def _ask(self, plan: AdmitPlan, tokens: int, n: int) -> None:
+        """Queue ``n`` admits of ``plan`` asked for ahead; they ride in the next batch."""
+        assert self._loop is not None
+        q = self._queues.get(plan.scope) or self._queue(plan.scope)
+        prefix = self._lease_prefix
+        q.ahead += [(plan, tokens, prefix + str(next(self._seq)), None, None) for _ in range(n)]
+        if not q.admit_busy:
+            q.admit_busy = True
+            self._loop.call_soon(self._send_admits, q)
+
+    def _answered_ahead(
+        self, plan: AdmitPlan, tokens: int, lease: str, code: int, snap: Snapshot, late: bool
+    ) -> None:
+        if code == 0:
+            self._book.add(plan, lease)
+        if self._desk is not None and not late:
+            self._desk.answered(plan, tokens, lease, code, snap)
+        elif code == 0:
+            # Closing, or the ask timed out and was counted lost: nothing holds it.
+            self._give(plan, lease, tokens)
+
+    def _give(self, plan: AdmitPlan, lease: str, tokens: int) -> None:
+        """Queue the settle that returns an unused grant ahead: lease, tokens and request."""
+        self._queue_settle(plan, lease, tokens, 1)
+
+    def shed_ahead(self, pool: str) -> None:
+        """See :meth:`Store.shed_ahead`."""
+        if self._desk is not None:
+            self._desk.shed(pool)
 
     # --- settle ------------------------------------------------------------------------
 
@@ -264,12 +359,20 @@ class RedisStore:
         With ``confirm``, the returned future is done once its batch has been applied (or
         failed): the caller can hold its answer until the slot is free fleet-wide.
         """
+        amount = reserved_tokens - actual_tokens
+        if self._extra:
+            amount += self._extra.pop(lease, 0)
+        return self._queue_settle(plan, lease, amount, 0, confirm)
+
+    def _queue_settle(
+        self, plan: AdmitPlan, lease: str, amount: int, back: int, confirm: bool = False
+    ) -> asyncio.Future[None] | None:
         self._book.remove(plan.scope, lease)
         if self._closed or self._loop is None:
             self._settle_lost(plan.scope, 1, "store is closed" if self._closed else "not started")
             return None
         q = self._queues.get(plan.scope) or self._queue(plan.scope)
-        q.settles.append((plan, lease, reserved_tokens - actual_tokens))
+        q.settles.append((plan, lease, amount, back))
         done = None
         if confirm:
             done = self._loop.create_future()
@@ -346,7 +449,7 @@ class RedisStore:
         gives its grant back with a settle, which this then waits for as well.
         """
         while any(
-            q.settles or q.withdraws or q.settle_busy or q.admits or q.admit_busy
+            q.settles or q.withdraws or q.settle_busy or q.admits or q.ahead or q.admit_busy
             for q in self._queues.values()
         ):
             if self._tasks:
@@ -396,8 +499,11 @@ class RedisStore:
         """See :meth:`Store.pool_stats`."""
         k = plan_keys(pool, "")
         r = await self._runner.run("stats", [k.pool, k.pool_leases], [])
+        # Grants this instance holds ahead are slots, not calls: they are counted apart.
+        ahead = self._desk.ahead.held(pool) if self._desk is not None else 0
         return {
-            "in_flight": float(r[1]),
+            "in_flight": float(max(0, r[1] - ahead)),
             "dynamic_limit": float(r[2]),
-            "held_here": float(self._book.count(pool)),
+            "held_here": float(max(0, self._book.count(pool) - ahead)),
+            "held_ahead": float(ahead),
         }

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from proxy.admission.protocol import Store, StoreUnavailable
 from proxy.admission.waiting import WaitMetrics
 from proxy.backend import BackendUnavailable
+from proxy.backend.ahead import Ahead
 from proxy.backend.cache import open_cache
 from proxy.backend.embedded import EmbeddedStore
 from proxy.backend.redis_store import RedisStore
@@ -36,6 +37,7 @@ def open_store(
     instance_id: str | None = None,
     timeout_s: float = 0.25,
     wait_metrics: WaitMetrics | None = None,
+    grants_ahead: int = 0,
 ) -> Store:
     """A :class:`RedisStore` for ``url`` (``redis://…`` or ``redis+cluster://…``), else embedded.
 
@@ -49,6 +51,7 @@ def open_store(
         instance_id=instance_id,
         timeout_s=timeout_s,
         wait_metrics=wait_metrics,
+        ahead=Ahead(grants_ahead) if grants_ahead > 0 else None,
     )
 
 
@@ -62,10 +65,16 @@ class Backend:
     cache: ResponseCache
 
     @classmethod
-    def open(cls, url: str | None, metrics: Metrics, timeout_s: float) -> Backend:
+    def open(
+        cls, url: str | None, metrics: Metrics, timeout_s: float, grants_ahead: int = 0
+    ) -> Backend:
         """Build (nothing connects yet: :meth:`start` inside the event loop)."""
         store = open_store(
-            url, metrics=metrics, timeout_s=timeout_s, wait_metrics=WaitMetrics(metrics.registry)
+            url,
+            metrics=metrics,
+            timeout_s=timeout_s,
+            wait_metrics=WaitMetrics(metrics.registry),
+            grants_ahead=grants_ahead,
         )
         return cls(url, store, open_cache(url, metrics=metrics, timeout_s=timeout_s))
 

@@ -79,6 +79,9 @@ class Server(Strict):
     upstream_connect_timeout_seconds: PositiveFloat = 5.0
     upstream_read_timeout_seconds: PositiveFloat = 300.0
     store_timeout_ms: PositiveInt = 250
+    #: Grants the Redis store holds ahead of demand per plan while every limit of the plan
+    #: is at least half free (0, the default: every request asks Redis). Read at start.
+    grants_ahead: Annotated[int, Field(ge=0, le=64)] = 0
     access_log: bool = True
     #: Where models not named in any pool go: "allow" (no pool limits) or "refuse".
     unknown_models: Literal["allow", "refuse"] = "allow"

@@ -180,7 +180,8 @@ class Admission:
         # The first grant paid the call's request, and its tokens settle when it ends: ask
         # for a slot only, so a retry never costs the caller's requests/min twice.
         slot = replace(plan, pool_requests=None, pool_tokens=None,
-                       workload_requests=None, workload_tokens=None)  # fmt: skip
+                       workload_requests=None, workload_tokens=None,
+                       hold_ahead=False)  # fmt: skip
         got = await self._take(call, caller, pool, slot, est, max_wait_ms)
         if got is not None:
             self._demand(call, got)

@@ -96,6 +96,9 @@ class Forwarder:
                 else upstream.headers.get(TIER_HEADER) or tier.tier or "default"
             )
             call.upstream_status = upstream.status
+            if upstream.status == 429 and call.pool is not None:
+                # Bedrock pushes back on this pool: give back the grants held ahead on it.
+                self.backoff.tiers.gate.store.shed_ahead(call.pool.name)
             if upstream.status == 429 and self._degradable(call, upstream.status):
                 pool = call.pool.name if call.pool else "-"
                 self.metrics.upstream_errors.labels(pool, "ThrottlingException").inc()

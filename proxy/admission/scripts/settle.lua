@@ -1,6 +1,7 @@
 -- settle.lua: settle a batch of finished requests of ONE pool.
 -- Mirrors model.refund: leases are dropped, (reserved - actual) tokens given back to the
 -- pool and workload token buckets (negative = extra debt; never above a full bucket).
+-- A grant taken ahead and never used (proxy/backend/ahead.py) gives its request back too.
 --
 -- Also withdraws waiters that stopped waiting, and PUBLISHes one wake-up on the pool's
 -- channel when anything was released while someone waits (no waiters: no message).
@@ -8,7 +9,8 @@
 -- KEYS: 1 pool hash, 2 pool leases zset, 3 waiters zset, 4 waiters expiry zset,
 --       4+i workload leases zset of group i
 -- ARGV: 1 number of groups g, 2 wake-up channel, 3 withdrawn waiters m, then m waiter ids,
---       then per group: packed params (<12d>), workload, refund tokens, lease count c, c ids
+--       then per group: packed params (<12d>), workload, refund tokens, refund requests,
+--       lease count c, c ids
 -- Returns the number of leases that were still held (the others had expired).
 
 local t = redis.call('TIME')
@@ -37,16 +39,17 @@ local j = 4 + m
 for i = 1, tonumber(ARGV[1]) do
   local p = { sunpack('<dddddddddddd', ARGV[j]) }
   local amount = tonumber(ARGV[j + 2])
-  local c = tonumber(ARGV[j + 3])
+  local back = tonumber(ARGV[j + 3])
+  local c = tonumber(ARGV[j + 4])
   if c > 0 then
-    local ids = { unpack(ARGV, j + 4, j + 3 + c) }
+    local ids = { unpack(ARGV, j + 5, j + 4 + c) }
     held = held + redis.call('ZREM', plk, unpack(ids))
     if p[11] >= 0 then redis.call('ZREM', KEYS[4 + i], unpack(ids)) end
   end
-  if amount ~= 0 and (p[5] > 0 or p[10] > 0) then
-    groups[#groups + 1] = { p = p, field = 'w:' .. ARGV[j + 1], amount = amount }
+  if (amount ~= 0 and (p[5] > 0 or p[10] > 0)) or (back > 0 and (p[3] > 0 or p[8] > 0)) then
+    groups[#groups + 1] = { p = p, field = 'w:' .. ARGV[j + 1], amount = amount, back = back }
   end
-  j = j + 4 + c
+  j = j + 5 + c
 end
 
 if #groups > 0 then
@@ -60,15 +63,17 @@ if #groups > 0 then
   local hset = {}
   for i, g in ipairs(groups) do
     local p = g.p
-    if p[5] > 0 then ptt = refund(ptt, g.amount, p[4]); pdirty = true end
-    if p[10] > 0 then
+    if p[5] > 0 and g.amount ~= 0 then ptt = refund(ptt, g.amount, p[4]); pdirty = true end
+    if p[3] > 0 and g.back > 0 then prt = refund(prt, g.back, p[2]); pdirty = true end
+    if (p[10] > 0 and g.amount ~= 0) or (p[8] > 0 and g.back > 0) then
       local w = wv[g.field]
       if not w then
         w = { 0, 0 }
         if hv[1 + i] then w[1], w[2] = sunpack('<dd', hv[1 + i]) end
         wv[g.field] = w
       end
-      w[2] = refund(w[2], g.amount, p[9])
+      if p[10] > 0 and g.amount ~= 0 then w[2] = refund(w[2], g.amount, p[9]) end
+      if p[8] > 0 and g.back > 0 then w[1] = refund(w[1], g.back, p[7]) end
     end
   end
   if pdirty then hset[1] = 'p'; hset[2] = spack('<dd', prt, ptt) end
