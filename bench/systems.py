@@ -116,6 +116,15 @@ def _old_tree_systems(tree: Path) -> tuple[SystemSpec, ...]:
 
 POLICIES = BENCH_DIR / "policies"
 _OLD = os.environ.get("SLUICE_BENCH_OLD_TREE")
+
+
+def _with_redis(name: str, description: str, policy: str) -> SystemSpec:
+    """Sluice with a policy of ``bench/policies`` and ``--redis-url``."""
+    return SystemSpec(
+        name, description, _sluice(POLICIES / policy, redis=True), needs_redis=True, env=AWS_ENV
+    )
+
+
 SYSTEMS: dict[str, SystemSpec] = {
     s.name: s
     for s in (
@@ -135,19 +144,15 @@ SYSTEMS: dict[str, SystemSpec] = {
             _sluice(POLICIES / "passthrough.yaml", redis=False),
             env=AWS_ENV,
         ),
-        SystemSpec(
+        _with_redis(
             "sluice+redis",
             "Sluice, never-binding quotas enforced in Redis (bench/policies/quotas.yaml)",
-            _sluice(POLICIES / "quotas.yaml", redis=True),
-            needs_redis=True,
-            env=AWS_ENV,
+            "quotas.yaml",
         ),
-        SystemSpec(
+        _with_redis(
             "sluice+redis-ahead",
             "sluice+redis with server.grants_ahead: 2 (bench/policies/quotas-ahead.yaml)",
-            _sluice(POLICIES / "quotas-ahead.yaml", redis=True),
-            needs_redis=True,
-            env=AWS_ENV,
+            "quotas-ahead.yaml",
         ),
         *(_old_tree_systems(Path(_OLD)) if _OLD else ()),
     )

@@ -132,7 +132,11 @@ async def test_roomy_plan_is_admitted_while_redis_is_paused(
         with pytest.raises(StoreUnavailable):
             await store.admit(p, 10)
         await asyncio.sleep(2.2)
+        await _settled(store)
         assert _count(metrics, "used") == 2
+        # What Redis granted late (the third request's admit, the replacements asked during
+        # the pause) went back: only the three admitted requests hold leases.
+        assert redis.Redis.from_url(redis_server.url).zcard(p.keys.pool_leases) == 3
         for d in [first, *got]:
             assert d.lease is not None
             store.settle(p, d.lease, 10, 10)
@@ -344,6 +348,45 @@ async def test_no_grant_is_held_ahead_for_a_plan_that_says_so(
         await store.close()
 
 
+async def test_asks_never_hold_a_request_back_and_redis_keeps_half_free(
+    redis_server: RedisServerProcess,
+) -> None:
+    """Two instances on one pool of 10 slots. A replacement asked for on a snapshot that
+    was roomy when its grant was taken is refused by Redis itself once the pool is half
+    full (the ask goes with half the class share): nothing is debited, no slot is taken."""
+    one, m1 = _store(redis_server.url, ttl_s=5.0)
+    two, _ = _store(redis_server.url, per_plan=1, ttl_s=5.0)
+    await one.start()
+    await two.start()
+    try:
+        pool = new_pool()
+        p1, p2 = plan(pool, "one", pool_concurrency=10), plan(pool, "two", pool_concurrency=10)
+        first = await one.admit(p1, 1)
+        await _settled(one)
+        assert _count(m1, "kept") == 2  # 3 of 10 taken
+        others = [await two.admit(p2, 1) for _ in range(3)]  # 6 of 10
+        await _settled(two)
+        used = await one.admit(p1, 1)  # a held grant: its replacement is asked for
+        q = one._queues[p1.scope]
+        await asyncio.sleep(0)
+        # The ask went out on its own: a request arriving now is not held behind it.
+        assert q.ahead_busy and not q.admit_busy
+        await _settled(one)
+        assert _count(m1, "refused") == 1 and _count(m1, "declined") == 0
+        # Refused at half: the held grant left went back too (a sign of contention).
+        client = redis.Redis.from_url(redis_server.url)
+        assert client.zcard(p1.keys.pool_leases) == 2 + 3
+        for s, p, d in [(one, p1, first), (one, p1, used), *((two, p2, d) for d in others)]:
+            assert d.lease is not None
+            s.settle(p, d.lease, 1, 1)
+        await _settled(one)
+        await _settled(two)
+        assert client.zcard(p1.keys.pool_leases) <= 1  # two's own replacement, if any
+    finally:
+        await one.close()
+        await two.close()
+
+
 # --- several processes --------------------------------------------------------------------
 
 WORKER = r"""
@@ -453,6 +496,10 @@ def test_sluice_admits_from_grants_ahead_and_counts_them(
         sim.configure({"models": {HAIKU: {"faults": {"throttle_rate": 0.0}}}})
     text = proxy.metrics()
     assert metric_value(text, "sluice_grants_ahead_total", outcome="returned") >= returned + 1
+    # ... and none is taken for a while: an expiry would not have stopped new ones.
+    kept = metric_value(text, "sluice_grants_ahead_total", outcome="kept")
+    client.invoke_model(modelId=HAIKU, body=body)
+    assert metric_value(proxy.metrics(), "sluice_grants_ahead_total", outcome="kept") == kept
 
     off = make_sluice(  # the default: none
         upstream=sim.url,

@@ -35,6 +35,7 @@ class Queue:
         "admit_busy",
         "admits",
         "ahead",
+        "ahead_busy",
         "confirms",
         "keys",
         "settle_busy",
@@ -45,9 +46,10 @@ class Queue:
     def __init__(self, pool: str) -> None:
         self.keys = plan_keys(pool, "")
         self.admits: list[Admit] = []
-        #: Grants asked for ahead of demand: they go out behind every request queued with
-        #: them, so a grant nobody uses yet never takes the room a request needed.
+        #: Grants asked for ahead of demand: they ride behind every request queued with
+        #: them, or go on their own (``ahead_busy``) without holding real admits back.
         self.ahead: list[Admit] = []
+        self.ahead_busy = False  # a call made only of asks is in flight
         self.settles: list[Settle] = []
         #: Callers waiting for the settles queued so far to land (see ``confirm``).
         self.confirms: list[asyncio.Future[None]] = []

@@ -12,9 +12,12 @@ Why no limit can be exceeded and no decision that matters changes:
 
 * a grant ahead is debited in Redis before anyone uses it: whatever the number of
   instances holding some, they were granted by the same atomic script as every request;
-* one is kept only while every limit of its plan stays at least half free *after* it
-  (:func:`proxy.admission.decision.roomy`): a plan near any limit (where refusals,
-  waiting and priority shares decide) gets no new ones, its requests decide in Redis as
+* one is granted only while every pool-wide limit stays at least half free after it,
+  decided by Redis in the same script (the ask goes as the plan with half its class
+  share, so ``admit.lua``'s share rule holds the other half back for requests), and kept
+  only while every limit of its plan, the workload's too, stays half free
+  (:func:`proxy.admission.decision.roomy`): near any limit (where refusals, waiting and
+  priority shares decide) no new one is granted or kept, requests decide in Redis as
   before, and those already held are used up or given back within ``ttl_s``;
 * one not used within ``ttl_s`` is given back whole: its lease, its tokens and its request
   (``settle.lua`` refunds the request too);
@@ -40,6 +43,7 @@ they are used, expire, or the instance holding them sees contention. Worth it wh
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable
@@ -68,10 +72,12 @@ class Spare(NamedTuple):
 
 
 class _Stash:
-    __slots__ = ("pending", "plan", "spares")
+    __slots__ = ("ask_plan", "pending", "plan", "spares")
 
     def __init__(self, plan: AdmitPlan) -> None:
         self.plan = plan
+        #: What an ask sends: the plan with half its share (see the module doc).
+        self.ask_plan = dataclasses.replace(plan, share=plan.share / 2)
         self.spares: deque[Spare] = deque()
         self.pending = 0  # asked for, not answered yet
 
@@ -79,7 +85,7 @@ class _Stash:
 class Ahead:
     """The grants one store holds ahead, per plan (keyed by the plan object itself)."""
 
-    __slots__ = ("_quiet", "_stashes", "per_plan", "ttl_s")
+    __slots__ = ("_asked_as", "_quiet", "_stashes", "per_plan", "ttl_s")
 
     def __init__(self, per_plan: int = DEFAULT_PER_PLAN, ttl_s: float = DEFAULT_TTL_S) -> None:
         if per_plan < 1:
@@ -91,6 +97,8 @@ class Ahead:
         # id(plan) -> stash: plans are frozen dataclasses whose hash walks every field;
         # the stash holds the plan, so its id cannot be reused while the entry lives.
         self._stashes: dict[int, _Stash] = {}
+        #: id(ask plan) -> the plan it asks for (the stash keeps both alive).
+        self._asked_as: dict[int, AdmitPlan] = {}
         #: pool -> time.monotonic() until which no grant of it is asked for or kept.
         self._quiet: dict[str, float] = {}
 
@@ -98,7 +106,16 @@ class Ahead:
         stash = self._stashes.get(id(plan))
         if stash is None:
             stash = self._stashes[id(plan)] = _Stash(plan)
+            self._asked_as[id(stash.ask_plan)] = plan
         return stash
+
+    def ask_plan(self, plan: AdmitPlan) -> AdmitPlan:
+        """The plan an ask for ``plan`` is sent as (half its class share)."""
+        return self._stash(plan).ask_plan
+
+    def original(self, plan: AdmitPlan) -> AdmitPlan:
+        """The plan an ask was sent for (``plan`` itself if it is not an ask plan)."""
+        return self._asked_as.get(id(plan), plan)
 
     def take(self, plan: AdmitPlan, tokens: int) -> Spare | None:
         """A live grant of ``plan`` that reserved at least ``tokens``, or None."""
@@ -136,12 +153,15 @@ class Ahead:
                 stash.spares = deque()
         return out
 
-    def shed_plan(self, plan: AdmitPlan) -> list[Spare]:
-        """Remove and return the grants held for ``plan`` alone."""
-        stash = self._stashes.get(id(plan))
-        if stash is None or not stash.spares:
-            return []
-        out, stash.spares = list(stash.spares), deque()
+    def shed_workload(self, plan: AdmitPlan) -> list[tuple[AdmitPlan, Spare]]:
+        """Remove and return the grants held for ``plan``'s workload in its scope (every
+        plan sharing its workload buckets and leases: other classes, caps)."""
+        out: list[tuple[AdmitPlan, Spare]] = []
+        for stash in self._stashes.values():
+            p = stash.plan
+            if p.scope == plan.scope and p.workload == plan.workload and stash.spares:
+                out += [(p, s) for s in stash.spares]
+                stash.spares = deque()
         return out
 
     def wanted(self, plan: AdmitPlan) -> int:
@@ -157,7 +177,7 @@ class Ahead:
 
     def answered(self, plan: AdmitPlan, spare: Spare | None) -> None:
         """One asked-for grant came back: kept (``spare``) or not (None)."""
-        stash = self._stash(plan)
+        stash = self._stash(self.original(plan))
         stash.pending = max(0, stash.pending - 1)
         if spare is not None:
             stash.spares.append(spare)
@@ -172,12 +192,14 @@ class Ahead:
             stash.spares = live
             if not live and not stash.pending:
                 del self._stashes[key]  # a reloaded policy's old plans go with their grants
+                self._asked_as.pop(id(stash.ask_plan), None)
         return out
 
     def drain(self) -> list[tuple[AdmitPlan, Spare]]:
         """Remove and return every grant held (the store is closing)."""
         out = [(st.plan, s) for st in self._stashes.values() for s in st.spares]
         self._stashes.clear()
+        self._asked_as.clear()
         return out
 
     def held(self, scope: str | None = None) -> int:
@@ -236,10 +258,13 @@ class AheadDesk:
     def ask(self, plan: AdmitPlan, tokens: int) -> None:
         n = self.ahead.wanted(plan) if plan.hold_ahead else 0
         if n > 0:
-            self._ask(plan, tokens, n)
+            self._ask(self.ahead.ask_plan(plan), tokens, n)
 
-    def answered(self, plan: AdmitPlan, tokens: int, lease: str, code: int, snap: Snapshot) -> None:
-        """Redis's answer to a grant asked for ahead (``code`` 0: granted, with a lease)."""
+    def answered(
+        self, asked: AdmitPlan, tokens: int, lease: str, code: int, snap: Snapshot
+    ) -> None:
+        """Redis's answer to an ask sent as ``asked`` (``code`` 0: granted, with a lease)."""
+        plan = self.ahead.original(asked)
         if code != 0:
             self._count["refused"].inc()
             self.ahead.answered(plan, None)
@@ -260,9 +285,9 @@ class AheadDesk:
 
     def refused(self, plan: AdmitPlan, code: int) -> None:
         """Redis refused a request of ``plan`` with ``code`` (a model.LIMIT_NAMES index)."""
-        if code == 7 or code == 8 or code == 9:  # the workload's own limit: its plan only
-            for spare in self.ahead.shed_plan(plan):
-                self.give_back(plan, spare.lease, spare.tokens)
+        if code == 7 or code == 8 or code == 9:  # the workload's own limit: its grants only
+            for p, spare in self.ahead.shed_workload(plan):
+                self.give_back(p, spare.lease, spare.tokens)
         else:
             self.shed(plan.pool)
 
@@ -271,10 +296,10 @@ class AheadDesk:
         for plan, spare in self.ahead.shed(pool):
             self.give_back(plan, spare.lease, spare.tokens)
 
-    def lost(self, plan: AdmitPlan) -> None:
-        """A grant asked for ahead got no answer (the store failed)."""
+    def lost(self, asked: AdmitPlan) -> None:
+        """An ask sent as ``asked`` got no answer (the store failed)."""
         self._count["lost"].inc()
-        self.ahead.answered(plan, None)
+        self.ahead.answered(asked, None)
 
     def give_back(self, plan: AdmitPlan, lease: str, tokens: int) -> None:
         """Return a kept, unused grant whole: lease, tokens and its request."""

@@ -220,18 +220,29 @@ class RedisStore:
             raise
 
     def _send_admits(self, q: Queue) -> None:
-        if not q.admits and not q.ahead:
+        if not q.admits:
             q.admit_busy = False
+            self._send_asks(q)
             return
         batch = q.admits[:MAX_BATCH]
         del q.admits[:MAX_BATCH]
-        if q.ahead and len(batch) < MAX_BATCH:
+        if q.ahead and len(batch) < MAX_BATCH:  # asks ride behind the batch's requests
             room = MAX_BATCH - len(batch)
             batch += q.ahead[:room]
             del q.ahead[:room]
         self._spawn(self._admit_batch(q, batch))
 
-    async def _admit_batch(self, q: Queue, batch: list[Admit]) -> None:
+    def _send_asks(self, q: Queue) -> None:
+        """Asks with no request to ride with go on their own, one such call at a time; a
+        request never waits behind one (it goes in a call of its own meanwhile)."""
+        if q.admit_busy or q.ahead_busy or not q.ahead:
+            return
+        q.ahead_busy = True
+        batch = q.ahead[:MAX_BATCH]
+        del q.ahead[:MAX_BATCH]
+        self._spawn(self._admit_batch(q, batch, asks_only=True))
+
+    async def _admit_batch(self, q: Queue, batch: list[Admit], asks_only: bool = False) -> None:
         keys, args = admit_call(batch)
         try:
             res = await self._runner.run(
@@ -239,7 +250,8 @@ class RedisStore:
             )
         except StoreUnavailable as exc:
             asked = sum(1 for *_, fut in batch if fut is not None)
-            self._failed("admit", batch[0][0].scope, exc, asked, requests=asked)
+            if asked:
+                self._failed("admit", batch[0][0].scope, exc, asked, requests=asked)
             for plan, *_, fut in batch:
                 if fut is None:
                     if self._desk is not None:
@@ -249,8 +261,12 @@ class RedisStore:
         else:
             self._deliver(batch, res)
         finally:
-            # Arrivals during the call go out now, together (group commit).
-            self._send_admits(q)
+            if asks_only:
+                q.ahead_busy = False
+                self._send_asks(q)
+            else:
+                # Arrivals during the call go out now, together (group commit).
+                self._send_admits(q)
 
     def _admitted_late(self, batch: list[Admit], res: list[int]) -> None:
         # The batch timed out and its callers were answered, but Redis ran the script
@@ -319,9 +335,8 @@ class RedisStore:
         q = self._queues.get(plan.scope) or self._queue(plan.scope)
         prefix = self._lease_prefix
         q.ahead += [(plan, tokens, prefix + str(next(self._seq)), None, None) for _ in range(n)]
-        if not q.admit_busy:
-            q.admit_busy = True
-            self._loop.call_soon(self._send_admits, q)
+        if not q.admit_busy and not q.ahead_busy:
+            self._loop.call_soon(self._send_asks, q)
 
     def _answered_ahead(
         self, plan: AdmitPlan, tokens: int, lease: str, code: int, snap: Snapshot, late: bool
@@ -449,7 +464,13 @@ class RedisStore:
         gives its grant back with a settle, which this then waits for as well.
         """
         while any(
-            q.settles or q.withdraws or q.settle_busy or q.admits or q.ahead or q.admit_busy
+            q.settles
+            or q.withdraws
+            or q.settle_busy
+            or q.admits
+            or q.ahead
+            or q.admit_busy
+            or q.ahead_busy
             for q in self._queues.values()
         ):
             if self._tasks:

@@ -155,6 +155,8 @@ class RecordAdmission:
         """Feed the adaptive controller and the breaker, as live calls do (throttles on a
         tier with a quota of its own, ``on_pool`` False, are not the pool's; ``lease``: the
         record's pool lease, for the throttle reflex)."""
+        if status == 429:  # Bedrock pushes back: no grant may sit held ahead on the pool
+            self.store.shed_ahead(pool)
         if self.adaptivity is not None:
             self.adaptivity.observe(
                 pool,
