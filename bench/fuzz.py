@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -86,13 +86,19 @@ async def _fuzz(port: int, total: int, seed: int, conc: int, timeout_s: float) -
     return {"statuses": dict(statuses), "failures": dict(failures), "examples": examples}
 
 
+def _with_grants_ahead(policy: dict[str, Any], n: int) -> dict[str, Any]:
+    """``policy`` with ``server.grants_ahead: n`` (the fuzz then also runs that path)."""
+    server = cast("dict[str, Any]", policy["server"])
+    return {**policy, "server": {**server, "grants_ahead": n}}
+
+
 def fuzz(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     redis_server = RedisServerProcess().start()
     sim = Simulator(work / "sim", {"latency_scale": 0})
     proxy = Sluice(
         work / "sluice",
         upstream=sim.url,
-        policy=fuzz_policy(args.timeout),
+        policy=_with_grants_ahead(fuzz_policy(args.timeout), args.grants_ahead),
         redis_url=redis_server.url,
         env={FUZZ_SECRET_ENV: "bench-" + SECRET_CANARY},
     )
@@ -241,6 +247,9 @@ def main() -> int:
     )
     parser.add_argument("--requests", type=int, default=10_000, help="fuzzed requests")
     parser.add_argument("--seed", type=int, default=10)
+    parser.add_argument(
+        "--grants-ahead", type=int, default=0, help="server.grants_ahead of the fuzzed Sluice"
+    )
     parser.add_argument("--concurrency", type=int, default=32, help="connections at a time")
     parser.add_argument("--timeout", type=float, default=1.0, help="server header/body timeout (s)")
     parser.add_argument("--slowloris", type=int, default=0, help="slow clients (slowloris mode)")

@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -508,3 +509,99 @@ def test_sluice_admits_from_grants_ahead_and_counts_them(
     )
     bedrock_client(off.url).invoke_model(modelId=HAIKU, body=body)
     assert metric_value(off.metrics(), "sluice_grants_ahead_total") == 0
+
+
+@pytest.mark.parametrize("value", [-1, 65, "two"])
+def test_a_grants_ahead_setting_out_of_range_is_refused_naming_it(
+    value: Any, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        json.dumps(
+            {
+                "server": {"grants_ahead": value},
+                "models": {"m": {"ids": [HAIKU]}},
+                "priorities": {"P0": {"share": 1.0}},
+                "workloads": {"w": {"priority": "P0"}},
+            }
+        )
+    )
+    for argv in (["policy", "check", str(bad)], ["serve", "--config", str(bad), "--port", "0"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "proxy", *argv],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=False,
+            timeout=60,
+        )
+        # policy check: 1 (the policy is invalid); serve: 2 (it cannot start)
+        assert out.returncode == (1 if argv[0] == "policy" else 2), (argv, out.stderr)
+        assert "server.grants_ahead" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_cancelled_callers_and_a_killed_instance_leave_nothing_held_beyond_the_ttl(
+    redis_server: RedisServerProcess, make_simulator: Any, make_sluice: Any
+) -> None:
+    """Two instances holding grants ahead on a pool of 20 slots. 8 callers (light: grants
+    are held) for 1.5 s, some giving up mid-call (a 50 ms read timeout against a 0.1-0.5 s
+    model); then one instance is SIGKILLed with grants held and calls in flight, and 40
+    callers saturate the pool. Bedrock never sees more than 20 at once, and every slot is
+    free again within the lease TTL (2 s) plus a grant's time (1 s) of the kill."""
+    sim = make_simulator({"latency_scale": 0.2})
+    pool, ttl, cap = new_pool(), 2, 20
+    policy: dict[str, Any] = {
+        "server": {"lease_ttl_seconds": ttl, "grants_ahead": 2},
+        "models": {pool: {"ids": [HAIKU], "requests_per_minute": 600000, "concurrency": cap}},
+        "priorities": {"default": {"share": 1.0}},
+        "workloads": {"default": {"priority": "default"}},
+        "identity": {"default_workload": "default"},
+    }
+    a = make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url)
+    b = make_sluice(upstream=sim.url, policy=policy, redis_url=redis_server.url)
+    body = json.dumps(
+        {
+            "anthropic_version": "bedrock-2023-05-31",
+            "max_tokens": 40,
+            "messages": [{"role": "user", "content": "tell me something"}],
+        }
+    )
+    rng = random.Random(77)
+    clients = [
+        bedrock_client(
+            (a if i % 2 or i >= 8 else b).url,  # after the kill every caller goes to a
+            read_timeout=0.05 if rng.random() < 0.4 else 30,
+            retries={"total_max_attempts": 1},
+        )
+        for i in range(40)
+    ]
+    start = time.monotonic()
+    heavy, deadline = start + 1.5, start + 3.0
+    outcomes: list[str] = []
+
+    def run(i: int) -> None:
+        if i >= 8:
+            time.sleep(max(0.0, heavy - time.monotonic()))
+        while time.monotonic() < deadline:
+            try:
+                clients[i].invoke_model(modelId=HAIKU, body=body)
+                outcomes.append("ok")
+            except Exception as exc:  # a read timeout, a refusal, the killed instance
+                outcomes.append(type(exc).__name__)
+
+    with ThreadPoolExecutor(40) as ex:
+        futures = [ex.submit(run, i) for i in range(40)]
+        time.sleep(1.5)
+        used = metric_value(a.metrics(), "sluice_grants_ahead_total", outcome="used")
+        b.kill()  # SIGKILL: grants held ahead and calls in flight
+        killed = time.monotonic()
+        for f in futures:
+            f.result()
+    assert used > 0 and outcomes.count("ok") > 10
+    assert sim.stats()["models"][HAIKU]["peak_concurrency"] <= cap
+    client = redis.Redis.from_url(redis_server.url)
+    keys = plan(pool).keys
+    while client.zcard(keys.pool_leases):
+        assert time.monotonic() - killed < ttl + 1 + 3.0, "slots held past TTL + grant time"
+        time.sleep(0.05)

@@ -66,7 +66,7 @@ class Spare(NamedTuple):
 
     lease: str
     tokens: int
-    decision: Decision
+    decision: Decision  # built when granted, so the request that takes it does not
     until: float  # time.monotonic() after which it goes back
     snap: Snapshot  # the plan's state right after Redis granted it
 
@@ -142,27 +142,25 @@ class Ahead:
             return False
         return True
 
-    def shed(self, pool: str) -> list[tuple[AdmitPlan, Spare]]:
-        """Remove and return every grant held on ``pool`` (any plan, any tier); the pool
-        takes none for ``ttl_s``."""
-        self._quiet[pool] = time.monotonic() + self.ttl_s
+    def _empty(self, match: Callable[[AdmitPlan], bool]) -> list[tuple[AdmitPlan, Spare]]:
+        """Remove and return the grants held for every plan ``match`` accepts."""
         out: list[tuple[AdmitPlan, Spare]] = []
         for stash in self._stashes.values():
-            if stash.plan.pool == pool and stash.spares:
+            if stash.spares and match(stash.plan):
                 out += [(stash.plan, s) for s in stash.spares]
                 stash.spares = deque()
         return out
 
+    def shed(self, pool: str) -> list[tuple[AdmitPlan, Spare]]:
+        """Remove and return every grant held on ``pool`` (any plan, any tier); the pool
+        takes none for ``ttl_s``."""
+        self._quiet[pool] = time.monotonic() + self.ttl_s
+        return self._empty(lambda p: p.pool == pool)
+
     def shed_workload(self, plan: AdmitPlan) -> list[tuple[AdmitPlan, Spare]]:
         """Remove and return the grants held for ``plan``'s workload in its scope (every
         plan sharing its workload buckets and leases: other classes, caps)."""
-        out: list[tuple[AdmitPlan, Spare]] = []
-        for stash in self._stashes.values():
-            p = stash.plan
-            if p.scope == plan.scope and p.workload == plan.workload and stash.spares:
-                out += [(p, s) for s in stash.spares]
-                stash.spares = deque()
-        return out
+        return self._empty(lambda p: p.scope == plan.scope and p.workload == plan.workload)
 
     def wanted(self, plan: AdmitPlan) -> int:
         """How many more to ask for now (counted as pending until :meth:`answered`)."""
@@ -197,7 +195,7 @@ class Ahead:
 
     def drain(self) -> list[tuple[AdmitPlan, Spare]]:
         """Remove and return every grant held (the store is closing)."""
-        out = [(st.plan, s) for st in self._stashes.values() for s in st.spares]
+        out = self._empty(lambda p: True)
         self._stashes.clear()
         self._asked_as.clear()
         return out
@@ -286,10 +284,15 @@ class AheadDesk:
     def refused(self, plan: AdmitPlan, code: int) -> None:
         """Redis refused a request of ``plan`` with ``code`` (a model.LIMIT_NAMES index)."""
         if code == 7 or code == 8 or code == 9:  # the workload's own limit: its grants only
-            for p, spare in self.ahead.shed_workload(plan):
-                self.give_back(p, spare.lease, spare.tokens)
+            self.shed_workload(plan)
         else:
             self.shed(plan.pool)
+
+    def shed_workload(self, plan: AdmitPlan) -> None:
+        """``plan``'s workload is at one of its own limits: give back its grants (every plan
+        of it in the scope), and nobody else's."""
+        for p, spare in self.ahead.shed_workload(plan):
+            self.give_back(p, spare.lease, spare.tokens)
 
     def shed(self, pool: str) -> None:
         """A sign of contention on ``pool``: give back what is held there, take none for a while."""

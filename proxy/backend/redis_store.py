@@ -6,8 +6,9 @@ Round trips are the cost (see ``/work/shared/baselines.md``), so requests are co
   ``admit.lua``; while that call is in flight, new arrivals queue and go out together as
   soon as it returns (group commit: at most one admit call in flight per pool);
 * settles are never awaited by the request path: they queue and go out the same way;
-* while a plan is far from its limits, a few grants are taken ahead of demand, so most
-  requests are admitted with no round trip on their path (:mod:`.ahead`);
+* with ``server.grants_ahead`` (off by default), while a plan is far from its limits a few
+  grants are taken ahead of demand, so most requests are admitted with no round trip on
+  their path (:mod:`.ahead`);
 * the heartbeat extends all of this instance's leases of a pool in one call per TTL/3;
 * waiting (:meth:`RedisStore.admit_waiting`) costs no extra call: a waiter's attempts
   ride in the admit batches (the script enlists it in the pool's queue), its withdrawal
@@ -37,7 +38,6 @@ from proxy.admission.leases import Group, LeaseBook
 from proxy.admission.model import (
     WAIT_LOCAL,
     WAIT_NO,
-    WL_CONC,
     AdmitPlan,
     Decision,
     plan_keys,
@@ -324,13 +324,14 @@ class RedisStore:
                 self._extra[spare.lease] = spare.tokens - tokens
             return spare.decision
         if ticket is not None and ticket.verdict == WAIT_LOCAL:
-            self._desk.refused(plan, WL_CONC)  # waiting on its workload's own limit
+            self._desk.shed_workload(plan)  # waiting on its workload's own limit
         else:  # someone waits for room in the pool: nothing may sit in an unused grant
             self._desk.shed(plan.pool)
         return None
 
     def _ask(self, plan: AdmitPlan, tokens: int, n: int) -> None:
-        """Queue ``n`` admits of ``plan`` asked for ahead; they ride in the next batch."""
+        """Queue ``n`` admits of ``plan`` asked for ahead: they ride behind the next batch's
+        requests, or go on their own (:meth:`_send_asks`)."""
         assert self._loop is not None
         q = self._queues.get(plan.scope) or self._queue(plan.scope)
         prefix = self._lease_prefix

@@ -74,9 +74,6 @@ class Backoff:
         stays readable either way)."""
         took = time.perf_counter() - sent  # the attempt's own latency, for the controller
         status, lease = upstream.status, call.lease
-        if status == 429 and call.pool is not None:
-            # Before the retry asks for a slot: none may sit in a grant held ahead.
-            self.tiers.gate.store.shed_ahead(call.pool.name)
         # Read first, whatever comes next: the connection goes back before any wait, and
         # the body stays readable if this is the answer after all.
         await _drain(upstream)

@@ -96,9 +96,6 @@ class Forwarder:
                 else upstream.headers.get(TIER_HEADER) or tier.tier or "default"
             )
             call.upstream_status = upstream.status
-            if upstream.status == 429 and call.pool is not None:
-                # Bedrock pushes back on this pool: give back the grants held ahead on it.
-                self.backoff.tiers.gate.store.shed_ahead(call.pool.name)
             if upstream.status == 429 and self._degradable(call, upstream.status):
                 pool = call.pool.name if call.pool else "-"
                 self.metrics.upstream_errors.labels(pool, "ThrottlingException").inc()
@@ -146,6 +143,10 @@ class Forwarder:
             )
             if upstream.status == 200:  # never retried (checked first: the usual answer)
                 return upstream
+            if upstream.status == 429 and call.pool is not None:
+                # Bedrock pushes back on this pool: the grants held ahead on it go back
+                # (before any retry asks for a slot), retried or not.
+                self.tiers.gate.store.shed_ahead(call.pool.name)
             error_type = upstream_error_type(upstream.headers)
             if not retryable(upstream.status, error_type):
                 return upstream
