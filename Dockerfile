@@ -1,4 +1,9 @@
 FROM python:3.11-slim
+# jemalloc: `sluice serve` runs on it when installed (proxy/allocator.py): RSS goes back
+# to idle after a burst of held streams, where CPython's allocator keeps its arenas.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libjemalloc2 \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy

@@ -3,6 +3,7 @@
     python bench/held_streams.py                          # 1,000 / 5,000 / 10,000 streams
     python bench/held_streams.py --streams 2000 --after-s 10
     python bench/held_streams.py --system sluice+redis --streams 5000
+    python bench/held_streams.py --workers 2 --streams 10000   # one instance, two processes
 
 For each stream count, fresh processes: the simulator with a *slow* stream (first event at
 once, then one event every ``--delta-s`` seconds), Sluice (``bench/policies/passthrough.yaml``
@@ -15,6 +16,10 @@ Figures, all from ``/proc/<sluice pid>/status`` (VmRSS), so the machine's load d
 * held: once every stream has its headers and first event (all N open at once), after 2 s;
   bytes/stream = (held - idle) / N;
 * after: ``--after-s`` seconds after the last stream ended; the target is <= 1.2 x idle.
+
+With ``--workers N`` Sluice runs as ``sluice serve --workers N`` (N processes on one port, so
+a Redis is started for them) and every figure is the sum over the supervisor and its workers:
+one instance holding N times the streams one process's file-descriptor limit allows.
 
 Every stream is decoded (CRCs checked) and must be intact: messageStart, every
 contentBlockDelta the simulator sends, messageStop and metadata, no exception event.
@@ -29,11 +34,13 @@ import contextlib
 import json
 import math
 import os
+import re
 import resource
 import signal
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,11 +193,28 @@ async def drive(
         return await asyncio.gather(*tasks)
 
 
+def allocator(metrics_url: str) -> str:
+    """The allocator Sluice says it runs on (``sluice_allocator_info``; SLUICE_ALLOCATOR)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.search(r'sluice_allocator_info\{allocator="([a-z]+)"\} 1', text)
+    return found.group(1) if found else "?"
+
+
+def instance_rss(pid: int) -> int:
+    """RSS of ``pid`` and its children (``--workers``: the supervisor and its workers)."""
+    total = rss_bytes(pid)
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return total + sum(rss_bytes(int(child)) for child in children)
+
+
 @dataclass
 class Run:
     system: str
     streams: int
     deltas: int
+    workers: int = 1
+    allocator: str = "?"
     idle_rss: int = 0
     held_rss: int = 0
     end_rss: int = 0
@@ -210,7 +234,7 @@ class Run:
 
 def measure(args: argparse.Namespace, system: str, n: int, workdir: Path) -> Run:
     deltas = math.ceil((n / args.open_rate + args.hold_s) / args.delta_s)
-    run = Run(system, n, deltas)
+    run = Run(system, n, deltas, args.workers)
     spec = SYSTEMS[system]
     assert spec.command is not None, "held streams need a proxy"
     with processes() as procs:
@@ -221,11 +245,15 @@ def measure(args: argparse.Namespace, system: str, n: int, workdir: Path) -> Run
         procs.append(ManagedProcess(f"sim-{n}", argv, log_dir=workdir))
         procs[-1].wait_http(f"http://127.0.0.1:{sim_port}/_sim/stats")
         redis_url = None
-        if spec.needs_redis:
+        if spec.needs_redis or args.workers > 1:  # several workers share their store
             redis, redis_url = start_redis(workdir, _NO_PIN)
             procs.append(redis)
         ctx = ProxyContext(port, f"http://127.0.0.1:{sim_port}", redis_url)
         argv = _with_connection_cap(spec.command(ctx), n + 1000, workdir)
+        if args.workers > 1:
+            argv += ["--workers", str(args.workers)]
+            if not spec.needs_redis:
+                argv += ["--redis-url", str(redis_url)]
         if args.tracemalloc:  # same command under bench/traced_serve.py
             argv = [PY, str(BENCH_DIR / "traced_serve.py"), f"{args.tracemalloc}.{n}", *argv[3:]]
         sluice = ManagedProcess(f"{system}-{n}", argv, log_dir=workdir, env=spec.env)
@@ -233,9 +261,11 @@ def measure(args: argparse.Namespace, system: str, n: int, workdir: Path) -> Run
         sluice.wait_http(f"http://127.0.0.1:{port}{spec.health_path}", timeout=120)
         url = f"http://127.0.0.1:{port}{STREAM_PATH}"
         body = stream_body(args.body_kb)
-        asyncio.run(drive(url, 20, 1000, _noop, body))  # warm-up: every code path once
+        # Warm-up: every code path once (in every worker: the port spreads connections).
+        asyncio.run(drive(url, 20 * args.workers, 1000, _noop, body))
+        run.allocator = allocator(f"http://127.0.0.1:{port}/metrics")
         time.sleep(1.0)
-        run.idle_rss = rss_bytes(sluice.pid)
+        run.idle_rss = instance_rss(sluice.pid)
         if args.tracemalloc:  # FILE.<N>.1: the idle heap the next dumps are compared with
             _traced_dump(sluice.pid, Path(f"{args.tracemalloc}.{n}.1"))
         started = time.monotonic()
@@ -243,15 +273,15 @@ def measure(args: argparse.Namespace, system: str, n: int, workdir: Path) -> Run
         async def on_open() -> None:
             run.open_s = time.monotonic() - started
             await asyncio.sleep(2.0)
-            run.held_rss = rss_bytes(sluice.pid)
+            run.held_rss = instance_rss(sluice.pid)
             if args.tracemalloc:
                 os.kill(sluice.pid, signal.SIGUSR1)
             log(f"{n} streams open after {run.open_s:.1f}s: RSS {run.held_rss / 2**20:.0f} MB")
 
         results = asyncio.run(drive(url, n, args.open_rate, on_open, body))
-        run.end_rss = rss_bytes(sluice.pid)
+        run.end_rss = instance_rss(sluice.pid)
         time.sleep(args.after_s)
-        run.after_rss = rss_bytes(sluice.pid)
+        run.after_rss = instance_rss(sluice.pid)
         if args.tracemalloc:  # FILE.<N>.3: what the burst left behind
             _traced_dump(sluice.pid, Path(f"{args.tracemalloc}.{n}.3"))
     return _tally(run, results)
@@ -313,27 +343,55 @@ def _parser() -> argparse.ArgumentParser:
         help="run Sluice traced; write FILE.<N>.1/.2/.3 at idle, all open, after",
     )
     p.add_argument("--after-s", type=float, default=60.0, help="wait before the 'after' RSS")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Sluice processes on one port (sluice serve --workers)",
+    )
     return p
 
 
 def main() -> int:
     args = _parser().parse_args()
+    if args.workers < 1 or (args.workers > 1 and args.tracemalloc):
+        sys.exit("held_streams: --workers must be >= 1, and 1 with --tracemalloc")
     install_cleanup()
     limit = raise_fd_limit()
     counts = [int(x) for x in args.streams.split(",")]
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="held-streams-") as tmp:
         for n in counts:
-            if 2 * n + 64 > limit:
-                log(f"skipping {n}: file descriptor limit {limit}")
+            # Each worker takes its share of the streams (SO_REUSEPORT spreads connections
+            # by hash: allow 10% over an even share).
+            per_worker = n if args.workers == 1 else math.ceil(1.1 * n / args.workers)
+            if 2 * per_worker + 64 > limit:
+                log(f"skipping {n}: file descriptor limit {limit} ({args.workers} workers)")
                 continue
             runs.append(measure(args, args.system, n, Path(tmp)))
-    headers = ["System", "Streams", "Intact", "Idle MB", "Held MB", "KB/stream", "End MB"]
+    # The measurements are written first: nothing after them can lose a run's figures.
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = RESULTS_DIR / f"held-streams-{timestamp()}.json"
+    doc = {"options": vars(args), "runs": [asdict(r) | {"per_stream": r.per_stream} for r in runs]}
+    out.write_text(json.dumps(doc, indent=2))
+    headers = [
+        "System",
+        "Memory",
+        "Workers",
+        "Streams",
+        "Intact",
+        "Idle MB",
+        "Held MB",
+        "KB/stream",
+        "End MB",
+    ]
     headers += [f"After {args.after_s:.0f}s MB", "After/idle"]
     mb = 2**20
     rows = [
         [
             r.system,
+            r.allocator,
+            str(r.workers),
             f"{r.streams:,}",
             f"{r.intact:,}",
             f"{r.idle_rss / mb:.1f}",
@@ -349,10 +407,6 @@ def main() -> int:
     for r in runs:
         for reason, count in r.failures.items():
             print(f"- {r.streams}: {count} not intact: {reason}")
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"held-streams-{timestamp()}.json"
-    doc = {"options": vars(args), "runs": [asdict(r) | {"per_stream": r.per_stream} for r in runs]}
-    out.write_text(json.dumps(doc, indent=2))
     log(f"wrote {out}")
     return 0 if all(r.intact == r.streams for r in runs) else 1
 

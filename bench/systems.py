@@ -154,6 +154,21 @@ SYSTEMS: dict[str, SystemSpec] = {
             "sluice+redis with server.grants_ahead: 2 (bench/policies/quotas-ahead.yaml)",
             "quotas-ahead.yaml",
         ),
+        # The same two on CPython's own allocator (``sluice serve`` otherwise re-executes on
+        # jemalloc where it is installed: proxy/allocator.py), to price that choice.
+        SystemSpec(
+            "sluice-pymalloc",
+            "sluice on CPython's allocator (SLUICE_ALLOCATOR=pymalloc)",
+            _sluice(POLICIES / "passthrough.yaml", redis=False),
+            env={**AWS_ENV, "SLUICE_ALLOCATOR": "pymalloc"},
+        ),
+        SystemSpec(
+            "sluice+redis-pymalloc",
+            "sluice+redis on CPython's allocator (SLUICE_ALLOCATOR=pymalloc)",
+            _sluice(POLICIES / "quotas.yaml", redis=True),
+            needs_redis=True,
+            env={**AWS_ENV, "SLUICE_ALLOCATOR": "pymalloc"},
+        ),
         *(_old_tree_systems(Path(_OLD)) if _OLD else ()),
     )
 }

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import collections
 import cProfile
+import ctypes
 import gc
 import io
 import os
 import pstats
 import signal
+import struct
 import sys
 import tracemalloc
+import types
 from pathlib import Path
-from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from proxy.allocator import current as current_allocator
 
 _snapshots: list[tracemalloc.Snapshot] = []
 _dumps = [0]
@@ -36,10 +38,12 @@ def _dump(out: Path) -> None:
     out = out.with_name(f"{out.name}.{_dumps[0]}")
     # Live objects by type (what holds a stream's bytes, countable per stream); the
     # collector's view only, so str and bytes are not in it.
-    types = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+    kinds = collections.Counter(_kind(o) for o in gc.get_objects())
     with_types = out.with_name(out.name + ".types")
-    with_types.write_text("".join(f"{n} {t}\n" for t, n in types.most_common()))
-    _malloc_stats(out.with_name(out.name + ".pymalloc"))
+    with_types.write_text("".join(f"{n} {t}\n" for t, n in kinds.most_common()))
+    if current_allocator() == "pymalloc":  # (both read pymalloc's own structures)
+        _malloc_stats(out.with_name(out.name + ".pymalloc"))
+        _arena_census(out.with_name(out.name + ".arenas"))
     if not tracemalloc.is_tracing():
         out.write_text(f"object counts in {with_types.name}\n")
         return
@@ -58,6 +62,16 @@ def _dump(out: Path) -> None:
     out.write_text("\n".join(lines) + "\n")
 
 
+def _kind(obj: object) -> str:
+    """An object's type, and for coroutines and bound methods which function they run."""
+    kind = type(obj).__qualname__
+    if isinstance(obj, types.CoroutineType | types.AsyncGeneratorType):
+        return f"{kind} {obj.__qualname__}"
+    if isinstance(obj, types.MethodType):
+        return f"{kind} {obj.__func__.__qualname__}"
+    return kind
+
+
 def _malloc_stats(out: Path) -> None:
     """pymalloc's arenas, pools and blocks (``sys._debugmallocstats`` writes to fd 2)."""
     sys.stderr.flush()
@@ -69,6 +83,51 @@ def _malloc_stats(out: Path) -> None:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+#: CPython 3.10+ on 64-bit: 16 KiB pools (POOL_BITS 14) inside 1 MiB arenas.
+_POOL_MASK = ~(16 * 1024 - 1)
+_ARENAS_SEEN: list[set[int]] = []
+
+
+def _arena_of(obj: object) -> int | None:
+    """The pymalloc arena index holding ``obj``, read from its pool's header; None when the
+    object is not pymalloc's (over 512 bytes, or the header's size class does not match)."""
+    size = sys.getsizeof(obj)
+    if size > 512:
+        return None
+    header = ctypes.string_at(id(obj) & _POOL_MASK, 40)
+    arenaindex, szidx = struct.unpack_from("<II", header, 32)
+    if szidx != (size + 15) // 16 - 1 or arenaindex > 1 << 20:  # not a pool header
+        return None
+    return arenaindex
+
+
+def _arena_census(out: Path) -> None:
+    """Which pymalloc arenas hold which live objects (the collector's objects and what they
+    point to): arenas that stay mapped after a burst and the few objects pinning them.
+    Objects that are not the collector's and nobody it knows points to are not seen, nor
+    are non-object blocks (dict key tables, list arrays)."""
+    seen: dict[int, object] = {}
+    for obj in gc.get_objects():
+        seen[id(obj)] = obj
+        for ref in gc.get_referents(obj):
+            seen.setdefault(id(ref), ref)
+    by_arena: dict[int, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for obj in seen.values():
+        arena = _arena_of(obj)
+        if arena is not None:
+            by_arena[arena][type(obj).__qualname__] += 1
+    del seen
+    earlier = _ARENAS_SEEN[0] if _ARENAS_SEEN else set()
+    _ARENAS_SEEN.append(set(by_arena))
+    new = len(set(by_arena) - earlier)
+    lines = [f"{len(by_arena)} arenas hold seen objects; {new} new since the first dump"]
+    for arena, found in sorted(by_arena.items(), key=lambda kv: sum(kv[1].values())):
+        mark = "new" if earlier and arena not in earlier else "old"
+        top = ", ".join(f"{n} {t}" for t, n in found.most_common(8))
+        lines.append(f"arena {arena} ({mark}) {sum(found.values())} objects: {top}")
+    out.write_text("\n".join(lines) + "\n")
 
 
 _profile: list[cProfile.Profile] = []
@@ -92,10 +151,10 @@ def main() -> int:
     if os.environ.get("SLUICE_TRACEMALLOC", "1") == "1":
         tracemalloc.start(16)
 
-    def on_signal(_sig: int, _frame: FrameType | None) -> None:
+    def on_signal(_sig: int, _frame: types.FrameType | None) -> None:
         _dump(out)
 
-    def on_profile(_sig: int, _frame: FrameType | None) -> None:
+    def on_profile(_sig: int, _frame: types.FrameType | None) -> None:
         _toggle_profile(out)
 
     signal.signal(signal.SIGUSR1, on_signal)

@@ -1,3 +1,3 @@
-from proxy.cli import main
+from proxy.launch import main
 
 raise SystemExit(main())

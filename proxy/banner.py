@@ -60,9 +60,14 @@ def _model(policy: Policy, workload: str) -> str:
     return ids[0]
 
 
-def banner(policy: Policy, source: str, url: str, upstream: str, store: str) -> str:
+def banner(
+    policy: Policy, source: str, url: str, upstream: str, store: str, allocator: str = "pymalloc"
+) -> str:
     """The text ``sluice serve`` prints once it listens."""
-    head = f"Sluice is listening on {url} (upstream: {upstream}; store: {store}).\n"
+    head = (
+        f"Sluice is listening on {url} "
+        f"(upstream: {upstream}; store: {store}; memory: {allocator}).\n"
+    )
     caller = _caller(policy)
     if caller is None:
         return head + _NO_CALLER + "Stop it with Ctrl-C.\n"

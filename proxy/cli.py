@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sluice`` command."""
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        return serve(args)
+        return serve(args)  # (run as a program, proxy/launch.py chose its allocator first)
     if args.command == "simulate":
         return simulate(args)
     if args.command == "cache":

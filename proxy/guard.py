@@ -17,6 +17,7 @@ all from the policy's ``server.connections`` section:
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,8 +47,10 @@ from proxy.guard_probe import (
     answer_started,
     probe_safe,
 )
+from proxy.lean import NO_CONTEXT, SmallQueue
 
 _IDLE, _HEAD, _BODY = 0, 1, 2
+
 _PREFIX = "server.connections."
 
 
@@ -86,6 +89,10 @@ class GuardedHandler(RequestHandler):
 
     def __init__(self, manager: web.Server, *, guard: GuardState, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        # aiohttp's queue of parsed requests is a deque: 760 bytes for every open
+        # connection, held streams included, where a list holds its one or two requests.
+        if isinstance(self._messages, collections.deque) and not self._messages:
+            self._messages = SmallQueue()  # type: ignore[assignment]
         self._guard = guard
         self._inner = manager.request_handler
         self._request_handler = self._guarded
@@ -208,9 +215,10 @@ class GuardedHandler(RequestHandler):
 
     def _body_done(self) -> None:
         if self._phase == _BODY:
-            # The body timer stays armed: one that fires idle does nothing (_body_expired),
-            # which is cheaper than a cancel and a new timer for every request's body.
             self._phase, self._body = _IDLE, None
+            # Not left armed to fire idle: a held stream would keep its timer (with its
+            # handle and context) for the body timeout, on every split request.
+            self._cancel_timer()
 
     def _head_expired(self) -> None:
         self._timer = None
@@ -252,7 +260,8 @@ class GuardedHandler(RequestHandler):
 
     def _arm(self, delay: float, callback: Any) -> None:
         self._cancel_timer()
-        self._timer = self._loop.call_later(delay, callback)
+        # (no context copied per timer: the callbacks read no context variable)
+        self._timer = self._loop.call_later(delay, callback, context=NO_CONTEXT)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

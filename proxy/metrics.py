@@ -11,6 +11,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
+from proxy.allocator import current as current_allocator
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60)
 
 
@@ -169,6 +171,13 @@ class Metrics:
             ["workload", "pool", "direction"],
             registry=r,
         )
+        allocator = Gauge(
+            "sluice_allocator_info",
+            "The memory allocator this process runs on (proxy/allocator.py): 1 for its name.",
+            ["allocator"],
+            registry=r,
+        )
+        allocator.labels(current_allocator()).set(1)
         self.in_flight = Gauge(
             "sluice_in_flight",
             "Requests in flight on this instance, per model pool.",

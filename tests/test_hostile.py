@@ -191,8 +191,8 @@ def _read_status(sock: socket.socket) -> tuple[int, bytes]:
 def test_stalled_body_of_a_later_request_on_the_connection_is_answered_408_on_time(
     proxy: Sluice,
 ) -> None:
-    # The first body arrives after its head, so its body timer is armed; it is left armed
-    # when the body completes, and must neither fire early nor late for the second body.
+    # The first body arrives after its head, so its body timer is armed; it is cancelled
+    # when the body completes, and the second body's own must fire neither early nor late.
     full = request("POST", f"/model/{HAIKU}/converse", converse_body(random.Random(3), 2))
     cut = full.index(b"\r\n\r\n") + 4
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
@@ -208,6 +208,36 @@ def test_stalled_body_of_a_later_request_on_the_connection_is_answered_408_on_ti
         elapsed = time.monotonic() - started
     assert status == 408 and b"body_timeout_seconds" in body
     assert TIMEOUT_S - 0.1 < elapsed < TIMEOUT_S + 2
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection(proxy: Sluice) -> None:
+    """Requests sent back to back before any answer (the connection's queue of parsed
+    requests is Sluice's SmallQueue, not aiohttp's deque) come back whole and in order."""
+    rng = random.Random(5)
+    bodies = [converse_body(rng, n) for n in (1, 3, 2, 4)]
+    data = b"".join(request("POST", f"/model/{HAIKU}/converse", body) for body in bodies)
+    data = request("GET", "/healthz", b"") + data
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(data)  # all five in one write: parsed together, queued
+        buffered = b""
+        answers: list[tuple[int, bytes]] = []
+        while len(answers) < 5:
+            while b"\r\n\r\n" not in buffered:
+                buffered += sock.recv(65536)
+            head, _, rest = buffered.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            length = next(
+                int(v)
+                for k, _, v in (h.partition(": ") for h in lines)
+                if k.lower() == "content-length"
+            )
+            while len(rest) < length:
+                rest += sock.recv(65536)
+            answers.append((int(lines[0].split()[1]), rest[:length]))
+            buffered = rest[length:]
+    assert [status for status, _ in answers] == [200] * 5
+    assert json.loads(answers[0][1]) == {"status": "ok"}
+    assert all("output" in json.loads(body) for _, body in answers[1:])
 
 
 def test_idle_connection_is_closed_after_the_keepalive_timeout(proxy: Sluice) -> None:

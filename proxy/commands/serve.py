@@ -10,6 +10,7 @@ import asyncio
 import ssl
 import sys
 
+from proxy.allocator import current as current_allocator
 from proxy.backend.keys import DEFAULT_FLEET
 from proxy.banner import banner as serve_banner
 from proxy.commands import env
@@ -100,6 +101,7 @@ def banner(args: argparse.Namespace, policy: Policy, upstream: str | None) -> st
         f"{'https' if args.tls_cert else 'http'}://{args.host}:{args.port}",
         upstream or "Amazon Bedrock",
         args.redis_url or "embedded",
+        current_allocator(),
     )
 
 

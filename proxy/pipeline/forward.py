@@ -6,6 +6,7 @@ Returns the response to send (Bedrock's own bytes and status, annotated) or
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -14,12 +15,14 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.streams import StreamReader
 
 from proxy.admission.estimate import parse_body
 from proxy.admission.gate import retry_headers
 from proxy.control.controller import Adaptivity
 from proxy.errors import BedrockError
 from proxy.eventstream import exception_frame
+from proxy.lean import SmallQueue
 from proxy.memory import BurstTrim
 from proxy.metrics import Metrics
 from proxy.pipeline.backoff import Backoff
@@ -219,11 +222,19 @@ class Forwarder:
         watcher = StreamUsage()
         self._streams.opened()
         try:
-            # iter_any hands over whatever arrived: no waiting to fill a buffer, so
-            # the first event leaves as soon as it comes in.
-            async for chunk in upstream.content.iter_any():
-                watcher.feed(chunk)
-                await response.write(chunk)
+            # take() hands over whatever arrived: no waiting to fill a buffer, so the first
+            # event leaves as soon as it comes in. (Read here, not through an async
+            # generator: no generator and coroutine per held stream.)
+            while (chunk := upstream.take()) is not None:
+                if chunk:
+                    watcher.feed(chunk)
+                    await response.write(chunk)
+                    continue
+                try:
+                    await upstream.wait()
+                except BaseException as exc:  # a read timeout, or the caller left
+                    upstream.abandon(exc)
+                    raise
             await response.write_eof()
         except ConnectionResetError:
             self._client_left(call, upstream)
@@ -301,4 +312,14 @@ def _release_request(request: web.Request, call: Call, upstream: UpstreamReply) 
     """
     call.body = b""
     request._read_bytes = None
+    payload = request.content
+    # Read to its end (fed its EOF, nothing left unread), it is never fed or read again:
+    # its empty deque (760 bytes) goes. (Not the shared EMPTY_PAYLOAD of a bodiless call;
+    # nothing where aiohttp's reader is not what this was written against.)
+    if (
+        type(payload) is StreamReader
+        and payload.at_eof()
+        and isinstance(getattr(payload, "_buffer", None), collections.deque)
+    ):
+        payload._buffer = SmallQueue()  # type: ignore[assignment]
     upstream.forget_headers()

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Final
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.lean import NO_CONTEXT
+
 if TYPE_CHECKING:
     from proxy.upstream_http.connection import Connection
 
@@ -42,7 +44,8 @@ class UpstreamConnectError(aiohttp.ClientConnectionError):
 
 class UpstreamReply:
     """One answer: status and headers, then the body whole (:meth:`read`) or as it comes
-    (:meth:`iter_any`, also as ``content.iter_any()`` like aiohttp's response).
+    (:meth:`take` and :meth:`wait`; :meth:`iter_any`, also as ``content.iter_any()`` like
+    aiohttp's response).
 
     The caller releases it (:meth:`release`) or closes it; one dropped without either is
     noticed by its connection (it holds the reply weakly), which then closes."""
@@ -56,6 +59,7 @@ class UpstreamReply:
         "_done",
         "_error",
         "_timeout_s",
+        "_timer",
         "_waiter",
         "headers",
         "status",
@@ -71,6 +75,7 @@ class UpstreamReply:
         self._done = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._body: bytes | None = None
 
     @property
@@ -101,25 +106,48 @@ class UpstreamReply:
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        waiter, timer = self._waiter, self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     # --- read by the caller ----------------------------------------------------------
 
-    async def _more(self) -> None:
-        """Wait for data or the end, at most the read timeout (aiohttp's ``sock_read``)."""
-        loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = (
-            None if self._timeout_s is None else loop.call_later(self._timeout_s, expire, waiter)
-        )
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
+    def take(self) -> bytes | None:
+        """What arrived since the last take, joined (``b""``: nothing yet, :meth:`wait`);
+        None at the end, or the answer's error raised. The relay of a held stream reads with
+        this and :meth:`wait` in its own frame: no generator, coroutine or timer context of
+        the reply's per stream (issue 12: the bytes each held stream costs)."""
+        chunks = self._take()
+        if chunks:
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if not self._done:
+            return b""
+        if self._error is not None:
+            # (the traceback dropped: a re-read would grow it, holding the frames' parts)
+            raise self._error.with_traceback(None)
+        return None
+
+    def wait(self) -> asyncio.Future[None]:
+        """Done when more arrives or the answer ends; fails with TimeoutError after the read
+        timeout (aiohttp's ``sock_read``). Call it only after :meth:`take` gave ``b""``; a
+        caller whose wait fails or is cancelled calls :meth:`abandon`."""
+        conn = self._conn
+        assert conn is not None and not self._done
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            return waiter  # one wait at a time: the same one again
+        if self._timer is not None:  # the last wait's, given up on (wait_for, a cancel)
+            self._timer.cancel()
+        waiter = self._waiter = conn.loop.create_future()
+        if self._timeout_s is not None:
+            # No context copy per timer (uvloop makes one otherwise): expire reads none.
+            self._timer = conn.loop.call_later(self._timeout_s, expire, waiter, context=NO_CONTEXT)
+        return waiter
 
     def _take(self) -> list[bytes]:
         chunks, self._chunks, self._buffered = self._chunks, [], 0
@@ -137,12 +165,11 @@ class UpstreamReply:
                 parts += self._take()
                 if self._done:
                     break
-                await self._more()
+                await self.wait()
         except BaseException as exc:
-            self._abandon(exc)
+            self.abandon(exc)
             raise
         if self._error is not None:
-            # (the traceback dropped: a re-read would grow it, holding the frames' parts)
             raise self._error.with_traceback(None)
         self._body = parts[0] if len(parts) == 1 else b"".join(parts)
         return self._body
@@ -150,25 +177,22 @@ class UpstreamReply:
     async def iter_any(self) -> AsyncIterator[bytes]:
         """Each piece of the body as it arrives (several joined when they came together)."""
         try:
-            while True:
-                chunks = self._take()
-                if chunks:
-                    yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                    continue
-                if self._done:
-                    break
-                await self._more()
+            while (chunk := self.take()) is not None:
+                if chunk:
+                    yield chunk
+                else:
+                    await self.wait()
         except GeneratorExit:
             raise  # the caller stopped iterating: the rest stays readable until release()
         except BaseException as exc:
-            self._abandon(exc)
+            self.abandon(exc)
             raise
-        if self._error is not None:
-            raise self._error.with_traceback(None)
 
-    def _abandon(self, exc: BaseException) -> None:
+    def abandon(self, exc: BaseException) -> None:
         """A read failed or was cancelled: drop the connection, and have a later read raise
         the same error (a timed-out answer read again is still a timeout, never a 503)."""
+        if exc is self._error:
+            return  # the answer's own error, raised by take(): nothing more to drop
         self.close(exc if isinstance(exc, aiohttp.ClientError | TimeoutError) else None)
 
     def release(self) -> None:

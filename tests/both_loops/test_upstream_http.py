@@ -83,6 +83,10 @@ async def serve() -> AsyncIterator[Callable[[Script], Awaitable[RawServer]]]:
         s.close()
 
 
+#: A chunked answer's head and first piece, then nothing (the upstream holds the connection).
+HELLO_THEN_NOTHING = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+
+
 def _pool(url: str, **kw: float) -> UpstreamPool:
     return UpstreamPool(
         url,
@@ -314,11 +318,7 @@ async def test_a_silent_upstream_times_out_and_loses_its_connection(
 async def test_a_cancelled_reader_drops_the_connection(
     serve_pool: ServePool,
 ) -> None:
-    script = _answers(
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", hold=True
-    )
-
-    raw, pool = await serve_pool(script)
+    raw, pool = await serve_pool(_answers(HELLO_THEN_NOTHING, hold=True))
     reply = await pool.request("POST", "/", HEADERS, b"", 5.0)
 
     async def consume() -> None:
@@ -850,3 +850,74 @@ async def test_chunked_named_on_a_second_transfer_encoding_line_still_frames_the
     reply = await pool.request("POST", "/", HEADERS, b"", 5.0)
     with pytest.raises(aiohttp.ClientPayloadError):
         await reply.read()
+
+
+async def test_take_and_wait_hand_over_each_piece_and_keep_no_timer_between_waits(
+    serve_pool: ServePool,
+) -> None:
+    """The relay of a held stream reads with take()/wait(): each piece as it comes, the
+    end as None, and no read-timeout timer or waiter kept once a wait is over."""
+    pieces = asyncio.Queue[bytes]()
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while (piece := await pieces.get()) != b"":
+            w.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        w.write(b"0\r\n\r\n")
+        await r.read()
+
+    _raw, pool = await serve_pool(script)
+    reply = await pool.request("POST", "/", HEADERS, b"", 5.0)
+    got: list[bytes] = []
+    for piece in (b"one", b"two", b""):
+        assert reply.take() == b""  # nothing yet: wait
+        waiting = reply.wait()
+        assert reply._timer is not None  # armed while it waits
+        await pieces.put(piece)
+        await asyncio.wait_for(waiting, 2.0)
+        assert reply._timer is None and reply._waiter is None  # disarmed by the data
+        chunk = reply.take()
+        if chunk is None:
+            break
+        got.append(chunk)
+    assert got == [b"one", b"two"]
+    assert reply.take() is None  # and stays at the end
+
+
+async def test_a_wait_given_up_on_leaves_no_timer_behind(serve_pool: ServePool) -> None:
+    """Waiting again while a wait is pending is the same wait; a wait given up on (as
+    wait_for does) has its timer cancelled by the next one: one timer, never two."""
+    script = _answers(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", hold=True)
+    _raw, pool = await serve_pool(script)
+    reply = await pool.request("POST", "/", HEADERS, b"", 5.0)
+    first = reply.wait()
+    first_timer = reply._timer
+    assert first_timer is not None
+    assert reply.wait() is first and reply._timer is first_timer
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(first, 0.05)  # cancels the future, not the reply's timer
+    second = reply.wait()
+    assert second is not first and first_timer.cancelled()
+    assert reply._timer is not None and not reply._timer.cancelled()
+    reply.close()
+    assert second.done() and reply._timer is None
+
+
+async def test_a_stalled_take_and_wait_times_out_and_reads_as_a_timeout_after(
+    serve_pool: ServePool,
+) -> None:
+    raw, pool = await serve_pool(_answers(HELLO_THEN_NOTHING, hold=True))
+    reply = await pool.request("POST", "/", HEADERS, b"", 0.3)
+    await _until(lambda: reply._buffered > 0)
+    assert reply.take() == b"hello"
+    assert reply.take() == b""
+    with pytest.raises(TimeoutError) as stalled:
+        await reply.wait()
+    reply.abandon(stalled.value)
+    await _until(lambda: raw.closed == 1)
+    assert raw.closed == 1 and pool.open == 0  # the upstream sees the call dropped
+    with pytest.raises(TimeoutError):  # the same error again, never a 503
+        reply.take()
+    with pytest.raises(TimeoutError):
+        reply.abandon(TimeoutError("ignored"))  # abandoning twice changes nothing
+        reply.take()

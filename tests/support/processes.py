@@ -141,7 +141,9 @@ class Proc:
 
 
 def _env(extra: dict[str, str] | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SLUICE_"))}
+    # (nor the developer's allocator settings: proxy/allocator.py decides, tests say)
+    skip = ("AWS_", "SLUICE_", "LD_PRELOAD", "PYTHONMALLOC", "MALLOC_CONF")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
     env["PYTHONPATH"] = str(ROOT)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
