@@ -128,7 +128,13 @@ def main() -> int:
         vg = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
         argv = [a.replace(str(PROJECT_ROOT), str(args.tree)) for a in argv]
         sluice = ManagedProcess(
-            "sluice", [*vg, *argv], log_dir=workdir, env=spec.env, cwd=args.tree
+            "sluice",
+            [*vg, *argv],
+            log_dir=workdir,
+            # On CPython's allocator: `sluice serve` would re-execute itself on jemalloc
+            # (proxy/allocator.py) and valgrind does not follow an exec.
+            env={**spec.env, "SLUICE_ALLOCATOR": "pymalloc"},
+            cwd=args.tree,
         )
         procs.append(sluice)
         sluice.wait_http(f"http://127.0.0.1:{port}/healthz", timeout=600)

@@ -139,7 +139,19 @@ def restore_environment(environ: MutableMapping[str, str]) -> None:
     saved = environ.pop(SAVED, None)
     if saved is None:
         return
-    for name, value in json.loads(saved).items():
+    try:
+        values = json.loads(saved)
+    except ValueError:
+        values = None
+    if not isinstance(values, dict) or any(
+        name not in _CHANGED or not (value is None or isinstance(value, str))
+        for name, value in values.items()
+    ):
+        # Not one this module wrote (copied from another process's environment, say):
+        # nothing of it is applied.
+        log.warning("ignoring a malformed %s", SAVED)
+        return
+    for name, value in values.items():
         if value is None:
             environ.pop(name, None)
         else:
@@ -152,13 +164,13 @@ def choose() -> None:
     Raises AllocatorError (exit 2) when ``SLUICE_ALLOCATOR`` cannot be honoured."""
     reexecuted = SAVED in os.environ
     env = reexec_environment(os.environ, ignores_environment=bool(sys.flags.ignore_environment))
-    if env is not None and sys.orig_argv[1:2] != ["-"]:  # (a script read from stdin is gone)
+    if env is not None and sys.argv[0] not in ("-", ""):  # (a script read from stdin is gone)
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
         try:
             os.execve(sys.executable, sys.orig_argv, env)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # (ValueError: an empty argv, no executable)
             if os.environ.get(ENV, "").strip().lower() == "jemalloc":
                 raise AllocatorError(f"{ENV}=jemalloc: re-executing failed: {exc}") from exc
             print(f"sluice: staying on {current()}: re-executing failed: {exc}", file=sys.stderr)

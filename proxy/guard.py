@@ -91,7 +91,10 @@ class GuardedHandler(RequestHandler):
         super().__init__(manager, **kwargs)
         # aiohttp's queue of parsed requests is a deque: 760 bytes for every open
         # connection, held streams included, where a list holds its one or two requests.
-        if isinstance(self._messages, collections.deque) and not self._messages:
+        # Only where aiohttp caps that queue (3.14.5+: _max_msg_queue_size): popleft is
+        # O(n) on a list, and an uncapped queue of pipelined requests could grow long.
+        capped = getattr(self, "_max_msg_queue_size", 0)
+        if capped and isinstance(self._messages, collections.deque) and not self._messages:
             self._messages = SmallQueue()  # type: ignore[assignment]
         self._guard = guard
         self._inner = manager.request_handler
@@ -207,8 +210,7 @@ class GuardedHandler(RequestHandler):
             if payload is not None and not payload.is_eof():
                 self._phase, self._body, self._last_read = _BODY, payload, self._loop.time()
                 payload.on_eof(self._body_done)
-                if self._timer is None:  # else an earlier body's timer: it re-arms for the rest
-                    self._arm(self._guard.limits.body_timeout_seconds, self._body_expired)
+                self._arm(self._guard.limits.body_timeout_seconds, self._body_expired)
         elif phase == _IDLE and data:
             self._phase = _HEAD  # the first bytes of a head that is not complete yet
             self._arm(self._guard.limits.header_timeout_seconds, self._head_expired)

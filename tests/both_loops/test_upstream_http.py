@@ -916,8 +916,10 @@ async def test_a_stalled_take_and_wait_times_out_and_reads_as_a_timeout_after(
     reply.abandon(stalled.value)
     await _until(lambda: raw.closed == 1)
     assert raw.closed == 1 and pool.open == 0  # the upstream sees the call dropped
-    with pytest.raises(TimeoutError):  # the same error again, never a 503
+    with pytest.raises(TimeoutError) as again:  # the same error again, never a 503
         reply.take()
-    with pytest.raises(TimeoutError):
-        reply.abandon(TimeoutError("ignored"))  # abandoning twice changes nothing
+    assert again.value is stalled.value
+    reply.abandon(TimeoutError("ignored"))  # abandoning twice changes nothing
+    with pytest.raises(TimeoutError) as third:
         reply.take()
+    assert third.value is stalled.value
