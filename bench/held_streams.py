@@ -40,7 +40,6 @@ import signal
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from common import (
     start_redis,
     timestamp,
 )
+from scenario_load import http_call
 from systems import PY, SYSTEMS, ProxyContext
 
 sys.path.insert(0, str(PROJECT_ROOT))
@@ -195,8 +195,7 @@ async def drive(
 
 def allocator(metrics_url: str) -> str:
     """The allocator Sluice says it runs on (``sluice_allocator_info``; SLUICE_ALLOCATOR)."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
-        text = resp.read().decode()
+    text = http_call("GET", metrics_url).decode()
     found = re.search(r'sluice_allocator_info\{allocator="([a-z]+)"\} 1', text)
     return found.group(1) if found else "?"
 

@@ -52,7 +52,8 @@ class AllocatorError(Exception):
     """``SLUICE_ALLOCATOR`` cannot be honoured (exit 2 with this message)."""
 
 
-def _mallctl() -> Callable[..., int] | None:
+@functools.cache
+def mallctl() -> Callable[..., int] | None:
     """jemalloc's ``mallctl`` when jemalloc serves this process's ``malloc``."""
     try:
         mallctl = ctypes.CDLL(None).mallctl
@@ -70,7 +71,7 @@ def current() -> str:
     own) or ``malloc`` (the C library's). Read once, at the first call: the environment
     that chose it is put back afterwards (:func:`restore_environment`)."""
     if not sys.flags.ignore_environment and os.environ.get("PYTHONMALLOC") == "malloc":
-        return "jemalloc" if _mallctl() is not None else "malloc"
+        return "jemalloc" if mallctl() is not None else "malloc"
     return "pymalloc"
 
 
@@ -79,6 +80,17 @@ def find_jemalloc() -> str | None:
     soname would refuse :data:`MALLOC_CONF`'s decay settings)."""
     found = ctypes.util.find_library("jemalloc")
     return found if found is not None and os.path.basename(found) == LIBRARY else None
+
+
+def _mode(environ: Mapping[str, str]) -> str:
+    """``SLUICE_ALLOCATOR``, checked (AllocatorError names it and the choices)."""
+    mode = environ.get(ENV, "auto").strip().lower() or "auto"
+    if mode not in CHOICES:
+        raise AllocatorError(
+            f"{ENV}={environ[ENV]!r} is not one of {', '.join(CHOICES)} "
+            "(the memory allocator sluice serve runs on)"
+        )
+    return mode
 
 
 def reexec_environment(
@@ -91,12 +103,7 @@ def reexec_environment(
 
     Raises :class:`AllocatorError` for a bad ``SLUICE_ALLOCATOR``, or ``jemalloc`` asked for
     and not possible."""
-    mode = environ.get(ENV, "auto").strip().lower() or "auto"
-    if mode not in CHOICES:
-        raise AllocatorError(
-            f"{ENV}={environ[ENV]!r} is not one of {', '.join(CHOICES)} "
-            "(the memory allocator sluice serve runs on)"
-        )
+    mode = _mode(environ)
     if mode == "pymalloc" or running() == "jemalloc":
         return None
     if SAVED in environ:  # re-executed already, and jemalloc did not load: never again
@@ -171,21 +178,10 @@ def choose() -> None:
         try:
             os.execve(sys.executable, sys.orig_argv, env)
         except (OSError, ValueError) as exc:  # (ValueError: an empty argv, no executable)
-            if os.environ.get(ENV, "").strip().lower() == "jemalloc":
+            if _mode(os.environ) == "jemalloc":
                 raise AllocatorError(f"{ENV}=jemalloc: re-executing failed: {exc}") from exc
             print(f"sluice: staying on {current()}: re-executing failed: {exc}", file=sys.stderr)
     elif reexecuted and current() != "jemalloc":
         print(f"sluice: {LIBRARY} did not load; running on {current()}", file=sys.stderr)
     current()  # read before the environment that decided it goes back
     restore_environment(os.environ)
-
-
-def purge() -> None:
-    """Have jemalloc hand its freed pages back now instead of after ``dirty_decay_ms``
-    (``arena.<MALLCTL_ARENAS_ALL>.purge``); nothing on other allocators."""
-    mallctl = _mallctl() if current() == "jemalloc" else None
-    if mallctl is None:
-        return
-    failed = mallctl(b"arena.4096.purge", None, None, None, 0)
-    if failed:
-        log.warning("jemalloc purge failed", extra={"fields": {"errno": failed}})

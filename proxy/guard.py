@@ -94,7 +94,7 @@ class GuardedHandler(RequestHandler):
         # Only where aiohttp caps that queue (3.14.5+: _max_msg_queue_size): popleft is
         # O(n) on a list, and an uncapped queue of pipelined requests could grow long.
         capped = getattr(self, "_max_msg_queue_size", 0)
-        if capped and isinstance(self._messages, collections.deque) and not self._messages:
+        if capped and isinstance(self._messages, collections.deque):
             self._messages = SmallQueue()  # type: ignore[assignment]
         self._guard = guard
         self._inner = manager.request_handler

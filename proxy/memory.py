@@ -19,7 +19,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from proxy.allocator import purge
+from proxy.allocator import current as current_allocator
+from proxy.allocator import mallctl
 
 log = logging.getLogger("sluice.memory")
 
@@ -47,8 +48,19 @@ def release_memory() -> float:
     gc.collect()
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
-    purge()  # jemalloc's freed pages now, not after its decay time
+    purge_jemalloc()
     return time.perf_counter() - started
+
+
+def purge_jemalloc() -> None:
+    """Have jemalloc hand its freed pages back now instead of after its ``dirty_decay_ms``
+    (``arena.<MALLCTL_ARENAS_ALL>.purge``); nothing on other allocators."""
+    control = mallctl() if current_allocator() == "jemalloc" else None
+    if control is None:
+        return
+    failed = control(b"arena.4096.purge", None, None, None, 0)
+    if failed:
+        log.warning("jemalloc purge failed", extra={"fields": {"errno": failed}})
 
 
 class BurstTrim:

@@ -190,9 +190,8 @@ class UpstreamReply:
 
     def abandon(self, exc: BaseException) -> None:
         """A read failed or was cancelled: drop the connection, and have a later read raise
-        the same error (a timed-out answer read again is still a timeout, never a 503)."""
-        if exc is self._error:
-            return  # the answer's own error, raised by take(): nothing more to drop
+        the same error (a timed-out answer read again is still a timeout, never a 503).
+        After the answer's end (its own error raised by take(), say) it changes nothing."""
         self.close(exc if isinstance(exc, aiohttp.ClientError | TimeoutError) else None)
 
     def release(self) -> None:
