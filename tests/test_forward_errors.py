@@ -125,11 +125,14 @@ def _frames_then(after: str) -> Callable[..., Any]:
 
 
 @pytest.mark.parametrize(
-    ("after", "exception"),
-    [("stall", "modelTimeoutException"), ("cut", "internalServerException")],
+    ("after", "exception", "says"),
+    [
+        ("stall", "modelTimeoutException", "within the upstream read timeout"),
+        ("cut", "internalServerException", "the upstream stream failed: Client"),
+    ],
 )
 async def test_an_upstream_failing_mid_stream_ends_the_stream_with_an_exception_event(
-    monkeypatch: pytest.MonkeyPatch, after: str, exception: str
+    monkeypatch: pytest.MonkeyPatch, after: str, exception: str, says: str
 ) -> None:
     """Once a stream has started no HTTP error is possible: Sluice ends it with Bedrock's
     exception event (boto3 raises EventStreamError, never a truncated stream), counts it,
@@ -143,6 +146,7 @@ async def test_an_upstream_failing_mid_stream_ends_the_stream_with_an_exception_
     await server.start_server()
     decoder = EventStreamDecoder()
     kinds: list[str] = []
+    messages: list[dict[str, Any]] = []
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
@@ -154,11 +158,14 @@ async def test_an_upstream_failing_mid_stream_ends_the_stream_with_an_exception_
                     kinds.append(
                         str(msg.headers.get(":event-type") or msg.headers.get(":exception-type"))
                     )
+                    if msg.headers.get(":message-type") == "exception":
+                        messages.append(orjson.loads(msg.payload))
         metrics = generate_latest(app[METRICS].registry).decode()
     finally:
         await server.close()
         upstream.close()
         await upstream.wait_closed()
     assert kinds == ["messageStart", exception]
+    assert len(messages) == 1 and says in messages[0]["message"]  # Bedrock's shape, the cause
     counted = f'sluice_upstream_errors_total{{error_type="{exception}",pool="haiku"}} 1.0'
     assert counted in metrics
