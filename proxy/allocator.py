@@ -46,6 +46,9 @@ MALLOC_CONF: Final = "narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0"
 #: also marks the re-executed process, so a jemalloc that did not load is never retried.
 SAVED: Final = "SLUICE_ALLOCATOR_SAVED"
 _CHANGED: Final = ("LD_PRELOAD", "PYTHONMALLOC", "MALLOC_CONF")
+#: Set on the second re-execution, back to the operator's environment after jemalloc did
+#: not load under ``auto``: no third.
+FELL_BACK: Final = "SLUICE_ALLOCATOR_FELL_BACK"
 
 
 class AllocatorError(Exception):
@@ -106,6 +109,8 @@ def reexec_environment(
     mode = _mode(environ)
     if mode == "pymalloc" or running() == "jemalloc":
         return None
+    if mode == "auto" and FELL_BACK in environ:
+        return None  # jemalloc did not load when preloaded: as the operator started it
     if SAVED in environ:  # re-executed already, and jemalloc did not load: never again
         if mode == "jemalloc":
             raise AllocatorError(
@@ -172,16 +177,30 @@ def choose() -> None:
     reexecuted = SAVED in os.environ
     env = reexec_environment(os.environ, ignores_environment=bool(sys.flags.ignore_environment))
     if env is not None and sys.argv[0] not in ("-", ""):  # (a script read from stdin is gone)
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
-        try:
-            os.execve(sys.executable, sys.orig_argv, env)
-        except (OSError, ValueError) as exc:  # (ValueError: an empty argv, no executable)
-            if _mode(os.environ) == "jemalloc":
-                raise AllocatorError(f"{ENV}=jemalloc: re-executing failed: {exc}") from exc
-            print(f"sluice: staying on {current()}: re-executing failed: {exc}", file=sys.stderr)
-    elif reexecuted and current() != "jemalloc":
+        _exec(env)  # returns only if it failed
+    elif reexecuted and current() != "jemalloc" and _mode(os.environ) == "auto":
+        # auto (jemalloc asked for raised above): PYTHONMALLOC=malloc without jemalloc is
+        # the C library's malloc, which nobody chose. Once more, as the operator started it.
+        restore_environment(os.environ)
+        _exec({**os.environ, FELL_BACK: "1"})
         print(f"sluice: {LIBRARY} did not load; running on {current()}", file=sys.stderr)
+    elif os.environ.pop(FELL_BACK, None) is not None:
+        print(
+            f"sluice: {LIBRARY} did not load when preloaded; running on {current()}",
+            file=sys.stderr,
+        )
     current()  # read before the environment that decided it goes back
     restore_environment(os.environ)
+
+
+def _exec(env: dict[str, str]) -> None:
+    """This command again with ``env`` (same pid); returns only if that failed."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    try:
+        os.execve(sys.executable, sys.orig_argv, env)
+    except (OSError, ValueError) as exc:  # (ValueError: an empty argv, no executable)
+        if _mode(os.environ) == "jemalloc":
+            raise AllocatorError(f"{ENV}=jemalloc: re-executing failed: {exc}") from exc
+        print(f"sluice: staying on {current()}: re-executing failed: {exc}", file=sys.stderr)

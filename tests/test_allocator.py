@@ -16,6 +16,7 @@ import pytest
 
 from proxy import allocator
 from proxy.allocator import (
+    FELL_BACK,
     MALLOC_CONF,
     SAVED,
     AllocatorError,
@@ -233,18 +234,29 @@ def test_serve_refuses_a_bad_allocator_with_exit_2(value: str) -> None:
     assert f"SLUICE_ALLOCATOR={value!r} is not one of auto, jemalloc, pymalloc" in done.stderr
 
 
-def test_a_preload_that_did_not_load_is_said_and_never_retried(
+def test_a_preload_that_did_not_load_falls_back_to_the_operators_environment(
     make_simulator: Callable[..., Simulator], make_sluice: Callable[..., Sluice]
 ) -> None:
-    """As if re-executed (SAVED set) with jemalloc absent: it says so and serves on the C
-    library's malloc, no second exec."""
+    """As if re-executed (SAVED set) with jemalloc absent: rather than stay on the C
+    library's malloc, which nobody chose, it re-executes once more as the operator started
+    it (same pid) and says so; no third time."""
     sim = make_simulator()
+    unset = json.dumps({"LD_PRELOAD": None, "PYTHONMALLOC": None, "MALLOC_CONF": None})
     proxy = make_sluice(
-        upstream=sim.url, env={SAVED: "{}", "PYTHONMALLOC": "malloc", "LD_PRELOAD": ""}
+        upstream=sim.url, env={SAVED: unset, "PYTHONMALLOC": "malloc", "LD_PRELOAD": ""}
     )
     assert "libjemalloc" not in _maps(proxy.popen.pid)
-    assert "did not load; running on malloc" in proxy.stderr()
-    assert 'sluice_allocator_info{allocator="malloc"} 1.0' in proxy.metrics()
+    started_with = _environ(proxy.popen.pid)  # the environment of the last exec
+    assert started_with.get(FELL_BACK) == "1"
+    assert "PYTHONMALLOC" not in started_with and SAVED not in started_with
+    assert "did not load when preloaded; running on pymalloc" in proxy.stderr()
+    assert 'sluice_allocator_info{allocator="pymalloc"} 1.0' in proxy.metrics()
+
+
+def test_after_falling_back_it_never_tries_jemalloc_again() -> None:
+    assert _env_for({FELL_BACK: "1", "PATH": "/bin"}) is None
+    # jemalloc asked for outright is still tried (the marker is auto's only).
+    assert _env_for({FELL_BACK: "1", "SLUICE_ALLOCATOR": "jemalloc"}) is not None
 
 
 def test_jemalloc_asked_for_that_did_not_load_is_exit_2() -> None:

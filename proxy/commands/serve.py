@@ -132,6 +132,8 @@ def serve(args: argparse.Namespace) -> int:
 def _serve_one(args: argparse.Namespace, policy: Policy, tls: ssl.SSLContext | None) -> int:
     """This process serves (alone, or as one of ``--workers`` sharing the port)."""
     from proxy.app import Settings, build_app
+    from proxy.backend import BackendUnavailable
+    from proxy.credentials import NoCredentialsFoundError
 
     settings = Settings(
         upstream=args.upstream,
@@ -158,5 +160,11 @@ def _serve_one(args: argparse.Namespace, policy: Policy, tls: ssl.SSLContext | N
         return 1
     except PolicyError as exc:
         print(exc, file=sys.stderr)
+        return 2
+    except BackendUnavailable as exc:  # Redis down or unreachable at start
+        print(f"sluice: cannot start: the quota store did not answer: {exc}", file=sys.stderr)
+        return 1
+    except NoCredentialsFoundError as exc:
+        print(f"sluice: cannot start: {exc}", file=sys.stderr)
         return 2
     return 0

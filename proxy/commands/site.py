@@ -63,6 +63,13 @@ async def run_site(
     # upstream call and release its lease at once, not at the next write.
     from proxy.guard import guarded_runner  # timeouts, caps, Bedrock-shaped protocol errors
 
+    # Listening for SIGTERM/SIGINT before the start-up work (Redis, credentials, the
+    # policy): one that comes meanwhile stops the instance cleanly once it is up, instead
+    # of killing it half-started.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     runner = guarded_runner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
@@ -82,10 +89,6 @@ async def run_site(
         gc.freeze()
         if banner:
             print(banner, file=sys.stderr, flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
         await runner.cleanup()

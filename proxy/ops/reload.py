@@ -24,6 +24,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from proxy import hangup
 from proxy.backend.client import FAILURES, redis_client
 from proxy.backend.versions import PolicyVersions, Version, diff, parse_text, sha_of
 from proxy.config import DEFAULT_POLICY, PolicyError
@@ -133,11 +134,14 @@ class Reloader:
         self._tasks.append(asyncio.create_task(self._run()))
         with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.hup)
+        if hangup.taken():  # one came while starting: the file read above may predate it
+            self.hup()
 
     async def close(self) -> None:
         """Stop following; the policy in force stays."""
         with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        hangup.hold()  # (that restored the default: a reload sent while stopping would kill)
         await stop_tasks(self._tasks, "policy reloader")
         if self._client is not None:
             await self._client.aclose()
