@@ -10,8 +10,10 @@ all from the policy's ``server.connections`` section:
   requests still sending their body — the ones nobody has identified yet;
 * parser rejections (bad method, oversized lines, too many headers, ...) answered in
   Bedrock's shape and logged as one rate-limited structured warning, no traceback;
-* a client that half-closes (``SHUT_WR``) after a full request still gets its answer,
-  while one that closed its socket has its call cancelled (``_probe``).
+* a client that half-closes (``SHUT_WR``) after full requests still gets every answer,
+  while one that closed its socket has its call cancelled (``_probe``);
+* bad chunk framing once a body started ends that body with a Bedrock-shaped 400 (aiohttp
+  would queue the error as a request of its own and leave the body waiting forever).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -50,6 +54,9 @@ from proxy.guard_probe import (
 from proxy.lean import NO_CONTEXT, SmallQueue
 
 _IDLE, _HEAD, _BODY = 0, 1, 2
+#: How a split body is framed, for finding what follows its last byte (_arm_after_body):
+#: its Content-Length of undecoded bytes, chunked, or neither (decompressed as it comes).
+_LENGTH, _CHUNKED, _OTHER = 0, 1, 2
 
 _PREFIX = "server.connections."
 
@@ -65,8 +72,17 @@ class GuardState:
     unauthenticated: int = 0
 
 
-class BodyTimeout(BedrockError):
-    """Raised from ``request.read()`` when the client stops sending its body."""
+class BodyRefused(BedrockError):
+    """Raised from ``request.read()`` when the guard ends a body (already counted and
+    logged then: not logged again when it escapes aiohttp's lingering read)."""
+
+
+class BodyTimeout(BodyRefused):
+    """The client stopped sending its body."""
+
+
+class BodyMalformed(BodyRefused):
+    """The body's chunked framing broke after it started."""
 
 
 class GuardedHandler(RequestHandler):
@@ -78,7 +94,9 @@ class GuardedHandler(RequestHandler):
         "_answering",
         "_body",
         "_counted",
+        "_framing",
         "_guard",
+        "_half_closed",
         "_inner",
         "_last_read",
         "_phase",
@@ -104,7 +122,9 @@ class GuardedHandler(RequestHandler):
         self._probe_timer: asyncio.TimerHandle | None = None
         self._probes = READY
         self._answering = False
-        self._body: Any = None
+        self._body: StreamReader | None = None
+        self._framing = _OTHER
+        self._half_closed = False  # FIN received with requests unanswered: close once done
         self._last_read = 0.0
         self._counted = False
         self._answered = 0  # responses finished; _request_count counts requests parsed
@@ -144,16 +164,24 @@ class GuardedHandler(RequestHandler):
         super().connection_lost(exc)
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio reads the bool
-        # A client that shut its write side after a whole request still reads the
-        # answer: keep our side open until it is sent, then close. (TLS has no half-close
-        # here: its transport ignores True, so a FIN ends the call at once.)
-        if self._probes != TLS and self._phase == _IDLE and self._request_count > self._answered:
-            self.close()
-            if self._probes == READY:  # once per connection (uvloop may call this again)
-                self._probes = PROBING
-                self._probe(0)
-            return True
-        return False
+        # A client that shut its write side after whole requests still reads the answers:
+        # keep our side open until every request it sent is answered, then close
+        # (finish_response). Not close() here: aiohttp would stop after the current one
+        # and drop the pipelined rest. (TLS has no half-close here: its transport ignores
+        # True, so a FIN ends the call at once.) Mid-body, the body can never complete:
+        # closed, and the handler reading it is cancelled.
+        if self._probes == TLS or self._phase == _BODY or self._request_count <= self._answered:
+            return False
+        if self._phase == _HEAD:
+            # The rest of this head can never come: answer the requests before it, then
+            # close, rather than wait for the header timeout to cut them.
+            self._cancel_timer()
+            self._phase = _IDLE
+        self._half_closed = True
+        if self._probes == READY:  # once per connection (uvloop may call this again)
+            self._probes = PROBING
+            self._probe(0)
+        return True
 
     def _probe(self, n: int) -> None:
         """Probe a FIN'd connection (:mod:`proxy.guard_probe`): probe ``n``, then the next
@@ -184,6 +212,8 @@ class GuardedHandler(RequestHandler):
         finally:
             self._answering = False
             self._answered += 1
+            if self._half_closed and self._answered >= self._request_count:
+                self.close()  # the last request sent before the FIN is answered
 
     def _process_keepalive(self) -> None:
         open_before = not self._force_close
@@ -195,25 +225,83 @@ class GuardedHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         phase = self._phase
-        if phase == _BODY:
+        body = self._body  # (not None: phase _BODY)
+        had = 0
+        if body is not None:
             self._last_read = self._loop.time()
+            had = body.total_bytes
         before = self._request_count
         RequestHandler.data_received(self, data)  # (no super object made per read)
         if (added := self._request_count - before) != 0:
-            # A head completed (the usual case: head and body in one read, no timer set).
-            if phase == _HEAD:
-                self._cancel_timer()
-            if self._probes == READY and not probe_safe(self._messages, added):
-                self._probes = NEVER
-            self._phase = _IDLE
-            payload = self._messages[-1][1] if self._messages else None
-            if payload is not None and not payload.is_eof():
-                self._phase, self._body, self._last_read = _BODY, payload, self._loop.time()
-                payload.on_eof(self._body_done)
-                self._arm(self._guard.limits.body_timeout_seconds, self._body_expired)
-        elif phase == _IDLE and data:
-            self._phase = _HEAD  # the first bytes of a head that is not complete yet
+            self._parsed(phase, added)
+        elif phase == _IDLE:
+            # Bare CRLFs before a request line are ignored (RFC 9112 2.2), so they start no
+            # head: one sent while an answer streams must not arm a timer that cuts it.
+            if data.strip(b"\r\n"):
+                self._phase = _HEAD  # the first bytes of a head that is not complete yet
+                self._arm(self._guard.limits.header_timeout_seconds, self._head_expired)
+        elif body is not None and self._phase == _IDLE:
+            self._arm_after_body(body, data, had)
+
+    def _parsed(self, phase: int, added: int) -> None:
+        """``added`` requests were queued by the read (``phase``: the one before it)."""
+        head, payload = self._messages[-1]
+        if self._body is not None and not isinstance(head, RawRequestMessage):
+            # No head completes before the body in progress: this is the parser's error
+            # inside that body (bad chunk framing).
+            self._refuse_body(self._body)
+            return
+        # A head completed (the usual case: head and body in one read, no timer set).
+        if phase == _HEAD:
+            self._cancel_timer()
+        if self._probes == READY and not probe_safe(self._messages, added):
+            self._probes = NEVER
+        self._phase = _IDLE
+        if isinstance(head, RawRequestMessage) and not payload.is_eof():  # (_ErrInfo: empty)
+            self._phase, self._body, self._last_read = _BODY, payload, self._loop.time()
+            self._framing = (
+                _CHUNKED if head.chunked else _LENGTH if head.compression is None else _OTHER
+            )
+            payload.on_eof(self._body_done)
+            self._arm(self._guard.limits.body_timeout_seconds, self._body_expired)
+
+    def _arm_after_body(self, body: StreamReader, data: bytes, had: int) -> None:
+        """The body ended in this read and no head completed: if the next head started in
+        it, time that head (else only the keep-alive timeout would). aiohttp's parser keeps
+        those bytes out of reach: they are found from the body's framing instead. A
+        Content-Length body's bytes are counted by its reader; a chunked body ends with its
+        read's last CRLF CRLF (a partial head has none); a compressed one is not told."""
+        if self._framing == _LENGTH:
+            rest = data[body.total_bytes - had :]
+        elif self._framing == _CHUNKED and (end := data.rfind(b"\r\n\r\n")) >= 0:
+            rest = data[end + 4 :]
+        else:
+            return
+        if rest.strip(b"\r\n"):
+            self._phase = _HEAD
             self._arm(self._guard.limits.header_timeout_seconds, self._head_expired)
+
+    def _refuse_body(self, body: StreamReader) -> None:
+        """The parser failed inside the body in progress. aiohttp queued its error as a
+        request of its own and left the body waiting for bytes the parser will never pass
+        on: the handler would wait forever, holding its unauthenticated slot, and a FIN
+        would find a request unanswered and keep the socket half-open. Instead the error is
+        taken off the queue (one answer per request) and ends the body: its handler answers
+        the 400, and the connection closes after it."""
+        error = self._messages.pop()[0]
+        self._request_count -= 1
+        exc = getattr(error, "exc", None)
+        rejection = describe(
+            exc if isinstance(exc, BaseException) else None, 400, self._guard.limits
+        )
+        self._guard.metrics.protocol_errors.labels(rejection.reason).inc()
+        self._note(rejection, error=type(exc).__name__)
+        self._phase, self._body = _IDLE, None
+        self._cancel_timer()
+        body.set_exception(
+            BodyMalformed(rejection.error_type, rejection.message, status=rejection.status)
+        )
+        self.close()  # the parser is spent: nothing more can be read on this connection
 
     def _body_done(self) -> None:
         if self._phase == _BODY:
@@ -236,8 +324,10 @@ class GuardedHandler(RequestHandler):
             "header_timeout",
         )
         if self._request_in_progress or self._messages:
+            # An answer is under way: never interleave another, never cut it (a stray byte
+            # must not end a stream). The connection closes once it is sent.
             self._note(rejection)
-            self.force_close()  # an answer is being written: never interleave another
+            self.close()
         else:
             self._reject_raw(rejection)
 
@@ -340,8 +430,8 @@ class GuardedHandler(RequestHandler):
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         exc = kw.get("exc_info")
-        if isinstance(exc, BodyTimeout):
-            return  # already counted and logged when the timer fired
+        if isinstance(exc, BodyRefused):
+            return  # already counted and logged when the guard ended the body
         name = type(exc).__name__ if isinstance(exc, BaseException) else None
         self._guard.log.warn("connection_error", self._peer(), error=name)
 
