@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.admission import Store, StoreUnavailable
@@ -194,7 +195,7 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     add_routes(app)
-    app.router.add_route("*", "/{tail:.*}", dispatch)
+    app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=expect_continue)
     return app
 
 
@@ -254,6 +255,39 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     """Every path that is not Sluice's own goes to the Bedrock handler in force."""
     # The pipeline's own coroutine, not LiveProxy.handle's: one call less per request.
     return await request.app[LIVE].proxy.handle(request)
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: invite the body only if Sluice would take it.
+
+    aiohttp's default handler sends ``100 Continue`` to every such request, so a client
+    would upload a body the handler then refuses for its size; here a Content-Length over
+    ``server.max_body_bytes`` gets its 413 (counted like the handler's, in
+    ``sluice_rejections``) instead, with ``Connection: close``: the body never comes, and
+    no next request can follow it (aiohttp still drains for its lingering time, 10 s, if the
+    client keeps the socket open).
+    """
+    expect = request.headers.get("Expect", "")
+    if request.version != HttpVersion11:
+        return None  # HTTP/1.0 has no interim answers: the body just follows
+    if expect.lower() != "100-continue":
+        # As aiohttp's default does; the guard answers it in Bedrock's shape, counted.
+        raise web.HTTPExpectationFailed()
+    max_body = request.app[POLICY_REF].current.policy.server.max_body_bytes
+    length = request.content_length
+    if length is not None and length > max_body:
+        request.app[METRICS].rejections.labels("ValidationException", "-").inc()
+        response = error_response(
+            "ValidationException",
+            f"Request body is {length} bytes; this Sluice accepts at most {max_body} bytes "
+            "(server.max_body_bytes)",
+            status=413,
+        )
+        response.force_close()
+        return response
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # (as aiohttp's own: the interim answer is not the body)
+    return None
 
 
 async def healthz(request: web.Request) -> web.Response:

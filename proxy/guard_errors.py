@@ -9,6 +9,7 @@ limit at fault, and one structured warning line without any request byte.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -27,6 +28,12 @@ _PREFIX = "server.connections."
 TIMEOUT_TYPE = "RequestTimeoutException"
 
 
+#: aiohttp's words for a repeated singleton header (http_parser.py and _http_parser.pyx).
+_DUPLICATE = re.compile(r"Duplicate '(.*)' header found\.", re.DOTALL)
+#: An RFC 9110 token: what a header name is made of.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """A protocol-level refusal: HTTP status, Bedrock error type, message, metric reason."""
@@ -41,7 +48,7 @@ def describe(exc: BaseException | None, status: int, limits: Connections) -> Rej
     """The answer to a parser rejection or an error that escaped the handler.
 
     The parser's own text is read only to classify; it quotes request bytes, so it is
-    never echoed or logged.
+    never echoed or logged (but for a repeated header's name, once checked to be a token).
     """
     if status >= 500 or not isinstance(exc, hx.HttpProcessingError):
         return Rejection(
@@ -63,8 +70,29 @@ def describe(exc: BaseException | None, status: int, limits: Connections) -> Rej
         return _bad("the request method is not a valid HTTP method", "bad_method")
     if "version" in text:
         return _bad("the request line does not name HTTP/1.0 or HTTP/1.1", "bad_version")
+    framing = _header_problem(exc, text)
+    if framing is not None:
+        return framing
+    if isinstance(exc, hx.BadStatusLine | hx.InvalidURLError):
+        return _bad("the request line is not valid HTTP/1.1", "bad_request_line")
+    return _bad("the request is not valid HTTP/1.1", "malformed")
+
+
+def _header_problem(exc: hx.HttpProcessingError, text: str) -> Rejection | None:
+    """The answer to a header the parser refused (length, repeats, framing, bytes), if so."""
     if "content-length" in text:
         return _bad("the request has a duplicate or invalid Content-Length", "content_length")
+    duplicate = _DUPLICATE.fullmatch(str(exc.message))
+    if duplicate is not None:
+        # aiohttp refuses a second copy of a header that may appear once (Host, Content-Type,
+        # Transfer-Encoding...). A header name is not request data, but it is echoed only as
+        # a short plain token: never a byte that could be anything else.
+        name = duplicate.group(1)
+        if len(name) <= 64 and _TOKEN.fullmatch(name):
+            return _bad(
+                f"the header '{name}' appears more than once; it may appear once", "duplicate"
+            )
+        return _bad("a header that may appear once appears more than once", "duplicate")
     if "chunk" in text or "transfer-encoding" in text:
         return _bad("the request's chunked transfer encoding is malformed", "chunked")
     if isinstance(exc, hx.InvalidHeader) or "header" in text:
@@ -73,9 +101,7 @@ def describe(exc: BaseException | None, status: int, limits: Connections) -> Rej
             "malformed name)",
             "bad_header",
         )
-    if isinstance(exc, hx.BadStatusLine | hx.InvalidURLError):
-        return _bad("the request line is not valid HTTP/1.1", "bad_request_line")
-    return _bad("the request is not valid HTTP/1.1", "malformed")
+    return None
 
 
 def from_http_exception(exc: HTTPException) -> Rejection:

@@ -29,6 +29,8 @@ _MODEL_ACTIONS: Final[dict[str, tuple[str, bool, bool]]] = {
 # Bedrock's own modelId pattern is a long alternation; this accepts the same alphabet
 # (foundation ids, inference-profile ids, ARNs) and rejects anything else early.
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,2047}$")
+#: Path segments a model id may not have: URL normalisation would remove or collapse them.
+_DOT_FREE: Final = frozenset({"", ".", ".."})
 _GUARDRAIL = re.compile(r"^/guardrail/([^/]+)/version/([^/]+)/apply$")
 _GEO_PREFIXES: Final = frozenset({"us", "eu", "apac", "global", "us-gov", "jp", "au", "ca"})
 
@@ -92,17 +94,23 @@ def _match_model(method: str, path: str, query: str) -> Route:
     if entry is None or not head:
         raise _unknown(method, path)
     if method != "POST":
+        # RFC 9110 15.5.6: a 405 lists the methods the resource takes.
         raise BedrockError(
-            "UnknownOperationException", f"{entry[0]} takes POST, not {method}", status=405
+            "UnknownOperationException",
+            f"{entry[0]} takes POST, not {method}",
+            status=405,
+            headers={"Allow": "POST"},
         )
     model_id = unquote(head)
     if not _MODEL_ID.match(model_id):
-        shown = model_id if len(model_id) <= 120 else model_id[:117] + "..."
-        raise BedrockError(
-            "ValidationException",
-            f"1 validation error detected: Value '{shown}' at 'modelId' failed to satisfy "
-            "constraint: Member must be a foundation-model id, an inference-profile id or an ARN",
+        raise _bad_model_id(
+            model_id, "Member must be a foundation-model id, an inference-profile id or an ARN"
         )
+    if "/" in model_id and not _DOT_FREE.isdisjoint(model_id.split("/")):
+        # The signer removes dot segments (as botocore does) and Bedrock may resolve them:
+        # 'x/../<sonnet>' would be metered as the unknown model 'x/../<sonnet>' and served
+        # as sonnet. Checked decoded, so '%2E%2E' and '%2F' are caught as well.
+        raise _bad_model_id(model_id, "Member must not contain empty, '.' or '..' path segments")
     operation, streaming, metered = entry
     if operation == "InvokeModelWithBidirectionalStream":
         raise BedrockError(
@@ -113,6 +121,15 @@ def _match_model(method: str, path: str, query: str) -> Route:
     if metered:
         return MeteredRoute(operation, model_id, streaming, True, path, query)
     return Route(operation, model_id, streaming, False, path, query)
+
+
+def _bad_model_id(model_id: str, constraint: str) -> BedrockError:
+    shown = model_id if len(model_id) <= 120 else model_id[:117] + "..."
+    return BedrockError(
+        "ValidationException",
+        f"1 validation error detected: Value '{shown}' at 'modelId' failed to satisfy "
+        f"constraint: {constraint}",
+    )
 
 
 def base_model_id(model_id: str) -> str:

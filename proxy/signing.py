@@ -16,7 +16,8 @@ Canonical-request rules mirrored from ``botocore.auth.SigV4Auth`` (botocore 1.43
 * Headers: lower-cased names, sorted; values trimmed with ``' '.join(v.split())``; repeated names
   joined with ``,``; botocore's hop-by-hop blacklist (``user-agent``, ``x-amzn-trace-id``, ...) is
   never signed.
-* Payload hash: ``sha256(body)``; no ``X-Amz-Content-SHA256`` header is added.
+* Payload hash: ``sha256(body)``; no ``X-Amz-Content-SHA256`` header is added.  (Verifying,
+  a signed ``X-Amz-Content-SHA256`` is the payload hash instead, as botocore signs it.)
 """
 
 from __future__ import annotations
@@ -141,9 +142,19 @@ def signature(
 
 
 def canonical_request(
-    method: str, raw_path: str, query: str, headers_block: str, signed: str, body: bytes
+    method: str,
+    raw_path: str,
+    query: str,
+    headers_block: str,
+    signed: str,
+    body: bytes,
+    payload_hash: str | None = None,
 ) -> str:
-    payload_hash = hashlib.sha256(body).hexdigest()
+    """The SigV4 canonical request; ``payload_hash`` is the caller's ``x-amz-content-sha256``
+    when it sent one (botocore signs that value as is, ``UNSIGNED-PAYLOAD`` included), else
+    the body's SHA-256 is computed here."""
+    if payload_hash is None:
+        payload_hash = hashlib.sha256(body).hexdigest()
     return (
         f"{method.upper()}\n{canonical_uri(raw_path)}\n{canonical_query(query)}\n"
         f"{headers_block}\n\n{signed}\n{payload_hash}"

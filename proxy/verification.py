@@ -9,6 +9,7 @@ from __future__ import annotations
 import calendar
 import contextlib
 import functools
+import hashlib
 import hmac
 import re
 import time
@@ -34,6 +35,13 @@ _MISMATCH = (
     "Consult the service documentation for details."
 )
 _UNKNOWN_KEY = "The security token included in the request is invalid."
+
+#: The header in which a SigV4 client states its payload hash (botocore signs its value as the
+#: canonical request's payload hash when present); honoured only when it is a signed header.
+CONTENT_SHA256 = "x-amz-content-sha256"
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_WORD = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +263,34 @@ def _check_scope(
     return None
 
 
+def _check_payload_hash(value: str, body: bytes, akid: str) -> VerifyResult | None:
+    """The failure when a signed ``x-amz-content-sha256`` cannot stand for this body.
+
+    ``UNSIGNED-PAYLOAD`` is accepted: the signature then covers the method, path, query and
+    headers but not the body (the client chose that). A hex hash must be the body's, or a
+    body swapped under a valid signature would pass.
+    """
+    if value == UNSIGNED_PAYLOAD:
+        return None
+    if not _HEX64.fullmatch(value):
+        # Echoed only as a short ASCII word (request data otherwise: never quoted).
+        shown = value if _WORD.fullmatch(value) else "(not a token)"
+        return _fail(
+            "InvalidSignatureException",
+            f"x-amz-content-sha256 must be the hex SHA-256 of the body or {UNSIGNED_PAYLOAD}; "
+            f"'{shown}' is not supported.",
+            akid,
+        )
+    if value.lower() != hashlib.sha256(body).hexdigest():
+        return _fail(
+            "InvalidSignatureException",
+            "The provided 'x-amz-content-sha256' header does not match what was computed "
+            "from the request body.",
+            akid,
+        )
+    return None
+
+
 def _checksignature(
     method: str,
     host: str,
@@ -275,6 +311,7 @@ def _checksignature(
             akid,
         )
     lines: list[str] = []
+    payload_hash: str | None = None
     for name in names:
         if name == "host":
             value = host
@@ -284,8 +321,16 @@ def _checksignature(
                 # A header the client signed did not arrive: the signatures cannot match.
                 return _fail("InvalidSignatureException", _MISMATCH, akid)
             value = values[0] if len(values) == 1 else ",".join(trim(v) for v in values)
+            if name == CONTENT_SHA256:
+                payload_hash = value
         lines.append(f"{name}:{trim(value)}")
-    cr = canonical_request(method, raw_path, query, "\n".join(lines), parsed.signed_headers, body)
+    if payload_hash is not None:
+        refused = _check_payload_hash(payload_hash, body, akid)
+        if refused is not None:
+            return refused
+    cr = canonical_request(
+        method, raw_path, query, "\n".join(lines), parsed.signed_headers, body, payload_hash
+    )
     scope = f"{parsed.date}/{parsed.region}/{parsed.service}/{TERMINATOR}"
     expected = signature(secret, amz_date, scope, parsed.region, parsed.service, cr)
     if not hmac.compare_digest(expected, parsed.signature):

@@ -103,6 +103,18 @@ PARSER_CASES = [
     (b"G(ET / HTTP/1.1\r\nHost: x\r\n\r\n", "method"),
     (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", "HTTP/1.0 or HTTP/1.1"),
     (request("GET", "/healthz", raw_headers=b"X-A: a\x01b\r\n"), "header"),
+    # A repeated singleton header is named, not called "a character HTTP does not allow".
+    (
+        request(
+            "POST",
+            f"/model/{HAIKU}/converse",
+            b"{}",
+            [("Content-Type", "application/json")],
+            raw_headers=b"content-type: text/plain\r\n",
+        ),
+        "the header 'Content-Type' appears more than once",
+    ),
+    (request("GET", "/healthz", raw_headers=b"Host: other\r\n"), "the header 'Host' appears"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
+from yarl import URL
 
 from tests.support.processes import Simulator, Sluice, TLSFiles, bedrock_client
 
@@ -119,6 +121,57 @@ async def test_body_changed_after_signing_is_refused(proxy: Sluice) -> None:
     tampered = BODY.replace(b"hi", b"yo")
     status, kind, _ = await _send(proxy.url, headers, tampered)
     assert (status, kind) == (403, "InvalidSignatureException")
+
+
+def _signed_stating(url: str, body: bytes, content_sha256: str) -> dict[str, str]:
+    """botocore's SigV4 of a request carrying (and so signing) ``x-amz-content-sha256``:
+    botocore then signs that value as the payload hash, as AWS services read it."""
+    headers = {"Content-Type": "application/json", "X-Amz-Content-SHA256": content_sha256}
+    req = AWSRequest("POST", url + PATH, data=body, headers=headers)
+    SigV4Auth(Credentials(CHAT_KEY, CHAT_SECRET), "bedrock", "us-east-1").add_auth(req)
+    assert "x-amz-content-sha256" in req.headers["Authorization"]  # it is a signed header
+    return dict(req.headers.items())
+
+
+async def _send_as_signed(
+    url: str, headers: dict[str, str], body: bytes
+) -> tuple[int, str, dict[str, Any]]:
+    """The status, workload (or error type) and JSON of a call sent with the path as signed
+    (encoded=True: yarl would otherwise send the model id's '%3A' as ':')."""
+    target = URL(url + PATH, encoded=True)
+    async with aiohttp.ClientSession() as s, s.post(target, data=body, headers=headers) as r:
+        kind = r.headers.get("x-sluice-workload") or r.headers["x-amzn-ErrorType"].split(":")[0]
+        return r.status, kind, await r.json()
+
+
+async def test_unsigned_payload_is_verified_on_method_path_and_headers(proxy: Sluice) -> None:
+    # botocore signs 'UNSIGNED-PAYLOAD' as the payload hash when the header says so; Sluice
+    # hashed the body regardless and refused every such call.
+    headers = _signed_stating(proxy.url, BODY, "UNSIGNED-PAYLOAD")
+    assert (await _send_as_signed(proxy.url, headers, BODY))[:2] == (200, "chat")
+    # The body is not covered (the client chose that); the rest still is.
+    other = BODY.replace(b"hi", b"yo")
+    assert (await _send_as_signed(proxy.url, headers, other))[:2] == (200, "chat")
+    headers["Content-Type"] = "application/json; charset=utf-8"
+    status, kind, _ = await _send_as_signed(proxy.url, headers, BODY)
+    assert (status, kind) == (403, "InvalidSignatureException")
+
+
+async def test_a_stated_payload_hash_must_be_the_bodys(proxy: Sluice) -> None:
+    digest = hashlib.sha256(BODY).hexdigest()
+    headers = _signed_stating(proxy.url, BODY, digest)
+    assert (await _send_as_signed(proxy.url, headers, BODY))[:2] == (200, "chat")
+    # Signed with the hash it states, but another body: the signature alone would pass.
+    tampered = BODY.replace(b"hi", b"yo")
+    status, kind, doc = await _send_as_signed(proxy.url, headers, tampered)
+    assert (status, kind) == (403, "InvalidSignatureException")
+    assert "'x-amz-content-sha256' header does not match" in doc["message"]
+    # A value that is neither a hash nor UNSIGNED-PAYLOAD (SigV4 streaming, chunked) is named.
+    headers = _signed_stating(proxy.url, BODY, "STREAMING-AWS4-HMAC-SHA256-PAYLOAD")
+    status, kind, doc = await _send_as_signed(proxy.url, headers, BODY)
+    assert (status, kind) == (403, "InvalidSignatureException")
+    assert "x-amz-content-sha256 must be the hex SHA-256" in doc["message"]
+    assert "'STREAMING-AWS4-HMAC-SHA256-PAYLOAD' is not supported" in doc["message"]
 
 
 def test_bearer_api_key_identifies_its_workload(

@@ -8,8 +8,11 @@ proves Sluice's re-signing.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import re
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -303,6 +306,132 @@ async def test_non_json_content_type_is_a_validation_error(proxy: Sluice) -> Non
         proxy.url, f"/model/{HAIKU}/invoke", b"hello", headers={"Content-Type": "text/plain"}
     )
     _assert_error(*got, 400, "ValidationException", "Content-Type 'text/plain'")
+
+
+async def test_content_type_is_read_as_a_media_type(proxy: Sluice) -> None:
+    # RFC 9110 8.3.1: type and subtype compare without case; a substring 'json' is not JSON.
+    path, body = f"/model/{HAIKU}/invoke", anthropic_body("x")
+    for refused in ("text/x-notjson", "application/jsonl"):
+        got = await _post(proxy.url, path, body, {"Content-Type": refused})
+        _assert_error(*got, 400, "ValidationException", f"Content-Type '{refused}'")
+    for accepted in ("Application/JSON", "application/json; charset=UTF-8", "text/json"):
+        status, _, doc = await _post(proxy.url, path, body, {"Content-Type": accepted})
+        assert (status, doc["type"]) == (200, "message"), accepted
+
+
+def _rejections(p: Sluice) -> float:
+    return metric_value(p.metrics(), "sluice_rejections_total", reason="ValidationException")
+
+
+async def test_a_coded_body_is_a_validation_error_naming_content_encoding(proxy: Sluice) -> None:
+    # Bedrock takes no coded bodies; Sluice refuses them unread (no inflating, no zlib
+    # error), counted, with nothing in its log. b"notgzip" was a zlib.error: a 500 and a
+    # traceback in the log.
+    path, body = f"/model/{HAIKU}/invoke", anthropic_body("x")
+    for coding, sent in [
+        ("gzip", b"notgzip" * 10),
+        ("gzip", gzip.compress(body)),
+        ("deflate", zlib.compress(body)),
+        ("br", b"notbrotli"),
+        ("identity, gzip", gzip.compress(body)),
+    ]:
+        before = _rejections(proxy)
+        headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+        got = await _post(proxy.url, path, sent, headers)
+        _assert_error(*got, 400, "ValidationException", f"Content-Encoding '{coding}'")
+        assert got[1]["Accept-Encoding"] == "identity"
+        assert _rejections(proxy) == before + 1
+    logged = proxy.stderr() + "\n".join(proxy.stdout_lines())
+    assert "Traceback" not in logged and "unexpected failure" not in logged
+    # 'identity' codes nothing: the body is served.
+    headers = {"Content-Type": "application/json", "Content-Encoding": "identity"}
+    status, _, doc = await _post(proxy.url, path, body, headers)
+    assert (status, doc["type"]) == (200, "message")
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "PUT"])
+async def test_a_model_operation_called_with_another_method_is_a_405_naming_post(
+    proxy: Sluice, method: str
+) -> None:
+    status, headers, _ = await _post(
+        proxy.url, f"/model/{HAIKU}/converse", b"", headers={}, method=method
+    )
+    assert status == 405
+    assert headers["Allow"] == "POST"  # RFC 9110 15.5.6
+    assert headers["x-amzn-ErrorType"].startswith("UnknownOperationException")
+
+
+@pytest.mark.parametrize(
+    "model_path",
+    [
+        f"x/../{SONNET}",  # signed (and maybe routed by Bedrock) as sonnet, metered as 'x/..'
+        f"x%2F..%2F{SONNET}",
+        f"x/%2E%2E/{SONNET}",
+        f"x/%2e/{SONNET}",
+        f"x/./{SONNET}",
+        f"x//{SONNET}",
+        f"{SONNET}/",
+        f"{SONNET}%2F",
+    ],
+)
+async def test_a_model_id_with_dot_or_empty_segments_is_refused(
+    proxy: Sluice, sim: Simulator, model_path: str
+) -> None:
+    # Over a raw socket: HTTP clients (yarl, urllib3) would remove the dot segments.
+    request = (
+        f"POST /model/{model_path}/converse HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    answer = await _raw(proxy.url, request.encode())
+    head, _, body = answer.partition(b"\r\n\r\n")  # (one answer: no 100 Continue)
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert b"x-amzn-ErrorType: ValidationException:" in head
+    message = json.loads(body)["message"]
+    assert "at 'modelId' failed to satisfy" in message
+    assert "'.' or '..' path segments" in message
+    assert sim.stats()["requests"] == []  # nothing went upstream
+
+
+async def _raw(url: str, data: bytes, then: bytes = b"") -> bytes:
+    """Send ``data`` (and ``then`` once invited by a 100 Continue); the answers as bytes."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        if head.startswith(b"HTTP/1.1 100 "):
+            writer.write(then)
+            head += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head)
+        assert length is not None, head
+        return head + await asyncio.wait_for(reader.readexactly(int(length.group(1))), 5)
+    finally:
+        writer.close()
+
+
+async def test_expect_continue_with_an_oversized_length_gets_413_not_100(
+    simulator: Simulator, make_sluice: Any
+) -> None:
+    # aiohttp's default expect handler invited the upload (100 Continue) and only then was
+    # the body refused: the client sent 10 MB for nothing.
+    policy = {"server": {"max_body_bytes": 1000}, "identity": {"default_workload": "w"}}
+    p = make_sluice(upstream=simulator.url, policy={**policy, "workloads": {"w": {}}})
+    head = (
+        f"POST /model/{HAIKU}/invoke HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Expect: 100-continue\r\nContent-Length: {}\r\n{}\r\n"
+    )
+    before = _rejections(p)
+    answer = await _raw(p.url, head.format(10_000_000, "").encode())
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"100 Continue" not in answer
+    assert b"x-amzn-ErrorType: ValidationException" in answer
+    assert b"(server.max_body_bytes)" in answer
+    assert b"Connection: close" in answer  # the body is never coming: nor is another request
+    assert _rejections(p) == before + 1
+    # Within the limit the upload is still invited, and served.
+    body = anthropic_body("x")
+    answer = await _raw(p.url, head.format(len(body), "Connection: close\r\n").encode(), body)
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "), answer[:200]
 
 
 async def test_oversized_body_names_the_limit(simulator: Simulator, make_sluice: Any) -> None:

@@ -70,7 +70,10 @@ async def run_site(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = guarded_runner(app, handler_cancellation=True, access_log=None)
+    # auto_decompress off: a coded request body stays as sent, bounded by max_body_bytes, and
+    # is refused by intake unread (Bedrock takes none); decoding it would let a small gzip
+    # body inflate past every limit, and SigV4 would hash other bytes than the client did.
+    runner = guarded_runner(app, handler_cancellation=True, access_log=None, auto_decompress=False)
     await runner.setup()
     try:
         site = web.TCPSite(
