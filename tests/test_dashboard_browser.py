@@ -17,12 +17,20 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.fleet_ops import Traffic, load, rate_policy, sluice_cli, write_policy
+from tests.support.fleet_ops import (
+    Traffic,
+    load,
+    rate_policy,
+    secret_policy,
+    sluice_cli,
+    write_policy,
+)
 from tests.support.processes import ROOT, Simulator, Sluice
 from tests.support.redis_fixtures import RedisServerProcess
 
@@ -162,3 +170,33 @@ def test_dashboard_updates_live_in_a_real_browser(
     time.sleep(0.3)
     assert browser.save_screenshot(str(SCREENSHOT))
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_dashboard_names_every_instance_off_the_fleets_version(
+    browser: Any, tmp_path: Path, simulator: Simulator, make_sluice: Callable[..., Sluice],
+    redis_factory: Callable[..., RedisServerProcess],
+) -> None:  # fmt: skip
+    # A Redis of its own: a --no-fleet instance shows on the default fleet's board.
+    redis, env = redis_factory(), "SLUICE_BROWSER_TEST_SECRET"
+    first = write_policy(tmp_path, rate_policy("p", 600, 10))
+    member = make_sluice(upstream=simulator.url, policy=str(first), redis_url=redis.url,
+                         extra_args=["--fleet", "default"], env={env: "s3cret"})  # fmt: skip
+    loner = make_sluice(upstream=simulator.url, policy=str(first), redis_url=redis.url,
+                        extra_args=["--no-fleet"])  # fmt: skip
+    out = sluice_cli("policy", "apply", str(write_policy(tmp_path, secret_policy("p", 900, env))),
+                     "--redis-url", redis.url)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    # Started after v2, without v2's secret: refuses it and keeps running its file.
+    refuser = make_sluice(upstream=simulator.url, policy=str(first), redis_url=redis.url,
+                          extra_args=["--fleet", "default"])  # fmt: skip
+    browser.get(loner.url + "/dashboard")
+    items = "#off-policy li"
+    wait_until(browser, lambda d: len(d.find_elements("css selector", items)) == 2)
+    assert text_of(browser, "#policy-version") == "v2"
+    assert text_of(browser, "#instances") == "2"  # the member and the refuser, not the loner
+    refused = text_of(browser, f'#off-policy li[data-instance*="-{refuser.pid}-"]')
+    assert refused.endswith(f"is not on v2: runs file {first} (local v0, sha "
+                            f"{sha256(first.read_bytes()).hexdigest()[:12]})")  # fmt: skip
+    own = text_of(browser, f'#off-policy li[data-instance*="-{loner.pid}-"]')
+    assert f"runs its own file {first} (local v1" in own and "not a member" in own
+    assert not text_of(browser, f'#off-policy li[data-instance*="-{member.pid}-"]')

@@ -21,6 +21,7 @@ from proxy.backend.versions import PolicyVersions, Version, diff, parse_text
 from proxy.config import PolicyError
 from proxy.ops.fleetview import read_fleet
 from proxy.ops.reload import author
+from proxy.ops.view import runs
 from proxy.policy import CompiledPolicy
 
 
@@ -116,14 +117,16 @@ async def _publish(
 
 
 async def _confirm(versions: PolicyVersions, number: int, wait_s: float) -> int:
-    """Watch the fleet view until every live instance runs ``number`` (each reports once a
-    second), or ``wait_s`` passes; say which instances lag."""
+    """Watch the fleet view until every live member runs ``number`` (each reports once a
+    second), or ``wait_s`` passes; say which members lag and what they run."""
     started = time.monotonic()
     while True:
         view = await read_fleet(versions.client, versions.fleet)
-        # Instances sharing the Redis without following the fleet's policy are not waited for.
-        members = [i for i in view.instances if i.policy_source == "redis"]
-        behind = [i for i in members if i.policy_version != number]
+        # Every member counts, whatever it runs: one that refused the stored version at
+        # start-up still runs its file (source: its path) and must show as behind, not
+        # vanish from the count. Only --no-fleet instances, which never follow, are left out.
+        members = [i for i in view.instances if not i.own_file]
+        behind = [i for i in members if (i.policy_source, i.policy_version) != ("redis", number)]
         elapsed = time.monotonic() - started
         if not behind or elapsed >= wait_s:
             break
@@ -131,7 +134,13 @@ async def _confirm(versions: PolicyVersions, number: int, wait_s: float) -> int:
     total = len(members)
     print(f"{total - len(behind)}/{total} instances on v{number} after {elapsed:.1f} s")
     for i in behind:
-        print(f"  {i.id} still on v{i.policy_version}", file=sys.stderr)
+        print(
+            f"  {i.id} still on {runs(i.policy_version, i.policy_sha, i.policy_source)}",
+            file=sys.stderr,
+        )
+    own = len(view.instances) - total
+    if own:
+        print(f"  ({own} more on their own file, --no-fleet: not waited for)")
     return 1 if behind else 0
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from proxy.backend.client import FAILURES, Redis, RedisCluster
 from proxy.backend.fleet_board import append_history, publish_snapshot, read_board
+from proxy.backend.versions import PolicyVersions
 from proxy.control.fleet import N_BUCKETS, quantile_ms
 from proxy.ops.snapshot import Snapshots
 from proxy.ops.view import ClassView, FleetView, InstanceView, PoolView, WorkloadView
@@ -107,22 +108,59 @@ def _classes(classes: _Rows, workloads: _Rows) -> tuple[ClassView, ...]:
     return tuple(out)
 
 
-def _instance(snap: dict[str, Any], now: float) -> InstanceView:
+def _own_file(policy: dict[str, Any]) -> bool:
+    if "own_file" in policy:
+        return bool(policy["own_file"])
+    # A snapshot from an older instance (a rolling upgrade) does not say: a file path is
+    # the best sign it runs its own policy.
+    return policy.get("source") not in (None, "redis")
+
+
+def _runs(policy: dict[str, Any], header: dict[str, Any]) -> bool:
+    return all(policy.get(k) == header.get(k) for k in ("version", "sha", "source"))
+
+
+def _header(snaps: list[dict[str, Any]], current: dict[str, Any] | None) -> dict[str, Any]:
+    """The policy the view is about: the fleet's stored current version when it has one.
+
+    Never the newest version any snapshot reports: an instance running a file of its own
+    counts its reloads from v1, so its number says nothing about the fleet's versions.
+    Without a stored version (no Redis, or none published yet) the members' newest stands in.
+    """
+    if current is not None:
+        return {**current, "source": "redis"}
+    members = [p for p in (s.get("policy", {}) for s in snaps) if not _own_file(p)]
+    newest: dict[str, Any] = max(members, key=lambda v: v.get("version") or 0, default={})
+    return {k: newest[k] for k in ("version", "sha", "author", "source") if k in newest}
+
+
+def _instance(snap: dict[str, Any], header: dict[str, Any], now: float) -> InstanceView:
     policy = snap.get("policy", {})
+    own = _own_file(policy)
     return InstanceView(
         id=str(snap.get("id")),
         policy_version=policy.get("version"),
+        policy_sha=policy.get("sha"),
         policy_source=policy.get("source"),
+        own_file=own,
+        on_policy=not own and bool(header) and _runs(policy, header),
         age_s=round(now - snap.get("at", now), 2),
     )
 
 
-def merge(snaps: list[dict[str, Any]], fleet: str, now: float | None = None) -> FleetView:
-    """One fleet view from instance snapshots (pure: also used by ``sluice status``)."""
+def merge(
+    snaps: list[dict[str, Any]],
+    fleet: str,
+    now: float | None = None,
+    current: dict[str, Any] | None = None,
+) -> FleetView:
+    """One fleet view from instance snapshots and the fleet's ``current`` stored version
+    (version, sha, author; None without one). Pure: also used by ``sluice status``."""
     now = time.time() if now is None else now
     workloads = _rows(snaps, "workloads")
     paused = tuple(sorted({w for s in snaps for w in s.get("paused", [])}))
-    versions = [s.get("policy", {}) for s in snaps]
+    header = _header(snaps, current)
+    instances = tuple(_instance(s, header, now) for s in snaps)
     merged: dict[str, dict[str, Any]] = {"schedules": {}, "batch": {}, "dlq": {}}
     for s in snaps:
         for field, values in merged.items():
@@ -130,8 +168,9 @@ def merge(snaps: list[dict[str, Any]], fleet: str, now: float | None = None) -> 
     return FleetView(
         fleet=fleet,
         generated_at=now,
-        policy=max(versions, key=lambda v: v.get("version", 0), default={}),
-        instances=tuple(_instance(s, now) for s in snaps),
+        policy=header,
+        members=sum(not i.own_file for i in instances),
+        instances=instances,
         pools=tuple(_pool(name, rows) for name, rows in sorted(_rows(snaps, "pools").items())),
         classes=_classes(_rows(snaps, "classes"), workloads),
         workloads=tuple(
@@ -163,10 +202,14 @@ def point(view: FleetView) -> dict[str, Any]:
 
 
 async def read_fleet(client: Redis | RedisCluster, fleet: str) -> FleetView:
-    """The fleet view from Redis alone, with its history (three round trips)."""
+    """The fleet view from Redis alone, with its history and current policy version."""
     now = time.time()
     snaps, history = await read_board(client, fleet)
-    return dataclasses.replace(merge(snaps, fleet, now), history=history)
+    stored = await PolicyVersions(client, fleet).current()
+    current = None
+    if stored is not None:
+        current = {"version": stored.number, "sha": stored.sha, "author": stored.author}
+    return dataclasses.replace(merge(snaps, fleet, now, current), history=history)
 
 
 class FleetBoard:

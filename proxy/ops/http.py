@@ -33,7 +33,14 @@ _STATIC = {
 def open_board(
     registry: CollectorRegistry, reloader: Reloader, redis_url: str | None, fleet: str | None
 ) -> FleetBoard:
-    """This instance's fleet board (publishing to Redis when there is one)."""
+    """This instance's fleet board (publishing to Redis when there is one).
+
+    ``fleet`` is None without Redis or with ``--no-fleet``. A ``--no-fleet`` instance still
+    shows on the default fleet's board (its admissions use the same per-pool keys in that
+    Redis, so its traffic belongs in the numbers), but as running its own file: its reload
+    count is no fleet version, and the board must not count it as a member running the fleet's.
+    """
+    own_file = bool(redis_url) and fleet is None
 
     def describe() -> dict[str, Any]:
         loaded = reloader.loaded
@@ -42,6 +49,7 @@ def open_board(
             "sha": loaded.sha,
             "author": loaded.author,
             "source": loaded.source,
+            "own_file": own_file,
         }
 
     instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"

@@ -19,6 +19,7 @@ from typing import Any
 
 from proxy.backend.client import FAILURES, redis_client
 from proxy.ops.fleetview import read_fleet
+from proxy.ops.view import runs
 
 _POOLS = [
     "pool",
@@ -76,13 +77,32 @@ def table(title: str, head: Sequence[str], rows: list[list[str]]) -> str:
     return "\n".join([title, line(head), *(line(r) for r in rows)]) + "\n"
 
 
+def _runs(i: dict[str, Any]) -> str:
+    return runs(i.get("policy_version"), i.get("policy_sha"), i.get("policy_source"))
+
+
+def _header(view: dict[str, Any]) -> str:
+    pol = view.get("policy") or {}
+    version = f"v{pol['version']}" if pol.get("version") is not None else "-"
+    # Members only: an instance on its own file shares the Redis, not the fleet's policy.
+    members = view.get("members", len(view["instances"]))
+    lines = [
+        f"fleet {view['fleet']}: {members} instances, policy {version}"
+        f" (sha {str(pol.get('sha') or '')[:12]}, by {pol.get('author') or '-'})"
+    ]
+    # An instance that runs anything else is named: a count alone would hide it.
+    off = [i for i in view["instances"] if not i.get("own_file") and not i.get("on_policy", True)]
+    own = [i for i in view["instances"] if i.get("own_file")]
+    for title, items in ((f"not on {version}", off), ("own file, not members (--no-fleet)", own)):
+        if items:
+            lines.append(f"{title}: {len(items)}")
+            lines += [f"  {i['id']}  {_runs(i)}" for i in items]
+    return "\n".join(lines) + "\n"
+
+
 def render(view: dict[str, Any]) -> str:
     """The fleet view as text."""
-    pol = view.get("policy") or {}
-    out = [
-        f"fleet {view['fleet']}: {len(view['instances'])} instances, policy v{pol.get('version')}"
-        f" (sha {str(pol.get('sha', ''))[:12]}, by {pol.get('author') or '-'})\n"
-    ]
+    out = [_header(view)]
     pools = [
         [
             p["name"], _num(p["limit"], 0), _num(p["adaptive_limit"], 0), _num(p["in_flight"], 0),

@@ -56,8 +56,22 @@ class InstanceView:
 
     id: str
     policy_version: int | None
-    policy_source: str | None  # "redis": follows the fleet's versions; a path: its own file
+    policy_sha: str | None
+    policy_source: str | None  # "redis": runs a stored version; a path: a file of its own
+    # Shares the fleet's Redis without following its versions (--no-fleet): not a member.
+    own_file: bool
+    # Runs the version in the view's header (for a member: the fleet's current version).
+    on_policy: bool
     age_s: float
+
+
+def runs(version: int | None, sha: str | None, source: str | None) -> str:
+    """What an instance runs, in words: a stored version, or a file and its reload count."""
+    short = (sha or "")[:12] or "-"
+    if source == "redis":
+        return f"v{version} (sha {short})"
+    # A file's count is the instance's own (v1 at start, +1 a reload), not a fleet version.
+    return f"file {source} (local v{version}, sha {short})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +80,11 @@ class FleetView:
 
     fleet: str
     generated_at: float
-    policy: dict[str, Any]  # version, sha, author, source of the newest version in force
-    instances: tuple[InstanceView, ...]
+    # version, sha, author, source of the fleet's current version in Redis (without one:
+    # of the newest version its members run)
+    policy: dict[str, Any]
+    members: int  # instances that follow the fleet's versions (own_file False)
+    instances: tuple[InstanceView, ...]  # every instance on the board, members or not
     pools: tuple[PoolView, ...]
     classes: tuple[ClassView, ...]
     workloads: tuple[WorkloadView, ...]

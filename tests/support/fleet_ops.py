@@ -34,6 +34,15 @@ def rate_policy(pool: str, rpm: float, burst: float, **workloads: Any) -> dict[s
     }
 
 
+def secret_policy(pool: str, rpm: float, env: str) -> dict[str, Any]:
+    """A valid policy that compiles only where the environment variable ``env`` is set:
+    an instance without it refuses the version (a secret missing on that host)."""
+    policy = rate_policy(pool, rpm, 10)
+    key = {"access_key_id": "AKIDSECRETPOLICY", "secret": {"env": env}}
+    policy["workloads"]["w"]["access_keys"] = [key]
+    return policy
+
+
 def write_policy(directory: Path, policy: dict[str, Any] | str) -> Path:
     """The policy as a fresh YAML file."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,27 @@ function list(el, items, empty) {
   }));
 }
 
+// What an instance runs: a stored version, or a file with its own reload count.
+function runs(i) {
+  const sha = (i.policy_sha || "").slice(0, 12) || "–";
+  return i.policy_source === "redis"
+    ? `v${i.policy_version} (sha ${sha})`
+    : `file ${i.policy_source} (local v${i.policy_version}, sha ${sha})`;
+}
+
+function offPolicy(view) {
+  const version = view.policy.version ?? "–";
+  const items = view.instances.filter((i) => i.own_file || !i.on_policy).map((i) => {
+    const li = document.createElement("li");
+    li.dataset.instance = i.id;
+    li.textContent = i.own_file
+      ? `${i.id} runs its own ${runs(i)}: --no-fleet, not a member`
+      : `${i.id} is not on v${version}: runs ${runs(i)}`;
+    return li;
+  });
+  $("#off-policy").replaceChildren(...items);
+}
+
 function render(view) {
   const key = String(view.generated_at);
   const history = view.history || [];
@@ -86,7 +107,9 @@ function render(view) {
   $("#policy-version").textContent = "v" + (view.policy.version ?? "–");
   $("#policy-sha").textContent = (view.policy.sha || "").slice(0, 12) || "–";
   $("#policy-author").textContent = view.policy.author || "–";
-  $("#instances").textContent = String(view.instances.length);
+  // Members only; every instance not on the fleet's version is named below the facts.
+  $("#instances").textContent = String(view.members ?? view.instances.length);
+  offPolicy(view);
   $("#updated-at").textContent = new Date(view.generated_at * 1000).toLocaleTimeString();
 
   const pools = $("#pools tbody");
