@@ -169,7 +169,7 @@ def test_permanent_errors_dead_letter_at_first_attempt_and_replay_with_the_fixed
     code, _, raw = call(
         sluice.url, "POST", f"/dlq/replay?reason=ValidationException&modelId={HAIKU}"
     )
-    assert code == 200 and json.loads(raw) == {"replayed": 6}
+    assert code == 200 and json.loads(raw) == {"replayed": 6, "skipped": 0, "skippedReasons": {}}
     done = wait_done(sluice.url, batch_id)
     assert done["succeeded"] == 6 and done["failed"] == 0
     lines = output(sluice.url, batch_id)

@@ -62,7 +62,7 @@ def test_embedded_store_dead_letters_and_replays(
          "--workload", "enrich", "--model", HAIKU],
         capture_output=True, env=_env(None), cwd=ROOT, timeout=30, check=True,
     )  # fmt: skip
-    assert json.loads(replay.stdout) == {"replayed": 4}
+    assert json.loads(replay.stdout) == {"replayed": 4, "skipped": 0, "skippedReasons": {}}
     done = wait_done(sluice.url, batch_id)
     assert (done["succeeded"], done["failed"]) == (4, 0)
     assert status(sluice.url, batch_id)["manifest"]["successRecordCount"] == 4

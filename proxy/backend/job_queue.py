@@ -5,7 +5,8 @@ Key layout (``{<pool>}`` is the Cluster hash tag, so each script touches one slo
     sluice:{<pool>}<F>:jobs:<workload>        stream  b=batch r=recordId i=modelInput [m=model]
     sluice:{<pool>}<F>:jobs:<workload>:att    hash    entry id -> attempts (counted by Sluice)
     sluice:{<pool>}<F>:jobs:<workload>:rate   hash    10-second bucket -> records finished
-    sluice:{<pool>}<F>:batch:<id>             hash    meta and counters
+    sluice:{<pool>}<F>:batch:<id>             hash    meta and counters (status submitting,
+                                                      running or cancelled)
     sluice:{<pool>}<F>:batch:<id>:out         hash    recordId -> output line (HSETNX: one each)
     sluice:{<pool>}<F>:dlq                    hash    dead-letter id -> entry (JSON)
     sluice:{<pool>}<F>:dlq:n                  hash    "<workload>\\t<reason>" -> count
@@ -15,6 +16,11 @@ Key layout (``{<pool>}`` is the Cluster hash tag, so each script touches one slo
 ``<F>`` is empty for the default fleet and ``:fleet:<name>`` for any other
 (:func:`~proxy.backend.keys.job_fleet_segment`): a fleet drains, lists and replays only
 what was submitted to it, whatever other fleets share the Redis.
+
+A submit registers its batch as ``submitting`` first, writes its records, then flips it
+to ``running`` (:file:`scripts/job_submit_state.lua`); a failed one removes what it wrote.
+Workers never run a record of a ``submitting`` batch, so a submit that fails half-way (Redis
+at ``maxmemory``, a timeout) leaves nothing a worker would ever drain.
 
 A record costs one claim script (XPENDING/XCLAIM or XREADGROUP, plus the attempt
 count) and one completion script (HSETNX the line, counters, XACK, XDEL) besides its
@@ -34,15 +40,31 @@ import orjson
 
 from proxy.backend.client import FAILURES, ResponseError, redis_client
 from proxy.backend.keys import KEY_PREFIX, job_fleet_segment, pool_tag
-from proxy.backend.runner import ScriptRunner
-from proxy.jobs.queue import GROUP, BatchMeta, Claimed, DeadLetter, QueueUnavailable, Stream
+from proxy.backend.runner import ScriptRunner, why
+from proxy.jobs.queue import (
+    GROUP,
+    BatchMeta,
+    Claimed,
+    DeadLetter,
+    QueueUnavailable,
+    ReplayOutcome,
+    Stream,
+)
 from proxy.jobs.queue import pool_of as _pool_of
 from proxy.jobs.records import Record
 
 log = logging.getLogger("sluice.jobs")
 T = TypeVar("T")
 _CHUNK = 2000
-_SCRIPTS = ("job_claim", "job_has_work", "job_renew", "job_finish", "job_finish_next", "job_replay")
+_SCRIPTS = (
+    "job_claim", "job_has_work", "job_renew", "job_finish", "job_finish_next", "job_replay",
+    "job_submit_state",
+)  # fmt: skip
+_SUBMITTING = "submitting"
+_REPLAY_OUTCOMES: dict[str, ReplayOutcome] = {
+    "replayed": "replayed", "batch_cancelled": "batch_cancelled",
+    "batch_gone": "batch_gone", "already_replayed": "already_replayed",
+}  # fmt: skip
 
 
 class _Keys:
@@ -82,6 +104,7 @@ def _meta(batch_id: str, h: dict[Any, Any]) -> BatchMeta:
         cancelled=g.get("status") == "cancelled",
         input_tokens=int(g.get("in_tok", 0)),
         output_tokens=int(g.get("out_tok", 0)),
+        submitting=g.get("status") == _SUBMITTING,
     )
 
 
@@ -146,7 +169,14 @@ class RedisQueue:
         await self._runner.aclose()
 
     async def submit(self, meta: BatchMeta, records: list[Record]) -> None:
-        """Meta, consumer group and every record, pipelined in chunks; durable on return."""
+        """Batch registered as ``submitting``, every record pipelined in chunks, then flipped
+        to ``running``: durable on return; on failure what was written is removed.
+
+        Until the flip no worker runs a record of the batch (they leave them pending), so a
+        submit that fails half-way cannot have a record run: the client's retry (as the 503
+        says) then runs each record once. Registration comes first so that anything a failed
+        cleanup leaves behind is in a stream the workers know, and is abandoned by them.
+        """
         stream = self._keys.stream(meta.stream)
         mapping = {
             "workload": meta.workload,
@@ -155,30 +185,97 @@ class RedisQueue:
             "inv": meta.invocation,
             "records": meta.records,
             "created": meta.created_ms,
-            "status": "running",
+            "status": _SUBMITTING,
         }
-        await self._call(
-            self._client.hset(self._keys.batch(meta.pool, meta.batch_id), mapping=mapping), "submit"
-        )
+        batch = self._keys.batch(meta.pool, meta.batch_id)
+        written: list[str] = []
+        #: False while a chunk's replies are unread (a timeout): its ids are then unknown.
+        known = True
         try:
+            await self._call(self._client.hset(batch, mapping=mapping), "submit")
             await self._call(
-                self._client.xgroup_create(stream, GROUP, id="0", mkstream=True), "submit"
+                self._client.sadd(self._keys.streams, f"{meta.pool}\t{meta.workload}"), "submit"
             )
-        except QueueUnavailable as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        for start in range(0, len(records), _CHUNK):
-            pipe = self._client.pipeline(transaction=False)
-            for r in records[start : start + _CHUNK]:
-                fields = {"b": meta.batch_id, "r": r.record_id, "i": r.model_input}
-                pipe.xadd(stream, fields)
-            await self._call(pipe.execute(), "submit")
-        await self._call(
-            self._client.sadd(self._keys.streams, f"{meta.pool}\t{meta.workload}"), "submit"
-        )
-        await self._call(
-            self._client.zadd(self._keys.batches, {meta.batch_id: meta.created_ms}), "submit"
-        )
+            await self._call(
+                self._client.zadd(self._keys.batches, {meta.batch_id: meta.created_ms}), "submit"
+            )
+            try:
+                await self._call(
+                    self._client.xgroup_create(stream, GROUP, id="0", mkstream=True), "submit"
+                )
+            except QueueUnavailable as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            for start in range(0, len(records), _CHUNK):
+                pipe = self._client.pipeline(transaction=False)
+                for r in records[start : start + _CHUNK]:
+                    fields = {"b": meta.batch_id, "r": r.record_id, "i": r.model_input}
+                    pipe.xadd(stream, fields)
+                known = False
+                # Every reply, errors inline: the ids written before an error are the ones
+                # to delete (Redis refuses XADD past maxmemory but keeps the earlier ones).
+                replies = await self._call(pipe.execute(raise_on_error=False), "submit")
+                known = True
+                failed = [r for r in replies if isinstance(r, BaseException)]
+                written += [_text(r) for r in replies if not isinstance(r, BaseException)]
+                if failed:
+                    raise QueueUnavailable(
+                        f"submit: {why(failed[0])} (after {len(written)} of {len(records)} records)"
+                    )
+            if not await self._script("submit_state", [batch], ["running"]):
+                # Only a worker taking this submit for dead (SUBMIT_GRACE_MS) gets here first.
+                raise QueueUnavailable("submit: the batch was abandoned before it was complete")
+        except BaseException:
+            await self._undo(meta, written, known)
+            raise
+
+    async def _undo(self, meta: BatchMeta, written: list[str], known: bool) -> None:
+        """Best effort: remove what a failed submit wrote. Whatever stays (the store is down)
+        is still ``submitting``: workers never run it and abandon it after SUBMIT_GRACE_MS."""
+        key = self._keys.stream(meta.stream)
+        batch = self._keys.batch(meta.pool, meta.batch_id)
+        try:
+            # Deleting frees memory, so Redis allows it even past maxmemory (noeviction).
+            for start in range(0, len(written), _CHUNK):
+                ids = written[start : start + _CHUNK]
+                pipe = self._client.pipeline(transaction=False)
+                pipe.xack(key, GROUP, *ids)  # a worker may have claimed one meanwhile
+                pipe.xdel(key, *ids)
+                pipe.hdel(key + ":att", *ids)
+                await self._call(pipe.execute(), "submit cleanup")
+            if not known:
+                await self._drop_entries(meta.stream, meta.batch_id)
+            await self._call(self._client.delete(batch, batch + ":out"), "submit cleanup")
+            await self._call(self._client.zrem(self._keys.batches, meta.batch_id), "submit cleanup")
+        except Exception as exc:  # the submit's own error is what its caller gets
+            log.warning(
+                "a failed batch submit could not remove what it may have written: workers "
+                "never run it and abandon it later",
+                extra={"fields": {"batch_id": meta.batch_id, "written": len(written),
+                                  "error": why(exc)}},
+            )  # fmt: skip
+
+    async def abandon(self, batch_id: str) -> int | None:
+        """Delete a batch still ``submitting`` (atomically, so its submit's flip then fails)
+        and drop the records it wrote; None when it is not submitting (any more)."""
+        pool = _pool_of(batch_id)
+        if pool is None:
+            return None
+        meta = await self.batch(batch_id)
+        if meta is None or not meta.submitting:
+            return None
+        batch = self._keys.batch(pool, batch_id)
+        if not await self._script("submit_state", [batch], [""]):
+            return None
+        dropped = await self._drop_entries(meta.stream, batch_id)
+        await self._call(self._client.delete(batch + ":out"), "abandon")
+        await self._call(self._client.zrem(self._keys.batches, batch_id), "abandon")
+        return dropped
+
+    async def release(self, claimed: Claimed) -> None:
+        """Uncount the attempt; the entry stays pending, so it is claimed again after its lease."""
+        key = self._keys.stream(claimed.stream) + ":att"
+        await self._call(self._client.hincrby(key, claimed.entry_id, -1), "release")
 
     async def streams(self) -> list[Stream]:
         """Every (pool, workload) a batch was submitted to."""
@@ -257,10 +354,14 @@ class RedisQueue:
         return _meta(batch_id, h) if h else None
 
     async def batches(self, workload: str | None) -> list[BatchMeta]:
-        """Newest first (at most 1,000)."""
+        """Newest first (at most 1,000); a batch still ``submitting`` is not listed yet."""
         ids = await self._call(self._client.zrevrange(self._keys.batches, 0, 999), "batches")
         metas = [await self.batch(_text(i)) for i in ids]
-        return [m for m in metas if m is not None and workload in (None, m.workload)]
+        return [
+            m
+            for m in metas
+            if m is not None and not m.submitting and workload in (None, m.workload)
+        ]
 
     async def output(self, batch_id: str) -> AsyncIterator[bytes]:
         """HSCAN of the output hash, one line at a time."""
@@ -285,19 +386,24 @@ class RedisQueue:
             self._client.hset(self._keys.batch(meta.pool, batch_id), "status", "cancelled"),
             "cancel",
         )
-        key = self._keys.stream(meta.stream)
-        start = "-"
-        while True:
-            entries = await self._call(self._client.xrange(key, start, "+", count=1000), "cancel")
-            mine = [eid for eid, f in entries if _text(f.get(b"b", b"")) == batch_id]
-            if mine:
-                await self._call(self._client.xack(key, GROUP, *mine), "cancel")
-                await self._call(self._client.xdel(key, *mine), "cancel")
-            if len(entries) < 1000:
-                break
-            start = "(" + _text(entries[-1][0])
+        await self._drop_entries(meta.stream, batch_id)
         meta.cancelled = True
         return meta
+
+    async def _drop_entries(self, stream: Stream, batch_id: str) -> int:
+        """XACK and XDEL every entry of one batch in its stream; how many there were."""
+        key = self._keys.stream(stream)
+        start, dropped = "-", 0
+        while True:
+            entries = await self._call(self._client.xrange(key, start, "+", count=1000), "drop")
+            mine = [eid for eid, f in entries if _text(f.get(b"b", b"")) == batch_id]
+            if mine:
+                await self._call(self._client.xack(key, GROUP, *mine), "drop")
+                await self._call(self._client.xdel(key, *mine), "drop")
+                dropped += len(mine)
+            if len(entries) < 1000:
+                return dropped
+            start = "(" + _text(entries[-1][0])
 
     async def depth(self, stream: Stream) -> tuple[int, float]:
         """XLEN, and the age of the first entry from its id's milliseconds."""
@@ -337,8 +443,9 @@ class RedisQueue:
         raw = await self._call(self._client.hget(f"{self._keys.tag(pool)}:dlq", dlq_id), "dlq")
         return _dead_letter(raw) if raw else None
 
-    async def replay(self, entry: DeadLetter, model: str | None) -> bool:
-        """One script: drop the entry and its error line, XADD the record again."""
+    async def replay(self, entry: DeadLetter, model: str | None) -> ReplayOutcome:
+        """One script: unless its batch is cancelled or gone, drop the entry and its error
+        line and XADD the record again."""
         tag = self._keys.tag(entry.pool)
         batch = self._keys.batch(entry.pool, entry.batch_id)
         stream = self._keys.stream(Stream(entry.pool, entry.workload))
@@ -350,4 +457,7 @@ class RedisQueue:
             [f"{tag}:dlq", f"{tag}:dlq:n", batch + ":out", batch, stream],
             [entry.dlq_id, entry.record_id, f"{entry.workload}\t{entry.reason}", *fields],
         )
-        return bool(res)
+        outcome = _REPLAY_OUTCOMES.get(_text(res))
+        if outcome is None:
+            raise QueueUnavailable(f"replay: unexpected reply {_text(res)[:40]!r}")
+        return outcome

@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -23,7 +24,7 @@ from proxy.jobs.queue import BatchMeta, DeadLetter, QueueUnavailable, new_id
 from proxy.jobs.records import INVOCATIONS, BatchInputError, Invocation, manifest, parse_jsonl
 from proxy.jobs.runtime import JOBS, Jobs
 from proxy.pipeline.identify import Caller, identify
-from proxy.policy import CompiledPolicy
+from proxy.policy import CompiledPolicy, PoolInfo
 
 log = logging.getLogger("sluice.jobs")
 PREFIX = "/sluice/v1"
@@ -50,10 +51,13 @@ def _answers(handler: Handler) -> Handler:
             return await handler(request)
         except QueueUnavailable as exc:
             log.warning("batch queue unavailable: %s", exc)
+            # "Nothing was changed" holds for a submit too: one that fails half-way removes
+            # what it wrote, and workers never run a record of a batch not fully submitted.
             error = BedrockError(
                 "ServiceUnavailableException",
-                "Sluice's batch queue store is unreachable; nothing was changed by this "
-                f"request; retry in {_QUEUE_DOWN_RETRY_MS // 1000} s",
+                f"Sluice's batch queue store is unreachable or refused the write ({exc}); "
+                "nothing was changed by this request; retry in "
+                f"{_QUEUE_DOWN_RETRY_MS // 1000} s",
                 status=503,
                 headers=retry_headers(_QUEUE_DOWN_RETRY_MS),
             )
@@ -112,7 +116,8 @@ async def _status_doc(jobs: Jobs, meta: BatchMeta) -> dict[str, object]:
 async def _own_batch(request: web.Request) -> BatchMeta:
     caller = _caller(request)
     meta = await _jobs(request).queue.batch(request.match_info["batch_id"])
-    if meta is None or meta.workload != caller.workload.name:
+    # A batch still submitting was never answered 202: it does not exist for anyone yet.
+    if meta is None or meta.submitting or meta.workload != caller.workload.name:
         raise BedrockError(
             "ResourceNotFoundException",
             f"batch '{request.match_info['batch_id']}' not found for workload "
@@ -134,6 +139,13 @@ def _resolve_submit(
             "ValidationException",
             f"invocationType: '{invocation[:40]}' is not one of {', '.join(INVOCATIONS)}",
         )
+    _allowed_pool(policy, caller, model)
+    return model, invocation
+
+
+def _allowed_pool(policy: CompiledPolicy, caller: Caller, model: str) -> PoolInfo:
+    """The pool ``model`` runs on, if the caller's ``models:`` allow-list has it (else 403;
+    an unknown model is refused as a live call's is). Submit and replay both ask here."""
     pool = policy.resolve_pool(model)
     allowed = caller.workload.allowed_pools
     if allowed is not None and pool.name not in allowed:
@@ -142,7 +154,7 @@ def _resolve_submit(
             f"workload '{caller.workload.name}' may not call model pool '{pool.name}'",
             status=403,
         )
-    return model, invocation
+    return pool
 
 
 async def _check_room(jobs: Jobs, workload: str, incoming: int) -> None:
@@ -313,17 +325,37 @@ async def dlq_show(request: web.Request) -> web.Response:
 
 @_answers
 async def dlq_replay(request: web.Request) -> web.Response:
-    """Replay matching dead letters (``?reason= ?batch= ?modelId=``) into their batches."""
+    """Replay matching dead letters (``?reason= ?batch= ?modelId=``) into their batches.
+
+    ``modelId`` must be a model the workload may call, exactly as for a submit. A dead
+    letter of a cancelled (or deleted) batch stays where it is: the answer counts those
+    under ``skipped``, by reason.
+    """
     caller = _caller(request)
     jobs = _jobs(request)
     model = request.query.get("modelId")
+    if model:
+        _allowed_pool(jobs.policy, caller, model)
     entries = _matching(request, caller, await jobs.queue.dead_letters())
     replayed = 0
+    skipped: Counter[str] = Counter()
     for entry in entries:
-        if await jobs.queue.replay(entry, model):
+        outcome = await jobs.queue.replay(entry, model)
+        if outcome == "replayed":
             replayed += 1
             jobs.replayed(entry)
-    return _json({"replayed": replayed})
+            continue
+        skipped[outcome] += 1
+        jobs.metrics.replay_skipped.labels(entry.workload, outcome).inc()
+    if skipped:
+        log.warning(
+            "dead letters not replayed",
+            extra={"fields": {"workload": caller.workload.name, "replayed": replayed,
+                              **{f"skipped_{k}": v for k, v in sorted(skipped.items())}}},
+        )  # fmt: skip
+    return _json(
+        {"replayed": replayed, "skipped": skipped.total(), "skippedReasons": dict(skipped)}
+    )
 
 
 def add_routes(app: web.Application) -> None:

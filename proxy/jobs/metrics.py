@@ -38,7 +38,8 @@ class JobMetrics:
         self.records = Counter(
             "sluice_batch_records",
             "Batch records finished by this instance, by outcome "
-            "(succeeded, dead_lettered, cancelled).",
+            "(succeeded, dead_lettered, cancelled, abandoned: written by a submit that failed "
+            "half-way, never run).",
             ["workload", "outcome"],
             registry=registry,
         )
@@ -52,6 +53,13 @@ class JobMetrics:
         self.dlq = Gauge(
             "sluice_dlq_records",
             "Dead-lettered batch records waiting for replay, by workload and reason.",
+            ["workload", "reason"],
+            registry=registry,
+        )
+        self.replay_skipped = Counter(
+            "sluice_dlq_replay_skipped",
+            "Dead letters a replay left in place, by workload and why (batch_cancelled, "
+            "batch_gone, already_replayed).",
             ["workload", "reason"],
             registry=registry,
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -23,6 +23,19 @@ GROUP = "sluice-workers"
 
 #: The queue's store did not answer; the caller retries later (the records are safe).
 QueueUnavailable = BackendUnavailable
+
+#: How long a batch may stay ``submitting`` (its submit still writing records) before
+#: workers take its submit for dead and drop what it wrote. Far above the longest submit
+#: (``server.jobs.max_submit_bytes`` in chunks, each bounded by the store's timeout), so a
+#: live submit is never abandoned; the submit's final flip to ``running`` is conditional
+#: anyway, so a submit that did outlive it answers 503 instead of running half a batch.
+SUBMIT_GRACE_MS = 10 * 60 * 1000
+
+#: What :meth:`JobQueue.replay` did with one dead letter: ``replayed`` back into its batch's
+#: queue, or left where it is because its batch was cancelled (``batch_cancelled``: the
+#: cancel dropped its records, a replay must not bring one back only to drop it again) or no
+#: longer exists (``batch_gone``), or another replay took it first (``already_replayed``).
+ReplayOutcome = Literal["replayed", "batch_cancelled", "batch_gone", "already_replayed"]
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -49,6 +62,9 @@ class BatchMeta:
     cancelled: bool = False
     input_tokens: int = 0
     output_tokens: int = 0
+    #: Its submit has not finished writing its records (Redis only: SQLite commits a
+    #: submit whole). Such a batch is not listed and workers never run its records.
+    submitting: bool = False
 
     @property
     def stream(self) -> Stream:
@@ -62,7 +78,9 @@ class BatchMeta:
 
     @property
     def status(self) -> str:
-        """``cancelled``, ``completed`` or ``running``."""
+        """``submitting``, ``cancelled``, ``completed`` or ``running``."""
+        if self.submitting:
+            return "submitting"
         if self.cancelled:
             return "cancelled"
         return "completed" if self.pending == 0 else "running"
@@ -148,7 +166,11 @@ class JobQueue(Protocol):
         """Close connections."""
 
     async def submit(self, meta: BatchMeta, records: list[Record]) -> None:
-        """Store the batch and every record; returns only once all are durable."""
+        """Store the batch and every record; returns only once all are durable.
+
+        All or nothing for the workers: when it raises, no record of the batch is ever
+        run (what was written is removed, or left ``submitting`` for workers to abandon).
+        """
 
     async def streams(self) -> list[Stream]:
         """Every queue a batch was ever submitted to."""
@@ -166,6 +188,14 @@ class JobQueue(Protocol):
 
     async def next_attempt(self, claimed: Claimed) -> int:
         """Count another attempt of a held record; returns the new count."""
+
+    async def release(self, claimed: Claimed) -> None:
+        """Leave a claimed record untouched, its attempt uncounted; it is claimed again once
+        its lease expires (a record of a batch whose submit is still writing)."""
+
+    async def abandon(self, batch_id: str) -> int | None:
+        """Drop a batch still ``submitting`` (its submit died) and every record it wrote;
+        the number dropped, or None when the batch is not (or no longer) submitting."""
 
     async def complete(
         self, claimed: Claimed, line: bytes | None, ok: bool, tokens: tuple[int, int]
@@ -214,5 +244,6 @@ class JobQueue(Protocol):
     async def dead_letter_by_id(self, dlq_id: str) -> DeadLetter | None:
         """One dead letter."""
 
-    async def replay(self, entry: DeadLetter, model: str | None) -> bool:
-        """Put a dead letter back in its batch's queue (its error line removed); False if gone."""
+    async def replay(self, entry: DeadLetter, model: str | None) -> ReplayOutcome:
+        """Put a dead letter back in its batch's queue (its error line removed), unless its
+        batch was cancelled or is gone: then the dead letter stays where it is."""

@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 
 import orjson
 
-from proxy.jobs.queue import BatchMeta, Claimed, DeadLetter, QueueUnavailable, Stream
+from proxy.jobs.queue import (
+    BatchMeta,
+    Claimed,
+    DeadLetter,
+    QueueUnavailable,
+    ReplayOutcome,
+    Stream,
+)
 from proxy.jobs.records import Record
 
 T = TypeVar("T")
@@ -50,7 +57,7 @@ def _meta(row: tuple[Any, ...]) -> BatchMeta:
     bid, workload, pool, model, inv, records, created, ok, err, status, in_tok, out_tok = row
     return BatchMeta(
         bid, workload, pool, model, "converse" if inv == "converse" else "invoke", records,
-        created, ok, err, status == "cancelled", in_tok, out_tok,
+        created, ok, err, status == "cancelled", in_tok, out_tok, status == "submitting",
     )  # fmt: skip
 
 
@@ -117,7 +124,8 @@ class SqliteQueue:
         return await self._run(fn)
 
     async def submit(self, meta: BatchMeta, records: list[Record]) -> None:
-        """One transaction: the batch row and every record."""
+        """One transaction: the batch row and every record (a failure rolls back all of it,
+        so this store never has a ``submitting`` batch)."""
         now = _now_ms()
 
         def fn(db: sqlite3.Connection) -> None:
@@ -211,6 +219,29 @@ class SqliteQueue:
             return int(row[0]) if row else claimed.attempts + 1
 
         return await self._run(fn)
+
+    async def release(self, claimed: Claimed) -> None:
+        """Uncount the attempt; the lease taken by the claim runs out, then it is claimed again."""
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE records SET attempts = MAX(0, attempts - 1) WHERE seq = ?",
+                (int(claimed.entry_id),),
+            )
+        )
+
+    async def abandon(self, batch_id: str) -> int | None:
+        """Same contract as Redis's (a submit is one transaction, so only a batch row some
+        other tool left ``submitting`` is ever found here)."""
+
+        def fn(db: sqlite3.Connection) -> int | None:
+            cur = db.execute(
+                "DELETE FROM batches WHERE id = ? AND status = 'submitting'", (batch_id,)
+            )
+            if cur.rowcount == 0:
+                return None
+            return db.execute("DELETE FROM records WHERE batch = ?", (batch_id,)).rowcount
+
+        return await self._read(fn, None)
 
     def _finish(
         self,
@@ -363,12 +394,21 @@ class SqliteQueue:
         )
         return _dead_letter(row[0]) if row else None
 
-    async def replay(self, entry: DeadLetter, model: str | None) -> bool:
-        """Drop the dead letter and its error line; queue the record again."""
+    async def replay(self, entry: DeadLetter, model: str | None) -> ReplayOutcome:
+        """Unless its batch is cancelled or gone: drop the dead letter and its error line,
+        queue the record again (one transaction)."""
 
-        def fn(db: sqlite3.Connection) -> bool:
+        def fn(db: sqlite3.Connection) -> ReplayOutcome:
+            row = db.execute("SELECT status FROM batches WHERE id = ?", (entry.batch_id,))
+            found = row.fetchone()
+            if found is None:
+                return "batch_gone"
+            if found[0] == "cancelled":
+                # A worker drops a cancelled batch's records without a line: replaying would
+                # delete the error line and the dead letter, then lose the record for good.
+                return "batch_cancelled"
             if db.execute("DELETE FROM dlq WHERE id = ?", (entry.dlq_id,)).rowcount == 0:
-                return False
+                return "already_replayed"
             cur = db.execute(
                 "DELETE FROM outputs WHERE batch = ? AND record_id = ?",
                 (entry.batch_id, entry.record_id),
@@ -381,7 +421,7 @@ class SqliteQueue:
                 (entry.pool, entry.workload, entry.batch_id, entry.record_id,
                  entry.model_input, model, _now_ms()),
             )  # fmt: skip
-            return True
+            return "replayed"
 
         return await self._run(fn)
 

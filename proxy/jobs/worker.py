@@ -24,7 +24,15 @@ from proxy.errors import BedrockError
 from proxy.jobs.admit import Grant, RecordAdmission
 from proxy.jobs.call import Outcome, call_model
 from proxy.jobs.metrics import JobMetrics
-from proxy.jobs.queue import BatchMeta, Claimed, DeadLetter, JobQueue, QueueUnavailable, Stream
+from proxy.jobs.queue import (
+    SUBMIT_GRACE_MS,
+    BatchMeta,
+    Claimed,
+    DeadLetter,
+    JobQueue,
+    QueueUnavailable,
+    Stream,
+)
 from proxy.jobs.queue import new_id as _new_id
 from proxy.jobs.records import backoff_s, error_line, is_retryable, success_line
 from proxy.policy import CompiledPolicy, PolicyRef, PoolInfo, WorkloadInfo
@@ -165,7 +173,8 @@ class Worker:
         if hit is not None and now - hit[0] < _META_TTL_S:
             return hit[1]
         meta = await self.queue.batch(batch_id)
-        if meta is not None:
+        # A batch still submitting is read afresh each time: it turns running any moment.
+        if meta is not None and not meta.submitting:
             self._metas[batch_id] = (now, meta)
         return meta
 
@@ -186,6 +195,10 @@ class Worker:
             self.admission.settle(grant, 0)
             self._idle(c.stream)
             return None
+        if meta is not None and meta.submitting:
+            self.admission.settle(grant, 0)
+            await self._unsubmitted(c, meta)
+            return None
         if meta is None or meta.cancelled:
             if meta is None:  # written before its records, so only a manual delete does this
                 log.warning(
@@ -198,6 +211,28 @@ class Worker:
             return None
         return meta, workload
 
+    async def _unsubmitted(self, c: Claimed, meta: BatchMeta) -> None:
+        """A record of a batch whose submit has not finished: never run it. Its submit may
+        still fail (and answer 503, the client then submitting again), so running it could
+        run it twice. Left pending for a lease, or dropped with its batch once the submit
+        is long dead (it failed and could not clean up)."""
+        age_ms = int(time.time() * 1000) - meta.created_ms
+        if age_ms < SUBMIT_GRACE_MS:
+            await self.queue.release(c)
+            return
+        dropped = await self.queue.abandon(c.batch_id)
+        if dropped is None:  # its submit finished just now: run the record after its lease
+            await self.queue.release(c)
+            return
+        self.metrics.records.labels(c.stream.workload, "abandoned").inc(dropped)
+        log.warning(
+            "batch abandoned: its submit never finished (it failed, was answered 503 and "
+            "could not clean up, or its process died); its records were never run and are "
+            "dropped",
+            extra={"fields": {"batch_id": c.batch_id, "workload": c.stream.workload,
+                              "dropped_records": dropped, "age_s": age_ms // 1000}},
+        )  # fmt: skip
+
     async def _process(self, c: Claimed, grant: Grant) -> tuple[Claimed, Grant] | None:
         """Call, retry, finish or dead-letter one record; may hand back the next one, held."""
         found = await self._context(c, grant)
@@ -208,6 +243,7 @@ class Worker:
         rule = self.policy.policy.workloads[workload.name].batch
         try:
             pool = self.policy.resolve_pool(model)
+            self._check_allowed(workload, pool)
             est = estimate(
                 "Converse" if meta.invocation == "converse" else "InvokeModel", c.model_input
             )
@@ -227,6 +263,20 @@ class Worker:
             self.admission.settle(grant, 0)
             grant = await self.admission.admit(workload, pool, tokens)
         return await self._attempts(c, meta, model, workload, pool, tokens, rule, grant)
+
+    @staticmethod
+    def _check_allowed(workload: WorkloadInfo, pool: PoolInfo) -> None:
+        """The workload's ``models:`` allow-list, as a live call and a submit check it: a
+        reload may have narrowed it since the record was queued (or a replay named a model)."""
+        allowed = workload.allowed_pools
+        if allowed is not None and pool.name not in allowed:
+            raise BedrockError(
+                "AccessDeniedException",
+                f"workload '{workload.name}' may not call model pool '{pool.name}' "
+                f"(allowed: {', '.join(sorted(allowed)) or 'none'}; workloads.{workload.name}"
+                ".models in the policy in force); the record was not sent",
+                status=403,
+            )
 
     async def _attempts(
         self,
