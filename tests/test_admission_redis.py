@@ -200,6 +200,38 @@ async def test_script_flush_mid_run_is_recovered(redis_factory: Factory) -> None
         await store.close()
 
 
+@pytest.mark.parametrize("workload_counted", [False, True])
+async def test_the_heartbeat_keeps_thousands_of_leases_of_one_pool(
+    redis_server: RedisServerProcess, workload_counted: bool
+) -> None:
+    """4,500 calls in flight on one instance and pool (held streams): one heartbeat call for
+    all of them exceeded Lua's unpack and every one of them expired after one TTL."""
+    metrics = Metrics()
+    store = RedisStore(redis_server.url, timeout_s=2.0, metrics=metrics)
+    await store.start()
+    limits = {"workload_concurrency": 100_000} if workload_counted else {}
+    p = plan(new_pool(), pool_concurrency=100_000, lease_ttl_ms=1500, **limits)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        ds = await asyncio.gather(*(store.admit(p, 0) for _ in range(4500)))
+        assert all(d.admitted for d in ds)
+        await asyncio.sleep(3.2)  # > 2 TTLs: only the heartbeat keeps them
+        assert client.zcard(p.keys.pool_leases) == 4500
+        if workload_counted:
+            assert client.zcard(p.keys.workload_leases) == 4500
+        assert (await store.pool_stats(p.pool))["in_flight"] == 4500
+        errors = metrics.store_errors.labels(operation="heartbeat")._value.get()
+        assert errors == 0
+        for d in ds:
+            assert d.lease is not None
+            store.settle(p, d.lease, 0, 0)
+        await store.flush()
+        assert client.zcard(p.keys.pool_leases) == 0
+    finally:
+        client.close()
+        await store.close()
+
+
 async def test_restarted_redis_is_used_again(redis_factory: Factory) -> None:
     server = redis_factory()
     store = RedisStore(server.url)
@@ -398,3 +430,23 @@ async def test_admission_latency_and_throughput(
         record_property(name, value)
     assert figures["single_p50_us"] < 5000
     assert figures["batched64_admits_per_s"] > 1000
+
+
+def test_heartbeat_calls_are_bounded_and_carry_every_lease() -> None:
+    from proxy.backend.admit_wire import extend_calls
+
+    a, b = plan(new_pool()), plan("x", workload="other", workload_concurrency=3)
+    groups = [(a, [f"a{i}" for i in range(2500)]), (b, [f"b{i}" for i in range(700)])]
+    calls = extend_calls(a.pool, groups, most=1000)
+    seen: list[str] = []
+    for keys, args in calls:
+        g, j, n = int(args[0]), 1, 0
+        assert len(keys) == 1 + g
+        for _ in range(g):
+            c = int(args[j + 2])
+            seen += [str(x) for x in args[j + 3 : j + 3 + c]]
+            n += c
+            j += 3 + c
+        assert j == len(args) and 0 < n <= 1000
+    assert seen == [f"a{i}" for i in range(2500)] + [f"b{i}" for i in range(700)]
+    assert len(calls) == 4

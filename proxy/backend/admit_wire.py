@@ -113,11 +113,28 @@ def settle_call(q: Queue, batch: list[Settle], gone: list[str]) -> Call:
     return keys, args
 
 
-def extend_call(pool: str, groups: list[Group]) -> Call:
-    """``extend.lua``'s KEYS and ARGV: every lease of this instance in ``pool``."""
-    keys = [plan_keys(pool, "").pool_leases]
-    args: list[Arg] = [len(groups)]
+#: Leases per heartbeat call. An instance can hold thousands on one pool (held streams);
+#: one call for all of them exceeded what Lua's ``unpack`` takes (~8,000 values, so ~4,000
+#: leases) and the whole heartbeat failed: every lease of the pool then expired. Bounded
+#: calls also bound how long one script holds Redis.
+MAX_EXTEND: Final = 1000
+
+
+def extend_calls(pool: str, groups: list[Group], most: int = MAX_EXTEND) -> list[Call]:
+    """``extend.lua``'s KEYS and ARGV for every lease of this instance in ``pool``, in calls
+    of at most ``most`` leases (a group larger than that is split over calls)."""
+    calls: list[Call] = []
+    keys: list[str] = []
+    args: list[Arg] = []
+    room = 0
     for plan, leases in groups:
-        keys.append(plan.keys.workload_leases)
-        args += (plan.lease_ttl_ms, int(plan.params.w_conc >= 0), len(leases), *leases)
-    return keys, args
+        for start in range(0, len(leases), most):
+            part = leases[start : start + most]
+            if len(part) > room:  # (a new call: the first, or this part would not fit)
+                keys, args, room = [plan_keys(pool, "").pool_leases], [0], most
+                calls.append((keys, args))
+            keys.append(plan.keys.workload_leases)
+            args[0] = int(args[0]) + 1
+            args += (plan.lease_ttl_ms, int(plan.params.w_conc >= 0), len(part), *part)
+            room -= len(part)
+    return calls

@@ -52,7 +52,7 @@ from proxy.backend.admit_wire import (
     Queue,
     Settle,
     admit_call,
-    extend_call,
+    extend_calls,
     granted,
     settle_call,
     snapshot_at,
@@ -482,11 +482,13 @@ class RedisStore:
     # --- heartbeat, control, readiness -------------------------------------------------
 
     async def _extend(self, pool: str, groups: list[Group]) -> None:
-        keys, args = extend_call(pool, groups)
-        try:
-            await self._runner.run("extend", keys, args)
-        except StoreUnavailable as exc:
-            self._failed("heartbeat", pool, exc, leases=sum(len(g[1]) for g in groups))
+        # One call per MAX_EXTEND leases: a failed one loses its own leases' renewal only.
+        for keys, args in extend_calls(pool, groups):
+            try:
+                await self._runner.run("extend", keys, args)
+            except StoreUnavailable as exc:
+                leases = len(args) - 1 - 3 * int(args[0])  # (ARGV: g, then ttl, flag, c, ids)
+                self._failed("heartbeat", pool, exc, leases=leases)
 
     async def ping(self) -> bool:
         """True when Redis answers PING within the timeout."""

@@ -6,6 +6,24 @@
 --       lease count c, c lease ids
 -- Returns the number of leases extended.
 
+-- ZADD XX CH of leases ARGV[first + 1 .. first + c] at expiry, in slices: Lua's unpack takes
+-- ~8,000 values, and an instance may hold more leases than that on one pool.
+local function zadd_xx(key, expiry, first, c)
+  local n = 0
+  local x = 1
+  while x <= c do
+    local last = math.min(c, x + 499)
+    local args = { 'XX', 'CH' }
+    for y = x, last do
+      args[#args + 1] = expiry
+      args[#args + 1] = ARGV[first + y]
+    end
+    n = n + redis.call('ZADD', key, unpack(args))
+    x = last + 1
+  end
+  return n
+end
+
 local t = redis.call('TIME')
 local now = math.floor(tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000)
 local plk = KEYS[1]
@@ -18,14 +36,9 @@ for i = 1, tonumber(ARGV[1]) do
   local counted = ARGV[j + 1] == '1'
   local c = tonumber(ARGV[j + 2])
   if c > 0 then
-    local args = { 'XX', 'CH' }
-    for x = 1, c do
-      args[2 * x + 1] = expiry
-      args[2 * x + 2] = ARGV[j + 2 + x]
-    end
-    extended = extended + redis.call('ZADD', plk, unpack(args))
+    extended = extended + zadd_xx(plk, expiry, j + 2, c)
     if counted then
-      redis.call('ZADD', KEYS[1 + i], unpack(args))
+      zadd_xx(KEYS[1 + i], expiry, j + 2, c)
       redis.call('PEXPIREAT', KEYS[1 + i], tostring(expn + 1000), 'GT')
     end
     if expn > top then top = expn end
