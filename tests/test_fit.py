@@ -13,10 +13,12 @@ from proxy.admission.estimate import estimate
 from proxy.admission.fit import refill_ms, reserve
 from proxy.admission.gate import cap_retry_hint
 from proxy.admission.model import Decision
+from proxy.backend.store import open_store
 from proxy.config import PolicyError, load_policy, parse_policy
 from proxy.errors import BedrockError
 from proxy.guard_errors import ProtocolLog
 from proxy.policy import CompiledPolicy
+from tests.support.admission_helpers import Backend
 
 BAD = Path(__file__).resolve().parent / "policies"
 SONNET4 = "anthropic.claude-sonnet-4-20250514-v1:0"
@@ -74,6 +76,55 @@ def test_reservation_over_the_burst_is_clipped_when_each_part_fits() -> None:
     est = estimate("Converse", body.replace(b"word", b"words words") + b'"system":[]}')
     assert est.input_tokens > 10_000
     assert reserve(plan, pool, est.input_tokens, est) == 10_000
+
+
+def classes(share: float) -> CompiledPolicy:
+    """sonnet4 with a token limit, a P0 class and a lower one."""
+    doc = {
+        "models": {"sonnet4": {"ids": [SONNET4], "tokens_per_minute": 6_000}},
+        "priorities": {"P0": {"share": 1.0}, "low": {"share": share}},
+        "workloads": {"chat": {"priority": "P0"}, "bulk": {"priority": "low"}},
+    }
+    return CompiledPolicy(parse_policy(doc))
+
+
+@given(share=st.floats(0.05, 1.0), fraction=st.floats(0.0, 1.0))
+def test_a_class_never_reserves_more_than_its_allowance(share: float, fraction: float) -> None:
+    policy = classes(share)
+    pool = policy.resolve_pool(SONNET4)
+    plan = policy.plan(policy.workloads["bulk"], pool, "low")
+    assert plan.pool_tokens is not None
+    burst = plan.pool_tokens.burst
+    max_tokens = max(1, int(fraction * (burst - 20)))  # any cap the bucket could hold
+    est = estimate("Converse", converse(max_tokens))
+    tokens = reserve(plan, pool, est.input_tokens, est)
+    assert 1 <= tokens <= max(1, int(share * burst))
+    if est.input_tokens + max_tokens * pool.output_weight <= share * burst:
+        assert tokens == est.input_tokens + max_tokens * pool.output_weight  # nothing clipped
+
+
+@pytest.mark.parametrize("backend", ["embedded", "redis"], indirect=True)
+async def test_a_big_lower_class_call_leaves_p0_its_headroom(backend: Backend) -> None:
+    """A "low" (share 0.4) call asking for 90% of the bucket reserved all of it on a full
+    bucket, and P0 was then refused half the bucket, inside the 60% kept back for it.
+    Clipped to its allowance, it leaves P0 its part."""
+    policy = classes(0.4)
+    pool = policy.resolve_pool(SONNET4)
+    low = policy.plan(policy.workloads["bulk"], pool, "low")
+    p0 = policy.plan(policy.workloads["chat"], pool, "P0")
+    store = open_store(backend.url)
+    await store.start()
+    try:
+        assert low.pool_tokens is not None
+        burst = low.pool_tokens.burst
+        est = estimate("Converse", converse(int(0.9 * burst)))
+        big = reserve(low, pool, est.input_tokens, est)
+        assert big <= 0.4 * burst
+        assert (await store.admit(low, big)).admitted
+        est = estimate("Converse", converse(int(0.5 * burst)))
+        assert (await store.admit(p0, reserve(p0, pool, est.input_tokens, est))).admitted
+    finally:
+        await store.close()
 
 
 def test_invoke_body_names_its_own_field() -> None:
