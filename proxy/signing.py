@@ -151,7 +151,7 @@ def canonical_request(
     payload_hash: str | None = None,
 ) -> str:
     """The SigV4 canonical request; ``payload_hash`` is the caller's ``x-amz-content-sha256``
-    when it sent one (botocore signs that value as is, ``UNSIGNED-PAYLOAD`` included), else
+    when it sent one (botocore signs that value as is; verification checks it is the body's), else
     the body's SHA-256 is computed here."""
     if payload_hash is None:
         payload_hash = hashlib.sha256(body).hexdigest()

@@ -266,19 +266,26 @@ def _check_scope(
 def _check_payload_hash(value: str, body: bytes, akid: str) -> VerifyResult | None:
     """The failure when a signed ``x-amz-content-sha256`` cannot stand for this body.
 
-    ``UNSIGNED-PAYLOAD`` is accepted: the signature then covers the method, path, query and
-    headers but not the body (the client chose that). A hex hash must be the body's, or a
-    body swapped under a valid signature would pass.
+    ``UNSIGNED-PAYLOAD`` is refused: the signature would then cover everything but the body,
+    and anyone who saw one such signed request could send any prompt under the caller's
+    identity for the whole clock-skew window. No Bedrock runtime SDK sends it (botocore
+    states it for S3 only). A hex hash must be the body's, or a body swapped under a valid
+    signature would pass.
     """
     if value == UNSIGNED_PAYLOAD:
-        return None
+        return _fail(
+            "InvalidSignatureException",
+            f"x-amz-content-sha256: {UNSIGNED_PAYLOAD} is not accepted: Sluice verifies the "
+            "body too; sign the body's SHA-256 (the SDKs do unless told otherwise).",
+            akid,
+        )
     if not _HEX64.fullmatch(value):
         # Echoed only as a short ASCII word (request data otherwise: never quoted).
         shown = value if _WORD.fullmatch(value) else "(not a token)"
         return _fail(
             "InvalidSignatureException",
-            f"x-amz-content-sha256 must be the hex SHA-256 of the body or {UNSIGNED_PAYLOAD}; "
-            f"'{shown}' is not supported.",
+            f"x-amz-content-sha256 must be the hex SHA-256 of the body; '{shown}' is not "
+            "supported.",
             akid,
         )
     if value.lower() != hashlib.sha256(body).hexdigest():

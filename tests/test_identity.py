@@ -144,17 +144,13 @@ async def _send_as_signed(
         return r.status, kind, await r.json()
 
 
-async def test_unsigned_payload_is_verified_on_method_path_and_headers(proxy: Sluice) -> None:
-    # botocore signs 'UNSIGNED-PAYLOAD' as the payload hash when the header says so; Sluice
-    # hashed the body regardless and refused every such call.
+async def test_unsigned_payload_is_refused_naming_the_header(proxy: Sluice) -> None:
+    # Correctly signed, but the signature would not cover the body: anyone who saw the
+    # request could send another prompt under this identity. Refused, saying why.
     headers = _signed_stating(proxy.url, BODY, "UNSIGNED-PAYLOAD")
-    assert (await _send_as_signed(proxy.url, headers, BODY))[:2] == (200, "chat")
-    # The body is not covered (the client chose that); the rest still is.
-    other = BODY.replace(b"hi", b"yo")
-    assert (await _send_as_signed(proxy.url, headers, other))[:2] == (200, "chat")
-    headers["Content-Type"] = "application/json; charset=utf-8"
-    status, kind, _ = await _send_as_signed(proxy.url, headers, BODY)
+    status, kind, doc = await _send_as_signed(proxy.url, headers, BODY)
     assert (status, kind) == (403, "InvalidSignatureException")
+    assert "x-amz-content-sha256: UNSIGNED-PAYLOAD is not accepted" in doc["message"]
 
 
 async def test_a_stated_payload_hash_must_be_the_bodys(proxy: Sluice) -> None:
@@ -166,7 +162,7 @@ async def test_a_stated_payload_hash_must_be_the_bodys(proxy: Sluice) -> None:
     status, kind, doc = await _send_as_signed(proxy.url, headers, tampered)
     assert (status, kind) == (403, "InvalidSignatureException")
     assert "'x-amz-content-sha256' header does not match" in doc["message"]
-    # A value that is neither a hash nor UNSIGNED-PAYLOAD (SigV4 streaming, chunked) is named.
+    # A value that is not a hash (SigV4 streaming, chunked) is named.
     headers = _signed_stating(proxy.url, BODY, "STREAMING-AWS4-HMAC-SHA256-PAYLOAD")
     status, kind, doc = await _send_as_signed(proxy.url, headers, BODY)
     assert (status, kind) == (403, "InvalidSignatureException")

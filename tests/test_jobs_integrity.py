@@ -18,6 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy.backend.job_queue import RedisQueue
+from proxy.jobs.queue import BatchMeta, QueueUnavailable
+from proxy.jobs.records import Record
 from tests.support.jobs_helpers import (
     HAIKU,
     call,
@@ -32,6 +35,7 @@ from tests.support.jobs_helpers import (
     wait_until,
 )
 from tests.support.processes import metric_value
+from tests.support.redis_fixtures import RedisServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -261,3 +265,40 @@ def test_a_dead_letter_of_a_cancelled_batch_is_not_replayed_and_not_lost(
     text = sluice.metrics()
     assert metric_value(text, "sluice_dlq_replay_skipped_total", reason="batch_cancelled") == 1
     assert metric_value(text, "sluice_batch_records_total", outcome="cancelled") == 0
+
+
+@pytest.mark.parametrize("flip_ran", [True, False])
+async def test_a_submit_whose_last_reply_is_lost_stands_or_goes_whole(
+    redis_server: RedisServerProcess, flip_ran: bool
+) -> None:
+    """The final flip to running fails on the client side (a timeout). If Redis ran it, the
+    batch may be running already: the submit stands (undoing it would run its records again
+    after the client's retry). If it did not, nothing of the batch remains."""
+    queue = RedisQueue(redis_server.url, fleet=f"lost-{flip_ran}")
+    real = queue._script
+
+    async def lost_reply(name: str, keys: list[str], args: list[Any]) -> Any:
+        if name == "submit_state" and args == ["running"]:
+            if flip_ran:
+                await real(name, keys, args)
+            raise QueueUnavailable("submit: timed out (injected: the reply was lost)")
+        return await real(name, keys, args)
+
+    queue._script = lost_reply  # type: ignore[method-assign]
+    meta = BatchMeta("haiku:lost", "enrich", "haiku", HAIKU, "invoke", 3, int(time.time() * 1000))
+    records = [Record(f"r{i}", json.dumps(record(i)["modelInput"]).encode()) for i in range(3)]
+    try:
+        if flip_ran:
+            await queue.submit(meta, records)  # no error: the batch is complete and runs
+            stored = await queue.batch("haiku:lost")
+            assert stored is not None and not stored.submitting and stored.records == 3
+            assert [m.batch_id for m in await queue.batches(None)] == ["haiku:lost"]
+        else:
+            with pytest.raises(QueueUnavailable):
+                await queue.submit(meta, records)
+            assert await queue.batch("haiku:lost") is None
+            assert await queue.batches(None) == []
+        stream = f"sluice:{{haiku}}:fleet:lost-{flip_ran}:jobs:enrich"
+        assert redis_server.cli("xlen", stream).strip() == ("3" if flip_ran else "0")
+    finally:
+        await queue.close()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
@@ -226,8 +227,29 @@ class RedisQueue:
                 # Only a worker taking this submit for dead (SUBMIT_GRACE_MS) gets here first.
                 raise QueueUnavailable("submit: the batch was abandoned before it was complete")
         except BaseException:
-            await self._undo(meta, written, known)
-            raise
+            if await self._claim_undo(batch):
+                await self._undo(meta, written, known)
+                raise
+            # The flip to running did happen (only its reply was lost, or the client left
+            # after it): the batch stands and may be running already. Undoing it now would
+            # run its records twice once the client retried as a 503 tells it to.
+            log.warning(
+                "a batch submit's reply was lost after the batch was complete: it runs",
+                extra={"fields": {"batch_id": meta.batch_id, "records": len(records)}},
+            )
+            if not isinstance(sys.exc_info()[1], QueueUnavailable):
+                raise  # (cancelled: the caller left; the batch is listed, it runs)
+
+    async def _claim_undo(self, batch: str) -> bool:
+        """Delete a failed submit's batch if it is still ``submitting``, atomically against
+        its own flip to running (the same script): True when removing the rest is safe
+        (nothing of it ever ran; a record left behind finds no batch and is dropped), False
+        when the flip won. Unknown (the store is down): True: the batch is then still
+        submitting, never run, and abandoned by the workers later."""
+        try:
+            return bool(await self._script("submit_state", [batch], [""]))
+        except Exception:
+            return True
 
     async def _undo(self, meta: BatchMeta, written: list[str], known: bool) -> None:
         """Best effort: remove what a failed submit wrote. Whatever stays (the store is down)
