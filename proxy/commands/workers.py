@@ -126,6 +126,9 @@ class Supervisor:
     MAX_DEATHS = 5
     DEATH_WINDOW_S = 60.0
     POLL_S = 0.2
+    #: A child still running this long after the stop was forwarded is killed: longer than a
+    #: worker's own graceful shutdown (aiohttp's 60 s), so only a hung one meets it.
+    STOP_GRACE_S = 90.0
 
     def __init__(
         self,
@@ -136,6 +139,7 @@ class Supervisor:
         self.simulator = simulator
         self.workers: list[subprocess.Popen[bytes]] = []
         self._stopping = False
+        self._stop_at = 0.0  # time.monotonic() when the stop began
         self._deaths: list[float] = []
         self._worst = 0
         self._gone: set[subprocess.Popen[bytes]] = set()  # stopped on purpose, not replaced
@@ -169,23 +173,43 @@ class Supervisor:
 
     def _forward(self, signum: int, _frame: object) -> None:
         if signum != signal.SIGHUP:
-            self._stopping = True
+            self._begin_stop()
         for child in self.workers if signum == signal.SIGHUP else self._children():
             if child.poll() is None:
                 child.send_signal(signum)
 
+    def _begin_stop(self) -> None:
+        if not self._stopping:
+            self._stopping, self._stop_at = True, time.monotonic()
+
     def _stop_all(self) -> None:
-        self._stopping = True
+        self._begin_stop()
         for child in self._children():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
     def run(self) -> int:
         """Supervise until every child has exited; the worst exit code."""
+        killed = False
         while True:
             self._check()
             if all(child.poll() is not None for child in self._children()):
                 break
+            if (
+                self._stopping
+                and not killed
+                and time.monotonic() - self._stop_at > self.STOP_GRACE_S
+            ):
+                killed = True
+                for child in self._children():
+                    if child.poll() is None:
+                        print(
+                            f"sluice: pid {child.pid} still running {self.STOP_GRACE_S:g} s "
+                            "after the stop; killing it",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        child.kill()
             time.sleep(self.POLL_S)
         # (a child that ended as told to, the simulator killed by SIGTERM say, is no failure)
         codes = [
