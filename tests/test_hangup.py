@@ -174,7 +174,9 @@ def test_a_worker_that_dies_is_replaced_and_the_exit_code_says_so(
             30,
             "the dead worker was not replaced",
         )
-        assert f"worker {before[0]} exited with 137; started worker" in proc.stderr()
+        # (said right after the new worker starts: waited for, not read at once)
+        said = f"worker {before[0]} exited with 137; started worker"
+        _wait(lambda: said in proc.stderr(), 10, "the replacement was not reported")
         replacement = next(w for w in _workers(proc.pid) if w != before[0] and w != before[1])
         _wait(lambda: _hup_handled(replacement) and _healthy(url), 30, "replacement not serving")
         os.kill(proc.pid, signal.SIGHUP)  # still forwarded, to the new worker too
