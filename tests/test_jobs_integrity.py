@@ -234,6 +234,47 @@ def test_records_of_a_batch_never_fully_submitted_are_never_run(
     assert metric_value(text, "sluice_batch_attempts_total", reason="redelivered") == 0
 
 
+def test_a_record_taken_over_past_max_attempts_is_dead_lettered_not_sent(
+    redis_factory: Any, make_simulator: Any, make_sluice: Any
+) -> None:
+    # What a record that kills (or stalls) its worker every time leaves behind: delivered
+    # again and again, its attempt count growing, and never failing in a way the retry
+    # loop sees. Past batch.max_attempts it is dead-lettered without another call.
+    redis = redis_factory()
+    sim = make_simulator({"latency_scale": 0.02})
+    fleet = "poison"
+    stream = f"sluice:{{haiku}}:fleet:{fleet}:jobs:enrich"
+    now_ms = int(time.time() * 1000)
+    redis.cli("xgroup", "create", stream, "sluice-workers", "0", "mkstream")
+    redis.cli(
+        "hset", f"sluice:{{haiku}}:fleet:{fleet}:batch:haiku:poison", "workload", "enrich",
+        "pool", "haiku", "model", HAIKU, "inv", "invoke", "records", "1",
+        "created", str(now_ms), "status", "running",
+    )  # fmt: skip
+    redis.cli("zadd", f"sluice:fleet:{fleet}:jobs:batches", str(now_ms), "haiku:poison")
+    body = json.dumps(record(0)["modelInput"])
+    entry = redis.cli("xadd", stream, "*", "b", "haiku:poison", "r", "rec-0", "i", body).strip()
+    redis.cli("hset", stream + ":att", entry, "3")  # three takeovers already (max_attempts 3)
+    redis.cli("sadd", f"sluice:fleet:{fleet}:jobs:streams", "haiku\tenrich")
+
+    sluice = make_sluice(
+        upstream=sim.url,
+        policy=jobs_policy(batch={"max_attempts": 3}),
+        redis_url=redis.url,
+        extra_args=["--fleet", fleet],
+    )
+    done = wait_done(sluice.url, "haiku:poison")
+    assert (done["succeeded"], done["failed"]) == (0, 1)
+    assert requests_to(sim, HAIKU) == 0
+    (dead,) = dead_letters(sluice.url)
+    assert (dead["reason"], dead["errorCode"], dead["attempts"]) == (
+        "retries_exhausted",
+        "WorkerLost",
+        3,
+    )
+    assert "taken over 3 times" in dead["errorMessage"]
+
+
 @pytest.mark.parametrize("store", ["embedded", "redis"])
 def test_a_dead_letter_of_a_cancelled_batch_is_not_replayed_and_not_lost(
     store: str, tmp_path: Path, redis_factory: Any, make_simulator: Any, make_sluice: Any

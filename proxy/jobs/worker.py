@@ -293,6 +293,18 @@ class Worker:
         # A record claimed with attempts already counted was taken over from a worker that
         # died or lost its lease mid-record.
         attempts, reason = c.attempts, "first" if c.attempts == 1 else "redelivered"
+        if attempts > rule.max_attempts:
+            # Taken over more often than it may be tried: each time its worker died or lost
+            # its lease mid-call (a record that crashes or stalls the process). Sent again, it
+            # would go round for ever; dead-lettered instead, replayable once fixed.
+            self.admission.settle(grant, 0)
+            await self._dead(
+                c, meta, model, "retries_exhausted", "WorkerLost",
+                f"the record was taken over {attempts - 1} times from a worker that stopped "
+                f"mid-call (batch.max_attempts is {rule.max_attempts}); not sent again",
+                attempts - 1,
+            )  # fmt: skip
+            return None
         while True:
             self.metrics.attempts.labels(reason).inc()
             try:
