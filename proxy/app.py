@@ -24,7 +24,7 @@ from proxy.config import Policy
 from proxy.control.controller import Adaptivity
 from proxy.credentials import CredentialSource, bearer_token_from_env
 from proxy.errors import error_response
-from proxy.jobs import install_jobs
+from proxy.jobs import JOBS, install_jobs
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
 from proxy.ops.fleetview import FleetBoard
@@ -243,6 +243,15 @@ async def _start_ops(
     )
     reloader.hooks.append(live.follow)
     reloader.hooks.append(lambda new: _clear_static_limits(store, new))
+
+    async def wake_batch_worker(_new: CompiledPolicy) -> None:
+        # Records held back by the old policy (a closed schedule lifted, a pause ended) are
+        # looked at now, not after the refusal's Retry-After.
+        jobs = app.get(JOBS)
+        if jobs is not None and jobs.worker is not None:
+            jobs.worker.policy_swapped()
+
+    reloader.hooks.append(wake_batch_worker)
     await reloader.start()
     await _clear_static_limits(store, app[POLICY_REF].current)
     board = app[BOARD] = open_board(registry, reloader, settings.redis_url, settings.fleet)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from proxy.backend.job_queue import RedisQueue
-from proxy.jobs.queue import BatchMeta, QueueUnavailable
+from proxy.jobs.queue import BatchMeta, QueueUnavailable, SubmitOutcomeUnknown
 from proxy.jobs.records import Record
 from tests.support.jobs_helpers import (
     HAIKU,
@@ -115,7 +115,10 @@ def test_a_record_whose_model_a_reload_forbade_is_dead_lettered_not_sent(
 
     narrowed = two_pools(["haiku"], jobs={"sqlite_path": str(tmp_path / "jobs.sqlite3")})
     path.write_text(yaml.safe_dump(narrowed))
+    reloaded = time.monotonic()
     done = wait_done(sluice.url, batch_id)
+    # Woken by the reload, not after the closed window's Retry-After (30 s and more).
+    assert time.monotonic() - reloaded < 15
     assert (done["succeeded"], done["failed"]) == (0, 3)
     assert requests_to(sim, SONNET) == 0
     dlq = dead_letters(sluice.url)
@@ -308,38 +311,73 @@ def test_a_dead_letter_of_a_cancelled_batch_is_not_replayed_and_not_lost(
     assert metric_value(text, "sluice_batch_records_total", outcome="cancelled") == 0
 
 
-@pytest.mark.parametrize("flip_ran", [True, False])
-async def test_a_submit_whose_last_reply_is_lost_stands_or_goes_whole(
-    redis_server: RedisServerProcess, flip_ran: bool
+@pytest.mark.parametrize("case", ["flip ran", "flip did not run", "abandoned", "unknown"])
+async def test_a_submit_whose_last_step_fails_stands_goes_whole_or_says_it_cannot_tell(
+    redis_server: RedisServerProcess, case: str
 ) -> None:
     """The final flip to running fails on the client side (a timeout). If Redis ran it, the
     batch may be running already: the submit stands (undoing it would run its records again
-    after the client's retry). If it did not, nothing of the batch remains."""
-    queue = RedisQueue(redis_server.url, fleet=f"lost-{flip_ran}")
+    after the client's retry). If it did not, or a worker had abandoned the batch, nothing of
+    it remains and the client is told to retry. If the store cannot say, nothing is removed
+    and the client is told to look before resubmitting."""
+    fleet = f"lost-{case.replace(' ', '-')}"
+    queue = RedisQueue(redis_server.url, fleet=fleet)
     real = queue._script
+    batch_key = f"sluice:{{haiku}}:fleet:{fleet}:batch:haiku:lost"
 
-    async def lost_reply(name: str, keys: list[str], args: list[Any]) -> Any:
+    async def last_step_fails(name: str, keys: list[str], args: list[Any]) -> Any:
         if name == "submit_state" and args == ["running"]:
-            if flip_ran:
+            if case == "abandoned":  # a worker took the submit for dead just before
+                redis_server.cli("del", batch_key)
+            if case in ("flip ran", "unknown", "abandoned"):
                 await real(name, keys, args)
             raise QueueUnavailable("submit: timed out (injected: the reply was lost)")
+        if name == "submit_state" and case == "unknown":
+            raise QueueUnavailable("submit: timed out (injected: the store stopped answering)")
         return await real(name, keys, args)
 
-    queue._script = lost_reply  # type: ignore[method-assign]
+    queue._script = last_step_fails  # type: ignore[method-assign]
     meta = BatchMeta("haiku:lost", "enrich", "haiku", HAIKU, "invoke", 3, int(time.time() * 1000))
     records = [Record(f"r{i}", json.dumps(record(i)["modelInput"]).encode()) for i in range(3)]
+    stream = f"sluice:{{haiku}}:fleet:{fleet}:jobs:enrich"
     try:
-        if flip_ran:
+        if case == "flip ran":
             await queue.submit(meta, records)  # no error: the batch is complete and runs
             stored = await queue.batch("haiku:lost")
             assert stored is not None and not stored.submitting and stored.records == 3
             assert [m.batch_id for m in await queue.batches(None)] == ["haiku:lost"]
-        else:
-            with pytest.raises(QueueUnavailable):
+            assert redis_server.cli("xlen", stream).strip() == "3"
+        elif case == "unknown":
+            with pytest.raises(SubmitOutcomeUnknown):
                 await queue.submit(meta, records)
+            stored = await queue.batch("haiku:lost")  # untouched: it may be running
+            assert stored is not None and not stored.submitting
+            assert redis_server.cli("xlen", stream).strip() == "3"
+        else:
+            with pytest.raises(QueueUnavailable) as info:
+                await queue.submit(meta, records)
+            assert not isinstance(info.value, SubmitOutcomeUnknown)
             assert await queue.batch("haiku:lost") is None
             assert await queue.batches(None) == []
-        stream = f"sluice:{{haiku}}:fleet:lost-{flip_ran}:jobs:enrich"
-        assert redis_server.cli("xlen", stream).strip() == ("3" if flip_ran else "0")
+            assert redis_server.cli("xlen", stream).strip() == "0"
     finally:
         await queue.close()
+
+
+def test_a_call_cut_by_a_graceful_stop_does_not_use_up_the_records_attempts(
+    tmp_path: Path, make_simulator: Any, make_sluice: Any
+) -> None:
+    # max_attempts 1 and a deploy mid-call: the stop was Sluice's, not the record's doing.
+    # The attempt is uncounted, so the next instance calls it (it is not dead-lettered as a
+    # record that keeps killing its worker).
+    sim = make_simulator({"latency_scale": 3.0})
+    policy = jobs_policy(batch={"max_attempts": 1}, jobs={"sqlite_path": str(tmp_path / "q.db")})
+    first = make_sluice(upstream=sim.url, policy=policy)
+    batch_id = submit(first.url, [record(0, text="[[sim:output_tokens=300]]", max_tokens=400)])
+    wait_until(lambda: requests_to(sim, HAIKU) >= 1, 15, "the call never started")
+    first.stop()  # SIGTERM: graceful, the call in flight is cancelled
+    second = make_sluice(upstream=sim.url, policy=policy)
+    sim.configure({"latency_scale": 0.02})
+    done = wait_done(second.url, batch_id)
+    assert (done["succeeded"], done["failed"]) == (1, 0), dead_letters(second.url)
+    assert requests_to(sim, HAIKU) == 2

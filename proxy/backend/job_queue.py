@@ -50,6 +50,7 @@ from proxy.jobs.queue import (
     QueueUnavailable,
     ReplayOutcome,
     Stream,
+    SubmitOutcomeUnknown,
 )
 from proxy.jobs.queue import pool_of as _pool_of
 from proxy.jobs.records import Record
@@ -62,6 +63,8 @@ _SCRIPTS = (
     "job_submit_state",
 )  # fmt: skip
 _SUBMITTING = "submitting"
+#: What a failed submit may do with what it wrote (RedisQueue._claim_undo).
+_REMOVE, _RUNS, _UNKNOWN = "remove", "runs", "unknown"
 _REPLAY_OUTCOMES: dict[str, ReplayOutcome] = {
     "replayed": "replayed", "batch_cancelled": "batch_cancelled",
     "batch_gone": "batch_gone", "already_replayed": "already_replayed",
@@ -223,33 +226,54 @@ class RedisQueue:
                     raise QueueUnavailable(
                         f"submit: {why(failed[0])} (after {len(written)} of {len(records)} records)"
                     )
-            if not await self._script("submit_state", [batch], ["running"]):
+            if await self._script("submit_state", [batch], ["running"]) != 1:
                 # Only a worker taking this submit for dead (SUBMIT_GRACE_MS) gets here first.
                 raise QueueUnavailable("submit: the batch was abandoned before it was complete")
         except BaseException:
-            if await self._claim_undo(batch):
-                await self._undo(meta, written, known)
-                raise
+            if await self._failed_submit(meta, batch, written, known):
+                return
+            raise
+
+    async def _failed_submit(
+        self, meta: BatchMeta, batch: str, written: list[str], known: bool
+    ) -> bool:
+        """After a submit failed (the exception being handled): True when it stands after
+        all (its flip ran, only the reply was lost); else what it wrote is removed and the
+        caller re-raises (or SubmitOutcomeUnknown is raised here)."""
+        outcome = await self._claim_undo(batch)
+        if outcome == _RUNS:
             # The flip to running did happen (only its reply was lost, or the client left
             # after it): the batch stands and may be running already. Undoing it now would
             # run its records twice once the client retried as a 503 tells it to.
             log.warning(
                 "a batch submit's reply was lost after the batch was complete: it runs",
-                extra={"fields": {"batch_id": meta.batch_id, "records": len(records)}},
+                extra={"fields": {"batch_id": meta.batch_id, "records": meta.records}},
             )
-            if not isinstance(sys.exc_info()[1], QueueUnavailable):
-                raise  # (cancelled: the caller left; the batch is listed, it runs)
+            # (cancelled: the caller left and it re-raises; the batch is listed, it runs)
+            return isinstance(sys.exc_info()[1], QueueUnavailable)
+        if outcome == _UNKNOWN:
+            # Whether the flip ran cannot be told: nothing is removed (a batch still
+            # submitting never runs and is abandoned by the workers), and the client is told
+            # to look before resubmitting, not that nothing changed.
+            raise SubmitOutcomeUnknown(meta.batch_id) from None
+        await self._undo(meta, written, known)  # gone or ours: nothing of it ever ran
+        return False
 
-    async def _claim_undo(self, batch: str) -> bool:
-        """Delete a failed submit's batch if it is still ``submitting``, atomically against
-        its own flip to running (the same script): True when removing the rest is safe
-        (nothing of it ever ran; a record left behind finds no batch and is dropped), False
-        when the flip won. Unknown (the store is down): True: the batch is then still
-        submitting, never run, and abandoned by the workers later."""
-        try:
-            return bool(await self._script("submit_state", [batch], [""]))
-        except Exception:
-            return True
+    async def _claim_undo(self, batch: str) -> str:
+        """Whether a failed submit's batch may be removed: it is deleted here if it is still
+        ``submitting``, atomically against its own flip to running (the same script).
+
+        ``_REMOVE``: deleted now, or already gone (abandoned, or never written): nothing of
+        it ever ran. ``_RUNS``: the flip won. ``_UNKNOWN``: the store did not answer (tried
+        three times)."""
+        for attempt in range(3):
+            try:
+                result = await self._script("submit_state", [batch], [""])
+            except Exception:
+                await asyncio.sleep(0.05 * (attempt + 1))
+                continue
+            return _RUNS if result == 0 else _REMOVE
+        return _UNKNOWN
 
     async def _undo(self, meta: BatchMeta, written: list[str], known: bool) -> None:
         """Best effort: remove what a failed submit wrote. Whatever stays (the store is down)
@@ -287,7 +311,7 @@ class RedisQueue:
         if meta is None or not meta.submitting:
             return None
         batch = self._keys.batch(pool, batch_id)
-        if not await self._script("submit_state", [batch], [""]):
+        if await self._script("submit_state", [batch], [""]) != 1:
             return None
         dropped = await self._drop_entries(meta.stream, batch_id)
         await self._call(self._client.delete(batch + ":out"), "abandon")

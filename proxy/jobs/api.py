@@ -20,7 +20,13 @@ from aiohttp import web
 
 from proxy.admission.gate import retry_headers
 from proxy.errors import BedrockError, from_exception
-from proxy.jobs.queue import BatchMeta, DeadLetter, QueueUnavailable, new_id
+from proxy.jobs.queue import (
+    BatchMeta,
+    DeadLetter,
+    QueueUnavailable,
+    SubmitOutcomeUnknown,
+    new_id,
+)
 from proxy.jobs.records import INVOCATIONS, BatchInputError, Invocation, manifest, parse_jsonl
 from proxy.jobs.runtime import JOBS, Jobs
 from proxy.pipeline.identify import Caller, identify
@@ -49,6 +55,17 @@ def _answers(handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
+        except SubmitOutcomeUnknown as exc:
+            log.warning("batch queue unavailable: %s", exc)
+            error = BedrockError(
+                "ServiceUnavailableException",
+                f"Sluice's batch queue store stopped answering as batch '{exc.batch_id}' was "
+                "being completed: it may have been accepted. Look it up (GET "
+                f"{PREFIX}/batches/{exc.batch_id}) before resubmitting: a resubmitted batch "
+                "would run its records again",
+                status=503,
+                headers=retry_headers(_QUEUE_DOWN_RETRY_MS),
+            )
         except QueueUnavailable as exc:
             log.warning("batch queue unavailable: %s", exc)
             # "Nothing was changed" holds for a submit too: one that fails half-way removes

@@ -24,6 +24,16 @@ GROUP = "sluice-workers"
 #: The queue's store did not answer; the caller retries later (the records are safe).
 QueueUnavailable = BackendUnavailable
 
+
+class SubmitOutcomeUnknown(BackendUnavailable):
+    """A submit failed at its last step and the store could not say whether that step ran:
+    the batch may be running. Nothing was removed; the client looks before resubmitting."""
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"submit of batch '{batch_id}': outcome unknown")
+        self.batch_id = batch_id
+
+
 #: How long a batch may stay ``submitting`` (its submit still writing records) before
 #: workers take its submit for dead and drop what it wrote. Far above the longest submit
 #: (``server.jobs.max_submit_bytes`` in chunks, each bounded by the store's timeout), so a

@@ -11,6 +11,7 @@ retryable failure is retried with full-jitter backoff up to the workload's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -73,6 +74,8 @@ class Worker:
         self._active: list[Stream] = []
         self._known: set[Stream] = set()
         self._ready = asyncio.Event()
+        #: Set (and replaced) when a reload swaps the policy: wakes slots napping on a refusal.
+        self._swapped = asyncio.Event()
         self._turn = 0
         self._held: dict[Stream, set[str]] = defaultdict(set)
         self._metas: dict[str, tuple[float, BatchMeta]] = {}
@@ -98,6 +101,18 @@ class Worker:
         """A batch was just submitted here: start on it without waiting for the watcher."""
         self._known.add(stream)
         self._activate(stream)
+
+    def policy_swapped(self) -> None:
+        """A reload: slots napping on the old policy's refusal (a closed schedule, a pause:
+        up to its Retry-After) look again now, under the new one."""
+        swapped, self._swapped = self._swapped, asyncio.Event()
+        swapped.set()
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep ``seconds``, or until the policy is swapped."""
+        swapped = self._swapped
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(swapped.wait(), seconds)
 
     def _activate(self, stream: Stream) -> None:
         if stream not in self._active:
@@ -134,7 +149,7 @@ class Worker:
             return
         got = await self.admission.try_admit(workload, *self._stream_ask(stream))
         if not isinstance(got, Grant):
-            await asyncio.sleep(got)
+            await self._nap(got)
             return
         try:
             claimed = await self.queue.claim(stream, self.consumer, self.lease_ms)
@@ -300,8 +315,9 @@ class Worker:
             self.admission.settle(grant, 0)
             await self._dead(
                 c, meta, model, "retries_exhausted", "WorkerLost",
-                f"the record was taken over {attempts - 1} times from a worker that stopped "
-                f"mid-call (batch.max_attempts is {rule.max_attempts}); not sent again",
+                f"the record reached {attempts - 1} attempts, the last one interrupted (its "
+                "worker died or lost its lease mid-call; batch.max_attempts is "
+                f"{rule.max_attempts}); not sent again",
                 attempts - 1,
             )  # fmt: skip
             return None
@@ -311,10 +327,15 @@ class Worker:
                 out = await call_model(
                     self.upstream, model, meta.invocation, c.model_input, grant.tier
                 )
-            except BaseException:
+            except BaseException as exc:
                 # Stopped mid-call (shutdown): free the slot now, keep the reservation (the
                 # call may have run); the record itself is retaken after its lease.
                 self.admission.settle(grant, grant.reserved)
+                if isinstance(exc, asyncio.CancelledError):
+                    # Our own stop, not the record's doing: the attempt is uncounted, so
+                    # deploys never use up a record's attempts (nor its takeover limit).
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(asyncio.shield(self.queue.release(c)), 1.0)
                 raise
             self._settle(grant, pool, out)
             if out.status == 200:
@@ -333,8 +354,14 @@ class Worker:
             await asyncio.sleep(
                 backoff_s(attempts, rule.base_backoff_ms, rule.max_backoff_ms, self._rng)
             )
-            attempts, reason = await self.queue.next_attempt(c), out.code
+            # Counted once admitted, right before the call: a worker stopped while it waits
+            # for admission leaves no attempt behind that was never made.
             grant = await self.admission.admit(workload, pool, tokens)
+            try:
+                attempts, reason = await self.queue.next_attempt(c), out.code
+            except BaseException:
+                self.admission.settle(grant, 0)
+                raise
 
     async def _succeed(
         self, c: Claimed, line: bytes, used: tuple[int, int]
