@@ -275,7 +275,7 @@ def test_a_record_taken_over_past_max_attempts_is_dead_lettered_not_sent(
         "WorkerLost",
         3,
     )
-    assert "taken over 3 times" in dead["errorMessage"]
+    assert "reached 3 attempts, the last one interrupted" in dead["errorMessage"]
 
 
 @pytest.mark.parametrize("store", ["embedded", "redis"])
