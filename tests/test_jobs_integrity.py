@@ -56,6 +56,28 @@ def requests_to(sim: Any, model: str) -> int:
     return int(sim.stats()["models"].get(model, {}).get("requests", 0))
 
 
+def stored_batch(
+    redis: Any, fleet: str, batch_id: str, state: str, records: int, created: int
+) -> list[str]:
+    """A batch of workload ``enrich`` on ``haiku`` written straight into Redis, as a submit
+    (or what one leaves behind) writes it; returns its records' stream entry ids."""
+    stream = f"sluice:{{haiku}}:fleet:{fleet}:jobs:enrich"
+    redis.cli("xgroup", "create", stream, "sluice-workers", "0", "mkstream")
+    redis.cli(
+        "hset", f"sluice:{{haiku}}:fleet:{fleet}:batch:{batch_id}", "workload", "enrich",
+        "pool", "haiku", "model", HAIKU, "inv", "invoke", "records", str(records),
+        "created", str(created), "status", state,
+    )  # fmt: skip
+    redis.cli("zadd", f"sluice:fleet:{fleet}:jobs:batches", str(created), batch_id)
+    entries = []
+    for i in range(records):
+        body = json.dumps(record(i)["modelInput"])
+        added = redis.cli("xadd", stream, "*", "b", batch_id, "r", f"rec-{i:05d}", "i", body)
+        entries.append(added.strip())
+    redis.cli("sadd", f"sluice:fleet:{fleet}:jobs:streams", "haiku\tenrich")
+    return entries
+
+
 def message(raw: bytes) -> str:
     return str(json.loads(raw)["message"])
 
@@ -194,18 +216,8 @@ def test_records_of_a_batch_never_fully_submitted_are_never_run(
     fleet = "leftover"
     stream = f"sluice:{{haiku}}:fleet:{fleet}:jobs:enrich"
     now_ms = int(time.time() * 1000)
-    redis.cli("xgroup", "create", stream, "sluice-workers", "0", "mkstream")
     for batch_id, created in (("haiku:young", now_ms), ("haiku:dead", now_ms - 11 * 60_000)):
-        redis.cli(
-            "hset", f"sluice:{{haiku}}:fleet:{fleet}:batch:{batch_id}", "workload", "enrich",
-            "pool", "haiku", "model", HAIKU, "inv", "invoke", "records", "2",
-            "created", str(created), "status", "submitting",
-        )  # fmt: skip
-        redis.cli("zadd", f"sluice:fleet:{fleet}:jobs:batches", str(created), batch_id)
-        for i in range(2):
-            body = json.dumps(record(i)["modelInput"])
-            redis.cli("xadd", stream, "*", "b", batch_id, "r", f"rec-{i:05d}", "i", body)
-    redis.cli("sadd", f"sluice:fleet:{fleet}:jobs:streams", "haiku\tenrich")
+        stored_batch(redis, fleet, batch_id, "submitting", 2, created)
 
     sluice = make_sluice(
         upstream=sim.url, policy=jobs_policy(), redis_url=redis.url, extra_args=["--fleet", fleet]
@@ -247,18 +259,8 @@ def test_a_record_taken_over_past_max_attempts_is_dead_lettered_not_sent(
     sim = make_simulator({"latency_scale": 0.02})
     fleet = "poison"
     stream = f"sluice:{{haiku}}:fleet:{fleet}:jobs:enrich"
-    now_ms = int(time.time() * 1000)
-    redis.cli("xgroup", "create", stream, "sluice-workers", "0", "mkstream")
-    redis.cli(
-        "hset", f"sluice:{{haiku}}:fleet:{fleet}:batch:haiku:poison", "workload", "enrich",
-        "pool", "haiku", "model", HAIKU, "inv", "invoke", "records", "1",
-        "created", str(now_ms), "status", "running",
-    )  # fmt: skip
-    redis.cli("zadd", f"sluice:fleet:{fleet}:jobs:batches", str(now_ms), "haiku:poison")
-    body = json.dumps(record(0)["modelInput"])
-    entry = redis.cli("xadd", stream, "*", "b", "haiku:poison", "r", "rec-0", "i", body).strip()
+    (entry,) = stored_batch(redis, fleet, "haiku:poison", "running", 1, int(time.time() * 1000))
     redis.cli("hset", stream + ":att", entry, "3")  # three takeovers already (max_attempts 3)
-    redis.cli("sadd", f"sluice:fleet:{fleet}:jobs:streams", "haiku\tenrich")
 
     sluice = make_sluice(
         upstream=sim.url,

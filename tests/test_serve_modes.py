@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.processes import ROOT, Sluice, bedrock_client, free_port
+from tests.support.processes import ROOT, Sluice, _env, bedrock_client, free_port
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 MESSAGES = [{"role": "user", "content": [{"text": "hi"}]}]
@@ -95,3 +95,32 @@ def test_async_invoke_operations_pass_through(proxy_for_async: Sluice) -> None:
 @pytest.fixture
 def proxy_for_async(simulator: Any, make_sluice: Any) -> Sluice:
     return make_sluice(upstream=simulator.url)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "code", "said"),
+    [
+        (
+            ["--upstream", "simulator", "--redis-url", "redis://127.0.0.1:1/0"],
+            {},
+            1,
+            "sluice: cannot start: the quota store did not answer: cannot load scripts",
+        ),
+        (
+            ["--upstream", "http://127.0.0.1:9"],
+            {"AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/nonexistent",
+             "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"},
+            2,
+            "sluice: cannot start: no AWS credentials found for upstream Bedrock calls",
+        ),
+    ],
+    ids=["redis-unreachable", "no-credentials"],
+)  # fmt: skip
+def test_a_start_that_cannot_work_says_why_in_one_line(
+    args: list[str], env: dict[str, str], code: int, said: str
+) -> None:
+    cmd = [sys.executable, "-m", "proxy", "serve", "--port", str(free_port()), *args]
+    done = subprocess.run(cmd, env=_env(env), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code, done.stderr
+    assert said in done.stderr
+    assert "Traceback" not in done.stderr
