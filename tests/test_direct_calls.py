@@ -238,3 +238,37 @@ async def test_a_call_whose_write_went_out_is_never_sent_again(
     finally:
         proxy.close()
         await admin.aclose()
+
+
+async def test_a_close_the_loop_has_not_read_yet_is_seen_before_the_write(
+    redis_factory: Callable[..., RedisServerProcess],
+) -> None:
+    """A call writes right after the previous reply, with no turn of the loop between: a
+    server that closed meanwhile (here restarted without the loop running) is noticed on
+    the socket itself, and the call goes to a new connection instead of failing."""
+    server = redis_factory()
+    async with _direct_on(server.url) as (client, direct):
+        sha = await _idle_connections(direct, client, 1)
+        server.restart()  # blocking: the loop does not run until the call below
+        with pytest.raises(NoScriptError):  # answered by the restarted server
+            await direct.evalsha(sha, ["k"], [1, 2])
+
+
+async def test_idle_connections_on_high_descriptors_are_reused(client: Redis) -> None:
+    """The idle check polls the socket: a descriptor above select()'s 1,024 must work too
+    (an instance holding thousands of streams)."""
+    import socket
+
+    padding = [socket.socket() for _ in range(1100)]
+    try:
+        sha = await client.script_load(ECHO)
+        direct = DirectCalls(client)
+        before = (await client.info("stats"))["total_connections_received"]
+        for i in range(5):
+            assert await direct.evalsha(sha, ["k"], [i, 0]) == [b"k", str(i).encode(), b"0"]
+        made = (await client.info("stats"))["total_connections_received"] - before
+        assert made == 1  # one connection, reused: never judged closed
+        await direct.aclose()
+    finally:
+        for s in padding:
+            s.close()

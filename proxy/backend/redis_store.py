@@ -30,7 +30,6 @@ import logging
 import os
 import secrets
 import socket
-from functools import partial
 from typing import Any, Final
 
 from proxy.admission.decision import Snapshot, make_decision
@@ -113,7 +112,8 @@ class RedisStore:
         self._queues: dict[str, Queue] = {}
         self._book = LeaseBook()
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Timed-out admit calls still waiting for Redis's reply (see :meth:`ScriptRunner.run`).
+        #: Timed-out admit calls still waiting for Redis's reply (see
+        #: :meth:`ScriptRunner.run_past`).
         self._late = self._runner.late
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -244,29 +244,53 @@ class RedisStore:
 
     async def _admit_batch(self, q: Queue, batch: list[Admit], asks_only: bool = False) -> None:
         keys, args = admit_call(batch)
+        late = False
+
+        def timed_out(exc: StoreUnavailable) -> None:
+            # Its callers are answered now and the queue goes on; this task keeps waiting
+            # for the reply (a stalled Redis runs the script when it resumes), now counted
+            # with the runner's late calls, not the store's (flush does not wait for it).
+            nonlocal late
+            late = True
+            self._tasks.discard(task)
+            self._admit_failed(batch, exc)
+            self._next_batch(q, asks_only)
+
+        task = asyncio.current_task()
         try:
-            res = await self._runner.run(
-                "admit", keys, args, late=partial(self._admitted_late, batch)
-            )
+            res = await self._runner.run_past("admit", keys, args, timed_out)
         except StoreUnavailable as exc:
-            asked = sum(1 for *_, fut in batch if fut is not None)
-            if asked:
-                self._failed("admit", batch[0][0].scope, exc, asked, requests=asked)
-            for plan, *_, fut in batch:
-                if fut is None:
-                    if self._desk is not None:
-                        self._desk.lost(plan)
-                elif not fut.done():
-                    fut.set_exception(exc)
+            # Late: what it granted (if it ran) expires with the lease TTL, never renewed.
+            if not late:
+                self._admit_failed(batch, exc)
         else:
-            self._deliver(batch, res)
-        finally:
-            if asks_only:
-                q.ahead_busy = False
-                self._send_asks(q)
+            if late:
+                self._admitted_late(batch, res)
             else:
-                # Arrivals during the call go out now, together (group commit).
-                self._send_admits(q)
+                self._deliver(batch, res)
+        finally:
+            if not late:
+                self._next_batch(q, asks_only)
+
+    def _admit_failed(self, batch: list[Admit], exc: StoreUnavailable) -> None:
+        """Answer every request of ``batch`` with ``exc``; its asks ahead are lost."""
+        asked = sum(1 for *_, fut in batch if fut is not None)
+        if asked:
+            self._failed("admit", batch[0][0].scope, exc, asked, requests=asked)
+        for plan, *_, fut in batch:
+            if fut is None:
+                if self._desk is not None:
+                    self._desk.lost(plan)
+            elif not fut.done():
+                fut.set_exception(exc)
+
+    def _next_batch(self, q: Queue, asks_only: bool) -> None:
+        if asks_only:
+            q.ahead_busy = False
+            self._send_asks(q)
+        else:
+            # Arrivals during the call go out now, together (group commit).
+            self._send_admits(q)
 
     def _admitted_late(self, batch: list[Admit], res: list[int]) -> None:
         # The batch timed out and its callers were answered, but Redis ran the script
@@ -445,7 +469,11 @@ class RedisStore:
             for done in confirms:
                 if not done.done():
                     done.set_result(None)
-            self._send_settles(q)
+            # The next batch also takes what the loop reads this turn: a settle is never
+            # urgent (a confirmed one is waited for by its own caller only), and fewer,
+            # larger batches cost Redis less (the admit's next batch goes at once).
+            assert self._loop is not None
+            self._loop.call_soon(self._send_settles, q)
 
     def _settle_lost(self, pool: str, n: int, error: str) -> None:
         # Leases of lost settles expire on their own within the TTL; refunds are lost.

@@ -12,19 +12,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
 from proxy.backend import BackendUnavailable
 from proxy.backend.client import FAILURES, NoScriptError, Redis, RedisCluster
 from proxy.backend.direct import DirectCalls
-from proxy.backend.late import outlive
 from proxy.backend.lua import load_script
 
 __all__ = ["Arg", "ScriptRunner", "event", "why"]
 
 Arg = bytes | str | int | float
+
+#: How long a call that timed out (:meth:`ScriptRunner.run_past`) still waits for its reply:
+#: redis-py's default socket timeout, which bounded it when it ran in a task of its own.
+LATE_BOUND_S: Final = 5.0
 
 
 def why(exc: BaseException) -> str:
@@ -54,7 +57,7 @@ class ScriptRunner:
         self._log = log
         self._scripts = {name: load_script(name) for name in names}
         self._sha: dict[str, str] = {}
-        #: Timed-out calls still waiting for Redis's reply (see :meth:`run` with ``late``).
+        #: Timed-out calls still waiting for Redis's reply (see :meth:`run_past`).
         self.late: set[asyncio.Task[Any]] = set()
         # One server: EVALSHA without redis-py's per-command machinery (a cluster routes).
         self._direct = DirectCalls(client) if isinstance(client, Redis) else None
@@ -157,22 +160,42 @@ class ScriptRunner:
                 pipe.evalsha(sha, len(k), *k, *a)
             return list(await pipe.execute(raise_on_error=False))
 
-    async def run(
+    async def run(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """Run ``name`` within the timeout; raises :class:`BackendUnavailable` on any failure."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._call(name, keys, args)
+        except FAILURES as exc:
+            raise BackendUnavailable(f"redis {name} failed: {why(exc)}") from exc
+
+    async def run_past(
         self,
         name: str,
         keys: Sequence[str],
         args: Sequence[Arg],
-        late: Callable[[Any], None] | None = None,
+        timed_out: Callable[[BackendUnavailable], None],
     ) -> Any:
-        """Run ``name`` within the timeout; raises :class:`BackendUnavailable` on any failure.
+        """Run ``name``, not abandoned at the timeout: Redis may still run a script written
+        to a stalled server, so past the timeout ``timed_out`` gets the error whoever waits
+        is to be answered with, and this goes on waiting for the reply (its grants are then
+        given back), up to :data:`LATE_BOUND_S`. A failure, or no reply by then, raises
+        :class:`BackendUnavailable`; :meth:`abandon` cancels the calls that timed out.
 
-        With ``late``, a call that times out is not abandoned: Redis may still run the
-        script (a stall, not a loss), so the call goes on and ``late`` gets its reply.
+        The call runs in the caller's task: no task, shield or second timeout per call.
         """
+        task = asyncio.current_task()
+        assert task is not None
+
+        def expire() -> None:
+            self.late.add(task)
+            timed_out(BackendUnavailable(f"redis {name} failed: {why(TimeoutError())}"))
+
+        timer = asyncio.get_running_loop().call_later(self._timeout, expire)
         try:
-            if late is None:
-                async with asyncio.timeout(self._timeout):
-                    return await self._call(name, keys, args)
-            return await outlive(self._call(name, keys, args), self._timeout, late, self.late)
+            async with asyncio.timeout(max(self._timeout, LATE_BOUND_S)):
+                return await self._call(name, keys, args)
         except FAILURES as exc:
             raise BackendUnavailable(f"redis {name} failed: {why(exc)}") from exc
+        finally:
+            timer.cancel()
+            self.late.discard(task)

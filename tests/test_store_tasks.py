@@ -1,0 +1,120 @@
+"""No task per Redis call beyond the batch's own (issue 12: "no per-request task creation
+that can be avoided"), on a real redis-server.
+
+At low load every request is a batch of one, so each layer that wrapped a Redis call in a
+task of its own (redis-py's ``wait_for`` around a write under a socket timeout, a shielded
+task to outlive the admit's timeout) cost a task, and two loop iterations, per request.
+What is left: the admit batch's task and the settle batch's, each running its call inline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Coroutine, Generator
+from contextlib import contextmanager
+from typing import Any
+
+from redis.asyncio import Redis
+
+from proxy.admission import StoreUnavailable
+from proxy.backend.direct import DirectCalls
+from proxy.backend.store import RedisStore
+from tests.support.admission_helpers import eventually, new_pool, per_min, plan
+from tests.support.redis_fixtures import RedisServerProcess
+
+
+@contextmanager
+def counted_tasks() -> Generator[list[str], None, None]:
+    """The names of the coroutines the running loop makes tasks of, while inside."""
+    loop = asyncio.get_running_loop()
+    made: list[str] = []
+    before = loop.get_task_factory()
+
+    def factory(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kw: Any
+    ) -> asyncio.Task[Any]:
+        made.append(getattr(coro, "__qualname__", repr(coro)))
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    loop.set_task_factory(factory)  # type: ignore[arg-type]
+    try:
+        yield made
+    finally:
+        loop.set_task_factory(before)
+
+
+async def test_a_direct_call_makes_no_task(redis_server: RedisServerProcess) -> None:
+    client = Redis.from_url(redis_server.url)  # redis-py 8: a 5 s socket timeout by default
+    direct = DirectCalls(client)
+    try:
+        sha = await client.script_load("return ARGV[1]")
+        assert await direct.evalsha(sha, [], ["warm"]) == b"warm"  # connected
+        with counted_tasks() as made:
+            for i in range(20):
+                assert await direct.evalsha(sha, [], [i]) == str(i).encode()
+        assert made == []
+    finally:
+        await direct.aclose()
+        await client.aclose()
+
+
+async def test_one_request_makes_two_tasks_its_admit_batch_and_its_settle_batch(
+    redis_server: RedisServerProcess,
+) -> None:
+    store = RedisStore(redis_server.url, timeout_s=1.0)
+    await store.start()
+    p = plan(new_pool(), pool_concurrency=10, pool_tokens=per_min(600, 1000))
+    try:
+        warm = await store.admit(p, 1)
+        assert warm.lease is not None
+        store.settle(p, warm.lease, 1, 1)
+        await store.flush()
+        with counted_tasks() as made:
+            for _ in range(10):
+                decision = await store.admit(p, 1)
+                assert decision.admitted and decision.lease is not None
+                store.settle(p, decision.lease, 1, 1)
+                await store.flush()
+        assert sorted(set(made)) == ["RedisStore._admit_batch", "RedisStore._settle_batch"]
+        assert len(made) == 20, made
+    finally:
+        await store.close()
+
+
+async def test_a_timed_out_admit_answers_on_time_and_the_queue_goes_on(
+    redis_factory: Callable[..., RedisServerProcess],
+) -> None:
+    """The admit's call runs in its batch's task: at the timeout its callers are answered
+    and the next batch is sent while that task still waits; when Redis resumes the late
+    grant goes back, and closing the store cancels nothing still needed."""
+    server = redis_factory()
+    assert server.proc is not None
+    store = RedisStore(server.url, timeout_s=0.2)
+    await store.start()
+    p = plan(new_pool(), pool_concurrency=10, pool_tokens=per_min(600, 1000))
+    loop = asyncio.get_running_loop()
+    try:
+        warm = await store.admit(p, 1)
+        assert warm.lease is not None
+        store.settle(p, warm.lease, 1, 1)
+        await store.flush()
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = loop.time()
+            first = asyncio.ensure_future(store.admit(p, 1))
+            await asyncio.sleep(0.05)
+            second = asyncio.ensure_future(store.admit(p, 1))  # queued behind the first
+            results = await asyncio.gather(first, second, return_exceptions=True)
+            took = loop.time() - started
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert all(isinstance(r, StoreUnavailable) for r in results), results
+        # Each waited one timeout (0.2 s), the second from when the first timed out: not
+        # the first's late reply, which needed the SIGCONT.
+        assert took < 1.0, took
+        await eventually(lambda: not store._late, timeout_s=10)
+        ok = await store.admit(p, 1)
+        assert ok.admitted
+    finally:
+        await store.close()
