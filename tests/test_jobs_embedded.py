@@ -22,6 +22,7 @@ from tests.support.jobs_helpers import (
     status,
     submit,
     wait_done,
+    wait_until,
 )
 from tests.support.processes import ROOT, _env
 
@@ -155,3 +156,39 @@ def test_a_record_with_an_absurd_output_cap_is_dead_lettered_and_locks_nothing(
     )
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status == 200
+
+
+def test_credentials_rotated_under_a_running_batch_dead_letter_nothing(
+    tmp_path: Path, make_simulator: Any, make_sluice: Any
+) -> None:
+    """Bedrock refuses the key Sluice signs with (revoked, rotated before the instance
+    picked up the new one): every record gets UnrecognizedClientException. That is Sluice's
+    signature, not the records: they wait with their backoff instead of being
+    dead-lettered, and the batch completes once the key is accepted again."""
+    from tests.support.processes import UPSTREAM_KEY_ID, UPSTREAM_SECRET
+
+    sim = make_simulator(
+        {"latency_scale": 0.02, "auth": {"access_key_id": "AKIDROTATED", "secret_access_key": "x"}}
+    )
+    policy = jobs_policy(
+        batch={"max_attempts": 50, "base_backoff_ms": 50, "max_backoff_ms": 200},
+        jobs={"sqlite_path": str(tmp_path / "jobs.sqlite3")},
+    )
+    sluice = make_sluice(upstream=sim.url, policy=policy)
+    batch_id = submit(sluice.url, [record(i) for i in range(6)])
+
+    def refused() -> int:
+        stats = json.loads(urllib.request.urlopen(sim.url + "/_sim/stats", timeout=5).read())
+        return sum(1 for r in stats["requests"] if r.get("status") == 403)
+
+    wait_until(lambda: refused() >= 12, 30, "the simulator never refused Sluice's key")
+    assert status(sluice.url, batch_id)["failed"] == 0
+    assert dead_letters(sluice.url) == []
+    patch = {"auth": {"access_key_id": UPSTREAM_KEY_ID, "secret_access_key": UPSTREAM_SECRET}}
+    req = urllib.request.Request(
+        sim.url + "/_sim/config", data=json.dumps(patch).encode(), method="POST"
+    )
+    urllib.request.urlopen(req, timeout=5).read()
+    done = wait_done(sluice.url, batch_id)
+    assert (done["succeeded"], done["failed"]) == (6, 0)
+    assert dead_letters(sluice.url) == []

@@ -69,6 +69,11 @@ def test_output_lines_are_bedrock_shaped() -> None:
         (500, None, True),
         (400, "ValidationException", False),
         (403, "AccessDeniedException", False),
+        # Sluice's own signature judged: credentials expired or rotated, a clock drifted.
+        (403, "ExpiredTokenException", True),
+        (403, "UnrecognizedClientException", True),
+        (403, "InvalidSignatureException", True),
+        (403, "MissingAuthenticationTokenException", True),
         (404, "ResourceNotFoundException", False),
     ],
 )

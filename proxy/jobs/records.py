@@ -130,9 +130,26 @@ RETRYABLE_TYPES = frozenset(
     }
 )
 
+#: 403s that judge the signature Sluice made, not the record: credentials expired or
+#: rotated under a running instance, a clock that drifted. They pass when the credential
+#: chain refreshes (or the operator fixes it), so they are retried like throttles; a record
+#: dead-lettered on one while they last (``retries_exhausted``) replays as it was.
+#: AccessDeniedException stays permanent: an IAM policy is not fixed by waiting.
+CREDENTIAL_TYPES = frozenset(
+    {
+        "ExpiredTokenException",
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "MissingAuthenticationTokenException",
+    }
+)
+
 
 def is_retryable(status: int, error_type: str | None) -> bool:
-    """Throttles, timeouts, 5xx and network failures are retried; other 4xx are permanent."""
+    """Throttles, timeouts, 5xx, network failures and Sluice's own credential failures are
+    retried; other 4xx are permanent."""
+    if error_type in CREDENTIAL_TYPES:
+        return True
     if error_type in RETRYABLE_TYPES:
         return True
     return status in (408, 429) or status >= 500
