@@ -139,6 +139,13 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.store_leases_restored = Counter(
+            "sluice_store_leases_restored",
+            "Leases of running calls a heartbeat added back after Redis lost its data (a"
+            " restart without persistence, a failover to an empty replica), by pool.",
+            ["pool"],
+            registry=r,
+        )
         self.grants_ahead = Counter(
             "sluice_grants_ahead",
             "Grants held ahead of demand (Redis store, server.grants_ahead), by what became of "

@@ -25,7 +25,7 @@ import redis
 from proxy.admission import StoreUnavailable
 from proxy.backend.store import RedisStore
 from proxy.metrics import Metrics
-from tests.support.admission_helpers import new_pool, per_min, plan
+from tests.support.admission_helpers import eventually, new_pool, per_min, plan
 from tests.support.redis_fixtures import RedisClusterProcesses, RedisServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,6 +245,90 @@ async def test_restarted_redis_is_used_again(redis_factory: Factory) -> None:
         await store.close()
 
 
+async def test_calls_in_flight_are_counted_again_after_redis_lost_its_data(
+    redis_factory: Factory,
+) -> None:
+    """Redis restarts empty (no persistence) while calls run: the next heartbeat adds their
+    leases back, so the fleet's concurrency limit still counts them (before, the heartbeat's
+    ZADD XX extended nothing and a second instance was granted the busy slot, until the
+    call ended: minutes for a stream). A lease reaped while Redis kept its data is not."""
+    server = redis_factory()
+    metrics = Metrics()
+    holder = RedisStore(server.url, metrics=metrics)  # the instance whose calls are running
+    other = RedisStore(server.url)
+    await holder.start()
+    await other.start()
+    p = plan(new_pool(), pool_concurrency=2, workload_concurrency=2, lease_ttl_ms=1500)
+    try:
+        running = [await holder.admit(p, 0) for _ in range(2)]
+        assert all(d.admitted for d in running)
+        server.restart()  # empty: no leases, no scripts
+        inspect = redis.Redis.from_url(server.url)
+        try:
+
+            def restored() -> bool:
+                return int(inspect.zcard(p.keys.pool_leases)) == 2 and (
+                    int(inspect.zcard(p.keys.workload_leases)) == 2
+                )
+
+            await eventually(restored, timeout_s=5)  # a heartbeat is every TTL / 3
+        finally:
+            inspect.close()
+        restored = metrics.registry.get_sample_value(
+            "sluice_store_leases_restored_total", {"pool": p.pool}
+        )
+        assert restored == 2.0  # the pool's two leases (each also in its workload's set)
+        refused = await other.admit(p, 0)
+        busy = ("pool.concurrency", "workload.concurrency")
+        assert not refused.admitted and refused.refused_by in busy, refused
+        for d in running:
+            assert d.lease is not None
+            holder.settle(p, d.lease, 0, 0)
+        await holder.flush()
+        assert (await other.admit(p, 0)).admitted  # and given back when they end
+    finally:
+        await other.close()
+        await holder.close()
+
+
+def test_a_heartbeat_adds_leases_back_only_when_the_epoch_moved(
+    redis_server: RedisServerProcess,
+) -> None:
+    """extend.lua: a lease reaped while Redis kept its data stays out (its slot may have been
+    given away); one lost with the data (the epoch is gone, or not the one last seen) is
+    added back."""
+    from proxy.backend.admit_wire import extend_calls
+    from proxy.backend.lua import load_script
+
+    r = redis.Redis.from_url(redis_server.url)
+    sha = r.script_load(load_script("extend"))
+    p = plan(new_pool(), pool_concurrency=5, workload_concurrency=5)
+
+    def beat(seen: str) -> tuple[int, str]:
+        """(leases added back, the epoch now)."""
+        ((keys, args),) = extend_calls(p.pool, [(p, ["L1"])], seen)
+        n, epoch, added_back = r.evalsha(sha, len(keys), *keys, *args)
+        return int(n) if added_back else 0, epoch.decode()
+
+    def held() -> int:
+        return int(r.zcard(p.keys.pool_leases)) + int(r.zcard(p.keys.workload_leases))
+
+    try:
+        n, first = beat("")  # no epoch yet: made now, the lease added (harmless if there)
+        assert (n, held()) == (1, 2)
+        assert beat("") == (0, first)  # there already: none added back, however it is read
+        r.delete(p.keys.pool_leases, p.keys.workload_leases)  # reaped: data kept
+        assert beat(first) == (0, first) and held() == 0
+        assert beat("") == (0, first) and held() == 0  # a new instance adopts the epoch
+        n, again = beat("an-epoch-of-before")  # Redis lost its data since this one's last
+        assert (n, again, held()) == (1, first, 2)
+        r.flushall()  # lost again: a new epoch, the lease back
+        n, second = beat(first)
+        assert n == 1 and second != first and held() == 2
+    finally:
+        r.close()
+
+
 async def test_dead_redis_fails_admit_within_the_timeout(
     redis_factory: Factory, record_property: Callable[[str, object], None]
 ) -> None:
@@ -437,11 +521,11 @@ def test_heartbeat_calls_are_bounded_and_carry_every_lease() -> None:
 
     a, b = plan(new_pool()), plan("x", workload="other", workload_concurrency=3)
     groups = [(a, [f"a{i}" for i in range(2500)]), (b, [f"b{i}" for i in range(700)])]
-    calls = extend_calls(a.pool, groups, most=1000)
+    calls = extend_calls(a.pool, groups, "e1", most=1000)
     seen: list[str] = []
     for keys, args in calls:
-        g, j, n = int(args[0]), 1, 0
-        assert len(keys) == 1 + g
+        g, j, n = int(args[0]), 2, 0
+        assert len(keys) == 2 + g and args[1] == "e1"
         for _ in range(g):
             c = int(args[j + 2])
             seen += [str(x) for x in args[j + 3 : j + 3 + c]]

@@ -120,18 +120,22 @@ def settle_call(q: Queue, batch: list[Settle], gone: list[str]) -> Call:
 MAX_EXTEND: Final = 1000
 
 
-def extend_calls(pool: str, groups: list[Group], most: int = MAX_EXTEND) -> list[Call]:
+def extend_calls(
+    pool: str, groups: list[Group], epoch: str = "", most: int = MAX_EXTEND
+) -> list[Call]:
     """``extend.lua``'s KEYS and ARGV for every lease of this instance in ``pool``, in calls
-    of at most ``most`` leases (a group larger than that is split over calls)."""
+    of at most ``most`` leases (a group larger than that is split over calls). ``epoch``:
+    the data's epoch this instance saw at its last heartbeat ('' for none yet)."""
     calls: list[Call] = []
     keys: list[str] = []
     args: list[Arg] = []
     room = 0
+    scope = plan_keys(pool, "")
     for plan, leases in groups:
         for start in range(0, len(leases), most):
             part = leases[start : start + most]
             if len(part) > room:  # (a new call: the first, or this part would not fit)
-                keys, args, room = [plan_keys(pool, "").pool_leases], [0], most
+                keys, args, room = [scope.pool_leases, scope.pool], [0, epoch], most
                 calls.append((keys, args))
             keys.append(plan.keys.workload_leases)
             args[0] = int(args[0]) + 1

@@ -111,6 +111,9 @@ class RedisStore:
         self._seq = itertools.count(1)
         self._queues: dict[str, Queue] = {}
         self._book = LeaseBook()
+        #: Scope -> the epoch of Redis's data at this instance's last heartbeat there.
+        self._epochs: dict[str, str] = {}
+        self._restored = metrics.store_leases_restored
         self._tasks: set[asyncio.Task[None]] = set()
         #: Timed-out admit calls still waiting for Redis's reply (see
         #: :meth:`ScriptRunner.run_past`).
@@ -511,12 +514,22 @@ class RedisStore:
 
     async def _extend(self, pool: str, groups: list[Group]) -> None:
         # One call per MAX_EXTEND leases: a failed one loses its own leases' renewal only.
-        for keys, args in extend_calls(pool, groups):
+        # Every call of one heartbeat names the epoch seen at the last one: when Redis lost
+        # its data since, each adds its leases back (extend.lua).
+        seen, restored = self._epochs.get(pool, ""), 0
+        for keys, args in extend_calls(pool, groups, seen):
             try:
-                await self._runner.run("extend", keys, args)
+                n, epoch, added_back = await self._runner.run("extend", keys, args)
             except StoreUnavailable as exc:
-                leases = len(args) - 1 - 3 * int(args[0])  # (ARGV: g, then ttl, flag, c, ids)
+                # (ARGV: g, epoch, then per group ttl, flag, c, ids)
+                leases = len(args) - 2 - 3 * int(args[0])
                 self._failed("heartbeat", pool, exc, leases=leases)
+            else:
+                self._epochs[pool] = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+                restored += int(n) if added_back else 0
+        if restored:
+            self._restored.labels(pool=pool).inc(restored)
+            event(log, logging.WARNING, "store_leases_restored", pool=pool, leases=restored)
 
     async def ping(self) -> bool:
         """True when Redis answers PING within the timeout."""
