@@ -102,15 +102,7 @@ def _match_model(method: str, path: str, query: str) -> Route:
             headers={"Allow": "POST"},
         )
     model_id = unquote(head)
-    if not _MODEL_ID.match(model_id):
-        raise _bad_model_id(
-            model_id, "Member must be a foundation-model id, an inference-profile id or an ARN"
-        )
-    if "/" in model_id and not _DOT_FREE.isdisjoint(model_id.split("/")):
-        # The signer removes dot segments (as botocore does) and Bedrock may resolve them:
-        # 'x/../<sonnet>' would be metered as the unknown model 'x/../<sonnet>' and served
-        # as sonnet. Checked decoded, so '%2E%2E' and '%2F' are caught as well.
-        raise _bad_model_id(model_id, "Member must not contain empty, '.' or '..' path segments")
+    check_model_id(model_id)
     operation, streaming, metered = entry
     if operation == "InvokeModelWithBidirectionalStream":
         raise BedrockError(
@@ -121,6 +113,20 @@ def _match_model(method: str, path: str, query: str) -> Route:
     if metered:
         return MeteredRoute(operation, model_id, streaming, True, path, query)
     return Route(operation, model_id, streaming, False, path, query)
+
+
+def check_model_id(model_id: str) -> None:
+    """Raise the 400 naming ``modelId`` Bedrock would send for a malformed id (a live call's
+    path, a batch's or a replay's ``?modelId=`` alike)."""
+    if not _MODEL_ID.match(model_id):
+        raise _bad_model_id(
+            model_id, "Member must be a foundation-model id, an inference-profile id or an ARN"
+        )
+    if "/" in model_id and not _DOT_FREE.isdisjoint(model_id.split("/")):
+        # The signer removes dot segments (as botocore does) and Bedrock may resolve them:
+        # 'x/../<sonnet>' would be metered as the unknown model 'x/../<sonnet>' and served
+        # as sonnet. Checked decoded, so '%2E%2E' and '%2F' are caught as well.
+        raise _bad_model_id(model_id, "Member must not contain empty, '.' or '..' path segments")
 
 
 def _bad_model_id(model_id: str, constraint: str) -> BedrockError:

@@ -192,3 +192,30 @@ def test_credentials_rotated_under_a_running_batch_dead_letter_nothing(
     done = wait_done(sluice.url, batch_id)
     assert (done["succeeded"], done["failed"]) == (6, 0)
     assert dead_letters(sluice.url) == []
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["x%2F..%2F" + HAIKU, "x%2F.%2F" + HAIKU, "x%2F%2F" + HAIKU, "bad%20model", ".."],
+)
+def test_a_malformed_model_id_is_refused_by_submit_and_replay_naming_it(
+    tmp_path: Path, make_simulator: Any, make_sluice: Any, model: str
+) -> None:
+    """The same modelId check as a live call's path: dot or empty segments (which URL
+    normalisation would turn into another model than the one metered) and characters no
+    model id has are a 400 naming ``modelId``, before anything is queued."""
+    from tests.support.jobs_helpers import call
+
+    sim = make_simulator({"latency_scale": 0.02})
+    policy = jobs_policy(jobs={"sqlite_path": str(tmp_path / "jobs.sqlite3")})
+    sluice = make_sluice(upstream=sim.url, policy=policy)
+    for method, path, body in (
+        ("POST", f"/batches?modelId={model}", jsonl([record(0)])),
+        ("POST", f"/dlq/replay?modelId={model}", None),
+    ):
+        code, headers, raw = call(sluice.url, method, path, body=body)
+        assert code == 400, (path, raw)
+        assert headers["x-amzn-ErrorType"].startswith("ValidationException")
+        assert "'modelId'" in json.loads(raw)["message"]
+    code, _, raw = call(sluice.url, "GET", "/batches")
+    assert code == 200 and json.loads(raw)["batches"] == []

@@ -31,6 +31,7 @@ from proxy.jobs.records import INVOCATIONS, BatchInputError, Invocation, manifes
 from proxy.jobs.runtime import JOBS, Jobs
 from proxy.pipeline.identify import Caller, identify
 from proxy.policy import CompiledPolicy, PoolInfo
+from proxy.routes import check_model_id
 
 log = logging.getLogger("sluice.jobs")
 PREFIX = "/sluice/v1"
@@ -162,7 +163,9 @@ def _resolve_submit(
 
 def _allowed_pool(policy: CompiledPolicy, caller: Caller, model: str) -> PoolInfo:
     """The pool ``model`` runs on, if the caller's ``models:`` allow-list has it (else 403;
-    an unknown model is refused as a live call's is). Submit and replay both ask here."""
+    a malformed or unknown model is refused as a live call's is). Submit and replay both
+    ask here."""
+    check_model_id(model)
     pool = policy.resolve_pool(model)
     allowed = caller.workload.allowed_pools
     if allowed is not None and pool.name not in allowed:
