@@ -10,6 +10,7 @@ What is left: the admit batch's task and the settle batch's, each running its ca
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import Callable, Coroutine, Generator
 from contextlib import contextmanager
@@ -118,3 +119,74 @@ async def test_a_timed_out_admit_answers_on_time_and_the_queue_goes_on(
         assert ok.admitted
     finally:
         await store.close()
+
+
+async def test_flush_and_close_do_not_wait_for_a_late_reply(
+    redis_factory: Callable[..., RedisServerProcess],
+) -> None:
+    """An admit that times out while a flush (or close) waits: they go on at its timeout,
+    not when its late reply comes or the late bound ends (a SIGTERM during a Redis stall)."""
+    server = redis_factory()
+    assert server.proc is not None
+    store = RedisStore(server.url, timeout_s=0.2)
+    await store.start()
+    p = plan(new_pool(), pool_concurrency=10, pool_tokens=per_min(600, 1000))
+    loop = asyncio.get_running_loop()
+    try:
+        warm = await store.admit(p, 1)
+        assert warm.lease is not None
+        store.settle(p, warm.lease, 1, 1)
+        await store.flush()
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            waiting = asyncio.ensure_future(store.admit(p, 1))
+            await asyncio.sleep(0.05)  # written; Redis is stopped
+            started = loop.time()
+            await store.flush()
+            flushed = loop.time() - started
+            await store.close()
+            closed = loop.time() - started
+            assert isinstance((await asyncio.gather(waiting, return_exceptions=True))[0], Exception)
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert flushed < 1.0 and closed < 1.5, (flushed, closed)  # not the 5 s late bound
+    finally:
+        await store.close()
+
+
+def test_a_late_reply_is_waited_for_as_long_as_the_urls_socket_timeout(
+    redis_server: RedisServerProcess,
+) -> None:
+    from proxy.backend.client import redis_client
+    from proxy.backend.runner import LATE_BOUND_S, ScriptRunner
+
+    def bound(url: str) -> float:
+        runner = ScriptRunner(redis_client(url, 0.2), ["admit"], 0.2, logging.getLogger("t"))
+        return runner._late_bound
+
+    assert bound(redis_server.url) == LATE_BOUND_S  # redis-py's default socket timeout
+    assert bound(redis_server.url + "?socket_timeout=30") == 30.0
+    # Shorter than the store timeout: each call ends at its socket timeout anyway.
+    assert bound(redis_server.url + "?socket_timeout=0.1") == 0.2
+
+
+async def test_without_poll_a_closed_idle_connection_is_still_replaced(
+    redis_factory: Callable[..., RedisServerProcess], monkeypatch: Any
+) -> None:
+    """Where ``select.poll`` does not exist (Windows) the socket check is skipped: a
+    connection the server closed fails its write and the call goes to a new one."""
+    import proxy.backend.direct as direct_module
+
+    monkeypatch.setattr(direct_module, "_POLL", None)
+    server = redis_factory()
+    client = Redis.from_url(server.url)
+    direct = DirectCalls(client)
+    try:
+        sha = await client.script_load("return ARGV[1]")
+        assert await direct.evalsha(sha, [], ["a"]) == b"a"
+        await asyncio.to_thread(server.restart)  # the loop reads the close meanwhile
+        await client.script_load("return ARGV[1]")
+        assert await direct.evalsha(sha, [], ["b"]) == b"b"
+    finally:
+        await direct.aclose()
+        await client.aclose()

@@ -79,4 +79,13 @@ class LeaseBook:
             last = loop.time()
             groups = self.groups()
             if groups:
-                await asyncio.gather(*(extend(pool, g) for pool, g in groups.items()))
+                # A failure nobody foresaw must not end the heartbeat: every lease would
+                # expire under its running call and the fleet's limits stop counting them.
+                done = await asyncio.gather(
+                    *(extend(pool, g) for pool, g in groups.items()), return_exceptions=True
+                )
+                for pool, res in zip(groups, done, strict=True):
+                    if isinstance(res, Exception):
+                        log.error(
+                            "lease heartbeat failed", exc_info=res, extra={"fields": {"pool": pool}}
+                        )

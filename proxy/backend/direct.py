@@ -40,6 +40,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 #: extra connections around their calls.
 MAX_IDLE: Final = 64
 _BROKEN: Final = (RedisConnectionError, RedisTimeoutError, OSError)
+#: ``select.poll`` (not on Windows): how an idle connection's socket is checked.
+_POLL: Final = getattr(select, "poll", None)
 
 
 class DirectCalls:
@@ -54,6 +56,11 @@ class DirectCalls:
         self._timeout: float | None = probe.socket_timeout
         self._idle: list[AbstractConnection] = []
         self._closed = False
+
+    @property
+    def timeout(self) -> float | None:
+        """The socket timeout that bounds one call (None: unbounded)."""
+        return self._timeout
 
     async def evalsha(self, sha: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """The script's reply; raises its error (``NoScriptError`` included) or the
@@ -161,6 +168,11 @@ def _closed(conn: AbstractConnection) -> bool:
     fd = sock.fileno()
     if fd < 0:  # closed under us
         return True
-    poll = select.poll()  # not select(): no limit on the descriptor's number
-    poll.register(fd, select.POLLIN)
-    return bool(poll.poll(0))
+    if _POLL is None:  # (Windows) a closed connection fails its write, which is retried
+        return False
+    try:
+        poll = _POLL()  # not select(): no limit on the descriptor's number
+        poll.register(fd, select.POLLIN)
+        return bool(poll.poll(0))
+    except (OSError, ValueError):
+        return True

@@ -115,6 +115,8 @@ class RedisStore:
         self._epochs: dict[str, str] = {}
         self._restored = metrics.store_leases_restored
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Set when an admit batch times out (see :meth:`_one_task_moved`).
+        self._moved: asyncio.Future[None] | None = None
         #: Timed-out admit calls still waiting for Redis's reply (see
         #: :meth:`ScriptRunner.run_past`).
         self._late = self._runner.late
@@ -163,8 +165,8 @@ class RedisStore:
         self._closed = True
         if self._heartbeat is not None:
             await stop_tasks([self._heartbeat], "lease heartbeat")
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks:
+            await self._one_task_moved()
         self._runner.abandon()  # their leases expire with the TTL: no heartbeat renews them
         await self._wakeups.close()
         await self._runner.aclose()
@@ -256,6 +258,8 @@ class RedisStore:
             nonlocal late
             late = True
             self._tasks.discard(task)
+            if self._moved is not None and not self._moved.done():
+                self._moved.set_result(None)  # a flush or close waiting on it goes on
             self._admit_failed(batch, exc)
             self._next_batch(q, asks_only)
 
@@ -506,9 +510,21 @@ class RedisStore:
             for q in self._queues.values()
         ):
             if self._tasks:
-                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+                await self._one_task_moved()
             else:
                 await asyncio.sleep(0)  # a send is scheduled with call_soon: let it run
+
+    async def _one_task_moved(self) -> None:
+        """Wait until one of the store's tasks ends, or an admit batch times out: from then
+        its task only waits for a late reply (up to the runner's late bound), which neither
+        a flush nor a close waits for."""
+        assert self._loop is not None
+        moved = self._moved = self._loop.create_future()
+        try:
+            await asyncio.wait([*self._tasks, moved], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._moved = None
+            moved.cancel()
 
     # --- heartbeat, control, readiness -------------------------------------------------
 

@@ -25,8 +25,8 @@ __all__ = ["Arg", "ScriptRunner", "event", "why"]
 
 Arg = bytes | str | int | float
 
-#: How long a call that timed out (:meth:`ScriptRunner.run_past`) still waits for its reply:
-#: redis-py's default socket timeout, which bounded it when it ran in a task of its own.
+#: How long a call that timed out (:meth:`ScriptRunner.run_past`) still waits for its reply
+#: unless the connections' socket timeout says longer: redis-py's default socket timeout.
 LATE_BOUND_S: Final = 5.0
 
 
@@ -61,6 +61,10 @@ class ScriptRunner:
         self.late: set[asyncio.Task[Any]] = set()
         # One server: EVALSHA without redis-py's per-command machinery (a cluster routes).
         self._direct = DirectCalls(client) if isinstance(client, Redis) else None
+        #: A late reply is waited for as long as one call's socket timeout allows (the
+        #: URL's ``socket_timeout``), or :data:`LATE_BOUND_S`.
+        socket_s = None if self._direct is None else self._direct.timeout
+        self._late_bound = max(timeout_s, socket_s or LATE_BOUND_S)
 
     async def start(self) -> None:
         """Load every script; a cluster reads its slot map first, so allow at least 2 s."""
@@ -178,7 +182,7 @@ class ScriptRunner:
         """Run ``name``, not abandoned at the timeout: Redis may still run a script written
         to a stalled server, so past the timeout ``timed_out`` gets the error whoever waits
         is to be answered with, and this goes on waiting for the reply (its grants are then
-        given back), up to :data:`LATE_BOUND_S`. A failure, or no reply by then, raises
+        given back), for as long as a call's socket timeout. A failure, or no reply by then, raises
         :class:`BackendUnavailable`; :meth:`abandon` cancels the calls that timed out.
 
         The call runs in the caller's task: no task, shield or second timeout per call.
@@ -192,7 +196,7 @@ class ScriptRunner:
 
         timer = asyncio.get_running_loop().call_later(self._timeout, expire)
         try:
-            async with asyncio.timeout(max(self._timeout, LATE_BOUND_S)):
+            async with asyncio.timeout(self._late_bound):
                 return await self._call(name, keys, args)
         except FAILURES as exc:
             raise BackendUnavailable(f"redis {name} failed: {why(exc)}") from exc
