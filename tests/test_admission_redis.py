@@ -262,6 +262,7 @@ async def test_calls_in_flight_are_counted_again_after_redis_lost_its_data(
     try:
         running = [await holder.admit(p, 0) for _ in range(2)]
         assert all(d.admitted for d in running)
+        await eventually(lambda: p.pool in holder._epochs, timeout_s=5)  # a heartbeat ran
         server.restart()  # empty: no leases, no scripts
         inspect = redis.Redis.from_url(server.url)
         try:
@@ -291,12 +292,61 @@ async def test_calls_in_flight_are_counted_again_after_redis_lost_its_data(
         await holder.close()
 
 
+async def test_an_instance_back_from_a_stall_never_restores_a_reaped_lease(
+    redis_factory: Factory,
+) -> None:
+    """The epoch an instance saw counts only while its heartbeat is younger than its leases'
+    TTL. Here it saw one, held nothing for a while, and Redis lost its data meanwhile (a
+    new epoch since): its next lease, reaped while it stalled and its slot given away, must
+    stay out, however stale the epoch it remembers."""
+    server = redis_factory()
+    metrics = Metrics()
+    holder = RedisStore(server.url, metrics=metrics)
+    other = RedisStore(server.url)
+    await holder.start()
+    await other.start()
+    p = plan(new_pool(), pool_concurrency=1, lease_ttl_ms=1500)
+    inspect = redis.Redis.from_url(server.url)
+    try:
+        first = await holder.admit(p, 0)
+        assert first.lease is not None
+        await eventually(lambda: p.pool in holder._epochs, timeout_s=5)
+        holder.settle(p, first.lease, 0, 0)
+        await holder.flush()
+        inspect.flushall()  # data lost while the holder holds nothing there
+        held = await other.admit(p, 0)  # another instance's heartbeat makes a new epoch
+        assert held.lease is not None
+        await eventually(lambda: p.pool in other._epochs, timeout_s=5)
+        other.settle(p, held.lease, 0, 0)
+        await other.flush()
+        await asyncio.sleep(1.6)  # longer than the TTL: the holder's epoch is stale
+        mine = await holder.admit(p, 0)
+        assert mine.lease is not None
+        inspect.zrem(p.keys.pool_leases, mine.lease)  # reaped while the holder stalled
+        taken = await other.admit(p, 0)  # and its slot given away
+        assert taken.admitted
+        await asyncio.sleep(1.0)  # the holder's heartbeats (every TTL / 3) run
+        assert int(inspect.zcard(p.keys.pool_leases)) == 1  # the other's only
+        assert (
+            metrics.registry.get_sample_value(
+                "sluice_store_leases_restored_total", {"pool": p.pool}
+            )
+            is None
+        )
+    finally:
+        inspect.close()
+        await other.close()
+        await holder.close()
+
+
 def test_a_heartbeat_adds_leases_back_only_when_the_epoch_moved(
     redis_server: RedisServerProcess,
 ) -> None:
     """extend.lua: a lease reaped while Redis kept its data stays out (its slot may have been
-    given away); one lost with the data (the epoch is gone, or not the one last seen) is
-    added back."""
+    given away); one lost with the data (the epoch is gone, or not the one the instance saw
+    at its last heartbeat) is added back, with its sets' TTLs. An instance that names no
+    epoch (a new one, or one whose last heartbeat is older than its leases' TTL) only
+    extends."""
     from proxy.backend.admit_wire import extend_calls
     from proxy.backend.lua import load_script
 
@@ -313,18 +363,25 @@ def test_a_heartbeat_adds_leases_back_only_when_the_epoch_moved(
     def held() -> int:
         return int(r.zcard(p.keys.pool_leases)) + int(r.zcard(p.keys.workload_leases))
 
+    def granted() -> None:  # as admit.lua leaves a lease
+        r.zadd(p.keys.pool_leases, {"L1": 1})
+        r.zadd(p.keys.workload_leases, {"L1": 1})
+
     try:
-        n, first = beat("")  # no epoch yet: made now, the lease added (harmless if there)
-        assert (n, held()) == (1, 2)
-        assert beat("") == (0, first)  # there already: none added back, however it is read
-        r.delete(p.keys.pool_leases, p.keys.workload_leases)  # reaped: data kept
+        assert beat("") == (0, beat("")[1]) and held() == 0  # none known: nothing added
+        first = beat("")[1]
+        granted()
+        assert beat("") == (0, first) and held() == 2  # extended, not added back
+        assert beat(first) == (0, first) and held() == 2
+        r.delete(p.keys.pool_leases, p.keys.workload_leases)  # reaped: the data kept
         assert beat(first) == (0, first) and held() == 0
-        assert beat("") == (0, first) and held() == 0  # a new instance adopts the epoch
+        assert beat("") == (0, first) and held() == 0
         n, again = beat("an-epoch-of-before")  # Redis lost its data since this one's last
         assert (n, again, held()) == (1, first, 2)
-        r.flushall()  # lost again: a new epoch, the lease back
+        r.flushall()  # lost again: a new epoch, the lease back, its sets expiring
         n, second = beat(first)
         assert n == 1 and second != first and held() == 2
+        assert r.pttl(p.keys.pool_leases) > 0 and r.pttl(p.keys.workload_leases) > 0
     finally:
         r.close()
 

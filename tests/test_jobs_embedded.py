@@ -184,6 +184,14 @@ def test_credentials_rotated_under_a_running_batch_dead_letter_nothing(
     wait_until(lambda: refused() >= 12, 30, "the simulator never refused Sluice's key")
     assert status(sluice.url, batch_id)["failed"] == 0
     assert dead_letters(sluice.url) == []
+    wait_until(
+        lambda: (
+            "Bedrock refused Sluice's own credentials" in sluice.stderr()
+            and "UnrecognizedClientException" in sluice.stderr()
+        ),
+        10,
+        "the retries were never logged",
+    )
     patch = {"auth": {"access_key_id": UPSTREAM_KEY_ID, "secret_access_key": UPSTREAM_SECRET}}
     req = urllib.request.Request(
         sim.url + "/_sim/config", data=json.dumps(patch).encode(), method="POST"

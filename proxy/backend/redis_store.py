@@ -30,6 +30,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from typing import Any, Final
 
 from proxy.admission.decision import Snapshot, make_decision
@@ -111,12 +112,13 @@ class RedisStore:
         self._seq = itertools.count(1)
         self._queues: dict[str, Queue] = {}
         self._book = LeaseBook()
-        #: Scope -> the epoch of Redis's data at this instance's last heartbeat there.
-        self._epochs: dict[str, str] = {}
+        #: Scope -> the epoch of Redis's data at this instance's last heartbeat there, and
+        #: when (time.monotonic(), taken before the call).
+        self._epochs: dict[str, tuple[str, float]] = {}
         self._restored = metrics.store_leases_restored
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Set when an admit batch times out (see :meth:`_one_task_moved`).
-        self._moved: asyncio.Future[None] | None = None
+        #: Woken when an admit batch times out (see :meth:`_one_task_moved`).
+        self._moved: set[asyncio.Future[None]] = set()
         #: Timed-out admit calls still waiting for Redis's reply (see
         #: :meth:`ScriptRunner.run_past`).
         self._late = self._runner.late
@@ -258,8 +260,9 @@ class RedisStore:
             nonlocal late
             late = True
             self._tasks.discard(task)
-            if self._moved is not None and not self._moved.done():
-                self._moved.set_result(None)  # a flush or close waiting on it goes on
+            for moved in self._moved:  # a flush or close waiting on it goes on
+                if not moved.done():
+                    moved.set_result(None)
             self._admit_failed(batch, exc)
             self._next_batch(q, asks_only)
 
@@ -519,20 +522,26 @@ class RedisStore:
         its task only waits for a late reply (up to the runner's late bound), which neither
         a flush nor a close waits for."""
         assert self._loop is not None
-        moved = self._moved = self._loop.create_future()
+        moved: asyncio.Future[None] = self._loop.create_future()
+        self._moved.add(moved)
         try:
             await asyncio.wait([*self._tasks, moved], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._moved = None
+            self._moved.discard(moved)
             moved.cancel()
 
     # --- heartbeat, control, readiness -------------------------------------------------
 
     async def _extend(self, pool: str, groups: list[Group]) -> None:
         # One call per MAX_EXTEND leases: a failed one loses its own leases' renewal only.
-        # Every call of one heartbeat names the epoch seen at the last one: when Redis lost
-        # its data since, each adds its leases back (extend.lua).
-        seen, restored = self._epochs.get(pool, ""), 0
+        # Every call of one heartbeat names the epoch seen at the last one, if that one is
+        # younger than the shortest lease TTL here (so none of the leases can have been
+        # reaped meanwhile): when Redis lost its data since, each adds its leases back.
+        seen, restored = "", 0
+        last = self._epochs.get(pool)
+        now = time.monotonic()
+        if last is not None and now - last[1] < min(p.lease_ttl_ms for p, _ in groups) / 1000:
+            seen = last[0]
         for keys, args in extend_calls(pool, groups, seen):
             try:
                 n, epoch, added_back = await self._runner.run("extend", keys, args)
@@ -541,7 +550,8 @@ class RedisStore:
                 leases = len(args) - 2 - 3 * int(args[0])
                 self._failed("heartbeat", pool, exc, leases=leases)
             else:
-                self._epochs[pool] = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+                epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+                self._epochs[pool] = (epoch, now)
                 restored += int(n) if added_back else 0
         if restored:
             self._restored.labels(pool=pool).inc(restored)

@@ -63,7 +63,10 @@ class ScriptRunner:
         self._direct = DirectCalls(client) if isinstance(client, Redis) else None
         #: A late reply is waited for as long as one call's socket timeout allows (the
         #: URL's ``socket_timeout``), or :data:`LATE_BOUND_S`.
-        socket_s = None if self._direct is None else self._direct.timeout
+        if self._direct is not None:
+            socket_s = self._direct.timeout
+        else:  # a cluster's nodes are made with these
+            socket_s = getattr(client, "connection_kwargs", {}).get("socket_timeout")
         self._late_bound = max(timeout_s, socket_s or LATE_BOUND_S)
 
     async def start(self) -> None:

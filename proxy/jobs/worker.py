@@ -35,7 +35,13 @@ from proxy.jobs.queue import (
     Stream,
 )
 from proxy.jobs.queue import new_id as _new_id
-from proxy.jobs.records import backoff_s, error_line, is_retryable, success_line
+from proxy.jobs.records import (
+    CREDENTIAL_TYPES,
+    backoff_s,
+    error_line,
+    is_retryable,
+    success_line,
+)
 from proxy.policy import CompiledPolicy, PolicyRef, PoolInfo, WorkloadInfo
 from proxy.tasks import stop_tasks
 from proxy.upstream import Upstream
@@ -351,6 +357,20 @@ class Worker:
                     c, meta, model, "retries_exhausted", out.code, out.message, attempts
                 )
                 return None
+            if out.error_type in CREDENTIAL_TYPES:
+                # Retried (a rotation passes), but said every time: a key that is wrong for
+                # good would otherwise show as a batch that only waits.
+                log.warning(
+                    "Bedrock refused Sluice's own credentials; the record waits and retries",
+                    extra={
+                        "fields": {
+                            "batch_id": c.batch_id,
+                            "record_id": c.record_id,
+                            "error_code": out.code,
+                            "attempts": attempts,
+                        }
+                    },
+                )
             await asyncio.sleep(
                 backoff_s(attempts, rule.base_backoff_ms, rule.max_backoff_ms, self._rng)
             )

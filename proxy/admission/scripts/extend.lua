@@ -3,12 +3,14 @@
 -- Unless Redis lost its data since this instance's last heartbeat (a restart without
 -- persistence, a failover to an empty replica): then every lease named is added back, or
 -- the calls still running would go uncounted until they end. The scope's hash carries the
--- data's epoch ('ep', made here when missing): an epoch other than the one the instance saw
--- last, or none at all, means the leases it holds were lost with the data.
+-- data's epoch ('ep', made here when missing). An instance names the epoch it saw at its
+-- previous heartbeat, and only while that heartbeat is younger than its leases' TTL (none
+-- of them can have been reaped since); when the epoch is not that one any more (or is gone),
+-- the data was lost and its leases with it. An instance naming none ('') only extends.
 --
 -- KEYS: 1 pool leases zset, 2 the scope's hash (field 'ep'), then 2+i workload leases zset
 --       of group i
--- ARGV: 1 number of groups g, 2 the epoch this instance saw last ('' for none yet), then
+-- ARGV: 1 number of groups g, 2 the epoch this instance saw last ('' for none known), then
 --       per group: ttl ms, workload-counted flag (0/1), lease count c, c lease ids
 -- Returns {leases extended (XX) or added back (GT), the epoch now, 1 if added back else 0}.
 
@@ -43,9 +45,16 @@ local flag = 'XX'
 if not epoch then
   epoch = t[1] .. '.' .. t[2]
   redis.call('HSET', KEYS[2], 'ep', epoch)
-  flag = 'GT'
-elseif known ~= '' and known ~= epoch then
-  flag = 'GT'
+end
+if known ~= '' and known ~= epoch then flag = 'GT' end
+
+-- A lease zset made again by GT has no TTL, and PEXPIREAT GT takes none as infinite.
+local function expire_at(key, at)
+  if redis.call('PTTL', key) == -1 then
+    redis.call('PEXPIREAT', key, at)
+  else
+    redis.call('PEXPIREAT', key, at, 'GT')
+  end
 end
 local extended = 0
 local top = 0
@@ -59,11 +68,11 @@ for i = 1, tonumber(ARGV[1]) do
     extended = extended + zadd_leases(plk, expiry, j + 2, c, flag)
     if counted then
       zadd_leases(KEYS[2 + i], expiry, j + 2, c, flag)
-      redis.call('PEXPIREAT', KEYS[2 + i], tostring(expn + 1000), 'GT')
+      expire_at(KEYS[2 + i], tostring(expn + 1000))
     end
     if expn > top then top = expn end
   end
   j = j + 3 + c
 end
-if top > 0 then redis.call('PEXPIREAT', plk, tostring(top + 1000), 'GT') end
+if top > 0 then expire_at(plk, tostring(top + 1000)) end
 return { extended, epoch, flag == 'GT' and 1 or 0 }
