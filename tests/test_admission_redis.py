@@ -258,7 +258,9 @@ async def test_calls_in_flight_are_counted_again_after_redis_lost_its_data(
     other = RedisStore(server.url)
     await holder.start()
     await other.start()
-    p = plan(new_pool(), pool_concurrency=2, workload_concurrency=2, lease_ttl_ms=1500)
+    # A TTL of 3 s: the restart below blocks the loop, and the heartbeat after it must still
+    # be within a TTL of the one before (heartbeats every TTL / 3).
+    p = plan(new_pool(), pool_concurrency=2, workload_concurrency=2, lease_ttl_ms=3000)
     try:
         running = [await holder.admit(p, 0) for _ in range(2)]
         assert all(d.admitted for d in running)
@@ -272,7 +274,7 @@ async def test_calls_in_flight_are_counted_again_after_redis_lost_its_data(
                     int(inspect.zcard(p.keys.workload_leases)) == 2
                 )
 
-            await eventually(restored, timeout_s=5)  # a heartbeat is every TTL / 3
+            await eventually(restored, timeout_s=10)  # a heartbeat is every TTL / 3
         finally:
             inspect.close()
         restored = metrics.registry.get_sample_value(

@@ -51,6 +51,7 @@ async def _hold(url: str, all_open: asyncio.Event, opened: list[int]) -> dict[st
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.long  # 6-14 s: runs in `make test-all`, not in CI's `make test`
 async def test_hundreds_of_held_streams_complete_intact(
     make_simulator: Callable[..., Simulator], make_sluice: Callable[..., Sluice]
 ) -> None:

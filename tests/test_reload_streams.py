@@ -53,6 +53,7 @@ async def one_stream(session: aiohttp.ClientSession, url: str) -> tuple[int, lis
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 6-14 s: runs in `make test-all`, not in CI's `make test`
 async def test_switch_during_200_streams_loses_none_and_leaks_no_lease(
     tmp_path: Path,
     make_simulator: Callable[..., Simulator],

@@ -49,6 +49,7 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 6-14 s: runs in `make test-all`, not in CI's `make test`
 def test_status_shows_the_stored_version_and_names_every_instance_off_it(
     tmp_path: Path,
     simulator: Simulator,

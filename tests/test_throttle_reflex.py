@@ -171,6 +171,7 @@ def test_a_learned_quota_is_probed_after_enough_calls_not_after_a_fixed_time() -
     assert counter.count_calls("p", _tick(6_000, rows)) == 99
 
 
+@pytest.mark.long  # 6-14 s: runs in `make test-all`, not in CI's `make test`
 async def test_a_limit_far_above_the_quota_stops_throttling_at_the_first_throttle(
     redis_server: Any, make_simulator: Any, make_sluice: Any
 ) -> None:

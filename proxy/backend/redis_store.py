@@ -30,7 +30,6 @@ import logging
 import os
 import secrets
 import socket
-import time
 from typing import Any, Final
 
 from proxy.admission.decision import Snapshot, make_decision
@@ -113,7 +112,7 @@ class RedisStore:
         self._queues: dict[str, Queue] = {}
         self._book = LeaseBook()
         #: Scope -> the epoch of Redis's data at this instance's last heartbeat there, and
-        #: when (time.monotonic(), taken before the call).
+        #: when (the loop's clock, read before the call).
         self._epochs: dict[str, tuple[str, float]] = {}
         self._restored = metrics.store_leases_restored
         self._tasks: set[asyncio.Task[None]] = set()
@@ -539,7 +538,7 @@ class RedisStore:
         # reaped meanwhile): when Redis lost its data since, each adds its leases back.
         seen, restored = "", 0
         last = self._epochs.get(pool)
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()  # local: no decision reads this clock
         if last is not None and now - last[1] < min(p.lease_ttl_ms for p, _ in groups) / 1000:
             seen = last[0]
         for keys, args in extend_calls(pool, groups, seen):
