@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -339,6 +340,51 @@ async def test_an_instance_back_from_a_stall_never_restores_a_reaped_lease(
         inspect.close()
         await other.close()
         await holder.close()
+
+
+async def test_data_lost_between_two_calls_of_one_heartbeat_restores_every_lease(
+    redis_server: RedisServerProcess,
+) -> None:
+    """1,500 leases: a heartbeat of two calls (1,000 + 500). Redis loses the scope's data
+    right after the first call: the second call sees the new epoch and adds its 500 back;
+    the first call's 1,000 come back at the next heartbeat (the stamp did not move to an
+    epoch only part of the leases were renewed under)."""
+    metrics = Metrics()
+    store = RedisStore(redis_server.url, metrics=metrics, timeout_s=2.0)
+    await store.start()
+    p = plan(new_pool(), pool_concurrency=100_000, lease_ttl_ms=3000)
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        running = await asyncio.gather(*(store.admit(p, 0) for _ in range(1500)))
+        assert all(d.admitted for d in running)
+        await eventually(lambda: p.pool in store._epochs, timeout_s=5)
+        run, armed = store._runner.run, [True]
+
+        async def losing_after_the_first_call(name: str, keys: Any, args: Any) -> Any:
+            res = await run(name, keys, args)
+            if armed[0] and name == "extend" and len(args) - 2 - 3 * int(args[0]) == 1000:
+                armed[0] = False
+                r.delete(p.keys.pool, p.keys.pool_leases, p.keys.workload_leases)
+            return res
+
+        store._runner.run = losing_after_the_first_call  # type: ignore[method-assign]
+
+        def all_back() -> bool:
+            return int(r.zcard(p.keys.pool_leases)) == 1500
+
+        await eventually(lambda: not armed[0], timeout_s=5)  # lost after a first call
+        await eventually(all_back, timeout_s=10)
+
+        def counted() -> bool:  # (the heartbeat counts once its calls are done)
+            restored = metrics.registry.get_sample_value(
+                "sluice_store_leases_restored_total", {"pool": p.pool}
+            )
+            return restored == 1500.0
+
+        await eventually(counted, timeout_s=5)
+    finally:
+        r.close()
+        await store.close()
 
 
 def test_a_heartbeat_adds_leases_back_only_when_the_epoch_moved(

@@ -192,6 +192,8 @@ def test_credentials_rotated_under_a_running_batch_dead_letter_nothing(
         10,
         "the retries were never logged",
     )
+    # Once a minute per batch and error, with the count: not a line per record and retry.
+    assert sluice.stderr().count("Bedrock refused Sluice's own credentials") == 1
     patch = {"auth": {"access_key_id": UPSTREAM_KEY_ID, "secret_access_key": UPSTREAM_SECRET}}
     req = urllib.request.Request(
         sim.url + "/_sim/config", data=json.dumps(patch).encode(), method="POST"

@@ -541,17 +541,25 @@ class RedisStore:
         now = asyncio.get_running_loop().time()  # local: no decision reads this clock
         if last is not None and now - last[1] < min(p.lease_ttl_ms for p, _ in groups) / 1000:
             seen = last[0]
+        epochs: set[str] = set()
+        failed = False
         for keys, args in extend_calls(pool, groups, seen):
             try:
                 n, epoch, added_back = await self._runner.run("extend", keys, args)
             except StoreUnavailable as exc:
+                failed = True
                 # (ARGV: g, epoch, then per group ttl, flag, c, ids)
                 leases = len(args) - 2 - 3 * int(args[0])
                 self._failed("heartbeat", pool, exc, leases=leases)
             else:
-                epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
-                self._epochs[pool] = (epoch, now)
+                epochs.add(epoch.decode() if isinstance(epoch, bytes) else str(epoch))
                 restored += int(n) if added_back else 0
+        # The stamp moves only when every lease here was renewed under one epoch: a call
+        # that failed left its leases' expiry where it was, and data lost between two calls
+        # left the first call's leases out (the next heartbeat, naming the old epoch, adds
+        # them back).
+        if not failed and len(epochs) == 1:
+            self._epochs[pool] = (epochs.pop(), now)
         if restored:
             self._restored.labels(pool=pool).inc(restored)
             event(log, logging.WARNING, "store_leases_restored", pool=pool, leases=restored)

@@ -52,6 +52,8 @@ POLL_S = 0.5
 GAUGES_S = 5.0
 _META_TTL_S = 2.0
 _ERROR_PAUSE_S = 1.0
+#: A batch's credential refusals are logged at most this often (with their count).
+CREDENTIAL_LOG_S = 60.0
 
 
 class Worker:
@@ -87,6 +89,10 @@ class Worker:
         self._metas: dict[str, tuple[float, BatchMeta]] = {}
         self._estimates: dict[Stream, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        #: Credential refusals not logged yet, and when each was last logged, by (batch,
+        #: error code): see :meth:`_credential_refused`.
+        self._refusals: dict[tuple[str, str], int] = {}
+        self._refusals_logged: dict[tuple[str, str], float] = {}
 
     async def start(self) -> None:
         """Start the slots, the lease heartbeat and the queue watcher."""
@@ -358,19 +364,7 @@ class Worker:
                 )
                 return None
             if out.error_type in CREDENTIAL_TYPES:
-                # Retried (a rotation passes), but said every time: a key that is wrong for
-                # good would otherwise show as a batch that only waits.
-                log.warning(
-                    "Bedrock refused Sluice's own credentials; the record waits and retries",
-                    extra={
-                        "fields": {
-                            "batch_id": c.batch_id,
-                            "record_id": c.record_id,
-                            "error_code": out.code,
-                            "attempts": attempts,
-                        }
-                    },
-                )
+                self._credential_refused(c, out.code)
             await asyncio.sleep(
                 backoff_s(attempts, rule.base_backoff_ms, rule.max_backoff_ms, self._rng)
             )
@@ -382,6 +376,26 @@ class Worker:
             except BaseException:
                 self.admission.settle(grant, 0)
                 raise
+
+    def _credential_refused(self, c: Claimed, code: str) -> None:
+        """Retried (a rotation passes), but said: a key wrong for good would otherwise look
+        like a batch that only waits. Once a minute per batch and error, with the count."""
+        key = (c.batch_id, code)
+        self._refusals[key] = self._refusals.get(key, 0) + 1
+        now = time.monotonic()
+        if now - self._refusals_logged.get(key, -CREDENTIAL_LOG_S) < CREDENTIAL_LOG_S:
+            return
+        self._refusals_logged[key] = now
+        log.warning(
+            "Bedrock refused Sluice's own credentials; the batch's records wait and retry",
+            extra={
+                "fields": {
+                    "batch_id": c.batch_id,
+                    "error_code": code,
+                    "refusals": self._refusals.pop(key),
+                }
+            },
+        )
 
     async def _succeed(
         self, c: Claimed, line: bytes, used: tuple[int, int]
