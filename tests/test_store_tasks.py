@@ -18,7 +18,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from proxy.admission import StoreUnavailable
+from proxy.admission import AdmitPlan, StoreUnavailable
 from proxy.backend.direct import DirectCalls
 from proxy.backend.store import RedisStore
 from tests.support.admission_helpers import eventually, new_pool, per_min, plan
@@ -45,6 +45,14 @@ def counted_tasks() -> Generator[list[str], None, None]:
         loop.set_task_factory(before)
 
 
+async def _warm(store: RedisStore, p: AdmitPlan) -> None:
+    """One request admitted and settled: the store's connections and scripts are ready."""
+    warm = await store.admit(p, 1)
+    assert warm.lease is not None
+    store.settle(p, warm.lease, 1, 1)
+    await store.flush()
+
+
 async def test_a_direct_call_makes_no_task(redis_server: RedisServerProcess) -> None:
     client = Redis.from_url(redis_server.url)  # redis-py 8: a 5 s socket timeout by default
     direct = DirectCalls(client)
@@ -67,10 +75,7 @@ async def test_one_request_makes_two_tasks_its_admit_batch_and_its_settle_batch(
     await store.start()
     p = plan(new_pool(), pool_concurrency=10, pool_tokens=per_min(600, 1000))
     try:
-        warm = await store.admit(p, 1)
-        assert warm.lease is not None
-        store.settle(p, warm.lease, 1, 1)
-        await store.flush()
+        await _warm(store, p)
         with counted_tasks() as made:
             for _ in range(10):
                 decision = await store.admit(p, 1)
@@ -96,10 +101,7 @@ async def test_a_timed_out_admit_answers_on_time_and_the_queue_goes_on(
     p = plan(new_pool(), pool_concurrency=10, pool_tokens=per_min(600, 1000))
     loop = asyncio.get_running_loop()
     try:
-        warm = await store.admit(p, 1)
-        assert warm.lease is not None
-        store.settle(p, warm.lease, 1, 1)
-        await store.flush()
+        await _warm(store, p)
         server.proc.send_signal(signal.SIGSTOP)
         try:
             started = loop.time()
@@ -133,10 +135,7 @@ async def test_flush_and_close_do_not_wait_for_a_late_reply(
     p = plan(new_pool(), pool_concurrency=10, pool_tokens=per_min(600, 1000))
     loop = asyncio.get_running_loop()
     try:
-        warm = await store.admit(p, 1)
-        assert warm.lease is not None
-        store.settle(p, warm.lease, 1, 1)
-        await store.flush()
+        await _warm(store, p)
         server.proc.send_signal(signal.SIGSTOP)
         try:
             waiting = asyncio.ensure_future(store.admit(p, 1))
