@@ -270,11 +270,14 @@ class GuardedHandler(RequestHandler):
         it, time that head (else only the keep-alive timeout would). aiohttp's parser keeps
         those bytes out of reach: they are found from the body's framing instead. A
         Content-Length body's bytes are counted by its reader; a chunked body ends with its
-        read's last CRLF CRLF (a partial head has none); a compressed one is not told."""
+        read's last CRLF CRLF (a partial head has none), or, when that CRLF CRLF was split
+        over two reads, within this read's first three bytes, all CR or LF (and CRLFs before
+        a request line are ignored: RFC 9112 2.2); a compressed one is not told."""
         if self._framing == _LENGTH:
             rest = data[body.total_bytes - had :]
-        elif self._framing == _CHUNKED and (end := data.rfind(b"\r\n\r\n")) >= 0:
-            rest = data[end + 4 :]
+        elif self._framing == _CHUNKED:
+            end = data.rfind(b"\r\n\r\n")
+            rest = data[end + 4 :] if end >= 0 else data.lstrip(b"\r\n")
         else:
             return
         if rest.strip(b"\r\n"):

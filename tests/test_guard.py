@@ -209,12 +209,15 @@ def test_pipelined_requests_then_a_half_close_are_all_answered(proxy: Sluice) ->
         assert rest == b"" and _closed(sock, 2)
 
 
-@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize(
+    ("chunked", "split"), [(False, 0), (True, 0), (True, 1), (True, 2), (True, 3)]
+)
 def test_a_partial_head_behind_the_last_body_bytes_gets_the_header_timeout(
-    proxy: Sluice, chunked: bool
+    proxy: Sluice, chunked: bool, split: int
 ) -> None:
     """The next head's first bytes in the read that ends a body: answered 408 after the
-    header timeout (1 s here), not left to the keep-alive timeout (2 s)."""
+    header timeout (1 s here), not left to the keep-alive timeout (2 s). ``split``: the
+    last chunk's final CRLF CRLF ends that many bytes into the read (the rest came before)."""
     full = _converse()
     cut = full.index(b"\r\n\r\n") + 4
     head, body = full[:cut], full[cut:]
@@ -224,6 +227,10 @@ def test_a_partial_head_behind_the_last_body_bytes_gets_the_header_timeout(
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
         sock.sendall(head)
         time.sleep(0.2)  # the body timer is armed: the body is a read of its own
+        if split:
+            sock.sendall(body[:-split])
+            time.sleep(0.2)  # a read of its own: the body has not ended yet
+            body = body[-split:]
         sock.sendall(body + b"GET /healthz HTTP/1.1\r\n")
         started = time.monotonic()
         status, _, _, rest = _answer(sock)
