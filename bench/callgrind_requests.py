@@ -87,7 +87,9 @@ def idle_rate(pid: int, out: Path, seconds: float) -> tuple[float, int]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--system", default="sluice", choices=["sluice", "sluice+redis"])
+    p.add_argument(
+        "--system", default="sluice", choices=["sluice", "sluice+quotas", "sluice+redis"]
+    )
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--concurrency", type=int, default=8)
@@ -124,6 +126,8 @@ def main() -> int:
             redis, redis_url = start_redis(workdir, _NO_PIN)
             procs.append(redis)
         argv = spec.command(ProxyContext(port, f"http://127.0.0.1:{sim_port}", redis_url))
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
         out = (args.keep or workdir) / "callgrind.out"
         vg = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
         argv = [a.replace(str(PROJECT_ROOT), str(args.tree)) for a in argv]

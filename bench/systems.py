@@ -144,6 +144,12 @@ SYSTEMS: dict[str, SystemSpec] = {
             _sluice(POLICIES / "passthrough.yaml", redis=False),
             env=AWS_ENV,
         ),
+        SystemSpec(
+            "sluice+quotas",
+            "the quotas of sluice+redis on the embedded store (the bookkeeping without Redis)",
+            _sluice(POLICIES / "quotas.yaml", redis=False),
+            env=AWS_ENV,
+        ),
         _with_redis(
             "sluice+redis",
             "Sluice, never-binding quotas enforced in Redis (bench/policies/quotas.yaml)",

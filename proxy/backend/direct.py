@@ -2,50 +2,144 @@
 
 ``Redis.evalsha`` goes through a deprecation wrapper, the pool's lock and health check
 (``can_read`` on every checkout), a retry wrapper, observability hooks and per-argument
-encoding in Python. Measured at 200 requests/s with quotas on, that machinery was two
-thirds of what the quota path cost (bench/README.md, "Where the quota path's time goes").
+encoding in Python, then a stream reader and four parser layers for the reply. Measured at
+200 requests/s with quotas on, that machinery was two thirds of what the quota path cost
+(bench/README.md, "Where the quota path's time goes").
+
 Here a call packs its arguments in C (hiredis, byte-identical to redis-py's encoder: floats
-by ``repr``), takes an idle connection of its own (made from the client pool's own settings:
-TLS, password, db, unix sockets), writes, reads the reply and puts the connection back.
+by ``repr``) and writes them on one connection whose replies are read by a protocol of
+its own (:class:`_Pipe`): the loop hands each read to hiredis, and each reply completes the
+oldest call still waiting, in the order they were written (Redis answers one connection in
+order). Concurrent calls share the connection, pipelined; a call costs a future, a write
+and a timer. The connection is made, and its handshake done (TLS, AUTH, db, client name,
+protocol), by redis-py with the client pool's own settings, then taken over.
 
-Its connections carry no socket timeout of their own: with one, redis-py wraps every write
-in ``asyncio.wait_for``, a task and two extra loop iterations per call before the bytes
-leave (about as much CPU as the rest of the call at 200 requests/s). One
-``asyncio.timeout`` of the pool's socket timeout bounds the write and the read together.
+What redis-py's pool and retry gave is kept where it is safe:
 
-What redis-py's pool and retry gave is kept where it is safe: an idle connection the server
-closed (a restart, its idle timeout) is dropped with every idle one before the write, and a
-write that fails goes once more to a new connection. A call whose write went out is never
-sent again (redis-py's retry resent those, after timeouts too): the script may have run. A
-call cancelled or failed between its write and its reply drops its connection: a late reply
-must never be read as the answer to the next call. A Redis Cluster keeps redis-py's client.
+* a connection the server closed (a restart, its idle timeout) is replaced before the write:
+  the loop may not have read the close yet (a write can follow a reply without a turn of
+  the loop), so an idle connection's socket is polled first;
+* a call whose write went out is never sent again (redis-py's retry resent those, after
+  timeouts too): the script may have run, so a connection lost before the reply fails it;
+* a call cancelled before its reply (the caller gave up) keeps its place: its reply, when it
+  comes, is read and dropped, never taken as the answer to a later call;
+* no reply within the pool's socket timeout: Redis or the path to it is stalled, the call
+  raises redis-py's ``TimeoutError`` and the connection is dropped with every call on it
+  (the next call makes a new one).
+
+A Redis Cluster keeps redis-py's client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import select
 from collections.abc import Sequence
 from typing import Any, Final
 
+import hiredis
 from hiredis import pack_command
+from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, ResponseError
+from redis.exceptions import DataError, InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-#: Idle connections kept: more calls than this at once (many pools) open and close the
-#: extra connections around their calls.
-MAX_IDLE: Final = 64
-_BROKEN: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 #: ``select.poll`` (not on Windows): how an idle connection's socket is checked.
 _POLL: Final = getattr(select, "poll", None)
+#: What hiredis returns while a reply is incomplete (a reply can be any other value).
+_PARTIAL: Final = object()
+#: RESP3 pushes answer no call (hiredis >= 3.2 has the type).
+_PUSH: Final = getattr(hiredis, "PushNotification", None)
+_LOST: Final = "Connection closed by server."
+
+
+class _Pipe(asyncio.Protocol):
+    """One connection's replies, each to the oldest call still waiting for one."""
+
+    def __init__(self, transport: asyncio.Transport, reader: hiredis.Reader, owner: object) -> None:
+        self.transport = transport
+        #: redis-py's stream writer, kept alive: when collected it closes the transport.
+        self._owner = owner
+        self.reader = reader
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        #: Why the connection is unusable (set once; every waiting call fails with it).
+        self.broken: BaseException | None = None
+        #: Close once no call waits (the owner closed while calls were in flight).
+        self.close_when_idle = False
+
+    def data_received(self, data: bytes) -> None:
+        reader, waiting = self.reader, self.waiting
+        reader.feed(data)
+        while True:
+            try:
+                reply = reader.gets()
+            except InvalidResponse as exc:  # not RESP: nothing after it can be trusted
+                self.fail(RedisConnectionError(f"Protocol error from Redis: {exc}"))
+                return
+            if reply is _PARTIAL:
+                break
+            if _PUSH is not None and isinstance(reply, _PUSH):
+                continue
+            if not waiting:  # a reply nobody asked for: the stream is out of step
+                self.fail(RedisConnectionError("Redis sent a reply no call asked for"))
+                return
+            future = waiting.popleft()
+            if not future.done():  # (done: its caller gave up; the reply is dropped)
+                future.set_result(reply)
+        if self.close_when_idle and not waiting:
+            self.fail(RedisConnectionError("closed"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisConnectionError(_LOST if exc is None else f"{_LOST} ({exc})"))
+
+    def fail(self, error: BaseException) -> None:
+        """Make the connection unusable: close it and fail every call waiting on it."""
+        if self.broken is None:
+            self.broken = error
+        self.transport.close()
+        waiting, self.waiting = self.waiting, collections.deque()
+        for future in waiting:
+            if not future.done():  # (one instance each: a raise adds to its traceback)
+                future.set_exception(type(error)(*error.args))
+
+    def expire(self, future: asyncio.Future[Any]) -> None:
+        """``future``'s socket timeout: if its reply has not come (whether or not its caller
+        still waits), Redis or the path to it is stalled: the connection goes, and every
+        call on it times out. Every call has the same timeout and replies come in order, so
+        a call still unanswered at its timeout is the oldest one waiting."""
+        if self.waiting and self.waiting[0] is future:
+            self.fail(RedisTimeoutError("Timeout reading from or writing to Redis"))
+
+    def idle_and_open(self) -> bool:
+        """Usable for a write: not failed, and, when idle, nothing to read on its socket
+        (the server's close, or bytes nobody asked for) that the loop has not read yet."""
+        if self.broken is not None or self.transport.is_closing():
+            return False
+        if self.waiting or _POLL is None:  # (Windows: a lost connection fails its call)
+            return True
+        sock = self.transport.get_extra_info("socket")
+        fd = -1 if sock is None else sock.fileno()
+        if fd < 0:
+            return sock is None  # (no socket object: nothing to poll)
+        try:
+            poll = _POLL()  # not select(): no limit on the descriptor's number
+            poll.register(fd, select.POLLIN)
+            return not poll.poll(0)
+        except (OSError, ValueError):
+            return False
+
+
+def _give_up(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 class DirectCalls:
-    """EVALSHA on connections of its own, made with ``client``'s pool settings."""
+    """EVALSHA on a connection of its own, made with ``client``'s pool settings."""
 
     def __init__(self, client: Redis) -> None:
         self._make = client.connection_pool.make_connection
@@ -54,7 +148,8 @@ class DirectCalls:
         #: until used: making one to read it costs no socket.
         probe: AbstractConnection = self._make()  # type: ignore[no-untyped-call]
         self._timeout: float | None = probe.socket_timeout
-        self._idle: list[AbstractConnection] = []
+        self._pipe: _Pipe | None = None
+        self._connecting = asyncio.Lock()
         self._closed = False
 
     @property
@@ -62,117 +157,103 @@ class DirectCalls:
         """The socket timeout that bounds one call (None: unbounded)."""
         return self._timeout
 
-    async def evalsha(self, sha: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def evalsha(
+        self, sha: str, keys: Sequence[Any], args: Sequence[Any], give_up_s: float | None = None
+    ) -> Any:
         """The script's reply; raises its error (``NoScriptError`` included) or the
-        connection's."""
+        connection's. ``give_up_s``: raise ``TimeoutError`` if no reply came by then (the
+        connection stays: the reply is dropped when it comes); like a cancellation, at the
+        cost of a timer instead of ``asyncio.timeout``'s machinery."""
         try:
             packed = pack_command(("EVALSHA", sha, len(keys), *keys, *args))
         except TypeError as exc:  # e.g. a bool or None: redis-py's encoder raised DataError
             raise DataError(f"cannot send an argument of EVALSHA: {exc}") from exc
-        if self._timeout is None:
-            return await self._call(packed)
+        pipe = self._pipe
+        if pipe is None or not pipe.idle_and_open():
+            pipe = await self._connected()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        pipe.waiting.append(future)
+        pipe.transport.write(packed)
+        timeout = self._timeout
+        timer = None if timeout is None else loop.call_later(timeout, pipe.expire, future)
+        limit = None
+        if give_up_s is not None and (timeout is None or give_up_s < timeout):
+            limit = loop.call_later(give_up_s, _give_up, future)
         try:
-            async with asyncio.timeout(self._timeout):
-                return await self._call(packed)
-        except TimeoutError as exc:
-            # What redis-py raises when its socket timeout expires; the call dropped its
-            # connection on the way out (cancelled), so no reply is left behind.
-            raise RedisTimeoutError("Timeout reading from or writing to Redis") from exc
-
-    async def _call(self, packed: bytes) -> Any:
-        conn = await self._sent(packed)
-        try:
-            # A cancelled read (the bound above, the runner's) disconnects: it never
-            # leaves a reply behind for the next call.
-            reply = await conn.read_response()
-        except ResponseError:
-            await self._put_back(conn)  # the script's own error: the connection is fine
+            reply = await future  # cancelled: the future is too, and its reply dropped
+        except BaseException:
+            # Given up on or cancelled: the socket timer stays, so a reply that never
+            # comes still drops the connection (:meth:`_Pipe.expire`).
+            if limit is not None:
+                limit.cancel()
             raise
-        except BaseException:  # broken, cancelled, or failed mid-call: a reply may still come
-            await conn.disconnect(nowait=True)
-            raise
-        await self._put_back(conn)
+        if timer is not None:
+            timer.cancel()
+        if limit is not None:
+            limit.cancel()
+        if isinstance(reply, Exception):
+            raise reply  # the script's error, or Redis's (LOADING, ...), as redis-py raises
+        if self._closed and not pipe.waiting:
+            pipe.fail(RedisConnectionError("closed"))
         return reply
 
-    async def _sent(self, packed: bytes) -> AbstractConnection:
-        """A connection ``packed`` was written to. An idle one the server closed (a
-        restart, its idle timeout) is dropped with every idle one before the write; one
-        whose write fails is too, and the call goes once more to a new connection. A call
-        whose write went out is never sent again: the script may have run."""
-        conn = self._idle.pop() if self._idle else None
-        if conn is not None and _closed(conn):
-            self._idle.append(conn)
-            await self._drop_idle()  # a restart closed every one of them
-            conn = None
-        if conn is not None:
-            try:
-                await _write(conn, packed)
-                return conn
-            except (RedisTimeoutError, TimeoutError):
-                raise  # Redis is stalled: no second try
-            except _BROKEN:
-                await self._drop_idle()  # closed under us: the others likely too
-        conn = self._new()
-        await _write(conn, packed)  # a new connection that fails: Redis is down
-        return conn
+    async def _connected(self) -> _Pipe:
+        """A usable connection: the current one, or a new one replacing it."""
+        async with self._connecting:  # concurrent callers wait for one new connection
+            pipe = self._pipe
+            if pipe is not None and pipe.idle_and_open():
+                return pipe
+            if pipe is not None:
+                pipe.fail(RedisConnectionError(_LOST))  # (the server closed it: a restart)
+            self._pipe = pipe = await self._take_over()
+            return pipe
 
-    def _new(self) -> AbstractConnection:
+    async def _take_over(self) -> _Pipe:
+        """Connect and do the handshake with redis-py, then read the connection ourselves."""
         conn: AbstractConnection = self._make()  # type: ignore[no-untyped-call]
-        conn.socket_timeout = None  # bounded by evalsha's one timeout (see the module doc)
-        return conn
-
-    async def _put_back(self, conn: AbstractConnection) -> None:
-        if self._closed or len(self._idle) >= MAX_IDLE:
-            await conn.disconnect(nowait=True)
-        else:
-            self._idle.append(conn)
-
-    async def _drop_idle(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
             with contextlib.suppress(Exception):
                 await conn.disconnect(nowait=True)
+            raise
+        writer, stream = conn._writer, conn._reader  # (redis-py keeps the streams private)
+        assert writer is not None and stream is not None
+        transport = writer.transport
+        # Bytes read past the handshake (none: Redis sends nothing unasked) are replies
+        # nobody asked for: the new protocol fails the connection on them.
+        leftover = bytes(getattr(stream, "_buffer", b""))
+        encoder = conn.encoder
+        if encoder.decode_responses:
+            reader = hiredis.Reader(
+                protocolError=InvalidResponse,
+                replyError=BaseParser.parse_error,
+                notEnoughData=_PARTIAL,
+                encoding=encoder.encoding,
+                errors=encoder.encoding_errors,
+            )
+        else:
+            reader = hiredis.Reader(
+                protocolError=InvalidResponse,
+                replyError=BaseParser.parse_error,
+                notEnoughData=_PARTIAL,
+            )
+        pipe = _Pipe(transport, reader, writer)  # type: ignore[arg-type]
+        transport.set_protocol(pipe)
+        # The connection object no longer owns the socket (its finalizer would close it).
+        conn._writer = conn._reader = None
+        if leftover:
+            pipe.data_received(leftover)
+        return pipe
 
     async def aclose(self) -> None:
-        """Close the idle connections; one in use closes when its call ends."""
+        """Close the connection; with calls in flight, once their replies are in."""
         self._closed = True
-        await self._drop_idle()
-
-
-async def _write(conn: AbstractConnection, packed: bytes) -> None:
-    """Send ``packed`` on ``conn``; a connection that fails to take it is dropped."""
-    try:
-        await conn.send_packed_command(packed, check_health=False)
-    except BaseException:
-        await conn.disconnect(nowait=True)
-        raise
-
-
-def _closed(conn: AbstractConnection) -> bool:
-    """Has the server closed ``conn`` while it was idle, or sent on it unasked?
-
-    The loop may not have read the server's close yet: a write follows a reply without a
-    turn of the loop in between, so nothing has read the socket since. An idle connection
-    with anything to read (its close, or a reply nobody asked for) is not used: a zero
-    timeout poll of its socket says so without reading it.
-    """
-    reader = getattr(conn, "_reader", None)  # redis-py's asyncio.StreamReader
-    if isinstance(reader, asyncio.StreamReader) and (
-        reader.at_eof() or reader.exception() is not None
-    ):
-        return True
-    writer = getattr(conn, "_writer", None)
-    sock = writer.get_extra_info("socket") if isinstance(writer, asyncio.StreamWriter) else None
-    if sock is None:
-        return False
-    fd = sock.fileno()
-    if fd < 0:  # closed under us
-        return True
-    if _POLL is None:  # (Windows) a closed connection fails its write, which is retried
-        return False
-    try:
-        poll = _POLL()  # not select(): no limit on the descriptor's number
-        poll.register(fd, select.POLLIN)
-        return bool(poll.poll(0))
-    except (OSError, ValueError):
-        return True
+        pipe = self._pipe
+        if pipe is None:
+            return
+        if pipe.waiting:
+            pipe.close_when_idle = True
+        else:
+            pipe.fail(RedisConnectionError("closed"))

@@ -110,9 +110,13 @@ class ScriptRunner:
         try:
             return await self._evalsha(self._sha[name], keys, args)
         except NoScriptError:
-            event(self._log, logging.INFO, "store_script_reload", script=name)
-            await self._load()
-            return await self._evalsha(self._sha[name], keys, args)
+            return await self._reloaded(name, keys, args)
+
+    async def _reloaded(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """After NOSCRIPT (a restart, a failover, ``SCRIPT FLUSH``): reload, call again."""
+        event(self._log, logging.INFO, "store_script_reload", script=name)
+        await self._load()
+        return await self._evalsha(self._sha[name], keys, args)
 
     def _evalsha(self, sha: str, keys: Sequence[str], args: Sequence[Arg]) -> Awaitable[Any]:
         if self._direct is not None:
@@ -169,7 +173,15 @@ class ScriptRunner:
 
     async def run(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run ``name`` within the timeout; raises :class:`BackendUnavailable` on any failure."""
+        direct, sha = self._direct, self._sha.get(name)
         try:
+            if direct is not None and sha is not None:
+                # The usual case: bounded by a timer of the call's own, no asyncio.timeout.
+                try:
+                    return await direct.evalsha(sha, keys, args, self._timeout)
+                except NoScriptError:  # (it ran nothing)
+                    async with asyncio.timeout(self._timeout):
+                        return await self._reloaded(name, keys, args)
             async with asyncio.timeout(self._timeout):
                 return await self._call(name, keys, args)
         except FAILURES as exc:
@@ -199,6 +211,9 @@ class ScriptRunner:
 
         timer = asyncio.get_running_loop().call_later(self._timeout, expire)
         try:
+            if self._direct is not None and self._direct.timeout == self._late_bound:
+                # Each call ends at the connection's socket timeout: no second bound.
+                return await self._call(name, keys, args)
             async with asyncio.timeout(self._late_bound):
                 return await self._call(name, keys, args)
         except FAILURES as exc:

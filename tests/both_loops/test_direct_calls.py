@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proxy.backend.direct import MAX_IDLE, DirectCalls
+from proxy.backend.direct import DirectCalls
 from tests.support.redis_fixtures import RedisServerProcess
 
 ECHO = "return {KEYS[1], ARGV[1], ARGV[2]}"
@@ -88,8 +88,8 @@ async def test_a_script_error_is_raised_and_keeps_the_connection(client: Redis) 
 async def test_a_call_cancelled_before_its_reply_leaves_no_reply_for_the_next(
     client: Redis,
 ) -> None:
-    """The cancelled call's connection is dropped: its late reply ('slow') must never be read
-    as the answer to the next call."""
+    """The cancelled call keeps its place on the connection: its late reply ('slow') is read
+    and dropped, never taken as the answer to the next call."""
     slow, echo = await client.script_load(SLOW), await client.script_load(ECHO)
     direct = DirectCalls(client)
     task = asyncio.create_task(direct.evalsha(slow, [], [3_000_000]))
@@ -114,7 +114,7 @@ async def _direct_on(url: str) -> AsyncIterator[tuple[Redis, DirectCalls]]:
 
 
 async def _idle_connections(direct: DirectCalls, client: Redis, n: int) -> str:
-    """Leave ``n`` idle connections in ``direct`` (``n`` calls at once); the echo's sha."""
+    """``n`` calls at once, then none: ``direct``'s connection is idle; the echo's sha."""
     sha: str = await client.script_load(ECHO)
     await asyncio.gather(*(direct.evalsha(sha, ["k"], [i, 0]) for i in range(n)))
     return sha
@@ -123,8 +123,8 @@ async def _idle_connections(direct: DirectCalls, client: Redis, n: int) -> str:
 async def test_a_restarted_server_is_reached_on_a_new_connection(
     redis_factory: Callable[..., RedisServerProcess],
 ) -> None:
-    """Idle connections to a server that restarted since are dropped, all of them, and the
-    call sent again on a new one (what redis-py's pool and one retry did): the restarted
+    """A connection to a server that restarted since is dropped, and the call sent on a new
+    one (what redis-py's pool and one retry did): the restarted
     server answers, here NOSCRIPT (its scripts are gone; the runner reloads on it), and no
     call fails on a dead connection."""
     server = redis_factory()
@@ -152,9 +152,10 @@ async def test_connections_the_server_closed_when_idle_are_replaced(
 async def test_a_reply_that_times_out_is_never_sent_again_nor_read_by_the_next_call(
     redis_factory: Callable[..., RedisServerProcess],
 ) -> None:
-    """No reply within the socket timeout: the call raises and its connection is dropped,
-    so the late reply cannot shift every later reply by one (it did when the read was
-    given an explicit timeout: redis-py then returns None and keeps the connection)."""
+    """No reply within the socket timeout: the call raises and its connection is dropped
+    (Redis, or the path to it, is stalled), so the late reply cannot shift every later reply
+    by one (it did when the read was given an explicit timeout: redis-py then returns None
+    and keeps the connection)."""
     server = redis_factory()
     admin = Redis.from_url(server.url)
     try:
@@ -184,16 +185,49 @@ async def test_an_argument_redis_cannot_take_is_a_redis_error(client: Redis) -> 
     await direct.aclose()
 
 
-async def test_idle_connections_are_capped(client: Redis) -> None:
-    sha = await client.script_load(SLOW)
+async def test_concurrent_calls_share_one_connection_each_reply_to_its_own_call(
+    client: Redis,
+) -> None:
+    """Many calls at once are pipelined on one connection; each gets its own reply (the
+    calls' arguments differ, so a reply read by the wrong call shows), in any mix with
+    script errors and calls cancelled before their reply."""
+    echo, fail = await client.script_load(ECHO), await client.script_load(FAIL)
+    slow = await client.script_load(SLOW)
     direct = DirectCalls(client)
     count = _clients(client)
     before = await count()
-    await asyncio.gather(*(direct.evalsha(sha, [], [1]) for _ in range(MAX_IDLE + 4)))
-    await asyncio.sleep(0.1)  # the extra ones were closed after their call
-    assert await count() == before + MAX_IDLE
+    calls = [direct.evalsha(fail if i % 7 == 3 else echo, ["k"], [i, -i]) for i in range(300)]
+    cancelled = [asyncio.ensure_future(direct.evalsha(slow, [], [20_000])) for _ in range(5)]
+    replies = asyncio.gather(*calls, return_exceptions=True)
+    await asyncio.sleep(0)
+    for task in cancelled:
+        task.cancel()
+    for i, reply in enumerate(await replies):
+        if i % 7 == 3:
+            assert isinstance(reply, ResponseError) and "boom" in str(reply)
+        else:
+            assert reply == [b"k", str(i).encode(), str(-i).encode()], i
+    assert all(task.cancelled() for task in cancelled)
+    assert await direct.evalsha(echo, ["k"], ["after", 1]) == [b"k", b"after", b"1"]
+    assert await count() == before + 1
     await direct.aclose()
-    # Redis drops a client when it reads the close: under load that can take a moment.
+    for _ in range(100):  # Redis drops a client when it reads the close
+        if await count() == before:
+            break
+        await asyncio.sleep(0.02)
+    assert await count() == before
+
+
+async def test_close_waits_for_the_calls_in_flight(client: Redis) -> None:
+    """``aclose`` with calls in flight: they get their replies, then the connection closes."""
+    slow = await client.script_load(SLOW)
+    direct = DirectCalls(client)
+    count = _clients(client)
+    before = await count()
+    calls = asyncio.gather(*(direct.evalsha(slow, [], [200_000]) for _ in range(3)))
+    await asyncio.sleep(0.01)
+    await direct.aclose()
+    assert await calls == [b"slow"] * 3
     for _ in range(100):
         if await count() == before:
             break
@@ -280,3 +314,113 @@ async def test_idle_connections_on_high_descriptors_are_reused(client: Redis) ->
             s.close()
         if soft < 1300:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _tls_files(where: Any) -> tuple[str, str] | None:
+    """A self-signed certificate and key for 127.0.0.1 (None: no openssl here)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        return None
+    cert, key = str(where / "cert.pem"), str(where / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+         "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.parametrize("transport", ["tls", "unix"])
+async def test_tls_and_unix_socket_connections_are_taken_over_too(
+    redis_factory: Callable[..., RedisServerProcess], tmp_path: Any, transport: str
+) -> None:
+    """The connection is made (and its TLS or socket set up) by redis-py, then read by
+    Sluice's own protocol: replies, pipelining, a script error and a restart work the same
+    over TLS and a unix socket as over TCP."""
+    from tests.support.redis_fixtures import free_port
+
+    if transport == "tls":
+        files = _tls_files(tmp_path)
+        if files is None:
+            pytest.skip("needs openssl for a certificate")
+        cert, key = files
+        port = free_port()
+        server = redis_factory(
+            "--tls-port", str(port), "--tls-cert-file", cert, "--tls-key-file", key,
+            "--tls-ca-cert-file", cert, "--tls-auth-clients", "no",
+        )  # fmt: skip
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}&ssl_cert_reqs=required"
+    else:
+        path = tmp_path / "redis.sock"
+        server = redis_factory("--unixsocket", str(path), "--unixsocketperm", "700")
+        url = f"unix://{path}"
+    async with _direct_on(url) as (client, direct):
+        if transport == "tls":
+            assert client.connection_pool.connection_kwargs.get("ssl_ca_certs") == cert
+        echo, fail = await client.script_load(ECHO), await client.script_load(FAIL)
+        replies = await asyncio.gather(
+            *(direct.evalsha(echo, ["k"], [i, "é"]) for i in range(50)),
+            direct.evalsha(fail, [], []),
+            return_exceptions=True,
+        )
+        assert replies[:50] == [[b"k", str(i).encode(), "é".encode()] for i in range(50)]
+        assert isinstance(replies[50], ResponseError)
+        await asyncio.to_thread(server.restart)
+        with pytest.raises(NoScriptError):  # the restarted server answered, on a new one
+            await direct.evalsha(echo, ["k"], [1, 2])
+
+
+async def test_a_call_given_up_on_keeps_the_connection_and_drops_its_late_reply(
+    client: Redis,
+) -> None:
+    """``give_up_s`` (the store's timeout): the caller gets ``TimeoutError`` on time, the
+    connection stays, and the reply that comes later is read and dropped."""
+    slow, echo = await client.script_load(SLOW), await client.script_load(ECHO)
+    direct = DirectCalls(client)
+    count = _clients(client)
+    assert await direct.evalsha(echo, ["k"], [0, 0]) == [b"k", b"0", b"0"]
+    before = await count()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await direct.evalsha(slow, [], [3_000_000], give_up_s=0.05)
+    assert loop.time() - started < 0.5
+    for i in range(3):  # pipelined behind the slow script's reply, each gets its own
+        assert await direct.evalsha(echo, ["k"], [i, 1]) == [b"k", str(i).encode(), b"1"]
+    assert await count() == before
+    await direct.aclose()
+
+
+async def test_a_stalled_connection_is_dropped_at_the_socket_timeout_even_if_nobody_waits(
+    redis_factory: Callable[..., RedisServerProcess],
+) -> None:
+    """Every caller gave up early (the store timeout), then nothing came for the whole socket
+    timeout: the connection is dropped, so the next call, once Redis is back, goes on a new
+    one instead of queueing behind replies that may never come."""
+    import signal
+
+    server = redis_factory()
+    admin = Redis.from_url(server.url)
+    try:
+        async with _direct_on(server.url + "?socket_timeout=0.4") as (client, direct):
+            echo = await client.script_load(ECHO)
+            assert await direct.evalsha(echo, ["k"], [0, 0]) == [b"k", b"0", b"0"]
+            made = (await admin.info("stats"))["total_connections_received"]
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                with pytest.raises(TimeoutError):
+                    await direct.evalsha(echo, ["k"], [1, 1], give_up_s=0.05)
+                pipe = direct._pipe
+                assert pipe is not None and pipe.broken is None  # only given up on
+                await asyncio.sleep(0.6)
+                assert isinstance(pipe.broken, RedisTimeoutError)  # dropped at 0.4 s
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            assert await direct.evalsha(echo, ["k"], [2, 2]) == [b"k", b"2", b"2"]
+            made_after = (await admin.info("stats"))["total_connections_received"]
+            assert made_after == made + 1  # a new connection (admin reuses its own)
+    finally:
+        await admin.aclose()
