@@ -10,6 +10,7 @@ What is left: the admit batch's task and the settle batch's, each running its ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Generator
@@ -149,6 +150,41 @@ async def test_flush_and_close_do_not_wait_for_a_late_reply(
         finally:
             server.proc.send_signal(signal.SIGCONT)
         assert flushed < 1.0 and closed < 1.5, (flushed, closed)  # not the 5 s late bound
+    finally:
+        await store.close()
+
+
+async def test_a_stall_past_the_socket_timeout_still_bounds_every_call_by_the_store_timeout(
+    redis_factory: Callable[..., RedisServerProcess],
+) -> None:
+    """Redis stalls longer than the connection's socket timeout (which drops the
+    connection): a settle's flush and the store's close still take about one store
+    timeout, connecting again included, not a connect attempt per queued call."""
+    server = redis_factory()
+    assert server.proc is not None
+    store = RedisStore(server.url + "?socket_timeout=0.5", timeout_s=0.2)
+    await store.start()
+    p = plan(new_pool(), pool_concurrency=10, pool_tokens=per_min(600, 1000))
+    loop = asyncio.get_running_loop()
+    try:
+        await _warm(store, p)
+        granted = await store.admit(p, 1)
+        assert granted.lease is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            with contextlib.suppress(StoreUnavailable):
+                await store.admit(p, 1)
+            await asyncio.sleep(0.8)  # past the socket timeout: the connection is dropped
+            store.settle(p, granted.lease, 1, 1)
+            started = loop.time()
+            await store.flush()
+            flushed = loop.time() - started
+            await store.close()
+            closed = loop.time() - started
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert flushed < 0.6 and closed < 1.2, (flushed, closed)
+        assert store.settle_failures == 1  # counted, not lost without a word
     finally:
         await store.close()
 

@@ -68,8 +68,8 @@ class _Pipe(asyncio.Protocol):
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         #: Why the connection is unusable (set once; every waiting call fails with it).
         self.broken: BaseException | None = None
-        #: Close once no call waits (the owner closed while calls were in flight).
-        self.close_when_idle = False
+        #: Takes no new call (one was given up on); closes once no call waits on it.
+        self.retired = False
 
     def data_received(self, data: bytes) -> None:
         reader, waiting = self.reader, self.waiting
@@ -77,7 +77,11 @@ class _Pipe(asyncio.Protocol):
         while True:
             try:
                 reply = reader.gets()
-            except InvalidResponse as exc:  # not RESP: nothing after it can be trusted
+            except UnicodeDecodeError as exc:  # (decode_responses) this reply's, read past
+                if waiting and not (future := waiting.popleft()).done():
+                    future.set_exception(exc)
+                continue
+            except Exception as exc:  # not RESP (InvalidResponse): nothing after it is sure
                 self.fail(RedisConnectionError(f"Protocol error from Redis: {exc}"))
                 return
             if reply is _PARTIAL:
@@ -90,7 +94,7 @@ class _Pipe(asyncio.Protocol):
             future = waiting.popleft()
             if not future.done():  # (done: its caller gave up; the reply is dropped)
                 future.set_result(reply)
-        if self.close_when_idle and not waiting:
+        if self.retired and not waiting:
             self.fail(RedisConnectionError("closed"))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -106,6 +110,13 @@ class _Pipe(asyncio.Protocol):
             if not future.done():  # (one instance each: a raise adds to its traceback)
                 future.set_exception(type(error)(*error.args))
 
+    def retire(self) -> None:
+        """Take no new call; close once the calls on it have their replies (or at their
+        socket timeout, :meth:`expire`)."""
+        self.retired = True
+        if not self.waiting:
+            self.fail(RedisConnectionError("closed"))
+
     def expire(self, future: asyncio.Future[Any]) -> None:
         """``future``'s socket timeout: if its reply has not come (whether or not its caller
         still waits), Redis or the path to it is stalled: the connection goes, and every
@@ -114,10 +125,10 @@ class _Pipe(asyncio.Protocol):
         if self.waiting and self.waiting[0] is future:
             self.fail(RedisTimeoutError("Timeout reading from or writing to Redis"))
 
-    def idle_and_open(self) -> bool:
-        """Usable for a write: not failed, and, when idle, nothing to read on its socket
-        (the server's close, or bytes nobody asked for) that the loop has not read yet."""
-        if self.broken is not None or self.transport.is_closing():
+    def usable(self) -> bool:
+        """Open for a new call: not failed nor retired, and, when idle, nothing to read on
+        its socket (the server's close, or bytes nobody asked for) the loop has not read."""
+        if self.broken is not None or self.retired or self.transport.is_closing():
             return False
         if self.waiting or _POLL is None:  # (Windows: a lost connection fails its call)
             return True
@@ -133,9 +144,13 @@ class _Pipe(asyncio.Protocol):
             return False
 
 
-def _give_up(future: asyncio.Future[Any]) -> None:
+def _give_up(pipe: _Pipe, future: asyncio.Future[Any]) -> None:
+    """A caller's own bound passed: it gets ``TimeoutError``, and new calls go to a new
+    connection (this one may be dead without a sign: a half-open socket, a black hole)
+    while the calls already on it keep their chance of a reply."""
     if not future.done():
         future.set_exception(TimeoutError())
+        pipe.retire()
 
 
 class DirectCalls:
@@ -149,7 +164,8 @@ class DirectCalls:
         probe: AbstractConnection = self._make()  # type: ignore[no-untyped-call]
         self._timeout: float | None = probe.socket_timeout
         self._pipe: _Pipe | None = None
-        self._connecting = asyncio.Lock()
+        #: The connection being made; every caller that needs one waits for this one.
+        self._connecting: asyncio.Task[_Pipe] | None = None
         self._closed = False
 
     @property
@@ -161,25 +177,28 @@ class DirectCalls:
         self, sha: str, keys: Sequence[Any], args: Sequence[Any], give_up_s: float | None = None
     ) -> Any:
         """The script's reply; raises its error (``NoScriptError`` included) or the
-        connection's. ``give_up_s``: raise ``TimeoutError`` if no reply came by then (the
-        connection stays: the reply is dropped when it comes); like a cancellation, at the
-        cost of a timer instead of ``asyncio.timeout``'s machinery."""
+        connection's. ``give_up_s`` bounds the call, connecting included: ``TimeoutError``
+        if no reply came by then (like a cancellation, at the cost of a timer instead of
+        ``asyncio.timeout``'s machinery); new calls then go to a new connection."""
         try:
             packed = pack_command(("EVALSHA", sha, len(keys), *keys, *args))
         except TypeError as exc:  # e.g. a bool or None: redis-py's encoder raised DataError
             raise DataError(f"cannot send an argument of EVALSHA: {exc}") from exc
-        pipe = self._pipe
-        if pipe is None or not pipe.idle_and_open():
-            pipe = await self._connected()
         loop = asyncio.get_running_loop()
+        timeout = self._timeout
+        pipe = self._pipe
+        if pipe is None or not pipe.usable():
+            started = loop.time()
+            pipe = await self._connected(give_up_s if give_up_s is not None else timeout)
+            if give_up_s is not None:
+                give_up_s = max(0.0, give_up_s - (loop.time() - started))
         future: asyncio.Future[Any] = loop.create_future()
         pipe.waiting.append(future)
         pipe.transport.write(packed)
-        timeout = self._timeout
         timer = None if timeout is None else loop.call_later(timeout, pipe.expire, future)
         limit = None
         if give_up_s is not None and (timeout is None or give_up_s < timeout):
-            limit = loop.call_later(give_up_s, _give_up, future)
+            limit = loop.call_later(give_up_s, _give_up, pipe, future)
         try:
             reply = await future  # cancelled: the future is too, and its reply dropped
         except BaseException:
@@ -194,20 +213,22 @@ class DirectCalls:
             limit.cancel()
         if isinstance(reply, Exception):
             raise reply  # the script's error, or Redis's (LOADING, ...), as redis-py raises
-        if self._closed and not pipe.waiting:
-            pipe.fail(RedisConnectionError("closed"))
         return reply
 
-    async def _connected(self) -> _Pipe:
-        """A usable connection: the current one, or a new one replacing it."""
-        async with self._connecting:  # concurrent callers wait for one new connection
-            pipe = self._pipe
-            if pipe is not None and pipe.idle_and_open():
-                return pipe
-            if pipe is not None:
-                pipe.fail(RedisConnectionError(_LOST))  # (the server closed it: a restart)
-            self._pipe = pipe = await self._take_over()
-            return pipe
+    async def _connected(self, bound: float | None) -> _Pipe:
+        """A new connection replacing the current one, waited for up to ``bound``. One is
+        made at a time, for every caller that needs it: a failure is everyone's at once."""
+        task = self._connecting
+        if task is None or task.done():
+            old = self._pipe
+            if old is not None and not old.retired:
+                old.fail(RedisConnectionError(_LOST))  # (the server closed it: a restart)
+            task = self._connecting = asyncio.get_running_loop().create_task(self._take_over())
+            task.add_done_callback(_retrieve)
+        if bound is None:
+            return await asyncio.shield(task)
+        async with asyncio.timeout(bound):
+            return await asyncio.shield(task)
 
     async def _take_over(self) -> _Pipe:
         """Connect and do the handshake with redis-py, then read the connection ourselves."""
@@ -218,12 +239,9 @@ class DirectCalls:
             with contextlib.suppress(Exception):
                 await conn.disconnect(nowait=True)
             raise
-        writer, stream = conn._writer, conn._reader  # (redis-py keeps the streams private)
-        assert writer is not None and stream is not None
+        writer = conn._writer  # (redis-py keeps its streams private)
+        assert writer is not None
         transport = writer.transport
-        # Bytes read past the handshake (none: Redis sends nothing unasked) are replies
-        # nobody asked for: the new protocol fails the connection on them.
-        leftover = bytes(getattr(stream, "_buffer", b""))
         encoder = conn.encoder
         if encoder.decode_responses:
             reader = hiredis.Reader(
@@ -239,21 +257,23 @@ class DirectCalls:
                 replyError=BaseParser.parse_error,
                 notEnoughData=_PARTIAL,
             )
+        # (The handshake's replies were all read: Redis sends nothing unasked on it.)
         pipe = _Pipe(transport, reader, writer)  # type: ignore[arg-type]
         transport.set_protocol(pipe)
         # The connection object no longer owns the socket (its finalizer would close it).
         conn._writer = conn._reader = None
-        if leftover:
-            pipe.data_received(leftover)
+        pipe.retired = self._closed  # made after aclose(): closes after its calls
+        self._pipe = pipe
         return pipe
 
     async def aclose(self) -> None:
         """Close the connection; with calls in flight, once their replies are in."""
         self._closed = True
-        pipe = self._pipe
-        if pipe is None:
-            return
-        if pipe.waiting:
-            pipe.close_when_idle = True
-        else:
-            pipe.fail(RedisConnectionError("closed"))
+        if self._pipe is not None:
+            self._pipe.retire()
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """A connect every waiter gave up on: its error is not "never retrieved"."""
+    if not task.cancelled():
+        task.exception()

@@ -173,19 +173,27 @@ class ScriptRunner:
 
     async def run(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run ``name`` within the timeout; raises :class:`BackendUnavailable` on any failure."""
-        direct, sha = self._direct, self._sha.get(name)
         try:
-            if direct is not None and sha is not None:
-                # The usual case: bounded by a timer of the call's own, no asyncio.timeout.
-                try:
-                    return await direct.evalsha(sha, keys, args, self._timeout)
-                except NoScriptError:  # (it ran nothing)
-                    async with asyncio.timeout(self._timeout):
-                        return await self._reloaded(name, keys, args)
-            async with asyncio.timeout(self._timeout):
-                return await self._call(name, keys, args)
+            return await self._bounded(name, keys, args, self._timeout)
         except FAILURES as exc:
             raise BackendUnavailable(f"redis {name} failed: {why(exc)}") from exc
+
+    async def _bounded(
+        self, name: str, keys: Sequence[str], args: Sequence[Arg], bound: float
+    ) -> Any:
+        """:meth:`_call` within ``bound`` seconds."""
+        direct, sha = self._direct, self._sha.get(name)
+        if direct is not None and sha is not None:
+            # The usual case: bounded by a timer of the call's own, no asyncio.timeout.
+            started = asyncio.get_running_loop().time()
+            try:
+                return await direct.evalsha(sha, keys, args, bound)
+            except NoScriptError:  # (it ran nothing)
+                bound -= asyncio.get_running_loop().time() - started
+                async with asyncio.timeout(bound):
+                    return await self._reloaded(name, keys, args)
+        async with asyncio.timeout(bound):
+            return await self._call(name, keys, args)
 
     async def run_past(
         self,
@@ -211,11 +219,7 @@ class ScriptRunner:
 
         timer = asyncio.get_running_loop().call_later(self._timeout, expire)
         try:
-            if self._direct is not None and self._direct.timeout == self._late_bound:
-                # Each call ends at the connection's socket timeout: no second bound.
-                return await self._call(name, keys, args)
-            async with asyncio.timeout(self._late_bound):
-                return await self._call(name, keys, args)
+            return await self._bounded(name, keys, args, self._late_bound)
         except FAILURES as exc:
             raise BackendUnavailable(f"redis {name} failed: {why(exc)}") from exc
         finally:

@@ -185,30 +185,44 @@ async def test_an_argument_redis_cannot_take_is_a_redis_error(client: Redis) -> 
     await direct.aclose()
 
 
+async def _evalsha_calls(c: Redis) -> int:
+    stats = await c.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
 async def test_concurrent_calls_share_one_connection_each_reply_to_its_own_call(
     client: Redis,
 ) -> None:
     """Many calls at once are pipelined on one connection; each gets its own reply (the
     calls' arguments differ, so a reply read by the wrong call shows), in any mix with
-    script errors and calls cancelled before their reply."""
+    script errors and calls cancelled after their write, before their reply."""
     echo, fail = await client.script_load(ECHO), await client.script_load(FAIL)
     slow = await client.script_load(SLOW)
     direct = DirectCalls(client)
     count = _clients(client)
     before = await count()
-    calls = [direct.evalsha(fail if i % 7 == 3 else echo, ["k"], [i, -i]) for i in range(300)]
-    cancelled = [asyncio.ensure_future(direct.evalsha(slow, [], [20_000])) for _ in range(5)]
-    replies = asyncio.gather(*calls, return_exceptions=True)
-    await asyncio.sleep(0)
-    for task in cancelled:
-        task.cancel()
-    for i, reply in enumerate(await replies):
-        if i % 7 == 3:
+    assert await direct.evalsha(echo, ["k"], [0, 0]) == [b"k", b"0", b"0"]  # connected
+    sent = await _evalsha_calls(client)
+
+    def call(i: int) -> Any:
+        if i % 60 == 30:
+            return direct.evalsha(slow, [], [20_000])  # cancelled below
+        return direct.evalsha(fail if i % 7 == 3 else echo, ["k"], [i, -i])
+
+    tasks = [asyncio.ensure_future(call(i)) for i in range(300)]
+    await asyncio.sleep(0)  # every one written, in order
+    for i in range(30, 300, 60):
+        tasks[i].cancel()
+    replies = await asyncio.gather(*tasks, return_exceptions=True)
+    for i, reply in enumerate(replies):
+        if i % 60 == 30:
+            assert isinstance(reply, asyncio.CancelledError), i
+        elif i % 7 == 3:
             assert isinstance(reply, ResponseError) and "boom" in str(reply)
         else:
             assert reply == [b"k", str(i).encode(), str(-i).encode()], i
-    assert all(task.cancelled() for task in cancelled)
     assert await direct.evalsha(echo, ["k"], ["after", 1]) == [b"k", b"after", b"1"]
+    assert await _evalsha_calls(client) == sent + 301  # the cancelled ones were written
     assert await count() == before + 1
     await direct.aclose()
     for _ in range(100):  # Redis drops a client when it reads the close
@@ -424,3 +438,123 @@ async def test_a_stalled_connection_is_dropped_at_the_socket_timeout_even_if_nob
             assert made_after == made + 1  # a new connection (admin reuses its own)
     finally:
         await admin.aclose()
+
+
+async def test_callers_wait_for_one_new_connection_each_within_its_own_bound(
+    redis_factory: Callable[..., RedisServerProcess],
+) -> None:
+    """Redis stalled past the socket timeout (the connection dropped), then calls keep
+    coming: each gives up within its own bound, connecting included, and they share one
+    attempt to connect instead of queueing one attempt each behind a lock."""
+    import signal
+
+    server = redis_factory()
+    async with _direct_on(server.url + "?socket_timeout=0.4") as (client, direct):
+        echo = await client.script_load(ECHO)
+        assert await direct.evalsha(echo, ["k"], [0, 0]) == [b"k", b"0", b"0"]
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError):
+                await direct.evalsha(echo, ["k"], [1, 1], give_up_s=0.05)
+            await asyncio.sleep(0.5)  # dropped at its socket timeout
+            loop = asyncio.get_running_loop()
+
+            async def timed() -> float:
+                started = loop.time()
+                with pytest.raises((TimeoutError, RedisTimeoutError, RedisConnectionError)):
+                    await direct.evalsha(echo, ["k"], [2, 2], give_up_s=0.2)
+                return loop.time() - started
+
+            took = await asyncio.gather(*(timed() for _ in range(4)))
+            assert max(took) < 0.5, took  # not 0.2 s (or a whole connect) per caller
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        for _ in range(50):  # the shared attempt may still be failing: then a new one
+            with contextlib.suppress(TimeoutError, RedisTimeoutError, RedisConnectionError):
+                assert await direct.evalsha(echo, ["k"], [3, 3], give_up_s=1) == [b"k", b"3", b"3"]
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("no call succeeded after Redis came back")
+
+
+async def test_after_a_caller_gives_up_new_calls_go_to_a_new_connection(
+    redis_factory: Callable[..., RedisServerProcess],
+) -> None:
+    """A connection that goes silent without a sign (a half-open socket, a black hole)
+    keeps nothing waiting on it: once a call on it is given up on, the next call is sent on
+    a new connection and answered, instead of every call failing until the socket timeout."""
+    server = redis_factory()
+    opened: list[int] = []
+
+    async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        opened.append(1)
+        first = len(opened) == 1
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", server.port)
+        evalshas = 0
+
+        async def back() -> None:
+            while data := await redis_r.read(65536):
+                client_w.write(data)
+
+        pump = asyncio.ensure_future(back())
+        try:
+            while data := await client_r.read(65536):
+                evalshas += data.count(b"EVALSHA")
+                if first and evalshas >= 2:
+                    continue  # the first connection goes silent after one call
+                redis_w.write(data)
+        finally:
+            pump.cancel()
+            redis_w.close()
+            client_w.close()
+
+    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    try:
+        async with _direct_on(f"redis://127.0.0.1:{port}/0?socket_timeout=5") as (
+            _,
+            direct,
+        ):
+            admin = Redis.from_url(server.url)
+            echo = await admin.script_load(ECHO)
+            await admin.aclose()
+            assert await direct.evalsha(echo, ["k"], [0, 0]) == [b"k", b"0", b"0"]
+            with pytest.raises(TimeoutError):
+                await direct.evalsha(echo, ["k"], [1, 1], give_up_s=0.1)
+            assert await direct.evalsha(echo, ["k"], [2, 2], give_up_s=1) == [b"k", b"2", b"2"]
+            assert len(opened) == 2
+    finally:
+        proxy.close()
+
+
+async def test_a_reply_that_does_not_decode_fails_its_own_call_only(
+    redis_server: RedisServerProcess,
+) -> None:
+    """With ``decode_responses``, a reply that is not UTF-8 fails the call it answers, as
+    redis-py does; the calls pipelined with it get their own replies."""
+    async with _direct_on(redis_server.url + "?decode_responses=true") as (client, direct):
+        raw = await client.script_load("return ARGV[1]")
+        values = [b"ok-0", b"\xff\xfe", b"ok-2"]
+        calls = [direct.evalsha(raw, [], [value]) for value in values]
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        assert replies[0] == "ok-0" and replies[2] == "ok-2"
+        assert isinstance(replies[1], UnicodeDecodeError)
+        assert await direct.evalsha(raw, [], ["again"]) == "again"
+
+
+async def test_a_call_after_close_does_not_leave_its_connection_open(client: Redis) -> None:
+    """A call made after ``aclose`` (a late heartbeat) gets its connection closed after its
+    reply, also when its caller gave up on it first."""
+    slow = await client.script_load(SLOW)
+    direct = DirectCalls(client)
+    count = _clients(client)
+    before = await count()
+    await direct.aclose()
+    with pytest.raises(TimeoutError):
+        await direct.evalsha(slow, [], [300_000], give_up_s=0.01)
+    for _ in range(200):
+        if await count() == before:
+            break
+        await asyncio.sleep(0.02)
+    assert await count() == before
