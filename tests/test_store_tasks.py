@@ -225,3 +225,58 @@ async def test_without_poll_a_closed_idle_connection_is_still_replaced(
     finally:
         await direct.aclose()
         await client.aclose()
+
+
+async def test_a_late_admit_is_not_written_when_connecting_outlasts_the_timeout(
+    redis_server: RedisServerProcess, monkeypatch: Any
+) -> None:
+    """``run_past`` connecting: past the store timeout its callers were answered, so the
+    script is not sent at all (it would take grants nobody holds); connected in time, it is
+    sent and its reply waited for past the timeout (its grants are then given back)."""
+    from proxy.backend.client import redis_client
+    from proxy.backend.runner import ScriptRunner
+
+    script = (
+        "local function ms() local t = redis.call('TIME') return t[1] * 1000 + t[2] / 1000 end"
+        " local stop = ms() + tonumber(ARGV[1]) while ms() < stop do end"
+        " return redis.call('INCR', KEYS[1])"
+    )
+    monkeypatch.setattr("proxy.backend.runner.load_script", lambda name: script)
+    delay = [0.0]
+    take_over = DirectCalls._take_over
+
+    async def slow_take_over(self: DirectCalls) -> Any:
+        await asyncio.sleep(delay[0])  # a connect that takes this long (Redis coming back)
+        return await take_over(self)
+
+    monkeypatch.setattr(DirectCalls, "_take_over", slow_take_over)
+    admin = Redis.from_url(redis_server.url)
+    loop = asyncio.get_running_loop()
+    for connect_s, busy_ms, sent in ((0.5, 0, False), (0.05, 400, True)):
+        url = redis_server.url + "?socket_timeout=2"
+        runner = ScriptRunner(redis_client(url, 0.25), ["admit"], 0.25, logging.getLogger("t"))
+        await runner.start()
+        await admin.delete("granted")
+        delay[0] = connect_s
+        told: list[float] = []
+        started = loop.time()
+        try:
+            reply = await runner.run_past(
+                "admit",
+                ["granted"],
+                [busy_ms],
+                lambda e, told=told, started=started: told.append(loop.time() - started),
+            )
+        except StoreUnavailable:
+            reply = None
+        took = loop.time() - started
+        await asyncio.sleep(0.1)
+        assert len(told) == 1 and 0.2 < told[0] < 0.4, told  # callers answered on time
+        if sent:
+            assert reply == 1 and took > 0.4  # waited for the late reply
+            assert await admin.get("granted") == b"1"
+        else:
+            assert reply is None and took < 0.45
+            assert await admin.get("granted") is None  # never written
+        await runner.aclose()
+    await admin.aclose()

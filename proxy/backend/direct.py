@@ -55,6 +55,8 @@ _PARTIAL: Final = object()
 #: RESP3 pushes answer no call (hiredis >= 3.2 has the type).
 _PUSH: Final = getattr(hiredis, "PushNotification", None)
 _LOST: Final = "Connection closed by server."
+#: A call's bound when the URL sets no socket timeout (what the runner's late bound is then).
+UNBOUNDED_S: Final = 5.0
 
 
 class _Pipe(asyncio.Protocol):
@@ -79,7 +81,7 @@ class _Pipe(asyncio.Protocol):
                 reply = reader.gets()
             except UnicodeDecodeError as exc:  # (decode_responses) this reply's, read past
                 if waiting and not (future := waiting.popleft()).done():
-                    future.set_exception(exc)
+                    future.set_exception(DataError(f"cannot decode Redis's reply: {exc}"))
                 continue
             except Exception as exc:  # not RESP (InvalidResponse): nothing after it is sure
                 self.fail(RedisConnectionError(f"Protocol error from Redis: {exc}"))
@@ -96,6 +98,19 @@ class _Pipe(asyncio.Protocol):
                 future.set_result(reply)
         if self.retired and not waiting:
             self.fail(RedisConnectionError("closed"))
+
+    def send(self, packed: bytes) -> asyncio.Future[Any]:
+        """Write one call; its reply completes the future returned."""
+        if self.broken is not None or self.transport.is_closing():
+            raise RedisConnectionError(_LOST)  # (closed as it was made): nothing written
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiting.append(future)
+        try:
+            self.transport.write(packed)
+        except RuntimeError as exc:  # (uvloop: a transport closed under us)
+            self.fail(RedisConnectionError(f"{_LOST} ({exc})"))
+            raise RedisConnectionError(f"{_LOST} ({exc})") from exc
+        return future
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(RedisConnectionError(_LOST if exc is None else f"{_LOST} ({exc})"))
@@ -163,6 +178,9 @@ class DirectCalls:
         #: until used: making one to read it costs no socket.
         probe: AbstractConnection = self._make()  # type: ignore[no-untyped-call]
         self._timeout: float | None = probe.socket_timeout
+        #: How long a call's reply, or a connection's handshake, may take before the
+        #: connection is judged stalled and dropped.
+        self._expire_s: float = probe.socket_timeout or UNBOUNDED_S
         self._pipe: _Pipe | None = None
         #: The connection being made; every caller that needs one waits for this one.
         self._connecting: asyncio.Task[_Pipe] | None = None
@@ -174,30 +192,41 @@ class DirectCalls:
         return self._timeout
 
     async def evalsha(
-        self, sha: str, keys: Sequence[Any], args: Sequence[Any], give_up_s: float | None = None
+        self,
+        sha: str,
+        keys: Sequence[Any],
+        args: Sequence[Any],
+        give_up_s: float | None = None,
+        connect_s: float | None = None,
     ) -> Any:
         """The script's reply; raises its error (``NoScriptError`` included) or the
-        connection's. ``give_up_s`` bounds the call, connecting included: ``TimeoutError``
-        if no reply came by then (like a cancellation, at the cost of a timer instead of
-        ``asyncio.timeout``'s machinery); new calls then go to a new connection."""
+        connection's, always one of redis-py's errors or ``TimeoutError``.
+
+        ``give_up_s`` bounds the call, connecting included: ``TimeoutError`` if no reply
+        came by then (like a cancellation, at the cost of a timer instead of
+        ``asyncio.timeout``'s machinery); new calls then go to a new connection. Without it
+        the reply is waited for up to the socket timeout after the write, and connecting up
+        to ``connect_s`` (default: the socket timeout). A call whose bound ran out while
+        connecting is not written."""
         try:
             packed = pack_command(("EVALSHA", sha, len(keys), *keys, *args))
         except TypeError as exc:  # e.g. a bool or None: redis-py's encoder raised DataError
             raise DataError(f"cannot send an argument of EVALSHA: {exc}") from exc
         loop = asyncio.get_running_loop()
-        timeout = self._timeout
+        expire_s = self._expire_s
         pipe = self._pipe
         if pipe is None or not pipe.usable():
             started = loop.time()
-            pipe = await self._connected(give_up_s if give_up_s is not None else timeout)
+            bound = give_up_s if give_up_s is not None else connect_s
+            pipe = await self._connected(expire_s if bound is None else bound)
             if give_up_s is not None:
-                give_up_s = max(0.0, give_up_s - (loop.time() - started))
-        future: asyncio.Future[Any] = loop.create_future()
-        pipe.waiting.append(future)
-        pipe.transport.write(packed)
-        timer = None if timeout is None else loop.call_later(timeout, pipe.expire, future)
+                give_up_s -= loop.time() - started
+                if give_up_s <= 0:
+                    raise TimeoutError  # nothing written: nothing can have run
+        future = pipe.send(packed)
+        timer = loop.call_later(expire_s, pipe.expire, future)
         limit = None
-        if give_up_s is not None and (timeout is None or give_up_s < timeout):
+        if give_up_s is not None and give_up_s < expire_s:
             limit = loop.call_later(give_up_s, _give_up, pipe, future)
         try:
             reply = await future  # cancelled: the future is too, and its reply dropped
@@ -207,15 +236,14 @@ class DirectCalls:
             if limit is not None:
                 limit.cancel()
             raise
-        if timer is not None:
-            timer.cancel()
+        timer.cancel()
         if limit is not None:
             limit.cancel()
         if isinstance(reply, Exception):
             raise reply  # the script's error, or Redis's (LOADING, ...), as redis-py raises
         return reply
 
-    async def _connected(self, bound: float | None) -> _Pipe:
+    async def _connected(self, bound: float) -> _Pipe:
         """A new connection replacing the current one, waited for up to ``bound``. One is
         made at a time, for every caller that needs it: a failure is everyone's at once."""
         task = self._connecting
@@ -225,8 +253,6 @@ class DirectCalls:
                 old.fail(RedisConnectionError(_LOST))  # (the server closed it: a restart)
             task = self._connecting = asyncio.get_running_loop().create_task(self._take_over())
             task.add_done_callback(_retrieve)
-        if bound is None:
-            return await asyncio.shield(task)
         async with asyncio.timeout(bound):
             return await asyncio.shield(task)
 
@@ -234,14 +260,20 @@ class DirectCalls:
         """Connect and do the handshake with redis-py, then read the connection ourselves."""
         conn: AbstractConnection = self._make()  # type: ignore[no-untyped-call]
         try:
-            await conn.connect()  # type: ignore[no-untyped-call]
+            # (A handshake with no socket timeout must not hang every later call.)
+            async with asyncio.timeout(self._expire_s * 2):
+                await conn.connect()  # type: ignore[no-untyped-call]
+            writer, stream = conn._writer, conn._reader  # (redis-py keeps them private)
+            assert writer is not None and stream is not None
+            transport = writer.transport
+            if stream.at_eof() or stream.exception() is not None or transport.is_closing():
+                # Closed with the handshake's last reply (a restart, CLIENT KILL): redis-py's
+                # stream saw it and kept the transport half-open; our protocol never would.
+                raise RedisConnectionError(f"{_LOST} (during the handshake)")
         except BaseException:
             with contextlib.suppress(Exception):
                 await conn.disconnect(nowait=True)
             raise
-        writer = conn._writer  # (redis-py keeps its streams private)
-        assert writer is not None
-        transport = writer.transport
         encoder = conn.encoder
         if encoder.decode_responses:
             reader = hiredis.Reader(
@@ -262,7 +294,9 @@ class DirectCalls:
         transport.set_protocol(pipe)
         # The connection object no longer owns the socket (its finalizer would close it).
         conn._writer = conn._reader = None
-        pipe.retired = self._closed  # made after aclose(): closes after its calls
+        if self._closed:  # made after aclose(): closes after its calls, or in any case
+            pipe.retired = True  # once its callers have had the time to use it
+            asyncio.get_running_loop().call_later(self._expire_s, pipe.retire)
         self._pipe = pipe
         return pipe
 

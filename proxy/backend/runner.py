@@ -18,7 +18,7 @@ import orjson
 
 from proxy.backend import BackendUnavailable
 from proxy.backend.client import FAILURES, NoScriptError, Redis, RedisCluster
-from proxy.backend.direct import DirectCalls
+from proxy.backend.direct import UNBOUNDED_S, DirectCalls
 from proxy.backend.lua import load_script
 
 __all__ = ["Arg", "ScriptRunner", "event", "why"]
@@ -27,7 +27,7 @@ Arg = bytes | str | int | float
 
 #: How long a call that timed out (:meth:`ScriptRunner.run_past`) still waits for its reply
 #: unless the connections' socket timeout says longer: redis-py's default socket timeout.
-LATE_BOUND_S: Final = 5.0
+LATE_BOUND_S: Final = UNBOUNDED_S
 
 
 def why(exc: BaseException) -> str:
@@ -177,6 +177,14 @@ class ScriptRunner:
             return await self._bounded(name, keys, args, self._timeout)
         except FAILURES as exc:
             raise BackendUnavailable(f"redis {name} failed: {why(exc)}") from exc
+        except Exception as exc:  # a defect: its callers are answered all the same
+            raise self._unforeseen(name, exc) from exc
+
+    def _unforeseen(self, name: str, exc: Exception) -> BackendUnavailable:
+        """An error no Redis call should raise, logged with its traceback: callers waiting
+        for the call (a batch's requests) get the store's failure, never a hang."""
+        self._log.error("redis %s failed unexpectedly", name, exc_info=exc)
+        return BackendUnavailable(f"redis {name} failed: {why(exc)}")
 
     async def _bounded(
         self, name: str, keys: Sequence[str], args: Sequence[Arg], bound: float
@@ -219,9 +227,21 @@ class ScriptRunner:
 
         timer = asyncio.get_running_loop().call_later(self._timeout, expire)
         try:
-            return await self._bounded(name, keys, args, self._late_bound)
+            direct, sha = self._direct, self._sha.get(name)
+            if direct is not None and sha is not None:
+                # Connecting within the timeout (past it the callers were answered: a call
+                # not yet written is not sent), then the reply up to the socket timeout.
+                try:
+                    return await direct.evalsha(sha, keys, args, connect_s=self._timeout)
+                except NoScriptError:  # (it ran nothing)
+                    async with asyncio.timeout(self._late_bound):
+                        return await self._reloaded(name, keys, args)
+            async with asyncio.timeout(self._late_bound):
+                return await self._call(name, keys, args)
         except FAILURES as exc:
             raise BackendUnavailable(f"redis {name} failed: {why(exc)}") from exc
+        except Exception as exc:
+            raise self._unforeseen(name, exc) from exc
         finally:
             timer.cancel()
             self.late.discard(task)

@@ -24,6 +24,11 @@ ECHO = "return {KEYS[1], ARGV[1], ARGV[2]}"
 # Busy for a while (no sleep in Lua): the reply comes well after the caller gave up.
 SLOW = "local i = 0 while i < tonumber(ARGV[1]) do i = i + 1 end return 'slow'"
 FAIL = "return redis.error_reply('boom')"
+# Busy for ARGV[1] ms by Redis's own clock, however fast this machine is.
+BUSY_MS = (
+    "local function ms() local t = redis.call('TIME') return t[1] * 1000 + t[2] / 1000 end"
+    " local stop = ms() + tonumber(ARGV[1]) while ms() < stop do end return 1"
+)
 
 Arg = bytes | str | int | float
 ARGS = st.one_of(
@@ -539,7 +544,7 @@ async def test_a_reply_that_does_not_decode_fails_its_own_call_only(
         calls = [direct.evalsha(raw, [], [value]) for value in values]
         replies = await asyncio.gather(*calls, return_exceptions=True)
         assert replies[0] == "ok-0" and replies[2] == "ok-2"
-        assert isinstance(replies[1], UnicodeDecodeError)
+        assert isinstance(replies[1], DataError)  # (redis-py raises UnicodeDecodeError)
         assert await direct.evalsha(raw, [], ["again"]) == "again"
 
 
@@ -558,3 +563,83 @@ async def test_a_call_after_close_does_not_leave_its_connection_open(client: Red
             break
         await asyncio.sleep(0.02)
     assert await count() == before
+
+
+async def test_a_connection_closed_with_its_handshake_fails_the_call_at_once(
+    redis_server: RedisServerProcess,
+) -> None:
+    """The server answers the handshake and closes (a restart, ``CLIENT KILL``): the call
+    fails with a connection error at once, on both loops (uvloop's write raised a
+    ``RuntimeError`` no caller expected; asyncio's went nowhere until the socket timeout)."""
+
+    async def answer_then_close(
+        client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+    ) -> None:
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", redis_server.port)
+        seen = b""
+        try:
+            while data := await client_r.read(65536):
+                seen += data
+                redis_w.write(data)
+                await asyncio.sleep(0.05)  # every reply of what was sent
+                client_w.write(await redis_r.read(65536))
+                if b"LIB-VER" in seen:  # the handshake's last command (redis-py 5+)
+                    await client_w.drain()
+                    return
+        finally:
+            client_w.close()
+            redis_w.close()
+
+    proxy = await asyncio.start_server(answer_then_close, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    admin = Redis.from_url(redis_server.url)
+    loop = asyncio.get_running_loop()
+    try:
+        sha = await admin.script_load(ECHO)
+        async with _direct_on(f"redis://127.0.0.1:{port}/0?socket_timeout=3") as (_, direct):
+            started = loop.time()
+            with pytest.raises(RedisConnectionError):
+                await direct.evalsha(sha, ["k"], [1, 2])
+            assert loop.time() - started < 1.5
+    finally:
+        proxy.close()
+        await admin.aclose()
+
+
+async def test_a_reply_that_does_not_decode_is_a_redis_error(
+    redis_server: RedisServerProcess,
+) -> None:
+    """It must be one of the errors the runner turns into the store's failure."""
+    from proxy.backend.client import FAILURES
+
+    async with _direct_on(redis_server.url + "?decode_responses=true") as (client, direct):
+        raw = await client.script_load("return ARGV[1]")
+        with pytest.raises(DataError) as caught:
+            await direct.evalsha(raw, [], [b"\xff"])
+        assert isinstance(caught.value, FAILURES)
+
+
+async def test_a_connection_made_after_close_closes_even_if_its_caller_gave_up_connecting(
+    redis_factory: Callable[..., RedisServerProcess],
+) -> None:
+    """``aclose`` while a caller waits for a connection it then gives up on: the connection
+    that comes afterwards, never used, is closed within the socket timeout."""
+    server = redis_factory()
+    admin = Redis.from_url(server.url)
+    try:
+        async with _direct_on(server.url + "?socket_timeout=0.5") as (_, direct):
+            sha = await admin.script_load(ECHO)
+            base = len(await admin.client_list())
+            busy = asyncio.ensure_future(admin.eval(BUSY_MS, 0, 400))
+            await asyncio.sleep(0.05)
+            with pytest.raises(TimeoutError):  # connecting takes longer than its bound
+                await direct.evalsha(sha, ["k"], [1, 2], give_up_s=0.1)
+            await direct.aclose()
+            await busy
+            for _ in range(100):
+                if len(await admin.client_list()) <= base:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(await admin.client_list()) <= base
+    finally:
+        await admin.aclose()
