@@ -280,3 +280,108 @@ async def test_a_late_admit_is_not_written_when_connecting_outlasts_the_timeout(
             assert await admin.get("granted") is None  # never written
         await runner.aclose()
     await admin.aclose()
+
+
+async def test_a_late_admit_on_a_silent_connection_sends_the_next_batch_on_a_new_one(
+    redis_server: RedisServerProcess, monkeypatch: Any
+) -> None:
+    """The connection goes silent without a sign (a NAT or balancer dropped it): the admit
+    on it is answered at the store timeout, and the next admit goes to a new connection and
+    is answered, instead of every admit failing until the socket timeout."""
+    from proxy.backend.client import redis_client
+    from proxy.backend.runner import ScriptRunner
+
+    # The first connection to carry an EVALSHA goes silent after it; connections made later.
+    victim: list[object] = []
+    after: list[object] = []
+
+    async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        me = object()
+        if victim:
+            after.append(me)
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", redis_server.port)
+        evalshas = 0
+
+        async def back() -> None:
+            while data := await redis_r.read(65536):
+                client_w.write(data)
+
+        pump = asyncio.ensure_future(back())
+        try:
+            while data := await client_r.read(65536):
+                if b"EVALSHA" in data and not victim:
+                    victim.append(me)
+                if victim and victim[0] is me:
+                    evalshas += data.count(b"EVALSHA")
+                    if evalshas >= 2:
+                        continue  # silent from its second call on
+                redis_w.write(data)
+        finally:
+            pump.cancel()
+            redis_w.close()
+            client_w.close()
+
+    monkeypatch.setattr("proxy.backend.runner.load_script", lambda name: "return 1")
+    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0?socket_timeout=5"
+    runner = ScriptRunner(redis_client(url, 0.2), ["admit"], 0.2, logging.getLogger("t"))
+    await runner.start()
+    loop = asyncio.get_running_loop()
+    told: list[Exception] = []
+    try:
+        assert await runner.run_past("admit", [], [], told.append) == 1
+        silent = asyncio.ensure_future(runner.run_past("admit", [], [], told.append))
+        await asyncio.sleep(0.3)
+        assert len(told) == 1  # answered at the store timeout
+        started = loop.time()
+        assert await runner.run_past("admit", [], [], told.append) == 1
+        assert loop.time() - started < 0.2 and len(told) == 1
+        assert len(after) == 1  # one new connection
+        runner.abandon()
+        await asyncio.gather(silent, return_exceptions=True)
+    finally:
+        await runner.aclose()
+        proxy.close()
+
+
+async def test_after_noscript_a_late_admit_is_sent_again_only_within_the_timeout(
+    redis_server: RedisServerProcess, monkeypatch: Any
+) -> None:
+    """NOSCRIPT (a restart, a failover) on an admit: the script is reloaded and the admit
+    sent again while its callers still wait; a reload that outlasts the timeout sends
+    nothing (the callers were answered: grants taken now would be held by nobody)."""
+    from proxy.backend.client import redis_client
+    from proxy.backend.runner import ScriptRunner
+
+    script = "return redis.call('INCR', KEYS[1])"
+    monkeypatch.setattr("proxy.backend.runner.load_script", lambda name: script)
+    admin = Redis.from_url(redis_server.url)
+    for reload_s, sent in ((0.0, True), (0.4, False)):
+        runner = ScriptRunner(
+            redis_client(redis_server.url, 0.25), ["admit"], 0.25, logging.getLogger("t")
+        )
+        await runner.start()
+        await admin.delete("granted")
+        await admin.script_flush()
+        load = runner._load
+
+        async def slow_load(load: Any = load, reload_s: float = reload_s) -> None:
+            await asyncio.sleep(reload_s)
+            await load()
+
+        monkeypatch.setattr(runner, "_load", slow_load)
+        told: list[Exception] = []
+        try:
+            reply = await runner.run_past("admit", ["granted"], [], told.append)
+        except StoreUnavailable:
+            reply = None
+        await asyncio.sleep(0.1)
+        if sent:
+            assert reply == 1 and not told
+            assert await admin.get("granted") == b"1"
+        else:
+            assert reply is None and len(told) == 1
+            assert await admin.get("granted") is None
+        await runner.aclose()
+    await admin.aclose()

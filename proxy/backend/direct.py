@@ -79,10 +79,10 @@ class _Pipe(asyncio.Protocol):
         while True:
             try:
                 reply = reader.gets()
-            except UnicodeDecodeError as exc:  # (decode_responses) this reply's, read past
-                if waiting and not (future := waiting.popleft()).done():
-                    future.set_exception(DataError(f"cannot decode Redis's reply: {exc}"))
-                continue
+            except UnicodeDecodeError as exc:  # (decode_responses) a reply's, or a push's:
+                # which one is not known, so no later reply can be matched to its call.
+                self.fail(DataError(f"cannot decode what Redis sent: {exc}"))
+                return
             except Exception as exc:  # not RESP (InvalidResponse): nothing after it is sure
                 self.fail(RedisConnectionError(f"Protocol error from Redis: {exc}"))
                 return
@@ -159,6 +159,13 @@ class _Pipe(asyncio.Protocol):
             return False
 
 
+def _retire_unanswered(pipe: _Pipe, future: asyncio.Future[Any]) -> None:
+    """No reply by the caller's soft bound: new calls go to a new connection (this one may
+    be dead without a sign), while this call keeps waiting for its reply."""
+    if not future.done():
+        pipe.retire()
+
+
 def _give_up(pipe: _Pipe, future: asyncio.Future[Any]) -> None:
     """A caller's own bound passed: it gets ``TimeoutError``, and new calls go to a new
     connection (this one may be dead without a sign: a half-open socket, a black hole)
@@ -198,6 +205,7 @@ class DirectCalls:
         args: Sequence[Any],
         give_up_s: float | None = None,
         connect_s: float | None = None,
+        retire_s: float | None = None,
     ) -> Any:
         """The script's reply; raises its error (``NoScriptError`` included) or the
         connection's, always one of redis-py's errors or ``TimeoutError``.
@@ -206,28 +214,29 @@ class DirectCalls:
         came by then (like a cancellation, at the cost of a timer instead of
         ``asyncio.timeout``'s machinery); new calls then go to a new connection. Without it
         the reply is waited for up to the socket timeout after the write, and connecting up
-        to ``connect_s`` (default: the socket timeout). A call whose bound ran out while
-        connecting is not written."""
+        to ``connect_s`` (default: the socket timeout), and ``retire_s`` after the call
+        started with no reply its connection takes no new call. A call whose bound ran out
+        while connecting is not written."""
         try:
             packed = pack_command(("EVALSHA", sha, len(keys), *keys, *args))
         except TypeError as exc:  # e.g. a bool or None: redis-py's encoder raised DataError
             raise DataError(f"cannot send an argument of EVALSHA: {exc}") from exc
         loop = asyncio.get_running_loop()
-        expire_s = self._expire_s
         pipe = self._pipe
         if pipe is None or not pipe.usable():
             started = loop.time()
             bound = give_up_s if give_up_s is not None else connect_s
-            pipe = await self._connected(expire_s if bound is None else bound)
+            pipe = await self._connected(self._expire_s if bound is None else bound)
+            took = loop.time() - started
             if give_up_s is not None:
-                give_up_s -= loop.time() - started
+                give_up_s -= took
                 if give_up_s <= 0:
                     raise TimeoutError  # nothing written: nothing can have run
+            if retire_s is not None:
+                retire_s = max(0.0, retire_s - took)
         future = pipe.send(packed)
-        timer = loop.call_later(expire_s, pipe.expire, future)
-        limit = None
-        if give_up_s is not None and give_up_s < expire_s:
-            limit = loop.call_later(give_up_s, _give_up, pipe, future)
+        timer = loop.call_later(self._expire_s, pipe.expire, future)
+        limit = self._limit(loop, pipe, future, give_up_s, retire_s)
         try:
             reply = await future  # cancelled: the future is too, and its reply dropped
         except BaseException:
@@ -242,6 +251,22 @@ class DirectCalls:
         if isinstance(reply, Exception):
             raise reply  # the script's error, or Redis's (LOADING, ...), as redis-py raises
         return reply
+
+    def _limit(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pipe: _Pipe,
+        future: asyncio.Future[Any],
+        give_up_s: float | None,
+        retire_s: float | None,
+    ) -> asyncio.TimerHandle | None:
+        """The timer of a call's own bound, if it ends before the socket timeout."""
+        if give_up_s is not None:
+            if give_up_s < self._expire_s:
+                return loop.call_later(give_up_s, _give_up, pipe, future)
+        elif retire_s is not None and retire_s < self._expire_s:
+            return loop.call_later(retire_s, _retire_unanswered, pipe, future)
+        return None
 
     async def _connected(self, bound: float) -> _Pipe:
         """A new connection replacing the current one, waited for up to ``bound``. One is
@@ -301,10 +326,15 @@ class DirectCalls:
         return pipe
 
     async def aclose(self) -> None:
-        """Close the connection; with calls in flight, once their replies are in."""
+        """Close the connection; with calls still waited for, once their replies are in."""
         self._closed = True
-        if self._pipe is not None:
-            self._pipe.retire()
+        pipe = self._pipe
+        if pipe is None:
+            return
+        if all(future.done() for future in pipe.waiting):  # (given up on, or cancelled)
+            pipe.fail(RedisConnectionError("closed"))
+        else:
+            pipe.retire()
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -203,6 +203,22 @@ class ScriptRunner:
         async with asyncio.timeout(bound):
             return await self._call(name, keys, args)
 
+    async def _resent_in_time(
+        self, name: str, keys: Sequence[str], args: Sequence[Arg], begun: float
+    ) -> Any:
+        """After NOSCRIPT, a late call: reloaded and sent again within the timeout counted
+        from ``begun``, else not sent (its callers were answered)."""
+        assert self._direct is not None
+        loop = asyncio.get_running_loop()
+        event(self._log, logging.INFO, "store_script_reload", script=name)
+        async with asyncio.timeout(self._timeout - (loop.time() - begun)):
+            await self._load()
+        left = self._timeout - (loop.time() - begun)
+        if left <= 0:
+            raise TimeoutError
+        sha = self._sha[name]
+        return await self._direct.evalsha(sha, keys, args, connect_s=left, retire_s=left)
+
     async def run_past(
         self,
         name: str,
@@ -225,17 +241,22 @@ class ScriptRunner:
             self.late.add(task)
             timed_out(BackendUnavailable(f"redis {name} failed: {why(TimeoutError())}"))
 
-        timer = asyncio.get_running_loop().call_later(self._timeout, expire)
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        timer = loop.call_later(self._timeout, expire)
         try:
             direct, sha = self._direct, self._sha.get(name)
             if direct is not None and sha is not None:
                 # Connecting within the timeout (past it the callers were answered: a call
                 # not yet written is not sent), then the reply up to the socket timeout.
+                # Unanswered at the timeout, its connection takes no new call (it may be
+                # dead without a sign: the next batch goes to a new one).
+                t = self._timeout
                 try:
-                    return await direct.evalsha(sha, keys, args, connect_s=self._timeout)
-                except NoScriptError:  # (it ran nothing)
-                    async with asyncio.timeout(self._late_bound):
-                        return await self._reloaded(name, keys, args)
+                    return await direct.evalsha(sha, keys, args, connect_s=t, retire_s=t)
+                except NoScriptError:  # (it ran nothing): reloaded and sent again only
+                    # while its callers still wait (the rule for connecting too).
+                    return await self._resent_in_time(name, keys, args, begun)
             async with asyncio.timeout(self._late_bound):
                 return await self._call(name, keys, args)
         except FAILURES as exc:
