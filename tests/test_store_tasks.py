@@ -24,6 +24,7 @@ from proxy.backend.direct import DirectCalls
 from proxy.backend.store import RedisStore
 from tests.support.admission_helpers import eventually, new_pool, per_min, plan
 from tests.support.redis_fixtures import RedisServerProcess
+from tests.support.relays import SilentRelay
 
 
 @contextmanager
@@ -291,39 +292,9 @@ async def test_a_late_admit_on_a_silent_connection_sends_the_next_batch_on_a_new
     from proxy.backend.client import redis_client
     from proxy.backend.runner import ScriptRunner
 
-    # The first connection to carry an EVALSHA goes silent after it; connections made later.
-    victim: list[object] = []
-    after: list[object] = []
-
-    async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        me = object()
-        if victim:
-            after.append(me)
-        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", redis_server.port)
-        evalshas = 0
-
-        async def back() -> None:
-            while data := await redis_r.read(65536):
-                client_w.write(data)
-
-        pump = asyncio.ensure_future(back())
-        try:
-            while data := await client_r.read(65536):
-                if b"EVALSHA" in data and not victim:
-                    victim.append(me)
-                if victim and victim[0] is me:
-                    evalshas += data.count(b"EVALSHA")
-                    if evalshas >= 2:
-                        continue  # silent from its second call on
-                redis_w.write(data)
-        finally:
-            pump.cancel()
-            redis_w.close()
-            client_w.close()
-
+    relay = SilentRelay(redis_server.port)
     monkeypatch.setattr("proxy.backend.runner.load_script", lambda name: "return 1")
-    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
-    port = proxy.sockets[0].getsockname()[1]
+    proxy, port = await relay.start()
     url = f"redis://127.0.0.1:{port}/0?socket_timeout=5"
     runner = ScriptRunner(redis_client(url, 0.2), ["admit"], 0.2, logging.getLogger("t"))
     await runner.start()
@@ -337,7 +308,7 @@ async def test_a_late_admit_on_a_silent_connection_sends_the_next_batch_on_a_new
         started = loop.time()
         assert await runner.run_past("admit", [], [], told.append) == 1
         assert loop.time() - started < 0.2 and len(told) == 1
-        assert len(after) == 1  # one new connection
+        assert len(relay.after) == 1  # one new connection
         runner.abandon()
         await asyncio.gather(silent, return_exceptions=True)
     finally:

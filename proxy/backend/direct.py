@@ -300,20 +300,17 @@ class DirectCalls:
                 await conn.disconnect(nowait=True)
             raise
         encoder = conn.encoder
-        if encoder.decode_responses:
-            reader = hiredis.Reader(
-                protocolError=InvalidResponse,
-                replyError=BaseParser.parse_error,
-                notEnoughData=_PARTIAL,
-                encoding=encoder.encoding,
-                errors=encoder.encoding_errors,
-            )
-        else:
-            reader = hiredis.Reader(
-                protocolError=InvalidResponse,
-                replyError=BaseParser.parse_error,
-                notEnoughData=_PARTIAL,
-            )
+        decoding = (
+            {"encoding": encoder.encoding, "errors": encoder.encoding_errors}
+            if encoder.decode_responses
+            else {}
+        )
+        reader = hiredis.Reader(
+            protocolError=InvalidResponse,
+            replyError=BaseParser.parse_error,
+            notEnoughData=_PARTIAL,
+            **decoding,
+        )
         # (The handshake's replies were all read: Redis sends nothing unasked on it.)
         pipe = _Pipe(transport, reader, writer)  # type: ignore[arg-type]
         transport.set_protocol(pipe)

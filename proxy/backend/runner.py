@@ -114,9 +114,13 @@ class ScriptRunner:
 
     async def _reloaded(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """After NOSCRIPT (a restart, a failover, ``SCRIPT FLUSH``): reload, call again."""
+        await self._reload(name)
+        return await self._evalsha(self._sha[name], keys, args)
+
+    async def _reload(self, name: str) -> None:
+        """Load every script again (``name`` was refused with NOSCRIPT)."""
         event(self._log, logging.INFO, "store_script_reload", script=name)
         await self._load()
-        return await self._evalsha(self._sha[name], keys, args)
 
     def _evalsha(self, sha: str, keys: Sequence[str], args: Sequence[Arg]) -> Awaitable[Any]:
         if self._direct is not None:
@@ -210,9 +214,8 @@ class ScriptRunner:
         from ``begun``, else not sent (its callers were answered)."""
         assert self._direct is not None
         loop = asyncio.get_running_loop()
-        event(self._log, logging.INFO, "store_script_reload", script=name)
         async with asyncio.timeout(self._timeout - (loop.time() - begun)):
-            await self._load()
+            await self._reload(name)
         left = self._timeout - (loop.time() - begun)
         if left <= 0:
             raise TimeoutError

@@ -19,6 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.backend.direct import DirectCalls
 from tests.support.redis_fixtures import RedisServerProcess
+from tests.support.relays import SilentRelay
 
 ECHO = "return {KEYS[1], ARGV[1], ARGV[2]}"
 # Busy for a while (no sleep in Lua): the reply comes well after the caller gave up.
@@ -51,6 +52,22 @@ def _clients(c: Redis) -> Callable[[], Any]:
         return len(await c.client_list())
 
     return count
+
+
+async def _until_clients(
+    count: Callable[[], Any], expected: int, polls: int = 100, *, at_most: bool = False
+) -> None:
+    """Wait until Redis lists ``expected`` clients (``at_most``: no more): it drops a client
+    when it reads the close, which under load can take a moment."""
+
+    def met(n: int) -> bool:
+        return n <= expected if at_most else n == expected
+
+    for _ in range(polls):
+        if met(await count()):
+            return
+        await asyncio.sleep(0.02)
+    assert met(await count())
 
 
 @settings(max_examples=300, deadline=None)
@@ -230,11 +247,7 @@ async def test_concurrent_calls_share_one_connection_each_reply_to_its_own_call(
     assert await _evalsha_calls(client) == sent + 301  # the cancelled ones were written
     assert await count() == before + 1
     await direct.aclose()
-    for _ in range(100):  # Redis drops a client when it reads the close
-        if await count() == before:
-            break
-        await asyncio.sleep(0.02)
-    assert await count() == before
+    await _until_clients(count, before)
 
 
 async def test_close_waits_for_the_calls_in_flight(client: Redis) -> None:
@@ -247,11 +260,7 @@ async def test_close_waits_for_the_calls_in_flight(client: Redis) -> None:
     await asyncio.sleep(0.01)
     await direct.aclose()
     assert await calls == [b"slow"] * 3
-    for _ in range(100):
-        if await count() == before:
-            break
-        await asyncio.sleep(0.02)
-    assert await count() == before
+    await _until_clients(count, before)
 
 
 async def test_a_call_whose_write_went_out_is_never_sent_again(
@@ -490,32 +499,8 @@ async def test_after_a_caller_gives_up_new_calls_go_to_a_new_connection(
     keeps nothing waiting on it: once a call on it is given up on, the next call is sent on
     a new connection and answered, instead of every call failing until the socket timeout."""
     server = redis_factory()
-    opened: list[int] = []
-
-    async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        opened.append(1)
-        first = len(opened) == 1
-        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", server.port)
-        evalshas = 0
-
-        async def back() -> None:
-            while data := await redis_r.read(65536):
-                client_w.write(data)
-
-        pump = asyncio.ensure_future(back())
-        try:
-            while data := await client_r.read(65536):
-                evalshas += data.count(b"EVALSHA")
-                if first and evalshas >= 2:
-                    continue  # the first connection goes silent after one call
-                redis_w.write(data)
-        finally:
-            pump.cancel()
-            redis_w.close()
-            client_w.close()
-
-    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
-    port = proxy.sockets[0].getsockname()[1]
+    relay = SilentRelay(server.port)
+    proxy, port = await relay.start()
     try:
         async with _direct_on(f"redis://127.0.0.1:{port}/0?socket_timeout=5") as (
             _,
@@ -528,7 +513,7 @@ async def test_after_a_caller_gives_up_new_calls_go_to_a_new_connection(
             with pytest.raises(TimeoutError):
                 await direct.evalsha(echo, ["k"], [1, 1], give_up_s=0.1)
             assert await direct.evalsha(echo, ["k"], [2, 2], give_up_s=1) == [b"k", b"2", b"2"]
-            assert len(opened) == 2
+            assert len(relay.after) == 1  # one new connection
     finally:
         proxy.close()
 
@@ -560,11 +545,7 @@ async def test_a_call_after_close_does_not_leave_its_connection_open(client: Red
     await direct.aclose()
     with pytest.raises(TimeoutError):
         await direct.evalsha(slow, [], [300_000], give_up_s=0.01)
-    for _ in range(200):
-        if await count() == before:
-            break
-        await asyncio.sleep(0.02)
-    assert await count() == before
+    await _until_clients(count, before, polls=200)
 
 
 async def test_a_connection_closed_with_its_handshake_fails_the_call_at_once(
@@ -646,11 +627,7 @@ async def test_a_connection_made_after_close_closes_even_if_its_caller_gave_up_c
                     break
                 await asyncio.sleep(0.02)
             assert pipe.transport.is_closing()
-            for _ in range(250):  # and Redis reads the close
-                if len(await admin.client_list()) <= base:
-                    break
-                await asyncio.sleep(0.02)
-            assert len(await admin.client_list()) <= base
+            await _until_clients(_clients(admin), base, polls=250, at_most=True)
     finally:
         await admin.aclose()
 
