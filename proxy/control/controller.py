@@ -149,6 +149,12 @@ class Adaptivity:
         if throttled and reflex:
             self.reflex.fire(pool, lease)
 
+    def unsampled(self, pool: str) -> None:
+        """A call Bedrock refused before any model work: no sample of the pool's load or
+        health (see :func:`proxy.pipeline.settle.refused_before_model`); a probe slot it
+        held goes to the next call."""
+        self.breakers.no_outcome(pool)
+
     def refused(self, pool: str, priority: str, refusal: BedrockError) -> None:
         """Count a refusal as demand if more pool concurrency would have admitted the call
         (pool or class concurrency, the queue); not a workload's own caps or rate buckets."""
