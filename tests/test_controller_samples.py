@@ -8,19 +8,27 @@ and mean call length down. Real Sluice and simulator processes, a real boto3 cli
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from prometheus_client import CollectorRegistry
 
-from proxy.control.breaker import CLOSED, HALF_OPEN, OPEN, BreakerBoard, BreakerRecord
-from proxy.pipeline.settle import refused_before_model
+from proxy.backend.store import EmbeddedStore
+from proxy.config import parse_policy
+from proxy.control.breaker import CLOSED, HALF_OPEN, OPEN
+from proxy.control.controller import Adaptivity, refused_before_model
+from proxy.jobs.admit import RecordAdmission
+from proxy.metrics import Metrics
+from proxy.policy import CompiledPolicy, PolicyRef
+from tests.support.admission_helpers import Backend, new_pool
 from tests.support.processes import Simulator, Sluice, bedrock_client, metric_value
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -95,15 +103,65 @@ def test_which_answers_are_samples(status: int, counted: bool) -> None:
     assert refused_before_model(status) is not counted
 
 
-def test_a_probe_refused_before_model_work_frees_its_slot() -> None:
-    # Half-open: one probe slot here. A probe Bedrock refused with a 400 reports no outcome;
-    # its slot goes to the next call, instead of the episode stalling for its outcome.
-    board = BreakerBoard()
-    board.update("p", BreakerRecord(HALF_OPEN, gen=1), granted=True)
-    assert board.allow("p") and not board.allow("p")
-    board.no_outcome("p")
-    assert board.allow("p") and not board.allow("p")
-    board.outcome("p", failed=False)
-    assert board.probe_request("p")[2:] == (1, 0)  # one probe ok, none failed
-    board.no_outcome("p")  # no probe outstanding: nothing to give back
-    assert not board.allow("p")
+# --- the batch workers' path, and a half-open probe (in process, the fleet on a real store) --
+
+Setup = tuple[str, Adaptivity, CollectorRegistry, CompiledPolicy]
+
+
+@pytest.fixture
+async def adaptivity(backend: Backend) -> AsyncIterator[Setup]:
+    pool = new_pool()
+    # (A window far longer than the test: none of its outcomes leave it meanwhile.)
+    breaker = {"threshold": 0.5, "window_seconds": 60, "min_requests": 10, "open_seconds": 0.3}
+    breaker["half_open_probes"] = 1
+    policy = _policy(pool)
+    policy["models"][pool]["breaker"] = breaker
+    compiled = CompiledPolicy(parse_policy(policy), env={})
+    registry = CollectorRegistry()
+    a = Adaptivity(
+        compiled, EmbeddedStore(), backend.url, registry=registry, tick_s=0.05, bucket_s=0.05
+    )
+    await a.start()
+    try:
+        yield pool, a, registry, compiled
+    finally:
+        await a.close()
+
+
+async def _until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def _state(registry: CollectorRegistry, pool: str) -> Any:
+    return registry.get_sample_value("sluice_breaker_state", {"pool": pool})
+
+
+async def test_batch_records_refused_before_model_work_are_no_sample(
+    adaptivity: Setup,
+) -> None:
+    pool, a, registry, compiled = adaptivity
+    records = RecordAdmission(PolicyRef(compiled), EmbeddedStore(), Metrics(), lambda: a)
+    for _ in range(60):  # a job of malformed records: 400 each, in milliseconds
+        records.observe(pool, "P0", 3.0, 400)
+    await asyncio.sleep(0.3)  # a few ticks: the 400s would be in the window by now
+    assert _state(registry, pool) == CLOSED
+    for _ in range(12):  # then the records that reach the model fail
+        records.observe(pool, "P0", 900.0, 500)
+    await _until(lambda: _state(registry, pool) == OPEN, 3.0)  # 12 of 12, not 12 of 72
+
+
+async def test_a_half_open_probe_answered_with_a_refusal_counts_as_answered(
+    adaptivity: Setup,
+) -> None:
+    pool, a, registry, _ = adaptivity
+    for _ in range(10):
+        a.observe(pool, "P0", 900.0, False, True)
+    await _until(lambda: _state(registry, pool) == HALF_OPEN)
+    await _until(lambda: a.breaker_allows(pool))  # the probe slot, claimed from the fleet
+    # Bedrock answered the probe, with a 400 of the caller's: it is reachable, no sample of
+    # the pool's load, and the episode is not left waiting for an outcome.
+    a.observe(pool, "P0", 3.0, False, False, refused=True)
+    await _until(lambda: _state(registry, pool) == CLOSED)

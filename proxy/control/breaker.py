@@ -209,16 +209,6 @@ class BreakerBoard:
         else:
             local.ok += 1
 
-    def no_outcome(self, pool: str) -> None:
-        """A finished call that says nothing of the pool (Bedrock refused it before any
-        model work): an outstanding probe's slot goes back to be spent by the next call,
-        instead of waiting for an outcome that will never come (the episode would stall)."""
-        local = self._pools.get(pool)
-        if local is None or local.out == 0:
-            return
-        local.out -= 1
-        local.tokens += 1
-
     def probe_request(self, pool: str) -> tuple[int, int, int, int]:
         """What to tell the fleet this tick: (probe op, gen, probes ok, probes failed).
 

@@ -59,6 +59,17 @@ def _event(level: int, event: str, message: str, **fields: object) -> None:
     log.log(level, message, extra={"fields": {"event": event, **fields}})
 
 
+def refused_before_model(status: int) -> bool:
+    """Bedrock refused the call before any model work: any 4xx but 408 (the model timed
+    out), 424 (the model failed) and 429 (a throttle): bad input, an account quota
+    (``ServiceQuotaExceededException``), no access or bad credentials, an unknown model, a
+    body too large. Such an answer comes back in milliseconds and says nothing of the
+    pool's load: a caller sending a stream of them (a bug, a revoked model access) would
+    pull the controller's p99 and mean call length down and dilute the breaker's share of
+    failed calls, so it is left out of the fleet's outcomes."""
+    return 400 <= status < 500 and status not in (408, 424, 429)
+
+
 class Adaptivity:
     """Adaptive limits, breakers and batch pauses for one instance, shared with its fleet.
 
@@ -138,22 +149,23 @@ class Adaptivity:
         server_error: bool,
         lease: str | None = None,
         reflex: bool = True,
+        refused: bool = False,
     ) -> None:
         """Count one finished upstream call (throttled: Bedrock 429; server_error: 5xx;
         ``lease``: the call's pool lease, for the throttle reflex; ``reflex`` False: this
-        throttle already fired it, when it arrived)."""
+        throttle already fired it, when it arrived; ``refused``: Bedrock refused it before
+        any model work, see :func:`refused_before_model`)."""
+        if refused:
+            # No sample of the pool's load or health; as a half-open probe's answer it
+            # still says Bedrock answered (it did, with no error of its own).
+            self.breakers.outcome(pool, False)
+            return
         self.fleet.observe(pool, priority, latency_ms, throttled, server_error)
         self.breakers.outcome(pool, throttled or server_error)
         if throttled and pool in self._shedding and priority in self._ranks:
             self.hold.throttled(pool, self._ranks[priority])
         if throttled and reflex:
             self.reflex.fire(pool, lease)
-
-    def unsampled(self, pool: str) -> None:
-        """A call Bedrock refused before any model work: no sample of the pool's load or
-        health (see :func:`proxy.pipeline.settle.refused_before_model`); a probe slot it
-        held goes to the next call."""
-        self.breakers.no_outcome(pool)
 
     def refused(self, pool: str, priority: str, refusal: BedrockError) -> None:
         """Count a refusal as demand if more pool concurrency would have admitted the call

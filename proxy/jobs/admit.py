@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from proxy.admission import AdmitPlan, Store, StoreUnavailable
-from proxy.control.controller import Adaptivity
+from proxy.control.controller import Adaptivity, refused_before_model
 from proxy.metrics import Metrics
 from proxy.pipeline.schedule import cap_at
 from proxy.pipeline.tiers import TierTable
@@ -165,4 +165,5 @@ class RecordAdmission:
                 throttled=status == 429 and on_pool,
                 server_error=status >= 500,
                 lease=lease,
+                refused=refused_before_model(status),
             )

@@ -15,7 +15,7 @@ from collections.abc import Awaitable
 
 from proxy.admission.estimate import settled_tokens
 from proxy.admission.gate import Gate
-from proxy.control.controller import Adaptivity
+from proxy.control.controller import Adaptivity, refused_before_model
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
 from proxy.pipeline.call import Call
@@ -37,9 +37,6 @@ def observe_attempt(
     attempt ran on, when the call holds another now."""
     if adaptivity is None or call.pool is None:
         return
-    if refused_before_model(status):
-        adaptivity.unsampled(call.pool.name)
-        return
     if seconds is None:
         seconds = call.upstream_s
     adaptivity.observe(
@@ -50,17 +47,8 @@ def observe_attempt(
         server_error=status >= 500,
         lease=call.lease if lease is None else lease,
         reflex=call.reflexed != call.retries,  # not twice for one throttle (see backoff)
+        refused=refused_before_model(status),
     )
-
-
-def refused_before_model(status: int) -> bool:
-    """Bedrock refused the call before any model work: bad input, no access, an unknown
-    model, an account quota (4xx other than 408 model timeout, 424 model error and 429
-    throttle). Such an answer says nothing of the pool's load and comes back in
-    milliseconds: a caller sending a stream of them (a bug, a revoked model access) would
-    pull the controller's p99 and mean call length down and dilute its breaker's failure
-    share, so it is no sample for either."""
-    return 400 <= status < 500 and status not in (408, 424, 429)
 
 
 #: Longest an answer waits for its release to be confirmed (see :func:`confirmed`).
