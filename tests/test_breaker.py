@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ from proxy.control.breaker import (
 )
 from proxy.control.controller import Adaptivity
 from proxy.policy import CompiledPolicy
-from tests.support.admission_helpers import Backend, new_pool
+from tests.support.admission_helpers import Backend, new_pool, until
 
 CFG = Breaker(
     threshold=0.1, window_seconds=30, min_requests=20, open_seconds=10, half_open_probes=3
@@ -129,13 +129,6 @@ async def fleet(backend: Backend) -> AsyncIterator[Fleet]:
     yield pool, instances, registries
     for a in instances:
         await a.close()
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def state(registry: CollectorRegistry, pool: str) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,7 +22,7 @@ from proxy.control.controller import Adaptivity
 from proxy.errors import BedrockError
 from proxy.metrics import Metrics
 from proxy.policy import CompiledPolicy
-from tests.support.admission_helpers import new_pool, shedding_policy
+from tests.support.admission_helpers import new_pool, shedding_policy, until
 
 
 def _policy(pool: str) -> CompiledPolicy:
@@ -58,13 +58,6 @@ async def setup(redis_server: Any) -> AsyncIterator[Setup]:
     finally:
         await a.close()
         await store.close()
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def _refusal(gate: Gate, policy: CompiledPolicy, workload: str) -> BedrockError:

@@ -37,7 +37,7 @@ from proxy.control.law import (
 from proxy.control.pause import PauseState, paused_workloads
 from proxy.control.window import PoolTick
 from proxy.policy import CompiledPolicy
-from tests.support.admission_helpers import new_pool
+from tests.support.admission_helpers import new_pool, until
 
 INCIDENT3 = Adaptive(floor=4, ceiling=80, initial=15, target_p99_ms=1200, increase=2)
 SPAN_MS = 1000.0
@@ -525,13 +525,6 @@ async def test_batch_pauses_fleet_wide_while_p0_is_slow_and_resumes(redis_server
             await a.close()
         for store in stores:
             await store.close()
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def test_probing_above_an_old_quota_steps_only_on_levels_calls_filled() -> None:

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from proxy.control.controller import Adaptivity, refused_before_model
 from proxy.jobs.admit import RecordAdmission
 from proxy.metrics import Metrics
 from proxy.policy import CompiledPolicy, PolicyRef
-from tests.support.admission_helpers import Backend, new_pool
+from tests.support.admission_helpers import Backend, new_pool, until
 from tests.support.processes import Simulator, Sluice, bedrock_client, metric_value
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -128,13 +128,6 @@ async def adaptivity(backend: Backend) -> AsyncIterator[Setup]:
         await a.close()
 
 
-async def _until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 def _state(registry: CollectorRegistry, pool: str) -> Any:
     return registry.get_sample_value("sluice_breaker_state", {"pool": pool})
 
@@ -150,7 +143,7 @@ async def test_batch_records_refused_before_model_work_are_no_sample(
     assert _state(registry, pool) == CLOSED
     for _ in range(12):  # then the records that reach the model fail
         records.observe(pool, "P0", 900.0, 500)
-    await _until(lambda: _state(registry, pool) == OPEN, 3.0)  # 12 of 12, not 12 of 72
+    await until(lambda: _state(registry, pool) == OPEN, 3.0)  # 12 of 12, not 12 of 72
 
 
 async def test_a_half_open_probe_answered_with_a_refusal_counts_as_answered(
@@ -159,9 +152,9 @@ async def test_a_half_open_probe_answered_with_a_refusal_counts_as_answered(
     pool, a, registry, _ = adaptivity
     for _ in range(10):
         a.observe(pool, "P0", 900.0, False, True)
-    await _until(lambda: _state(registry, pool) == HALF_OPEN)
-    await _until(lambda: a.breaker_allows(pool))  # the probe slot, claimed from the fleet
+    await until(lambda: _state(registry, pool) == HALF_OPEN)
+    await until(lambda: a.breaker_allows(pool))  # the probe slot, claimed from the fleet
     # Bedrock answered the probe, with a 400 of the caller's: it is reachable, no sample of
     # the pool's load, and the episode is not left waiting for an outcome.
     a.observe(pool, "P0", 3.0, False, False, refused=True)
-    await _until(lambda: _state(registry, pool) == CLOSED)
+    await until(lambda: _state(registry, pool) == CLOSED)

@@ -136,3 +136,11 @@ def shedding_policy(
     return CompiledPolicy(
         parse_policy({"models": {pool: {**model, "breaker": breaker}}, **rest}), env={}
     )
+
+
+async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Wait (polling every 10 ms) until ``cond()`` holds; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
