@@ -158,3 +158,64 @@ async def test_a_half_open_probe_answered_with_a_refusal_counts_as_answered(
     # the pool's load, and the episode is not left waiting for an outcome.
     a.observe(pool, "P0", 3.0, False, False, refused=True)
     await until(lambda: _state(registry, pool) == CLOSED)
+
+
+# --- calls Bedrock never answered (Sluice's own 408 past the read timeout) ---------------
+
+
+def _brownout_policy(pool: str) -> dict[str, Any]:
+    adaptive = {"floor": 1, "initial": 2, "ceiling": 16, "interval_seconds": 0.5}
+    adaptive |= {"target_p99_ms": 250, "increase": 2}
+    return {
+        "identity": {"default_workload": "default"},
+        "server": {"upstream_read_timeout_seconds": 0.3, "adaptivity": {"tick_seconds": 0.1}},
+        "models": {pool: {"ids": [HAIKU], "concurrency": 16, "adaptive": adaptive}},
+        "priorities": {"P0": {}},
+        "workloads": {"default": {"priority": "P0"}},
+    }
+
+
+def _limit_after_load(sim: Simulator, workdir: Path, hanging: bool) -> float:
+    """8 callers for 4 s against an adaptive pool starting at 2; with ``hanging``, every
+    other call is one Bedrock does not answer within Sluice's 0.3 s read timeout (the
+    simulator's latency for 4,000 output tokens at this scale, ~0.7 s). The limit after."""
+    pool = f"p{uuid.uuid4().hex[:8]}"
+    sluice = Sluice(workdir, upstream=sim.url, policy=_brownout_policy(pool))
+    try:
+        client = bedrock_client(sluice.url)
+        slow = {"maxTokens": 4096}
+        deadline = time.monotonic() + 4
+
+        def caller(i: int) -> list[int]:
+            got = []
+            while time.monotonic() < deadline:
+                hang = hanging and i % 2 == 0
+                text = "[[sim:output_tokens=4000]] go" if hang else "[[sim:output_tokens=5]] hi"
+                try:
+                    client.converse(
+                        modelId=HAIKU,
+                        messages=[{"role": "user", "content": [{"text": text}]}],
+                        inferenceConfig=slow if hang else {"maxTokens": 16},
+                    )
+                    got.append(200)
+                except ClientError as exc:
+                    got.append(int(exc.response["ResponseMetadata"]["HTTPStatusCode"]))
+                    time.sleep(0.02)
+            return got
+
+        with ThreadPoolExecutor(8) as callers:
+            statuses = [s for got in callers.map(caller, range(8)) for s in got]
+        assert 200 in statuses and 429 in statuses, statuses  # served, and refused: demand
+        assert (408 in statuses) is hanging, statuses
+        return metric_value(sluice.metrics(), "sluice_adaptive_limit", pool=pool)
+    finally:
+        sluice.stop()
+
+
+def test_calls_past_the_read_timeout_hold_the_limit(sim: Simulator, tmp_path: Path) -> None:
+    # Same run, same load, with and without the calls Bedrock leaves hanging: on fast calls
+    # alone the controller grows the limit (demand, p99 under target); with half of them
+    # timing out, their 0.3 s is over the 250 ms target and the limit holds, instead of
+    # growing into the brownout on the evidence of the fast half only.
+    assert _limit_after_load(sim, tmp_path / "fast", hanging=False) >= 6
+    assert _limit_after_load(sim, tmp_path / "hang", hanging=True) <= 3

@@ -31,7 +31,8 @@ from proxy.pipeline.call import THROTTLED, Call, Refused, Throttled
 from proxy.pipeline.requeue import Requeue
 from proxy.pipeline.respond import annotate, upstream_error_type
 from proxy.pipeline.retry import retryable
-from proxy.pipeline.tier_quota import TierQuotas
+from proxy.pipeline.settle import observe_attempt
+from proxy.pipeline.tier_quota import TierQuotas, on_pool_quota
 from proxy.pipeline.tiers import TIER_HEADER, apply_tier
 from proxy.routes import Route
 from proxy.upstream import KEEPALIVE_S, Upstream, returnable
@@ -136,14 +137,18 @@ class Forwarder:
             if choice is not None and choice.tier is not None:  # else no apply_tier call
                 body, headers = apply_tier(route.operation, body, headers, choice)
             attempt_sent = time.perf_counter()
-            upstream = await self.upstream.send(
-                request.method,
-                call.path or route.path,
-                route.query,
-                headers,
-                body,
-                read_timeout_s=call.read_timeout_s,
-            )
+            try:
+                upstream = await self.upstream.send(
+                    request.method,
+                    call.path or route.path,
+                    route.query,
+                    headers,
+                    body,
+                    read_timeout_s=call.read_timeout_s,
+                )
+            except BedrockError as exc:  # no answer: Sluice's own 408 or 503
+                self._unanswered(call, exc.status, time.perf_counter() - attempt_sent)
+                raise
             if upstream.status == 200:  # never retried (checked first: the usual answer)
                 return upstream
             if upstream.status == 429 and call.pool is not None:
@@ -157,6 +162,14 @@ class Forwarder:
                 return upstream
             call.retries += 1
             self.metrics.upstream_retries.labels(pool, error_type or str(upstream.status)).inc()
+
+    def _unanswered(self, call: Call, status: int, seconds: float) -> None:
+        """An attempt Bedrock never answered is still a sample for the controller and the
+        breaker: past the read timeout (408) a call at least that long, so a Bedrock that
+        hangs raises the controller's p99 instead of leaving only its fast calls to be
+        counted (the limit would grow into the brownout); unreachable (503), a failure."""
+        observe_attempt(self.backoff.adaptivity, call, status, on_pool_quota(call), seconds)
+        call.observed = call.retries  # (settle must not count it again)
 
     def _degradable(self, call: Call, status: int) -> bool:
         """Does a throttle that survived retries send this call down its workload's chain?"""
