@@ -159,7 +159,9 @@ def test_permanent_errors_dead_letter_at_first_attempt_and_replay_with_the_fixed
     done = wait_done(sluice.url, batch_id)
     assert done["failed"] == 6 and done["status"] == "completed"
     errors = output(sluice.url, batch_id)
-    assert {line["error"]["errorCode"] for line in errors} == {"ValidationException"}
+    assert {(e["error"]["errorCode"], e["error"]["errorType"]) for e in errors} == {
+        (400, "ValidationException")
+    }
     dlq = dead_letters(sluice.url, f"?batch={batch_id}")
     assert len(dlq) == 6
     assert {(d["reason"], d["attempts"]) for d in dlq} == {("ValidationException", 1)}

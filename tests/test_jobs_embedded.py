@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.jobs_helpers import (
     HAIKU,
+    call,
     dead_letters,
     jobs_policy,
     jsonl,
@@ -229,3 +230,41 @@ def test_a_malformed_model_id_is_refused_by_submit_and_replay_naming_it(
         assert "'modelId'" in json.loads(raw)["message"]
     code, _, raw = call(sluice.url, "GET", "/batches")
     assert code == 200 and json.loads(raw)["batches"] == []
+
+
+def test_cli_wait_fails_on_a_cancelled_batch_and_a_completed_one_cannot_be_cancelled(
+    tmp_path: Path, make_simulator: Any, make_sluice: Any
+) -> None:
+    sim = make_simulator({"latency_scale": 0.02})
+    policy = jobs_policy(jobs={"sqlite_path": str(tmp_path / "jobs.sqlite3")})
+    # A schedule closed all day: the records wait in the queue until the batch is cancelled.
+    policy["workloads"]["enrich"]["schedule"] = {
+        "windows": [{"start": "00:00", "end": "24:00", "concurrency": 0}]
+    }
+    sluice = make_sluice(upstream=sim.url, policy=policy)
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(jsonl([record(i) for i in range(5)]))
+    cmd = [sys.executable, "-m", "proxy", "batch", "submit", str(src), "--model", HAIKU,
+           "--url", sluice.url, "--workload", "enrich", "--wait"]  # fmt: skip
+    waiting = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(None), cwd=ROOT
+    )
+    try:
+        batch_id = waiting.stdout.readline().decode().strip()  # type: ignore[union-attr]
+        code, _, raw = call(sluice.url, "POST", f"/batches/{batch_id}/cancel")
+        assert code == 200 and json.loads(raw)["status"] == "cancelled", raw
+        _, err = waiting.communicate(timeout=30)
+    finally:
+        waiting.kill()
+    # `submit --wait && publish` must not publish a batch that never ran.
+    assert waiting.returncode == 4, err
+    assert f"{batch_id}: cancelled with 0 of 5 records done" in err.decode()
+
+    open_all_day = jobs_policy(jobs={"sqlite_path": str(tmp_path / "jobs2.sqlite3")})
+    served = make_sluice(upstream=sim.url, policy=open_all_day)
+    done_id = submit(served.url, [record(i) for i in range(3)])
+    assert wait_done(served.url, done_id)["status"] == "completed"
+    code, headers, raw = call(served.url, "POST", f"/batches/{done_id}/cancel")
+    assert code == 400 and headers["x-amzn-ErrorType"].startswith("ConflictException"), raw
+    assert "already completed (3 succeeded, 0 failed): nothing to cancel" in raw.decode()
+    assert status(served.url, done_id)["status"] == "completed"  # unchanged

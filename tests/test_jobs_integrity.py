@@ -148,9 +148,10 @@ def test_a_record_whose_model_a_reload_forbade_is_dead_lettered_not_sent(
         ("AccessDeniedException", "AccessDeniedException")
     }
     assert "may not call model pool 'sonnet' (allowed: haiku" in dlq[0]["errorMessage"]
-    assert {line["error"]["errorCode"] for line in output(sluice.url, batch_id)} == {
-        "AccessDeniedException"
-    }
+    assert {
+        (line["error"]["errorCode"], line["error"]["errorType"])
+        for line in output(sluice.url, batch_id)
+    } == {(403, "AccessDeniedException")}
     assert (
         metric_value(sluice.metrics(), "sluice_batch_records_total", outcome="dead_lettered") == 3
     )
@@ -284,15 +285,19 @@ def test_a_record_taken_over_past_max_attempts_is_dead_lettered_not_sent(
 def test_a_dead_letter_of_a_cancelled_batch_is_not_replayed_and_not_lost(
     store: str, tmp_path: Path, redis_factory: Any, make_simulator: Any, make_sluice: Any
 ) -> None:
-    sim = make_simulator({"latency_scale": 0.02})
+    sim = make_simulator({"latency_scale": 0.1})
     policy = jobs_policy(jobs={"sqlite_path": str(tmp_path / "jobs.sqlite3")})
     redis_url = redis_factory().url if store == "redis" else None
     sluice = make_sluice(upstream=sim.url, policy=policy, redis_url=redis_url)
-    batch_id = submit(sluice.url, [record(0, BAD), record(1)])
-    done = wait_done(sluice.url, batch_id)
-    assert (done["succeeded"], done["failed"]) == (1, 1)
-    code, _, _ = call(sluice.url, "POST", f"/batches/{batch_id}/cancel")
-    assert code == 200
+    # Cancelled while running: one record already dead-lettered, one still at the model
+    # (~3 s for 4,096 tokens at this latency scale). A completed batch cannot be cancelled.
+    slow = record(1, "[[sim:output_tokens=4096]] go", max_tokens=4096)
+    batch_id = submit(sluice.url, [record(0, BAD), slow])
+    wait_until(lambda: status(sluice.url, batch_id)["failed"] == 1, 30)
+    code, _, raw = call(sluice.url, "POST", f"/batches/{batch_id}/cancel")
+    assert code == 200, raw
+    # The call in flight finishes and keeps its line.
+    wait_until(lambda: status(sluice.url, batch_id)["succeeded"] == 1, 30)
 
     code, _, raw = call(sluice.url, "POST", f"/dlq/replay?batch={batch_id}")
     assert code == 200

@@ -56,8 +56,13 @@ def test_empty_body_is_refused() -> None:
 def test_output_lines_are_bedrock_shaped() -> None:
     ok = json.loads(success_line("r1", b'{"a":1}', b'{"content":[]}'))
     assert ok == {"recordId": "r1", "modelInput": {"a": 1}, "modelOutput": {"content": []}}
-    err = json.loads(error_line("r2", b"{}", "ValidationException", 'bad "model"'))
-    assert err["error"] == {"errorCode": "ValidationException", "errorMessage": 'bad "model"'}
+    err = json.loads(error_line("r2", b"{}", 400, "ValidationException", 'bad "model"'))
+    # Bedrock's errorCode is the HTTP status, a number; errorType is Sluice's own addition.
+    assert err["error"] == {
+        "errorCode": 400,
+        "errorMessage": 'bad "model"',
+        "errorType": "ValidationException",
+    }
 
 
 @pytest.mark.parametrize(

@@ -298,6 +298,14 @@ async def output(request: web.Request) -> web.StreamResponse:
 async def cancel(request: web.Request) -> web.Response:
     """Stop a batch: its waiting records are dropped, finished ones keep their lines."""
     meta = await _own_batch(request)
+    if meta.status == "completed":
+        # Cancelling it would change nothing but its status, and leave its dead letters
+        # unreplayable for good (a cancelled batch's records are not run again).
+        raise BedrockError(
+            "ConflictException",
+            f"batch '{meta.batch_id}' is already completed ({meta.succeeded} succeeded, "
+            f"{meta.failed} failed): nothing to cancel; its dead letters stay replayable",
+        )
     jobs = _jobs(request)
     done = await jobs.queue.cancel(meta.batch_id)
     assert done is not None

@@ -1,7 +1,8 @@
 """``sluice batch …``, ``sluice dlq …`` and ``sluice worker``: registered by ``proxy/cli.py``.
 
 Exit codes: 0 done; 1 Sluice refused (its message on stderr, with Retry-After when it
-gave one); 2 bad usage or unreadable file; 3 ``--wait`` saw records fail.
+gave one); 2 bad usage or unreadable file; 3 ``--wait`` saw records fail; 4 ``--wait`` saw
+the batch cancelled before every record ran.
 """
 
 from __future__ import annotations
@@ -148,6 +149,14 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     final = wait(client, accepted["batchId"])
+    if final["status"] == "cancelled":
+        # A script running `submit --wait && publish` must not publish half a batch.
+        done = final["succeeded"] + final["failed"]
+        print(
+            f"{accepted['batchId']}: cancelled with {done} of {final['records']} records done",
+            file=sys.stderr,
+        )
+        return 4
     return 3 if final["failed"] else 0
 
 

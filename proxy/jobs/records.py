@@ -97,9 +97,11 @@ def success_line(record_id: str, model_input: bytes, model_output: bytes) -> byt
     )
 
 
-def error_line(record_id: str, model_input: bytes, code: str, message: str) -> bytes:
-    """An output line for a record that failed, in Bedrock's ``error`` shape."""
-    error = orjson.dumps({"errorCode": code, "errorMessage": message})
+def error_line(record_id: str, model_input: bytes, status: int, code: str, message: str) -> bytes:
+    """An output line for a record that failed, in Bedrock's ``error`` shape: ``errorCode``
+    is the HTTP status, a number, as Bedrock writes it (parsers of its output read it as
+    one); ``errorType``, the exception's name, is Sluice's own addition."""
+    error = orjson.dumps({"errorCode": status, "errorMessage": message, "errorType": code})
     return (
         b'{"recordId":'
         + orjson.dumps(record_id)

@@ -281,7 +281,7 @@ class Worker:
         except BedrockError as exc:
             self.admission.settle(grant, 0)
             await self._dead(
-                c, meta, model, exc.error_type, exc.error_type, exc.message, c.attempts
+                c, meta, model, exc.error_type, exc.error_type, exc.message, c.attempts, exc.status
             )
             return None
         self._estimates[c.stream] = tokens
@@ -356,11 +356,13 @@ class Worker:
                     c, line, (out.usage.input_tokens, out.usage.output_tokens)
                 )
             if not is_retryable(out.status, out.error_type):
-                await self._dead(c, meta, model, out.code, out.code, out.message, attempts)
+                await self._dead(
+                    c, meta, model, out.code, out.code, out.message, attempts, out.status
+                )
                 return None
             if attempts >= rule.max_attempts:
                 await self._dead(
-                    c, meta, model, "retries_exhausted", out.code, out.message, attempts
+                    c, meta, model, "retries_exhausted", out.code, out.message, attempts, out.status
                 )
                 return None
             if out.error_type in CREDENTIAL_TYPES:
@@ -454,7 +456,10 @@ class Worker:
         code: str,
         message: str,
         attempts: int,
+        status: int = 500,
     ) -> None:
+        """Dead-letter the record; ``status`` is its output line's ``errorCode`` (500 when
+        no answer says otherwise: an attempt interrupted by its worker's death)."""
         entry = DeadLetter(
             dlq_id=_new_id(c.stream.pool),
             batch_id=c.batch_id,
@@ -469,7 +474,7 @@ class Worker:
             model_input=c.model_input,
             at_ms=int(time.time() * 1000),
         )
-        line = error_line(c.record_id, c.model_input, code, message)
+        line = error_line(c.record_id, c.model_input, status, code, message)
         if await self.queue.dead_letter(c, entry, line):
             self.metrics.records.labels(c.stream.workload, "dead_lettered").inc()
             # Never prompt bodies in logs: ids, reason and the upstream error only.
