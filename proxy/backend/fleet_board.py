@@ -53,6 +53,15 @@ async def publish_snapshot(
     return bool(claimed)
 
 
+async def withdraw_snapshot(client: Redis | RedisCluster, fleet: str, instance: str) -> None:
+    """Take an instance that is shutting down out of the fleet view."""
+    members, prefix, _ = _keys(fleet)
+    pipe = client.pipeline(transaction=False)
+    pipe.delete(prefix + instance)
+    pipe.zrem(members, instance)
+    await pipe.execute()
+
+
 async def append_history(
     client: Redis | RedisCluster, fleet: str, point: dict[str, Any], keep: int
 ) -> None:

@@ -17,12 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from proxy.backend.client import FAILURES, Redis, RedisCluster
 from proxy.backend.keys import DEFAULT_FLEET, policy_keys
 from proxy.backend.lua import load_script
-from proxy.config import Policy, PolicyError, parse_policy
+from proxy.config import Policy, parse_yaml
 
 
 def sha_of(text: str) -> str:
@@ -32,11 +30,7 @@ def sha_of(text: str) -> str:
 
 def parse_text(text: str, source: str) -> Policy:
     """Validate a policy document; raise :class:`PolicyError` with ``policy check``'s messages."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
-    return parse_policy(data, source)
+    return parse_yaml(text, source)
 
 
 def _s(value: bytes | str) -> str:
@@ -94,6 +88,11 @@ class PolicyVersions:
         """The version in force, or None when the fleet has none yet."""
         raw = await self.client.get(self._current)
         return int(raw) if raw is not None else None
+
+    async def sha(self, number: int) -> str | None:
+        """A stored version's sha (one small read: instances check it every second)."""
+        raw = await self.client.hget(f"{self._prefix}:v:{number}", "sha")
+        return _s(raw) if raw is not None else None
 
     async def get(self, number: int) -> Version | None:
         """A stored version, or None."""

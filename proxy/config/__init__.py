@@ -48,7 +48,8 @@ __all__ = [
     "CacheRule", "Connections", "Identity", "InputBudget", "Jobs", "Limits", "ModelPool", "Name",
     "PauseRule", "Policy", "PolicyError", "PositiveFloat", "PositiveInt", "PriorityClass",
     "Retry", "Schedule", "ScheduleWindow", "SecretRef", "Server", "Share", "Template", "TierName",
-    "TierPrice", "UpstreamTimeout", "Workload", "load_policy", "parse_policy",
+    "TierPrice", "UpstreamTimeout", "Workload", "load_policy", "parse_policy", "parse_yaml",
+    "read_text",
 ]  # fmt: skip
 
 #: Where the packaged default policy lives (used when no --config is given).
@@ -78,17 +79,52 @@ def parse_policy(data: Any, source: str = "<policy>") -> Policy:
         return Policy.model_validate(data)
     except ValidationError as exc:
         raise PolicyError(_format(source, exc)) from None
+    except RecursionError:
+        raise PolicyError(f"{source}: nested too deeply to be a policy") from None
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    one silently, so a second ``haiku:`` pool or workload would erase the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base loader says so itself
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, source: str) -> Policy:
+    """Parse and validate a policy document's text (``policy check``'s messages)."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeys)  # (a subclass of the safe loader)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise PolicyError(f"{source}: nested too deeply to be a policy") from None
+    return parse_policy(data, source)
+
+
+def read_text(file: Path) -> str:
+    """A policy file's text; :class:`PolicyError` when unreadable or not UTF-8."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{file}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{file}: not UTF-8 text (byte {exc.start})") from None
 
 
 def load_policy(path: str | Path | None) -> Policy:
     """Read and validate a policy file (the packaged default when ``path`` is None)."""
     file = Path(path) if path is not None else DEFAULT_POLICY
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PolicyError(f"{file}: cannot read: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{file}: not valid YAML: {exc}") from None
-    return parse_policy(data, str(file))
+    return parse_yaml(read_text(file), str(file))

@@ -6,7 +6,14 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from proxy.config.fields import Name, PositiveFloat, PositiveInt, Strict, TierName
+from proxy.config.fields import (
+    Name,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    Strict,
+    TierName,
+)
 
 
 class Limits(Strict):
@@ -51,8 +58,8 @@ class Breaker(Strict):
 class TierPrice(Strict):
     """What Bedrock charges on one service tier, in USD per million tokens."""
 
-    input_per_million: Annotated[float, Field(ge=0)]
-    output_per_million: Annotated[float, Field(ge=0)]
+    input_per_million: NonNegativeFloat
+    output_per_million: NonNegativeFloat
 
 
 class ModelPool(Limits):
@@ -60,7 +67,7 @@ class ModelPool(Limits):
 
     #: Foundation-model ids (inference-profile ids like ``us.<id>`` and ARNs naming them
     #: match automatically) and any opaque ids/ARNs, e.g. application inference profiles.
-    ids: list[str] = Field(min_length=1)
+    ids: list[Annotated[str, Field(pattern=r"^\S+$")]] = Field(min_length=1)
     #: Bedrock's output-token burndown: 5 for Claude 3.7 / 4-series, 1 for others.
     output_token_weight: PositiveFloat = 1.0
     #: Reserved for output when a request sets no max_tokens (Bedrock reserves the model max).

@@ -102,14 +102,28 @@ def _shared_access_keys(policy: Policy) -> list[str]:
     return problems
 
 
+def _named(model_id: str) -> str:
+    """What an id names, ARN or not: ``arn:...:foundation-model/X`` is ``X`` and
+    ``arn:...:inference-profile/us.X`` is ``us.X`` (a cross-region profile keeps its prefix:
+    Bedrock gives it a quota of its own, so it may have a pool of its own)."""
+    if model_id.startswith("arn:"):
+        _, slash, resource = model_id.partition("/")
+        if slash and resource:
+            return resource
+    return model_id
+
+
 def _shared_model_ids(policy: Policy) -> list[str]:
     problems = []
-    owner: dict[str, str] = {}
+    owner: dict[str, tuple[str, str]] = {}
     for name, pool in policy.models.items():
         for model_id in pool.ids:
-            if model_id in owner:
+            named = _named(model_id)
+            if named in owner:
+                first_pool, first_id = owner[named]
+                same = "" if first_id == model_id else f" (as '{first_id}')"
                 problems.append(
-                    f"models.{name}.ids: '{model_id}' already belongs to pool '{owner[model_id]}'"
+                    f"models.{name}.ids: '{model_id}' already belongs to pool '{first_pool}'{same}"
                 )
-            owner[model_id] = name
+            owner[named] = (name, model_id)
     return problems

@@ -6,14 +6,14 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from proxy.config.fields import PositiveFloat, PositiveInt, Strict
+from proxy.config.fields import MAX_NUMBER, NonNegativeFloat, PositiveFloat, PositiveInt, Strict
 
 
 class UpstreamTimeout(Strict):
     """Upstream read timeout proportional to input size: base + per 1K tokens, capped."""
 
     base_seconds: PositiveFloat = 10.0
-    per_1k_input_tokens_seconds: Annotated[float, Field(ge=0)] = 1.0
+    per_1k_input_tokens_seconds: NonNegativeFloat = 1.0
     max_seconds: PositiveFloat = 25.0
 
 
@@ -50,7 +50,7 @@ class Connections(Strict):
     #: Requests still sending their body (so not yet identified) at once per instance.
     max_unauthenticated_requests: PositiveInt = 256
     #: Longest request line or header line (nginx large_client_header_buffers: 8 KiB).
-    max_header_line_bytes: Annotated[int, Field(ge=256)] = 8190
+    max_header_line_bytes: Annotated[int, Field(ge=256, le=MAX_NUMBER)] = 8190
     #: Most header lines in one request.
     max_headers: PositiveInt = 128
 
@@ -75,7 +75,9 @@ class Server(Strict):
 
     region: str | None = None
     max_body_bytes: PositiveInt = 20 * 1024 * 1024
-    lease_ttl_seconds: PositiveFloat = 30.0
+    #: From a tenth of a second (heartbeats renew at a third of it) to a day: outside that the
+    #: lease arithmetic (milliseconds, in Redis integers) breaks, and every call failed.
+    lease_ttl_seconds: Annotated[float, Field(ge=0.1, le=86400, allow_inf_nan=False)] = 30.0
     upstream_connect_timeout_seconds: PositiveFloat = 5.0
     upstream_read_timeout_seconds: PositiveFloat = 300.0
     store_timeout_ms: PositiveInt = 250

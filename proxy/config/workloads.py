@@ -7,7 +7,15 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from proxy.config.fields import Name, PositiveFloat, PositiveInt, Share, Strict, TierName
+from proxy.config.fields import (
+    Name,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Share,
+    Strict,
+    TierName,
+)
 from proxy.config.pools import Limits
 
 
@@ -33,7 +41,7 @@ class ScheduleWindow(Strict):
 
     start: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
     end: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-4]):[0-5][0-9]$")]
-    concurrency: Annotated[int, Field(ge=0)]
+    concurrency: NonNegativeInt
 
 
 class Schedule(Strict):
@@ -121,7 +129,7 @@ class Workload(Strict):
     #: behind API Gateway it is 29 s). Sluice never retries past it.
     deadline_seconds: PositiveFloat = 60.0
     #: Wait up to this long for capacity instead of being refused at once.
-    max_wait_ms: Annotated[int, Field(ge=0)] = 0
+    max_wait_ms: NonNegativeInt = 0
     schedule: Schedule | None = None
     pause: PauseRule | None = None
     #: The service tier for this workload's calls (overrides its class's and pool's).

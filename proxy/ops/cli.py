@@ -17,8 +17,8 @@ from typing import Any
 
 from proxy.backend.client import FAILURES, redis_client
 from proxy.backend.keys import DEFAULT_FLEET
-from proxy.backend.versions import PolicyVersions, Version, diff, parse_text
-from proxy.config import PolicyError
+from proxy.backend.versions import PolicyVersions, Version, diff, parse_text, sha_of
+from proxy.config import PolicyError, read_text
 from proxy.ops.fleetview import read_fleet
 from proxy.ops.reload import author
 from proxy.ops.view import runs
@@ -47,9 +47,11 @@ def register(
     apply.add_argument("file")
     apply.add_argument("--note", default="", help="why (shown by history)")
     history = policy_sub.add_parser("history", help="list the fleet's policy versions")
-    history.add_argument("--limit", type=int, default=20)
+    history.add_argument("--limit", type=_at_least_one, default=20)
     rollback = policy_sub.add_parser("rollback", help="re-apply an earlier version")
-    rollback.add_argument("version", nargs="?", type=int, help="default: the one replaced last")
+    rollback.add_argument(
+        "version", nargs="?", type=_at_least_one, help="default: the one replaced last"
+    )
     pdiff = policy_sub.add_parser("diff", help="diff two versions (default: previous, current)")
     pdiff.add_argument("a", nargs="?", type=int)
     pdiff.add_argument("b", nargs="?", type=int)
@@ -113,12 +115,26 @@ async def _publish(
     number, _ = await versions.apply(text, author(), note)
     was = f"v{before.number}" if before else "none"
     print(f"policy v{number} applied to fleet '{versions.fleet}' from {source} (was {was})")
-    return await _confirm(versions, number, wait_s) if wait_s > 0 else 0
+    return await _confirm(versions, number, sha_of(text), wait_s) if wait_s > 0 else 0
 
 
-async def _confirm(versions: PolicyVersions, number: int, wait_s: float) -> int:
-    """Watch the fleet view until every live member runs ``number`` (each reports once a
-    second), or ``wait_s`` passes; say which members lag and what they run."""
+def _at_least_one(text: str) -> int:
+    """A version number or count: a whole number from 1 (0 read as "none given" before)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+async def _confirm(versions: PolicyVersions, number: int, sha: str, wait_s: float) -> int:
+    """Watch the fleet view until every live member runs ``number`` with ``sha`` (each
+    reports once a second), or ``wait_s`` passes; say which members lag and what they run.
+
+    The sha too: after Redis lost its data the numbers start again at 1, and an instance
+    still running the old v1 must not count as running the new one."""
     started = time.monotonic()
     while True:
         view = await read_fleet(versions.client, versions.fleet)
@@ -126,13 +142,18 @@ async def _confirm(versions: PolicyVersions, number: int, wait_s: float) -> int:
         # start-up still runs its file (source: its path) and must show as behind, not
         # vanish from the count. Only --no-fleet instances, which never follow, are left out.
         members = [i for i in view.instances if not i.own_file]
-        behind = [i for i in members if (i.policy_source, i.policy_version) != ("redis", number)]
+        on = ("redis", number, sha)
+        behind = [i for i in members if (i.policy_source, i.policy_version, i.policy_sha) != on]
         elapsed = time.monotonic() - started
-        if not behind or elapsed >= wait_s:
+        if (members and not behind) or elapsed >= wait_s:  # (none yet: keep waiting)
             break
         await asyncio.sleep(0.25)
     total = len(members)
     print(f"{total - len(behind)}/{total} instances on v{number} after {elapsed:.1f} s")
+    if not total:
+        # Nothing confirmed it: no instance runs, or none can publish its snapshot.
+        print(f"  no instance of fleet '{versions.fleet}' reports to Redis", file=sys.stderr)
+        return 1
     for i in behind:
         print(
             f"  {i.id} still on {runs(i.policy_version, i.policy_sha, i.policy_source)}",
@@ -146,11 +167,8 @@ async def _confirm(versions: PolicyVersions, number: int, wait_s: float) -> int:
 
 async def _apply(versions: PolicyVersions, args: argparse.Namespace) -> int:
     try:
-        text = await asyncio.to_thread(Path(args.file).read_text, encoding="utf-8")
+        text = await asyncio.to_thread(read_text, Path(args.file))
         policy = parse_text(text, args.file)  # the messages `policy check` prints
-    except OSError as exc:
-        print(f"{args.file}: cannot read: {exc.strerror or exc}", file=sys.stderr)
-        return 2
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -19,7 +19,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from proxy.backend.client import FAILURES, Redis, RedisCluster
-from proxy.backend.fleet_board import append_history, publish_snapshot, read_board
+from proxy.backend.fleet_board import (
+    append_history,
+    publish_snapshot,
+    read_board,
+    withdraw_snapshot,
+)
 from proxy.backend.versions import PolicyVersions
 from proxy.control.fleet import N_BUCKETS, quantile_ms
 from proxy.ops.snapshot import Snapshots
@@ -235,6 +240,11 @@ class FleetBoard:
         if self._task is not None:
             await stop_tasks([self._task], "fleet board")
         if self._client is not None:
+            # Leave the fleet at once: otherwise `policy apply --wait` counts this instance
+            # as behind until its snapshot expires (10 s).
+            with contextlib.suppress(*_FAILURES):
+                async with asyncio.timeout(1.0):
+                    await withdraw_snapshot(self._client, self.fleet, self.snapshots.instance_id)
             await self._client.aclose()
 
     async def view(self) -> FleetView:
@@ -256,6 +266,11 @@ class FleetBoard:
                 if not self._down:
                     self._down = True
                     log.warning(f"fleet view: cannot publish to Redis: {exc!r}")
+            except Exception:  # a defect: logged, and the board ticks on (it used to end
+                # silently, leaving this instance out of the fleet view for good)
+                if not self._down:
+                    self._down = True
+                    log.exception("fleet view: cannot publish this instance's snapshot")
 
     async def _publish(self, snap: dict[str, Any]) -> None:
         now = time.time()

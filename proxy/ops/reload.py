@@ -207,12 +207,20 @@ class Reloader:
         number = await self.versions.current_number()
         self._store_down = False
         force, self._force = self._force, False
-        if number is None or (number in (self.loaded.version, self._bad) and not force):
+        if number is None:
+            return
+        # A version is its number and its sha: after Redis lost its data the numbers start
+        # again at 1, and a new v1 must not pass for the old one this instance runs.
+        sha = await self.versions.sha(number)
+        tag = f"v{number}:{sha}"
+        if sha is None or (
+            not force and tag in (f"v{self.loaded.version}:{self.loaded.sha}", self._bad)
+        ):
             return
         stored = await self.versions.get(number)
         if stored is None:
             return
-        compiled = self._compile(stored.text, f"policy v{number}", number)
+        compiled = self._compile(stored.text, f"policy v{number}", tag)
         if compiled is not None:
             await self.install(
                 compiled, Loaded(number, stored.sha, stored.author, time.time(), "redis")
