@@ -12,6 +12,8 @@ Key layout (``{<pool>}`` is the Cluster hash tag, so each script touches one slo
     sluice:{<pool>}<F>:dlq:n                  hash    "<workload>\\t<reason>" -> count
     sluice<F>:jobs:streams                    set     "<pool>\\t<workload>" of every stream
     sluice<F>:jobs:batches                    zset    batch id -> created ms (listing)
+    sluice<F>:jobs:room:<workload>            hash    batch id -> "<records> <expires ms>":
+                                                      submits in progress (the queue cap)
 
 ``<F>`` is empty for the default fleet and ``:fleet:<name>`` for any other
 (:func:`~proxy.backend.keys.job_fleet_segment`): a fleet drains, lists and replays only
@@ -21,6 +23,11 @@ A submit registers its batch as ``submitting`` first, writes its records, then f
 to ``running`` (:file:`scripts/job_submit_state.lua`); a failed one removes what it wrote.
 Workers never run a record of a ``submitting`` batch, so a submit that fails half-way (Redis
 at ``maxmemory``, a timeout) leaves nothing a worker would ever drain.
+
+A submit checked against ``batch.max_queued_records`` holds room for its records first
+(:file:`scripts/job_room.lua`, one key per workload: a workload's streams are in as many
+Cluster slots as it has pools, so no one script can count them) and frees it once its
+records are in; of two concurrent submits the later one to hold room counts the other's.
 
 A record costs one claim script (XPENDING/XCLAIM or XREADGROUP, plus the attempt
 count) and one completion script (HSETNX the line, counters, XACK, XDEL) besides its
@@ -44,9 +51,11 @@ from proxy.backend.keys import KEY_PREFIX, job_fleet_segment, pool_tag
 from proxy.backend.runner import ScriptRunner, why
 from proxy.jobs.queue import (
     GROUP,
+    SUBMIT_GRACE_MS,
     BatchMeta,
     Claimed,
     DeadLetter,
+    QueueFull,
     QueueUnavailable,
     ReplayOutcome,
     Stream,
@@ -60,7 +69,7 @@ T = TypeVar("T")
 _CHUNK = 2000
 _SCRIPTS = (
     "job_claim", "job_has_work", "job_renew", "job_finish", "job_finish_next", "job_replay",
-    "job_submit_state",
+    "job_submit_state", "job_discard", "job_room",
 )  # fmt: skip
 _SUBMITTING = "submitting"
 #: What a failed submit may do with what it wrote (RedisQueue._claim_undo).
@@ -87,6 +96,9 @@ class _Keys:
 
     def batch(self, pool: str, batch_id: str) -> str:
         return f"{self.tag(pool)}:batch:{batch_id}"
+
+    def room(self, workload: str) -> str:
+        return f"{KEY_PREFIX}{self._fleet}:jobs:room:{workload}"
 
 
 def _text(value: Any) -> str:
@@ -172,7 +184,54 @@ class RedisQueue:
         """Close the connection pool and the script runner's connections."""
         await self._runner.aclose()
 
-    async def submit(self, meta: BatchMeta, records: list[Record]) -> None:
+    async def submit(
+        self, meta: BatchMeta, records: list[Record], max_queued: int | None = None
+    ) -> None:
+        """:meth:`_submit`, holding room against ``max_queued`` (see the module docstring)
+        from before the depth is read until every record is in (or removed)."""
+        if max_queued is None:
+            await self._submit(meta, records)
+            return
+        await self._hold_room(meta, len(records), max_queued)
+        try:
+            await self._submit(meta, records)
+        finally:
+            await self._free_room(meta)
+
+    async def _hold_room(self, meta: BatchMeta, incoming: int, cap: int) -> None:
+        """Hold room for ``incoming`` records, or raise QueueFull (holding nothing)."""
+        args = [meta.batch_id, incoming, SUBMIT_GRACE_MS]
+        held = int(await self._script("room", [self._keys.room(meta.workload)], args))
+        try:
+            queued = held + await self._queued(meta.workload)
+        except BaseException:
+            await self._free_room(meta)
+            raise
+        if queued + incoming > cap:
+            await self._free_room(meta)
+            raise QueueFull(queued)
+
+    async def _queued(self, workload: str) -> int:
+        """Records in the workload's streams (waiting, in flight, or still submitting)."""
+        streams = [s for s in await self.streams() if s.workload == workload]
+        lengths = [
+            await self._call(self._client.xlen(self._keys.stream(s)), "depth") for s in streams
+        ]
+        return sum(int(n) for n in lengths)
+
+    async def _free_room(self, meta: BatchMeta) -> None:
+        """Best effort: room not freed (the store is down) lapses after SUBMIT_GRACE_MS."""
+        try:
+            await self._call(
+                self._client.hdel(self._keys.room(meta.workload), meta.batch_id), "room"
+            )
+        except Exception as exc:  # the submit's own outcome is what its caller gets
+            log.warning(
+                "a batch submit could not free the room it held under the queue cap",
+                extra={"fields": {"batch_id": meta.batch_id, "error": why(exc)}},
+            )
+
+    async def _submit(self, meta: BatchMeta, records: list[Record]) -> None:
         """Batch registered as ``submitting``, every record pipelined in chunks, then flipped
         to ``running``: durable on return; on failure what was written is removed.
 
@@ -480,6 +539,30 @@ class RedisQueue:
             raw = await self._call(self._client.hvals(f"{self._keys.tag(pool)}:dlq"), "dlq")
             out.extend(_dead_letter(r) for r in raw)
         return sorted(out, key=lambda d: d.at_ms)
+
+    async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
+        """HGETALL of every pool's ``dlq:n`` (kept by the scripts that add and remove)."""
+        counts: dict[tuple[str, str], int] = {}
+        for pool in sorted({s.pool for s in await self.streams()}):
+            h = await self._call(self._client.hgetall(f"{self._keys.tag(pool)}:dlq:n"), "dlq")
+            for field, n in h.items():
+                workload, _, reason = _text(field).partition("\t")
+                counts[workload, reason] = counts.get((workload, reason), 0) + int(n)
+        return counts
+
+    async def discard(self, entries: list[DeadLetter]) -> list[DeadLetter]:
+        """One script per pool and chunk: HDEL each entry, its count with it."""
+        by_id = {e.dlq_id: e for e in entries}
+        dropped: list[DeadLetter] = []
+        for pool in sorted({e.pool for e in entries}):
+            mine = [e for e in entries if e.pool == pool]
+            tag = self._keys.tag(pool)
+            for start in range(0, len(mine), _CHUNK):
+                args = [a for e in mine[start : start + _CHUNK]
+                        for a in (e.dlq_id, f"{e.workload}\t{e.reason}")]  # fmt: skip
+                ids = await self._script("discard", [f"{tag}:dlq", f"{tag}:dlq:n"], args)
+                dropped += [by_id[_text(i)] for i in ids]
+        return dropped
 
     async def dead_letter_by_id(self, dlq_id: str) -> DeadLetter | None:
         """HGET by id (the id names its pool)."""

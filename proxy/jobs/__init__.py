@@ -10,6 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.jobs.api import add_routes
+from proxy.jobs.dlq_api import add_dlq_routes
 from proxy.jobs.runtime import JOBS, Jobs, lifecycle
 
 __all__ = ["JOBS", "Jobs", "install_jobs"]
@@ -20,4 +21,5 @@ def install_jobs(app: web.Application, redis_url: str | None, fleet: str | None)
     Bedrock catch-all route is added, after the app's own cleanup context); with Redis the
     queue is ``fleet``'s own."""
     add_routes(app)
+    add_dlq_routes(app)
     app.cleanup_ctx.append(lifecycle(redis_url, fleet))

@@ -12,7 +12,6 @@ import functools
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -22,7 +21,7 @@ from proxy.admission.gate import retry_headers
 from proxy.errors import BedrockError, from_exception
 from proxy.jobs.queue import (
     BatchMeta,
-    DeadLetter,
+    QueueFull,
     QueueUnavailable,
     SubmitOutcomeUnknown,
     new_id,
@@ -39,7 +38,8 @@ PREFIX = "/sluice/v1"
 _MIN_RETRY_S, _MAX_RETRY_S, _NO_RATE_RETRY_S = 1, 3600, 60
 
 
-def _jobs(request: web.Request) -> Jobs:
+def jobs_of(request: web.Request) -> Jobs:
+    """The Application's batch queue, workers and metrics."""
     return request.app[JOBS]
 
 
@@ -49,7 +49,7 @@ _WORKLOAD = web.RequestKey("sluice_workload", str)
 _QUEUE_DOWN_RETRY_MS = 1000
 
 
-def _answers(handler: Handler) -> Handler:
+def answers(handler: Handler) -> Handler:
     """Answer a :class:`BedrockError` (or an unreachable queue, 503) in Bedrock's shape."""
 
     @functools.wraps(handler)
@@ -82,14 +82,15 @@ def _answers(handler: Handler) -> Handler:
         except BedrockError as exc:
             error = exc
         workload = request.get(_WORKLOAD, "-")
-        _jobs(request).metrics_app.rejections.labels(error.error_type, workload).inc()
+        jobs_of(request).metrics_app.rejections.labels(error.error_type, workload).inc()
         return from_exception(error)
 
     return wrapped
 
 
-def _caller(request: web.Request, body: bytes = b"") -> Caller:
-    jobs = _jobs(request)
+def caller_of(request: web.Request, body: bytes = b"") -> Caller:
+    """Who calls, identified as a Bedrock call is (remembered for the refusal metric)."""
+    jobs = jobs_of(request)
     caller = identify(
         jobs.policy, request.method, request.host, request.raw_path, request.headers, body
     )
@@ -97,7 +98,8 @@ def _caller(request: web.Request, body: bytes = b"") -> Caller:
     return caller
 
 
-def _json(doc: object, status: int = 200) -> web.Response:
+def json_response(doc: object, status: int = 200) -> web.Response:
+    """``doc`` as a JSON answer."""
     return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
 
 
@@ -132,8 +134,8 @@ async def _status_doc(jobs: Jobs, meta: BatchMeta) -> dict[str, object]:
 
 
 async def _own_batch(request: web.Request) -> BatchMeta:
-    caller = _caller(request)
-    meta = await _jobs(request).queue.batch(request.match_info["batch_id"])
+    caller = caller_of(request)
+    meta = await jobs_of(request).queue.batch(request.match_info["batch_id"])
     # A batch still submitting was never answered 202: it does not exist for anyone yet.
     if meta is None or meta.submitting or meta.workload != caller.workload.name:
         raise BedrockError(
@@ -157,11 +159,11 @@ def _resolve_submit(
             "ValidationException",
             f"invocationType: '{invocation[:40]}' is not one of {', '.join(INVOCATIONS)}",
         )
-    _allowed_pool(policy, caller, model)
+    allowed_pool(policy, caller, model)
     return model, invocation
 
 
-def _allowed_pool(policy: CompiledPolicy, caller: Caller, model: str) -> PoolInfo:
+def allowed_pool(policy: CompiledPolicy, caller: Caller, model: str) -> PoolInfo:
     """The pool ``model`` runs on, if the caller's ``models:`` allow-list has it (else 403;
     a malformed or unknown model is refused as a live call's is). Submit and replay both
     ask here."""
@@ -177,28 +179,32 @@ def _allowed_pool(policy: CompiledPolicy, caller: Caller, model: str) -> PoolInf
     return pool
 
 
-async def _check_room(jobs: Jobs, workload: str, incoming: int) -> None:
-    """Refuse a submit that would queue more than ``batch.max_queued_records``."""
-    cap = jobs.policy.policy.workloads[workload].batch.max_queued_records
+def _check_size(workload: str, cap: int, incoming: int) -> None:
+    """Refuse a batch no queue could ever take whole (``batch.max_queued_records``)."""
     if incoming > cap:
         raise BedrockError(
             "ValidationException",
             f"batch of {incoming} records exceeds batch.max_queued_records ({cap}) of "
             f"workload '{workload}'; split it",
         )
-    queued, rate = 0, 0.0
+
+
+async def _queue_full(
+    jobs: Jobs, workload: str, cap: int, incoming: int, queued: int
+) -> BedrockError:
+    """The 429 for a submit the store found no room for, with Retry-After from the drain
+    rate (the store decided atomically; this only words the answer)."""
+    rate = 0.0
     for stream in await jobs.queue.streams():
         if stream.workload == workload:
-            queued += (await jobs.queue.depth(stream))[0]
             rate += await jobs.queue.drain_rate(stream)
-    excess = queued + incoming - cap
-    if excess <= 0:
-        return
+    excess = max(1, queued + incoming - cap)
     wait_s = math.ceil(excess / rate) if rate > 0 else _NO_RATE_RETRY_S
     wait_s = max(_MIN_RETRY_S, min(_MAX_RETRY_S, wait_s))
-    raise BedrockError(
+    return BedrockError(
         "ThrottlingException",
-        f"Too many requests: workload '{workload}' has {queued} batch records queued; "
+        f"Too many requests: workload '{workload}' has {queued} batch records queued or "
+        f"being submitted; "
         f"{incoming} more would exceed batch.max_queued_records ({cap}); draining at "
         f"{rate:.1f} records/s, retry in {wait_s} s",
         status=429,
@@ -222,19 +228,20 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@_answers
+@answers
 async def submit(request: web.Request) -> web.Response:
     """POST a Bedrock batch JSONL body; 202 once every record is durable."""
-    jobs = _jobs(request)
+    jobs = jobs_of(request)
     body = await _read_body(request, jobs.policy.policy.server.jobs.max_submit_bytes)
-    caller = _caller(request, body)
+    caller = caller_of(request, body)
     model, invocation = _resolve_submit(jobs.policy, request, caller)
     kind: Invocation = "converse" if invocation == "converse" else "invoke"
     try:
         records = parse_jsonl(body, kind)
     except BatchInputError as exc:
         raise BedrockError("ValidationException", f"batch input: {exc}") from None
-    await _check_room(jobs, caller.workload.name, len(records))
+    cap = jobs.policy.policy.workloads[caller.workload.name].batch.max_queued_records
+    _check_size(caller.workload.name, cap, len(records))
     pool = jobs.policy.resolve_pool(model)
     meta = BatchMeta(
         batch_id=new_id(pool.name),
@@ -245,22 +252,25 @@ async def submit(request: web.Request) -> web.Response:
         records=len(records),
         created_ms=int(time.time() * 1000),
     )
-    await jobs.queue.submit(meta, records)
+    try:
+        await jobs.queue.submit(meta, records, max_queued=cap)
+    except QueueFull as exc:
+        raise await _queue_full(jobs, meta.workload, cap, meta.records, exc.queued) from None
     jobs.submitted(meta)
-    return _json({"batchId": meta.batch_id, "records": meta.records}, status=202)
+    return json_response({"batchId": meta.batch_id, "records": meta.records}, status=202)
 
 
-@_answers
+@answers
 async def status(request: web.Request) -> web.Response:
     """Counts, oldest pending age, drain rate and ETA of one batch."""
     meta = await _own_batch(request)
-    return _json(await _status_doc(_jobs(request), meta))
+    return json_response(await _status_doc(jobs_of(request), meta))
 
 
-@_answers
+@answers
 async def listing(request: web.Request) -> web.Response:
     """The caller's batches, newest first."""
-    caller = _caller(request)
+    caller = caller_of(request)
     asked = request.query.get("workload", caller.workload.name)
     if asked != caller.workload.name:
         raise BedrockError(
@@ -268,16 +278,16 @@ async def listing(request: web.Request) -> web.Response:
             f"workload '{caller.workload.name}' may not list the batches of '{asked[:64]}'",
             status=403,
         )
-    jobs = _jobs(request)
+    jobs = jobs_of(request)
     metas = await jobs.queue.batches(caller.workload.name)
-    return _json({"batches": [await _status_doc(jobs, m) for m in metas]})
+    return json_response({"batches": [await _status_doc(jobs, m) for m in metas]})
 
 
-@_answers
+@answers
 async def output(request: web.Request) -> web.StreamResponse:
     """The output lines written so far (JSONL, streamed; partial while running)."""
     meta = await _own_batch(request)
-    lines = _jobs(request).queue.output(meta.batch_id)
+    lines = jobs_of(request).queue.output(meta.batch_id)
     first = await anext(lines, None)  # a store failure before any byte is a clean 503
     response = web.StreamResponse(headers={"Content-Type": "application/jsonl"})
     await response.prepare(request)
@@ -294,7 +304,7 @@ async def output(request: web.Request) -> web.StreamResponse:
     return response
 
 
-@_answers
+@answers
 async def cancel(request: web.Request) -> web.Response:
     """Stop a batch: its waiting records are dropped, finished ones keep their lines."""
     meta = await _own_batch(request)
@@ -306,7 +316,7 @@ async def cancel(request: web.Request) -> web.Response:
             f"batch '{meta.batch_id}' is already completed ({meta.succeeded} succeeded, "
             f"{meta.failed} failed): nothing to cancel; its dead letters stay replayable",
         )
-    jobs = _jobs(request)
+    jobs = jobs_of(request)
     done = await jobs.queue.cancel(meta.batch_id)
     assert done is not None
     # Cancelled records get no output line and no dead letter: say so once, with counts.
@@ -315,85 +325,14 @@ async def cancel(request: web.Request) -> web.Response:
         extra={"fields": {"batch_id": meta.batch_id, "workload": meta.workload,
                           "dropped_records": meta.pending}},
     )  # fmt: skip
-    return _json(await _status_doc(jobs, done))
-
-
-def _matching(request: web.Request, caller: Caller, entries: list[DeadLetter]) -> list[DeadLetter]:
-    q = request.query
-    return [
-        d
-        for d in entries
-        if d.workload == caller.workload.name
-        and q.get("reason") in (None, d.reason)
-        and q.get("batch") in (None, d.batch_id)
-    ]
-
-
-@_answers
-async def dlq_list(request: web.Request) -> web.Response:
-    """Dead letters of the caller's workload (``?reason=``, ``?batch=``)."""
-    caller = _caller(request)
-    entries = _matching(request, caller, await _jobs(request).queue.dead_letters())
-    return _json({"deadLetters": [d.to_json() for d in entries]})
-
-
-@_answers
-async def dlq_show(request: web.Request) -> web.Response:
-    """One dead letter, with its model input and the upstream error."""
-    caller = _caller(request)
-    entry = await _jobs(request).queue.dead_letter_by_id(request.match_info["dlq_id"])
-    if entry is None or entry.workload != caller.workload.name:
-        raise BedrockError(
-            "ResourceNotFoundException",
-            f"dead letter '{request.match_info['dlq_id']}' not found",
-            status=404,
-        )
-    return _json(entry.to_json())
-
-
-@_answers
-async def dlq_replay(request: web.Request) -> web.Response:
-    """Replay matching dead letters (``?reason= ?batch= ?modelId=``) into their batches.
-
-    ``modelId`` must be a model the workload may call, exactly as for a submit. A dead
-    letter of a cancelled (or deleted) batch stays where it is: the answer counts those
-    under ``skipped``, by reason.
-    """
-    caller = _caller(request)
-    jobs = _jobs(request)
-    model = request.query.get("modelId")
-    if model:
-        _allowed_pool(jobs.policy, caller, model)
-    entries = _matching(request, caller, await jobs.queue.dead_letters())
-    replayed = 0
-    skipped: Counter[str] = Counter()
-    for entry in entries:
-        outcome = await jobs.queue.replay(entry, model)
-        if outcome == "replayed":
-            replayed += 1
-            jobs.replayed(entry)
-            continue
-        skipped[outcome] += 1
-        jobs.metrics.replay_skipped.labels(entry.workload, outcome).inc()
-    if skipped:
-        log.warning(
-            "dead letters not replayed",
-            extra={"fields": {"workload": caller.workload.name, "replayed": replayed,
-                              **{f"skipped_{k}": v for k, v in sorted(skipped.items())}}},
-        )  # fmt: skip
-    return _json(
-        {"replayed": replayed, "skipped": skipped.total(), "skippedReasons": dict(skipped)}
-    )
+    return json_response(await _status_doc(jobs, done))
 
 
 def add_routes(app: web.Application) -> None:
-    """Mount the batch and dead-letter routes (before the Bedrock catch-all)."""
+    """Mount the batch routes (before the Bedrock catch-all)."""
     r = app.router
     r.add_post(f"{PREFIX}/batches", submit)
     r.add_get(f"{PREFIX}/batches", listing)
     r.add_get(PREFIX + "/batches/{batch_id}", status)
     r.add_get(PREFIX + "/batches/{batch_id}/output", output)
     r.add_post(PREFIX + "/batches/{batch_id}/cancel", cancel)
-    r.add_get(f"{PREFIX}/dlq", dlq_list)
-    r.add_post(f"{PREFIX}/dlq/replay", dlq_replay)
-    r.add_get(PREFIX + "/dlq/{dlq_id}", dlq_show)

@@ -58,7 +58,7 @@ class Client:
         return headers
 
     def request(
-        self, method: str, path: str, params: dict[str, str] | None = None, body: bytes = b""
+        self, method: str, path: str, params: dict[str, str | None] | None = None, body: bytes = b""
     ) -> bytes:
         """Send one request; raise :class:`ApiError` with Sluice's message on an error status."""
         query = urlencode({k: v for k, v in (params or {}).items() if v is not None})
@@ -81,7 +81,7 @@ class Client:
             kind = (exc.headers.get("x-amzn-ErrorType") or "Error").partition(":")[0]
             raise ApiError(exc.code, kind, message, exc.headers.get("Retry-After")) from None
 
-    def json(self, method: str, path: str, params: dict[str, str] | None = None) -> Any:
+    def json(self, method: str, path: str, params: dict[str, str | None] | None = None) -> Any:
         """A request whose answer is JSON."""
         return orjson.loads(self.request(method, path, params))
 

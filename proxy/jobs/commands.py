@@ -70,6 +70,15 @@ def _add_dlq(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show = ds.add_parser("show", help="one dead letter with its input and upstream error")
     show.add_argument("dlq_id")
     _common(show)
+    discard = ds.add_parser(
+        "discard",
+        help="drop dead letters for good (their records keep their error lines): one by id, "
+        "else every one matching the filters",
+    )
+    discard.add_argument("dlq_id", nargs="?")
+    discard.add_argument("--reason", help="e.g. ValidationException, retries_exhausted")
+    discard.add_argument("--batch", help="a batch id")
+    _common(discard)
 
 
 def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -165,11 +174,25 @@ def _dlq(client: Client, args: argparse.Namespace) -> int:
         _print(client.json("GET", f"/dlq/{args.dlq_id}"))
         return 0
     params = {"reason": args.reason, "batch": args.batch}
+    if args.dlq_command == "discard":
+        return _discard(client, args, params)
     if args.dlq_command == "list":
         _print(client.json("GET", "/dlq", params))
     else:
         params["modelId"] = args.model
         _print(client.json("POST", "/dlq/replay", params))
+    return 0
+
+
+def _discard(client: Client, args: argparse.Namespace, params: dict[str, str | None]) -> int:
+    if args.dlq_id is None:
+        _print(client.json("POST", "/dlq/discard", params))
+        return 0
+    if args.reason or args.batch:
+        # Filters next to an id would read as "this one, if it matches": refuse the doubt.
+        print("sluice dlq discard: give a dead-letter id or filters, not both", file=sys.stderr)
+        return 2
+    _print(client.json("DELETE", f"/dlq/{args.dlq_id}"))
     return 0
 
 

@@ -34,6 +34,15 @@ class SubmitOutcomeUnknown(BackendUnavailable):
         self.batch_id = batch_id
 
 
+class QueueFull(Exception):
+    """A submit would take its workload past ``batch.max_queued_records``; nothing of it was
+    written. ``queued`` counts the records already queued or being submitted."""
+
+    def __init__(self, queued: int) -> None:
+        super().__init__(f"{queued} records queued")
+        self.queued = queued
+
+
 #: How long a batch may stay ``submitting`` (its submit still writing records) before
 #: workers take its submit for dead and drop what it wrote. Far above the longest submit
 #: (``server.jobs.max_submit_bytes`` in chunks, each bounded by the store's timeout), so a
@@ -44,7 +53,8 @@ SUBMIT_GRACE_MS = 10 * 60 * 1000
 #: What :meth:`JobQueue.replay` did with one dead letter: ``replayed`` back into its batch's
 #: queue, or left where it is because its batch was cancelled (``batch_cancelled``: the
 #: cancel dropped its records, a replay must not bring one back only to drop it again) or no
-#: longer exists (``batch_gone``), or another replay took it first (``already_replayed``).
+#: longer exists (``batch_gone``), or a concurrent replay or discard took it first
+#: (``already_replayed``).
 ReplayOutcome = Literal["replayed", "batch_cancelled", "batch_gone", "already_replayed"]
 
 
@@ -175,11 +185,15 @@ class JobQueue(Protocol):
     async def close(self) -> None:
         """Close connections."""
 
-    async def submit(self, meta: BatchMeta, records: list[Record]) -> None:
+    async def submit(
+        self, meta: BatchMeta, records: list[Record], max_queued: int | None = None
+    ) -> None:
         """Store the batch and every record; returns only once all are durable.
 
         All or nothing for the workers: when it raises, no record of the batch is ever
         run (what was written is removed, or left ``submitting`` for workers to abandon).
+        With ``max_queued``, raises :class:`QueueFull` (nothing written) when the workload's
+        queued records and these would exceed it, decided atomically against other submits.
         """
 
     async def streams(self) -> list[Stream]:
@@ -251,8 +265,15 @@ class JobQueue(Protocol):
     async def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter (callers filter)."""
 
+    async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
+        """How many dead letters per (workload, reason), without reading any of them."""
+
     async def dead_letter_by_id(self, dlq_id: str) -> DeadLetter | None:
         """One dead letter."""
+
+    async def discard(self, entries: list[DeadLetter]) -> list[DeadLetter]:
+        """Drop dead letters for good (their records keep their error lines); returns those
+        this call dropped: one a concurrent replay or discard took first is not among them."""
 
     async def replay(self, entry: DeadLetter, model: str | None) -> ReplayOutcome:
         """Put a dead letter back in its batch's queue (its error line removed), unless its

@@ -23,6 +23,7 @@ from proxy.jobs.queue import (
     BatchMeta,
     Claimed,
     DeadLetter,
+    QueueFull,
     QueueUnavailable,
     ReplayOutcome,
     Stream,
@@ -42,10 +43,12 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_stream ON records (pool, workload, seq);
 CREATE TABLE IF NOT EXISTS outputs (
   batch TEXT, record_id TEXT, line BLOB, PRIMARY KEY (batch, record_id));
-CREATE TABLE IF NOT EXISTS dlq (id TEXT PRIMARY KEY, doc TEXT);
+CREATE TABLE IF NOT EXISTS dlq (id TEXT PRIMARY KEY, doc TEXT, workload TEXT, reason TEXT);
 CREATE TABLE IF NOT EXISTS rate (
   pool TEXT, workload TEXT, bucket INTEGER, n INTEGER, PRIMARY KEY (pool, workload, bucket));
 """
+#: The gauge counts dead letters from this index alone, never reading a document.
+_DLQ_INDEX = "CREATE INDEX IF NOT EXISTS dlq_counts ON dlq (workload, reason)"
 _META_COLUMNS = "id, workload, pool, model, inv, records, created, ok, err, status, in_tok, out_tok"
 
 
@@ -94,6 +97,7 @@ class SqliteQueue:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            _add_dlq_columns(db)
             self._db = db
         return self._db
 
@@ -123,12 +127,22 @@ class SqliteQueue:
             return empty
         return await self._run(fn)
 
-    async def submit(self, meta: BatchMeta, records: list[Record]) -> None:
-        """One transaction: the batch row and every record (a failure rolls back all of it,
-        so this store never has a ``submitting`` batch)."""
+    async def submit(
+        self, meta: BatchMeta, records: list[Record], max_queued: int | None = None
+    ) -> None:
+        """One transaction: the cap check, the batch row and every record (a failure rolls
+        back all of it, so this store never has a ``submitting`` batch)."""
         now = _now_ms()
 
         def fn(db: sqlite3.Connection) -> None:
+            if max_queued is not None:
+                # Inside the write transaction (BEGIN IMMEDIATE): two submits cannot both
+                # see the room only one of them fits in.
+                (queued,) = db.execute(
+                    "SELECT COUNT(*) FROM records WHERE workload = ?", (meta.workload,)
+                ).fetchone()
+                if queued + len(records) > max_queued:
+                    raise QueueFull(int(queued))
             db.execute(
                 "INSERT INTO batches (id, workload, pool, model, inv, records, created) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -298,7 +312,10 @@ class SqliteQueue:
             new = self._finish(db, claimed, line, False, (0, 0))
             if new:
                 doc = orjson.dumps(entry.to_json()).decode()
-                db.execute("INSERT INTO dlq (id, doc) VALUES (?, ?)", (entry.dlq_id, doc))
+                db.execute(
+                    "INSERT INTO dlq (id, doc, workload, reason) VALUES (?, ?, ?, ?)",
+                    (entry.dlq_id, doc, entry.workload, entry.reason),
+                )
             return new
 
         return await self._run(fn)
@@ -387,6 +404,25 @@ class SqliteQueue:
         )
         return sorted((_dead_letter(r[0]) for r in rows), key=lambda d: d.at_ms)
 
+    async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
+        """COUNT per (workload, reason) from the ``dlq_counts`` index (no document read)."""
+        rows: list[Any] = await self._read(
+            lambda db: db.execute(
+                "SELECT workload, reason, COUNT(*) FROM dlq GROUP BY workload, reason"
+            ).fetchall(),
+            [],
+        )
+        return {(w, r): int(n) for w, r, n in rows}
+
+    async def discard(self, entries: list[DeadLetter]) -> list[DeadLetter]:
+        """Delete the rows (one transaction); a row a replay deleted first is not counted."""
+
+        def fn(db: sqlite3.Connection) -> list[DeadLetter]:
+            delete = "DELETE FROM dlq WHERE id = ?"
+            return [e for e in entries if db.execute(delete, (e.dlq_id,)).rowcount == 1]
+
+        return await self._read(fn, [])
+
     async def dead_letter_by_id(self, dlq_id: str) -> DeadLetter | None:
         """One dead letter."""
         row = await self._read(
@@ -424,6 +460,26 @@ class SqliteQueue:
             return "replayed"
 
         return await self._run(fn)
+
+
+def _add_dlq_columns(db: sqlite3.Connection) -> None:
+    """Files written before dead letters were counted by column get the columns, filled
+    from their documents (once), and the index the gauge reads."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(dlq)")}
+        if "workload" not in columns:
+            db.execute("ALTER TABLE dlq ADD COLUMN workload TEXT")
+            db.execute("ALTER TABLE dlq ADD COLUMN reason TEXT")
+            db.execute(
+                "UPDATE dlq SET workload = json_extract(doc, '$.workload'), "
+                "reason = json_extract(doc, '$.reason')"
+            )
+        db.execute(_DLQ_INDEX)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _dead_letter(doc: str) -> DeadLetter:
