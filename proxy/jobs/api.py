@@ -8,6 +8,7 @@ visible only to it. Every refusal is Bedrock-shaped and counted in
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -107,7 +108,11 @@ async def _status_doc(jobs: Jobs, meta: BatchMeta) -> dict[str, object]:
     depth, age = await jobs.queue.depth(meta.stream)
     rate = await jobs.queue.drain_rate(meta.stream)
     pending = meta.pending
-    eta = None if pending == 0 or rate <= 0 else round(pending / rate, 1)
+    # The workload's queue on this pool drains in order, shared by its batches: this one is
+    # done once what was queued before it has drained too. Its own records alone at the
+    # queue's rate (as before) said "1 s" for a batch behind 1,460 others' (done in 108 s).
+    # The whole queue bounds it from above, and is exact for the newest batch.
+    eta = None if pending == 0 or rate <= 0 else round(max(depth, pending) / rate, 1)
     info = {
         "records": meta.records,
         "succeeded": meta.succeeded,
@@ -237,7 +242,8 @@ async def submit(request: web.Request) -> web.Response:
     model, invocation = _resolve_submit(jobs.policy, request, caller)
     kind: Invocation = "converse" if invocation == "converse" else "invoke"
     try:
-        records = parse_jsonl(body, kind)
+        # Off the event loop: a 100 MB file parses for ~0.4 s, and live calls must not wait.
+        records = await asyncio.to_thread(parse_jsonl, body, kind)
     except BatchInputError as exc:
         raise BedrockError("ValidationException", f"batch input: {exc}") from None
     cap = jobs.policy.policy.workloads[caller.workload.name].batch.max_queued_records
