@@ -22,6 +22,7 @@ from proxy.admission.gate import retry_headers
 from proxy.errors import BedrockError, from_exception
 from proxy.jobs.queue import (
     BatchMeta,
+    BatchRunning,
     DeadLetter,
     QueueUnavailable,
     SubmitOutcomeUnknown,
@@ -308,7 +309,8 @@ async def cancel(request: web.Request) -> web.Response:
         )
     jobs = _jobs(request)
     done = await jobs.queue.cancel(meta.batch_id)
-    assert done is not None
+    if done is None:  # deleted (on request or by retention) since it was read
+        raise _gone(request)
     # Cancelled records get no output line and no dead letter: say so once, with counts.
     log.warning(
         "batch cancelled",
@@ -316,6 +318,46 @@ async def cancel(request: web.Request) -> web.Response:
                           "dropped_records": meta.pending}},
     )  # fmt: skip
     return _json(await _status_doc(jobs, done))
+
+
+def _running(batch_id: str, detail: str) -> BedrockError:
+    return BedrockError(
+        "ConflictException",
+        f"batch '{batch_id}' is running ({detail}): cancel it first (POST "
+        f"{PREFIX}/batches/{batch_id}/cancel), then delete it; deleting it now would orphan "
+        "the records in flight",
+    )
+
+
+def _gone(request: web.Request) -> BedrockError:
+    return BedrockError(
+        "ResourceNotFoundException",
+        f"batch '{request.match_info['batch_id']}' not found for workload '{request[_WORKLOAD]}'",
+        status=404,
+    )
+
+
+@_answers
+async def delete(request: web.Request) -> web.Response:
+    """Delete a completed or cancelled batch: meta, output lines, records still queued
+    and dead letters; answers what was removed. A running batch is refused."""
+    meta = await _own_batch(request)
+    if meta.status == "running":
+        raise _running(meta.batch_id, f"{meta.pending} of {meta.records} records pending")
+    jobs = _jobs(request)
+    try:
+        removed = await jobs.queue.delete(meta.batch_id)
+    except BatchRunning:
+        raise _running(meta.batch_id, "a dead-letter replay restarted it") from None
+    if removed is None:  # deleted (on request or by retention) since it was read
+        raise _gone(request)
+    jobs.retention.deleted.labels("request").inc()
+    log.warning(
+        "batch deleted",
+        extra={"fields": {"batch_id": meta.batch_id, "workload": meta.workload,
+                          "was": meta.status, **removed.to_json()}},
+    )  # fmt: skip
+    return _json({"batchId": meta.batch_id, "status": "deleted", "deleted": removed.to_json()})
 
 
 def _matching(request: web.Request, caller: Caller, entries: list[DeadLetter]) -> list[DeadLetter]:
@@ -394,6 +436,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get(PREFIX + "/batches/{batch_id}", status)
     r.add_get(PREFIX + "/batches/{batch_id}/output", output)
     r.add_post(PREFIX + "/batches/{batch_id}/cancel", cancel)
+    r.add_delete(PREFIX + "/batches/{batch_id}", delete)
     r.add_get(f"{PREFIX}/dlq", dlq_list)
     r.add_post(f"{PREFIX}/dlq/replay", dlq_replay)
     r.add_get(PREFIX + "/dlq/{dlq_id}", dlq_show)
