@@ -15,6 +15,12 @@ Key layout (``{<pool>}`` is the Cluster hash tag, so each script touches one slo
     sluice<F>:jobs:room:<workload>            hash    batch id -> "<records> <expires ms>":
                                                       submits in progress (the queue cap)
 
+A batch that completes (its last record's line written) or is cancelled gets an expiry of
+``server.jobs.retention_hours`` on its hash and its output hash, in the script that
+finishes it: Redis deletes both, with no sweeper and across restarts. What cannot expire
+with it (its entry in the index, its dead letters in the pool's hash) is removed by
+:meth:`RedisQueue.sweep`, a bounded walk of the index every instance runs.
+
 ``<F>`` is empty for the default fleet and ``:fleet:<name>`` for any other
 (:func:`~proxy.backend.keys.job_fleet_segment`): a fleet drains, lists and replays only
 what was submitted to it, whatever other fleets share the Redis.
@@ -41,7 +47,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -50,11 +56,14 @@ from proxy.backend.client import FAILURES, ResponseError, redis_client
 from proxy.backend.keys import KEY_PREFIX, job_fleet_segment, pool_tag
 from proxy.backend.runner import ScriptRunner, why
 from proxy.jobs.queue import (
+    DEFAULT_RETENTION_S,
     GROUP,
     SUBMIT_GRACE_MS,
     BatchMeta,
+    BatchRunning,
     Claimed,
     DeadLetter,
+    Deleted,
     QueueFull,
     QueueUnavailable,
     ReplayOutcome,
@@ -69,8 +78,11 @@ T = TypeVar("T")
 _CHUNK = 2000
 _SCRIPTS = (
     "job_claim", "job_has_work", "job_renew", "job_finish", "job_finish_next", "job_replay",
-    "job_submit_state", "job_discard", "job_room",
+    "job_submit_state", "job_discard", "job_room", "job_cancel", "job_delete", "job_forget",
 )  # fmt: skip
+#: Index entries one sweep looks at, and dead letters one script call removes, at most.
+_SWEEP_IDS = 500
+_FORGET_CHUNK = 500
 _SUBMITTING = "submitting"
 #: What a failed submit may do with what it wrote (RedisQueue._claim_undo).
 _REMOVE, _RUNS, _UNKNOWN = "remove", "runs", "unknown"
@@ -149,8 +161,18 @@ def _dead_letter(raw: bytes | str) -> DeadLetter:
 class RedisQueue:
     """:class:`proxy.jobs.queue.JobQueue` on Redis or Redis Cluster."""
 
-    def __init__(self, url: str, *, fleet: str | None = None, timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        fleet: str | None = None,
+        timeout_s: float = 2.0,
+        retention_s: Callable[[], float] = lambda: DEFAULT_RETENTION_S,
+    ) -> None:
         self._keys = _Keys(fleet)
+        self._retention_s = retention_s
+        #: Rank in the batch index where the next sweep starts (it wraps round).
+        self._sweep_at = 0
         # Typed loosely: redis-py's stubs cannot express replies of our own scripts.
         self._client: Any = redis_client(url, timeout_s)
         self._timeout_s = timeout_s
@@ -166,6 +188,10 @@ class RedisQueue:
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """``scripts/job_<name>.lua`` (loaded on first use; raises QueueUnavailable)."""
         return await self._runner.run(f"job_{name}", keys, args)
+
+    def _keep_ms(self) -> int:
+        """The retention in force (read per call: a policy reload changes it)."""
+        return max(1, int(self._retention_s() * 1000))
 
     async def start(self) -> None:
         """Warn when Redis would lose accepted records on a restart (no AOF)."""
@@ -404,6 +430,7 @@ class RedisQueue:
     ) -> tuple[bool, Claimed | None]:
         """One script: finish ``claimed`` as succeeded and claim the stream's next record."""
         args = [GROUP, claimed.entry_id, claimed.record_id, line, "ok", *tokens, consumer, lease_ms]
+        args.append(self._keep_ms())
         new, res = await self._script("finish_next", self._finish_keys(claimed), args)
         return bool(new), _claimed(claimed.stream, res)
 
@@ -437,6 +464,7 @@ class RedisQueue:
         """One script: the line (if new), the counters, XACK and XDEL."""
         outcome = "skip" if line is None else ("ok" if ok else "err")
         args = [GROUP, claimed.entry_id, claimed.record_id, line or b"", outcome, *tokens]
+        args.append(self._keep_ms())
         res = await self._script("finish", self._finish_keys(claimed), args)
         return bool(res)
 
@@ -446,6 +474,7 @@ class RedisQueue:
         args = [
             GROUP, claimed.entry_id, claimed.record_id, line, "err", 0, 0,
             entry.dlq_id, orjson.dumps(entry.to_json()), f"{entry.workload}\t{entry.reason}",
+            self._keep_ms(),
         ]  # fmt: skip
         keys = [*self._finish_keys(claimed), f"{tag}:dlq", f"{tag}:dlq:n"]
         return bool(await self._script("finish", keys, args))
@@ -487,10 +516,9 @@ class RedisQueue:
         meta = await self.batch(batch_id)
         if meta is None:
             return None
-        await self._call(
-            self._client.hset(self._keys.batch(meta.pool, batch_id), "status", "cancelled"),
-            "cancel",
-        )
+        batch = self._keys.batch(meta.pool, batch_id)
+        if not await self._script("cancel", [batch, batch + ":out"], [self._keep_ms()]):
+            return None  # expired or deleted since it was read
         await self._drop_entries(meta.stream, batch_id)
         meta.cancelled = True
         return meta
@@ -509,6 +537,59 @@ class RedisQueue:
             if len(entries) < 1000:
                 return dropped
             start = "(" + _text(entries[-1][0])
+
+    async def delete(self, batch_id: str) -> Deleted | None:
+        """One script deletes the meta and output (refused while running), then the
+        records still queued, the dead letters and the index entry go."""
+        meta = await self.batch(batch_id)
+        if meta is None:
+            return None
+        batch = self._keys.batch(meta.pool, batch_id)
+        lines = int(await self._script("delete", [batch, batch + ":out"], []))
+        if lines == -2:
+            raise BatchRunning(batch_id)
+        if lines < 0:
+            return None
+        # From here on the batch is gone for every route and worker; if this stops half-way
+        # (Redis down), the sweep finds its index entry and finishes the job.
+        queued = await self._drop_entries(meta.stream, batch_id)
+        letters = await self._forget_dead_letters({batch_id})
+        await self._call(self._client.zrem(self._keys.batches, batch_id), "delete")
+        return Deleted(lines, queued, letters)
+
+    async def sweep(self) -> int:
+        """Look at the next :data:`_SWEEP_IDS` index entries: one whose batch expired (or was
+        deleted half-way) loses its dead letters, then its entry. How many entries it removed."""
+        start = self._sweep_at
+        raw = await self._call(
+            self._client.zrange(self._keys.batches, start, start + _SWEEP_IDS - 1), "sweep"
+        )
+        ids = [_text(i) for i in raw]
+        pipe = self._client.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.exists(self._keys.batch(_pool_of(batch_id) or "-", batch_id))
+        exists = await self._call(pipe.execute(), "sweep") if ids else []
+        gone = {i for i, found in zip(ids, exists, strict=True) if not found}
+        # The entries removed shift those after them down: start where the next one now is.
+        self._sweep_at = 0 if len(ids) < _SWEEP_IDS else start + len(ids) - len(gone)
+        if not gone:
+            return 0
+        await self._forget_dead_letters(gone)
+        return int(await self._call(self._client.zrem(self._keys.batches, *gone), "sweep"))
+
+    async def _forget_dead_letters(self, batch_ids: set[str]) -> int:
+        """Remove the dead letters of these (deleted) batches; how many were removed."""
+        by_pool: dict[str, list[Any]] = {}
+        for d in await self.dead_letters():
+            if d.batch_id in batch_ids:
+                by_pool.setdefault(d.pool, []).extend([d.dlq_id, f"{d.workload}\t{d.reason}"])
+        removed = 0
+        for pool, args in sorted(by_pool.items()):
+            tag = self._keys.tag(pool)
+            for at in range(0, len(args), 2 * _FORGET_CHUNK):
+                chunk = args[at : at + 2 * _FORGET_CHUNK]
+                removed += int(await self._script("forget", [f"{tag}:dlq", f"{tag}:dlq:n"], chunk))
+        return removed
 
     async def depth(self, stream: Stream) -> tuple[int, float]:
         """XLEN, and the age of the first entry from its id's milliseconds."""

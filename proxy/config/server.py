@@ -55,6 +55,10 @@ class Connections(Strict):
     max_headers: PositiveInt = 128
 
 
+#: Ten years, in hours: the longest ``server.jobs.retention_hours``.
+MAX_RETENTION_HOURS = 10 * 366 * 24
+
+
 class Jobs(Strict):
     """Durable batch workers in every instance (``proxy/jobs``)."""
 
@@ -68,6 +72,10 @@ class Jobs(Strict):
     sqlite_path: str = "sluice-jobs.sqlite3"
     #: Largest JSONL body one submit may send (it is held in memory while it is validated).
     max_submit_bytes: PositiveInt = 256 * 1024 * 1024
+    #: A completed or cancelled batch (its output lines and dead letters too) is deleted
+    #: this long after it finished. Bounded at ten years: a retention is a promise to
+    #: delete, and past that it is a typo. Strict: `true` is not an hour.
+    retention_hours: Annotated[PositiveFloat, Field(le=MAX_RETENTION_HOURS, strict=True)] = 168.0
 
 
 class Server(Strict):

@@ -22,6 +22,7 @@ from proxy.admission.gate import retry_headers
 from proxy.errors import BedrockError, from_exception
 from proxy.jobs.queue import (
     BatchMeta,
+    BatchRunning,
     QueueFull,
     QueueUnavailable,
     SubmitOutcomeUnknown,
@@ -324,7 +325,8 @@ async def cancel(request: web.Request) -> web.Response:
         )
     jobs = jobs_of(request)
     done = await jobs.queue.cancel(meta.batch_id)
-    assert done is not None
+    if done is None:  # deleted (on request or by retention) since it was read
+        raise _gone(request)
     # Cancelled records get no output line and no dead letter: say so once, with counts.
     log.warning(
         "batch cancelled",
@@ -332,6 +334,47 @@ async def cancel(request: web.Request) -> web.Response:
                           "dropped_records": meta.pending}},
     )  # fmt: skip
     return json_response(await _status_doc(jobs, done))
+
+
+def _running(batch_id: str, detail: str) -> BedrockError:
+    return BedrockError(
+        "ConflictException",
+        f"batch '{batch_id}' is running ({detail}): cancel it first (POST "
+        f"{PREFIX}/batches/{batch_id}/cancel), then delete it; deleting it now would orphan "
+        "the records in flight",
+    )
+
+
+def _gone(request: web.Request) -> BedrockError:
+    return BedrockError(
+        "ResourceNotFoundException",
+        f"batch '{request.match_info['batch_id']}' not found for workload '{request[_WORKLOAD]}'",
+        status=404,
+    )
+
+
+@answers
+async def delete(request: web.Request) -> web.Response:
+    """Delete a completed or cancelled batch: meta, output lines, records still queued
+    and dead letters; answers what was removed. A running batch is refused."""
+    meta = await _own_batch(request)
+    if meta.status == "running":
+        raise _running(meta.batch_id, f"{meta.pending} of {meta.records} records pending")
+    jobs = jobs_of(request)
+    try:
+        removed = await jobs.queue.delete(meta.batch_id)
+    except BatchRunning:
+        raise _running(meta.batch_id, "a dead-letter replay restarted it") from None
+    if removed is None:  # deleted (on request or by retention) since it was read
+        raise _gone(request)
+    jobs.retention.deleted.labels("request").inc()
+    log.warning(
+        "batch deleted",
+        extra={"fields": {"batch_id": meta.batch_id, "workload": meta.workload,
+                          "was": meta.status, **removed.to_json()}},
+    )  # fmt: skip
+    doc = {"batchId": meta.batch_id, "status": "deleted", "deleted": removed.to_json()}
+    return json_response(doc)
 
 
 def add_routes(app: web.Application) -> None:
@@ -342,3 +385,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get(PREFIX + "/batches/{batch_id}", status)
     r.add_get(PREFIX + "/batches/{batch_id}/output", output)
     r.add_post(PREFIX + "/batches/{batch_id}/cancel", cancel)
+    r.add_delete(PREFIX + "/batches/{batch_id}", delete)

@@ -48,6 +48,7 @@ def _add_batch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         ("status", "counts, oldest pending age, drain rate, ETA"),
         ("output", "output JSONL (partial while running) to stdout"),
         ("cancel", "drop the records still waiting"),
+        ("delete", "delete a completed or cancelled batch: output, dead letters and all"),
     ):
         p = bs.add_parser(name, help=text)
         p.add_argument("batch_id")
@@ -137,6 +138,8 @@ def _batch(client: Client, args: argparse.Namespace) -> int:
         print(progress_line(status), file=sys.stderr)
     elif cmd == "cancel":
         _print(client.json("POST", f"/batches/{args.batch_id}/cancel"))
+    elif cmd == "delete":
+        _print(client.json("DELETE", f"/batches/{args.batch_id}"))
     else:
         sys.stdout.buffer.write(client.request("GET", f"/batches/{args.batch_id}/output"))
         if args.manifest:

@@ -58,6 +58,33 @@ SUBMIT_GRACE_MS = 10 * 60 * 1000
 ReplayOutcome = Literal["replayed", "batch_cancelled", "batch_gone", "already_replayed"]
 
 
+#: How long a finished batch is kept when the queue is given no retention (the default of
+#: ``server.jobs.retention_hours``).
+DEFAULT_RETENTION_S = 168 * 3600.0
+
+
+class BatchRunning(Exception):
+    """A delete found the batch running (a replay may have restarted it since it was
+    looked at): deleting it would orphan the records in flight."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """What deleting one batch removed."""
+
+    output_lines: int
+    queued_records: int
+    dead_letters: int
+
+    def to_json(self) -> dict[str, int]:
+        """The public (HTTP/CLI) shape."""
+        return {
+            "outputLines": self.output_lines,
+            "queuedRecords": self.queued_records,
+            "deadLetters": self.dead_letters,
+        }
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class Stream:
     """One queue: a workload's records for one model pool (the pool is the hash tag)."""
@@ -278,3 +305,11 @@ class JobQueue(Protocol):
     async def replay(self, entry: DeadLetter, model: str | None) -> ReplayOutcome:
         """Put a dead letter back in its batch's queue (its error line removed), unless its
         batch was cancelled or is gone: then the dead letter stays where it is."""
+
+    async def delete(self, batch_id: str) -> Deleted | None:
+        """Remove a completed or cancelled batch: meta, output lines, records still queued and
+        dead letters. None when there is no such batch; raises :class:`BatchRunning`."""
+
+    async def sweep(self) -> int:
+        """One bounded pass of retention: finish removing batches past their retention (or
+        half deleted); how many this pass removed. Called every few seconds."""

@@ -10,7 +10,8 @@ from aiohttp import web
 
 from proxy.jobs.admit import RecordAdmission
 from proxy.jobs.metrics import JobMetrics
-from proxy.jobs.queue import BatchMeta, DeadLetter, JobQueue, Stream
+from proxy.jobs.queue import DEFAULT_RETENTION_S, BatchMeta, DeadLetter, JobQueue, Stream
+from proxy.jobs.retention import Retention
 from proxy.jobs.worker import Worker
 from proxy.metrics import Metrics
 from proxy.policy import CompiledPolicy, PolicyRef
@@ -27,6 +28,7 @@ class Jobs:
     metrics_app: Metrics
     metrics: JobMetrics
     worker: Worker | None
+    retention: Retention
 
     @property
     def policy(self) -> CompiledPolicy:
@@ -47,15 +49,21 @@ class Jobs:
 JOBS = web.AppKey("jobs", Jobs)
 
 
-def open_queue(redis_url: str | None, sqlite_path: str, fleet: str | None = None) -> JobQueue:
-    """Redis Streams with ``--redis-url`` (``fleet``'s own keys), else the embedded SQLite file."""
+def open_queue(
+    redis_url: str | None,
+    sqlite_path: str,
+    fleet: str | None = None,
+    retention_s: Callable[[], float] = lambda: DEFAULT_RETENTION_S,
+) -> JobQueue:
+    """Redis Streams with ``--redis-url`` (``fleet``'s own keys), else the embedded SQLite
+    file; finished batches are kept ``retention_s()`` seconds."""
     if redis_url:
         from proxy.backend.job_queue import RedisQueue
 
-        return RedisQueue(redis_url, fleet=fleet)
+        return RedisQueue(redis_url, fleet=fleet, retention_s=retention_s)
     from proxy.jobs.sqlite_queue import SqliteQueue
 
-    return SqliteQueue(sqlite_path)
+    return SqliteQueue(sqlite_path, retention_s)
 
 
 def lifecycle(
@@ -71,9 +79,17 @@ def lifecycle(
         ref, metrics = app[POLICY_REF], app[METRICS]
         policy = ref.current
         cfg = policy.policy.server.jobs
-        queue = open_queue(redis_url, cfg.sqlite_path, fleet)
+        queue = open_queue(
+            redis_url,
+            cfg.sqlite_path,
+            fleet,
+            lambda: ref.current.policy.server.jobs.retention_hours * 3600,
+        )
         await queue.start()
         job_metrics = JobMetrics(metrics.registry)
+        # Also where workers are off: a store nobody drains still keeps only what it should.
+        retention = Retention(queue, ref, metrics.registry)
+        await retention.start()
         worker = None
         if cfg.enabled:
             live = app[LIVE]
@@ -88,8 +104,9 @@ def lifecycle(
                 lease_s=cfg.lease_seconds,
             )
             await worker.start()
-        app[JOBS] = Jobs(ref, queue, metrics, job_metrics, worker)
+        app[JOBS] = Jobs(ref, queue, metrics, job_metrics, worker, retention)
         yield
+        await retention.close()
         if worker is not None:
             await worker.close()
         await queue.close()

@@ -20,9 +20,12 @@ from typing import Any, TypeVar
 import orjson
 
 from proxy.jobs.queue import (
+    DEFAULT_RETENTION_S,
     BatchMeta,
+    BatchRunning,
     Claimed,
     DeadLetter,
+    Deleted,
     QueueFull,
     QueueUnavailable,
     ReplayOutcome,
@@ -50,6 +53,16 @@ CREATE TABLE IF NOT EXISTS rate (
 #: The gauge counts dead letters from this index alone, never reading a document.
 _DLQ_INDEX = "CREATE INDEX IF NOT EXISTS dlq_counts ON dlq (workload, reason)"
 _META_COLUMNS = "id, workload, pool, model, inv, records, created, ok, err, status, in_tok, out_tok"
+#: Rows one retention or delete transaction removes at most: the file's lock is held for
+#: a few milliseconds at a time, so workers' claims and completions go on between them.
+_CHUNK_ROWS = 5000
+#: Batches one retention sweep removes at most (the next sweep takes the rest).
+_SWEEP_BATCHES = 50
+#: Free pages one sweep gives back to the file system at most (4 KiB pages: 16 MiB).
+_VACUUM_PAGES = 4096
+#: A batch's row while its rows are being removed: answered as gone by every route, and
+#: finished by the next sweep if the process dies half-way.
+_DELETED = "deleted"
 
 
 def _now_ms() -> int:
@@ -67,8 +80,11 @@ def _meta(row: tuple[Any, ...]) -> BatchMeta:
 class SqliteQueue:
     """:class:`proxy.jobs.queue.JobQueue` in one SQLite file."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(
+        self, path: str, retention_s: Callable[[], float] = lambda: DEFAULT_RETENTION_S
+    ) -> None:
         self.path = path
+        self._retention_s = retention_s
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -94,10 +110,15 @@ class SqliteQueue:
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            # Only takes on a new file, and before WAL writes its header: an older file
+            # keeps its mode (its freed pages are reused, so it stops growing, it just
+            # does not shrink).
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
             _add_dlq_columns(db)
+            _add_finished(db)
             self._db = db
         return self._db
 
@@ -267,9 +288,12 @@ class SqliteQueue:
     ) -> bool:
         new = False
         if line is not None:
+            # Only while its batch exists: a record in flight as its (cancelled) batch was
+            # deleted must not leave a line (or a dead letter) nothing would ever remove.
             cur = db.execute(
-                "INSERT OR IGNORE INTO outputs (batch, record_id, line) VALUES (?, ?, ?)",
-                (c.batch_id, c.record_id, line),
+                "INSERT OR IGNORE INTO outputs (batch, record_id, line) SELECT ?, ?, ? "
+                "WHERE EXISTS (SELECT 1 FROM batches WHERE id = ? AND status != ?)",
+                (c.batch_id, c.record_id, line, c.batch_id, _DELETED),
             )
             new = cur.rowcount == 1
         if new:
@@ -284,6 +308,7 @@ class SqliteQueue:
                 "ON CONFLICT (pool, workload, bucket) DO UPDATE SET n = n + 1",
                 (c.stream.pool, c.stream.workload, int(time.time()) // 10),
             )
+            _mark_finished(db, c.batch_id)
         db.execute("DELETE FROM records WHERE seq = ?", (int(c.entry_id),))
         return new
 
@@ -325,7 +350,8 @@ class SqliteQueue:
 
         def fn(db: sqlite3.Connection) -> BatchMeta | None:
             row = db.execute(
-                f"SELECT {_META_COLUMNS} FROM batches WHERE id = ?", (batch_id,)
+                f"SELECT {_META_COLUMNS} FROM batches WHERE id = ? AND status != ?",
+                (batch_id, _DELETED),
             ).fetchone()
             return _meta(row) if row else None
 
@@ -336,7 +362,9 @@ class SqliteQueue:
 
         def fn(db: sqlite3.Connection) -> list[BatchMeta]:
             rows = db.execute(
-                f"SELECT {_META_COLUMNS} FROM batches ORDER BY created DESC LIMIT 1000"
+                f"SELECT {_META_COLUMNS} FROM batches WHERE status != ? "
+                "ORDER BY created DESC LIMIT 1000",
+                (_DELETED,),
             ).fetchall()
             return [_meta(r) for r in rows if workload in (None, r[1])]
 
@@ -364,11 +392,104 @@ class SqliteQueue:
         """Mark cancelled and delete the waiting records."""
 
         def fn(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE batches SET status = 'cancelled' WHERE id = ?", (batch_id,))
+            # Its retention runs from the cancel (or from when it completed, if it had).
+            db.execute(
+                "UPDATE batches SET status = 'cancelled', finished = COALESCE(finished, ?) "
+                "WHERE id = ? AND status != ?",
+                (_now_ms(), batch_id, _DELETED),
+            )
             db.execute("DELETE FROM records WHERE batch = ? AND owner IS NULL", (batch_id,))
 
         await self._read(fn, None)
         return await self.batch(batch_id)
+
+    async def delete(self, batch_id: str) -> Deleted | None:
+        """Mark the batch deleted (gone for every route at once), then remove its rows a
+        chunk at a time; refused while it runs."""
+
+        def fn(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT status, records - ok - err FROM batches WHERE id = ?", (batch_id,)
+            ).fetchone()
+            if row is None or row[0] in (_DELETED, "submitting"):
+                return False
+            if row[0] == "running" and row[1] > 0:
+                raise BatchRunning(batch_id)
+            db.execute("UPDATE batches SET status = ? WHERE id = ?", (_DELETED, batch_id))
+            return True
+
+        if not await self._read(fn, False):
+            return None
+        deleted = await self._purge(batch_id)
+        await self._vacuum()
+        return deleted
+
+    async def sweep(self) -> int:
+        """Delete up to :data:`_SWEEP_BATCHES` batches finished longer than the retention ago
+        (and finish deletes a dead process left half-done), then give free pages back."""
+        cutoff = _now_ms() - int(self._retention_s() * 1000)
+        due: list[tuple[str, str]] = await self._read(
+            lambda db: db.execute(
+                "SELECT id, status FROM batches WHERE finished <= ? OR status = ? LIMIT ?",
+                (cutoff, _DELETED, _SWEEP_BATCHES),
+            ).fetchall(),
+            [],
+        )
+        removed = 0
+        for batch_id, state in due:
+            if state != _DELETED:
+                if not await self._run(lambda db, b=batch_id: _expire(db, b, cutoff)):  # type: ignore[misc]
+                    continue  # replayed since it was looked at: running again
+                removed += 1
+            await self._purge(batch_id)
+        if due:
+            await self._vacuum()
+        return removed
+
+    async def _vacuum(self) -> None:
+        """Give freed pages back to the file system (a file made with incremental auto-vacuum)."""
+
+        def work() -> None:
+            with self._lock:
+                if self._closed or self._db is None:
+                    return
+                if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+                    # executescript steps the pragma to its end (execute frees one page),
+                    # in its own transaction: hence outside _run.
+                    self._db.executescript(f"PRAGMA incremental_vacuum({_VACUUM_PAGES});")
+
+        try:
+            await asyncio.to_thread(work)
+        except sqlite3.Error as exc:
+            raise QueueUnavailable(f"sqlite {self.path}: {exc}") from None
+
+    async def _purge(self, batch_id: str) -> Deleted:
+        """Remove a batch marked deleted: outputs and records in chunks, then its dead
+        letters and the row itself (last, so a sweep finds what a crash left)."""
+        lines = await self._chunks("outputs", batch_id)
+        queued = await self._chunks("records", batch_id)
+
+        def last(db: sqlite3.Connection) -> int:
+            n = db.execute(
+                "DELETE FROM dlq WHERE json_extract(doc, '$.batchId') = ?", (batch_id,)
+            ).rowcount
+            db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+            return int(n)
+
+        return Deleted(lines, queued, await self._run(last))
+
+    async def _chunks(self, table: str, batch_id: str) -> int:
+        """Delete a batch's rows of ``table`` (outputs or records), a chunk per transaction."""
+        sql = (
+            f"DELETE FROM {table} WHERE rowid IN "
+            f"(SELECT rowid FROM {table} WHERE batch = ? LIMIT {_CHUNK_ROWS})"
+        )
+        total = 0
+        while True:
+            n: int = await self._run(lambda db: db.execute(sql, (batch_id,)).rowcount)
+            total += n
+            if n < _CHUNK_ROWS:
+                return total
 
     async def depth(self, stream: Stream) -> tuple[int, float]:
         """Count and oldest enqueue time of the stream's records."""
@@ -437,7 +558,7 @@ class SqliteQueue:
         def fn(db: sqlite3.Connection) -> ReplayOutcome:
             row = db.execute("SELECT status FROM batches WHERE id = ?", (entry.batch_id,))
             found = row.fetchone()
-            if found is None:
+            if found is None or found[0] == _DELETED:
                 return "batch_gone"
             if found[0] == "cancelled":
                 # A worker drops a cancelled batch's records without a line: replaying would
@@ -457,6 +578,8 @@ class SqliteQueue:
                 (entry.pool, entry.workload, entry.batch_id, entry.record_id,
                  entry.model_input, model, _now_ms()),
             )  # fmt: skip
+            # Running again: its retention starts over once it completes again.
+            db.execute("UPDATE batches SET finished = NULL WHERE id = ?", (entry.batch_id,))
             return "replayed"
 
         return await self._run(fn)
@@ -484,3 +607,37 @@ def _add_dlq_columns(db: sqlite3.Connection) -> None:
 
 def _dead_letter(doc: str) -> DeadLetter:
     return DeadLetter.from_json(orjson.loads(doc))
+
+
+def _add_finished(db: sqlite3.Connection) -> None:
+    """``batches.finished`` (when it completed or was cancelled: retention runs from it),
+    added to a file made before retention; its finished batches count from now."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(batches)")}
+    if "finished" not in columns:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ALTER TABLE batches ADD COLUMN finished INTEGER")
+        db.execute(
+            "UPDATE batches SET finished = ? WHERE status = 'cancelled' OR ok + err >= records",
+            (_now_ms(),),
+        )
+        db.execute("COMMIT")
+    db.execute("CREATE INDEX IF NOT EXISTS batches_finished ON batches (finished)")
+
+
+def _mark_finished(db: sqlite3.Connection, batch_id: str) -> None:
+    """Stamp a batch's finish the moment its last record gets its line."""
+    db.execute(
+        "UPDATE batches SET finished = ? WHERE id = ? AND finished IS NULL "
+        "AND status = 'running' AND ok + err >= records",
+        (_now_ms(), batch_id),
+    )
+
+
+def _expire(db: sqlite3.Connection, batch_id: str, cutoff: int) -> bool:
+    """Mark a batch deleted if it is still past its retention; False when a replay has
+    made it run again since the sweep looked."""
+    cur = db.execute(
+        "UPDATE batches SET status = ? WHERE id = ? AND finished <= ?",
+        (_DELETED, batch_id, cutoff),
+    )
+    return cur.rowcount == 1

@@ -227,7 +227,7 @@ class Worker:
             await self._unsubmitted(c, meta)
             return None
         if meta is None or meta.cancelled:
-            if meta is None:  # written before its records, so only a manual delete does this
+            if meta is None:  # deleted (on request or by retention) while it waited
                 log.warning(
                     "batch record dropped: its batch no longer exists",
                     extra={"fields": {"batch_id": c.batch_id, "record_id": c.record_id}},

@@ -11,4 +11,7 @@ if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 'already_replayed' end
 redis.call('HINCRBY', KEYS[2], ARGV[3], -1)
 if redis.call('HDEL', KEYS[3], ARGV[2]) == 1 then redis.call('HINCRBY', KEYS[4], 'err', -1) end
 redis.call('XADD', KEYS[5], '*', unpack(ARGV, 4))
+-- Running again: a completed batch must not expire under it (it expires again once done).
+redis.call('PERSIST', KEYS[4])
+redis.call('PERSIST', KEYS[3])
 return 'replayed'
