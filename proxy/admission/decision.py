@@ -96,7 +96,9 @@ def _bucket(
     burst: float,
     share: float,
 ) -> None:
-    reset = (burst - lvl) / rate
+    # Time to full, but never past a refill from empty: a header is a promise about the
+    # limit in force, and debt (usage settled above its reservation) is not part of it.
+    reset = min(burst - lvl, burst) / rate
     if share < 1.0:
         # The class sees the bucket minus the headroom reserved for higher classes.
         rem = lvl - (1.0 - share) * burst

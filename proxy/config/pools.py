@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from proxy.config.fields import (
     Name,
@@ -14,6 +14,25 @@ from proxy.config.fields import (
     Strict,
     TierName,
 )
+
+#: The rates and bursts a token bucket's arithmetic holds (TATs are ms since the epoch in
+#: doubles, levels cross from Lua as integer milli-units). Slower than one a day, a bucket
+#: refills past every retry hint (1e-300/min once locked a pool for good); faster than
+#: these, a call's cost (one request, a few hundred tokens) moves a TAT by a few of a
+#: double's steps at today's epoch (~0.00024 ms) at most and is miscounted; a burst past
+#: 1e12 overflows the milli-units. Bedrock's quotas are orders of magnitude inside.
+MIN_PER_MINUTE: Final = 1 / 1440
+MAX_REQUESTS_PER_MINUTE: Final = 1e6
+MAX_TOKENS_PER_MINUTE: Final = 1e9
+MIN_BURST: Final = 1.0
+MAX_BURST: Final = 1e12
+
+
+def _within(value: float | None, low: float, high: float, what: str) -> float | None:
+    # Also refuses NaN and infinities: no comparison holds for NaN.
+    if value is not None and not low <= value <= high:
+        raise ValueError(f"must be from {low:.6g} ({what}) to {high:g}, got {value:g}")
+    return value
 
 
 class Limits(Strict):
@@ -25,6 +44,21 @@ class Limits(Strict):
     #: Bucket capacities; default to 10 seconds of refill (at least one request / one max call).
     burst_requests: PositiveFloat | None = None
     burst_tokens: PositiveFloat | None = None
+
+    @field_validator("requests_per_minute")
+    @classmethod
+    def _requests_rate(cls, v: float | None) -> float | None:
+        return _within(v, MIN_PER_MINUTE, MAX_REQUESTS_PER_MINUTE, "one a day")
+
+    @field_validator("tokens_per_minute")
+    @classmethod
+    def _tokens_rate(cls, v: float | None) -> float | None:
+        return _within(v, MIN_PER_MINUTE, MAX_TOKENS_PER_MINUTE, "one a day")
+
+    @field_validator("burst_requests", "burst_tokens")
+    @classmethod
+    def _burst(cls, v: float | None) -> float | None:
+        return _within(v, MIN_BURST, MAX_BURST, "one request or token")
 
 
 class Adaptive(Strict):
