@@ -219,3 +219,20 @@ def test_calls_past_the_read_timeout_hold_the_limit(sim: Simulator, tmp_path: Pa
     # growing into the brownout on the evidence of the fast half only.
     assert _limit_after_load(sim, tmp_path / "fast", hanging=False) >= 6
     assert _limit_after_load(sim, tmp_path / "hang", hanging=True) <= 3
+
+
+async def test_calls_never_answered_neither_dilute_the_breaker_nor_pass_as_probes(
+    adaptivity: Setup,
+) -> None:
+    pool, a, registry, _ = adaptivity
+    for _ in range(30):  # hung past the read timeout: latency samples, not served calls
+        a.observe(pool, "P0", 300.0, False, False, unanswered=True)
+    await asyncio.sleep(0.3)
+    assert _state(registry, pool) == CLOSED  # no outcome among them
+    for _ in range(12):
+        a.observe(pool, "P0", 900.0, False, True)
+    await until(lambda: _state(registry, pool) == OPEN, 3.0)  # 12 of 12, not 12 of 42
+    await until(lambda: _state(registry, pool) == HALF_OPEN)
+    await until(lambda: a.breaker_allows(pool))
+    a.observe(pool, "P0", 300.0, False, False, unanswered=True)  # the probe hung
+    await until(lambda: _state(registry, pool) == OPEN)

@@ -37,7 +37,7 @@ def test_shipped_policies_pass_policy_check(name: str) -> None:
     [
         ("bad-unknown-key.yaml", "models.sonnet.concurency", "Extra inputs are not permitted"),
         ("bad-negative-rate.yaml", "models.sonnet.requests_per_minute", "greater than 0"),
-        ("bad-tiny-rate.yaml", "models.sonnet.requests_per_minute", "(one a day) to 1e+06"),
+        ("bad-tiny-rate.yaml", "models.sonnet.requests_per_minute", "(one a day) to 1e+12"),
         ("bad-unknown-priority.yaml", "workloads.chat.priority", "unknown priority class 'P9'"),
         ("bad-share.yaml", "priorities.batch.share", "less than or equal to 1"),
         ("bad-unknown-pool.yaml", "workloads.default.limits.opus", "unknown model pool 'opus'"),

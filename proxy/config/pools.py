@@ -17,13 +17,15 @@ from proxy.config.fields import (
 
 #: The rates and bursts a token bucket's arithmetic holds (TATs are ms since the epoch in
 #: doubles, levels cross from Lua as integer milli-units). Slower than one a day, a bucket
-#: refills past every retry hint (1e-300/min once locked a pool for good); faster than
-#: these, a call's cost (one request, a few hundred tokens) moves a TAT by a few of a
-#: double's steps at today's epoch (~0.00024 ms) at most and is miscounted; a burst past
-#: 1e12 overflows the milli-units. Bedrock's quotas are orders of magnitude inside.
+#: refills past every retry hint (1e-300/min once locked a pool for good); a burst (by
+#: default the per-minute value) past 1e12 overflows the milli-units. Above ~1e6 requests or
+#: ~1e9 tokens a minute a call's cost moves a TAT by a few of a double's steps at today's
+#: epoch (~0.00024 ms) and is undercounted: such a limit never binds, which is what those
+#: values are written for ("no limit here"), so they are accepted (refusing them would stop
+#: instances whose stored policy has them). Bedrock's quotas are orders of magnitude inside.
 MIN_PER_MINUTE: Final = 1 / 1440
-MAX_REQUESTS_PER_MINUTE: Final = 1e6
-MAX_TOKENS_PER_MINUTE: Final = 1e9
+MAX_REQUESTS_PER_MINUTE: Final = 1e12
+MAX_TOKENS_PER_MINUTE: Final = 1e12
 MIN_BURST: Final = 1.0
 MAX_BURST: Final = 1e12
 
@@ -101,7 +103,7 @@ class ModelPool(Limits):
 
     #: Foundation-model ids (inference-profile ids like ``us.<id>`` and ARNs naming them
     #: match automatically) and any opaque ids/ARNs, e.g. application inference profiles.
-    ids: list[Annotated[str, Field(pattern=r"^\S+$")]] = Field(min_length=1)
+    ids: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     #: Bedrock's output-token burndown: 5 for Claude 3.7 / 4-series, 1 for others.
     output_token_weight: PositiveFloat = 1.0
     #: Reserved for output when a request sets no max_tokens (Bedrock reserves the model max).

@@ -115,15 +115,30 @@ def _named(model_id: str) -> str:
 
 def _shared_model_ids(policy: Policy) -> list[str]:
     problems = []
+    owner: dict[str, str] = {}
+    for name, pool in policy.models.items():
+        for model_id in pool.ids:
+            if model_id in owner:
+                problems.append(
+                    f"models.{name}.ids: '{model_id}' already belongs to pool '{owner[model_id]}'"
+                )
+            owner[model_id] = name
+    return problems
+
+
+def same_model_in_two_pools(policy: Policy) -> list[str]:
+    """Ids that name one model in two pools through an ARN (``X`` in one,
+    ``arn:...:foundation-model/X`` in another): one quota metered twice. A warning, not an
+    error: policies that did this were accepted before, and refusing them at start-up would
+    stop a fleet mid-upgrade."""
+    out = []
     owner: dict[str, tuple[str, str]] = {}
     for name, pool in policy.models.items():
         for model_id in pool.ids:
-            named = _named(model_id)
-            if named in owner:
-                first_pool, first_id = owner[named]
-                same = "" if first_id == model_id else f" (as '{first_id}')"
-                problems.append(
-                    f"models.{name}.ids: '{model_id}' already belongs to pool '{first_pool}'{same}"
+            first = owner.setdefault(_named(model_id), (name, model_id))
+            if first[0] != name and first[1] != model_id:
+                out.append(
+                    f"models.{name}.ids: '{model_id}' names the same model as '{first[1]}' "
+                    f"of pool '{first[0]}': one Bedrock quota, metered in two pools"
                 )
-            owner[named] = (name, model_id)
-    return problems
+    return out

@@ -83,9 +83,10 @@ class Server(Strict):
 
     region: str | None = None
     max_body_bytes: PositiveInt = 20 * 1024 * 1024
-    #: From a tenth of a second (heartbeats renew at a third of it) to a day: outside that the
-    #: lease arithmetic (milliseconds, in Redis integers) breaks, and every call failed.
-    lease_ttl_seconds: Annotated[float, Field(ge=0.1, le=86400, allow_inf_nan=False)] = 30.0
+    #: From a tenth of a second (heartbeats renew at a third of it; the store refuses less)
+    #: to ten years: far past that the lease arithmetic (milliseconds in Redis integers)
+    #: breaks, and every call failed (1e300 s left leases that never expired).
+    lease_ttl_seconds: Annotated[float, Field(ge=0.1, le=315_360_000, allow_inf_nan=False)] = 30.0
     upstream_connect_timeout_seconds: PositiveFloat = 5.0
     upstream_read_timeout_seconds: PositiveFloat = 300.0
     store_timeout_ms: PositiveInt = 250

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from proxy.admission.model import class_limit
 from proxy.config import Adaptive, Breaker, ModelPool, Policy
+from proxy.config.references import same_model_in_two_pools
 
 
 def policy_warnings(policy: Policy) -> list[str]:
@@ -23,7 +24,7 @@ def policy_warnings(policy: Policy) -> list[str]:
         if pool.breaker is not None:
             out += _breaker(where, pool, pool.breaker, tick)
         out += _shares(where, pool, policy)
-    return out
+    return out + same_model_in_two_pools(policy)
 
 
 def _adaptive(where: str, pool: ModelPool, a: Adaptive, tick: float) -> list[str]:

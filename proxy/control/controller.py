@@ -150,15 +150,25 @@ class Adaptivity:
         lease: str | None = None,
         reflex: bool = True,
         refused: bool = False,
+        unanswered: bool = False,
     ) -> None:
         """Count one finished upstream call (throttled: Bedrock 429; server_error: 5xx;
         ``lease``: the call's pool lease, for the throttle reflex; ``reflex`` False: this
         throttle already fired it, when it arrived; ``refused``: Bedrock refused it before
-        any model work, see :func:`refused_before_model`)."""
+        any model work, see :func:`refused_before_model`; ``unanswered``: not answered within
+        the read timeout)."""
         if refused:
             # No sample of the pool's load or health; as a half-open probe's answer it
             # still says Bedrock answered (it did, with no error of its own).
             self.breakers.outcome(pool, False)
+            return
+        if unanswered:
+            # No answer within the read timeout: its time is a latency sample (the p99
+            # holds the limit in a brownout), not a served call for Little's law nor an
+            # outcome for the failure share (a long prompt's own timeout is no sign of an
+            # overloaded pool); a probe that got no answer did fail.
+            self.fleet.observe_latency(pool, priority, latency_ms)
+            self.breakers.outcome(pool, True)
             return
         self.fleet.observe(pool, priority, latency_ms, throttled, server_error)
         self.breakers.outcome(pool, throttled or server_error)

@@ -152,6 +152,13 @@ class FleetStats:
         j = bucket_index(latency_ms)
         acc.hist[j] = acc.hist.get(j, 0) + 1
 
+    def observe_latency(self, pool: str, priority: str, latency_ms: float) -> None:
+        """A latency sample alone: a call Bedrock did not answer within the read timeout
+        (its p99 counts it; the request and failure counts do not)."""
+        acc = self._acc(pool, priority)
+        j = bucket_index(latency_ms)
+        acc.hist[j] = acc.hist.get(j, 0) + 1
+
     def observe_demand(self, pool: str, priority: str) -> None:
         """Count one call refused for concurrency: demand Bedrock never saw."""
         self._acc(pool, priority).demand += 1

@@ -594,11 +594,13 @@ def _add_dlq_columns(db: sqlite3.Connection) -> None:
         if "workload" not in columns:
             db.execute("ALTER TABLE dlq ADD COLUMN workload TEXT")
             db.execute("ALTER TABLE dlq ADD COLUMN reason TEXT")
-            db.execute(
-                "UPDATE dlq SET workload = json_extract(doc, '$.workload'), "
-                "reason = json_extract(doc, '$.reason')"
-            )
         db.execute(_DLQ_INDEX)
+        # On every open, not only when the columns are added: rows an older binary wrote
+        # since (a downgrade, a file shared during an upgrade) would count as "None".
+        db.execute(
+            "UPDATE dlq SET workload = json_extract(doc, '$.workload'), "
+            "reason = json_extract(doc, '$.reason') WHERE workload IS NULL OR reason IS NULL"
+        )
     except BaseException:
         db.execute("ROLLBACK")
         raise

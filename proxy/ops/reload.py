@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from proxy import hangup
 from proxy.backend.client import FAILURES, redis_client
 from proxy.backend.versions import PolicyVersions, Version, diff, parse_text, sha_of
-from proxy.config import DEFAULT_POLICY, PolicyError
+from proxy.config import DEFAULT_POLICY, PolicyError, read_text
 from proxy.policy import CompiledPolicy, PolicyRef
 from proxy.tasks import stop_tasks
 
@@ -234,9 +234,9 @@ class Reloader:
             return
         self._stat = stat
         try:
-            text = await asyncio.to_thread(self._path.read_text, encoding="utf-8")
-        except OSError as exc:
-            self._refuse("invalid", f"{self._path}: cannot read: {exc.strerror}")
+            text = await asyncio.to_thread(read_text, self._path)
+        except PolicyError as exc:  # unreadable, or not UTF-8: refused and counted
+            self._refuse("invalid", str(exc))
             return
         sha = sha_of(text)
         force, self._force = self._force, False

@@ -164,12 +164,18 @@ class Forwarder:
             self.metrics.upstream_retries.labels(pool, error_type or str(upstream.status)).inc()
 
     def _unanswered(self, call: Call, status: int, seconds: float) -> None:
-        """An attempt Bedrock never answered is still a sample for the controller and the
-        breaker: past the read timeout (408) a call at least that long, so a Bedrock that
-        hangs raises the controller's p99 instead of leaving only its fast calls to be
-        counted (the limit would grow into the brownout); unreachable (503), a failure."""
-        observe_attempt(self.backoff.adaptivity, call, status, on_pool_quota(call), seconds)
-        call.observed = call.retries  # (settle must not count it again)
+        """An attempt Bedrock did not answer within the read timeout (Sluice's own 408) is
+        still a sample of its latency: a Bedrock that hangs raises the controller's p99,
+        instead of leaving only its fast calls to be counted (the limit grew into the
+        brownout). Not a served call (Little's law counts those), and as a half-open probe a
+        failed one. An upstream that cannot be reached (503) says nothing of the pool: it
+        may be this instance's own network, which must not open the fleet's breaker."""
+        if status == 408:
+            observe_attempt(
+                self.backoff.adaptivity, call, status, on_pool_quota(call), seconds,
+                unanswered=True,
+            )  # fmt: skip
+            call.observed = call.retries  # (settle must not count it again)
 
     def _degradable(self, call: Call, status: int) -> bool:
         """Does a throttle that survived retries send this call down its workload's chain?"""

@@ -30,11 +30,13 @@ def observe_attempt(
     seconds: float | None = None,
     *,
     lease: str | None = None,
+    unanswered: bool = False,
 ) -> None:
     """Report one upstream attempt of ``call`` to the controller and the breaker (its
     latency: ``call.upstream_s``, or ``seconds`` for an attempt about to be retried);
     ``on_pool``: answered on the pool's own quota (not a tier's); ``lease``: the one the
-    attempt ran on, when the call holds another now."""
+    attempt ran on, when the call holds another now; ``unanswered``: Bedrock did not answer
+    it within the read timeout)."""
     if adaptivity is None or call.pool is None:
         return
     if seconds is None:
@@ -48,6 +50,7 @@ def observe_attempt(
         lease=call.lease if lease is None else lease,
         reflex=call.reflexed != call.retries,  # not twice for one throttle (see backoff)
         refused=refused_before_model(status),
+        unanswered=unanswered,
     )
 
 
