@@ -58,7 +58,6 @@ from proxy.backend.runner import ScriptRunner, why
 from proxy.jobs.queue import (
     DEFAULT_RETENTION_S,
     GROUP,
-    SUBMIT_GRACE_MS,
     BatchMeta,
     BatchRunning,
     Claimed,
@@ -76,6 +75,10 @@ from proxy.jobs.records import Record
 log = logging.getLogger("sluice.jobs")
 T = TypeVar("T")
 _CHUNK = 2000
+#: How long a submit's hold on its workload's room lasts unless renewed: each chunk of
+#: records that lands renews it, so only a submit that died (or whose room call timed out
+#: and ran late) leaves a hold, and only for this long (not for SUBMIT_GRACE_MS).
+ROOM_HOLD_MS = 60_000
 _SCRIPTS = (
     "job_claim", "job_has_work", "job_renew", "job_finish", "job_finish_next", "job_replay",
     "job_submit_state", "job_discard", "job_room", "job_cancel", "job_delete", "job_forget",
@@ -219,15 +222,27 @@ class RedisQueue:
             await self._submit(meta, records)
             return
         await self._hold_room(meta, len(records), max_queued)
+        key = self._keys.room(meta.workload)
+
+        async def landed(remaining: int) -> None:
+            # What landed is counted by the streams' lengths now: holding it too would
+            # count it twice (another submit refused for room that is there), and the hold
+            # is renewed for the records still to come.
+            await self._script("room", [key], [meta.batch_id, remaining, ROOM_HOLD_MS])
+
         try:
-            await self._submit(meta, records)
+            await self._submit(meta, records, landed)
         finally:
             await self._free_room(meta)
 
     async def _hold_room(self, meta: BatchMeta, incoming: int, cap: int) -> None:
         """Hold room for ``incoming`` records, or raise QueueFull (holding nothing)."""
-        args = [meta.batch_id, incoming, SUBMIT_GRACE_MS]
-        held = int(await self._script("room", [self._keys.room(meta.workload)], args))
+        args = [meta.batch_id, incoming, ROOM_HOLD_MS]
+        try:
+            held = int(await self._script("room", [self._keys.room(meta.workload)], args))
+        except BaseException:  # (it may have run: a timed-out call, a cancelled caller)
+            await self._free_room(meta)
+            raise
         try:
             queued = held + await self._queued(meta.workload)
         except BaseException:
@@ -246,7 +261,7 @@ class RedisQueue:
         return sum(int(n) for n in lengths)
 
     async def _free_room(self, meta: BatchMeta) -> None:
-        """Best effort: room not freed (the store is down) lapses after SUBMIT_GRACE_MS."""
+        """Best effort: room not freed (the store is down) lapses after ROOM_HOLD_MS."""
         try:
             await self._call(
                 self._client.hdel(self._keys.room(meta.workload), meta.batch_id), "room"
@@ -257,7 +272,12 @@ class RedisQueue:
                 extra={"fields": {"batch_id": meta.batch_id, "error": why(exc)}},
             )
 
-    async def _submit(self, meta: BatchMeta, records: list[Record]) -> None:
+    async def _submit(
+        self,
+        meta: BatchMeta,
+        records: list[Record],
+        landed: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
         """Batch registered as ``submitting``, every record pipelined in chunks, then flipped
         to ``running``: durable on return; on failure what was written is removed.
 
@@ -311,6 +331,8 @@ class RedisQueue:
                     raise QueueUnavailable(
                         f"submit: {why(failed[0])} (after {len(written)} of {len(records)} records)"
                     )
+                if landed is not None:
+                    await landed(len(records) - len(written))
             if await self._script("submit_state", [batch], ["running"]) != 1:
                 # Only a worker taking this submit for dead (SUBMIT_GRACE_MS) gets here first.
                 raise QueueUnavailable("submit: the batch was abandoned before it was complete")
