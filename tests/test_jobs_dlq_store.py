@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.backend.job_queue import RedisQueue
 from proxy.jobs.metrics import JobMetrics
-from proxy.jobs.queue import BatchMeta, DeadLetter, JobQueue, Stream, new_id
+from proxy.jobs.queue import BatchCompleted, BatchMeta, DeadLetter, JobQueue, Stream, new_id
 from proxy.jobs.records import Record
 from proxy.jobs.sqlite_queue import SqliteQueue
 from tests.support.redis_fixtures import RedisServerProcess
@@ -159,3 +159,25 @@ async def test_an_embedded_file_from_before_counted_dead_letters_is_migrated(
         }
     finally:
         await q.close()
+
+
+async def test_a_batch_whose_records_are_all_done_cannot_be_cancelled_by_the_store(
+    queue: JobQueue,
+) -> None:
+    # The route checks first, but a batch can complete between that read and the cancel:
+    # the store checks again with the mark, so its dead letters stay replayable.
+    (done,) = await dead_letter_all(queue, [("enrich", "ValidationException")])
+    meta = await queue.batch(done.batch_id)
+    assert meta is not None and meta.status == "completed"
+    with pytest.raises(BatchCompleted):
+        await queue.cancel(done.batch_id)
+    after = await queue.batch(done.batch_id)
+    assert after is not None and after.status == "completed"
+    # A batch with a record still to run is cancelled, and cancelling it again is fine.
+    running = BatchMeta(
+        new_id("haiku"), "enrich", "haiku", "m", "invoke", 2, int(time.time() * 1000)
+    )
+    await queue.submit(running, [Record(f"rec-{i}", b'{"x": 1}') for i in range(2)])
+    for _ in range(2):
+        cancelled = await queue.cancel(running.batch_id)
+        assert cancelled is not None and cancelled.status == "cancelled"

@@ -58,6 +58,7 @@ from proxy.backend.runner import ScriptRunner, why
 from proxy.jobs.queue import (
     DEFAULT_RETENTION_S,
     GROUP,
+    BatchCompleted,
     BatchMeta,
     BatchRunning,
     Claimed,
@@ -539,8 +540,11 @@ class RedisQueue:
         if meta is None:
             return None
         batch = self._keys.batch(meta.pool, batch_id)
-        if not await self._script("cancel", [batch, batch + ":out"], [self._keep_ms()]):
+        marked = await self._script("cancel", [batch, batch + ":out"], [self._keep_ms()])
+        if not marked:
             return None  # expired or deleted since it was read
+        if marked == 2:
+            raise BatchCompleted(batch_id)
         await self._drop_entries(meta.stream, batch_id)
         meta.cancelled = True
         return meta

@@ -22,6 +22,7 @@ from aiohttp import web
 from proxy.admission.gate import retry_headers
 from proxy.errors import BedrockError, from_exception
 from proxy.jobs.queue import (
+    BatchCompleted,
     BatchMeta,
     BatchRunning,
     QueueFull,
@@ -324,15 +325,12 @@ async def cancel(request: web.Request) -> web.Response:
     """Stop a batch: its waiting records are dropped, finished ones keep their lines."""
     meta = await _own_batch(request)
     if meta.status == "completed":
-        # Cancelling it would change nothing but its status, and leave its dead letters
-        # unreplayable for good (a cancelled batch's records are not run again).
-        raise BedrockError(
-            "ConflictException",
-            f"batch '{meta.batch_id}' is already completed ({meta.succeeded} succeeded, "
-            f"{meta.failed} failed): nothing to cancel; its dead letters stay replayable",
-        )
+        raise _completed(meta)
     jobs = jobs_of(request)
-    done = await jobs.queue.cancel(meta.batch_id)
+    try:
+        done = await jobs.queue.cancel(meta.batch_id)
+    except BatchCompleted:  # its last record finished since it was read
+        raise _completed(await _own_batch(request)) from None
     if done is None:  # deleted (on request or by retention) since it was read
         raise _gone(request)
     # Cancelled records get no output line and no dead letter: say so once, with counts.
@@ -342,6 +340,17 @@ async def cancel(request: web.Request) -> web.Response:
                           "dropped_records": meta.pending}},
     )  # fmt: skip
     return json_response(await _status_doc(jobs, done))
+
+
+def _completed(meta: BatchMeta) -> BedrockError:
+    # Cancelling it would change nothing but its status, and leave its dead letters
+    # unreplayable for good (a cancelled batch's records are not run again). The store
+    # checks it again with the mark, so a batch completing as the cancel arrives is safe too.
+    return BedrockError(
+        "ConflictException",
+        f"batch '{meta.batch_id}' is already completed ({meta.succeeded} succeeded, "
+        f"{meta.failed} failed): nothing to cancel; its dead letters stay replayable",
+    )
 
 
 def _running(batch_id: str, detail: str) -> BedrockError:

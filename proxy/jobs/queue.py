@@ -68,6 +68,11 @@ class BatchRunning(Exception):
     looked at): deleting it would orphan the records in flight."""
 
 
+class BatchCompleted(Exception):
+    """A cancel found every record of the batch done (it may have completed since it was
+    looked at): cancelling it would only make its dead letters unreplayable."""
+
+
 @dataclass(frozen=True, slots=True)
 class Deleted:
     """What deleting one batch removed."""
@@ -281,7 +286,8 @@ class JobQueue(Protocol):
         """The output lines written so far."""
 
     async def cancel(self, batch_id: str) -> BatchMeta | None:
-        """Mark cancelled and drop its waiting records."""
+        """Mark cancelled and drop its waiting records; raises :class:`BatchCompleted` when
+        every record is done (checked in the same step as the mark)."""
 
     async def depth(self, stream: Stream) -> tuple[int, float]:
         """Records waiting or in flight, and the oldest one's age in seconds."""

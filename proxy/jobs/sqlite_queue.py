@@ -21,6 +21,7 @@ import orjson
 
 from proxy.jobs.queue import (
     DEFAULT_RETENTION_S,
+    BatchCompleted,
     BatchMeta,
     BatchRunning,
     Claimed,
@@ -391,16 +392,24 @@ class SqliteQueue:
     async def cancel(self, batch_id: str) -> BatchMeta | None:
         """Mark cancelled and delete the waiting records."""
 
-        def fn(db: sqlite3.Connection) -> None:
-            # Its retention runs from the cancel (or from when it completed, if it had).
-            db.execute(
+        def fn(db: sqlite3.Connection) -> bool:
+            # Not a batch whose records are all done (checked with the mark, in one
+            # transaction: one completing as the cancel arrives stays completed). Its
+            # retention runs from the cancel.
+            marked = db.execute(
                 "UPDATE batches SET status = 'cancelled', finished = COALESCE(finished, ?) "
-                "WHERE id = ? AND status != ?",
+                "WHERE id = ? AND status != ? AND (status = 'cancelled' OR ok + err < records)",
                 (_now_ms(), batch_id, _DELETED),
-            )
-            db.execute("DELETE FROM records WHERE batch = ? AND owner IS NULL", (batch_id,))
+            ).rowcount
+            if marked:
+                db.execute("DELETE FROM records WHERE batch = ? AND owner IS NULL", (batch_id,))
+            return bool(marked)
 
-        await self._read(fn, None)
+        if not await self._run(fn):
+            meta = await self.batch(batch_id)
+            if meta is not None and meta.status == "completed":
+                raise BatchCompleted(batch_id)
+            return meta
         return await self.batch(batch_id)
 
     async def delete(self, batch_id: str) -> Deleted | None:
