@@ -69,8 +69,7 @@ def _levels(client: redis.Redis, p: AdmitPlan) -> tuple[float, float, float, flo
     def lv(packed: bytes | None, i: int, b: Bucket | None) -> float:
         if b is None:
             return 0.0
-        # <dddddd>: per bucket its TAT, then the rate and burst it was written under.
-        tat = struct.unpack("<dddddd", packed)[3 * i] if packed else 0.0
+        tat = struct.unpack("<dd", packed)[i] if packed else 0.0
         return b.burst - max(0.0, tat - now) * b.rate_per_s / 1000
 
     return (

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from botocore.exceptions import ClientError
 
 from proxy.admission import Store
 from proxy.admission.model import KEY_PREFIX
-from proxy.backend.store import EmbeddedStore
+from proxy.backend.store import EmbeddedStore, open_store
 from proxy.config import PolicyError, parse_policy
 from proxy.policy import CompiledPolicy
 from tests.support.admission_helpers import Backend, eventually, new_pool, per_min, plan
@@ -29,6 +29,14 @@ from tests.support.processes import Simulator, Sluice, metric_value
 from tests.test_tiers import ASK, HAIKU, client_as
 
 StoreFactory = Callable[[], Awaitable[Store]]
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[Store]:
+    s = open_store(backend.url)
+    await s.start()
+    yield s
+    await s.close()
 
 
 def _stored(backend: Backend, store: Store, pool: str, names: list[str]) -> list[bool]:

@@ -96,9 +96,7 @@ def _bucket(
     burst: float,
     share: float,
 ) -> None:
-    # Time to full, but never past a refill from empty: a header is a promise about the
-    # limit in force, and debt (usage settled above its reservation) is not part of it.
-    reset = min(burst - lvl, burst) / rate
+    reset = (burst - lvl) / rate
     if share < 1.0:
         # The class sees the bucket minus the headroom reserved for higher classes.
         rem = lvl - (1.0 - share) * burst

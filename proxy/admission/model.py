@@ -8,9 +8,6 @@ Buckets are stored as a *theoretical arrival time* (TAT, GCRA-style): one float 
 milliseconds. The level at ``now`` is ``burst - max(0, tat - now) * rate``; the
 bucket is full when ``tat <= now``, and a level below zero is debt. One number per
 bucket means a denial writes nothing and an idle bucket's key may simply expire.
-Each TAT is stored with the limit (rate, burst) it was written under and read under
-the limit in force (:func:`rebase`), so a limit changed by a reload applies at once;
-the first read under a new limit writes the bucket back rebased, even on a denial.
 """
 
 from __future__ import annotations
@@ -88,9 +85,6 @@ class Bucket:
             raise ValueError(f"bucket rate_per_s must be a positive number, got {self.rate_per_s}")
         if not (self.burst > 0 and math.isfinite(self.burst)):
             raise ValueError(f"bucket burst must be a positive number, got {self.burst}")
-        # A refill from empty is a TAT's furthest reach (rebase): it must be a time.
-        if not math.isfinite(1000.0 * self.burst / self.rate_per_s):
-            raise ValueError(f"bucket burst {self.burst} never refills at {self.rate_per_s}/s")
 
 
 class Params(NamedTuple):
@@ -234,23 +228,6 @@ def bucket_verdict(lvl: float, cost: float, burst: float, share: float) -> int:
 def take(tat: float, now: float, cost: float, rate: float) -> float:
     """TAT after admitting ``cost``."""
     return max(tat, now) + cost / rate
-
-
-def rebase(tat: float, now: float, rate: float, burst: float, was: tuple[float, float]) -> float:
-    """The TAT of a bucket written under the limit ``was`` (rate per ms, burst), read under
-    ``(rate, burst)``: what was used of it is kept in requests or tokens, not in time, and
-    is at most one whole burst of the new limit (an empty bucket). ``was = (0, 0)``: not known.
-
-    A TAT is debt measured in time at the rate it was built under: read as it is under a
-    higher rate or a lower burst, it is deeper than empty, and a raised limit only took
-    effect once the old debt had passed (a pool at 1e-300/min stayed refused for good). An
-    unchanged limit keeps any debt beyond empty (usage settled above its reservation).
-    """
-    if tat <= now or (was[0] == rate and was[1] == burst):
-        return tat
-    if was[0] > 0:
-        return now + min((tat - now) * was[0], burst) / rate
-    return min(tat, now + burst / rate)
 
 
 def refund(tat: float, now: float, amount: float, rate: float) -> float:

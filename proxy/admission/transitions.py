@@ -2,9 +2,6 @@
 
 :func:`~proxy.admission.model.evaluate` decides; these say what a decision *changes*:
 
-* :func:`rebased` — both scripts, on reading a bucket: its TAT under the limit in force
-  (:func:`~proxy.admission.model.rebase`) when it was written under another one, then
-  written back with the plan's limits (:func:`limits_of`) whatever the decision;
 * :func:`grant` — ``admit.lua`` on a grant: every bucket of the plan takes its cost;
 * :func:`give_back` — ``settle.lua``: the tokens reserved but not used go back to the token
   buckets (a negative amount charges an overrun);
@@ -17,9 +14,9 @@ random sequences and checks the embedded store and Redis end in the same decisio
 
 from __future__ import annotations
 
-from typing import Final, NamedTuple
+from typing import NamedTuple
 
-from proxy.admission.model import WAIT_FLEET, WAIT_NO, Params, rebase, refund, take
+from proxy.admission.model import WAIT_FLEET, WAIT_NO, Params, refund, take
 from proxy.admission.waitqueue import (
     wait_verdict,
     waiter_expiry,
@@ -36,44 +33,8 @@ class Tats(NamedTuple):
     w_ttat: float
 
 
-#: A bucket's limit as stored beside its TAT: (rate per ms, burst).
-Limit = tuple[float, float]
-#: The limit of a TAT written by no plan yet (or by a version that did not store it).
-UNKNOWN: Final[Limit] = (0.0, 0.0)
-
-
-class Bases(NamedTuple):
-    """The limit each of the four TATs of :class:`Tats` was last written under."""
-
-    p_r: Limit = UNKNOWN
-    p_t: Limit = UNKNOWN
-    w_r: Limit = UNKNOWN
-    w_t: Limit = UNKNOWN
-
-
-def rebased(p: Params, tats: Tats, was: Bases, now: float) -> Tats:
-    """The TATs read under ``p``'s limits; a bucket ``p`` does not have stays as it is."""
-    return Tats(
-        rebase(tats.p_rtat, now, p.p_rrate, p.p_rburst, was.p_r) if p.p_rburst > 0 else tats.p_rtat,
-        rebase(tats.p_ttat, now, p.p_trate, p.p_tburst, was.p_t) if p.p_tburst > 0 else tats.p_ttat,
-        rebase(tats.w_rtat, now, p.w_rrate, p.w_rburst, was.w_r) if p.w_rburst > 0 else tats.w_rtat,
-        rebase(tats.w_ttat, now, p.w_trate, p.w_tburst, was.w_t) if p.w_tburst > 0 else tats.w_ttat,
-    )
-
-
-def limits_of(p: Params, was: Bases) -> Bases:
-    """The limits stored after ``p`` read the buckets: its own for every bucket it has."""
-    return Bases(
-        (p.p_rrate, p.p_rburst) if p.p_rburst > 0 else was.p_r,
-        (p.p_trate, p.p_tburst) if p.p_tburst > 0 else was.p_t,
-        (p.w_rrate, p.w_rburst) if p.w_rburst > 0 else was.w_r,
-        (p.w_trate, p.w_tburst) if p.w_tburst > 0 else was.w_t,
-    )
-
-
 def grant(p: Params, tats: Tats, tokens: float, now: float) -> Tats:
-    """The buckets (already :func:`rebased` to ``p``) after a grant of one request
-    reserving ``tokens`` at ``now``."""
+    """The buckets after a grant of one request reserving ``tokens`` at ``now``."""
     return Tats(
         take(tats.p_rtat, now, 1.0, p.p_rrate) if p.p_rburst > 0 else tats.p_rtat,
         take(tats.p_ttat, now, tokens, p.p_trate) if p.p_tburst > 0 else tats.p_ttat,
@@ -82,20 +43,14 @@ def grant(p: Params, tats: Tats, tokens: float, now: float) -> Tats:
     )
 
 
-def give_back(p: Params, tats: Tats, was: Bases, amount: float, now: float) -> tuple[Tats, Bases]:
-    """The buckets and their limits after a settle returns ``amount`` tokens (reserved minus
-    used): only the token buckets it changes are read under ``p``'s limits and take them."""
+def give_back(p: Params, tats: Tats, amount: float, now: float) -> Tats:
+    """The buckets after a settle returns ``amount`` tokens (reserved minus used)."""
     if not amount:
-        return tats, was
-    if p.p_tburst > 0:
-        ttat = rebase(tats.p_ttat, now, p.p_trate, p.p_tburst, was.p_t)
-        tats = tats._replace(p_ttat=refund(ttat, now, amount, p.p_trate))
-        was = was._replace(p_t=(p.p_trate, p.p_tburst))
-    if p.w_tburst > 0:
-        ttat = rebase(tats.w_ttat, now, p.w_trate, p.w_tburst, was.w_t)
-        tats = tats._replace(w_ttat=refund(ttat, now, amount, p.w_trate))
-        was = was._replace(w_t=(p.w_trate, p.w_tburst))
-    return tats, was
+        return tats
+    return tats._replace(
+        p_ttat=refund(tats.p_ttat, now, amount, p.p_trate) if p.p_tburst > 0 else tats.p_ttat,
+        w_ttat=refund(tats.w_ttat, now, amount, p.w_trate) if p.w_tburst > 0 else tats.w_ttat,
+    )
 
 
 class Enlisted(NamedTuple):

@@ -25,16 +25,7 @@ from proxy.admission.model import (
     evaluate,
     retry_ms,
 )
-from proxy.admission.transitions import (
-    UNKNOWN,
-    Bases,
-    Tats,
-    enlist,
-    give_back,
-    grant,
-    limits_of,
-    rebased,
-)
+from proxy.admission.transitions import Tats, enlist, give_back, grant
 from proxy.admission.waiting import WaitMetrics, WaitRoom
 from proxy.admission.waitqueue import (
     WaitEntries,
@@ -70,41 +61,23 @@ class _Leases:
 
 
 class _Workload:
-    __slots__ = ("leases", "rlim", "rtat", "tlim", "ttat")
+    __slots__ = ("leases", "rtat", "ttat")
 
     def __init__(self) -> None:
         self.rtat = self.ttat = 0.0
-        self.rlim = self.tlim = UNKNOWN  # the limits each TAT was written under
         self.leases = _Leases()
 
 
 class _Pool:
-    __slots__ = ("dyn", "leases", "rlim", "rtat", "tlim", "ttat", "waiters", "workloads", "wseq")
+    __slots__ = ("dyn", "leases", "rtat", "ttat", "waiters", "workloads", "wseq")
 
     def __init__(self) -> None:
         self.rtat = self.ttat = 0.0
-        self.rlim = self.tlim = UNKNOWN  # the limits each TAT was written under
         self.dyn: int | None = None
         self.leases = _Leases()
         self.workloads: dict[str, _Workload] = {}
         self.waiters = WaitEntries()
         self.wseq = 0  # the pool's waiter sequence (admit.lua: HINCRBY pool wseq)
-
-
-#: Read-only stand-in for a workload with no state yet (its TATs 0, its limits unknown).
-_workload_fresh = _Workload()
-
-
-def _tats(pool: _Pool, wl: _Workload) -> Tats:
-    return Tats(pool.rtat, pool.ttat, wl.rtat, wl.ttat)
-
-
-def _bases(pool: _Pool, wl: _Workload) -> Bases:
-    return Bases(pool.rlim, pool.tlim, wl.rlim, wl.tlim)
-
-
-def _set_bases(pool: _Pool, wl: _Workload, b: Bases) -> None:
-    pool.rlim, pool.tlim, wl.rlim, wl.tlim = b
 
 
 class EmbeddedStore:
@@ -180,18 +153,13 @@ class EmbeddedStore:
             wl = pool.workloads[plan.workload] = _Workload()
         p = plan.params
         freed = len(pool.leases.by_id) - pool.leases.reap(now)
-        # Read under the plan's limits and written back at once, refused or not, like
-        # admit.lua: rebased afresh from the old limit at each read, a bucket stays empty.
-        tats = rebased(p, _tats(pool, wl), _bases(pool, wl), now)
-        pool.rtat, pool.ttat, wl.rtat, wl.ttat = tats
-        _set_bases(pool, wl, limits_of(p, _bases(pool, wl)))
         view = PoolView(
-            tats.p_rtat,
-            tats.p_ttat,
+            pool.rtat,
+            pool.ttat,
             len(pool.leases.by_id),
             effective_limit(p.p_conc, pool.dyn),
-            tats.w_rtat,
-            tats.w_ttat,
+            wl.rtat,
+            wl.ttat,
             wl.leases.reap(now) if p.w_conc >= 0 else 0,
         )
         code, wait = evaluate(p, tokens, now, view, pool.leases.earliest, wl.leases.earliest)
@@ -243,7 +211,8 @@ class EmbeddedStore:
         self, pool: _Pool, wl: _Workload, plan: AdmitPlan, tokens: int, lease: str, now: float
     ) -> None:
         p = plan.params
-        pool.rtat, pool.ttat, wl.rtat, wl.ttat = grant(p, _tats(pool, wl), tokens, now)
+        tats = grant(p, Tats(pool.rtat, pool.ttat, wl.rtat, wl.ttat), tokens, now)
+        pool.rtat, pool.ttat, wl.rtat, wl.ttat = tats
         expiry = now + p.ttl_ms
         pool.leases.add(lease, expiry)
         if p.w_conc >= 0:
@@ -279,16 +248,13 @@ class EmbeddedStore:
         pool = self._pool(plan.scope)
         wl = pool.workloads.get(plan.workload)
         pool.leases.by_id.pop(lease, None)
-        was = _workload_fresh if wl is None else wl
-        tats, bases = give_back(
-            plan.params, _tats(pool, was), _bases(pool, was), reserved_tokens - actual_tokens, now
-        )
+        w = (wl.rtat, wl.ttat) if wl is not None else (0.0, 0.0)
+        tats = Tats(pool.rtat, pool.ttat, *w)
+        tats = give_back(plan.params, tats, reserved_tokens - actual_tokens, now)
         pool.rtat, pool.ttat = tats.p_rtat, tats.p_ttat
-        pool.rlim, pool.tlim = bases.p_r, bases.p_t
         if wl is not None:  # a workload never admitted here has no state to change
             wl.leases.by_id.pop(lease, None)
             wl.rtat, wl.ttat = tats.w_rtat, tats.w_ttat
-            wl.rlim, wl.tlim = bases.w_r, bases.w_t
         if len(pool.waiters):
             self._room.wake(plan.scope)  # settle.lua's PUBLISH
 

@@ -44,9 +44,8 @@ DEFAULT_FLEET: Final = "default"
 class PlanKeys(NamedTuple):
     """Redis key names of one plan; all share the pool's hash tag (one cluster slot)."""
 
-    #: hash: p = packed <dddddd> pool rpm/tpm buckets (each TAT, rate, burst), w:<workload> =
-    #: the same for the workload's, lim = dynamic concurrency limit, wseq = waiter sequence
-    #: (see admit.lua)
+    #: hash: p = packed <dd> pool rpm/tpm TATs, w:<workload> = packed <dd> workload TATs,
+    #: lim = dynamic concurrency limit, wseq = waiter sequence (see admit.lua)
     pool: str
     pool_leases: str  # zset: lease id -> expiry ms
     workload_leases: str  # zset: lease id -> expiry ms

@@ -1,7 +1,6 @@
 """The pure model of admission as a store: every state change is one pure function.
 
-:func:`~proxy.admission.model.evaluate` decides on the TATs :func:`~proxy.admission.
-transitions.rebased` reads under the plan's limits, :func:`~.grant` (with :func:`~.limits_of`),
+:func:`~proxy.admission.model.evaluate` decides, :func:`~proxy.admission.transitions.grant`,
 :func:`~.give_back` and :func:`~.enlist` say what changes, and this folds them over a
 sequence of calls on a frozen clock. It shares no code with the embedded store beyond
 those functions, so agreeing with it (and with Redis) checks the stores, not the model.
@@ -24,15 +23,7 @@ from proxy.admission.model import (
     evaluate,
     retry_ms,
 )
-from proxy.admission.transitions import (
-    Bases,
-    Tats,
-    enlist,
-    give_back,
-    grant,
-    limits_of,
-    rebased,
-)
+from proxy.admission.transitions import Tats, enlist, give_back, grant
 from proxy.admission.waitqueue import WaitEntries, WaitTicket, queue_blocks, waiter_score
 
 #: The twin's clock (ms): fixed, so its TATs are exact.
@@ -45,9 +36,6 @@ class TwinStore:
     def __init__(self) -> None:
         self.tats: dict[tuple[str, str], Tats] = defaultdict(lambda: Tats(0.0, 0.0, 0.0, 0.0))
         self.pool_tats: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
-        #: The limits each TAT was written under, kept like the TATs.
-        self.bases: dict[tuple[str, str], Bases] = defaultdict(Bases)
-        self.pool_bases: dict[str, Bases] = defaultdict(Bases)
         self.leases: dict[str, set[str]] = defaultdict(set)
         self.wl_leases: dict[tuple[str, str], set[str]] = defaultdict(set)
         self.waiters: dict[str, WaitEntries] = defaultdict(WaitEntries)
@@ -60,15 +48,9 @@ class TwinStore:
             p_rtat=self.pool_tats[plan.scope][0], p_ttat=self.pool_tats[plan.scope][1]
         )
 
-    def _bases(self, plan: AdmitPlan) -> Bases:
-        b, pool = self.bases[plan.scope, plan.workload], self.pool_bases[plan.scope]
-        return b._replace(p_r=pool.p_r, p_t=pool.p_t)
-
-    def _store(self, plan: AdmitPlan, tats: Tats, bases: Bases) -> None:
+    def _store(self, plan: AdmitPlan, tats: Tats) -> None:
         self.tats[plan.scope, plan.workload] = tats
         self.pool_tats[plan.scope] = (tats.p_rtat, tats.p_ttat)
-        self.bases[plan.scope, plan.workload] = bases
-        self.pool_bases[plan.scope] = bases
 
     def _view(self, plan: AdmitPlan, tats: Tats) -> PoolView:
         p = plan.params
@@ -86,10 +68,7 @@ class TwinStore:
 
     async def attempt(self, plan: AdmitPlan, tokens: int, ticket: WaitTicket | None) -> Decision:
         """One decision, as one request of admit.lua."""
-        p, was = plan.params, self._bases(plan)
-        # Read under the plan's limits and written back, refused or not (admit.lua).
-        tats, was = rebased(p, self._tats(plan), was, NOW), limits_of(p, was)
-        self._store(plan, tats, was)
+        p, tats = plan.params, self._tats(plan)
         view = self._view(plan, tats)
         # Every lease is granted at NOW with the plan's TTL: the earliest expiry is that.
         p_first = NOW + p.ttl_ms if self.leases[plan.scope] else None
@@ -107,7 +86,7 @@ class TwinStore:
             return make_decision(plan, code, retry, None, snapshot(p, NOW, view))
         lease = f"twin:{next(self._seq)}"
         tats = grant(p, tats, tokens, NOW)
-        self._store(plan, tats, was)
+        self._store(plan, tats)
         self.leases[plan.scope].add(lease)
         if p.w_conc >= 0:
             self.wl_leases[plan.scope, plan.workload].add(lease)
@@ -138,8 +117,9 @@ class TwinStore:
         """settle.lua: the lease goes, unused tokens come back."""
         self.leases[plan.scope].discard(lease)
         self.wl_leases[plan.scope, plan.workload].discard(lease)
-        amount = reserved_tokens - actual_tokens
-        self._store(plan, *give_back(plan.params, self._tats(plan), self._bases(plan), amount, NOW))
+        self._store(
+            plan, give_back(plan.params, self._tats(plan), reserved_tokens - actual_tokens, NOW)
+        )
 
     def withdraw(self, plan: AdmitPlan, ticket: WaitTicket) -> None:
         """A waiter gave up: its entries go."""

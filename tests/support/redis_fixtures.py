@@ -19,13 +19,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from proxy.admission import Store
-from proxy.backend.store import open_store
 from tests.support.admission_helpers import Backend
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -216,12 +214,3 @@ def redis_factory() -> Iterator[Callable[..., RedisServerProcess]]:
         for server in started:
             with contextlib.suppress(Exception):
                 server.cleanup()
-
-
-@pytest.fixture
-async def store(backend: Backend) -> AsyncIterator[Store]:
-    """One started admission store on ``backend`` (tests with several instances make their own)."""
-    s = open_store(backend.url)
-    await s.start()
-    yield s
-    await s.close()

@@ -4,8 +4,8 @@
 -- Also the wait queue (mirrors proxy/admission/waitqueue.py): a request whose limits have
 -- room is still refused (code 10, pool.queue) while a waiter is ahead of it in the queue.
 --
--- KEYS: 1 pool hash   (p = pool rpm and tpm buckets, w:<workload> = the workload's, each
---                      pair packed as bucket_lib.lua says; lim = dynamic concurrency limit)
+-- KEYS: 1 pool hash   (p = packed <dd> pool rpm/tpm TATs in ms; w:<workload> = packed <dd>
+--                      workload rpm/tpm TATs; lim = dynamic concurrency limit)
 --       2 pool leases zset (lease id -> expiry ms)
 --       3 waiters zset (waiter id -> rank * 2^42 + arrival), 4 waiters expiry zset
 --       4+i workload leases zset of plan i
@@ -22,19 +22,14 @@
 -- reaped, the queue's head moved) with some of it left after the batch.
 --
 -- Time comes only from the server's TIME, never from ARGV: proxies' clocks cannot matter.
--- A refused request writes nothing, but for a bucket last written under other limits (a
--- reload): it is written back rebased, and from then on read as it is. State is read once,
--- updated in Lua, written once; TATs are stored as packed doubles because number
--- formatting is the dearest thing in Redis Lua.
--- A TAT is read under the limit in force (rebase): a limit changed by a reload applies at
--- once, and a raised one is never held back by debt built up under the old one.
+-- A refused request writes nothing. State is read once, updated in Lua, written once; TATs
+-- are stored as packed doubles because number formatting is the dearest thing in Redis Lua.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local nows = tostring(math.floor(now))
 local EPS = 1e-6
 local CMIN, CMAX, RCAP = 50, 1000, 86400000
-local LMIN = -9007199254740992 -- -2^53: a level far below that would overflow the reply
 local SPAN, GRACE, QRETRY, REAPMAX = 4398046511104, 1000, 200, 64
 local spack, sunpack = struct.pack, struct.unpack
 local floor, ceil = math.floor, math.ceil
@@ -55,11 +50,6 @@ local function verdict(lvl, cost, burst, share)
   if lvl < needed(cost, burst, 1.0) - EPS then return 2 end
   return 1
 end
-local function milli(lvl)
-  local m = floor(lvl * 1000 + 0.5)
-  if m < LMIN then return LMIN end
-  return m
-end
 local function take(tat, cost, rate)
   if tat < now then tat = now end
   return tat + cost / rate
@@ -72,7 +62,11 @@ local function earliest(zkey)
   if w > CMAX then w = CMAX end
   return w
 end
---! include bucket_lib
+local function unpack2(v)
+  if not v then return 0, 0 end
+  local a, b = sunpack('<dd', v)
+  return a, b
+end
 
 local pk, plk, wk, wek = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local preaped = redis.call('ZREMRANGEBYSCORE', plk, '-inf', nows)
@@ -83,7 +77,7 @@ local k = tonumber(ARGV[1])
 local fields = { 'p', 'lim' }
 for i = 1, k do fields[2 + i] = 'w:' .. ARGV[3 * i + 1] end
 local hv = redis.call('HMGET', pk, unpack(fields))
-local prt, prr, prb, ptt, ptr, ptb = unpack6(hv[1])
+local prt, ptt = unpack2(hv[1])
 local dyn = tonumber(hv[2])
 local pwait = nil
 
@@ -96,9 +90,9 @@ for i = 1, k do
   local field = fields[2 + i]
   local w = wstate[field]
   if not w then
-    local rt, rr, rb, tt, tr, tb = unpack6(hv[2 + i])
-    w = { field = field, lkey = KEYS[4 + i], rt = rt, rr = rr, rb = rb, tt = tt, tr = tr,
-          tb = tb, n = 0, n0 = 0, counted = false, add = {}, max = 0, wait = nil, dirty = false }
+    local rt, tt = unpack2(hv[2 + i])
+    w = { field = field, lkey = KEYS[4 + i], rt = rt, tt = tt, n = 0, n0 = 0,
+          counted = false, add = {}, max = 0, wait = nil, dirty = false }
     wstate[field] = w
   end
   if p[11] >= 0 and not w.counted then
@@ -159,20 +153,6 @@ for j = 3 * k + 3, #ARGV, 4 do
   end
   local w, share, plim = p.w, p[1], p.plim
   local worst, wait = 0, -1
-  -- Every bucket is read under this plan's limits. One written under others is written
-  -- back rebased even on a refusal: rebased afresh at each read, it would stay empty.
-  if p[3] > 0 and (prr ~= p[2] or prb ~= p[3]) then
-    prt, prr, prb, pdirty = rebase(prt, p[2], p[3], prr, prb), p[2], p[3], true
-  end
-  if p[5] > 0 and (ptr ~= p[4] or ptb ~= p[5]) then
-    ptt, ptr, ptb, pdirty = rebase(ptt, p[4], p[5], ptr, ptb), p[4], p[5], true
-  end
-  if p[8] > 0 and (w.rr ~= p[7] or w.rb ~= p[8]) then
-    w.rt, w.rr, w.rb, w.dirty = rebase(w.rt, p[7], p[8], w.rr, w.rb), p[7], p[8], true
-  end
-  if p[10] > 0 and (w.tr ~= p[9] or w.tb ~= p[10]) then
-    w.tt, w.tr, w.tb, w.dirty = rebase(w.tt, p[9], p[10], w.tr, w.tb), p[9], p[10], true
-  end
   if p[3] > 0 then
     local lvl = level(prt, p[2], p[3])
     local v = verdict(lvl, 1, p[3], share)
@@ -264,12 +244,12 @@ for j = 3 * k + 3, #ARGV, 4 do
   end
   out[n + 1] = worst
   out[n + 2] = retry
-  out[n + 3] = p[3] > 0 and milli(level(prt, p[2], p[3])) or 0
-  out[n + 4] = p[5] > 0 and milli(level(ptt, p[4], p[5])) or 0
+  out[n + 3] = p[3] > 0 and floor(level(prt, p[2], p[3]) * 1000 + 0.5) or 0
+  out[n + 4] = p[5] > 0 and floor(level(ptt, p[4], p[5]) * 1000 + 0.5) or 0
   out[n + 5] = pin
   out[n + 6] = plim
-  out[n + 7] = p[8] > 0 and milli(level(w.rt, p[7], p[8])) or 0
-  out[n + 8] = p[10] > 0 and milli(level(w.tt, p[9], p[10])) or 0
+  out[n + 7] = p[8] > 0 and floor(level(w.rt, p[7], p[8]) * 1000 + 0.5) or 0
+  out[n + 8] = p[10] > 0 and floor(level(w.tt, p[9], p[10]) * 1000 + 0.5) or 0
   out[n + 9] = w.n
   out[n + 10] = verdict
   out[n + 11] = (verdict ~= 0) and arr or 0
@@ -290,11 +270,11 @@ local function push(zkey, add, existed, top)
   end
 end
 local hset = {}
-if pdirty then hset[1] = 'p'; hset[2] = spack('<dddddd', prt, prr, prb, ptt, ptr, ptb) end
+if pdirty then hset[1] = 'p'; hset[2] = spack('<dd', prt, ptt) end
 for field, w in pairs(wstate) do
   if w.dirty then
     hset[#hset + 1] = field
-    hset[#hset + 1] = spack('<dddddd', w.rt, w.rr, w.rb, w.tt, w.tr, w.tb)
+    hset[#hset + 1] = spack('<dd', w.rt, w.tt)
   end
 end
 if #hset > 0 then redis.call('HSET', pk, unpack(hset)) end

@@ -1,8 +1,6 @@
 -- settle.lua: settle a batch of finished requests of ONE pool.
 -- Mirrors model.refund: leases are dropped, (reserved - actual) tokens given back to the
 -- pool and workload token buckets (negative = extra debt; never above a full bucket).
--- A bucket refunded is read under the plan's limits first (model.rebase, as admit.lua) and
--- written with them (bucket_lib.lua).
 -- A grant taken ahead and never used (proxy/backend/ahead.py) gives its request back too.
 --
 -- Also withdraws waiters that stopped waiting, and PUBLISHes one wake-up on the pool's
@@ -24,12 +22,6 @@ local function refund(tat, amount, rate)
   tat = tat - amount / rate
   if tat < now then tat = now end
   return tat
-end
---! include bucket_lib
--- Refund bucket i (1 = requests, 4 = tokens) of pair s under (rate, burst).
-local function refund6(s, i, amount, rate, burst)
-  local tat = rebase(s[i], rate, burst, s[i + 1], s[i + 2])
-  s[i], s[i + 1], s[i + 2] = refund(tat, amount, rate), rate, burst
 end
 
 local pk, plk, wk, wek = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -65,27 +57,29 @@ if #groups > 0 then
   fields[1] = 'p'
   for i, g in ipairs(groups) do fields[1 + i] = g.field end
   local hv = redis.call('HMGET', pk, unpack(fields))
-  local ps = { unpack6(hv[1]) }
+  local prt, ptt = 0, 0
+  if hv[1] then prt, ptt = sunpack('<dd', hv[1]) end
   local wv, pdirty = {}, false
   local hset = {}
   for i, g in ipairs(groups) do
     local p = g.p
-    if p[5] > 0 and g.amount ~= 0 then refund6(ps, 4, g.amount, p[4], p[5]); pdirty = true end
-    if p[3] > 0 and g.back > 0 then refund6(ps, 1, g.back, p[2], p[3]); pdirty = true end
+    if p[5] > 0 and g.amount ~= 0 then ptt = refund(ptt, g.amount, p[4]); pdirty = true end
+    if p[3] > 0 and g.back > 0 then prt = refund(prt, g.back, p[2]); pdirty = true end
     if (p[10] > 0 and g.amount ~= 0) or (p[8] > 0 and g.back > 0) then
       local w = wv[g.field]
       if not w then
-        w = { unpack6(hv[1 + i]) }
+        w = { 0, 0 }
+        if hv[1 + i] then w[1], w[2] = sunpack('<dd', hv[1 + i]) end
         wv[g.field] = w
       end
-      if p[10] > 0 and g.amount ~= 0 then refund6(w, 4, g.amount, p[9], p[10]) end
-      if p[8] > 0 and g.back > 0 then refund6(w, 1, g.back, p[7], p[8]) end
+      if p[10] > 0 and g.amount ~= 0 then w[2] = refund(w[2], g.amount, p[9]) end
+      if p[8] > 0 and g.back > 0 then w[1] = refund(w[1], g.back, p[7]) end
     end
   end
-  if pdirty then hset[1] = 'p'; hset[2] = spack('<dddddd', unpack(ps)) end
+  if pdirty then hset[1] = 'p'; hset[2] = spack('<dd', prt, ptt) end
   for field, w in pairs(wv) do
     hset[#hset + 1] = field
-    hset[#hset + 1] = spack('<dddddd', unpack(w))
+    hset[#hset + 1] = spack('<dd', w[1], w[2])
   end
   if #hset > 0 then redis.call('HSET', pk, unpack(hset)) end
 end
