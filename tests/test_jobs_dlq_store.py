@@ -181,3 +181,40 @@ async def test_a_batch_whose_records_are_all_done_cannot_be_cancelled_by_the_sto
     for _ in range(2):
         cancelled = await queue.cancel(running.batch_id)
         assert cancelled is not None and cancelled.status == "cancelled"
+
+
+async def test_the_sweep_expires_batches_that_finished_without_an_expiry(
+    redis_server: RedisServerProcess,
+) -> None:
+    # Batches that finished before retention existed (or on an older instance) have no TTL:
+    # the sweep gives finished ones one, never a running one; an expired batch's dead letters
+    # go, found a page at a time among others' (not every dead letter loaded at once).
+    import redis as sync_redis
+
+    q = RedisQueue(redis_server.url, fleet=f"ret-{uuid.uuid4().hex[:8]}", retention_s=lambda: 60.0)
+    await q.start()
+    client = sync_redis.Redis.from_url(redis_server.url)
+    try:
+        letters = await dead_letter_all(q, [("enrich", "ValidationException")] * 3)
+        finished = letters[0].batch_id
+        running = BatchMeta(
+            new_id("haiku"), "enrich", "haiku", "m", "invoke", 2, int(time.time() * 1000)
+        )
+        await q.submit(running, [Record(f"rec-{i}", b'{"x": 1}') for i in range(2)])
+        keys = {b: q._keys.batch("haiku", b) for b in (finished, running.batch_id)}
+        client.persist(keys[finished])  # as a release before retention left it
+        client.persist(keys[finished] + ":out")
+        await q.sweep()
+        assert 0 < client.pttl(keys[finished]) <= 60_000
+        assert 0 < client.pttl(keys[finished] + ":out") <= 60_000
+        assert client.pttl(keys[running.batch_id]) == -1
+        others = await dead_letter_all(q, [("ingest", "AccessDeniedException")] * 2)
+        client.delete(keys[finished], keys[finished] + ":out")  # its expiry ran out
+        await q.sweep()
+        left = await q.dead_letters()
+        assert {d.dlq_id for d in left} == {d.dlq_id for d in others}
+        counts = {k: n for k, n in (await q.dead_letter_counts()).items() if n}  # (0s stay)
+        assert counts == {("ingest", "AccessDeniedException"): 2}
+    finally:
+        client.close()
+        await q.close()

@@ -45,9 +45,12 @@ CREATE TABLE IF NOT EXISTS records (
   record_id TEXT, input BLOB, model TEXT, enq INTEGER, owner TEXT,
   lease_until INTEGER DEFAULT 0, attempts INTEGER DEFAULT 0);
 CREATE INDEX IF NOT EXISTS records_stream ON records (pool, workload, seq);
+-- A purge finds a batch's rows through these, not by scanning every record and letter.
+CREATE INDEX IF NOT EXISTS records_batch ON records (batch);
 CREATE TABLE IF NOT EXISTS outputs (
   batch TEXT, record_id TEXT, line BLOB, PRIMARY KEY (batch, record_id));
 CREATE TABLE IF NOT EXISTS dlq (id TEXT PRIMARY KEY, doc TEXT, workload TEXT, reason TEXT);
+CREATE INDEX IF NOT EXISTS dlq_batch ON dlq (json_extract(doc, '$.batchId'));
 CREATE TABLE IF NOT EXISTS rate (
   pool TEXT, workload TEXT, bucket INTEGER, n INTEGER, PRIMARY KEY (pool, workload, bucket));
 """
