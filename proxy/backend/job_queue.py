@@ -601,12 +601,13 @@ class RedisQueue:
             self._client.zrange(self._keys.batches, start, start + _SWEEP_IDS - 1), "sweep"
         )
         ids = [_text(i) for i in raw]
+        keys = [self._keys.batch(_pool_of(i) or "-", i) for i in ids]
         pipe = self._client.pipeline(transaction=False)
-        for batch_id in ids:
-            pipe.exists(self._keys.batch(_pool_of(batch_id) or "-", batch_id))
-        exists = await self._call(pipe.execute(), "sweep") if ids else []
-        gone = {i for i, found in zip(ids, exists, strict=True) if not found}
-        await self._retire_unexpiring([i for i in ids if i not in gone])
+        for key in keys:
+            pipe.pttl(key)  # -2: gone (expired or deleted); -1: no expiry yet
+        ttls = await self._call(pipe.execute(), "sweep") if ids else []
+        gone = {i for i, ttl in zip(ids, ttls, strict=True) if ttl == -2}
+        await self._retire_unexpiring([k for k, ttl in zip(keys, ttls, strict=True) if ttl == -1])
         # The entries removed shift those after them down: start where the next one now is.
         self._sweep_at = 0 if len(ids) < _SWEEP_IDS else start + len(ids) - len(gone)
         if not gone:
@@ -614,18 +615,10 @@ class RedisQueue:
         await self._forget_dead_letters(gone)
         return int(await self._call(self._client.zrem(self._keys.batches, *gone), "sweep"))
 
-    async def _retire_unexpiring(self, ids: list[str]) -> None:
-        """Finished batches with no expiry (they finished before retention existed, or on an
-        instance of an older release) get one now, counted from now: without it they would
-        stay for good. Running and submitting ones keep none."""
-        keys = [self._keys.batch(_pool_of(i) or "-", i) for i in ids]
-        if not keys:
-            return
-        pipe = self._client.pipeline(transaction=False)
-        for key in keys:
-            pipe.pttl(key)
-        ttls = await self._call(pipe.execute(), "sweep")
-        bare = [key for key, ttl in zip(keys, ttls, strict=True) if ttl == -1]
+    async def _retire_unexpiring(self, bare: list[str]) -> None:
+        """Finished batches among these keys with no expiry (they finished before retention
+        existed, or on an instance of an older release) get one now, counted from now:
+        without it they would stay for good. Running and submitting ones keep none."""
         if not bare:
             return
         pipe = self._client.pipeline(transaction=False)

@@ -324,12 +324,10 @@ async def output(request: web.Request) -> web.StreamResponse:
 async def cancel(request: web.Request) -> web.Response:
     """Stop a batch: its waiting records are dropped, finished ones keep their lines."""
     meta = await _own_batch(request)
-    if meta.status == "completed":
-        raise _completed(meta)
     jobs = jobs_of(request)
     try:
         done = await jobs.queue.cancel(meta.batch_id)
-    except BatchCompleted:  # its last record finished since it was read
+    except BatchCompleted:  # (checked by the store with the mark: read again for counts)
         raise _completed(await _own_batch(request)) from None
     if done is None:  # deleted (on request or by retention) since it was read
         raise _gone(request)
@@ -345,7 +343,7 @@ async def cancel(request: web.Request) -> web.Response:
 def _completed(meta: BatchMeta) -> BedrockError:
     # Cancelling it would change nothing but its status, and leave its dead letters
     # unreplayable for good (a cancelled batch's records are not run again). The store
-    # checks it again with the mark, so a batch completing as the cancel arrives is safe too.
+    # checks it with the mark, so a batch completing as the cancel arrives is refused too.
     return BedrockError(
         "ConflictException",
         f"batch '{meta.batch_id}' is already completed ({meta.succeeded} succeeded, "

@@ -147,7 +147,8 @@ class Forwarder:
                     read_timeout_s=call.read_timeout_s,
                 )
             except BedrockError as exc:  # no answer: Sluice's own 408 or 503
-                self._unanswered(call, exc.status, time.perf_counter() - attempt_sent)
+                if exc.status == 408:
+                    self._timed_out(call, time.perf_counter() - attempt_sent)
                 raise
             if upstream.status == 200:  # never retried (checked first: the usual answer)
                 return upstream
@@ -163,19 +164,16 @@ class Forwarder:
             call.retries += 1
             self.metrics.upstream_retries.labels(pool, error_type or str(upstream.status)).inc()
 
-    def _unanswered(self, call: Call, status: int, seconds: float) -> None:
+    def _timed_out(self, call: Call, seconds: float) -> None:
         """An attempt Bedrock did not answer within the read timeout (Sluice's own 408) is
         still a sample of its latency: a Bedrock that hangs raises the controller's p99,
         instead of leaving only its fast calls to be counted (the limit grew into the
         brownout). Not a served call (Little's law counts those), and as a half-open probe a
-        failed one. An upstream that cannot be reached (503) says nothing of the pool: it
-        may be this instance's own network, which must not open the fleet's breaker."""
-        if status == 408:
-            observe_attempt(
-                self.backoff.adaptivity, call, status, on_pool_quota(call), seconds,
-                unanswered=True,
-            )  # fmt: skip
-            call.observed = call.retries  # (settle must not count it again)
+        failed one. An upstream that cannot be reached (503) is no sample: it may be this
+        instance's own network, which must not open the fleet's breaker."""
+        on_pool = on_pool_quota(call)
+        observe_attempt(self.backoff.adaptivity, call, 408, on_pool, seconds, unanswered=True)
+        call.observed = call.retries  # (settle must not count it again)
 
     def _degradable(self, call: Call, status: int) -> bool:
         """Does a throttle that survived retries send this call down its workload's chain?"""
