@@ -156,3 +156,21 @@ def test_sighup_to_the_supervisor_reaches_every_worker(
     # SO_REUSEPORT spreads fresh connections over both workers: every answer must be v2.
     wait_for(lambda: all(policy_of(proxy)["version"] == 2 for _ in range(20)), timeout=10)
     assert proxy.popen.poll() is None  # the supervisor forwarded it and lives on
+
+
+def test_a_watched_file_rewritten_as_non_utf8_is_refused_and_counted(
+    tmp_path: Path, sim: Simulator, make_sluice: Callable[..., Sluice]
+) -> None:
+    # Refused like an invalid policy (message, counter, the instance keeps v1), not a
+    # traceback logged as a bug with no counter for the alert to see.
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(rate_policy("haiku", 60000, 1000)))
+    proxy = make_sluice(upstream=sim.url, policy=str(path))
+    path.write_bytes(b"\xff\xfe" + path.read_bytes())
+    wait_for(
+        lambda: metric_value(proxy.metrics(), "sluice_policy_errors_total", reason="invalid") == 1
+    )
+    assert f"{path}: not UTF-8 text (byte 0)" in proxy.stderr()
+    assert "Traceback" not in proxy.stderr()
+    assert policy_of(proxy)["version"] == 1
+    assert asyncio.run(statuses(proxy, "w", 1)) == [200]
