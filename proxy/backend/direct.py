@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import select
 from collections.abc import Sequence
 from typing import Any, Final
@@ -159,6 +160,26 @@ class _Pipe(asyncio.Protocol):
             return False
 
 
+def _packed(sha: str, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
+    try:
+        packed: bytes = pack_command(("EVALSHA", sha, len(keys), *keys, *args))
+    except TypeError as exc:  # e.g. a bool or None: redis-py's encoder raised DataError
+        raise DataError(f"cannot send an argument of EVALSHA: {exc}") from exc
+    return packed
+
+
+def _stop_timers(
+    timer: asyncio.TimerHandle, limit: asyncio.TimerHandle | None, future: asyncio.Future[Any]
+) -> None:
+    """A :meth:`DirectCalls.send_nowait` call ended: its own bound's timer goes; the socket
+    timer goes only with a reply (given up on or cancelled, a reply that never comes must
+    still drop the connection, as in :meth:`DirectCalls.evalsha`)."""
+    if limit is not None:
+        limit.cancel()
+    if not future.cancelled() and future.exception() is None:
+        timer.cancel()
+
+
 def _retire_unanswered(pipe: _Pipe, future: asyncio.Future[Any]) -> None:
     """No reply by the caller's soft bound: new calls go to a new connection (this one may
     be dead without a sign), while this call keeps waiting for its reply."""
@@ -217,10 +238,7 @@ class DirectCalls:
         to ``connect_s`` (default: the socket timeout), and ``retire_s`` after the call
         started with no reply its connection takes no new call. A call whose bound ran out
         while connecting is not written."""
-        try:
-            packed = pack_command(("EVALSHA", sha, len(keys), *keys, *args))
-        except TypeError as exc:  # e.g. a bool or None: redis-py's encoder raised DataError
-            raise DataError(f"cannot send an argument of EVALSHA: {exc}") from exc
+        packed = _packed(sha, keys, args)
         loop = asyncio.get_running_loop()
         pipe = self._pipe
         if pipe is None or not pipe.usable():
@@ -251,6 +269,36 @@ class DirectCalls:
         if isinstance(reply, Exception):
             raise reply  # the script's error, or Redis's (LOADING, ...), as redis-py raises
         return reply
+
+    def send_nowait(
+        self,
+        sha: str,
+        keys: Sequence[Any],
+        args: Sequence[Any],
+        give_up_s: float | None = None,
+        retire_s: float | None = None,
+    ) -> asyncio.Future[Any] | None:
+        """:meth:`evalsha` without a coroutine, for a connection already made: the call is
+        written now and the future returned completes with its reply (a Redis error reply
+        is its result, as an exception object) or fails as :meth:`evalsha` would raise,
+        bounded the same way. None, with nothing written, when the connection must be
+        made first or packing fails: :meth:`evalsha` then makes the call (and reports).
+
+        Low load makes every call a batch of one; a task per call would cost one per
+        request (issue 12), so callers attach a done-callback instead.
+        """
+        pipe = self._pipe
+        if pipe is None or not pipe.usable():
+            return None
+        try:
+            future = pipe.send(_packed(sha, keys, args))
+        except (DataError, RedisConnectionError):  # nothing written
+            return None
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self._expire_s, pipe.expire, future)
+        limit = self._limit(loop, pipe, future, give_up_s, retire_s)
+        future.add_done_callback(functools.partial(_stop_timers, timer, limit))
+        return future
 
     def _limit(
         self,

@@ -57,8 +57,9 @@ from proxy.backend.admit_wire import (
     snapshot_at,
 )
 from proxy.backend.ahead import Ahead, AheadDesk
-from proxy.backend.client import FAILURES, redis_client
-from proxy.backend.runner import ScriptRunner, event, why
+from proxy.backend.client import FAILURES, NoScriptError, redis_client
+from proxy.backend.inflight import InFlight
+from proxy.backend.runner import Arg, ScriptRunner, event, why
 from proxy.backend.wakeups import WakeListener
 from proxy.metrics import Metrics
 from proxy.tasks import stop_tasks
@@ -115,11 +116,8 @@ class RedisStore:
         #: when (the loop's clock, read before the call).
         self._epochs: dict[str, tuple[str, float]] = {}
         self._restored = metrics.store_leases_restored
-        self._tasks: set[asyncio.Task[None]] = set()
-        #: Woken when an admit batch times out (see :meth:`_one_task_moved`).
-        self._moved: set[asyncio.Future[None]] = set()
-        #: Timed-out admit calls still waiting for Redis's reply (see
-        #: :meth:`ScriptRunner.run_past`).
+        self._inflight = InFlight(self._runner.late)
+        #: Timed-out admit calls still waiting for Redis's reply (see :mod:`.inflight`).
         self._late = self._runner.late
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -166,17 +164,11 @@ class RedisStore:
         self._closed = True
         if self._heartbeat is not None:
             await stop_tasks([self._heartbeat], "lease heartbeat")
-        while self._tasks:
-            await self._one_task_moved()
+        while self._inflight:
+            await self._inflight.one_moved()
         self._runner.abandon()  # their leases expire with the TTL: no heartbeat renews them
         await self._wakeups.close()
         await self._runner.aclose()
-
-    def _spawn(self, coro: Any) -> None:
-        assert self._loop is not None
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _queue(self, pool: str) -> Queue:
         q = self._queues.get(pool)
@@ -236,7 +228,7 @@ class RedisStore:
             room = MAX_BATCH - len(batch)
             batch += q.ahead[:room]
             del q.ahead[:room]
-        self._spawn(self._admit_batch(q, batch))
+        self._admit(q, batch, asks_only=False)
 
     def _send_asks(self, q: Queue) -> None:
         """Asks with no request to ride with go on their own, one such call at a time; a
@@ -246,11 +238,61 @@ class RedisStore:
         q.ahead_busy = True
         batch = q.ahead[:MAX_BATCH]
         del q.ahead[:MAX_BATCH]
-        self._spawn(self._admit_batch(q, batch, asks_only=True))
+        self._admit(q, batch, asks_only=True)
 
-    async def _admit_batch(self, q: Queue, batch: list[Admit], asks_only: bool = False) -> None:
+    def _admit(self, q: Queue, batch: list[Admit], asks_only: bool) -> None:
+        """Send ``batch``: written at once on the direct connection (answered by callbacks,
+        as :meth:`_admit_batch` would answer them), else in a task of its own."""
         keys, args = admit_call(batch)
+        call = self._runner.send_now("admit", keys, args, retire_s=self._timeout)
+        if call is None:
+            self._inflight.spawn(self._admit_batch(q, batch, keys, args, asks_only))
+            return
+        assert self._loop is not None
         late = False
+
+        def timed_out() -> None:  # as in _admit_batch: answered now, the reply waited for
+            nonlocal late
+            late = True
+            self._inflight.timed_out(call)
+            self._admit_failed(batch, self._runner.timed_out("admit"))
+            # Next turn: the call's connection, unanswered, is retired by a timer due with
+            # this one (scheduled first, it may still be in this turn's queue), so the next
+            # batch goes on a new connection.
+            loop.call_soon(self._next_batch, q, asks_only)
+
+        loop = self._loop
+        timer = loop.call_later(self._timeout, timed_out)
+
+        def answered() -> None:
+            timer.cancel()
+            try:
+                res: list[int] | StoreUnavailable = self._runner.outcome("admit", call)
+            except NoScriptError:
+                # It ran nothing: sent again by the awaited path, which reloads the scripts,
+                # if its callers still wait (late, they were answered: nothing to resend).
+                if not late:
+                    self._inflight.spawn(self._admit_batch(q, batch, keys, args, asks_only))
+                return
+            except StoreUnavailable as exc:
+                res = exc
+            except asyncio.CancelledError:  # abandoned on close (only late calls are)
+                res = StoreUnavailable("redis admit failed: abandoned")
+            try:
+                self._answer(batch, res, late)
+            finally:
+                if not late:
+                    self._next_batch(q, asks_only)
+
+        self._inflight.sent(call, answered)
+
+    async def _admit_batch(
+        self, q: Queue, batch: list[Admit], keys: list[str], args: list[Arg], asks_only: bool
+    ) -> None:
+        late = False
+        task = asyncio.current_task()
+        assert task is not None
+        me: asyncio.Future[Any] = task
 
         def timed_out(exc: StoreUnavailable) -> None:
             # Its callers are answered now and the queue goes on; this task keeps waiting
@@ -258,28 +300,31 @@ class RedisStore:
             # with the runner's late calls, not the store's (flush does not wait for it).
             nonlocal late
             late = True
-            self._tasks.discard(task)
-            for moved in self._moved:  # a flush or close waiting on it goes on
-                if not moved.done():
-                    moved.set_result(None)
+            self._inflight.timed_out(me)
             self._admit_failed(batch, exc)
             self._next_batch(q, asks_only)
 
-        task = asyncio.current_task()
         try:
             res = await self._runner.run_past("admit", keys, args, timed_out)
         except StoreUnavailable as exc:
-            # Late: what it granted (if it ran) expires with the lease TTL, never renewed.
-            if not late:
-                self._admit_failed(batch, exc)
+            self._answer(batch, exc, late)
         else:
-            if late:
-                self._admitted_late(batch, res)
-            else:
-                self._deliver(batch, res)
+            self._answer(batch, res, late)
         finally:
             if not late:
                 self._next_batch(q, asks_only)
+
+    def _answer(self, batch: list[Admit], res: list[int] | StoreUnavailable, late: bool) -> None:
+        """Answer ``batch`` with the script's reply or the call's failure; ``late``: its
+        callers were answered at the timeout."""
+        if isinstance(res, StoreUnavailable):
+            # Late: what it granted (if it ran) expires with the lease TTL, never renewed.
+            if not late:
+                self._admit_failed(batch, res)
+        elif late:
+            self._admitted_late(batch, res)
+        else:
+            self._deliver(batch, res)
 
     def _admit_failed(self, batch: list[Admit], exc: StoreUnavailable) -> None:
         """Answer every request of ``batch`` with ``exc``; its asks ahead are lost."""
@@ -458,31 +503,56 @@ class RedisStore:
         confirms: list[asyncio.Future[None]] = []
         if not q.settles:
             confirms, q.confirms = q.confirms, []
-        self._spawn(self._settle_batch(q, batch, gone, confirms))
+        keys, args = settle_call(q, batch, gone)
+        call = self._runner.send_now("settle", keys, args, give_up_s=self._timeout)
+        if call is None:
+            self._inflight.spawn(self._settle_batch(q, batch, keys, args, confirms))
+            return
+
+        def answered() -> None:
+            try:
+                self._runner.outcome("settle", call)
+            except NoScriptError:  # it ran nothing: the awaited path reloads and resends
+                self._inflight.spawn(self._settle_batch(q, batch, keys, args, confirms))
+                return
+            except StoreUnavailable as exc:
+                self._settle_failed(batch, exc)
+            except asyncio.CancelledError:  # (never late: only a defect cancels it)
+                self._settle_failed(batch, StoreUnavailable("redis settle failed: cancelled"))
+            self._settled(q, confirms)
+
+        self._inflight.sent(call, answered)
 
     async def _settle_batch(
         self,
         q: Queue,
         batch: list[Settle],
-        gone: list[str],
+        keys: list[str],
+        args: list[Arg],
         confirms: list[asyncio.Future[None]],
     ) -> None:
-        keys, args = settle_call(q, batch, gone)
         try:
             await self._runner.run("settle", keys, args)
         except StoreUnavailable as exc:
-            # Lost withdrawals are not counted: those entries expire at their deadline.
-            if batch:
-                self._settle_lost(batch[0][0].scope, len(batch), str(exc))
+            self._settle_failed(batch, exc)
         finally:
-            for done in confirms:
-                if not done.done():
-                    done.set_result(None)
-            # The next batch also takes what the loop reads this turn: a settle is never
-            # urgent (a confirmed one is waited for by its own caller only), and fewer,
-            # larger batches cost Redis less (the admit's next batch goes at once).
-            assert self._loop is not None
-            self._loop.call_soon(self._send_settles, q)
+            self._settled(q, confirms)
+
+    def _settle_failed(self, batch: list[Settle], exc: StoreUnavailable) -> None:
+        # Lost withdrawals are not counted: those entries expire at their deadline.
+        if batch:
+            self._settle_lost(batch[0][0].scope, len(batch), str(exc))
+
+    def _settled(self, q: Queue, confirms: list[asyncio.Future[None]]) -> None:
+        """A settle batch was applied or failed: its confirms are released."""
+        for done in confirms:
+            if not done.done():
+                done.set_result(None)
+        # The next batch also takes what the loop reads this turn: a settle is never
+        # urgent (a confirmed one is waited for by its own caller only), and fewer,
+        # larger batches cost Redis less (the admit's next batch goes at once).
+        assert self._loop is not None
+        self._loop.call_soon(self._send_settles, q)
 
     def _settle_lost(self, pool: str, n: int, error: str) -> None:
         # Leases of lost settles expire on their own within the TTL; refunds are lost.
@@ -511,23 +581,10 @@ class RedisStore:
             or q.ahead_busy
             for q in self._queues.values()
         ):
-            if self._tasks:
-                await self._one_task_moved()
+            if self._inflight:
+                await self._inflight.one_moved()
             else:
                 await asyncio.sleep(0)  # a send is scheduled with call_soon: let it run
-
-    async def _one_task_moved(self) -> None:
-        """Wait until one of the store's tasks ends, or an admit batch times out: from then
-        its task only waits for a late reply (up to the runner's late bound), which neither
-        a flush nor a close waits for."""
-        assert self._loop is not None
-        moved: asyncio.Future[None] = self._loop.create_future()
-        self._moved.add(moved)
-        try:
-            await asyncio.wait([*self._tasks, moved], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._moved.discard(moved)
-            moved.cancel()
 
     # --- heartbeat, control, readiness -------------------------------------------------
 

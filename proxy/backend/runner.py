@@ -57,8 +57,9 @@ class ScriptRunner:
         self._log = log
         self._scripts = {name: load_script(name) for name in names}
         self._sha: dict[str, str] = {}
-        #: Timed-out calls still waiting for Redis's reply (see :meth:`run_past`).
-        self.late: set[asyncio.Task[Any]] = set()
+        #: Timed-out calls still waiting for Redis's reply (see :meth:`run_past`): their
+        #: tasks, or the replies' futures of calls made with :meth:`send_now`.
+        self.late: set[asyncio.Future[Any]] = set()
         # One server: EVALSHA without redis-py's per-command machinery (a cluster routes).
         self._direct = DirectCalls(client) if isinstance(client, Redis) else None
         #: A late reply is waited for as long as one call's socket timeout allows (the
@@ -175,6 +176,46 @@ class ScriptRunner:
                 pipe.evalsha(sha, len(k), *k, *a)
             return list(await pipe.execute(raise_on_error=False))
 
+    def send_now(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        *,
+        give_up_s: float | None = None,
+        retire_s: float | None = None,
+    ) -> asyncio.Future[Any] | None:
+        """``name`` written now, without a task, on a standalone Redis whose connection is
+        made and scripts loaded: the future of its reply, read with :meth:`outcome`.
+        ``give_up_s`` bounds it like :meth:`run`; ``retire_s`` as :meth:`run_past` does,
+        whose other half (answering at the timeout, waiting on) is the caller's. None, with
+        nothing sent, otherwise: the caller uses :meth:`run` or :meth:`run_past`."""
+        direct, sha = self._direct, self._sha.get(name)
+        if direct is None or sha is None:
+            return None
+        return direct.send_nowait(sha, keys, args, give_up_s, retire_s)
+
+    def outcome(self, name: str, reply: asyncio.Future[Any]) -> Any:
+        """The result of a :meth:`send_now` call that is done, as :meth:`run` returns it;
+        raises :class:`BackendUnavailable` as :meth:`run` does, except ``NoScriptError``
+        (nothing ran: the caller sends it again with :meth:`run` or :meth:`run_past`,
+        which reload) and ``CancelledError`` (:meth:`abandon`)."""
+        try:
+            res = reply.result()
+            if isinstance(res, Exception):
+                raise res  # the script's error, or Redis's, as redis-py raises them
+        except NoScriptError:
+            raise
+        except FAILURES as exc:
+            raise BackendUnavailable(f"redis {name} failed: {why(exc)}") from exc
+        except Exception as exc:
+            raise self._unforeseen(name, exc) from exc
+        return res
+
+    def timed_out(self, name: str) -> BackendUnavailable:
+        """What the callers of a call unanswered within the timeout are answered with."""
+        return BackendUnavailable(f"redis {name} failed: {why(TimeoutError())}")
+
     async def run(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run ``name`` within the timeout; raises :class:`BackendUnavailable` on any failure."""
         try:
@@ -242,7 +283,7 @@ class ScriptRunner:
 
         def expire() -> None:
             self.late.add(task)
-            timed_out(BackendUnavailable(f"redis {name} failed: {why(TimeoutError())}"))
+            timed_out(self.timed_out(name))
 
         loop = asyncio.get_running_loop()
         begun = loop.time()
