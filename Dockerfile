@@ -10,6 +10,11 @@ COPY proxy ./proxy
 COPY policies ./policies
 RUN pip install --no-cache-dir .
 ENV SLUICE_HOST=0.0.0.0 SLUICE_PORT=8080 SLUICE_CONFIG=/app/policies/default.yaml
+# Relative paths (the batch queue's SQLite file without Redis, `server.jobs.sqlite_path`)
+# land in a volume: a 202 for a batch must survive the container being replaced.
+RUN mkdir /data
+VOLUME /data
+WORKDIR /data
 EXPOSE 8080
 ENTRYPOINT ["sluice"]
 CMD ["serve"]
