@@ -177,6 +177,33 @@ class Adaptivity:
         if throttled and reflex:
             self.reflex.fire(pool, lease)
 
+    def observe_status(
+        self,
+        pool: str,
+        priority: str,
+        latency_ms: float,
+        status: int,
+        *,
+        on_pool: bool = True,
+        lease: str | None = None,
+        reflex: bool = True,
+        unanswered: bool = False,
+    ) -> None:
+        """:meth:`observe` of a call answered with HTTP ``status`` (live or a batch
+        record's): a 429 on a tier with a quota of its own (``on_pool`` False) is not the
+        pool's throttle."""
+        self.observe(
+            pool,
+            priority,
+            latency_ms,
+            throttled=status == 429 and on_pool,
+            server_error=status >= 500,
+            lease=lease,
+            reflex=reflex,
+            refused=refused_before_model(status),
+            unanswered=unanswered,
+        )
+
     def refused(self, pool: str, priority: str, refusal: BedrockError) -> None:
         """Count a refusal as demand if more pool concurrency would have admitted the call
         (pool or class concurrency, the queue); not a workload's own caps or rate buckets."""

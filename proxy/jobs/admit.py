@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from proxy.admission import AdmitPlan, Store, StoreUnavailable
-from proxy.control.controller import Adaptivity, refused_before_model
+from proxy.control.controller import Adaptivity
 from proxy.metrics import Metrics
 from proxy.pipeline.schedule import cap_at
 from proxy.pipeline.tiers import TierTable
@@ -158,12 +158,6 @@ class RecordAdmission:
         if status == 429:  # Bedrock pushes back: no grant may sit held ahead on the pool
             self.store.shed_ahead(pool)
         if self.adaptivity is not None:
-            self.adaptivity.observe(
-                pool,
-                priority,
-                latency_ms,
-                throttled=status == 429 and on_pool,
-                server_error=status >= 500,
-                lease=lease,
-                refused=refused_before_model(status),
+            self.adaptivity.observe_status(
+                pool, priority, latency_ms, status, on_pool=on_pool, lease=lease
             )

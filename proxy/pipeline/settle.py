@@ -15,7 +15,7 @@ from collections.abc import Awaitable
 
 from proxy.admission.estimate import settled_tokens
 from proxy.admission.gate import Gate
-from proxy.control.controller import Adaptivity, refused_before_model
+from proxy.control.controller import Adaptivity
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
 from proxy.pipeline.call import Call
@@ -41,15 +41,14 @@ def observe_attempt(
         return
     if seconds is None:
         seconds = call.upstream_s
-    adaptivity.observe(
+    adaptivity.observe_status(
         call.pool.name,
         call.caller.priority if call.caller else "-",
         seconds * 1000,
-        throttled=status == 429 and on_pool,
-        server_error=status >= 500,
+        status,
+        on_pool=on_pool,
         lease=call.lease if lease is None else lease,
         reflex=call.reflexed != call.retries,  # not twice for one throttle (see backoff)
-        refused=refused_before_model(status),
         unanswered=unanswered,
     )
 
