@@ -353,7 +353,7 @@ def test_fleets_sharing_one_redis_never_take_each_others_records(
 
 def test_the_default_fleet_keeps_the_original_key_names() -> None:
     # Records queued before fleets had queues of their own still drain after an upgrade.
-    from proxy.backend.job_queue import _Keys
+    from proxy.backend.job_store import JobKeys as _Keys
     from proxy.jobs.queue import Stream
 
     for fleet in (None, "default"):

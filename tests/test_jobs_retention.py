@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from proxy.backend.job_queue import _Keys
+from proxy.backend.job_store import JobKeys as _Keys
 from tests.support.jobs_helpers import (
     HAIKU_RT,
     call,

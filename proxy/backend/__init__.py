@@ -5,7 +5,8 @@
 * :mod:`.keys`: the key layout of every Redis key Sluice writes;
 * :mod:`.store`: the admission store (:class:`~.store.RedisStore` or the embedded twin,
   :class:`~.store.EmbeddedStore`), :mod:`.wakeups` its pub/sub, :mod:`.cache` the response
-  cache, :mod:`.job_queue` the batch queue, :mod:`.versions` policy versions,
+  cache, :mod:`.job_queue` the batch queue (:mod:`.job_submit` its submit, :mod:`.job_store`
+  its keys), :mod:`.versions` policy versions,
   :mod:`.fleet_board` the fleet view's snapshots.
 
 Whatever fails, callers see one exception, :class:`BackendUnavailable` (also known by its

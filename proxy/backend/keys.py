@@ -21,7 +21,7 @@ persists (it holds the dynamic limit); lease zsets expire with their last lease.
 
 Elsewhere: the fleet control loops ``sluice:{<pool>}:fleet:<i>``, ``:breaker``, ``:leader``
 (:mod:`proxy.control.fleet`); batch jobs ``sluice:{<pool>}:jobs:…``, ``:batch:…``, ``:dlq…``
-and ``sluice[:fleet:<name>]:jobs:streams|batches`` (:mod:`.job_queue`); the response cache
+and ``sluice[:fleet:<name>]:jobs:streams|batches`` (:mod:`.job_store`); the response cache
 ``sluice:{cache:<workload>}:<digest>`` (:mod:`proxy.pipeline.cache`); policy versions
 ``sluice:{policy:<fleet>}:…`` (:mod:`.versions`); the fleet board ``sluice:{ops:<fleet>}:…``
 (:mod:`.fleet_board`).
