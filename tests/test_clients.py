@@ -3,10 +3,14 @@ client gets back must not depend on whether Sluice is in between."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from tests.support.processes import (
     UPSTREAM_KEY_ID,
@@ -15,6 +19,8 @@ from tests.support.processes import (
     Sluice,
     bedrock_client,
 )
+
+HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +56,72 @@ def test_invoke_guardrail_checks_passes_through(sim: Simulator, proxy: Sluice) -
     assert answers["sluice"] == answers["direct"]
     attack = answers["sluice"]["results"]["promptAttack"]["results"]
     assert attack == [{"category": "JAILBREAK", "severityScore": 1.0}]
+
+
+def _cached_policy(degrade: list[str]) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "identity": {"default_workload": "w"},
+        "models": {"haiku": {"ids": [HAIKU], "requests_per_minute": 60, "burst_requests": 1}},
+        "priorities": {"p": {"share": 1.0}},
+        "workloads": {"w": {"priority": "p", "cache": {"ttl_seconds": 600}, "degrade": degrade}},
+    }
+
+
+def _invoke_body() -> bytes:
+    return json.dumps(
+        {
+            "anthropic_version": "bedrock-2023-05-31",
+            "max_tokens": 20,
+            "messages": [{"role": "user", "content": "is this allowed?"}],
+        }
+    ).encode()
+
+
+def test_cached_answer_is_not_served_to_a_call_naming_a_guardrail(
+    sim: Simulator, make_sluice: Callable[..., Sluice]
+) -> None:
+    # InvokeModel names its guardrail in X-Amzn-Bedrock-GuardrailIdentifier/-Version, not
+    # in the body: an answer made without the guardrail is not an answer to a call with it.
+    proxy = make_sluice(upstream=sim.url, policy=_cached_policy(["cached"]))
+    client = bedrock_client(proxy.url)
+    body = _invoke_body()
+    client.invoke_model(modelId=HAIKU, body=body)  # the pool's one burst slot; cached
+    time.sleep(0.3)  # (the cache write runs in the background)
+
+    with pytest.raises(ClientError) as err:
+        client.invoke_model(
+            modelId=HAIKU, body=body, guardrailIdentifier="gr-1", guardrailVersion="1"
+        )
+    assert err.value.response["Error"]["Code"] == "ThrottlingException"
+    # The same call without a guardrail is the cached one (the premise of the test).
+    again = client.invoke_model(modelId=HAIKU, body=body)
+    assert again["ResponseMetadata"]["HTTPHeaders"]["x-sluice-degraded"] == "cache"
+    assert sim.stats()["models"][HAIKU]["requests"] == 1
+
+
+def test_calls_naming_different_guardrails_are_not_coalesced(
+    make_simulator: Callable[..., Simulator], make_sluice: Callable[..., Sluice]
+) -> None:
+    # Identical bodies in flight together share one upstream call when the workload caches;
+    # one naming a guardrail must not be handed the answer of one that names none.
+    sim = make_simulator({"latency_scale": 1.0})
+    policy = _cached_policy([])
+    policy["models"]["haiku"].update(requests_per_minute=600, burst_requests=10)
+    proxy = make_sluice(upstream=sim.url, policy=policy)
+    body = _invoke_body()
+    plain, guarded = bedrock_client(proxy.url), bedrock_client(proxy.url)
+    with ThreadPoolExecutor(2) as pool:
+        calls = [
+            pool.submit(plain.invoke_model, modelId=HAIKU, body=body),
+            pool.submit(
+                guarded.invoke_model,
+                modelId=HAIKU,
+                body=body,
+                guardrailIdentifier="gr-1",
+                guardrailVersion="1",
+            ),
+        ]
+        for call in calls:
+            assert call.result()["ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert sim.stats()["models"][HAIKU]["requests"] == 2
