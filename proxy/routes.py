@@ -32,6 +32,8 @@ _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,2047}$")
 #: Path segments a model id may not have: URL normalisation would remove or collapse them.
 _DOT_FREE: Final = frozenset({"", ".", ".."})
 _GUARDRAIL = re.compile(r"^/guardrail/([^/]+)/version/([^/]+)/apply$")
+#: InvokeGuardrailChecks (botocore 1.42+): inline guardrail checks, no guardrail or model named.
+_GUARDRAIL_CHECKS: Final = "/guardrail-checks/invoke"
 _GEO_PREFIXES: Final = frozenset({"us", "eu", "apac", "global", "us-gov", "jp", "au", "ca"})
 
 
@@ -43,7 +45,8 @@ class Route:
     #: Decoded model id (``None`` for guardrail and async-invoke operations).
     model_id: str | None
     streaming: bool
-    #: Whether quotas apply: model invocations do; CountTokens, guardrails, async-invoke don't.
+    #: Whether quotas apply: model invocations do; CountTokens, guardrails (ApplyGuardrail,
+    #: InvokeGuardrailChecks), async-invoke don't.
     metered: bool
     path: str
     query: str
@@ -83,6 +86,8 @@ def match(method: str, raw_path: str) -> Route:
         return Route("GetAsyncInvoke", None, False, False, path, query)
     elif method == "POST" and _GUARDRAIL.match(path):
         return Route("ApplyGuardrail", None, False, False, path, query)
+    elif path == _GUARDRAIL_CHECKS and method == "POST":
+        return Route("InvokeGuardrailChecks", None, False, False, path, query)
     raise _unknown(method, path)
 
 

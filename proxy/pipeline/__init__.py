@@ -182,7 +182,9 @@ class Pipeline:
             pool = call.policy.resolve_pool(route.model_id)
         except BedrockError as exc:
             return Refused(exc)
-        call.cache_key = cache_key(caller.workload.name, pool.name, route.operation, call.body)
+        call.cache_key = cache_key(
+            caller.workload.name, pool.name, route.operation, call.body, headers=call.headers
+        )
         return call.cache_key
 
     async def _coalesced(

@@ -96,7 +96,7 @@ class Admission:
                     return Refused(got)
                 refused = got
             tokens = call.usage.input_tokens
-            ask = DegradeAsk(policy, route, caller, pool, est, tokens, call.body, cap)
+            ask = DegradeAsk(policy, route, caller, pool, est, tokens, call.body, cap, call.headers)
             return self._degraded(call, await self.degrader.degrade(ask), refused)
         except BedrockError as exc:  # unknown model, malformed body, input budget
             return Refused(exc)
@@ -216,7 +216,9 @@ class Admission:
         except BedrockError as exc:
             return Refused(exc)
         tokens = call.usage.input_tokens or est.input_tokens
-        ask = DegradeAsk(call.policy, route, caller, pool, est, tokens, call.body, cap)
+        ask = DegradeAsk(
+            call.policy, route, caller, pool, est, tokens, call.body, cap, call.headers
+        )
         return self._degraded(call, await self.degrader.degrade(ask), refused)
 
     def _degraded(

@@ -10,7 +10,7 @@ allows it for that workload; the caller is always told which one served it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from proxy.admission.estimate import RequestEstimate
@@ -72,6 +72,8 @@ class DegradeAsk:
     body: bytes
     #: The workload's scheduled concurrency now: it binds on a fallback pool too.
     cap: int | None
+    #: The request's headers: the guardrail InvokeModel names is part of the cache key.
+    headers: Mapping[str, str] | None = None
 
 
 class Degrader:
@@ -100,7 +102,7 @@ class Degrader:
         for step in workload.degrade:
             found: Downgrade | Fallback | BedrockError | None
             if step == "cached":
-                found = await self._cached(ask.policy, ask.route, caller, ask.pool, ask.body)
+                found = await self._cached(ask, caller)
             elif step == "template":
                 found = self._template(ask.policy, ask.route, caller)
             else:
@@ -138,16 +140,16 @@ class Degrader:
         path = downgrade_path(route.path, route.operation, model_id)
         return Downgrade(target, path, got, served_model_headers(model_id, "downgrade"))
 
-    async def _cached(
-        self, policy: CompiledPolicy, route: Route, caller: Caller, pool: PoolInfo, body: bytes
-    ) -> Fallback | None:
+    async def _cached(self, ask: DegradeAsk, caller: Caller) -> Fallback | None:
+        policy, route = ask.policy, ask.route
         if policy.policy.workloads[caller.workload.name].cache is None:
             return None
         if cache_operation(route.operation) is None:
             return None
-        hit = await self.cache.get(
-            cache_key(caller.workload.name, pool.name, route.operation, body)
+        key = cache_key(
+            caller.workload.name, ask.pool.name, route.operation, ask.body, headers=ask.headers
         )
+        hit = await self.cache.get(key)
         if hit is None:
             return None
         assert route.model_id is not None

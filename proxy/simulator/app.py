@@ -54,6 +54,7 @@ def build_simulator_app(config: SimulatorConfig) -> web.Application:
         router.add_post(f"/model/{{model_id:.+}}/{suffix}", _model_call_handler(operation))
     router.add_post("/model/{model_id:.+}/count-tokens", _count_tokens)
     router.add_post("/guardrail/{guardrail_id}/version/{version}/apply", _apply_guardrail)
+    router.add_post("/guardrail-checks/invoke", _guardrail_checks)
     router.add_post("/async-invoke", _start_async)
     router.add_get("/async-invoke", _list_async)
     router.add_get("/async-invoke/{arn:.+}", _get_async)
@@ -104,6 +105,10 @@ async def _count_tokens(request: web.Request) -> web.StreamResponse:
 
 async def _apply_guardrail(request: web.Request) -> web.StreamResponse:
     return side_ops.apply_guardrail(await request.read(), request.app[SIM_STATE])
+
+
+async def _guardrail_checks(request: web.Request) -> web.StreamResponse:
+    return side_ops.guardrail_checks(await request.read(), request.app[SIM_STATE])
 
 
 async def _start_async(request: web.Request) -> web.StreamResponse:

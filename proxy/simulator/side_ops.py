@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
@@ -20,7 +20,14 @@ from proxy.simulator.parsing import parse_count_tokens, parse_json
 from proxy.simulator.responses import new_request_id
 from proxy.simulator.state import AsyncJob, SimState
 
-__all__ = ["apply_guardrail", "count_tokens", "get_async", "list_async", "start_async"]
+__all__ = [
+    "apply_guardrail",
+    "count_tokens",
+    "get_async",
+    "guardrail_checks",
+    "list_async",
+    "start_async",
+]
 
 _JSON = "application/json"
 
@@ -85,6 +92,53 @@ def apply_guardrail(body: bytes, state: SimState) -> web.Response:
             "assessments": [{"wordPolicy": {"customWords": words, "managedWordLists": []}}],
         }
     )
+
+
+#: InvokeGuardrailChecks' checks (each result's score is per category asked for).
+_CHECKS: Final = ("contentFilter", "promptAttack", "sensitiveInformation")
+
+
+def guardrail_checks(body: bytes, state: SimState) -> web.Response:
+    """InvokeGuardrailChecks: one result per configured check; a configured blocked word
+    scores 1.0 on each category asked for, anything else 0.0 (and no sensitive entities)."""
+    doc = parse_json(body)
+    messages = doc.get("messages") if isinstance(doc, dict) else None
+    checks = doc.get("checks") if isinstance(doc, dict) else None
+    for key, value, kind in (("messages", messages, list), ("checks", checks, dict)):
+        if not isinstance(value, kind):
+            raise BedrockError(
+                "ValidationException",
+                f"1 validation error detected: Value null at '{key}' failed to satisfy "
+                "constraint: Member must not be null",
+            )
+    assert isinstance(messages, list) and isinstance(checks, dict)
+    texts = [
+        block["text"]
+        for message in messages
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for block in message["content"]
+        if isinstance(block, dict) and isinstance(block.get("text"), str)
+    ]
+    lowered = "\n".join(texts).lower()
+    hit = any(w.lower() in lowered for w in state.config.guardrail_blocked_words)
+    units = max(1, -(-sum(len(t) for t in texts) // 1000))  # one unit per 1,000 characters
+    results: dict[str, Any] = {}
+    usage: dict[str, Any] = {}
+    for check in _CHECKS:
+        config = checks.get(check)
+        if not isinstance(config, dict):
+            continue
+        usage[check] = {"textUnits": units}
+        if check == "sensitiveInformation":
+            results[check] = {"results": [], "truncated": False}
+            continue
+        categories = [
+            c.get("category") for c in config.get("categories") or [] if isinstance(c, dict)
+        ]
+        results[check] = {
+            "results": [{"category": c, "severityScore": 1.0 if hit else 0.0} for c in categories]
+        }
+    return _json({"results": results, "usage": usage})
 
 
 def _iso(seconds: float) -> str:
