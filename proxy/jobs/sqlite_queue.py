@@ -9,68 +9,27 @@ batch leave nothing behind. SQLite calls run in a thread, never on the event loo
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sqlite3
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 
 from proxy.jobs.queue import (
-    DEFAULT_RETENTION_S,
     BatchCompleted,
     BatchMeta,
-    BatchRunning,
     Claimed,
     DeadLetter,
-    Deleted,
     QueueFull,
-    QueueUnavailable,
     ReplayOutcome,
     Stream,
 )
 from proxy.jobs.records import Record
+from proxy.jobs.sqlite_file import DELETED, now_ms
+from proxy.jobs.sqlite_retention import SqliteRetention
 
-T = TypeVar("T")
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS batches (
-  id TEXT PRIMARY KEY, workload TEXT, pool TEXT, model TEXT, inv TEXT, records INTEGER,
-  created INTEGER, ok INTEGER DEFAULT 0, err INTEGER DEFAULT 0, in_tok INTEGER DEFAULT 0,
-  out_tok INTEGER DEFAULT 0, status TEXT DEFAULT 'running');
-CREATE TABLE IF NOT EXISTS records (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT, pool TEXT, workload TEXT, batch TEXT,
-  record_id TEXT, input BLOB, model TEXT, enq INTEGER, owner TEXT,
-  lease_until INTEGER DEFAULT 0, attempts INTEGER DEFAULT 0);
-CREATE INDEX IF NOT EXISTS records_stream ON records (pool, workload, seq);
--- A purge finds a batch's rows through these, not by scanning every record and letter.
-CREATE INDEX IF NOT EXISTS records_batch ON records (batch);
-CREATE TABLE IF NOT EXISTS outputs (
-  batch TEXT, record_id TEXT, line BLOB, PRIMARY KEY (batch, record_id));
-CREATE TABLE IF NOT EXISTS dlq (id TEXT PRIMARY KEY, doc TEXT, workload TEXT, reason TEXT);
-CREATE INDEX IF NOT EXISTS dlq_batch ON dlq (json_extract(doc, '$.batchId'));
-CREATE TABLE IF NOT EXISTS rate (
-  pool TEXT, workload TEXT, bucket INTEGER, n INTEGER, PRIMARY KEY (pool, workload, bucket));
-"""
-#: The gauge counts dead letters from this index alone, never reading a document.
-_DLQ_INDEX = "CREATE INDEX IF NOT EXISTS dlq_counts ON dlq (workload, reason)"
 _META_COLUMNS = "id, workload, pool, model, inv, records, created, ok, err, status, in_tok, out_tok"
-#: Rows one retention or delete transaction removes at most: the file's lock is held for
-#: a few milliseconds at a time, so workers' claims and completions go on between them.
-_CHUNK_ROWS = 5000
-#: Batches one retention sweep removes at most (the next sweep takes the rest).
-_SWEEP_BATCHES = 50
-#: Free pages one sweep gives back to the file system at most (4 KiB pages: 16 MiB).
-_VACUUM_PAGES = 4096
-#: A batch's row while its rows are being removed: answered as gone by every route, and
-#: finished by the next sweep if the process dies half-way.
-_DELETED = "deleted"
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _meta(row: tuple[Any, ...]) -> BatchMeta:
@@ -81,83 +40,15 @@ def _meta(row: tuple[Any, ...]) -> BatchMeta:
     )  # fmt: skip
 
 
-class SqliteQueue:
+class SqliteQueue(SqliteRetention):
     """:class:`proxy.jobs.queue.JobQueue` in one SQLite file."""
-
-    def __init__(
-        self, path: str, retention_s: Callable[[], float] = lambda: DEFAULT_RETENTION_S
-    ) -> None:
-        self.path = path
-        self._retention_s = retention_s
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-        self._closed = False
-
-    async def start(self) -> None:
-        """Open the file if a previous run created it (records survive restarts)."""
-        if await asyncio.to_thread(os.path.exists, self.path):
-            await self._run(lambda db: None)
-
-    async def close(self) -> None:
-        """Close the file once no query runs on it (a query may still run in a thread)."""
-        await asyncio.to_thread(self._close)
-
-    def _close(self) -> None:
-        # Under the lock: closing a connection another thread is using crashes the process
-        # (seen as a segfault when an app shut down while a worker's claim was running).
-        with self._lock:
-            self._closed = True
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-    def _open(self) -> sqlite3.Connection:
-        if self._db is None:
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            # Only takes on a new file, and before WAL writes its header: an older file
-            # keeps its mode (its freed pages are reused, so it stops growing, it just
-            # does not shrink).
-            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(_SCHEMA)
-            _add_dlq_columns(db)
-            _add_finished(db)
-            self._db = db
-        return self._db
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def work() -> T:
-            with self._lock:
-                if self._closed:
-                    raise sqlite3.ProgrammingError("the queue is closed (shutting down)")
-                db = self._open()
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    result = fn(db)
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-                return result
-
-        try:
-            return await asyncio.to_thread(work)
-        except sqlite3.Error as exc:
-            raise QueueUnavailable(f"sqlite {self.path}: {exc}") from None
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], T], empty: T) -> T:
-        """Reads answer ``empty`` while no batch ever created the file."""
-        if self._db is None and not await asyncio.to_thread(os.path.exists, self.path):
-            return empty
-        return await self._run(fn)
 
     async def submit(
         self, meta: BatchMeta, records: list[Record], max_queued: int | None = None
     ) -> None:
         """One transaction: the cap check, the batch row and every record (a failure rolls
         back all of it, so this store never has a ``submitting`` batch)."""
-        now = _now_ms()
+        now = now_ms()
 
         def fn(db: sqlite3.Connection) -> None:
             if max_queued is not None:
@@ -194,7 +85,7 @@ class SqliteQueue:
         """The first record not leased (or whose lease expired); counts the attempt."""
 
         def fn(db: sqlite3.Connection) -> Claimed | None:
-            now = _now_ms()
+            now = now_ms()
             row = db.execute(
                 "SELECT seq, batch, record_id, input, model, attempts FROM records "
                 "WHERE pool = ? AND workload = ? AND (owner IS NULL OR lease_until < ?) "
@@ -220,7 +111,7 @@ class SqliteQueue:
             row = db.execute(
                 "SELECT 1 FROM records WHERE pool = ? AND workload = ? "
                 "AND (owner IS NULL OR lease_until < ?) LIMIT 1",
-                (stream.pool, stream.workload, _now_ms()),
+                (stream.pool, stream.workload, now_ms()),
             ).fetchone()
             return row is not None
 
@@ -233,7 +124,7 @@ class SqliteQueue:
 
         def fn(db: sqlite3.Connection) -> list[str]:
             kept = []
-            until = _now_ms() + lease_ms
+            until = now_ms() + lease_ms
             for eid in entry_ids:
                 cur = db.execute(
                     "UPDATE records SET lease_until = ? WHERE seq = ? AND owner = ?",
@@ -297,7 +188,7 @@ class SqliteQueue:
             cur = db.execute(
                 "INSERT OR IGNORE INTO outputs (batch, record_id, line) SELECT ?, ?, ? "
                 "WHERE EXISTS (SELECT 1 FROM batches WHERE id = ? AND status != ?)",
-                (c.batch_id, c.record_id, line, c.batch_id, _DELETED),
+                (c.batch_id, c.record_id, line, c.batch_id, DELETED),
             )
             new = cur.rowcount == 1
         if new:
@@ -355,7 +246,7 @@ class SqliteQueue:
         def fn(db: sqlite3.Connection) -> BatchMeta | None:
             row = db.execute(
                 f"SELECT {_META_COLUMNS} FROM batches WHERE id = ? AND status != ?",
-                (batch_id, _DELETED),
+                (batch_id, DELETED),
             ).fetchone()
             return _meta(row) if row else None
 
@@ -368,7 +259,7 @@ class SqliteQueue:
             rows = db.execute(
                 f"SELECT {_META_COLUMNS} FROM batches WHERE status != ? "
                 "ORDER BY created DESC LIMIT 1000",
-                (_DELETED,),
+                (DELETED,),
             ).fetchall()
             return [_meta(r) for r in rows if workload in (None, r[1])]
 
@@ -402,7 +293,7 @@ class SqliteQueue:
             marked = db.execute(
                 "UPDATE batches SET status = 'cancelled', finished = COALESCE(finished, ?) "
                 "WHERE id = ? AND status != ? AND (status = 'cancelled' OR ok + err < records)",
-                (_now_ms(), batch_id, _DELETED),
+                (now_ms(), batch_id, DELETED),
             ).rowcount
             if marked:
                 db.execute("DELETE FROM records WHERE batch = ? AND owner IS NULL", (batch_id,))
@@ -414,94 +305,6 @@ class SqliteQueue:
                 raise BatchCompleted(batch_id)
             return meta
         return await self.batch(batch_id)
-
-    async def delete(self, batch_id: str) -> Deleted | None:
-        """Mark the batch deleted (gone for every route at once), then remove its rows a
-        chunk at a time; refused while it runs."""
-
-        def fn(db: sqlite3.Connection) -> bool:
-            row = db.execute(
-                "SELECT status, records - ok - err FROM batches WHERE id = ?", (batch_id,)
-            ).fetchone()
-            if row is None or row[0] in (_DELETED, "submitting"):
-                return False
-            if row[0] == "running" and row[1] > 0:
-                raise BatchRunning(batch_id)
-            db.execute("UPDATE batches SET status = ? WHERE id = ?", (_DELETED, batch_id))
-            return True
-
-        if not await self._read(fn, False):
-            return None
-        deleted = await self._purge(batch_id)
-        await self._vacuum()
-        return deleted
-
-    async def sweep(self) -> int:
-        """Delete up to :data:`_SWEEP_BATCHES` batches finished longer than the retention ago
-        (and finish deletes a dead process left half-done), then give free pages back."""
-        cutoff = _now_ms() - int(self._retention_s() * 1000)
-        due: list[tuple[str, str]] = await self._read(
-            lambda db: db.execute(
-                "SELECT id, status FROM batches WHERE finished <= ? OR status = ? LIMIT ?",
-                (cutoff, _DELETED, _SWEEP_BATCHES),
-            ).fetchall(),
-            [],
-        )
-        removed = 0
-        for batch_id, state in due:
-            if state != _DELETED:
-                if not await self._run(lambda db, b=batch_id: _expire(db, b, cutoff)):  # type: ignore[misc]
-                    continue  # replayed since it was looked at: running again
-                removed += 1
-            await self._purge(batch_id)
-        if due:
-            await self._vacuum()
-        return removed
-
-    async def _vacuum(self) -> None:
-        """Give freed pages back to the file system (a file made with incremental auto-vacuum)."""
-
-        def work() -> None:
-            with self._lock:
-                if self._closed or self._db is None:
-                    return
-                if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
-                    # executescript steps the pragma to its end (execute frees one page),
-                    # in its own transaction: hence outside _run.
-                    self._db.executescript(f"PRAGMA incremental_vacuum({_VACUUM_PAGES});")
-
-        try:
-            await asyncio.to_thread(work)
-        except sqlite3.Error as exc:
-            raise QueueUnavailable(f"sqlite {self.path}: {exc}") from None
-
-    async def _purge(self, batch_id: str) -> Deleted:
-        """Remove a batch marked deleted: outputs and records in chunks, then its dead
-        letters and the row itself (last, so a sweep finds what a crash left)."""
-        lines = await self._chunks("outputs", batch_id)
-        queued = await self._chunks("records", batch_id)
-
-        def last(db: sqlite3.Connection) -> int:
-            n = db.execute(
-                "DELETE FROM dlq WHERE json_extract(doc, '$.batchId') = ?", (batch_id,)
-            ).rowcount
-            db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
-            return int(n)
-
-        return Deleted(lines, queued, await self._run(last))
-
-    async def _chunks(self, table: str, batch_id: str) -> int:
-        """Delete a batch's rows of ``table`` (outputs or records), a chunk per transaction."""
-        sql = (
-            f"DELETE FROM {table} WHERE rowid IN "
-            f"(SELECT rowid FROM {table} WHERE batch = ? LIMIT {_CHUNK_ROWS})"
-        )
-        total = 0
-        while True:
-            n: int = await self._run(lambda db: db.execute(sql, (batch_id,)).rowcount)
-            total += n
-            if n < _CHUNK_ROWS:
-                return total
 
     async def depth(self, stream: Stream) -> tuple[int, float]:
         """Count and oldest enqueue time of the stream's records."""
@@ -570,7 +373,7 @@ class SqliteQueue:
         def fn(db: sqlite3.Connection) -> ReplayOutcome:
             row = db.execute("SELECT status FROM batches WHERE id = ?", (entry.batch_id,))
             found = row.fetchone()
-            if found is None or found[0] == _DELETED:
+            if found is None or found[0] == DELETED:
                 return "batch_gone"
             if found[0] == "cancelled":
                 # A worker drops a cancelled batch's records without a line: replaying would
@@ -588,7 +391,7 @@ class SqliteQueue:
                 "INSERT INTO records (pool, workload, batch, record_id, input, model, enq) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (entry.pool, entry.workload, entry.batch_id, entry.record_id,
-                 entry.model_input, model, _now_ms()),
+                 entry.model_input, model, now_ms()),
             )  # fmt: skip
             # Running again: its retention starts over once it completes again.
             db.execute("UPDATE batches SET finished = NULL WHERE id = ?", (entry.batch_id,))
@@ -597,45 +400,8 @@ class SqliteQueue:
         return await self._run(fn)
 
 
-def _add_dlq_columns(db: sqlite3.Connection) -> None:
-    """Files written before dead letters were counted by column get the columns, filled
-    from their documents (once), and the index the gauge reads."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        columns = {row[1] for row in db.execute("PRAGMA table_info(dlq)")}
-        if "workload" not in columns:
-            db.execute("ALTER TABLE dlq ADD COLUMN workload TEXT")
-            db.execute("ALTER TABLE dlq ADD COLUMN reason TEXT")
-        db.execute(_DLQ_INDEX)
-        # On every open, not only when the columns are added: rows an older binary wrote
-        # since (a downgrade, a file shared during an upgrade) would count as "None".
-        db.execute(
-            "UPDATE dlq SET workload = json_extract(doc, '$.workload'), "
-            "reason = json_extract(doc, '$.reason') WHERE workload IS NULL OR reason IS NULL"
-        )
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
 def _dead_letter(doc: str) -> DeadLetter:
     return DeadLetter.from_json(orjson.loads(doc))
-
-
-def _add_finished(db: sqlite3.Connection) -> None:
-    """``batches.finished`` (when it completed or was cancelled: retention runs from it),
-    added to a file made before retention; its finished batches count from now."""
-    columns = {row[1] for row in db.execute("PRAGMA table_info(batches)")}
-    if "finished" not in columns:
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("ALTER TABLE batches ADD COLUMN finished INTEGER")
-        db.execute(
-            "UPDATE batches SET finished = ? WHERE status = 'cancelled' OR ok + err >= records",
-            (_now_ms(),),
-        )
-        db.execute("COMMIT")
-    db.execute("CREATE INDEX IF NOT EXISTS batches_finished ON batches (finished)")
 
 
 def _mark_finished(db: sqlite3.Connection, batch_id: str) -> None:
@@ -643,15 +409,5 @@ def _mark_finished(db: sqlite3.Connection, batch_id: str) -> None:
     db.execute(
         "UPDATE batches SET finished = ? WHERE id = ? AND finished IS NULL "
         "AND status = 'running' AND ok + err >= records",
-        (_now_ms(), batch_id),
+        (now_ms(), batch_id),
     )
-
-
-def _expire(db: sqlite3.Connection, batch_id: str, cutoff: int) -> bool:
-    """Mark a batch deleted if it is still past its retention; False when a replay has
-    made it run again since the sweep looked."""
-    cur = db.execute(
-        "UPDATE batches SET status = ? WHERE id = ? AND finished <= ?",
-        (_DELETED, batch_id, cutoff),
-    )
-    return cur.rowcount == 1
