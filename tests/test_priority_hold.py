@@ -154,3 +154,39 @@ def test_the_hold_ends_once_bedrock_stops_throttling(
         time.sleep(0.2)
     assert pool == f"sonnet{tag}"
     workload_client(a.url, "analytics").converse(modelId=SONNET, messages=ASK)
+
+
+def test_a_downgrade_is_not_sent_where_bedrock_throttles_a_higher_class(
+    redis_server: Any, make_simulator: Any, make_sluice: Any
+) -> None:
+    # P0 calls Haiku directly ("faq"); P2 falls back onto Haiku when Sonnet refuses it.
+    # Haiku's pool sheds nothing (no adaptive limit, no breaker), as a fallback pool
+    # often is. While Bedrock throttles P0 on Haiku, a P2 downgrade there would take a
+    # slot P0 needs: load Sluice itself adds, which no caller without Sluice would send.
+    sim = make_simulator(
+        {"models": {m: {"faults": {"throttle_rate": 1.0}} for m in (SONNET, HAIKU)}}
+    )
+    tag = uuid.uuid4().hex[:8]
+    policy = _policy(tag)
+    policy["workloads"]["faq"] = {"priority": "P0", "models": [f"haiku{tag}"]}
+    policy["workloads"]["browse"] = {
+        "priority": "P2",
+        "degrade": [f"haiku{tag}", "template"],
+        "template": {"text": "Busy right now."},
+    }
+    proc = make_sluice(
+        upstream=sim.url,
+        policy=policy,
+        redis_url=redis_server.url,
+        extra_args=["--fleet", f"hold-{tag}"],
+    )
+    orders, faq = workload_client(proc.url, "orders"), workload_client(proc.url, "faq")
+    browse = workload_client(proc.url, "browse")
+    for client, model in ((orders, SONNET), (faq, HAIKU)):  # P0 throttled on both pools
+        with pytest.raises(ClientError):
+            client.converse(modelId=model, messages=ASK)
+    haiku_calls = int(sim.stats()["models"][HAIKU]["requests"])
+    reply = browse.converse(modelId=SONNET, messages=ASK)
+    headers = reply["ResponseMetadata"]["HTTPHeaders"]
+    assert headers["x-sluice-degraded"] == "template"  # the chain's next step
+    assert int(sim.stats()["models"][HAIKU]["requests"]) == haiku_calls

@@ -172,7 +172,9 @@ class Adaptivity:
             return
         self.fleet.observe(pool, priority, latency_ms, throttled, server_error)
         self.breakers.outcome(pool, throttled or server_error)
-        if throttled and pool in self._shedding and priority in self._ranks:
+        if throttled and priority in self._ranks:
+            # Every pool: a downgrade onto one that sheds nothing is held too (see
+            # :meth:`downgrade_held_by`); calls that ask for it directly are not.
             self.hold.throttled(pool, self._ranks[priority])
         if throttled and reflex:
             self.reflex.fire(pool, lease)
@@ -235,7 +237,19 @@ class Adaptivity:
         return await poll_until(lambda: self.retry_headroom(pool), wait_s, self._tick_s)
 
     def held_by(self, pool: str, priority: str) -> str | None:
-        """The class whose Bedrock throttles hold ``priority`` back on ``pool`` (or None)."""
+        """The class whose Bedrock throttles hold ``priority`` back on ``pool`` (or None);
+        only on pools that shed (an adaptive limit or a breaker)."""
+        return self.downgrade_held_by(pool, priority) if pool in self._shedding else None
+
+    def downgrade_held_by(self, pool: str, priority: str) -> str | None:
+        """The class whose Bedrock throttles hold a downgrade of ``priority`` back from
+        ``pool``, on any pool (or None).
+
+        A downgrade is load Sluice adds that its caller never asked that pool for; while
+        Bedrock throttles a higher class there, every one of them takes a slot or request
+        that class needs (a P0 workload on the fallback model failed more often through
+        Sluice than without it, the lower classes' refusals degraded onto its model).
+        """
         rank = self._ranks.get(priority)
         held = None if rank is None else self.hold.holder(pool, rank)
         return None if held is None else self._by_rank[held]
@@ -318,9 +332,9 @@ class Adaptivity:
         self.breakers.fresh = True
         self.hold.prune()
         for pool, t in ticks.items():
+            # And the bucket before: another instance may write it after this one read it.
+            self.hold.hear(pool, t.window(self._tick_s + t.bucket_ms / 1000), self._ranks)
             if pool in self._shedding:
-                # And the bucket before: another instance may write it after this one read it.
-                self.hold.hear(pool, t.window(self._tick_s + t.bucket_ms / 1000), self._ranks)
                 self.hold.show(pool, self._ranks, self.metrics.holding)
             if pool in self._adaptive:
                 self.limits.note(pool, t, sent)

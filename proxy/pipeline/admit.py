@@ -43,12 +43,17 @@ class Admission:
         self.gate = gate
         self.metrics = metrics
         self.adaptivity = adaptivity
-        self.degrader = Degrader(gate, cache, metrics, self.breaker_allows)
+        self.degrader = Degrader(gate, cache, metrics, self.breaker_allows, self.downgrade_held)
         self.tiers = TierQuotas(gate, metrics)
 
     def breaker_allows(self, pool: str) -> bool:
         """False while ``pool``'s breaker is open (half-open: True takes a probe slot)."""
         return self.adaptivity is None or self.adaptivity.breaker_allows(pool)
+
+    def downgrade_held(self, pool: str, priority: str) -> bool:
+        """True while Bedrock throttles a class above ``priority`` on ``pool``."""
+        a = self.adaptivity
+        return a is not None and a.downgrade_held_by(pool, priority) is not None
 
     async def admit(
         self, call: Call, route: MeteredRoute, caller: Caller

@@ -85,8 +85,12 @@ class Degrader:
         cache: ResponseCache,
         metrics: Metrics,
         breaker_allows: Callable[[str], bool],
+        held: Callable[[str, str], bool] = lambda pool, priority: False,
     ) -> None:
+        """``held(pool, priority)``: Bedrock throttles a higher class on ``pool`` now, so
+        a downgrade of ``priority`` must not add to its load (the next step is tried)."""
         self.breaker_allows = breaker_allows
+        self.held = held
         self.gate = gate
         self.cache = cache
         self.metrics = metrics
@@ -119,7 +123,9 @@ class Degrader:
         policy, route, caller = ask.policy, ask.route, ask.caller
         target = policy.pools[name]
         allowed = caller.workload.allowed_pools
-        if (allowed is not None and name not in allowed) or not self.breaker_allows(name):
+        if (allowed is not None and name not in allowed) or self.held(name, caller.priority):
+            return None
+        if not self.breaker_allows(name):  # after the hold: half-open's True takes a probe
             return None
         assert route.model_id is not None
         model_id = target_model_id(route.model_id, policy.policy.models[name].ids[0])
