@@ -16,7 +16,9 @@ from collections.abc import Callable
 import pytest
 import redis
 
+from proxy.admission.model import AdmitPlan
 from proxy.backend.store import RedisStore
+from proxy.metrics import Metrics
 from tests.support.admission_helpers import eventually, new_pool, plan
 from tests.support.hostile import send
 from tests.support.hostile_cases import HAIKU, Case, converse_body, request
@@ -154,3 +156,71 @@ def test_a_master_failing_over_mid_traffic_leaves_no_slot_held_by_finished_calls
             inspect.close()
     finally:
         cluster.cleanup()
+
+
+async def _wake_after_release(waiting: RedisStore, holding: RedisStore, p: AdmitPlan) -> float:
+    """Seconds from ``holding`` releasing the pool's one slot to ``waiting``'s waiter getting it."""
+    held = await holding.admit(p, 0)
+    assert held.admitted and held.lease is not None
+    waiter = asyncio.create_task(waiting.admit_waiting(p, 0, 5000))
+    await asyncio.sleep(0.3)  # listed in Redis's queue, subscribed, asleep
+    released = time.monotonic()
+    holding.settle(p, held.lease, 0, 0)
+    decision = await waiter
+    took = time.monotonic() - released
+    assert decision.admitted and decision.lease is not None
+    waiting.settle(p, decision.lease, 0, 0)
+    await waiting.flush()
+    return took
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+async def test_wake_ups_survive_the_death_of_the_cluster_seed() -> None:
+    """Waiters are woken through pub/sub on one node, at first the URL's seed. When that
+    node dies for good (its replica took over), the listener moves to another node. Before,
+    it retried the dead seed forever: every wake-up waited for a poll (~0.2 s instead of
+    ~2 ms) and a wake-up error was counted and logged four times a second."""
+    cluster = RedisClusterProcesses(replicas=1, node_timeout_ms=1000).start()
+    try:
+        pool = new_pool()
+        owner = cluster.master_of(pool)
+        seed = next(n for n in cluster.nodes if n is not owner and "master" in n.cli("role"))
+        metrics = Metrics()
+        waiting = RedisStore(f"redis+cluster://127.0.0.1:{seed.port}", metrics=metrics)
+        holding = RedisStore(f"redis+cluster://127.0.0.1:{owner.port}")
+        await waiting.start()
+        await holding.start()
+        try:
+            p = plan(pool, pool_concurrency=1)
+            assert await _wake_after_release(waiting, holding, p) < 0.1
+            seed.kill()
+            killed = time.monotonic()
+            while not _serves_all(cluster, seed):
+                assert time.monotonic() - killed < 60, "the replica never took over"
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1)
+            errors = metrics.registry.get_sample_value(
+                "sluice_store_errors_total", {"operation": "wakeup"}
+            )
+            woken = sorted([await _wake_after_release(waiting, holding, p) for _ in range(5)])
+            print(f"wake-ups after the seed died: {woken}")
+            assert woken[2] < 0.05, woken
+            after = metrics.registry.get_sample_value(
+                "sluice_store_errors_total", {"operation": "wakeup"}
+            )
+            assert after == errors  # no more failures: the listener is on a live node
+        finally:
+            await waiting.close()
+            await holding.close()
+    finally:
+        cluster.cleanup()
+
+
+def _serves_all(cluster: RedisClusterProcesses, dead: RedisServerProcess) -> bool:
+    """True when a live node reports ``cluster_state:ok`` with ``dead`` marked failed."""
+    live = next(n for n in cluster.nodes if n is not dead)
+    nodes = live.cli("cluster", "nodes")
+    return "cluster_state:ok" in live.cli("cluster", "info") and any(
+        f":{dead.port}@" in line and "fail" in line.split()[2] for line in nodes.splitlines()
+    )

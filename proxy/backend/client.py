@@ -46,9 +46,14 @@ def redis_client(url: str, timeout_s: float) -> Redis | RedisCluster:
     return Redis.from_url(url, **opts)
 
 
-def node_url(url: str) -> str:
-    """A plain ``redis://`` URL of one node: the cluster seed for ``redis+cluster://``."""
+def node_url(url: str, node: str | None = None) -> str:
+    """A plain ``redis://`` URL of one node: the cluster seed for ``redis+cluster://``, or
+    ``node`` (``host:port``) with the URL's credentials, TLS and options."""
     scheme, sep, rest = url.partition("://")
+    if node is not None:
+        authority, slash, tail = rest.partition("/")
+        creds, at, _ = authority.rpartition("@")
+        rest = f"{creds}{at}{node}{slash}{tail}"
     return scheme.split("+")[0] + sep + rest
 
 

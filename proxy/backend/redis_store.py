@@ -57,7 +57,7 @@ from proxy.backend.admit_wire import (
     snapshot_at,
 )
 from proxy.backend.ahead import Ahead, AheadDesk
-from proxy.backend.client import FAILURES, redis_client
+from proxy.backend.client import FAILURES, RedisCluster, redis_client
 from proxy.backend.runner import ScriptRunner, event, why
 from proxy.backend.wakeups import WakeListener
 from proxy.metrics import Metrics
@@ -150,7 +150,19 @@ class RedisStore:
             metrics=metrics,
         )
         failed = self._errors["wakeup"].inc
-        return room, WakeListener(url, room.wake, room.wake_all, failed, timeout_s=self._timeout)
+        nodes = None
+        if isinstance(self._client, RedisCluster):
+            cluster = self._client
+
+            def nodes() -> list[str]:  # every node relays pub/sub: any of them will do
+                return [
+                    f"[{n.host}]:{n.port}" if ":" in n.host else f"{n.host}:{n.port}"
+                    for n in cluster.get_nodes()
+                ]
+
+        return room, WakeListener(
+            url, room.wake, room.wake_all, failed, timeout_s=self._timeout, nodes=nodes
+        )
 
     # --- lifecycle ---------------------------------------------------------------------
 
