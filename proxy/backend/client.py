@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 from redis.asyncio import Redis
@@ -22,6 +23,7 @@ __all__ = [
     "ResponseError",
     "node_client",
     "node_url",
+    "redact",
     "redis_client",
 ]
 
@@ -44,12 +46,33 @@ def redis_client(url: str, timeout_s: float) -> Redis | RedisCluster:
     return Redis.from_url(url, **opts)
 
 
-def node_url(url: str) -> str:
-    """A plain ``redis://`` URL of one node: the cluster seed for ``redis+cluster://``."""
+def node_url(url: str, node: str | None = None) -> str:
+    """A plain ``redis://`` URL of one node: the cluster seed for ``redis+cluster://``, or
+    ``node`` (``host:port``) with the URL's credentials, TLS and options."""
     scheme, sep, rest = url.partition("://")
+    if node is not None:
+        authority, slash, tail = rest.partition("/")
+        creds, at, _ = authority.rpartition("@")
+        rest = f"{creds}{at}{node}{slash}{tail}"
     return scheme.split("+")[0] + sep + rest
 
 
 def node_client(url: str, timeout_s: float) -> Redis:
     """A client of one node (a cluster's seed): pub/sub, which every node of a cluster relays."""
     return Redis.from_url(node_url(url), socket_connect_timeout=max(timeout_s, 2.0))
+
+
+def redact(url: str) -> str:
+    """``url`` fit for a log line or message: its password (``user:pw@`` or ``?password=``)
+    replaced by ``***``, everything else (scheme, user, host, port, db) kept."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    authority, slash, tail = rest.partition("/")
+    creds, at, host = authority.rpartition("@")
+    if at and ":" in creds:
+        authority = f"{creds.partition(':')[0]}:***@{host}"
+    return _QUERY_PASSWORD.sub(r"\1***", f"{scheme}{sep}{authority}{slash}{tail}")
+
+
+_QUERY_PASSWORD: Final = re.compile(r"([?&]password=)[^&#]*")

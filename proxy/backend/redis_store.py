@@ -57,7 +57,7 @@ from proxy.backend.admit_wire import (
     snapshot_at,
 )
 from proxy.backend.ahead import Ahead, AheadDesk
-from proxy.backend.client import FAILURES, NoScriptError, redis_client
+from proxy.backend.client import FAILURES, NoScriptError, RedisCluster, redis_client
 from proxy.backend.inflight import InFlight
 from proxy.backend.runner import Arg, ScriptRunner, event, why
 from proxy.backend.wakeups import WakeListener
@@ -73,6 +73,11 @@ def _first_try(ticket: WaitTicket | None) -> bool:
 
 
 _SCRIPT_NAMES: Final = ("admit", "settle", "extend", "stats")
+
+#: A settle lost to a store failure is sent again as a release only (its leases' ZREM,
+#: which is idempotent; the refund stays lost) this often, until it lands or its leases
+#: have expired anyway (a lease TTL after the settle).
+RELEASE_RETRY_S: Final = 0.5
 
 
 class RedisStore:
@@ -124,6 +129,9 @@ class RedisStore:
         self._closed = False
         #: Settles lost to store failures (also in ``sluice_store_errors{operation=settle}``).
         self.settle_failures = 0
+        #: Leases of those settles, by scope, to release again (see :data:`RELEASE_RETRY_S`):
+        #: the queue, and (plan, lease, the loop's time past which it has expired anyway).
+        self._releases: dict[str, tuple[Queue, list[tuple[AdmitPlan, str, float]]]] = {}
         self._room, self._wakeups = self._wait_room(url, max_waiters, wait_safety_s, wait_metrics)
 
     def _wait_room(
@@ -140,7 +148,19 @@ class RedisStore:
             metrics=metrics,
         )
         failed = self._errors["wakeup"].inc
-        return room, WakeListener(url, room.wake, room.wake_all, failed, timeout_s=self._timeout)
+        nodes = None
+        if isinstance(self._client, RedisCluster):
+            cluster = self._client
+
+            def nodes() -> list[str]:  # every node relays pub/sub: any of them will do
+                return [
+                    f"[{n.host}]:{n.port}" if ":" in n.host else f"{n.host}:{n.port}"
+                    for n in cluster.get_nodes()
+                ]
+
+        return room, WakeListener(
+            url, room.wake, room.wake_all, failed, timeout_s=self._timeout, nodes=nodes
+        )
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -516,9 +536,9 @@ class RedisStore:
                 self._inflight.spawn(self._settle_batch(q, batch, keys, args, confirms))
                 return
             except StoreUnavailable as exc:
-                self._settle_failed(batch, exc)
+                self._settle_failed(q, batch, exc)
             except asyncio.CancelledError:  # (never late: only a defect cancels it)
-                self._settle_failed(batch, StoreUnavailable("redis settle failed: cancelled"))
+                self._settle_failed(q, batch, StoreUnavailable("redis settle failed: cancelled"))
             self._settled(q, confirms)
 
         self._inflight.sent(call, answered)
@@ -534,14 +554,18 @@ class RedisStore:
         try:
             await self._runner.run("settle", keys, args)
         except StoreUnavailable as exc:
-            self._settle_failed(batch, exc)
+            self._settle_failed(q, batch, exc)
         finally:
             self._settled(q, confirms)
 
-    def _settle_failed(self, batch: list[Settle], exc: StoreUnavailable) -> None:
+    def _settle_failed(self, q: Queue, batch: list[Settle], exc: StoreUnavailable) -> None:
         # Lost withdrawals are not counted: those entries expire at their deadline.
         if batch:
             self._settle_lost(batch[0][0].scope, len(batch), str(exc))
+            assert self._loop is not None
+            now = self._loop.time()
+            ttl = [(p, lease, now + p.lease_ttl_ms / 1000) for p, lease, *_ in batch]
+            self._release_later(q, ttl)
 
     def _settled(self, q: Queue, confirms: list[asyncio.Future[None]]) -> None:
         """A settle batch was applied or failed: its confirms are released."""
@@ -555,9 +579,42 @@ class RedisStore:
         self._loop.call_soon(self._send_settles, q)
 
     def _settle_lost(self, pool: str, n: int, error: str) -> None:
-        # Leases of lost settles expire on their own within the TTL; refunds are lost.
+        # Refunds are lost; the leases are released again (_release_later) until they land
+        # or expire: held until then, finished calls would refuse new ones for a lease TTL
+        # after Redis is back (a failover, a restart with its data).
         self.settle_failures += n
         self._failed("settle", pool, error, n, settles=n)
+
+    def _release_later(self, q: Queue, leases: list[tuple[AdmitPlan, str, float]]) -> None:
+        """Release ``leases`` (plan, lease, expired-by time) again in :data:`RELEASE_RETRY_S`
+        (one timer per pool)."""
+        assert self._loop is not None
+        entry = self._releases.get(q.keys.pool)
+        if entry is None:
+            entry = self._releases[q.keys.pool] = (q, [])
+            self._loop.call_later(RELEASE_RETRY_S, self._send_releases, q.keys.pool)
+        entry[1].extend(leases)
+
+    def _send_releases(self, key: str) -> None:
+        assert self._loop is not None
+        q, leases = self._releases.pop(key)
+        now = self._loop.time()
+        leases = [item for item in leases if item[2] > now]
+        if leases and not self._closed:
+            self._inflight.spawn(self._release_batches(q, leases))
+
+    async def _release_batches(self, q: Queue, leases: list[tuple[AdmitPlan, str, float]]) -> None:
+        released = 0
+        for start in range(0, len(leases), MAX_BATCH):
+            part = leases[start : start + MAX_BATCH]
+            keys, args = settle_call(q, [(plan, lease, 0, 0) for plan, lease, _ in part], [])
+            try:
+                released += int(await self._runner.run("settle", keys, args))
+            except StoreUnavailable:  # (counted once, when the settle was lost)
+                self._release_later(q, part)
+        if released:
+            pool = leases[0][0].scope
+            event(log, logging.WARNING, "store_leases_released_late", pool=pool, leases=released)
 
     def _failed(self, op: str, pool: str, error: object, n: int = 1, **counts: int) -> None:
         """Count a failed store call in ``sluice_store_errors`` and log it."""

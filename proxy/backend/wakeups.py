@@ -3,7 +3,9 @@
 The scripts PUBLISH ``sluice:{pool}:released`` when capacity may have come back while
 someone in the fleet waits (never otherwise, so an idle fleet sends nothing). Classic
 PUBLISH is broadcast to every node of a Redis Cluster, so a plain connection to any one
-node (the seed of the cluster URL) hears every pool, whatever its slot.
+node (the seed of the cluster URL at first) hears every pool, whatever its slot. On a
+cluster a lost connection is re-made to the next node the cluster's client knows: the seed
+may be a node that died for good (its replica took over elsewhere).
 
 A channel is subscribed the first time a pool gets a waiter here and kept: subscribing
 costs a round trip, and the confirmation must arrive before the waiter's first attempt,
@@ -23,7 +25,7 @@ from typing import Any
 import orjson
 
 from proxy.admission.model import plan_keys
-from proxy.backend.client import node_client
+from proxy.backend.client import node_client, node_url
 from proxy.tasks import stop_tasks
 
 log = logging.getLogger("proxy.admission")
@@ -50,7 +52,12 @@ class WakeListener:
         on_error: Callable[[], None],
         *,
         timeout_s: float,
+        nodes: Callable[[], list[str]] | None = None,
     ) -> None:
+        """``nodes``: on a cluster, the ``host:port`` of every node its client knows now."""
+        self._url = url
+        self._nodes = nodes
+        self._node = 0  # the last of ``nodes()`` connected to
         self._client = node_client(url, timeout_s)
         self._pubsub: Any = None
         self._wake = wake
@@ -97,6 +104,7 @@ class WakeListener:
                 self._failed("listen", exc)
                 self._wake_all()
                 await asyncio.sleep(_BACKOFF_S)
+                await self._next_node()
                 await self._resubscribe()
                 continue
             if msg is None:
@@ -114,6 +122,26 @@ class WakeListener:
                     pool = self._pools.get(channel)
                     if pool is not None:
                         self._wake(pool)
+
+    async def _next_node(self) -> None:
+        """On a cluster: a new connection to the next node known (redis-py would re-make
+        the same one, to a node that may be gone for good)."""
+        if self._nodes is None:
+            return
+        try:
+            names = self._nodes()
+        except Exception:  # the cluster's client not ready: keep the node we have
+            return
+        if not names:
+            return
+        self._node = (self._node + 1) % len(names)
+        old, pubsub = self._client, self._pubsub
+        self._client = node_client(node_url(self._url, names[self._node]), self._timeout)
+        self._pubsub = self._client.pubsub()
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()
+        with contextlib.suppress(Exception):
+            await old.aclose()
 
     async def _resubscribe(self) -> None:
         # redis-py re-subscribes by itself on reconnect; this covers a subscribe that

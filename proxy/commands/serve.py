@@ -11,6 +11,7 @@ import ssl
 import sys
 
 from proxy.allocator import current as current_allocator
+from proxy.backend.client import redact
 from proxy.backend.keys import DEFAULT_FLEET
 from proxy.banner import banner as serve_banner
 from proxy.commands import env
@@ -100,7 +101,7 @@ def banner(args: argparse.Namespace, policy: Policy, upstream: str | None) -> st
         args.config or "default (embedded demo)",
         f"{'https' if args.tls_cert else 'http'}://{args.host}:{args.port}",
         upstream or "Amazon Bedrock",
-        args.redis_url or "embedded",
+        redact(args.redis_url) if args.redis_url else "embedded",
         current_allocator(),
     )
 

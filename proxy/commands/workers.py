@@ -32,7 +32,10 @@ def serve_workers(args: argparse.Namespace, policy: Policy) -> int:
     if upstream == "simulator":
         simulator, upstream = _start_simulator(args.simulator_config)
     command = _worker_command(args, upstream)
-    env = None if simulator is None else _simulator_env()
+    # The URL may carry Redis's password: in the workers' environment, never on their
+    # command lines (which every user of the host can read with ps).
+    env = dict(os.environ) if simulator is None else _simulator_env()
+    env["SLUICE_REDIS_URL"] = args.redis_url
     supervisor = Supervisor(lambda: subprocess.Popen(command, env=env), simulator)
     supervisor.start(args.workers)
     print(banner(args, policy, upstream), file=sys.stderr, flush=True)
@@ -85,8 +88,6 @@ def _worker_command(args: argparse.Namespace, upstream: str | None) -> list[str]
         "--workers",
         "1",
         "--reuse-port",
-        "--redis-url",
-        args.redis_url,
         "--log-level",
         args.log_level,
     ]

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from proxy.backend.client import FAILURES, redis_client
+from proxy.backend.client import FAILURES, redact, redis_client
 from proxy.backend.keys import DEFAULT_FLEET
 from proxy.backend.versions import PolicyVersions, Version, diff, parse_text, sha_of
 from proxy.config import PolicyError, read_text
@@ -91,7 +91,7 @@ async def with_versions(
     try:
         return await body(PolicyVersions(client, fleet))
     except FAILURES as exc:
-        print(f"sluice: Redis at {url} failed: {exc}", file=sys.stderr)
+        print(f"sluice: Redis at {redact(url)} failed: {exc}", file=sys.stderr)
         return 1
     finally:
         await client.aclose()

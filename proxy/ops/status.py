@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from proxy.backend.client import FAILURES, redis_client
+from proxy.backend.client import FAILURES, redact, redis_client
 from proxy.ops.fleetview import read_fleet
 from proxy.ops.view import runs
 
@@ -162,7 +162,7 @@ def _show(args: argparse.Namespace) -> int:
     try:
         view = asyncio.run(_fetch(args))
     except FAILURES as exc:
-        where = args.redis_url or args.url
+        where = redact(args.redis_url) if args.redis_url else args.url
         print(f"sluice: cannot read the fleet view from {where}: {exc}", file=sys.stderr)
         return 1
     text = json.dumps(view, indent=2) if args.json else render(view)

@@ -64,7 +64,13 @@ def _ping(port: int) -> bool:
 class RedisServerProcess:
     """One redis-server on a free loopback port, in its own temp dir, no persistence."""
 
-    def __init__(self, *extra_args: str, port: int | None = None, cluster: bool = False) -> None:
+    def __init__(
+        self,
+        *extra_args: str,
+        port: int | None = None,
+        cluster: bool = False,
+        node_timeout_ms: int = 5000,
+    ) -> None:
         self.port = port or free_port(bus=cluster)
         self.dir = Path(tempfile.mkdtemp(prefix=f"sluice-redis-{self.port}-"))
         self.extra_args = list(extra_args)
@@ -75,7 +81,7 @@ class RedisServerProcess:
                 "--cluster-config-file",
                 str(self.dir / "nodes.conf"),
                 "--cluster-node-timeout",
-                "5000",
+                str(node_timeout_ms),
             ]
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -130,10 +136,16 @@ class RedisServerProcess:
 
 
 class RedisClusterProcesses:
-    """A 3-master Redis Cluster (no replicas) of :class:`RedisServerProcess` on free ports."""
+    """A 3-master Redis Cluster of :class:`RedisServerProcess` on free ports; with
+    ``replicas``, that many replicas per master (which fail over in about
+    ``node_timeout_ms`` when their master dies)."""
 
-    def __init__(self, masters: int = 3) -> None:
-        self.nodes = [RedisServerProcess(cluster=True) for _ in range(masters)]
+    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 5000) -> None:
+        self.replicas = replicas
+        self.nodes = [
+            RedisServerProcess(cluster=True, node_timeout_ms=node_timeout_ms)
+            for _ in range(masters * (1 + replicas))
+        ]
 
     @property
     def url(self) -> str:
@@ -148,7 +160,7 @@ class RedisClusterProcesses:
             subprocess.run(
                 [REDIS_CLI, "--cluster", "create",
                  *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                 "--cluster-replicas", "0", "--cluster-yes"],
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                 capture_output=True, check=True, timeout=60,
             )  # fmt: skip
             deadline = time.monotonic() + timeout_s
@@ -156,10 +168,33 @@ class RedisClusterProcesses:
                 if time.monotonic() > deadline:
                     raise RuntimeError("cluster did not reach cluster_state:ok")
                 time.sleep(0.1)
+            # A replica that never synced refuses to fail over (its data has no age).
+            synced = "master_link_status:up"
+            while self.replicas and sum(
+                synced in n.cli("info", "replication") for n in self.nodes
+            ) < (len(self.nodes) * self.replicas // (1 + self.replicas)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the replicas did not sync with their masters")
+                time.sleep(0.1)
         except BaseException:
             self.cleanup()
             raise
         return self
+
+    def master_of(self, hash_tag: str) -> RedisServerProcess:
+        """The node serving the slot of ``{hash_tag}`` now (as a live node sees the map)."""
+        live = next(n for n in self.nodes if n.proc is not None and n.proc.poll() is None)
+        slot = int(live.cli("cluster", "keyslot", "{" + hash_tag + "}").strip())
+        for line in live.cli("cluster", "nodes").splitlines():
+            fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            for part in fields[8:]:
+                lo, _, hi = part.partition("-")
+                if not part.startswith("[") and int(lo) <= slot <= int(hi or lo):
+                    return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"no master serves the slot of {{{hash_tag}}}")
 
     def cleanup(self) -> None:
         """Kill every node and remove their dirs."""
