@@ -58,6 +58,7 @@ from proxy.backend.admit_wire import (
 )
 from proxy.backend.ahead import Ahead, AheadDesk
 from proxy.backend.client import FAILURES, NoScriptError, RedisCluster, redis_client
+from proxy.backend.failure_log import FailureLog
 from proxy.backend.inflight import InFlight
 from proxy.backend.runner import Arg, ScriptRunner, event, why
 from proxy.backend.wakeups import WakeListener
@@ -129,6 +130,8 @@ class RedisStore:
         self._closed = False
         #: Settles lost to store failures (also in ``sluice_store_errors{operation=settle}``).
         self.settle_failures = 0
+        #: Their log lines, at most one a second per operation and pool.
+        self._failures = FailureLog(log)
         #: Leases of those settles, by scope, to release again (see :data:`RELEASE_RETRY_S`):
         #: the queue, and (plan, lease, the loop's time past which it has expired anyway).
         self._releases: dict[str, tuple[Queue, list[tuple[AdmitPlan, str, float]]]] = {}
@@ -187,6 +190,7 @@ class RedisStore:
         while self._inflight:
             await self._inflight.one_moved()
         self._runner.abandon()  # their leases expire with the TTL: no heartbeat renews them
+        self._failures.close()
         await self._wakeups.close()
         await self._runner.aclose()
 
@@ -620,7 +624,7 @@ class RedisStore:
         """Count a failed store call in ``sluice_store_errors`` and log it."""
         self._errors[op].inc(n)
         level = logging.WARNING if op == "admit" else logging.ERROR
-        event(log, level, "store_error", operation=op, pool=pool, **counts, error=str(error))
+        self._failures.failed(op, pool, error, level, **counts)
 
     async def flush(self) -> None:
         """Wait until every settle queued so far is applied or counted as failed.
