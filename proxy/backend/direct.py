@@ -168,14 +168,10 @@ def _packed(sha: str, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
     return packed
 
 
-def _stop_timers(
-    timer: asyncio.TimerHandle, limit: asyncio.TimerHandle | None, future: asyncio.Future[Any]
-) -> None:
-    """A :meth:`DirectCalls.send_nowait` call ended: its own bound's timer goes; the socket
-    timer goes only with a reply (given up on or cancelled, a reply that never comes must
-    still drop the connection, as in :meth:`DirectCalls.evalsha`)."""
-    if limit is not None:
-        limit.cancel()
+def _stop_timer(timer: asyncio.TimerHandle, future: asyncio.Future[Any]) -> None:
+    """A :meth:`DirectCalls.send_nowait` call ended: its socket timer goes only with a
+    reply (given up on or cancelled, a reply that never comes must still drop the
+    connection, as in :meth:`DirectCalls.evalsha`)."""
     if not future.cancelled() and future.exception() is None:
         timer.cancel()
 
@@ -271,21 +267,15 @@ class DirectCalls:
         return reply
 
     def send_nowait(
-        self,
-        sha: str,
-        keys: Sequence[Any],
-        args: Sequence[Any],
-        give_up_s: float | None = None,
-        retire_s: float | None = None,
+        self, sha: str, keys: Sequence[Any], args: Sequence[Any]
     ) -> asyncio.Future[Any] | None:
         """:meth:`evalsha` without a coroutine, for a connection already made: the call is
         written now and the future returned completes with its reply (a Redis error reply
-        is its result, as an exception object) or fails as :meth:`evalsha` would raise,
-        bounded the same way. None, with nothing written, when the connection must be
-        made first or packing fails: :meth:`evalsha` then makes the call (and reports).
-
-        Low load makes every call a batch of one; a task per call would cost one per
-        request (issue 12), so callers attach a done-callback instead.
+        is its result, as an exception object) or fails as :meth:`evalsha` would raise.
+        Bounded by the socket timeout only: the caller answers its own deadline and then
+        retires the connection (:meth:`retire`). None, with nothing written, when the
+        connection must be made first (:meth:`connect`) or packing fails (:meth:`evalsha`
+        reports it).
         """
         pipe = self._pipe
         if pipe is None or not pipe.usable():
@@ -294,11 +284,22 @@ class DirectCalls:
             future = pipe.send(_packed(sha, keys, args))
         except (DataError, RedisConnectionError):  # nothing written
             return None
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(self._expire_s, pipe.expire, future)
-        limit = self._limit(loop, pipe, future, give_up_s, retire_s)
-        future.add_done_callback(functools.partial(_stop_timers, timer, limit))
+        timer = asyncio.get_running_loop().call_later(self._expire_s, pipe.expire, future)
+        future.add_done_callback(functools.partial(_stop_timer, timer))
         return future
+
+    async def connect(self, bound: float) -> None:
+        """A usable connection, made (within ``bound`` seconds) if there is none."""
+        pipe = self._pipe
+        if pipe is None or not pipe.usable():
+            await self._connected(bound)
+
+    def retire(self, future: asyncio.Future[Any]) -> None:
+        """``future``'s call (from :meth:`send_nowait`) is unanswered at its caller's
+        bound: its connection, if it is the current one, takes no new call."""
+        pipe = self._pipe
+        if pipe is not None and not future.done() and future in pipe.waiting:
+            pipe.retire()
 
     def _limit(
         self,

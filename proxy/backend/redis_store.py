@@ -57,7 +57,8 @@ from proxy.backend.admit_wire import (
     snapshot_at,
 )
 from proxy.backend.ahead import Ahead, AheadDesk
-from proxy.backend.client import FAILURES, NoScriptError, RedisCluster, redis_client
+from proxy.backend.batch_call import BatchCall
+from proxy.backend.client import FAILURES, RedisCluster, redis_client
 from proxy.backend.failure_log import FailureLog
 from proxy.backend.inflight import InFlight
 from proxy.backend.runner import Arg, ScriptRunner, event, why
@@ -265,50 +266,25 @@ class RedisStore:
         self._admit(q, batch, asks_only=True)
 
     def _admit(self, q: Queue, batch: list[Admit], asks_only: bool) -> None:
-        """Send ``batch``: written at once on the direct connection (answered by callbacks,
-        as :meth:`_admit_batch` would answer them), else in a task of its own."""
+        """Send ``batch``: without a task on one Redis server (:mod:`.batch_call`), in a
+        task of its own on a cluster (:meth:`_admit_batch`)."""
         keys, args = admit_call(batch)
-        call = self._runner.send_now("admit", keys, args, retire_s=self._timeout)
-        if call is None:
+        if not self._runner.direct:
             self._inflight.spawn(self._admit_batch(q, batch, keys, args, asks_only))
             return
-        assert self._loop is not None
-        late = False
 
-        def timed_out() -> None:  # as in _admit_batch: answered now, the reply waited for
-            nonlocal late
-            late = True
-            self._inflight.timed_out(call)
-            self._admit_failed(batch, self._runner.timed_out("admit"))
-            # Next turn: the call's connection, unanswered, is retired by a timer due with
-            # this one (scheduled first, it may still be in this turn's queue), so the next
-            # batch goes on a new connection.
-            loop.call_soon(self._next_batch, q, asks_only)
-
-        loop = self._loop
-        timer = loop.call_later(self._timeout, timed_out)
-
-        def answered() -> None:
-            timer.cancel()
-            try:
-                res: list[int] | StoreUnavailable = self._runner.outcome("admit", call)
-            except NoScriptError:
-                # It ran nothing: sent again by the awaited path, which reloads the scripts,
-                # if its callers still wait (late, they were answered: nothing to resend).
-                if not late:
-                    self._inflight.spawn(self._admit_batch(q, batch, keys, args, asks_only))
-                return
-            except StoreUnavailable as exc:
-                res = exc
-            except asyncio.CancelledError:  # abandoned on close (only late calls are)
-                res = StoreUnavailable("redis admit failed: abandoned")
+        def answer(res: list[int] | StoreUnavailable, late: bool) -> None:
             try:
                 self._answer(batch, res, late)
             finally:
-                if not late:
+                if not late:  # (at the timeout the call's connection was retired first)
                     self._next_batch(q, asks_only)
 
-        self._inflight.sent(call, answered)
+        call = BatchCall(
+            self._runner, self._inflight, "admit", keys, args, self._timeout, answer,
+            wait_late=True,
+        )  # fmt: skip
+        call.start()
 
     async def _admit_batch(
         self, q: Queue, batch: list[Admit], keys: list[str], args: list[Arg], asks_only: bool
@@ -528,24 +504,22 @@ class RedisStore:
         if not q.settles:
             confirms, q.confirms = q.confirms, []
         keys, args = settle_call(q, batch, gone)
-        call = self._runner.send_now("settle", keys, args, give_up_s=self._timeout)
-        if call is None:
+        if not self._runner.direct:
             self._inflight.spawn(self._settle_batch(q, batch, keys, args, confirms))
             return
 
-        def answered() -> None:
+        def answer(res: Any, late: bool) -> None:
             try:
-                self._runner.outcome("settle", call)
-            except NoScriptError:  # it ran nothing: the awaited path reloads and resends
-                self._inflight.spawn(self._settle_batch(q, batch, keys, args, confirms))
-                return
-            except StoreUnavailable as exc:
-                self._settle_failed(q, batch, exc)
-            except asyncio.CancelledError:  # (never late: only a defect cancels it)
-                self._settle_failed(q, batch, StoreUnavailable("redis settle failed: cancelled"))
-            self._settled(q, confirms)
+                if isinstance(res, StoreUnavailable):
+                    self._settle_failed(q, batch, res)
+            finally:
+                self._settled(q, confirms)
 
-        self._inflight.sent(call, answered)
+        call = BatchCall(
+            self._runner, self._inflight, "settle", keys, args, self._timeout, answer,
+            wait_late=False,
+        )  # fmt: skip
+        call.start()
 
     async def _settle_batch(
         self,

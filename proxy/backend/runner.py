@@ -176,24 +176,46 @@ class ScriptRunner:
                 pipe.evalsha(sha, len(k), *k, *a)
             return list(await pipe.execute(raise_on_error=False))
 
+    @property
+    def direct(self) -> bool:
+        """Calls can be written without a task (:meth:`send_now`): one Redis server."""
+        return self._direct is not None
+
     def send_now(
-        self,
-        name: str,
-        keys: Sequence[str],
-        args: Sequence[Arg],
-        *,
-        give_up_s: float | None = None,
-        retire_s: float | None = None,
+        self, name: str, keys: Sequence[str], args: Sequence[Arg]
     ) -> asyncio.Future[Any] | None:
         """``name`` written now, without a task, on a standalone Redis whose connection is
-        made and scripts loaded: the future of its reply, read with :meth:`outcome`.
-        ``give_up_s`` bounds it like :meth:`run`; ``retire_s`` as :meth:`run_past` does,
-        whose other half (answering at the timeout, waiting on) is the caller's. None, with
-        nothing sent, otherwise: the caller uses :meth:`run` or :meth:`run_past`."""
+        made and scripts loaded: the future of its reply, read with :meth:`outcome`
+        (bounded by the socket timeout only: see :class:`~proxy.backend.batch_call.BatchCall`
+        for the rest). None, with nothing sent, otherwise (:meth:`ready` makes it so)."""
         direct, sha = self._direct, self._sha.get(name)
         if direct is None or sha is None:
             return None
-        return direct.send_nowait(sha, keys, args, give_up_s, retire_s)
+        return direct.send_nowait(sha, keys, args)
+
+    async def ready(self, name: str, bound: float, reload: bool = False) -> None:
+        """The direct connection made and ``name`` loaded (loaded again with ``reload``:
+        after NOSCRIPT), within ``bound`` seconds, for :meth:`send_now`; raises
+        :class:`BackendUnavailable` (``TimeoutError`` past the bound)."""
+        direct = self._direct
+        assert direct is not None
+        try:
+            if bound <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(bound):
+                if reload:
+                    await self._reload(name)
+                elif name not in self._sha:
+                    await self._load()
+                await direct.connect(bound)
+        except FAILURES as exc:
+            raise BackendUnavailable(f"redis {name} failed: {why(exc)}") from exc
+
+    def retire(self, call: asyncio.Future[Any]) -> None:
+        """``call`` (from :meth:`send_now`) is unanswered at its caller's deadline: its
+        connection takes no new call (it may be dead without a sign)."""
+        if self._direct is not None:
+            self._direct.retire(call)
 
     def outcome(self, name: str, reply: asyncio.Future[Any]) -> Any:
         """The result of a :meth:`send_now` call that is done, as :meth:`run` returns it;
