@@ -78,7 +78,11 @@ class BatchCall:
 
     def start(self) -> None:
         """Write the call now if the connection is ready, else make it ready first."""
-        call = self._runner.send_now(self._name, self._keys, self._args)
+        try:
+            call = self._runner.send_now(self._name, self._keys, self._args)
+        except StoreUnavailable as exc:  # arguments that cannot be sent: nothing was
+            self._finish(exc)
+            return
         if call is None:
             self._inflight.spawn(self._prepare(reload=False))
             return
@@ -98,9 +102,13 @@ class BatchCall:
             self.start()
 
     def _timed_out(self) -> None:
-        self._state = _LATE
         call = self._call
-        if call is not None and not call.done():
+        if call is not None and call.done():
+            # Its reply came in time, but the loop ran late (a stall: GC, a busy CPU) and
+            # runs its callback after this timer: the reply wins (_replied answers).
+            return
+        self._state = _LATE
+        if call is not None:
             self._runner.retire(call)
             if self._wait_late:
                 self._inflight.timed_out(call)  # waited for, but not by a flush or close

@@ -163,7 +163,8 @@ class _Pipe(asyncio.Protocol):
 def _packed(sha: str, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
     try:
         packed: bytes = pack_command(("EVALSHA", sha, len(keys), *keys, *args))
-    except TypeError as exc:  # e.g. a bool or None: redis-py's encoder raised DataError
+    except (TypeError, ValueError) as exc:  # a bool or None (redis-py's encoder raised
+        # DataError too), text that is no UTF-8 (a lone surrogate: UnicodeEncodeError)
         raise DataError(f"cannot send an argument of EVALSHA: {exc}") from exc
     return packed
 
@@ -274,15 +275,16 @@ class DirectCalls:
         is its result, as an exception object) or fails as :meth:`evalsha` would raise.
         Bounded by the socket timeout only: the caller answers its own deadline and then
         retires the connection (:meth:`retire`). None, with nothing written, when the
-        connection must be made first (:meth:`connect`) or packing fails (:meth:`evalsha`
-        reports it).
+        connection must be made first (:meth:`connect`); raises ``DataError`` (nothing
+        written) for arguments that cannot be sent.
         """
         pipe = self._pipe
         if pipe is None or not pipe.usable():
             return None
+        packed = _packed(sha, keys, args)
         try:
-            future = pipe.send(_packed(sha, keys, args))
-        except (DataError, RedisConnectionError):  # nothing written
+            future = pipe.send(packed)
+        except RedisConnectionError:  # (closed as it was made): nothing written
             return None
         timer = asyncio.get_running_loop().call_later(self._expire_s, pipe.expire, future)
         future.add_done_callback(functools.partial(_stop_timer, timer))

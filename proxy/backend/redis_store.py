@@ -61,6 +61,7 @@ from proxy.backend.batch_call import BatchCall
 from proxy.backend.client import FAILURES, RedisCluster, redis_client
 from proxy.backend.failure_log import FailureLog
 from proxy.backend.inflight import InFlight
+from proxy.backend.late_release import LateReleases
 from proxy.backend.runner import Arg, ScriptRunner, event, why
 from proxy.backend.wakeups import WakeListener
 from proxy.metrics import Metrics
@@ -75,11 +76,6 @@ def _first_try(ticket: WaitTicket | None) -> bool:
 
 
 _SCRIPT_NAMES: Final = ("admit", "settle", "extend", "stats")
-
-#: A settle lost to a store failure is sent again as a release only (its leases' ZREM,
-#: which is idempotent; the refund stays lost) this often, until it lands or its leases
-#: have expired anyway (a lease TTL after the settle).
-RELEASE_RETRY_S: Final = 0.5
 
 
 class RedisStore:
@@ -133,9 +129,8 @@ class RedisStore:
         self.settle_failures = 0
         #: Their log lines, at most one a second per operation and pool.
         self._failures = FailureLog(log)
-        #: Leases of those settles, by scope, to release again (see :data:`RELEASE_RETRY_S`):
-        #: the queue, and (plan, lease, the loop's time past which it has expired anyway).
-        self._releases: dict[str, tuple[Queue, list[tuple[AdmitPlan, str, float]]]] = {}
+        #: Their leases, released again once Redis answers (see :mod:`.late_release`).
+        self._releases = LateReleases(self._runner, log)
         self._room, self._wakeups = self._wait_room(url, max_waiters, wait_safety_s, wait_metrics)
 
     def _wait_room(
@@ -186,6 +181,7 @@ class RedisStore:
                 q.ahead.clear()  # not sent yet: nothing was debited
         await self.flush()
         self._closed = True
+        await self._releases.close()
         if self._heartbeat is not None:
             await stop_tasks([self._heartbeat], "lease heartbeat")
         while self._inflight:
@@ -540,10 +536,7 @@ class RedisStore:
         # Lost withdrawals are not counted: those entries expire at their deadline.
         if batch:
             self._settle_lost(batch[0][0].scope, len(batch), str(exc))
-            assert self._loop is not None
-            now = self._loop.time()
-            ttl = [(p, lease, now + p.lease_ttl_ms / 1000) for p, lease, *_ in batch]
-            self._release_later(q, ttl)
+            self._releases.lost(q, batch)
 
     def _settled(self, q: Queue, confirms: list[asyncio.Future[None]]) -> None:
         """A settle batch was applied or failed: its confirms are released."""
@@ -557,42 +550,11 @@ class RedisStore:
         self._loop.call_soon(self._send_settles, q)
 
     def _settle_lost(self, pool: str, n: int, error: str) -> None:
-        # Refunds are lost; the leases are released again (_release_later) until they land
+        # Refunds are lost; the leases are released again (LateReleases) until they land
         # or expire: held until then, finished calls would refuse new ones for a lease TTL
         # after Redis is back (a failover, a restart with its data).
         self.settle_failures += n
         self._failed("settle", pool, error, n, settles=n)
-
-    def _release_later(self, q: Queue, leases: list[tuple[AdmitPlan, str, float]]) -> None:
-        """Release ``leases`` (plan, lease, expired-by time) again in :data:`RELEASE_RETRY_S`
-        (one timer per pool)."""
-        assert self._loop is not None
-        entry = self._releases.get(q.keys.pool)
-        if entry is None:
-            entry = self._releases[q.keys.pool] = (q, [])
-            self._loop.call_later(RELEASE_RETRY_S, self._send_releases, q.keys.pool)
-        entry[1].extend(leases)
-
-    def _send_releases(self, key: str) -> None:
-        assert self._loop is not None
-        q, leases = self._releases.pop(key)
-        now = self._loop.time()
-        leases = [item for item in leases if item[2] > now]
-        if leases and not self._closed:
-            self._inflight.spawn(self._release_batches(q, leases))
-
-    async def _release_batches(self, q: Queue, leases: list[tuple[AdmitPlan, str, float]]) -> None:
-        released = 0
-        for start in range(0, len(leases), MAX_BATCH):
-            part = leases[start : start + MAX_BATCH]
-            keys, args = settle_call(q, [(plan, lease, 0, 0) for plan, lease, _ in part], [])
-            try:
-                released += int(await self._runner.run("settle", keys, args))
-            except StoreUnavailable:  # (counted once, when the settle was lost)
-                self._release_later(q, part)
-        if released:
-            pool = leases[0][0].scope
-            event(log, logging.WARNING, "store_leases_released_late", pool=pool, leases=released)
 
     def _failed(self, op: str, pool: str, error: object, n: int = 1, **counts: int) -> None:
         """Count a failed store call in ``sluice_store_errors`` and log it."""

@@ -187,11 +187,16 @@ class ScriptRunner:
         """``name`` written now, without a task, on a standalone Redis whose connection is
         made and scripts loaded: the future of its reply, read with :meth:`outcome`
         (bounded by the socket timeout only: see :class:`~proxy.backend.batch_call.BatchCall`
-        for the rest). None, with nothing sent, otherwise (:meth:`ready` makes it so)."""
+        for the rest). None, with nothing sent, otherwise (:meth:`ready` makes it so);
+        raises :class:`BackendUnavailable`, with nothing sent, for arguments that cannot be
+        sent."""
         direct, sha = self._direct, self._sha.get(name)
         if direct is None or sha is None:
             return None
-        return direct.send_nowait(sha, keys, args)
+        try:
+            return direct.send_nowait(sha, keys, args)
+        except FAILURES as exc:  # (DataError)
+            raise BackendUnavailable(f"redis {name} failed: {why(exc)}") from exc
 
     async def ready(self, name: str, bound: float, reload: bool = False) -> None:
         """The direct connection made and ``name`` loaded (loaded again with ``reload``:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -240,4 +241,111 @@ async def test_a_failure_report_that_raises_still_releases_the_confirms(
     finally:
         server.proc.send_signal(signal.SIGCONT)
         monkeypatch.undo()
+        await store.close()
+
+
+async def test_a_batch_whose_arguments_cannot_be_sent_is_answered_at_once(
+    redis_server: RedisServerProcess,
+) -> None:
+    """A second review (be8833f): such a batch made a task a loop turn until the timeout
+    (16,000-20,000 of them) and was answered with TimeoutError; now with the error, at once."""
+    store = RedisStore(redis_server.url, timeout_s=0.25)
+    await store.start()
+    p = plan(new_pool(), pool_concurrency=10)
+    loop = asyncio.get_running_loop()
+    made = 0
+    factory = loop.get_task_factory()
+
+    def count(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+        nonlocal made
+        made += 1
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    try:
+        warm = await store.admit(p, 1)
+        assert warm.lease is not None
+        store.settle(p, warm.lease, 1, 1)
+        await store.flush()
+        loop.set_task_factory(count)  # type: ignore[arg-type]
+        started = loop.time()
+        bad = store.admit(p, None)  # type: ignore[arg-type]
+        res = await asyncio.gather(bad, return_exceptions=True)
+        took = loop.time() - started
+        loop.set_task_factory(factory)
+        assert isinstance(res[0], StoreUnavailable) and "DataError" in str(res[0]), res
+        assert took < 0.05 and made < 5, (took, made)
+        assert (await store.admit(p, 1)).admitted  # the queue goes on
+    finally:
+        loop.set_task_factory(factory)
+        await store.close()
+
+
+async def _written(store: RedisStore) -> None:
+    """Until the batch is on the wire."""
+    for _ in range(50):
+        direct = store._runner._direct
+        assert direct is not None
+        if direct._pipe is not None and direct._pipe.waiting:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("never written")
+
+
+async def test_a_reply_that_came_in_time_wins_over_a_loop_that_ran_late(
+    redis_server: RedisServerProcess,
+) -> None:
+    """The loop stalls past the timeout (GC, a busy CPU) while Redis's replies are in the
+    socket: the settle is applied, not counted lost; the admit is delivered."""
+    store = RedisStore(redis_server.url, timeout_s=0.2)
+    await store.start()
+    p = plan(new_pool(), pool_concurrency=10)
+    try:
+        warm = await store.admit(p, 1)
+        assert warm.lease is not None
+        store.settle(p, warm.lease, 1, 1)
+        await store.flush()
+        d = await store.admit(p, 1)
+        assert d.lease is not None
+        done = store.settle(p, d.lease, 1, 1, confirm=True)
+        assert done is not None
+        await _written(store)
+        time.sleep(0.3)  # noqa: ASYNC251 (the point: the loop stalls; Redis answers meanwhile)
+        await done
+        assert store.settle_failures == 0
+        assert not await store.holds_lease(p.pool, d.lease)
+        call = asyncio.ensure_future(store.admit(p, 1))
+        await _written(store)
+        time.sleep(0.3)  # noqa: ASYNC251
+        admitted = await call
+        assert admitted.admitted
+    finally:
+        await store.close()
+
+
+async def test_close_during_a_stall_does_not_wait_for_releases_that_cannot_land(
+    redis_factory: Callable[..., RedisServerProcess],
+) -> None:
+    """Leases of settles lost to a stall are released again every 0.5 s; closing the store
+    drops them (they expire with their TTL) instead of waiting a timeout per 256 leases."""
+    server = redis_factory()
+    assert server.proc is not None
+    store = RedisStore(server.url, timeout_s=0.2)
+    await store.start()
+    p = plan(new_pool(), pool_concurrency=100_000)
+    loop = asyncio.get_running_loop()
+    try:
+        granted = await asyncio.gather(*(store.admit(p, 1) for _ in range(4000)))
+        server.proc.send_signal(signal.SIGSTOP)
+        for d in granted:
+            assert d.lease is not None
+            store.settle(p, d.lease, 1, 1)
+        await store.flush()
+        assert store.settle_failures == 4000
+        await asyncio.sleep(0.6)  # a release is under way
+        started = loop.time()
+        await asyncio.wait_for(store.close(), 20)
+        took = loop.time() - started
+        assert took < 0.5, took  # 0.9-1.1 s before
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
         await store.close()
