@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -286,11 +287,14 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     length = request.content_length
     if length is not None and length > max_body:
         request.app[METRICS].rejections.labels("ValidationException", "-").inc()
+        request_id = str(uuid.uuid4())  # (UUID-shaped, as the pipeline's)
         response = error_response(
             "ValidationException",
             f"Request body is {length} bytes; this Sluice accepts at most {max_body} bytes "
             "(server.max_body_bytes)",
             status=413,
+            headers={"x-sluice-request-id": request_id},
+            request_id=request_id,
         )
         response.force_close()
         return response

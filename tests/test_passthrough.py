@@ -427,6 +427,9 @@ async def test_expect_continue_with_an_oversized_length_gets_413_not_100(
     assert b"x-amzn-ErrorType: ValidationException" in answer
     assert b"(server.max_body_bytes)" in answer
     assert b"Connection: close" in answer  # the body is never coming: nor is another request
+    # Like every answer Sluice makes, an id to find it by (the same in both headers).
+    ids = re.search(rb"x-sluice-request-id: ([0-9a-f-]{36})\r\n", answer)
+    assert ids is not None and b"x-amzn-RequestId: " + ids.group(1) in answer, answer[:400]
     assert _rejections(p) == before + 1
     # Within the limit the upload is still invited, and served.
     body = anthropic_body("x")
