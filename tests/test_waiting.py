@@ -52,7 +52,14 @@ async def stores(backend: Backend) -> AsyncIterator[Factory]:
     async def make(**kw: Any) -> Any:
         if not backend.shared and made and not kw:
             return made[0]
-        store = RedisStore(backend.url, **kw) if backend.url else EmbeddedStore(**kw)
+        if backend.url:
+            # Ordering and wake-ups are under test here, not the store timeout: 0.25 s for
+            # a 3-master cluster's first call on a loaded 2-core CI machine failed once
+            # (an admit timed out, so its waiter never queued).
+            kw.setdefault("timeout_s", 1.0)
+            store: Any = RedisStore(backend.url, **kw)
+        else:
+            store = EmbeddedStore(**kw)
         await store.start()
         made.append(store)
         return store
