@@ -182,6 +182,7 @@ async def _wake_after_release(waiting: RedisStore, holding: RedisStore, p: Admit
 
 @pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.long  # a cluster with replicas, a failover: ~10 s
 async def test_wake_ups_survive_the_death_of_the_cluster_seed() -> None:
     """Waiters are woken through pub/sub on one node, at first the URL's seed. When that
     node dies for good (its replica took over), the listener moves to another node. Before,
