@@ -212,6 +212,7 @@ def _limit_after_load(sim: Simulator, workdir: Path, hanging: bool) -> float:
         sluice.stop()
 
 
+@pytest.mark.long  # ~10 s: two runs of 8 callers; make test-all runs it
 def test_calls_past_the_read_timeout_hold_the_limit(sim: Simulator, tmp_path: Path) -> None:
     # Same run, same load, with and without the calls Bedrock leaves hanging: on fast calls
     # alone the controller grows the limit (demand, p99 under target); with half of them

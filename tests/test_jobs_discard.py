@@ -110,6 +110,7 @@ def gauge(sluice: Any) -> float:
     return metric_value(sluice.metrics(), "sluice_dlq_records", reason="ValidationException")
 
 
+@pytest.mark.long  # ~12 s a store: the gauge's period; make test-all runs it
 def test_discarded_dead_letters_are_gone_for_good_and_the_alarm_clears(
     start: Callable[..., Any],
 ) -> None:

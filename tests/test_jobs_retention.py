@@ -235,6 +235,7 @@ def test_retention_deletes_a_finished_batch_with_its_output_and_dead_letters(
     assert store.deleted("request") == 0
 
 
+@pytest.mark.long  # ~11 s a store; make test-all runs it
 def test_a_replayed_batch_does_not_expire_while_it_runs_and_a_cancelled_one_does(
     store_sluice: Callable[..., Store],
 ) -> None:
