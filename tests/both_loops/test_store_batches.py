@@ -20,48 +20,7 @@ from proxy.admission import StoreUnavailable
 from proxy.backend.store import RedisStore
 from tests.support.admission_helpers import new_pool, per_min, plan
 from tests.support.redis_fixtures import RedisServerProcess
-
-
-class Relay:
-    """Relays to Redis; the first connection to carry an EVALSHA lets ``let_through``
-    EVALSHAs pass, then goes silent (no close, no reply). Connections opened later are fine."""
-
-    def __init__(self, redis_port: int, let_through: int) -> None:
-        self.redis_port = redis_port
-        self.let_through = let_through
-        self.victim: object | None = None
-        self.conns = 0
-        self.silenced = 0
-
-    async def handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        me = object()
-        self.conns += 1
-        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.redis_port)
-        seen = 0
-
-        async def back() -> None:
-            while data := await redis_r.read(65536):
-                client_w.write(data)
-
-        pump = asyncio.ensure_future(back())
-        try:
-            while data := await client_r.read(65536):
-                if b"EVALSHA" in data and self.victim is None:
-                    self.victim = me
-                if self.victim is me and b"EVALSHA" in data:
-                    seen += data.count(b"EVALSHA")
-                    if seen > self.let_through:
-                        self.silenced += data.count(b"EVALSHA")
-                        continue
-                redis_w.write(data)
-        finally:
-            pump.cancel()
-            redis_w.close()
-            client_w.close()
-
-    async def start(self) -> tuple[asyncio.Server, int]:
-        server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        return server, server.sockets[0].getsockname()[1]
+from tests.support.relays import SilentRelay
 
 
 async def test_a_batch_that_connected_and_timed_out_sends_the_next_on_a_new_connection(
@@ -70,7 +29,7 @@ async def test_a_batch_that_connected_and_timed_out_sends_the_next_on_a_new_conn
     """The first batch waits for the connection to be made, then the connection goes
     silent. At the timeout its callers are answered and the next batch goes on a new
     connection (a call unanswered at the timeout retires its connection)."""
-    relay = Relay(redis_server.port, let_through=0)
+    relay = SilentRelay(redis_server.port, let_through=0)
     proxy, port = await relay.start()
     store = RedisStore(f"redis://127.0.0.1:{port}/0?socket_timeout=5", timeout_s=0.2)
     await store.start()
@@ -83,17 +42,8 @@ async def test_a_batch_that_connected_and_timed_out_sends_the_next_on_a_new_conn
         r1 = await asyncio.gather(first, return_exceptions=True)
         started = loop.time()
         r2 = await asyncio.gather(second, return_exceptions=True)
-        print(
-            "\nfirst:",
-            r1,
-            "\nsecond:",
-            r2,
-            f"after {loop.time() - started:.3f}s more",
-            "\nrelay conns:",
-            relay.conns,
-            "silenced EVALSHAs:",
-            relay.silenced,
-        )
+        took = loop.time() - started
+        print(f"\nfirst: {r1}\nsecond: {r2} after {took:.3f}s more; new connections:", relay.after)
         assert isinstance(r1[0], StoreUnavailable)
         assert not isinstance(r2[0], BaseException) and r2[0].admitted, r2
     finally:
@@ -186,7 +136,7 @@ async def test_a_batch_written_at_once_that_timed_out_sends_the_next_on_a_new_co
 ) -> None:
     """The same with the first batch written at once on a warm connection that then goes
     silent: the next batch goes on a new connection and is admitted."""
-    relay = Relay(redis_server.port, let_through=2)  # the warm admit and its settle pass
+    relay = SilentRelay(redis_server.port, let_through=2)  # the warm admit and its settle pass
     proxy, port = await relay.start()
     store = RedisStore(f"redis://127.0.0.1:{port}/0?socket_timeout=5", timeout_s=0.2)
     await store.start()
@@ -199,7 +149,7 @@ async def test_a_batch_written_at_once_that_timed_out_sends_the_next_on_a_new_co
         await asyncio.sleep(0.05)
         second = asyncio.ensure_future(store.admit(p, 1))
         r1, r2 = await asyncio.gather(first, second, return_exceptions=True)
-        print("\nD first:", r1, "second:", r2, "conns", relay.conns, "silenced", relay.silenced)
+        print("\nfirst:", r1, "second:", r2, "connections after the silent one", len(relay.after))
         assert isinstance(r1, StoreUnavailable)
         assert not isinstance(r2, BaseException) and r2.admitted, r2
     finally:

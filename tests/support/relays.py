@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 @dataclass
 class SilentRelay:
     """Relays to Redis on ``redis_port``; the first connection to carry an EVALSHA goes
-    silent after it (a NAT or balancer that dropped it: no close, no reply)."""
+    silent after ``let_through`` of them (a NAT or balancer that dropped it: no close, no
+    reply)."""
 
     redis_port: int
+    let_through: int = 1
     #: Connections opened after the silent one.
     after: list[object] = field(default_factory=list)
     _victim: list[object] = field(default_factory=list)
@@ -34,8 +36,8 @@ class SilentRelay:
                     self._victim.append(me)
                 if self._victim and self._victim[0] is me:
                     evalshas += data.count(b"EVALSHA")
-                    if evalshas >= 2:
-                        continue  # silent from its second call on
+                    if evalshas > self.let_through:
+                        continue  # silent from then on
                 redis_w.write(data)
         finally:
             pump.cancel()
