@@ -28,6 +28,7 @@ LOG_EVERY_S: Final = 1.0
 class _Held:
     """Failures of one operation and pool since its last line."""
 
+    level: int
     batches: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     error: str = ""
@@ -58,17 +59,17 @@ class FailureLog:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (closing, or a test): every failure has its line
             return
-        self._held[key] = _Held()
-        self._timers[key] = loop.call_later(self._every, self._flush, key, level)
+        self._held[key] = _Held(level)
+        self._timers[key] = loop.call_later(self._every, self._flush, key)
 
-    def _flush(self, key: tuple[str, str], level: int) -> None:
+    def _flush(self, key: tuple[str, str]) -> None:
         held = self._held.pop(key)
         self._timers.pop(key, None)
         if held.batches:  # failures went on: their line, and a new second starts
-            self._line(key, level, held.error, held.batches, held.counts)
-            self._held[key] = _Held()
+            self._line(key, held.level, held.error, held.batches, held.counts)
+            self._held[key] = _Held(held.level)
             loop = asyncio.get_running_loop()
-            self._timers[key] = loop.call_later(self._every, self._flush, key, level)
+            self._timers[key] = loop.call_later(self._every, self._flush, key)
 
     def _line(
         self, key: tuple[str, str], level: int, error: str, batches: int, counts: dict[str, int]
@@ -84,6 +85,5 @@ class FailureLog:
             timer.cancel()
             held = self._held.pop(key)
             if held.batches:
-                level = logging.WARNING if key[0] == "admit" else logging.ERROR
-                self._line(key, level, held.error, held.batches, held.counts)
+                self._line(key, held.level, held.error, held.batches, held.counts)
         self._timers.clear()
